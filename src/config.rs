@@ -1,0 +1,318 @@
+//! Settings: embedded defaults, then a YAML file, then `TFMIRROR_*` environment variables,
+//! then command-line flags (each layer overrides the one before).
+//!
+//! Every struct denies unknown fields, and [`Config::load`] validates values after merging, so a
+//! typo or a bad value stops tfmirror at start with a message that names the setting
+//! (`timeouts.connect`, `upstream`, ...). Nested keys map to environment variables with a double
+//! underscore: `timeouts.connect` is `TFMIRROR_TIMEOUTS__CONNECT`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Yaml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "TFMIRROR_";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the proxy listens on.
+    pub listen: SocketAddr,
+    /// Base URL of the upstream GitLab, optionally with a relative URL root (`/gitlab`).
+    pub upstream: Url,
+    /// A PEM file of CA certificates trusted for the upstream, in addition to the system roots.
+    pub upstream_ca: Option<PathBuf>,
+    /// How clients reach tfmirror; used to rewrite absolute URLs. Unset: the request's own
+    /// scheme and `Host`.
+    pub public_url: Option<Url>,
+    /// Where the disk cache and tfmirror's secrets live.
+    pub cache_dir: PathBuf,
+    pub log_level: LogLevel,
+    /// Worker threads of the proxy service (pingora defaults to one).
+    pub threads: usize,
+    pub timeouts: Timeouts,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            upstream: Url::parse("https://gitlab.com").expect("static URL"),
+            upstream_ca: None,
+            public_url: None,
+            cache_dir: PathBuf::from("./tfmirror-cache"),
+            log_level: LogLevel::Info,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
+/// Upstream timeouts. Terraform gives up on a registry call after 10 s, so the connect
+/// timeout stays well below that: an unreachable GitLab must fail fast.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// TCP connect (and, separately, the TLS handshake).
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Longest wait for each read from the upstream on registry calls.
+    #[serde(with = "humantime_serde")]
+    pub read: Duration,
+    /// Longest wait for each read or write while streaming tarballs and uploads.
+    #[serde(with = "humantime_serde")]
+    pub transfer: Duration,
+    /// How long an idle upstream keep-alive connection stays pooled.
+    #[serde(with = "humantime_serde")]
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            read: Duration::from_secs(30),
+            transfer: Duration::from_secs(600),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Settings given as flags. Kept as strings so that the same validation, with the same key
+/// names in its messages, applies to flags, environment and file alike.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_level: Option<String>,
+}
+
+/// A configuration error, already phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn invalid(key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("`{key}`: {why}"))
+}
+
+impl Config {
+    /// Merge defaults, `file`, the environment and `overrides`, then validate.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_with_env(file, overrides, Env::prefixed(ENV_PREFIX))
+    }
+
+    fn load_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: Env,
+    ) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // figment silently skips missing files; a named config file must exist.
+            if !path.is_file() {
+                return Err(invalid(
+                    "config",
+                    format!("{} is not a readable file", path.display()),
+                ));
+            }
+            fig = fig.merge(Yaml::file_exact(path));
+        }
+        let env = env.split("__").ignore(&["config"]);
+        fig = fig.merge(env).merge(Serialized::defaults(overrides));
+        let config: Config = fig.extract().map_err(describe)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        check_base_url("upstream", &self.upstream)?;
+        if let Some(public) = &self.public_url {
+            check_base_url("public_url", public)?;
+        }
+        if let Some(ca) = &self.upstream_ca {
+            crate::upstream::load_pem_certs(ca).map_err(|e| invalid("upstream_ca", e))?;
+        }
+        if self.threads == 0 {
+            return Err(invalid("threads", "must be at least 1"));
+        }
+        let t = &self.timeouts;
+        for (key, d) in [
+            ("timeouts.connect", t.connect),
+            ("timeouts.read", t.read),
+            ("timeouts.transfer", t.transfer),
+            ("timeouts.idle", t.idle),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Phrase figment's errors as `` `key` (from SOURCE): problem ``.
+fn describe(errors: figment::Error) -> ConfigError {
+    let msgs: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_ascii_lowercase();
+            let source = match &e.metadata {
+                Some(m) if m.name.contains("Overrides") => "command-line flag".to_string(),
+                Some(m) if m.name.contains("Config") => "defaults".to_string(),
+                Some(m) => m.name.to_string(),
+                None => "configuration".to_string(),
+            };
+            if key.is_empty() {
+                format!("{} (from {source})", e.kind)
+            } else {
+                format!("`{key}` (from {source}): {}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError(msgs.join("; "))
+}
+
+fn check_base_url(key: &str, url: &Url) -> Result<(), ConfigError> {
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(key, "scheme must be http or https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(key, "a host is required"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(key, "credentials do not belong in the URL"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(key, "no query or fragment allowed"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// An environment provider that reads nothing, so tests do not depend on the process env.
+    fn no_env() -> Env {
+        Env::prefixed("TFMIRROR_TEST_NEVER_SET_")
+    }
+
+    fn load(yaml: &str, o: &Overrides) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(yaml.as_bytes()).unwrap();
+        Config::load_with_env(Some(f.path()), o, no_env())
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = Config::load_with_env(None, &Overrides::default(), no_env()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.upstream.as_str(), "https://gitlab.com/");
+        assert!(c.timeouts.connect <= Duration::from_secs(2));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let o = Overrides {
+            listen: Some("127.0.0.1:9999".into()),
+            ..Default::default()
+        };
+        let c = load(
+            "listen: 127.0.0.1:7000\nupstream: http://example.com/gitlab\n",
+            &o,
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert_eq!(c.upstream.path(), "/gitlab");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load("timeouts:\n  conect: 1s\n", &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("conect"), "{e}");
+        let e = load("listne: 1\n", &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("listne"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let e = load("timeouts:\n  connect: soon\n", &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("timeouts.connect"), "{e}");
+        let e = load("upstream: ftp://x\n", &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("`upstream`"), "{e}");
+        let o = Overrides {
+            listen: Some("nowhere".into()),
+            ..Default::default()
+        };
+        let e = load("", &o).unwrap_err();
+        assert!(e.to_string().contains("listen"), "{e}");
+        let e = load("upstream_ca: /nonexistent.pem\n", &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("upstream_ca"), "{e}");
+    }
+
+    #[test]
+    fn environment_sits_between_file_and_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.yaml", "listen: 127.0.0.1:7000\nlog_level: warn\n")?;
+            jail.set_env("TFMIRROR_LISTEN", "127.0.0.1:7001");
+            jail.set_env("TFMIRROR_TIMEOUTS__CONNECT", "500ms");
+            let c = Config::load(Some(Path::new("c.yaml")), &Overrides::default()).unwrap();
+            assert_eq!(c.listen.port(), 7001);
+            assert_eq!(c.log_level, LogLevel::Warn);
+            assert_eq!(c.timeouts.connect, Duration::from_millis(500));
+            let o = Overrides {
+                listen: Some("127.0.0.1:7002".into()),
+                ..Default::default()
+            };
+            assert_eq!(
+                Config::load(Some(Path::new("c.yaml")), &o)
+                    .unwrap()
+                    .listen
+                    .port(),
+                7002
+            );
+            jail.set_env("TFMIRROR_BOGUS", "1");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains("bogus"), "{e}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,40 @@
+//! # tfmirror
+//!
+//! A caching proxy and offline mirror for GitLab's Terraform Module Registry, built on
+//! Cloudflare's [Pingora](https://github.com/cloudflare/pingora).
+//!
+//! ## Layout
+//! A request flows one way through these modules:
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
+//! | [`routes`] | parse a request once into a typed [`routes::Route`]; refuse what can never be valid |
+//! | [`proxy`] | the pingora hooks: decide, then answer locally, fetch, or proxy |
+//! | [`fetch`] | downloads tfmirror reads itself, following object-storage redirects |
+//! | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
+//! | [`upstream`] | upstream address, DNS off the request path, TLS trust, timeouts |
+//! | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes |
+//! | [`server`] | assemble the pingora server from a [`config::Config`] |
+//!
+//! ## Why pingora's proxy, but not pingora-cache
+//! Pingora proxies everything that tfmirror forwards (uploads stream through unbuffered,
+//! pass-through keeps methods and bodies). Cache semantics here are application logic that
+//! pingora-cache does not model: GitLab sends no caching headers, listings differ per caller,
+//! and access must be re-checked per identity. Those decisions are made in `request_filter`,
+//! which answers from tfmirror's own store or lets pingora proxy the request.
+//!
+//! ## Secrets
+//! Tokens, GitLab's download JWTs and `X-Terraform-Get` query strings are never logged: log
+//! lines carry route templates (see [`routes::Route::template`]), never paths or queries.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod fetch;
+pub mod proxy;
+pub mod respond;
+pub mod rewrite;
+pub mod routes;
+pub mod server;
+pub mod upstream;

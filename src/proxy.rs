@@ -1,0 +1,350 @@
+//! The pingora [`ProxyHttp`] implementation: one request flows from parsing
+//! ([`routes::parse`]), through a decision (answer locally, fetch a download, or proxy), to a
+//! response.
+//!
+//! Hooks used, in the order pingora runs them:
+//! 1. `request_filter`: parse the route once, refuse bad input, answer what tfmirror answers
+//!    itself (discovery, `/-/health`) and stream downloads through [`fetch`]. Returning
+//!    `Ok(true)` ends the request there.
+//! 2. `upstream_peer`: a pre-resolved peer with SNI and the route's timeout profile.
+//! 3. `upstream_request_filter`: canonical path under the upstream's URL root, `Host`,
+//!    `X-Forwarded-*`, no hop-by-hop headers.
+//! 4. `upstream_response_filter`: rewrite `X-Terraform-Get` and `Location` so clients come
+//!    back through tfmirror.
+//! 5. `fail_to_proxy`: GitLab-shaped 502/504 instead of pingora's plain error page.
+//! 6. `logging`: the access log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use http::{header, HeaderName, Method, StatusCode};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorType, Result};
+
+use crate::fetch;
+use crate::respond;
+use crate::rewrite::{PublicBase, Rewriter};
+use crate::routes::{self, Internal, ModuleOp, ProjectOp, Route, MODULES_V1};
+use crate::upstream::{Profile, Upstream};
+
+/// Headers that describe one connection, not the request: never forwarded (RFC 9110 §7.6.1).
+/// `Upgrade` is left to pingora, which handles protocol upgrades itself.
+const HOP_BY_HOP: [&str; 5] = [
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+];
+
+const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
+
+pub struct Proxy {
+    upstream: Arc<Upstream>,
+    rewriter: Rewriter,
+    /// Configured public URL; when unset, each request's own `Host` is used.
+    public_url: Option<PublicBase>,
+    /// The scheme clients use to reach this listener.
+    scheme: &'static str,
+}
+
+/// Per-request state, filled in as the request moves through the hooks.
+pub struct RequestCtx {
+    started: Instant,
+    route: Option<Route>,
+    public: Option<PublicBase>,
+    upstream_status: Option<u16>,
+}
+
+impl Proxy {
+    pub fn new(upstream: Arc<Upstream>, public_url: Option<&url::Url>) -> Self {
+        Proxy {
+            rewriter: Rewriter::new(upstream.base_url()),
+            upstream,
+            public_url: public_url.map(PublicBase::from_url),
+            scheme: "http",
+        }
+    }
+
+    /// Where this client reaches tfmirror. `None` when the request's `Host` is unusable.
+    fn public_base(&self, req: &RequestHeader) -> Option<PublicBase> {
+        if let Some(p) = &self.public_url {
+            return Some(p.clone());
+        }
+        let host = req
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))?;
+        // Only a plain authority may end up inside a URL handed back to the client.
+        let authority: http::uri::Authority = host.parse().ok()?;
+        if authority.as_str().contains('@') {
+            return None;
+        }
+        Some(PublicBase::from_request(self.scheme, authority.as_str()))
+    }
+
+    /// The decision for a parsed route. `Ok(true)`: the response is written.
+    async fn serve_locally(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let route = ctx.route.as_ref().expect("route parsed before");
+        let public = ctx.public.as_ref().expect("public base set before");
+        match route {
+            Route::Discovery => {
+                let body =
+                    serde_json::json!({ "modules.v1": format!("{}{MODULES_V1}", public.prefix) });
+                respond::json(session, StatusCode::OK, body.to_string()).await?;
+                Ok(true)
+            }
+            Route::Internal(Internal::Health) => {
+                respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await?;
+                Ok(true)
+            }
+            Route::Module(m) if matches!(m.op, ModuleOp::File(_)) => {
+                // `/file` authenticates by its `token` query only: no header is forwarded.
+                let target = with_query(&m.upstream_path(), session.req_header());
+                let out = fetch::relay(session, &self.upstream, &target, None).await;
+                self.record(ctx, out).map(|_| true)
+            }
+            Route::Project(p)
+                if matches!(p.op, ProjectOp::Download { .. })
+                    && !terraform_get(session.req_header()) =>
+            {
+                let req = session.req_header();
+                let target = path_and_query(req);
+                let auth = req.headers.get(header::AUTHORIZATION).cloned();
+                let out = fetch::relay(session, &self.upstream, &target, auth.as_ref()).await;
+                self.record(ctx, out).map(|_| true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn record(&self, ctx: &mut RequestCtx, out: Result<fetch::Outcome>) -> Result<()> {
+        ctx.upstream_status = out?.upstream_status;
+        Ok(())
+    }
+}
+
+fn path_and_query(req: &RequestHeader) -> String {
+    req.uri
+        .path_and_query()
+        .map_or_else(|| req.uri.path().to_string(), |pq| pq.as_str().to_string())
+}
+
+fn with_query(path: &str, req: &RequestHeader) -> String {
+    match req.uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    }
+}
+
+/// `?terraform-get=1` asks a project route for a 204 with `X-Terraform-Get` instead of bytes.
+fn terraform_get(req: &RequestHeader) -> bool {
+    req.uri.query().is_some_and(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "terraform-get" && v == "1")
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            started: Instant::now(),
+            route: None,
+            public: None,
+            upstream_status: None,
+        }
+    }
+
+    /// Runs first for every request: parse, validate, and answer locally where possible.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        let route = match routes::parse(&req.method, req.uri.path()) {
+            Ok(r) => r,
+            Err(reject) => {
+                respond::json(session, reject.status, reject.body()).await?;
+                return Ok(true);
+            }
+        };
+        let Some(public) = self.public_base(req) else {
+            let body = serde_json::json!({ "error": "Host header is invalid" }).to_string();
+            respond::json(session, StatusCode::BAD_REQUEST, body).await?;
+            return Ok(true);
+        };
+        ctx.route = Some(route);
+        ctx.public = Some(public);
+        self.serve_locally(session, ctx).await
+    }
+
+    /// Registry calls get the short timeout profile; anything that may stream a large body
+    /// (uploads, pass-through) gets the long one.
+    async fn upstream_peer(&self, _s: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let profile = match ctx.route {
+            Some(Route::Module(_)) | Some(Route::Project(_)) => Profile::Registry,
+            _ => Profile::Transfer,
+        };
+        let profile = match &ctx.route {
+            Some(Route::Project(p)) if matches!(p.op, ProjectOp::Upload { .. }) => {
+                Profile::Transfer
+            }
+            _ => profile,
+        };
+        self.upstream.peer(profile).await
+    }
+
+    /// Runs after the peer is chosen, before the request head goes upstream.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        up: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Registry routes go out rebuilt from their validated parts; the rest unchanged.
+        let target = match &ctx.route {
+            Some(Route::Module(m)) => with_query(&m.upstream_path(), up),
+            _ => path_and_query(up),
+        };
+        let uri = self
+            .upstream
+            .path(&target)
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad upstream path"))?;
+        up.set_uri(uri);
+        up.insert_header(header::HOST, self.upstream.authority())?;
+
+        let connection_tokens: Vec<String> = up
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty() && t != "upgrade")
+            .collect();
+        for name in HOP_BY_HOP
+            .iter()
+            .copied()
+            .chain(connection_tokens.iter().map(String::as_str))
+        {
+            up.remove_header(name);
+        }
+
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = addr.ip().to_string();
+            let xff = match up
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            up.insert_header("x-forwarded-for", xff)?;
+        }
+        up.insert_header("x-forwarded-proto", self.scheme)?;
+        Ok(())
+    }
+
+    /// Runs on each upstream response head, before it goes to the client.
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        ctx.upstream_status = Some(resp.status.as_u16());
+        let Some(public) = &ctx.public else {
+            return Ok(());
+        };
+        for name in [TERRAFORM_GET, header::LOCATION] {
+            let new = resp
+                .headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| self.rewriter.rewrite(v, public));
+            if let Some(v) = new {
+                resp.insert_header(name, v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The upstream could not be reached or failed mid-response: answer in GitLab's shape.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        _ctx: &mut RequestCtx,
+    ) -> FailToProxy
+    where
+        RequestCtx: Send + Sync,
+    {
+        let status = match e.etype() {
+            ErrorType::HTTPStatus(code) => {
+                StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            _ => match e.esource() {
+                pingora::ErrorSource::Downstream => StatusCode::BAD_REQUEST,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+        };
+        // Nothing can be written once the response has started or the client is gone.
+        let client_gone = e.esource() == &pingora::ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
+        let code = if session.response_written().is_none() && !client_gone {
+            let _ = respond::error(session, status).await;
+            status.as_u16()
+        } else {
+            0
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Pingora puts this in its error log lines. The default includes the URI, whose query
+    /// may carry a JWT or a token: only the method and the route template go there.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let route = ctx.route.as_ref().map_or("unparsed", Route::template);
+        format!("{} {route}", session.req_header().method)
+    }
+
+    /// Runs last, for every request: the access log. No paths, queries or credentials.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let method: &Method = &session.req_header().method;
+        let route = ctx.route.as_ref().map_or("rejected", Route::template);
+        let module = match &ctx.route {
+            Some(Route::Module(m)) => Some(m.module.to_string()),
+            _ => None,
+        };
+        let version = match &ctx.route {
+            Some(Route::Module(m)) => m.version().map(ToString::to_string),
+            _ => None,
+        };
+        tracing::info!(
+            target: "tfmirror::access",
+            method = %method,
+            route,
+            module,
+            version,
+            status,
+            upstream_status = ctx.upstream_status,
+            bytes = session.body_bytes_sent(),
+            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
+            error = e.map(|e| e.etype().as_str()),
+        );
+    }
+}

@@ -1,0 +1,490 @@
+//! Parse each request once into a typed [`Route`].
+//!
+//! Everything downstream (proxy decisions, rewriting, logging, metrics) works on the typed
+//! route, never on the raw path again. Module coordinates are validated here the way GitLab
+//! validates them (`[\w.-]+` segments, strict SemVer versions), so a request that can never be
+//! valid is refused locally with a GitLab-shaped 4xx and never reaches the upstream.
+//!
+//! Percent-encoding is decoded per segment before validation, and registry routes are rebuilt
+//! from their typed parts when forwarded (see [`ModuleRoute::upstream_path`]), so `%2e%2e`,
+//! encoded slashes or odd encodings cannot make the upstream see another path than the one
+//! that was checked.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use http::{Method, StatusCode};
+use percent_encoding::percent_decode_str;
+use semver::Version;
+
+/// Root of GitLab's namespace-level module registry API; also what discovery advertises.
+pub const MODULES_V1: &str = "/api/v4/packages/terraform/modules/v1/";
+const PROJECTS: &str = "/api/v4/projects/";
+const PROJECT_MODULES: &str = "packages/terraform/modules/";
+
+/// Longest path accepted. GitLab's own limit on a request line is larger, but no registry
+/// path comes close to this and long paths are a cheap way to burn memory.
+pub const MAX_PATH_LEN: usize = 2048;
+/// Longest raw path segment accepted on any route.
+const MAX_RAW_SEGMENT_LEN: usize = 1024;
+/// Longest namespace or project path component (GitLab's own limit is 255).
+const MAX_SEGMENT_LEN: usize = 255;
+/// Terraform's limit for module names and target systems.
+const MAX_NAME_LEN: usize = 64;
+
+/// A module as the namespace routes address it: `namespace/name/system`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModuleId {
+    pub namespace: String,
+    pub name: String,
+    pub system: String,
+}
+
+impl fmt::Display for ModuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.namespace, self.name, self.system)
+    }
+}
+
+/// The six namespace routes of GitLab's module registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleOp {
+    /// `GET P/versions`
+    Versions,
+    /// `GET P`: metadata of the latest version.
+    Latest,
+    /// `GET P/:version`
+    Version(Version),
+    /// `GET P/download`: GitLab answers 302 to the versioned download.
+    LatestDownload,
+    /// `GET P/:version/download`: 204 with `X-Terraform-Get`.
+    Download(Version),
+    /// `GET P/:version/file?token=<JWT>`: the tarball itself.
+    File(Version),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleRoute {
+    pub module: ModuleId,
+    pub op: ModuleOp,
+}
+
+impl ModuleRoute {
+    /// The canonical upstream path (without the upstream's relative URL root), rebuilt from the
+    /// validated parts rather than copied from the request.
+    pub fn upstream_path(&self) -> String {
+        let m = &self.module;
+        let base = format!("{MODULES_V1}{}/{}/{}", m.namespace, m.name, m.system);
+        match &self.op {
+            ModuleOp::Versions => format!("{base}/versions"),
+            ModuleOp::Latest => base,
+            ModuleOp::Version(v) => format!("{base}/{v}"),
+            ModuleOp::LatestDownload => format!("{base}/download"),
+            ModuleOp::Download(v) => format!("{base}/{v}/download"),
+            ModuleOp::File(v) => format!("{base}/{v}/file"),
+        }
+    }
+
+    pub fn version(&self) -> Option<&Version> {
+        match &self.op {
+            ModuleOp::Version(v) | ModuleOp::Download(v) | ModuleOp::File(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Project-level module routes (`/api/v4/projects/:id/packages/terraform/modules/...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProjectOp {
+    /// `GET PP[/:version]`: the tarball, or with `?terraform-get=1` a 204 with an absolute
+    /// `X-Terraform-Get`.
+    Download { version: Option<Version> },
+    /// `PUT PP/:version/file` (and Workhorse's `/file/authorize`).
+    Upload { version: Version },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectRoute {
+    /// The project id as sent: numeric, or a URL-encoded full path (`group%2Fproject`).
+    pub project: String,
+    pub name: String,
+    pub system: String,
+    pub op: ProjectOp,
+}
+
+/// tfmirror's own endpoints, under GitLab's `/-/` convention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Internal {
+    Health,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /.well-known/terraform.json`, answered locally.
+    Discovery,
+    Internal(Internal),
+    Module(ModuleRoute),
+    Project(ProjectRoute),
+    /// Any other path: forwarded unchanged.
+    PassThrough,
+}
+
+impl Route {
+    /// A fixed label for logs and metrics. Never contains request data.
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::Discovery => "discovery",
+            Route::Internal(Internal::Health) => "health",
+            Route::Module(m) => match m.op {
+                ModuleOp::Versions => "module_versions",
+                ModuleOp::Latest => "module_latest",
+                ModuleOp::Version(_) => "module_version",
+                ModuleOp::LatestDownload => "module_latest_download",
+                ModuleOp::Download(_) => "module_download",
+                ModuleOp::File(_) => "module_file",
+            },
+            Route::Project(p) => match p.op {
+                ProjectOp::Download { .. } => "project_download",
+                ProjectOp::Upload { .. } => "project_upload",
+            },
+            Route::PassThrough => "passthrough",
+        }
+    }
+}
+
+/// Why a request was refused before reaching the upstream. Messages are fixed strings: they
+/// never echo the request, so nothing a client sent can be reflected or logged through them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reject {
+    pub status: StatusCode,
+    pub message: &'static str,
+}
+
+impl Reject {
+    const fn new(status: StatusCode, message: &'static str) -> Self {
+        Reject { status, message }
+    }
+    fn bad(message: &'static str) -> Self {
+        Reject::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found() -> Self {
+        Reject::new(StatusCode::NOT_FOUND, "404 Not Found")
+    }
+    fn method() -> Self {
+        Reject::new(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed")
+    }
+
+    /// The JSON body GitLab would send: Grape uses `error` for parameter validation (400) and
+    /// `message` for everything else.
+    pub fn body(&self) -> String {
+        let key = if self.status == StatusCode::BAD_REQUEST {
+            "error"
+        } else {
+            "message"
+        };
+        serde_json::json!({ key: self.message }).to_string()
+    }
+}
+
+/// Parse `method` and `path` (no query) into a route.
+pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
+    if path.len() > MAX_PATH_LEN {
+        return Err(Reject::new(StatusCode::URI_TOO_LONG, "414 URI Too Long"));
+    }
+    if !path.starts_with('/') {
+        return Err(Reject::bad("path must be absolute"));
+    }
+    // Decode and check every segment once, whatever the route: no `.`/`..`, no NUL or control
+    // bytes, no backslashes, in raw or encoded form. Encoded slashes are kept inside their
+    // segment (GitLab uses them for project paths) but checked component by component.
+    let segments: Vec<Cow<'_, str>> = path[1..]
+        .split('/')
+        .map(decode_segment)
+        .collect::<Result<_, _>>()?;
+
+    if path == "/.well-known/terraform.json" {
+        return match *method {
+            Method::GET | Method::HEAD => Ok(Route::Discovery),
+            _ => Err(Reject::method()),
+        };
+    }
+    if let Some(rest) = path.strip_prefix("/-/") {
+        return match rest {
+            "health" => Ok(Route::Internal(Internal::Health)),
+            _ => Err(Reject::not_found()),
+        };
+    }
+    if path.starts_with(MODULES_V1) || path == MODULES_V1.trim_end_matches('/') {
+        let skip = MODULES_V1[1..].split('/').count() - 1;
+        return parse_module(method, &segments[skip..]).map(Route::Module);
+    }
+    if let Some(rest) = path.strip_prefix(PROJECTS) {
+        // `:id/packages/terraform/modules/...`
+        if let Some((_, after)) = rest.split_once('/') {
+            if after.starts_with(PROJECT_MODULES) {
+                let skip = PROJECTS[1..].split('/').count() - 1;
+                return parse_project(method, &segments[skip..]).map(Route::Project);
+            }
+        }
+    }
+    Ok(Route::PassThrough)
+}
+
+fn decode_segment(raw: &str) -> Result<Cow<'_, str>, Reject> {
+    if raw.len() > MAX_RAW_SEGMENT_LEN {
+        return Err(Reject::bad("path segment is too long"));
+    }
+    let decoded = percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| Reject::bad("path is not valid UTF-8"))?;
+    if decoded
+        .chars()
+        .any(|c| c.is_control() || c == '\\' || c == '\u{0}')
+    {
+        return Err(Reject::bad("path contains forbidden characters"));
+    }
+    if decoded.split('/').any(|c| c == "." || c == "..") {
+        return Err(Reject::bad("path contains dot segments"));
+    }
+    Ok(decoded)
+}
+
+/// GitLab's `package_name_regex` for each part: word characters, dots and dashes.
+fn valid_part(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+fn parse_version(s: &str, param: &'static str) -> Result<Version, Reject> {
+    // Strict SemVer 2.0, as GitLab's `semver_regex`: no `v` prefix, no leading zeros.
+    Version::parse(s).map_err(|_| Reject::bad(param))
+}
+
+fn read_only(method: &Method) -> Result<(), Reject> {
+    match *method {
+        Method::GET | Method::HEAD => Ok(()),
+        _ => Err(Reject::method()),
+    }
+}
+
+fn parse_module(method: &Method, segs: &[Cow<'_, str>]) -> Result<ModuleRoute, Reject> {
+    let (ns, name, system, rest) = match segs {
+        [ns, name, system, rest @ ..] => (ns, name, system, rest),
+        _ => return Err(Reject::not_found()),
+    };
+    if !valid_part(ns, MAX_SEGMENT_LEN) {
+        return Err(Reject::bad("module_namespace is invalid"));
+    }
+    if !valid_part(name, MAX_NAME_LEN) {
+        return Err(Reject::bad("module_name is invalid"));
+    }
+    if !valid_part(system, MAX_NAME_LEN) {
+        return Err(Reject::bad("module_system is invalid"));
+    }
+    let op = match rest {
+        [] => ModuleOp::Latest,
+        [s] if s == "versions" => ModuleOp::Versions,
+        [s] if s == "download" => ModuleOp::LatestDownload,
+        [v] => ModuleOp::Version(parse_version(v, "module_version is invalid")?),
+        [v, s] if s == "download" => {
+            ModuleOp::Download(parse_version(v, "module_version is invalid")?)
+        }
+        [v, s] if s == "file" => ModuleOp::File(parse_version(v, "module_version is invalid")?),
+        _ => return Err(Reject::not_found()),
+    };
+    read_only(method)?;
+    Ok(ModuleRoute {
+        module: ModuleId {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            system: system.to_string(),
+        },
+        op,
+    })
+}
+
+fn parse_project(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProjectRoute, Reject> {
+    // segs: [id, "packages", "terraform", "modules", name, system, rest...]
+    let (id, name, system, rest) = match segs {
+        [id, _, _, _, name, system, rest @ ..] => (id, name, system, rest),
+        _ => return Err(Reject::not_found()),
+    };
+    let id_ok = id.split('/').all(|c| valid_part(c, MAX_SEGMENT_LEN));
+    if !id_ok {
+        return Err(Reject::bad("id is invalid"));
+    }
+    if !valid_part(name, MAX_NAME_LEN) {
+        return Err(Reject::bad("module_name is invalid"));
+    }
+    if !valid_part(system, MAX_NAME_LEN) {
+        return Err(Reject::bad("module_system is invalid"));
+    }
+    let op = match rest {
+        [] => {
+            read_only(method)?;
+            ProjectOp::Download { version: None }
+        }
+        [v] => {
+            read_only(method)?;
+            ProjectOp::Download {
+                version: Some(parse_version(v, "module_version is invalid")?),
+            }
+        }
+        [v, f] | [v, f, _] if f == "file" => {
+            if rest.len() == 3 && rest[2] != "authorize" {
+                return Err(Reject::not_found());
+            }
+            if *method != Method::PUT && *method != Method::POST {
+                return Err(Reject::method());
+            }
+            ProjectOp::Upload {
+                version: parse_version(v, "module_version is invalid")?,
+            }
+        }
+        _ => return Err(Reject::not_found()),
+    };
+    Ok(ProjectRoute {
+        project: id.to_string(),
+        name: name.to_string(),
+        system: system.to_string(),
+        op,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str) -> Result<Route, Reject> {
+        parse(&Method::GET, path)
+    }
+
+    fn module(path: &str) -> ModuleRoute {
+        match get(path) {
+            Ok(Route::Module(m)) => m,
+            other => panic!("{path}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn namespace_routes() {
+        let p = "/api/v4/packages/terraform/modules/v1/grp/vpc/aws";
+        assert_eq!(module(&format!("{p}/versions")).op, ModuleOp::Versions);
+        assert_eq!(module(p).op, ModuleOp::Latest);
+        assert_eq!(
+            module(&format!("{p}/download")).op,
+            ModuleOp::LatestDownload
+        );
+        let v = Version::new(1, 10, 0);
+        assert_eq!(
+            module(&format!("{p}/1.10.0")).op,
+            ModuleOp::Version(v.clone())
+        );
+        assert_eq!(
+            module(&format!("{p}/1.10.0/download")).op,
+            ModuleOp::Download(v.clone())
+        );
+        let f = module(&format!("{p}/1.10.0/file"));
+        assert_eq!(f.op, ModuleOp::File(v));
+        assert_eq!(f.upstream_path(), format!("{p}/1.10.0/file"));
+        assert_eq!(f.module.to_string(), "grp/vpc/aws");
+    }
+
+    #[test]
+    fn head_is_a_read() {
+        let p = "/api/v4/packages/terraform/modules/v1/grp/vpc/aws/1.0.0/file";
+        assert!(matches!(parse(&Method::HEAD, p), Ok(Route::Module(_))));
+        assert_eq!(
+            parse(&Method::POST, p).unwrap_err().status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+
+    #[test]
+    fn encoded_parts_are_decoded_then_rebuilt() {
+        let m = module("/api/v4/packages/terraform/modules/v1/gr%70/vpc/aws/versions");
+        assert_eq!(m.module.namespace, "grp");
+        assert_eq!(
+            m.upstream_path(),
+            "/api/v4/packages/terraform/modules/v1/grp/vpc/aws/versions"
+        );
+    }
+
+    #[test]
+    fn invalid_versions_are_400() {
+        let p = "/api/v4/packages/terraform/modules/v1/grp/vpc/aws";
+        for bad in [
+            "v1.0.0", "1.0", "01.0.0", "1.0.0.0", "latest", "1.0.0-", "%31.0",
+        ] {
+            let r = get(&format!("{p}/{bad}/download")).unwrap_err();
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(r.body(), r#"{"error":"module_version is invalid"}"#);
+        }
+        // Pre-release and build metadata are valid SemVer.
+        assert!(get(&format!("{p}/1.0.0-rc.1+b5/download")).is_ok());
+    }
+
+    #[test]
+    fn traversal_and_encoding_tricks_are_refused() {
+        let cases = [
+            "/api/v4/packages/terraform/modules/v1/../../../admin",
+            "/api/v4/packages/terraform/modules/v1/%2e%2e/vpc/aws/versions",
+            "/api/v4/packages/terraform/modules/v1/grp%2F..%2Fx/vpc/aws/versions",
+            "/api/v4/packages/terraform/modules/v1/grp%2Fsub/vpc/aws/versions",
+            "/api/v4/packages/terraform/modules/v1/grp/vpc%00/aws/versions",
+            "/api/v4/packages/terraform/modules/v1/grp/vpc/aws%5c/versions",
+            "/api/v4/projects/1/../../../etc/passwd",
+            "/api/v4/projects/%2e%2e%2f%2e%2e/x",
+            "/api/v4/packages/terraform/modules/v1/grp/v%ffpc/aws/versions",
+            "/api/v4/packages/terraform/modules/v1/grp/vpc/aws/1.0.0/file/extra",
+            "/api/v4/packages/terraform/modules/v1//vpc/aws/versions",
+        ];
+        for c in cases {
+            let r = get(c).unwrap_err();
+            assert!(r.status.is_client_error(), "{c}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn overlong_input_is_refused() {
+        let long = "a".repeat(MAX_PATH_LEN);
+        assert_eq!(
+            get(&format!("/{long}")).unwrap_err().status,
+            StatusCode::URI_TOO_LONG
+        );
+        let name = "a".repeat(65);
+        let p = format!("/api/v4/packages/terraform/modules/v1/grp/{name}/aws/versions");
+        assert_eq!(get(&p).unwrap_err().message, "module_name is invalid");
+    }
+
+    #[test]
+    fn project_routes() {
+        let base = "/api/v4/projects/group%2Fproj/packages/terraform/modules/vpc/aws";
+        match get(base).unwrap() {
+            Route::Project(p) => {
+                assert_eq!(p.project, "group/proj");
+                assert_eq!(p.op, ProjectOp::Download { version: None });
+            }
+            other => panic!("{other:?}"),
+        }
+        let up = parse(&Method::PUT, &format!("{base}/1.2.3/file")).unwrap();
+        assert_eq!(up.template(), "project_upload");
+        let auth = parse(&Method::POST, &format!("{base}/1.2.3/file/authorize")).unwrap();
+        assert_eq!(auth.template(), "project_upload");
+        assert!(parse(&Method::GET, &format!("{base}/1.2.3/file")).is_err());
+    }
+
+    #[test]
+    fn everything_else_passes_through() {
+        assert_eq!(get("/api/v4/projects/1").unwrap(), Route::PassThrough);
+        assert_eq!(get("/api/v4/version").unwrap(), Route::PassThrough);
+        assert_eq!(
+            get("/.well-known/terraform.json").unwrap(),
+            Route::Discovery
+        );
+        assert_eq!(get("/-/health").unwrap().template(), "health");
+        assert!(get("/-/nope").is_err());
+    }
+}

@@ -1,0 +1,42 @@
+//! Assemble and run the pingora server from a validated [`Config`].
+
+use std::sync::Arc;
+
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::Server;
+
+use crate::config::Config;
+use crate::proxy::Proxy;
+use crate::upstream::Upstream;
+
+/// Build the server. Fails on anything that would only break later (bad CA file, unusable
+/// cache directory).
+pub fn build(config: &Config) -> Result<Server, String> {
+    std::fs::create_dir_all(&config.cache_dir).map_err(|e| {
+        format!(
+            "invalid configuration: `cache_dir`: cannot create {}: {e}",
+            config.cache_dir.display()
+        )
+    })?;
+    let upstream = Arc::new(Upstream::new(config)?);
+
+    let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
+    let conf = ServerConf {
+        threads: config.threads,
+        // Per-instance files live in the cache dir, so several instances never collide.
+        pid_file: state("tfmirror.pid"),
+        upgrade_sock: state("tfmirror-upgrade.sock"),
+        grace_period_seconds: Some(5),
+        graceful_shutdown_timeout_seconds: Some(10),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let proxy = Proxy::new(upstream, config.public_url.as_ref());
+    let mut service =
+        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "tfmirror");
+    service.add_tcp(&config.listen.to_string());
+    server.add_service(service);
+    Ok(server)
+}

@@ -1,0 +1,302 @@
+//! Everything about reaching the upstream GitLab: its address, TLS trust, timeouts and the two
+//! clients that talk to it.
+//!
+//! - Pingora's [`HttpPeer`] carries proxied requests (pass-through, uploads, registry calls).
+//!   `HttpPeer::new` resolves names with a *blocking* `to_socket_addrs()`, so tfmirror resolves
+//!   the upstream host itself with tokio's resolver (off the async workers), caches the answer
+//!   and hands pingora a ready `SocketAddr`. The SNI is always the upstream host name: with
+//!   rustls an empty SNI would disable certificate verification.
+//! - A `reqwest` client fetches what tfmirror itself must read and follow: `/file`, which
+//!   GitLab may answer with a 302 to object storage on another host. Following that redirect
+//!   here keeps presigned URLs away from clients.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pingora::prelude::HttpPeer;
+use pingora::protocols::tls::CaType;
+use pingora::utils::tls::{parse_x509, WrappedX509};
+use pingora::{Error, ErrorType, OrErr, Result};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use url::Url;
+
+use crate::config::{Config, Timeouts};
+
+/// How long a DNS answer is used before it is refreshed in the background.
+const DNS_TTL: Duration = Duration::from_secs(30);
+
+/// What kind of exchange a peer is for; it decides the read timeout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Small JSON answers: Terraform waits 10 s at most, so should we.
+    Registry,
+    /// Tarballs, uploads, anything of unknown size: long per-read timeouts.
+    Transfer,
+}
+
+pub struct Upstream {
+    url: Url,
+    tls: bool,
+    host: String,
+    /// `Host` header value: the host, plus the port when it is not the scheme's default.
+    authority: String,
+    /// Relative URL root, without a trailing slash (empty for most GitLabs).
+    prefix: String,
+    ca: Option<Arc<CaType>>,
+    timeouts: Timeouts,
+    dns: Resolver,
+    /// Client for the fetches tfmirror reads itself (see module docs).
+    pub http: reqwest::Client,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> std::result::Result<Upstream, String> {
+        let url = config.upstream.clone();
+        let tls = url.scheme() == "https";
+        let host = url.host_str().ok_or("upstream has no host")?.to_string();
+        let port = url.port_or_known_default().ok_or("upstream has no port")?;
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        // IPv6 literals come bracketed from `Url`; SNI and resolution want them bare.
+        let bare_host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+
+        let extra_cas = match &config.upstream_ca {
+            Some(path) => load_pem_certs(path)?,
+            None => Vec::new(),
+        };
+        let ca = if extra_cas.is_empty() {
+            None // pingora then uses the platform store (honouring SSL_CERT_FILE)
+        } else {
+            Some(pingora_ca_list(&extra_cas)?)
+        };
+
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("tfmirror/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.timeouts.connect)
+            .read_timeout(config.timeouts.transfer)
+            .pool_idle_timeout(config.timeouts.idle)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            // Only explicit configuration decides where tfmirror connects.
+            .no_proxy();
+        for der in &extra_cas {
+            let cert = reqwest::Certificate::from_der(der).map_err(|e| e.to_string())?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| e.to_string())?;
+
+        Ok(Upstream {
+            prefix: url.path().trim_end_matches('/').to_string(),
+            dns: Resolver::new(bare_host.clone(), port),
+            url,
+            tls,
+            host: bare_host,
+            authority,
+            ca,
+            timeouts: config.timeouts.clone(),
+            http,
+        })
+    }
+
+    /// The `Host` header to send upstream.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// The upstream path for a tfmirror path: the relative URL root, then the path.
+    pub fn path(&self, path_and_query: &str) -> String {
+        format!("{}{}", self.prefix, path_and_query)
+    }
+
+    /// The absolute upstream URL for a tfmirror path (for the reqwest client).
+    pub fn url_for(&self, path_and_query: &str) -> String {
+        format!(
+            "{}://{}{}",
+            self.url.scheme(),
+            self.authority,
+            self.path(path_and_query)
+        )
+    }
+
+    pub fn base_url(&self) -> &Url {
+        &self.url
+    }
+
+    /// A peer for pingora, with a pre-resolved address, SNI and timeouts.
+    pub async fn peer(&self, profile: Profile) -> Result<Box<HttpPeer>> {
+        let addr = self.dns.pick().await?;
+        let mut peer = HttpPeer::new(addr, self.tls, self.host.clone());
+        let t = &self.timeouts;
+        let o = &mut peer.options;
+        o.connection_timeout = Some(t.connect);
+        o.total_connection_timeout = Some(t.connect * 2);
+        let io = match profile {
+            Profile::Registry => t.read,
+            Profile::Transfer => t.transfer,
+        };
+        o.read_timeout = Some(io);
+        o.write_timeout = Some(io);
+        o.idle_timeout = Some(t.idle);
+        o.ca = self.ca.clone();
+        Ok(Box::new(peer))
+    }
+}
+
+/// Read every certificate of a PEM file. Fails when there is none.
+pub fn load_pem_certs(path: &Path) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate in {}", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Pingora's per-peer CA list *replaces* the root store, so the system roots are added to
+/// the extra CAs here to trust both.
+fn pingora_ca_list(extra: &[CertificateDer<'static>]) -> std::result::Result<Arc<CaType>, String> {
+    let native = rustls_native_certs::load_native_certs();
+    let mut list: Vec<WrappedX509> = Vec::new();
+    for der in extra.iter().chain(native.certs.iter()) {
+        // `parse_x509` panics on what it cannot parse: check first and skip such roots.
+        if x509_parser::parse_x509_certificate(der).is_ok() {
+            list.push(WrappedX509::new(der.to_vec(), parse_x509));
+        }
+    }
+    Ok(Arc::from(list.into_boxed_slice()))
+}
+
+/// Caches the upstream's addresses; refreshes them in the background once stale, so only the
+/// very first request (or one after a long failure) ever waits on DNS.
+struct Resolver {
+    host: String,
+    port: u16,
+    literal: Option<SocketAddr>,
+    state: Arc<Mutex<Option<(Arc<[SocketAddr]>, Instant)>>>,
+    refreshing: Arc<AtomicBool>,
+    next: AtomicUsize,
+}
+
+impl Resolver {
+    fn new(host: String, port: u16) -> Self {
+        let literal = host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, port));
+        Resolver {
+            host,
+            port,
+            literal,
+            state: Arc::new(Mutex::new(None)),
+            refreshing: Arc::new(AtomicBool::new(false)),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    async fn pick(&self) -> Result<SocketAddr> {
+        if let Some(addr) = self.literal {
+            return Ok(addr);
+        }
+        let cached = self.state.lock().expect("dns lock").clone();
+        let addrs = match cached {
+            Some((addrs, at)) => {
+                if at.elapsed() > DNS_TTL {
+                    self.refresh_in_background();
+                }
+                addrs
+            }
+            None => self.resolve().await?,
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % addrs.len();
+        Ok(addrs[i])
+    }
+
+    async fn resolve(&self) -> Result<Arc<[SocketAddr]>> {
+        resolve_into(&self.host, self.port, &self.state).await
+    }
+
+    fn refresh_in_background(&self) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (host, port) = (self.host.clone(), self.port);
+        let (state, flag) = (self.state.clone(), self.refreshing.clone());
+        tokio::spawn(async move {
+            // On failure the old answer stays: a DNS blip must not take the upstream away.
+            if let Err(e) = resolve_into(&host, port, &state).await {
+                tracing::warn!(error = %e, "upstream DNS refresh failed; keeping the last answer");
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+}
+
+async fn resolve_into(
+    host: &str,
+    port: u16,
+    state: &Mutex<Option<(Arc<[SocketAddr]>, Instant)>>,
+) -> Result<Arc<[SocketAddr]>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .or_err(ErrorType::ConnectNoRoute, "resolving the upstream host")?
+        .collect();
+    if addrs.is_empty() {
+        return Error::e_explain(ErrorType::ConnectNoRoute, "upstream host has no address");
+    }
+    let addrs: Arc<[SocketAddr]> = addrs.into();
+    *state.lock().expect("dns lock") = Some((addrs.clone(), Instant::now()));
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(url: &str) -> Upstream {
+        let config = Config {
+            upstream: Url::parse(url).unwrap(),
+            ..Config::default()
+        };
+        Upstream::new(&config).unwrap()
+    }
+
+    #[test]
+    fn paths_keep_the_relative_url_root() {
+        let u = upstream("https://example.com/gitlab/");
+        assert_eq!(u.path("/api/v4/x?y=1"), "/gitlab/api/v4/x?y=1");
+        assert_eq!(u.url_for("/a"), "https://example.com/gitlab/a");
+        assert_eq!(u.authority(), "example.com");
+        let u = upstream("http://127.0.0.1:8929");
+        assert_eq!(u.authority(), "127.0.0.1:8929");
+        assert_eq!(u.url_for("/a"), "http://127.0.0.1:8929/a");
+    }
+
+    #[tokio::test]
+    async fn peers_carry_sni_and_timeouts() {
+        let u = upstream("https://127.0.0.1:8443");
+        let p = u.peer(Profile::Registry).await.unwrap();
+        assert_eq!(p.sni, "127.0.0.1");
+        assert_eq!(p.options.connection_timeout, Some(Duration::from_secs(2)));
+        assert_eq!(p.options.read_timeout, Some(Duration::from_secs(30)));
+        let p = u.peer(Profile::Transfer).await.unwrap();
+        assert_eq!(p.options.read_timeout, Some(Duration::from_secs(600)));
+    }
+
+    #[tokio::test]
+    async fn names_are_resolved_without_blocking_and_cached() {
+        let u = upstream("http://localhost:1");
+        let a = u.peer(Profile::Registry).await.unwrap();
+        assert!(a.address().to_string().ends_with(":1"));
+        assert!(u.dns.state.lock().unwrap().is_some());
+    }
+}

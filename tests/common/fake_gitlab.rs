@@ -1,0 +1,951 @@
+//! A fake GitLab that follows `shared/PROTOCOL.md`, for every integration and end-to-end test.
+//!
+//! - Namespace routes: only `Authorization: <scheme> <token>` counts; anonymous on a private
+//!   group is 401 with `WWW-Authenticate`, a valid token without access is 403.
+//! - Versioned download: 204 with a root-relative `X-Terraform-Get` carrying an HS256 JWT that
+//!   wraps the caller's token and expires; latest download: 302. "Latest" is picked by string
+//!   order, as GitLab does.
+//! - `/file?token=<JWT>`: 401 on a bad or expired token; in object-storage mode, a 302 to a
+//!   presigned URL on a *second* listener (another origin) that refuses `HEAD`, as S3 does for
+//!   a URL signed for `GET`.
+//! - Project routes with Basic auth (404 when the project is not visible), `?terraform-get=1`
+//!   with an absolute `X-Terraform-Get`, and `PUT .../file` uploads with `PRIVATE-TOKEN`,
+//!   `JOB-TOKEN` or `DEPLOY-TOKEN`.
+//! - Faults, switchable at run time: latency, an HTTP status, reset at accept, truncated body,
+//!   down (port closed), black hole (accepts, never answers).
+//!
+//! Every request is recorded (method, path, query, headers) so tests can count upstream
+//! fetches and check what tfmirror forwarded.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const V1: &str = "/api/v4/packages/terraform/modules/v1";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// Delay every response by this much.
+    Latency(Duration),
+    /// Answer every request with this status and GitLab's error body.
+    Status(u16),
+    /// Accept, then reset the connection (RST) before reading anything.
+    Reset,
+    /// Send tarball headers with the full Content-Length, then half the body, then close.
+    Truncate,
+    /// Close the listening socket: connections are refused.
+    Down,
+    /// Accept connections and never answer.
+    Blackhole,
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub method: Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// token -> user name
+    tokens: HashMap<String, String>,
+    /// group -> (public, members' tokens)
+    groups: HashMap<String, (bool, HashSet<String>)>,
+    /// (group, name, system) -> project id and version -> tarball
+    modules: BTreeMap<(String, String, String), (u64, BTreeMap<String, Bytes>)>,
+    /// presigned key -> bytes, for the object storage listener
+    objects: HashMap<String, Bytes>,
+}
+
+pub struct Inner {
+    registry: Mutex<Registry>,
+    hits: Mutex<Vec<Hit>>,
+    fault: watch::Sender<Fault>,
+    object_storage: Mutex<bool>,
+    jwt_ttl: Mutex<Duration>,
+    secret: Vec<u8>,
+    base_url: String,
+    objects_url: String,
+}
+
+#[derive(Clone)]
+pub struct FakeGitlab {
+    pub addr: SocketAddr,
+    pub objects_addr: SocketAddr,
+    inner: Arc<Inner>,
+}
+
+impl FakeGitlab {
+    pub async fn start() -> FakeGitlab {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let objects = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let objects_addr = objects.local_addr().unwrap();
+        let (fault, _) = watch::channel(Fault::None);
+        let inner = Arc::new(Inner {
+            registry: Mutex::new(Registry::default()),
+            hits: Mutex::new(Vec::new()),
+            fault,
+            object_storage: Mutex::new(false),
+            jwt_ttl: Mutex::new(Duration::from_secs(300)),
+            secret: b"fake-gitlab-jwt-secret".to_vec(),
+            base_url: format!("http://{addr}"),
+            objects_url: format!("http://{objects_addr}"),
+        });
+        let app = gitlab_router(inner.clone());
+        tokio::spawn(accept_loop(listener, app, inner.clone(), true));
+        let storage = Router::new()
+            .route("/bucket/{key}", get(object_get))
+            .with_state(inner.clone());
+        tokio::spawn(accept_loop(objects, storage, inner.clone(), false));
+        FakeGitlab {
+            addr,
+            objects_addr,
+            inner,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.inner.base_url.clone()
+    }
+
+    pub fn add_token(&self, token: &str, user: &str) {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.tokens.insert(token.into(), user.into());
+    }
+
+    pub fn add_group(&self, group: &str, public: bool, members: &[&str]) {
+        let mut r = self.inner.registry.lock().unwrap();
+        let members = members.iter().map(|m| m.to_string()).collect();
+        r.groups.insert(group.into(), (public, members));
+    }
+
+    /// Remove a member's access (the token stays valid).
+    pub fn revoke(&self, group: &str, token: &str) {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.groups.get_mut(group).unwrap().1.remove(token);
+    }
+
+    pub fn add_module(
+        &self,
+        group: &str,
+        project: u64,
+        name: &str,
+        system: &str,
+        versions: &[&str],
+    ) {
+        let mut r = self.inner.registry.lock().unwrap();
+        let entry = r
+            .modules
+            .entry((group.into(), name.into(), system.into()))
+            .or_insert_with(|| (project, BTreeMap::new()));
+        for v in versions {
+            let tgz = module_tarball(&format!("{group}/{name}/{system}"), v, 0);
+            entry.1.insert(v.to_string(), tgz);
+        }
+    }
+
+    /// Replace a version's tarball with one padded to at least `size` bytes.
+    pub fn set_tarball_size(
+        &self,
+        group: &str,
+        name: &str,
+        system: &str,
+        version: &str,
+        size: usize,
+    ) {
+        let mut r = self.inner.registry.lock().unwrap();
+        let entry = r
+            .modules
+            .get_mut(&(group.into(), name.into(), system.into()))
+            .unwrap();
+        let tgz = module_tarball(&format!("{group}/{name}/{system}"), version, size);
+        entry.1.insert(version.into(), tgz);
+    }
+
+    pub fn tarball(&self, group: &str, name: &str, system: &str, version: &str) -> Bytes {
+        let r = self.inner.registry.lock().unwrap();
+        r.modules[&(group.into(), name.into(), system.into())].1[version].clone()
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.inner.fault.send_replace(fault);
+    }
+
+    pub fn set_object_storage(&self, on: bool) {
+        *self.inner.object_storage.lock().unwrap() = on;
+    }
+
+    pub fn set_jwt_ttl(&self, ttl: Duration) {
+        *self.inner.jwt_ttl.lock().unwrap() = ttl;
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.inner.hits.lock().unwrap().clone()
+    }
+
+    pub fn clear_hits(&self) {
+        self.inner.hits.lock().unwrap().clear();
+    }
+
+    /// Requests whose path ends with `suffix` (e.g. `/file`, `/versions`).
+    pub fn count(&self, suffix: &str) -> usize {
+        self.hits()
+            .iter()
+            .filter(|h| h.path.ends_with(suffix))
+            .count()
+    }
+
+    /// Mint a download JWT as GitLab would for `token` (tests use it to call `/file` directly).
+    pub fn jwt_for(&self, token: &str) -> String {
+        jwt_sign(&self.inner, token)
+    }
+}
+
+/// A gzipped tar with one `main.tf` whose output names the module and version. `pad` makes it
+/// at least that large, with incompressible bytes, for streaming tests.
+pub fn module_tarball(module: &str, version: &str, pad: usize) -> Bytes {
+    use flate2::write::GzEncoder;
+    let main_tf = format!(
+        "variable \"input\" {{\n  default = \"x\"\n}}\n\noutput \"id\" {{\n  value = \"{module}@{version}\"\n}}\n"
+    );
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data).unwrap();
+    };
+    add("main.tf", main_tf.as_bytes());
+    if pad > 0 {
+        // xorshift noise: does not compress, so the tarball really is `pad` bytes or more.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ pad as u64;
+        let noise: Vec<u8> = (0..pad)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        add("padding.bin", &noise);
+    }
+    let tar = tar.into_inner().unwrap();
+    let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    Bytes::from(gz.finish().unwrap())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serving
+
+async fn accept_loop(listener: TcpListener, app: Router, inner: Arc<Inner>, faults: bool) {
+    let addr = listener.local_addr().unwrap();
+    let mut fault_rx = inner.fault.subscribe();
+    let mut listener = Some(listener);
+    loop {
+        let current = if faults {
+            fault_rx.borrow().clone()
+        } else {
+            Fault::None
+        };
+        if current == Fault::Down {
+            listener = None; // closes the port: connect() is refused
+            if fault_rx.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let l = match &listener {
+            Some(l) => l,
+            None => {
+                listener = Some(rebind(addr).await);
+                listener.as_ref().unwrap()
+            }
+        };
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            _ = fault_rx.changed() => continue,
+        };
+        let Ok((sock, _)) = accepted else { continue };
+        match current {
+            Fault::Reset => {
+                let _ = sock.set_zero_linger();
+                drop(sock);
+            }
+            Fault::Blackhole => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    drop(sock);
+                });
+            }
+            _ => {
+                tokio::spawn(serve_conn(
+                    sock,
+                    app.clone(),
+                    inner.fault.subscribe(),
+                    faults,
+                ));
+            }
+        }
+    }
+}
+
+async fn rebind(addr: SocketAddr) -> TcpListener {
+    for _ in 0..100 {
+        if let Ok(l) = TcpListener::bind(addr).await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("fake gitlab could not rebind {addr}");
+}
+
+/// Serve one connection; a switch to a connection-level fault closes it, as a real outage
+/// would close pooled keep-alive connections.
+async fn serve_conn(
+    sock: TcpStream,
+    app: Router,
+    mut fault_rx: watch::Receiver<Fault>,
+    faults: bool,
+) {
+    let io = hyper_util::rt::TokioIo::new(sock);
+    let svc = hyper_util::service::TowerToHyperService::new(app);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(true)
+        .serve_connection(io, svc);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            changed = fault_rx.changed(), if faults => {
+                if changed.is_err() { return; }
+                let f = fault_rx.borrow().clone();
+                if matches!(f, Fault::Down | Fault::Reset | Fault::Blackhole) {
+                    return; // drops the connection
+                }
+            }
+        }
+    }
+}
+
+fn gitlab_router(inner: Arc<Inner>) -> Router {
+    let p = format!("{V1}/{{ns}}/{{name}}/{{sys}}");
+    let pp = "/api/v4/projects/{id}/packages/terraform/modules/{name}/{sys}";
+    Router::new()
+        .route("/.well-known/terraform.json", get(discovery))
+        .route(&p, get(latest))
+        .route(&format!("{p}/versions"), get(versions))
+        .route(&format!("{p}/download"), get(latest_download))
+        .route(&format!("{p}/{{ver}}"), get(version))
+        .route(&format!("{p}/{{ver}}/download"), get(download))
+        .route(&format!("{p}/{{ver}}/file"), get(file))
+        .route(pp, get(project_latest))
+        .route(&format!("{pp}/{{ver}}"), get(project_get))
+        .route(&format!("{pp}/{{ver}}/file"), put(project_upload))
+        .route("/api/v4/version", get(api_version))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            inner.clone(),
+            record_and_fault,
+        ))
+        .with_state(inner)
+}
+
+async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: Next) -> Response {
+    inner.hits.lock().unwrap().push(Hit {
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+        query: req.uri().query().map(str::to_string),
+        headers: req.headers().clone(),
+    });
+    let fault = inner.fault.borrow().clone();
+    match fault {
+        Fault::Latency(d) => tokio::time::sleep(d).await,
+        Fault::Status(code) => {
+            let status = StatusCode::from_u16(code).unwrap();
+            return gitlab_error(status);
+        }
+        _ => {}
+    }
+    let resp = next.run(req).await;
+    if fault == Fault::Truncate && resp.status() == StatusCode::OK {
+        return truncate(resp).await;
+    }
+    resp
+}
+
+/// Keep the full Content-Length but send only half the body, then end the connection.
+async fn truncate(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let half = bytes.slice(..bytes.len() / 2);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, bytes.len().into());
+    let stream = futures::stream::iter(vec![
+        Ok::<Bytes, std::io::Error>(half),
+        Err(std::io::Error::other("truncated by fault injection")),
+    ]);
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+fn gitlab_error(status: StatusCode) -> Response {
+    let msg = format!(
+        "{} {}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    (status, Json(json!({ "message": msg }))).into_response()
+}
+
+fn unauthorized() -> Response {
+    let mut r = gitlab_error(StatusCode::UNAUTHORIZED);
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        "Basic realm=\"GitLab Packages Registry\"".parse().unwrap(),
+    );
+    r
+}
+
+async fn not_found() -> Response {
+    gitlab_error(StatusCode::NOT_FOUND)
+}
+
+async fn discovery() -> Json<Value> {
+    Json(json!({ "modules.v1": format!("{V1}/") }))
+}
+
+enum Caller {
+    Anonymous,
+    Token(String),
+}
+
+/// Namespace routes: only `Authorization: <scheme> <token>`.
+fn bearer(headers: &HeaderMap) -> Result<Caller, Response> {
+    match headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => Ok(Caller::Anonymous),
+        Some(v) => match v.split_once(' ') {
+            Some((_, t)) if !t.is_empty() => Ok(Caller::Token(t.to_string())),
+            _ => Err(unauthorized()),
+        },
+    }
+}
+
+impl Inner {
+    /// GitLab's checks in order: authenticate, find the module, authorize.
+    fn authorize(&self, caller: &Caller, group: &str) -> Result<(), Response> {
+        let r = self.registry.lock().unwrap();
+        if let Caller::Token(t) = caller {
+            if !r.tokens.contains_key(t) {
+                return Err(unauthorized());
+            }
+        }
+        let Some((public, members)) = r.groups.get(group) else {
+            return Err(gitlab_error(StatusCode::NOT_FOUND));
+        };
+        match caller {
+            _ if *public => Ok(()),
+            Caller::Anonymous => Err(unauthorized()),
+            Caller::Token(t) if members.contains(t) => Ok(()),
+            Caller::Token(_) => Err(gitlab_error(StatusCode::FORBIDDEN)),
+        }
+    }
+
+    fn versions_of(&self, ns: &str, name: &str, sys: &str) -> Option<(u64, Vec<String>)> {
+        let r = self.registry.lock().unwrap();
+        let (project, versions) = r.modules.get(&(ns.into(), name.into(), sys.into()))?;
+        Some((*project, versions.keys().cloned().collect()))
+    }
+
+    fn project_url(&self, project: u64) -> String {
+        format!("{}/group/project-{project}", self.base_url)
+    }
+}
+
+fn metadata(
+    inner: &Inner,
+    ns: &str,
+    name: &str,
+    sys: &str,
+    version: &str,
+    all: &[String],
+) -> Value {
+    let project = inner.versions_of(ns, name, sys).map_or(0, |v| v.0);
+    json!({
+        "name": format!("{name}/{sys}"),
+        "provider": sys,
+        "providers": [sys],
+        "root": { "dependencies": [] },
+        "source": inner.project_url(project),
+        "submodules": [],
+        "version": version,
+        "versions": all,
+    })
+}
+
+type ModPath = Path<(String, String, String)>;
+type VerPath = Path<(String, String, String, String)>;
+
+async fn versions(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, sys)): ModPath,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match bearer(&headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Err(r) = inner.authorize(&caller, &ns) {
+        return r;
+    }
+    let Some((project, versions)) = inner.versions_of(&ns, &name, &sys) else {
+        // GitLab's quirk: an unknown module is a 200 with no versions and no source.
+        return Json(json!({ "modules": [{ "versions": [] }] })).into_response();
+    };
+    let list: Vec<Value> = versions
+        .iter()
+        .map(|v| {
+            json!({
+                "version": v,
+                "submodules": [],
+                "root": { "dependencies": [], "providers": [{ "name": sys, "version": "" }] }
+            })
+        })
+        .collect();
+    Json(json!({ "modules": [{ "versions": list, "source": inner.project_url(project) }] }))
+        .into_response()
+}
+
+/// GitLab orders versions as strings: "1.9.0" is later than "1.10.0".
+fn latest_by_string(versions: &[String]) -> Option<String> {
+    versions.iter().max().cloned()
+}
+
+async fn latest(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, sys)): ModPath,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match bearer(&headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Err(r) = inner.authorize(&caller, &ns) {
+        return r;
+    }
+    let versions = inner
+        .versions_of(&ns, &name, &sys)
+        .map(|v| v.1)
+        .unwrap_or_default();
+    match latest_by_string(&versions) {
+        Some(v) => Json(metadata(&inner, &ns, &name, &sys, &v, &versions)).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "message": { "error": format!("No version found for {name} module") } })),
+        )
+            .into_response(),
+    }
+}
+
+async fn version(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, sys, ver)): VerPath,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match bearer(&headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Err(r) = inner.authorize(&caller, &ns) {
+        return r;
+    }
+    let versions = inner
+        .versions_of(&ns, &name, &sys)
+        .map(|v| v.1)
+        .unwrap_or_default();
+    if !versions.contains(&ver) {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    }
+    Json(metadata(&inner, &ns, &name, &sys, &ver, &versions)).into_response()
+}
+
+async fn latest_download(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, sys)): ModPath,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match bearer(&headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Err(r) = inner.authorize(&caller, &ns) {
+        return r;
+    }
+    let versions = inner
+        .versions_of(&ns, &name, &sys)
+        .map(|v| v.1)
+        .unwrap_or_default();
+    match latest_by_string(&versions) {
+        Some(v) => {
+            let loc = format!("{V1}/{ns}/{name}/{sys}/{v}/download");
+            (StatusCode::FOUND, [(header::LOCATION, loc)]).into_response()
+        }
+        None => gitlab_error(StatusCode::NOT_FOUND),
+    }
+}
+
+async fn download(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, sys, ver)): VerPath,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match bearer(&headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    if let Err(r) = inner.authorize(&caller, &ns) {
+        return r;
+    }
+    let versions = inner
+        .versions_of(&ns, &name, &sys)
+        .map(|v| v.1)
+        .unwrap_or_default();
+    if !versions.contains(&ver) {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    }
+    let token = match caller {
+        Caller::Token(t) => jwt_sign(&inner, &t),
+        Caller::Anonymous => String::new(),
+    };
+    let get = format!("{V1}/{ns}/{name}/{sys}/{ver}/file?token={token}&archive=tgz");
+    (StatusCode::NO_CONTENT, [("x-terraform-get", get)]).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct FileQuery {
+    token: Option<String>,
+}
+
+async fn file(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, sys, ver)): VerPath,
+    Query(q): Query<FileQuery>,
+) -> Response {
+    // `/file` ignores headers: the JWT in the query is the only credential.
+    let caller = match q.token.as_deref() {
+        None | Some("") => Caller::Anonymous,
+        Some(jwt) => match jwt_verify(&inner, jwt) {
+            Some(t) => Caller::Token(t),
+            None => return gitlab_error(StatusCode::UNAUTHORIZED),
+        },
+    };
+    if let Err(r) = inner.authorize(&caller, &ns) {
+        // A JWT-authenticated caller without access gets 404 here in GitLab; anonymous 401.
+        return match caller {
+            Caller::Anonymous => r,
+            Caller::Token(_) => gitlab_error(StatusCode::NOT_FOUND),
+        };
+    }
+    serve_tarball(&inner, &ns, &name, &sys, &ver)
+}
+
+fn serve_tarball(inner: &Inner, ns: &str, name: &str, sys: &str, ver: &str) -> Response {
+    let bytes = {
+        let r = inner.registry.lock().unwrap();
+        r.modules
+            .get(&(ns.into(), name.into(), sys.into()))
+            .and_then(|m| m.1.get(ver).cloned())
+    };
+    let Some(bytes) = bytes else {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    };
+    if *inner.object_storage.lock().unwrap() {
+        let key = format!("{:x}", Sha256::digest(&bytes));
+        let sig = hmac_hex(&inner.secret, key.as_bytes());
+        inner
+            .registry
+            .lock()
+            .unwrap()
+            .objects
+            .insert(key.clone(), bytes);
+        let loc = format!(
+            "{}/bucket/{key}?X-Amz-Expires=300&X-Amz-Signature={sig}",
+            inner.objects_url
+        );
+        return (StatusCode::FOUND, [(header::LOCATION, loc)]).into_response();
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct SignedQuery {
+    #[serde(rename = "X-Amz-Signature")]
+    sig: Option<String>,
+}
+
+/// Object storage: a presigned GET. HEAD is refused (the signature covers the method).
+async fn object_get(
+    State(inner): State<Arc<Inner>>,
+    method: Method,
+    Path(key): Path<String>,
+    Query(q): Query<SignedQuery>,
+) -> Response {
+    inner.hits.lock().unwrap().push(Hit {
+        method: method.clone(),
+        path: format!("/bucket/{key}"),
+        query: None,
+        headers: HeaderMap::new(),
+    });
+    if method == Method::HEAD || q.sig.as_deref() != Some(&hmac_hex(&inner.secret, key.as_bytes()))
+    {
+        return (
+            StatusCode::FORBIDDEN,
+            "<Error><Code>SignatureDoesNotMatch</Code></Error>",
+        )
+            .into_response();
+    }
+    let bytes = inner.registry.lock().unwrap().objects.get(&key).cloned();
+    match bytes {
+        Some(b) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-tar")],
+            b,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Project routes
+
+/// Project routes use Basic auth: username (anything), password = token.
+fn basic(headers: &HeaderMap) -> Caller {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.split_once(':').map(|(_, p)| p.to_string()));
+    match token {
+        Some(t) => Caller::Token(t),
+        None => Caller::Anonymous,
+    }
+}
+
+fn find_project(inner: &Inner, id: &str, name: &str, sys: &str) -> Option<(String, Vec<String>)> {
+    let r = inner.registry.lock().unwrap();
+    r.modules.iter().find_map(|((g, n, s), (p, versions))| {
+        (p.to_string() == id && n == name && s == sys)
+            .then(|| (g.clone(), versions.keys().cloned().collect()))
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct ProjectQuery {
+    #[serde(rename = "terraform-get")]
+    terraform_get: Option<String>,
+}
+
+async fn project_latest(
+    State(inner): State<Arc<Inner>>,
+    Path((id, name, sys)): ModPath,
+    q: Query<ProjectQuery>,
+    headers: HeaderMap,
+) -> Response {
+    project_serve(inner, id, name, sys, None, q.0, headers)
+}
+
+async fn project_get(
+    State(inner): State<Arc<Inner>>,
+    Path((id, name, sys, ver)): VerPath,
+    q: Query<ProjectQuery>,
+    headers: HeaderMap,
+) -> Response {
+    project_serve(inner, id, name, sys, Some(ver), q.0, headers)
+}
+
+fn project_serve(
+    inner: Arc<Inner>,
+    id: String,
+    name: String,
+    sys: String,
+    ver: Option<String>,
+    q: ProjectQuery,
+    headers: HeaderMap,
+) -> Response {
+    let caller = basic(&headers);
+    let Some((group, versions)) = find_project(&inner, &id, &name, &sys) else {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    };
+    match inner.authorize(&caller, &group) {
+        Ok(()) => {}
+        Err(r) if r.status() == StatusCode::UNAUTHORIZED && matches!(caller, Caller::Token(_)) => {
+            return r
+        }
+        // A private project is invisible: 404, never 403.
+        Err(_) => return gitlab_error(StatusCode::NOT_FOUND),
+    }
+    let Some(ver) = ver.or_else(|| latest_by_string(&versions)) else {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    };
+    if !versions.contains(&ver) {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    }
+    if q.terraform_get.as_deref() == Some("1") {
+        let get = format!(
+            "{}/api/v4/projects/{id}/packages/terraform/modules/{name}/{sys}/{ver}?archive=tgz",
+            inner.base_url
+        );
+        return (StatusCode::NO_CONTENT, [("x-terraform-get", get)]).into_response();
+    }
+    serve_tarball(&inner, &group, &name, &sys, &ver)
+}
+
+async fn project_upload(
+    State(inner): State<Arc<Inner>>,
+    Path((id, name, sys, ver)): VerPath,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let token = ["private-token", "job-token", "deploy-token"]
+        .iter()
+        .find_map(|h| {
+            headers
+                .get(*h)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
+    let Some(token) = token else {
+        return unauthorized();
+    };
+    let group = {
+        let r = inner.registry.lock().unwrap();
+        if !r.tokens.contains_key(&token) {
+            return unauthorized();
+        }
+        let found = r
+            .modules
+            .iter()
+            .find_map(|((g, _, _), (p, _))| (p.to_string() == id).then(|| g.clone()));
+        match found {
+            Some(g) => g,
+            None => return gitlab_error(StatusCode::NOT_FOUND),
+        }
+    };
+    if inner.authorize(&Caller::Token(token), &group).is_err() {
+        return gitlab_error(StatusCode::FORBIDDEN);
+    }
+    let mut r = inner.registry.lock().unwrap();
+    let project: u64 = id.parse().unwrap_or(0);
+    let entry = r
+        .modules
+        .entry((group, name, sys))
+        .or_insert_with(|| (project, BTreeMap::new()));
+    if entry.1.contains_key(&ver) {
+        return gitlab_error(StatusCode::FORBIDDEN);
+    }
+    entry.1.insert(ver, body);
+    (
+        StatusCode::CREATED,
+        Json(json!({ "message": "201 Created" })),
+    )
+        .into_response()
+}
+
+/// A plain GitLab API route for pass-through tests: needs a token, in any of GitLab's forms.
+async fn api_version(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    let token = headers
+        .get("private-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| match bearer(&headers) {
+            Ok(Caller::Token(t)) => Some(t),
+            _ => None,
+        });
+    let known = token.is_some_and(|t| inner.registry.lock().unwrap().tokens.contains_key(&t));
+    if !known {
+        return unauthorized();
+    }
+    Json(json!({ "version": "17.5.0", "revision": "fake" })).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWT (HS256), as GitLab's TerraformRegistryToken: wraps the caller's token, expires.
+
+fn hmac_hex(secret: &[u8], data: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).unwrap();
+    mac.update(data);
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn jwt_sign(inner: &Inner, token: &str) -> String {
+    let ttl = inner.jwt_ttl.lock().unwrap().as_secs();
+    let header = B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let claims =
+        B64.encode(json!({ "token": token, "iat": now(), "exp": now() + ttl }).to_string());
+    let signing_input = format!("{header}.{claims}");
+    let mut mac = Hmac::<Sha256>::new_from_slice(&inner.secret).unwrap();
+    mac.update(signing_input.as_bytes());
+    let sig = B64.encode(mac.finalize().into_bytes());
+    format!("{signing_input}.{sig}")
+}
+
+/// The wrapped token, if the JWT is authentic and unexpired.
+fn jwt_verify(inner: &Inner, jwt: &str) -> Option<String> {
+    let (signing_input, sig) = jwt.rsplit_once('.')?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(&inner.secret).unwrap();
+    mac.update(signing_input.as_bytes());
+    mac.verify_slice(&B64.decode(sig).ok()?).ok()?;
+    let claims: Value =
+        serde_json::from_slice(&B64.decode(signing_input.split_once('.')?.1).ok()?).ok()?;
+    if claims["exp"].as_u64()? < now() {
+        return None;
+    }
+    claims["token"].as_str().map(str::to_string)
+}

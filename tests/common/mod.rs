@@ -1,0 +1,105 @@
+//! Shared test fixtures: the fake GitLab, a real tfmirror process, and the real Terraform CLI.
+
+#![allow(dead_code)]
+
+pub mod fake_gitlab;
+pub mod terraform;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound then released; the race is harmless on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A tfmirror binary running as its own process, as users run it.
+pub struct Mirror {
+    child: Child,
+    pub addr: SocketAddr,
+    pub cache_dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Mirror {
+    pub async fn start(upstream: &str) -> Mirror {
+        Self::start_with(upstream, &[]).await
+    }
+
+    pub async fn start_with(upstream: &str, extra: &[&str]) -> Mirror {
+        let cache_dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = cache_dir.path().join("stderr.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tfmirror"));
+        cmd.arg("serve")
+            .args(["--listen", &addr.to_string()])
+            .args(["--upstream", upstream])
+            .args(["--cache-dir", cache_dir.path().to_str().unwrap()])
+            .args(["--log-level", "debug"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TFMIRROR_") {
+                cmd.env_remove(k);
+            }
+        }
+        let child = cmd.spawn().expect("spawn tfmirror");
+        let mirror = Mirror {
+            child,
+            addr,
+            cache_dir,
+            log,
+        };
+        mirror.wait_healthy().await;
+        mirror
+    }
+
+    async fn wait_healthy(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let client = client();
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/-/health", self.url())).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("tfmirror did not become healthy; log:\n{}", self.logs());
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client that shows redirects instead of following them.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+pub const V1: &str = "/api/v4/packages/terraform/modules/v1";
