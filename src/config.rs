@@ -289,6 +289,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
     fn environment_sits_between_file_and_flags() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("c.yaml", "listen: 127.0.0.1:7000\nlog_level: warn\n")?;

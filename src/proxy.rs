@@ -303,6 +303,9 @@ impl ProxyHttp for Proxy {
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
             );
         let code = if session.response_written().is_none() && !client_gone {
+            // The connection is not reused after an error: say so, or the client's next
+            // request on it would meet a reset.
+            session.set_keepalive(None);
             let _ = respond::error(session, status).await;
             status.as_u16()
         } else {

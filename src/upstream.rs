@@ -84,7 +84,8 @@ impl Upstream {
             .connect_timeout(config.timeouts.connect)
             .read_timeout(config.timeouts.transfer)
             .pool_idle_timeout(config.timeouts.idle)
-            .redirect(reqwest::redirect::Policy::limited(5))
+            // `fetch` follows redirects by hand: it decides what each hop receives.
+            .redirect(reqwest::redirect::Policy::none())
             // Only explicit configuration decides where tfmirror connects.
             .no_proxy();
         for der in &extra_cas {
@@ -176,13 +177,16 @@ fn pingora_ca_list(extra: &[CertificateDer<'static>]) -> std::result::Result<Arc
     Ok(Arc::from(list.into_boxed_slice()))
 }
 
+/// The last DNS answer and when it was obtained.
+type DnsAnswer = Mutex<Option<(Arc<[SocketAddr]>, Instant)>>;
+
 /// Caches the upstream's addresses; refreshes them in the background once stale, so only the
 /// very first request (or one after a long failure) ever waits on DNS.
 struct Resolver {
     host: String,
     port: u16,
     literal: Option<SocketAddr>,
-    state: Arc<Mutex<Option<(Arc<[SocketAddr]>, Instant)>>>,
+    state: Arc<DnsAnswer>,
     refreshing: Arc<AtomicBool>,
     next: AtomicUsize,
 }
@@ -241,11 +245,7 @@ impl Resolver {
     }
 }
 
-async fn resolve_into(
-    host: &str,
-    port: u16,
-    state: &Mutex<Option<(Arc<[SocketAddr]>, Instant)>>,
-) -> Result<Arc<[SocketAddr]>> {
+async fn resolve_into(host: &str, port: u16, state: &DnsAnswer) -> Result<Arc<[SocketAddr]>> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
         .await
         .or_err(ErrorType::ConnectNoRoute, "resolving the upstream host")?
@@ -261,6 +261,7 @@ async fn resolve_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::upstreams::peer::Peer;
 
     fn upstream(url: &str) -> Upstream {
         let config = Config {

@@ -18,6 +18,8 @@
 //! fetches and check what tfmirror forwarded.
 
 #![allow(dead_code)]
+// Handlers return early with ready-made responses, as axum handlers do.
+#![allow(clippy::result_large_err)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -67,6 +69,9 @@ pub struct Hit {
     pub headers: HeaderMap,
 }
 
+/// (group, name, system) -> (project id, version -> tarball)
+type Modules = BTreeMap<(String, String, String), (u64, BTreeMap<String, Bytes>)>;
+
 #[derive(Default)]
 struct Registry {
     /// token -> user name
@@ -74,7 +79,7 @@ struct Registry {
     /// group -> (public, members' tokens)
     groups: HashMap<String, (bool, HashSet<String>)>,
     /// (group, name, system) -> project id and version -> tarball
-    modules: BTreeMap<(String, String, String), (u64, BTreeMap<String, Bytes>)>,
+    modules: Modules,
     /// presigned key -> bytes, for the object storage listener
     objects: HashMap<String, Bytes>,
 }
@@ -86,6 +91,8 @@ pub struct Inner {
     object_storage: Mutex<bool>,
     jwt_ttl: Mutex<Duration>,
     secret: Vec<u8>,
+    /// Relative URL root ("" or "/gitlab"); part of every URL the fake hands out.
+    prefix: String,
     base_url: String,
     objects_url: String,
 }
@@ -99,6 +106,11 @@ pub struct FakeGitlab {
 
 impl FakeGitlab {
     pub async fn start() -> FakeGitlab {
+        Self::start_with_prefix("").await
+    }
+
+    /// A GitLab served under a relative URL root such as `/gitlab`.
+    pub async fn start_with_prefix(prefix: &str) -> FakeGitlab {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let objects = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -111,10 +123,15 @@ impl FakeGitlab {
             object_storage: Mutex::new(false),
             jwt_ttl: Mutex::new(Duration::from_secs(300)),
             secret: b"fake-gitlab-jwt-secret".to_vec(),
-            base_url: format!("http://{addr}"),
+            prefix: prefix.to_string(),
+            base_url: format!("http://{addr}{prefix}"),
             objects_url: format!("http://{objects_addr}"),
         });
-        let app = gitlab_router(inner.clone());
+        let app = if prefix.is_empty() {
+            gitlab_router(inner.clone())
+        } else {
+            Router::new().nest(prefix, gitlab_router(inner.clone()))
+        };
         tokio::spawn(accept_loop(listener, app, inner.clone(), true));
         let storage = Router::new()
             .route("/bucket/{key}", get(object_get))
@@ -127,6 +144,7 @@ impl FakeGitlab {
         }
     }
 
+    /// Base URL, including the relative URL root if any.
     pub fn url(&self) -> String {
         self.inner.base_url.clone()
     }
@@ -369,6 +387,8 @@ fn gitlab_router(inner: Arc<Inner>) -> Router {
         .route(&format!("{pp}/{{ver}}/file"), put(project_upload))
         .route("/api/v4/version", get(api_version))
         .fallback(not_found)
+        // Uploads of any size, as Workhorse accepts them.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(
             inner.clone(),
             record_and_fault,
@@ -377,9 +397,14 @@ fn gitlab_router(inner: Arc<Inner>) -> Router {
 }
 
 async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: Next) -> Response {
+    // Under a relative URL root, record the path as sent (nesting strips the prefix).
+    let path = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map_or_else(|| req.uri().path().to_string(), |u| u.path().to_string());
     inner.hits.lock().unwrap().push(Hit {
         method: req.method().clone(),
-        path: req.uri().path().to_string(),
+        path,
         query: req.uri().query().map(str::to_string),
         headers: req.headers().clone(),
     });
@@ -407,10 +432,14 @@ async fn truncate(resp: Response) -> Response {
     parts
         .headers
         .insert(header::CONTENT_LENGTH, bytes.len().into());
-    let stream = futures::stream::iter(vec![
-        Ok::<Bytes, std::io::Error>(half),
-        Err(std::io::Error::other("truncated by fault injection")),
-    ]);
+    use futures::StreamExt;
+    // The pause lets the head and the first half go out before the connection is cut.
+    let stream = futures::stream::once(async move { Ok::<Bytes, std::io::Error>(half) }).chain(
+        futures::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Err(std::io::Error::other("truncated by fault injection"))
+        }),
+    );
     Response::from_parts(parts, Body::from_stream(stream))
 }
 
@@ -615,7 +644,7 @@ async fn latest_download(
         .unwrap_or_default();
     match latest_by_string(&versions) {
         Some(v) => {
-            let loc = format!("{V1}/{ns}/{name}/{sys}/{v}/download");
+            let loc = format!("{}{V1}/{ns}/{name}/{sys}/{v}/download", inner.prefix);
             (StatusCode::FOUND, [(header::LOCATION, loc)]).into_response()
         }
         None => gitlab_error(StatusCode::NOT_FOUND),
@@ -645,7 +674,10 @@ async fn download(
         Caller::Token(t) => jwt_sign(&inner, &t),
         Caller::Anonymous => String::new(),
     };
-    let get = format!("{V1}/{ns}/{name}/{sys}/{ver}/file?token={token}&archive=tgz");
+    let get = format!(
+        "{}{V1}/{ns}/{name}/{sys}/{ver}/file?token={token}&archive=tgz",
+        inner.prefix
+    );
     (StatusCode::NO_CONTENT, [("x-terraform-get", get)]).into_response()
 }
 

@@ -102,4 +102,27 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Send raw bytes and read the whole answer: for requests an HTTP client library would
+/// normalize (dot segments) or refuse to send. Returns the status code and the raw response.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// A raw `GET path` that closes the connection after the answer.
+pub async fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    raw(addr, req.as_bytes()).await
+}
+
 pub const V1: &str = "/api/v4/packages/terraform/modules/v1";
