@@ -36,6 +36,8 @@ pub struct Config {
     /// Worker threads of the proxy service (pingora defaults to one).
     pub threads: usize,
     pub timeouts: Timeouts,
+    pub cache: CacheConfig,
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -49,6 +51,8 @@ impl Default for Config {
             log_level: LogLevel::Info,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             timeouts: Timeouts::default(),
+            cache: CacheConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -101,6 +105,63 @@ impl Default for Timeouts {
             read: Duration::from_secs(30),
             transfer: Duration::from_secs(600),
             idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The two cache tiers and how long listings stay usable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Memory tier bound ("256MiB").
+    pub memory_size: bytesize::ByteSize,
+    /// Disk tier bound; least recently used blobs are evicted past it.
+    pub disk_size: bytesize::ByteSize,
+    /// How long a listing or metadata body is fresh.
+    #[serde(with = "humantime_serde")]
+    pub listing_ttl: Duration,
+    /// How long past `listing_ttl` a body may still be served while it is refreshed in the
+    /// background.
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// How long past freshness cached answers may be served when the upstream fails.
+    #[serde(with = "humantime_serde")]
+    pub stale_if_error: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            memory_size: bytesize::ByteSize::mib(256),
+            disk_size: bytesize::ByteSize::gib(10),
+            listing_ttl: Duration::from_secs(30),
+            stale_while_revalidate: Duration::from_secs(300),
+            stale_if_error: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Who may read what from the cache.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// How long an upstream success lets an identity read the cache without asking again.
+    #[serde(with = "humantime_serde")]
+    pub grant_ttl: Duration,
+    /// How long an upstream refusal (401/403/404) is replayed to the same identity.
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    /// Lifetime of tfmirror's download tokens in `X-Terraform-Get`.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            grant_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            token_ttl: Duration::from_secs(600),
         }
     }
 }
@@ -178,6 +239,9 @@ impl Config {
             ("timeouts.read", t.read),
             ("timeouts.transfer", t.transfer),
             ("timeouts.idle", t.idle),
+            ("cache.listing_ttl", self.cache.listing_ttl),
+            ("auth.grant_ttl", self.auth.grant_ttl),
+            ("auth.token_ttl", self.auth.token_ttl),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));

@@ -1,14 +1,16 @@
-//! Fetch a download from the upstream on a client's behalf and stream it back.
+//! Requests tfmirror itself sends to the upstream, outside pingora's proxy path.
 //!
-//! Used for `/file` and for project-route tarballs: GitLab may answer those with a 302 to
-//! object storage. tfmirror follows such redirects itself (by hand, so it decides what each
-//! hop receives) and streams the bytes, so clients never see a presigned URL.
+//! - [`registry`]: a small registry answer (listing, metadata, download URL), read whole.
+//! - [`open`]: a download. GitLab may answer `/file` with a 302 to object storage; tfmirror
+//!   follows such redirects itself, by hand, so it decides what each hop receives (credentials
+//!   go to the upstream's origin only) and clients never see a presigned URL.
+//! - [`relay`]: [`open`], then stream the answer to a client without caching it.
 //!
 //! Secrets travel in these URLs (GitLab's JWT, presigned signatures). Nothing here logs a URL,
 //! and `reqwest` errors are stripped of theirs before they go anywhere.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, Method, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
@@ -18,6 +20,8 @@ use crate::respond;
 use crate::upstream::Upstream;
 
 const MAX_REDIRECTS: usize = 5;
+/// Registry answers are small JSON; anything bigger is not a registry answer.
+pub const MAX_REGISTRY_BODY: usize = 8 << 20;
 
 /// Response headers worth relaying from a download; everything else (object storage's
 /// `x-amz-*`, cookies, server banners) stays behind.
@@ -30,14 +34,8 @@ const RELAYED: [HeaderName; 6] = [
     header::WWW_AUTHENTICATE,
 ];
 
-/// What the fetch produced, for the access log.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Outcome {
-    pub upstream_status: Option<u16>,
-}
-
 /// An upstream failure, as a pingora error that carries no URL.
-fn upstream_error(e: reqwest::Error) -> Box<Error> {
+pub fn upstream_error(e: reqwest::Error) -> Box<Error> {
     let etype = if e.is_timeout() {
         ErrorType::ReadTimedout
     } else if e.is_connect() {
@@ -45,92 +43,159 @@ fn upstream_error(e: reqwest::Error) -> Box<Error> {
     } else {
         ErrorType::ReadError
     };
-    Error::because(etype, "upstream download failed", e.without_url()).into_up()
+    Error::because(etype, "upstream request failed", e.without_url()).into_up()
 }
 
-/// Fetch `path_and_query` (a tfmirror path) from the upstream and stream it to `session`.
-/// `auth` is forwarded to the upstream's own origin only, never to a redirect target.
-pub async fn relay(
-    session: &mut Session,
+/// The status a client should see for a transport failure.
+pub fn failure_status(e: &Error) -> StatusCode {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => {
+            StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)
+        }
+        ErrorType::ReadTimedout | ErrorType::ConnectTimedout => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// A registry answer read whole.
+#[derive(Debug, Clone)]
+pub struct Small {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// GET a registry path with the caller's credential. Redirects are returned, not followed.
+pub async fn registry(
     upstream: &Upstream,
     path_and_query: &str,
-    auth: Option<&http::HeaderValue>,
-) -> Result<Outcome> {
-    let head = session.req_header().method == Method::HEAD;
-    let mut outcome = Outcome::default();
+    auth: Option<&HeaderValue>,
+) -> Result<Small> {
+    let mut req = upstream
+        .http
+        .get(upstream.url_for(path_and_query))
+        .timeout(upstream.registry_timeout());
+    if let Some(a) = auth {
+        req = req.header(header::AUTHORIZATION, a.clone());
+    }
+    let mut resp = req.send().await.map_err(upstream_error)?;
+    let status = resp.status();
+    let headers = std::mem::take(resp.headers_mut());
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(upstream_error)? {
+        if body.len() + chunk.len() > MAX_REGISTRY_BODY {
+            return Error::e_explain(ErrorType::HTTPStatus(502), "registry answer too large");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Small {
+        status,
+        headers,
+        body: Bytes::from(body),
+    })
+}
+
+/// Where a download ended up.
+pub enum Opened {
+    /// The final answer: a success from wherever the redirects led, or the upstream's own
+    /// refusal (401, 404...), to relay as it is.
+    Response(reqwest::Response),
+    /// A HEAD that GitLab redirected to object storage. A presigned URL is signed for GET, so
+    /// a HEAD there would be refused; the redirect itself says the download exists.
+    HeadRedirected,
+}
+
+/// Follow a download from the upstream to its bytes. `auth` goes to the upstream's origin
+/// only, never to a redirect target. Object storage's refusals become a 502: its error bodies
+/// can describe the presigned request.
+pub async fn open(
+    upstream: &Upstream,
+    path_and_query: &str,
+    auth: Option<&HeaderValue>,
+    head: bool,
+) -> Result<Opened> {
     let first = Url::parse(&upstream.url_for(path_and_query))
         .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream URL"))?;
     let origin = first.origin();
     let mut url = first;
-    let mut hops = 0;
-
-    let resp = loop {
+    for _ in 0..=MAX_REDIRECTS {
         let on_upstream = url.origin() == origin;
-        let method = if head && on_upstream {
-            Method::HEAD
-        } else if head {
-            // A presigned URL is signed for GET; a HEAD would be refused. The client only
-            // needs to learn that the download exists, which the redirect already says.
-            return write_head_ok(session, outcome).await;
-        } else {
-            Method::GET
-        };
+        if head && !on_upstream {
+            return Ok(Opened::HeadRedirected);
+        }
+        let method = if head { Method::HEAD } else { Method::GET };
         let mut req = upstream.http.request(method, url.clone());
         if let (true, Some(a)) = (on_upstream, auth) {
             req = req.header(header::AUTHORIZATION, a.clone());
         }
-        let resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) => {
-                let err = upstream_error(e);
-                let status = if err.etype() == &ErrorType::ReadTimedout {
-                    StatusCode::GATEWAY_TIMEOUT
-                } else {
-                    StatusCode::BAD_GATEWAY
-                };
-                tracing::warn!(error = %err, "upstream download failed before any byte was sent");
-                respond::error(session, status).await?;
-                return Ok(outcome);
-            }
-        };
-        if on_upstream {
-            outcome.upstream_status = Some(resp.status().as_u16());
-        }
+        let resp = req.send().await.map_err(upstream_error)?;
         if resp.status().is_redirection() {
             let next = resp
                 .headers()
                 .get(header::LOCATION)
                 .and_then(|l| l.to_str().ok())
-                .and_then(|l| url.join(l).ok());
+                .and_then(|l| url.join(l).ok())
+                .filter(|u| matches!(u.scheme(), "http" | "https"));
             match next {
-                Some(next) if hops < MAX_REDIRECTS && matches!(next.scheme(), "http" | "https") => {
-                    hops += 1;
+                Some(next) => {
                     url = next;
                     continue;
                 }
-                _ => {
-                    respond::error(session, StatusCode::BAD_GATEWAY).await?;
-                    return Ok(outcome);
+                None => {
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(502),
+                        "redirect without a usable Location",
+                    )
                 }
             }
         }
         if !on_upstream && !resp.status().is_success() {
-            // Object storage's error bodies can describe the presigned request: never relay.
             tracing::warn!(
                 status = resp.status().as_u16(),
                 "object storage refused a download"
             );
-            respond::error(session, StatusCode::BAD_GATEWAY).await?;
-            return Ok(outcome);
+            return Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                "object storage refused the download",
+            );
         }
-        break resp;
-    };
+        return Ok(Opened::Response(resp));
+    }
+    Error::e_explain(ErrorType::HTTPStatus(502), "too many redirects")
+}
 
-    let mut h = ResponseHeader::build(resp.status(), Some(RELAYED.len()))?;
+/// Fetch a download on a client's behalf and stream it back, uncached. Returns the
+/// upstream's status for the access log.
+pub async fn relay(
+    session: &mut Session,
+    upstream: &Upstream,
+    path_and_query: &str,
+    auth: Option<&HeaderValue>,
+    cache_status: &'static str,
+) -> Result<Option<u16>> {
+    let head = session.req_header().method == Method::HEAD;
+    let resp = match open(upstream, path_and_query, auth, head).await {
+        Ok(Opened::Response(r)) => r,
+        Ok(Opened::HeadRedirected) => {
+            let mut h = ResponseHeader::build(StatusCode::OK, Some(2))?;
+            h.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
+            h.insert_header(respond::CACHE_STATUS, cache_status)?;
+            session.write_response_header(Box::new(h), true).await?;
+            return Ok(Some(302));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "upstream download failed before any byte was sent");
+            respond::error(session, failure_status(&e)).await?;
+            return Ok(None);
+        }
+    };
+    let status = resp.status().as_u16();
+    let mut h = ResponseHeader::build(resp.status(), Some(RELAYED.len() + 1))?;
     copy_headers(resp.headers(), &mut h)?;
+    h.insert_header(respond::CACHE_STATUS, cache_status)?;
     session.write_response_header(Box::new(h), head).await?;
     if head {
-        return Ok(outcome);
+        return Ok(Some(status));
     }
     let mut resp = resp;
     loop {
@@ -145,7 +210,7 @@ pub async fn relay(
     session
         .write_response_body(Some(Bytes::new()), true)
         .await?;
-    Ok(outcome)
+    Ok(Some(status))
 }
 
 fn copy_headers(from: &HeaderMap, to: &mut ResponseHeader) -> Result<()> {
@@ -155,11 +220,4 @@ fn copy_headers(from: &HeaderMap, to: &mut ResponseHeader) -> Result<()> {
         }
     }
     Ok(())
-}
-
-async fn write_head_ok(session: &mut Session, outcome: Outcome) -> Result<Outcome> {
-    let mut h = ResponseHeader::build(StatusCode::OK, Some(1))?;
-    h.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
-    session.write_response_header(Box::new(h), true).await?;
-    Ok(outcome)
 }

@@ -30,11 +30,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod cache;
 pub mod config;
 pub mod fetch;
+pub mod identity;
 pub mod proxy;
+pub mod registry;
 pub mod respond;
 pub mod rewrite;
 pub mod routes;
 pub mod server;
+pub mod token;
 pub mod upstream;

@@ -25,9 +25,11 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
 use crate::fetch;
-use crate::respond;
+use crate::identity::Identity;
+use crate::registry::Registry;
+use crate::respond::{self, CacheStatus};
 use crate::rewrite::{PublicBase, Rewriter};
-use crate::routes::{self, Internal, ModuleOp, ProjectOp, Route, MODULES_V1};
+use crate::routes::{self, Internal, ProjectOp, Route, MODULES_V1};
 use crate::upstream::{Profile, Upstream};
 
 /// Headers that describe one connection, not the request: never forwarded (RFC 9110 §7.6.1).
@@ -44,6 +46,7 @@ const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
 
 pub struct Proxy {
     upstream: Arc<Upstream>,
+    registry: Arc<Registry>,
     rewriter: Rewriter,
     /// Configured public URL; when unset, each request's own `Host` is used.
     public_url: Option<PublicBase>,
@@ -57,13 +60,20 @@ pub struct RequestCtx {
     route: Option<Route>,
     public: Option<PublicBase>,
     upstream_status: Option<u16>,
+    cache: Option<CacheStatus>,
+    identity: Option<Identity>,
 }
 
 impl Proxy {
-    pub fn new(upstream: Arc<Upstream>, public_url: Option<&url::Url>) -> Self {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        registry: Arc<Registry>,
+        public_url: Option<&url::Url>,
+    ) -> Self {
         Proxy {
             rewriter: Rewriter::new(upstream.base_url()),
             upstream,
+            registry,
             public_url: public_url.map(PublicBase::from_url),
             scheme: "http",
         }
@@ -89,9 +99,9 @@ impl Proxy {
 
     /// The decision for a parsed route. `Ok(true)`: the response is written.
     async fn serve_locally(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let route = ctx.route.as_ref().expect("route parsed before");
-        let public = ctx.public.as_ref().expect("public base set before");
-        match route {
+        let route = ctx.route.clone().expect("route parsed before");
+        let public = ctx.public.clone().expect("public base set before");
+        match &route {
             Route::Discovery => {
                 let body =
                     serde_json::json!({ "modules.v1": format!("{}{MODULES_V1}", public.prefix) });
@@ -102,12 +112,15 @@ impl Proxy {
                 respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await?;
                 Ok(true)
             }
-            Route::Module(m) if matches!(m.op, ModuleOp::File(_)) => {
-                // `/file` authenticates by its `token` query only: no header is forwarded.
-                let target = with_query(&m.upstream_path(), session.req_header());
-                let out = fetch::relay(session, &self.upstream, &target, None).await;
-                self.record(ctx, out).map(|_| true)
-            }
+            Route::Module(m) => match self.registry.handle(session, m, &public).await? {
+                Some(out) => {
+                    ctx.cache = Some(out.cache);
+                    ctx.upstream_status = out.upstream_status;
+                    ctx.identity = Some(out.identity);
+                    Ok(true)
+                }
+                None => Ok(false),
+            },
             Route::Project(p)
                 if matches!(p.op, ProjectOp::Download { .. })
                     && !terraform_get(session.req_header()) =>
@@ -115,16 +128,19 @@ impl Proxy {
                 let req = session.req_header();
                 let target = path_and_query(req);
                 let auth = req.headers.get(header::AUTHORIZATION).cloned();
-                let out = fetch::relay(session, &self.upstream, &target, auth.as_ref()).await;
-                self.record(ctx, out).map(|_| true)
+                ctx.cache = Some(CacheStatus::Bypass);
+                ctx.upstream_status = fetch::relay(
+                    session,
+                    &self.upstream,
+                    &target,
+                    auth.as_ref(),
+                    CacheStatus::Bypass.as_str(),
+                )
+                .await?;
+                Ok(true)
             }
             _ => Ok(false),
         }
-    }
-
-    fn record(&self, ctx: &mut RequestCtx, out: Result<fetch::Outcome>) -> Result<()> {
-        ctx.upstream_status = out?.upstream_status;
-        Ok(())
     }
 }
 
@@ -158,6 +174,8 @@ impl ProxyHttp for Proxy {
             route: None,
             public: None,
             upstream_status: None,
+            cache: None,
+            identity: None,
         }
     }
 
@@ -258,6 +276,15 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_status = Some(resp.status.as_u16());
+        if let Some(Route::Project(p)) = &ctx.route {
+            if matches!(p.op, ProjectOp::Upload { .. }) && resp.status == StatusCode::CREATED {
+                self.registry.invalidate_uploads_of(&p.name, &p.system);
+            }
+        }
+        if matches!(ctx.route, Some(Route::Module(_) | Route::Project(_))) {
+            ctx.cache = Some(CacheStatus::Bypass);
+            resp.insert_header(respond::CACHE_STATUS, CacheStatus::Bypass.as_str())?;
+        }
         let Some(public) = &ctx.public else {
             return Ok(());
         };
@@ -345,6 +372,8 @@ impl ProxyHttp for Proxy {
             version,
             status,
             upstream_status = ctx.upstream_status,
+            cache = ctx.cache.map(CacheStatus::as_str),
+            identity = ctx.identity.map(Identity::short),
             bytes = session.body_bytes_sent(),
             duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
             error = e.map(|e| e.etype().as_str()),

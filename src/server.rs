@@ -5,8 +5,11 @@ use std::sync::Arc;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::Server;
 
+use crate::cache::Cache;
 use crate::config::Config;
+use crate::identity::Secret;
 use crate::proxy::Proxy;
+use crate::registry::Registry;
 use crate::upstream::Upstream;
 
 /// Build the server. Fails on anything that would only break later (bad CA file, unusable
@@ -19,6 +22,24 @@ pub fn build(config: &Config) -> Result<Server, String> {
         )
     })?;
     let upstream = Arc::new(Upstream::new(config)?);
+    let secret = Secret::load_or_create(&config.cache_dir)
+        .map_err(|e| format!("invalid configuration: `cache_dir`: secret key: {e}"))?;
+    let cache = Arc::new(
+        Cache::open(
+            &config.cache_dir,
+            config.cache.memory_size.as_u64(),
+            config.cache.disk_size.as_u64(),
+        )
+        .map_err(|e| format!("invalid configuration: `cache_dir`: {e}"))?,
+    );
+    // Rebuild disk usage off the request path: serving starts at once, whatever the size.
+    let blobs = cache.blobs.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = blobs.scan() {
+            tracing::warn!(error = %e, "cache scan failed");
+        }
+    });
+    let registry = Arc::new(Registry::new(upstream.clone(), cache, secret, config));
 
     let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
     let conf = ServerConf {
@@ -33,7 +54,7 @@ pub fn build(config: &Config) -> Result<Server, String> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
-    let proxy = Proxy::new(upstream, config.public_url.as_ref());
+    let proxy = Proxy::new(upstream, registry, config.public_url.as_ref());
     let mut service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "tfmirror");
     service.add_tcp(&config.listen.to_string());

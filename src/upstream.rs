@@ -127,6 +127,11 @@ impl Upstream {
         )
     }
 
+    /// Total time allowed for a registry answer tfmirror reads itself.
+    pub fn registry_timeout(&self) -> Duration {
+        self.timeouts.read
+    }
+
     pub fn base_url(&self) -> &Url {
         &self.url
     }

@@ -28,6 +28,22 @@ async fn gitlab_at(prefix: &str) -> FakeGitlab {
     gl
 }
 
+/// The `/file` URL tfmirror hands `token` for a version (as Terraform would get it).
+async fn file_url(m: &Mirror, module: &str, version: &str, token: &str) -> String {
+    let dl = client()
+        .get(format!("{}{V1}/{module}/{version}/download", m.url()))
+        .header("authorization", bearer(token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dl.status(), 204);
+    let get = dl.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .replace("&archive=tgz", "");
+    format!("{}{get}", m.url())
+}
+
 fn bearer(t: &str) -> String {
     format!("Bearer {t}")
 }
@@ -256,8 +272,7 @@ async fn object_storage_redirects_are_followed_and_hidden() {
     gl.set_object_storage(true);
     let m = Mirror::start(&gl.url()).await;
     let c = client();
-    let jwt = gl.jwt_for(ALICE);
-    let file = format!("{}{V1}/infra/vpc/aws/1.9.0/file?token={jwt}", m.url());
+    let file = file_url(&m, "infra/vpc/aws", "1.9.0", ALICE).await;
     let head = c.head(&file).send().await.unwrap();
     assert_eq!(
         head.status(),
@@ -542,9 +557,8 @@ async fn invalid_requests_never_reach_gitlab() {
 #[tokio::test]
 async fn upstream_faults_become_gitlab_shaped_errors() {
     let gl = gitlab().await;
-    let cfg = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(cfg.path(), "timeouts:\n  read: 500ms\n  transfer: 500ms\n").unwrap();
-    let m = Mirror::start_with(&gl.url(), &["--config", cfg.path().to_str().unwrap()]).await;
+    let m =
+        Mirror::start_with_config(&gl.url(), "timeouts:\n  read: 500ms\n  transfer: 500ms\n").await;
     let c = client();
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
     let get = || {
@@ -574,20 +588,23 @@ async fn upstream_faults_become_gitlab_shaped_errors() {
         "a slow upstream times out after timeouts.read"
     );
 
-    // A truncated tarball is never delivered as if complete.
+    // A truncated tarball is never delivered as if complete...
+    gl.set_fault(Fault::None);
+    let file = file_url(&m, "infra/vpc/aws", "1.9.0", ALICE).await;
     gl.set_fault(Fault::Truncate);
-    let jwt = gl.jwt_for(ALICE);
-    let r = c
-        .get(format!(
-            "{}{V1}/infra/vpc/aws/1.9.0/file?token={jwt}",
-            m.url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = c.get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     assert!(
         r.bytes().await.is_err(),
         "a short body must surface as an error"
+    );
+    // ... and is not kept: once GitLab is healthy, the next request fills again.
+    gl.set_fault(Fault::None);
+    let r = c.get(&file).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.9.0")
     );
 
     gl.set_fault(Fault::None);

@@ -6,7 +6,6 @@ pub mod fake_gitlab;
 pub mod terraform;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,8 +22,9 @@ pub fn free_port() -> u16 {
 pub struct Mirror {
     child: Child,
     pub addr: SocketAddr,
-    pub cache_dir: tempfile::TempDir,
-    log: PathBuf,
+    dir: tempfile::TempDir,
+    upstream: String,
+    extra: Vec<String>,
 }
 
 impl Mirror {
@@ -33,33 +33,46 @@ impl Mirror {
     }
 
     pub async fn start_with(upstream: &str, extra: &[&str]) -> Mirror {
-        let cache_dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = cache_dir.path().join("stderr.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tfmirror"));
-        cmd.arg("serve")
-            .args(["--listen", &addr.to_string()])
-            .args(["--upstream", upstream])
-            .args(["--cache-dir", cache_dir.path().to_str().unwrap()])
-            .args(["--log-level", "debug"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("TFMIRROR_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd.spawn().expect("spawn tfmirror");
+        let child = spawn(upstream, addr, dir.path(), &extra);
         let mirror = Mirror {
             child,
             addr,
-            cache_dir,
-            log,
+            dir,
+            upstream: upstream.to_string(),
+            extra,
         };
         mirror.wait_healthy().await;
         mirror
+    }
+
+    /// Start with `yaml` as the configuration file (flags still set listen/upstream/cache).
+    pub async fn start_with_config(upstream: &str, yaml: &str) -> Mirror {
+        let cfg = std::env::temp_dir().join(format!("tfmirror-test-{}.yaml", free_port()));
+        std::fs::write(&cfg, yaml).unwrap();
+        Self::start_with(upstream, &["--config", cfg.to_str().unwrap()]).await
+    }
+
+    /// Kill the process (SIGKILL, no goodbye) and start a new one on the same cache dir.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = spawn(&self.upstream, self.addr, self.dir.path(), &self.extra);
+        self.wait_healthy().await;
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn cache_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     async fn wait_healthy(&self) {
@@ -80,16 +93,52 @@ impl Mirror {
         format!("http://{}", self.addr)
     }
 
+    /// Everything the process wrote to stderr (the JSON log), across restarts.
     pub fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
+}
+
+fn spawn(upstream: &str, addr: SocketAddr, dir: &std::path::Path, extra: &[String]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tfmirror"));
+    cmd.arg("serve")
+        .args(["--listen", &addr.to_string()])
+        .args(["--upstream", upstream])
+        .args(["--cache-dir", dir.join("cache").to_str().unwrap()])
+        .args(["--log-level", "debug"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TFMIRROR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.spawn().expect("spawn tfmirror")
 }
 
 impl Drop for Mirror {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
+}
+
+/// Resident memory of a process, in bytes (Linux).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
 }
 
 /// An HTTP client that shows redirects instead of following them.

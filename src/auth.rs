@@ -1,0 +1,226 @@
+//! Access control with the upstream as the authority.
+//!
+//! A *grant* of (identity, module) records that GitLab answered that identity with success for
+//! that module, and what it answered: the digest of each listing body that identity received,
+//! and the versions its listing showed. While a grant is fresh (`auth.grant_ttl`), that
+//! identity's listings and downloads may be served from the cache, in exactly the form GitLab
+//! last gave *that* identity. Otherwise the request goes upstream with the caller's own
+//! credentials and GitLab decides.
+//!
+//! Grants are persisted (hashed identities only) so they survive restarts. Raw credentials
+//! live in memory only, for at most the grant lifetime, to refresh on the caller's behalf.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::cache::meta::MetaStore;
+use crate::cache::unix_now;
+use crate::identity::Identity;
+use crate::routes::ModuleId;
+
+const KIND_GRANT: &str = "grant";
+/// GitLab's download JWTs live 5 minutes; reuse them for a little less.
+const JWT_REUSE: Duration = Duration::from_secs(240);
+
+/// A listing body as one identity received it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BodyRef {
+    /// blake3 of the body, hex: the blob that holds it.
+    pub digest: String,
+    /// Unix seconds of the upstream answer.
+    pub fetched_at: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Grant {
+    /// Unix seconds of the last upstream success for this identity and module.
+    pub checked_at: u64,
+    /// Listing op ("versions", "latest", "v/<version>") -> body this identity received.
+    pub bodies: BTreeMap<String, BodyRef>,
+    /// Versions in this identity's last versions listing.
+    pub versions: Vec<String>,
+}
+
+impl Grant {
+    pub fn is_fresh(&self, ttl: Duration) -> bool {
+        unix_now().saturating_sub(self.checked_at) < ttl.as_secs().max(1)
+    }
+
+    /// May this identity download `version`? It must have seen it upstream.
+    pub fn allows_version(&self, version: &str) -> bool {
+        self.versions.iter().any(|v| v == version)
+            || self.bodies.contains_key(&format!("v/{version}"))
+    }
+}
+
+/// A refusal worth replaying for a short while (401/403/404), to protect GitLab from storms.
+#[derive(Debug, Clone)]
+pub struct Negative {
+    pub status: StatusCode,
+    pub www_authenticate: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+pub struct Auth {
+    meta: Arc<MetaStore>,
+    grants: moka::sync::Cache<String, Arc<Grant>>,
+    creds: moka::sync::Cache<Identity, HeaderValue>,
+    negative: moka::sync::Cache<(Identity, String), Negative>,
+    jwts: moka::sync::Cache<(Identity, String), String>,
+    pub grant_ttl: Duration,
+}
+
+fn grant_key(identity: Identity, module: &ModuleId) -> String {
+    format!("{}/{module}", identity.to_hex())
+}
+
+impl Auth {
+    pub fn new(meta: Arc<MetaStore>, grant_ttl: Duration, negative_ttl: Duration) -> Auth {
+        Auth {
+            meta,
+            grants: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            creds: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(grant_ttl)
+                .build(),
+            negative: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(negative_ttl.max(Duration::from_millis(1)))
+                .build(),
+            jwts: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(JWT_REUSE)
+                .build(),
+            grant_ttl,
+        }
+    }
+
+    /// The grant, from memory or disk. Expired grants are returned too: stale-if-error
+    /// decides with them.
+    pub async fn grant(&self, identity: Identity, module: &ModuleId) -> Option<Arc<Grant>> {
+        let key = grant_key(identity, module);
+        if let Some(g) = self.grants.get(&key) {
+            return Some(g);
+        }
+        let meta = self.meta.clone();
+        let k = key.clone();
+        let g: Grant = tokio::task::spawn_blocking(move || meta.get(KIND_GRANT, &k))
+            .await
+            .ok()
+            .flatten()?;
+        let g = Arc::new(g);
+        self.grants.insert(key, g.clone());
+        Some(g)
+    }
+
+    /// Record an upstream success for this identity, updating the grant with `update`.
+    pub async fn record_success(
+        &self,
+        identity: Identity,
+        credential: Option<&HeaderValue>,
+        module: &ModuleId,
+        update: impl FnOnce(&mut Grant),
+    ) {
+        if let Some(c) = credential {
+            self.creds.insert(identity, c.clone());
+        }
+        let mut g = self
+            .grant(identity, module)
+            .await
+            .map(|g| (*g).clone())
+            .unwrap_or_default();
+        g.checked_at = unix_now();
+        update(&mut g);
+        let key = grant_key(identity, module);
+        let g = Arc::new(g);
+        self.grants.insert(key.clone(), g.clone());
+        let meta = self.meta.clone();
+        let written = tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*g)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::warn!("could not persist a grant; it stays in memory");
+        }
+    }
+
+    /// The upstream refused this identity: forget what it was granted.
+    pub async fn revoke(&self, identity: Identity, module: &ModuleId) {
+        let key = grant_key(identity, module);
+        self.grants.invalidate(&key);
+        let meta = self.meta.clone();
+        let _ = tokio::task::spawn_blocking(move || meta.remove(KIND_GRANT, &key)).await;
+    }
+
+    /// The credential this identity presented, while its grant lifetime lasts.
+    pub fn credential(&self, identity: Identity) -> Option<HeaderValue> {
+        self.creds.get(&identity)
+    }
+
+    pub fn negative(&self, identity: Identity, path: &str) -> Option<Negative> {
+        self.negative.get(&(identity, path.to_string()))
+    }
+
+    pub fn remember_negative(&self, identity: Identity, path: &str, n: Negative) {
+        self.negative.insert((identity, path.to_string()), n);
+    }
+
+    /// GitLab's download JWT for (identity, module@version), kept in memory only.
+    pub fn gitlab_jwt(&self, identity: Identity, tarball: &str) -> Option<String> {
+        self.jwts.get(&(identity, tarball.to_string()))
+    }
+
+    pub fn remember_gitlab_jwt(&self, identity: Identity, tarball: &str, jwt: String) {
+        self.jwts.insert((identity, tarball.to_string()), jwt);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn module() -> ModuleId {
+        ModuleId {
+            namespace: "infra".into(),
+            name: "vpc".into(),
+            system: "aws".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn grants_persist_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let id = Identity([3; 16]);
+        let cred = HeaderValue::from_static("Bearer secret-token");
+        {
+            let auth = Auth::new(
+                meta.clone(),
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+            );
+            auth.record_success(id, Some(&cred), &module(), |g| {
+                g.versions = vec!["1.0.0".into()]
+            })
+            .await;
+            assert_eq!(auth.credential(id), Some(cred));
+        }
+        // A new instance (a restart) finds the grant on disk, but no credential.
+        let auth = Auth::new(meta, Duration::from_secs(60), Duration::from_secs(5));
+        let g = auth.grant(id, &module()).await.unwrap();
+        assert!(g.is_fresh(Duration::from_secs(60)));
+        assert!(g.allows_version("1.0.0"));
+        assert!(!g.allows_version("2.0.0"));
+        assert_eq!(auth.credential(id), None);
+        auth.revoke(id, &module()).await;
+        assert!(auth.grant(id, &module()).await.is_none());
+        // Nothing on disk names the token.
+        let dump = std::process::Command::new("grep")
+            .args(["-r", "secret-token", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(dump.stdout.is_empty());
+    }
+}

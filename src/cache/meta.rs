@@ -1,0 +1,108 @@
+//! Small JSON records on disk: the tarball index, grants, listing references.
+//!
+//! One file per record, `meta/<kind>/<2 hex>/<blake3 of key>.json`, written atomically
+//! (temp file, fsync, rename). File names are hashes, so no module path, token or identity
+//! ever appears in a file name. Records are read lazily on first use, so start-up does not
+//! depend on how many there are.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub struct MetaStore {
+    root: PathBuf,
+    tmp: PathBuf,
+    counter: AtomicU64,
+}
+
+impl MetaStore {
+    pub fn open(cache_dir: &Path) -> io::Result<MetaStore> {
+        let root = cache_dir.join("meta");
+        let tmp = cache_dir.join("tmp");
+        fs::create_dir_all(&root)?;
+        fs::create_dir_all(&tmp)?;
+        Ok(MetaStore {
+            root,
+            tmp,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, kind: &str, key: &str) -> PathBuf {
+        let h = blake3::hash(key.as_bytes()).to_hex();
+        self.root
+            .join(kind)
+            .join(&h[..2])
+            .join(format!("{}.json", h.as_str()))
+    }
+
+    /// The record, or None when absent or unreadable (a torn record cannot exist, but a
+    /// foreign or older-format file is treated as absent rather than trusted).
+    pub fn get<T: DeserializeOwned>(&self, kind: &str, key: &str) -> Option<T> {
+        let raw = fs::read(self.path(kind, key)).ok()?;
+        serde_json::from_slice(&raw).ok()
+    }
+
+    pub fn put<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> io::Result<()> {
+        let dest = self.path(kind, key);
+        let dir = dest.parent().expect("sharded path has a parent");
+        fs::create_dir_all(dir)?;
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let temp = self.tmp.join(format!("{}-m{n}.part", std::process::id()));
+        let result = (|| {
+            let mut f = File::create(&temp)?;
+            f.write_all(&serde_json::to_vec(value).map_err(io::Error::other)?)?;
+            f.sync_all()?;
+            fs::rename(&temp, &dest)?;
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+
+    pub fn remove(&self, kind: &str, key: &str) {
+        let _ = fs::remove_file(self.path(kind, key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_names_hide_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        m.put("grant", "secret-key-material", &vec![1, 2, 3])
+            .unwrap();
+        assert_eq!(
+            m.get::<Vec<i32>>("grant", "secret-key-material"),
+            Some(vec![1, 2, 3])
+        );
+        assert_eq!(m.get::<Vec<i32>>("grant", "other"), None);
+        let all: Vec<_> = walk(&dir.path().join("meta"));
+        assert_eq!(all.len(), 1);
+        assert!(!all[0].contains("secret"));
+        m.remove("grant", "secret-key-material");
+        assert_eq!(m.get::<Vec<i32>>("grant", "secret-key-material"), None);
+    }
+
+    fn walk(p: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                out.extend(walk(&e.path()));
+            } else {
+                out.push(e.path().to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,162 @@
+//! The two-tier store: memory (moka, bounded in bytes) in front of disk (blake3-addressed
+//! blobs, bounded in bytes, LRU), plus the small records that say which blob is what.
+//!
+//! - [`blobs`]: content-addressed files, atomic writes, verification, eviction.
+//! - [`meta`]: small JSON records (tarball index, grants), atomic, lazily read.
+//! - [`fill`]: coalesced upstream fills streamed to every waiter.
+//!
+//! Tarballs are immutable per (namespace, name, system, version): the index maps each to the
+//! hash of its bytes, so identical archives are stored once. Listing bodies are blobs too,
+//! stored once per digest whoever received them (see `auth` for who may see which).
+
+pub mod blobs;
+pub mod fill;
+pub mod meta;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use blobs::{BlobStore, Hash};
+use fill::Fills;
+use meta::MetaStore;
+
+pub const KIND_TARBALL: &str = "tarball";
+
+/// What the index knows about one module version's tarball.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TarballEntry {
+    /// blake3 of the bytes, hex.
+    pub hash: String,
+    pub size: u64,
+    /// Unix seconds of the upstream fetch.
+    pub fetched_at: u64,
+}
+
+impl TarballEntry {
+    pub fn hash(&self) -> Option<Hash> {
+        Hash::from_hex(&self.hash).ok()
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub struct Cache {
+    pub blobs: Arc<BlobStore>,
+    pub meta: Arc<MetaStore>,
+    pub fills: Arc<Fills>,
+    memory: moka::sync::Cache<Hash, Bytes>,
+    /// Larger blobs are streamed from disk and never held in memory whole.
+    memory_max_object: u64,
+}
+
+impl Cache {
+    pub fn open(
+        cache_dir: &std::path::Path,
+        memory_size: u64,
+        disk_size: u64,
+    ) -> io::Result<Cache> {
+        let memory = moka::sync::Cache::builder()
+            .weigher(|_k: &Hash, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+            .max_capacity(memory_size)
+            .build();
+        Ok(Cache {
+            blobs: Arc::new(BlobStore::open(cache_dir, disk_size)?),
+            meta: Arc::new(MetaStore::open(cache_dir)?),
+            fills: Arc::new(Fills::default()),
+            memory,
+            // A single object may take at most 1/16 of the memory tier (and never more than
+            // 64 MiB), so one large tarball cannot flush every hot listing.
+            memory_max_object: (memory_size / 16).min(64 << 20),
+        })
+    }
+
+    pub fn memory_max_object(&self) -> u64 {
+        self.memory_max_object
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.run_pending_tasks();
+        self.memory.weighted_size()
+    }
+
+    pub fn memory_entries(&self) -> u64 {
+        self.memory.entry_count()
+    }
+
+    pub fn remember(&self, hash: Hash, bytes: Bytes) {
+        if bytes.len() as u64 <= self.memory_max_object {
+            self.memory.insert(hash, bytes);
+        }
+    }
+
+    /// A small blob (listing body, small tarball): memory, else disk (verified), else None.
+    pub async fn get_small(&self, hash: Hash) -> io::Result<Option<Bytes>> {
+        if let Some(b) = self.memory.get(&hash) {
+            return Ok(Some(b));
+        }
+        let blobs = self.blobs.clone();
+        let read = tokio::task::spawn_blocking(move || blobs.read_verified(&hash))
+            .await
+            .map_err(io::Error::other)??;
+        if let Some(b) = &read {
+            self.remember(hash, b.clone());
+        }
+        Ok(read)
+    }
+
+    /// Store a small blob on disk and in memory.
+    pub async fn put_small(&self, bytes: Bytes) -> io::Result<Hash> {
+        let blobs = self.blobs.clone();
+        let b = bytes.clone();
+        let hash = tokio::task::spawn_blocking(move || blobs.put(&b))
+            .await
+            .map_err(io::Error::other)??;
+        self.remember(hash, bytes);
+        Ok(hash)
+    }
+
+    pub fn forget(&self, hash: &Hash) {
+        self.memory.invalidate(hash);
+    }
+
+    fn tarball_key(module: &crate::routes::ModuleId, version: &str) -> String {
+        format!("{module}@{version}")
+    }
+
+    pub async fn tarball(
+        &self,
+        module: &crate::routes::ModuleId,
+        version: &str,
+    ) -> Option<TarballEntry> {
+        let meta = self.meta.clone();
+        let key = Self::tarball_key(module, version);
+        tokio::task::spawn_blocking(move || meta.get(KIND_TARBALL, &key))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Record a committed tarball (blocking: called from the fill's commit step).
+    pub fn index_tarball_blocking(
+        meta: &MetaStore,
+        module: &crate::routes::ModuleId,
+        version: &str,
+        entry: &TarballEntry,
+    ) -> io::Result<()> {
+        meta.put(KIND_TARBALL, &Self::tarball_key(module, version), entry)
+    }
+
+    pub async fn drop_tarball(&self, module: &crate::routes::ModuleId, version: &str) {
+        let meta = self.meta.clone();
+        let key = Self::tarball_key(module, version);
+        let _ = tokio::task::spawn_blocking(move || meta.remove(KIND_TARBALL, &key)).await;
+    }
+}

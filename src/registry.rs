@@ -1,0 +1,859 @@
+//! Cache decisions for the namespace registry routes: share bytes, never access.
+//!
+//! | route | fresh grant for this identity | otherwise |
+//! |---|---|---|
+//! | versions, latest, a version | the body *this identity* last received (HIT; UPDATING past `listing_ttl`, refreshed in the background) | upstream with the caller's credential; 200 records the grant (MISS/REVALIDATED); 401/403/404 pass through unchanged |
+//! | `:version/download` | a 204 minted here, if the version was in the identity's listing | upstream; GitLab's JWT is swapped for a tfmirror token |
+//! | `:version/file` | no grant needed: a valid tfmirror token for this exact module path | the same |
+//!
+//! `/file` is served from the blob store (HIT), or filled from GitLab on the token holder's
+//! behalf with one upstream fetch however many clients wait (MISS). GitLab's JWT stays in
+//! memory; clients only ever see tfmirror tokens.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use http::{header, HeaderValue, Method, StatusCode};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType, Result};
+
+use crate::auth::{Auth, BodyRef, Negative};
+use crate::cache::blobs::Hash;
+use crate::cache::fill::{FillError, Source};
+use crate::cache::{unix_now, Cache, TarballEntry};
+use crate::config::CacheConfig;
+use crate::fetch::{self, Opened, Small};
+use crate::identity::{Identity, Secret};
+use crate::respond::{self, CacheStatus, HeaderValueLike as V};
+use crate::rewrite::PublicBase;
+use crate::routes::{ModuleId, ModuleOp, ModuleRoute, MODULES_V1};
+use crate::token::Tokens;
+use crate::upstream::Upstream;
+
+const JSON: &str = "application/json";
+const OCTETS: &str = "application/octet-stream";
+/// Chunk size for streaming large blobs from disk.
+const DISK_CHUNK: usize = 256 * 1024;
+
+type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
+
+/// What happened, for the access log and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub cache: CacheStatus,
+    pub upstream_status: Option<u16>,
+    pub identity: Identity,
+}
+
+pub struct Registry {
+    upstream: Arc<Upstream>,
+    pub cache: Arc<Cache>,
+    pub auth: Auth,
+    secret: Secret,
+    tokens: Tokens,
+    cfg: CacheConfig,
+    /// In-flight registry fetches, per (identity, path): concurrent misses share one.
+    inflight: Mutex<HashMap<String, SharedFetch>>,
+    /// Background refreshes under way (stale-while-revalidate), per (identity, path).
+    refreshing: Mutex<HashSet<String>>,
+    /// (name, system) -> unix seconds of the last upload through tfmirror.
+    uploads: moka::sync::Cache<(String, String), u64>,
+}
+
+impl Registry {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        cache: Arc<Cache>,
+        secret: Secret,
+        cfg: &crate::config::Config,
+    ) -> Registry {
+        Registry {
+            auth: Auth::new(
+                cache.meta.clone(),
+                cfg.auth.grant_ttl,
+                cfg.auth.negative_ttl,
+            ),
+            tokens: Tokens::new(*secret.token_key(), cfg.auth.token_ttl),
+            upstream,
+            cache,
+            secret,
+            cfg: cfg.cache.clone(),
+            inflight: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashSet::new()),
+            uploads: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
+        }
+    }
+
+    /// Answer a namespace route. Always writes a response, except for the latest-download
+    /// redirect, which is left to the proxy (`Ok(None)`).
+    pub async fn handle(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ModuleRoute,
+        public: &PublicBase,
+    ) -> Result<Option<Outcome>> {
+        let out = match &route.op {
+            ModuleOp::Versions => self.listing(session, route, "versions".into()).await?,
+            ModuleOp::Latest => self.listing(session, route, "latest".into()).await?,
+            ModuleOp::Version(v) => self.listing(session, route, format!("v/{v}")).await?,
+            ModuleOp::Download(v) => {
+                self.download(session, route, &v.to_string(), public)
+                    .await?
+            }
+            ModuleOp::File(v) => self.file(session, route, &v.to_string()).await?,
+            ModuleOp::LatestDownload => return Ok(None),
+        };
+        Ok(Some(out))
+    }
+
+    /// An upload through tfmirror changes that module's listings: stop serving cached ones.
+    pub fn invalidate_uploads_of(&self, name: &str, system: &str) {
+        self.uploads
+            .insert((name.to_string(), system.to_string()), unix_now());
+    }
+
+    fn invalidated(&self, module: &ModuleId, fetched_at: u64) -> bool {
+        self.uploads
+            .get(&(module.name.clone(), module.system.clone()))
+            .is_some_and(|at| at >= fetched_at)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Listings and metadata
+
+    async fn listing(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ModuleRoute,
+        op: String,
+    ) -> Result<Outcome> {
+        let cred = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .cloned();
+        let identity = self.secret.identify(cred.as_ref());
+        let path = route.upstream_path();
+        let grant = self.auth.grant(identity, &route.module).await;
+        let previous = grant.as_ref().and_then(|g| g.bodies.get(&op).cloned());
+
+        if let (Some(g), Some(body_ref)) = (&grant, &previous) {
+            if g.is_fresh(self.auth.grant_ttl)
+                && !self.invalidated(&route.module, body_ref.fetched_at)
+            {
+                if let Some(body) = self.body(body_ref).await {
+                    let age = unix_now().saturating_sub(body_ref.fetched_at);
+                    let fresh = age < self.cfg.listing_ttl.as_secs();
+                    let revalidating = !fresh
+                        && age < (self.cfg.listing_ttl + self.cfg.stale_while_revalidate).as_secs()
+                        && self.refresh_in_background(identity, route, op.clone());
+                    if fresh || revalidating {
+                        let status = if fresh {
+                            CacheStatus::Hit
+                        } else {
+                            CacheStatus::Updating
+                        };
+                        write_json(session, StatusCode::OK, status, Some(age), body).await?;
+                        return Ok(Outcome {
+                            cache: status,
+                            upstream_status: None,
+                            identity,
+                        });
+                    }
+                }
+            }
+        }
+
+        if let Some(neg) = self.auth.negative(identity, &path) {
+            write_negative(session, &neg).await?;
+            return Ok(Outcome {
+                cache: CacheStatus::Hit,
+                upstream_status: None,
+                identity,
+            });
+        }
+
+        let small = match self.fetch(identity, &path, cred.clone()).await {
+            Ok(s) => s,
+            Err(e) => return self.upstream_failed(session, &e, identity).await,
+        };
+        let status = self
+            .absorb_listing(
+                identity,
+                cred.as_ref(),
+                &route.module,
+                &path,
+                &op,
+                &small,
+                previous.as_ref(),
+            )
+            .await;
+        let ct = small
+            .headers
+            .get(header::CONTENT_TYPE)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static(JSON));
+        let mut headers = vec![
+            (header::CONTENT_TYPE, V::Value(ct)),
+            (respond::CACHE_STATUS, V::Static(status.as_str())),
+        ];
+        if let Some(w) = small.headers.get(header::WWW_AUTHENTICATE) {
+            headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
+        }
+        respond::full(session, small.status, &headers, small.body.clone()).await?;
+        Ok(Outcome {
+            cache: status,
+            upstream_status: Some(small.status.as_u16()),
+            identity,
+        })
+    }
+
+    /// Learn from an upstream listing answer: record grants on success, forget them on
+    /// refusal. Returns the cache status to report.
+    #[allow(clippy::too_many_arguments)]
+    async fn absorb_listing(
+        &self,
+        identity: Identity,
+        cred: Option<&HeaderValue>,
+        module: &ModuleId,
+        path: &str,
+        op: &str,
+        small: &Small,
+        previous: Option<&BodyRef>,
+    ) -> CacheStatus {
+        match small.status {
+            StatusCode::OK => {
+                let digest = match self.cache.put_small(small.body.clone()).await {
+                    Ok(h) => h.to_hex().to_string(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not store a listing");
+                        return CacheStatus::Miss;
+                    }
+                };
+                let unchanged = previous.is_some_and(|p| p.digest == digest);
+                let versions = (op == "versions").then(|| listed_versions(&small.body));
+                let op = op.to_string();
+                self.auth
+                    .record_success(identity, cred, module, move |g| {
+                        g.bodies.insert(
+                            op,
+                            BodyRef {
+                                digest,
+                                fetched_at: unix_now(),
+                            },
+                        );
+                        if let Some(v) = versions {
+                            g.versions = v;
+                        }
+                    })
+                    .await;
+                if unchanged {
+                    CacheStatus::Revalidated
+                } else {
+                    CacheStatus::Miss
+                }
+            }
+            s if is_refusal(s) => {
+                self.learn_refusal(identity, module, path, small).await;
+                CacheStatus::Miss
+            }
+            _ => CacheStatus::Miss,
+        }
+    }
+
+    async fn learn_refusal(
+        &self,
+        identity: Identity,
+        module: &ModuleId,
+        path: &str,
+        small: &Small,
+    ) {
+        if matches!(
+            small.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        ) {
+            self.auth.revoke(identity, module).await;
+        }
+        self.auth.remember_negative(
+            identity,
+            path,
+            Negative {
+                status: small.status,
+                www_authenticate: small.headers.get(header::WWW_AUTHENTICATE).cloned(),
+                body: small.body.clone(),
+            },
+        );
+    }
+
+    async fn body(&self, r: &BodyRef) -> Option<Bytes> {
+        let hash = Hash::from_hex(&r.digest).ok()?;
+        self.cache.get_small(hash).await.ok().flatten()
+    }
+
+    /// Refresh a listing with the caller's remembered credential. False when that is not
+    /// possible (credential gone): the caller then goes upstream itself.
+    fn refresh_in_background(
+        self: &Arc<Self>,
+        identity: Identity,
+        route: &ModuleRoute,
+        op: String,
+    ) -> bool {
+        let cred = match self.auth.credential(identity) {
+            Some(c) => Some(c),
+            None if identity.is_anonymous() => None,
+            None => return false,
+        };
+        let path = route.upstream_path();
+        let key = format!("{}{path}", identity.to_hex());
+        if !self
+            .refreshing
+            .lock()
+            .expect("refresh lock")
+            .insert(key.clone())
+        {
+            return true; // one is already running
+        }
+        let this = self.clone();
+        let module = route.module.clone();
+        tokio::spawn(async move {
+            if let Ok(small) = this.fetch(identity, &path, cred.clone()).await {
+                let previous = this
+                    .auth
+                    .grant(identity, &module)
+                    .await
+                    .and_then(|g| g.bodies.get(&op).cloned());
+                this.absorb_listing(
+                    identity,
+                    cred.as_ref(),
+                    &module,
+                    &path,
+                    &op,
+                    &small,
+                    previous.as_ref(),
+                )
+                .await;
+            }
+            this.refreshing.lock().expect("refresh lock").remove(&key);
+        });
+        true
+    }
+
+    /// GET a registry path upstream; concurrent identical requests of one identity share it.
+    async fn fetch(
+        &self,
+        identity: Identity,
+        path: &str,
+        cred: Option<HeaderValue>,
+    ) -> std::result::Result<Small, Arc<Error>> {
+        let key = format!("{}{path}", identity.to_hex());
+        let (fut, leader) = {
+            let mut inflight = self.inflight.lock().expect("inflight lock");
+            match inflight.get(&key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let upstream = self.upstream.clone();
+                    let path = path.to_string();
+                    let fut = async move {
+                        fetch::registry(&upstream, &path, cred.as_ref())
+                            .await
+                            .map_err(Arc::from)
+                    }
+                    .boxed()
+                    .shared();
+                    inflight.insert(key.clone(), fut.clone());
+                    (fut, true)
+                }
+            }
+        };
+        let result = fut.await;
+        if leader {
+            self.inflight.lock().expect("inflight lock").remove(&key);
+        }
+        result
+    }
+
+    async fn upstream_failed(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        identity: Identity,
+    ) -> Result<Outcome> {
+        tracing::warn!(error = %e, "upstream registry call failed");
+        respond::error(session, fetch::failure_status(e)).await?;
+        Ok(Outcome {
+            cache: CacheStatus::Miss,
+            upstream_status: None,
+            identity,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Download URLs
+
+    fn x_terraform_get(
+        &self,
+        public: &PublicBase,
+        module: &ModuleId,
+        version: &str,
+        identity: Identity,
+    ) -> String {
+        let token = self.tokens.mint(module, version, identity);
+        format!(
+            "{}{MODULES_V1}{}/{}/{}/{version}/file?token={token}&archive=tgz",
+            public.prefix, module.namespace, module.name, module.system
+        )
+    }
+
+    async fn download(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ModuleRoute,
+        version: &str,
+        public: &PublicBase,
+    ) -> Result<Outcome> {
+        let cred = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .cloned();
+        let identity = self.secret.identify(cred.as_ref());
+        let grant = self.auth.grant(identity, &route.module).await;
+        if grant.is_some_and(|g| g.is_fresh(self.auth.grant_ttl) && g.allows_version(version)) {
+            let get = self.x_terraform_get(public, &route.module, version, identity);
+            write_download(session, CacheStatus::Hit, get).await?;
+            return Ok(Outcome {
+                cache: CacheStatus::Hit,
+                upstream_status: None,
+                identity,
+            });
+        }
+        let path = route.upstream_path();
+        if let Some(neg) = self.auth.negative(identity, &path) {
+            write_negative(session, &neg).await?;
+            return Ok(Outcome {
+                cache: CacheStatus::Hit,
+                upstream_status: None,
+                identity,
+            });
+        }
+        let small = match self.fetch(identity, &path, cred.clone()).await {
+            Ok(s) => s,
+            Err(e) => return self.upstream_failed(session, &e, identity).await,
+        };
+        let upstream_status = Some(small.status.as_u16());
+        let jwt = small
+            .headers
+            .get("x-terraform-get")
+            .and_then(|v| v.to_str().ok())
+            .and_then(gitlab_token);
+        match (small.status.is_success(), jwt) {
+            (true, Some(jwt)) => {
+                let tarball = format!("{}@{version}", route.module);
+                self.auth.remember_gitlab_jwt(identity, &tarball, jwt);
+                let v = version.to_string();
+                self.auth
+                    .record_success(identity, cred.as_ref(), &route.module, move |g| {
+                        if !g.versions.contains(&v) {
+                            g.versions.push(v);
+                        }
+                    })
+                    .await;
+                let get = self.x_terraform_get(public, &route.module, version, identity);
+                write_download(session, CacheStatus::Miss, get).await?;
+            }
+            (true, None) => {
+                // A success without a usable download URL: nothing safe to hand out.
+                respond::error(session, StatusCode::BAD_GATEWAY).await?;
+            }
+            (false, _) => {
+                if is_refusal(small.status) {
+                    self.learn_refusal(identity, &route.module, &path, &small)
+                        .await;
+                }
+                let mut headers = vec![
+                    (header::CONTENT_TYPE, V::Static(JSON)),
+                    (respond::CACHE_STATUS, V::Static("MISS")),
+                ];
+                if let Some(w) = small.headers.get(header::WWW_AUTHENTICATE) {
+                    headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
+                }
+                respond::full(session, small.status, &headers, small.body).await?;
+            }
+        }
+        Ok(Outcome {
+            cache: CacheStatus::Miss,
+            upstream_status,
+            identity,
+        })
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Tarballs
+
+    async fn file(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ModuleRoute,
+        version: &str,
+    ) -> Result<Outcome> {
+        let token = session.req_header().uri.query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
+        let identity = match self.tokens.verify(token.as_deref(), &route.module, version) {
+            Ok(id) => id,
+            Err(why) => {
+                tracing::info!(reason = ?why, "download token refused");
+                respond::error(session, StatusCode::UNAUTHORIZED).await?;
+                return Ok(Outcome {
+                    cache: CacheStatus::Hit,
+                    upstream_status: None,
+                    identity: Identity::ANONYMOUS,
+                });
+            }
+        };
+        let head = session.req_header().method == Method::HEAD;
+        let hit = |cache| Outcome {
+            cache,
+            upstream_status: None,
+            identity,
+        };
+
+        if let Some(entry) = self.cache.tarball(&route.module, version).await {
+            if let Some(hash) = entry.hash() {
+                if self
+                    .serve_blob(session, route, version, hash, entry.size, head)
+                    .await?
+                {
+                    return Ok(hit(CacheStatus::Hit));
+                }
+            }
+            // The blob was evicted or corrupt: forget the entry and fill again.
+            self.cache.drop_tarball(&route.module, version).await;
+        }
+        if head {
+            // Terraform sends HEAD before GET; the GET does the fill.
+            respond::full(
+                session,
+                StatusCode::OK,
+                &[
+                    (header::CONTENT_TYPE, V::Static(OCTETS)),
+                    (respond::CACHE_STATUS, V::Static("MISS")),
+                ],
+                Bytes::new(),
+            )
+            .await?;
+            return Ok(hit(CacheStatus::Miss));
+        }
+        self.fill_and_stream(session, route, version, identity)
+            .await
+    }
+
+    async fn fill_and_stream(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ModuleRoute,
+        version: &str,
+        identity: Identity,
+    ) -> Result<Outcome> {
+        let key = format!("{}@{version}", route.module);
+        let this = self.clone();
+        let (module, v) = (route.module.clone(), version.to_string());
+        let meta = self.cache.meta.clone();
+        let (module2, v2) = (module.clone(), v.clone());
+        let (fill, _leader) = self
+            .cache
+            .fills
+            .join_or_start(
+                &key,
+                self.cache.blobs.clone(),
+                move || async move { this.open_tarball(identity, &module, &v).await }.boxed(),
+                move |hash, size| {
+                    let entry = TarballEntry {
+                        hash: hash.to_hex().to_string(),
+                        size,
+                        fetched_at: unix_now(),
+                    };
+                    if let Err(e) = Cache::index_tarball_blocking(&meta, &module2, &v2, &entry) {
+                        tracing::error!(error = %e, "could not index a tarball");
+                    }
+                },
+            )
+            .map_err(|e| Error::because(ErrorType::InternalError, "starting a fill", e))?;
+
+        let len = match fill.started().await {
+            Ok(len) => len,
+            Err(e) => {
+                let status = match e {
+                    FillError::Refused(s) => s,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                respond::error(session, status).await?;
+                return Ok(Outcome {
+                    cache: CacheStatus::Miss,
+                    upstream_status: None,
+                    identity,
+                });
+            }
+        };
+        let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
+        h.insert_header(header::CONTENT_TYPE, OCTETS)?;
+        h.insert_header(respond::CACHE_STATUS, "MISS")?;
+        if let Some(len) = len {
+            h.insert_header(header::CONTENT_LENGTH, len)?;
+        }
+        session.write_response_header(Box::new(h), false).await?;
+        let mut reader = fill.reader();
+        loop {
+            match reader.next().await {
+                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
+                Ok(None) => break,
+                Err(_) => {
+                    return Error::e_explain(ErrorType::ReadError, "tarball fill failed")
+                        .map_err(|e| e.into_up())
+                }
+            }
+        }
+        session
+            .write_response_body(Some(Bytes::new()), true)
+            .await?;
+        Ok(Outcome {
+            cache: CacheStatus::Miss,
+            upstream_status: Some(200),
+            identity,
+        })
+    }
+
+    /// Open the upstream tarball on behalf of `identity`: GitLab's JWT (remembered from its
+    /// download answer, or asked for again with the remembered credential), then `/file`.
+    async fn open_tarball(
+        &self,
+        identity: Identity,
+        module: &ModuleId,
+        version: &str,
+    ) -> std::result::Result<Source, FillError> {
+        let tarball = format!("{module}@{version}");
+        let base = format!(
+            "{MODULES_V1}{}/{}/{}/{version}",
+            module.namespace, module.name, module.system
+        );
+        let jwt = match self.auth.gitlab_jwt(identity, &tarball) {
+            Some(j) => j,
+            None => {
+                let cred = match (identity.is_anonymous(), self.auth.credential(identity)) {
+                    (true, _) => None,
+                    (false, Some(c)) => Some(c),
+                    // The credential is no longer in memory (restart, or grant lifetime over).
+                    (false, None) => return Err(FillError::Refused(StatusCode::UNAUTHORIZED)),
+                };
+                let small =
+                    fetch::registry(&self.upstream, &format!("{base}/download"), cred.as_ref())
+                        .await
+                        .map_err(|_| FillError::Upstream("download URL request failed"))?;
+                if !small.status.is_success() {
+                    return Err(FillError::Refused(small.status));
+                }
+                small
+                    .headers
+                    .get("x-terraform-get")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(gitlab_token)
+                    .ok_or(FillError::Upstream("no download URL"))?
+            }
+        };
+        let path = format!("{base}/file?token={jwt}");
+        match fetch::open(&self.upstream, &path, None, false).await {
+            Ok(Opened::Response(r)) if r.status().is_success() => Ok(Source {
+                len: r.content_length(),
+                body: r.bytes_stream().map_err(|_| "upstream body failed").boxed(),
+            }),
+            Ok(Opened::Response(r)) => Err(FillError::Refused(r.status())),
+            Ok(Opened::HeadRedirected) => Err(FillError::Upstream("unexpected redirect")),
+            Err(e) => {
+                tracing::warn!(error = %e, "tarball fill could not reach the upstream");
+                Err(FillError::Upstream("upstream unreachable"))
+            }
+        }
+    }
+
+    /// Serve a cached blob, verified. False when it is gone or corrupt (nothing was written).
+    /// Small blobs are verified whole before the first byte; large ones are streamed with the
+    /// last chunk held back until the hash checks out, so a corrupt blob never reaches a
+    /// client complete (the connection is cut instead).
+    async fn serve_blob(
+        &self,
+        session: &mut Session,
+        route: &ModuleRoute,
+        version: &str,
+        hash: Hash,
+        size: u64,
+        head: bool,
+    ) -> Result<bool> {
+        if size <= self.cache.memory_max_object() {
+            let Some(bytes) = self.cache.get_small(hash).await.ok().flatten() else {
+                return Ok(false);
+            };
+            let headers = [
+                (header::CONTENT_TYPE, V::Static(OCTETS)),
+                (respond::CACHE_STATUS, V::Static("HIT")),
+            ];
+            respond::full(session, StatusCode::OK, &headers, bytes).await?;
+            return Ok(true);
+        }
+        let blobs = self.cache.blobs.clone();
+        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
+            .await
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
+        let Some((file, len)) = opened else {
+            return Ok(false);
+        };
+        let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
+        h.insert_header(header::CONTENT_TYPE, OCTETS)?;
+        h.insert_header(header::CONTENT_LENGTH, len)?;
+        h.insert_header(respond::CACHE_STATUS, "HIT")?;
+        session.write_response_header(Box::new(h), head).await?;
+        if head {
+            return Ok(true);
+        }
+        let file = Arc::new(file);
+        let mut hasher = blake3::Hasher::new();
+        let mut pending: Option<Bytes> = None;
+        let mut offset = 0u64;
+        loop {
+            let f = file.clone();
+            let chunk = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; DISK_CHUNK];
+                let n = f.read_at(&mut buf, offset)?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?;
+            if chunk.is_empty() {
+                break;
+            }
+            offset += chunk.len() as u64;
+            hasher.update(&chunk);
+            if let Some(p) = pending.replace(Bytes::from(chunk)) {
+                session.write_response_body(Some(p), false).await?;
+            }
+        }
+        if hasher.finalize() != hash || offset != len {
+            tracing::error!(module = %route.module, version, "corrupt tarball on disk: deleted, will refetch");
+            self.cache.blobs.remove(&hash);
+            self.cache.forget(&hash);
+            self.cache.drop_tarball(&route.module, version).await;
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "cached tarball failed verification",
+            );
+        }
+        session.write_response_body(pending, true).await?;
+        Ok(true)
+    }
+}
+
+fn is_refusal(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+    )
+}
+
+/// The versions a listing body shows: `modules[0].versions[].version`, as Terraform reads it.
+fn listed_versions(body: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["modules"][0]["versions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["version"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The raw `token` parameter of GitLab's `X-Terraform-Get` (kept encoded, as sent).
+fn gitlab_token(x_terraform_get: &str) -> Option<String> {
+    let query = x_terraform_get.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix("token="))
+        .map(str::to_string)
+}
+
+async fn write_json(
+    session: &mut Session,
+    status: StatusCode,
+    cache: CacheStatus,
+    age: Option<u64>,
+    body: Bytes,
+) -> Result<()> {
+    let mut headers = vec![
+        (header::CONTENT_TYPE, V::Static(JSON)),
+        (respond::CACHE_STATUS, V::Static(cache.as_str())),
+    ];
+    if let Some(age) = age {
+        headers.push((header::AGE, V::Owned(age.to_string())));
+    }
+    respond::full(session, status, &headers, body).await
+}
+
+async fn write_negative(session: &mut Session, neg: &Negative) -> Result<()> {
+    let mut headers = vec![
+        (header::CONTENT_TYPE, V::Static(JSON)),
+        (respond::CACHE_STATUS, V::Static("HIT")),
+    ];
+    if let Some(w) = &neg.www_authenticate {
+        headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
+    }
+    respond::full(session, neg.status, &headers, neg.body.clone()).await
+}
+
+async fn write_download(session: &mut Session, cache: CacheStatus, get: String) -> Result<()> {
+    let headers = [
+        (
+            http::HeaderName::from_static("x-terraform-get"),
+            V::Owned(get),
+        ),
+        (respond::CACHE_STATUS, V::Static(cache.as_str())),
+    ];
+    respond::full(session, StatusCode::NO_CONTENT, &headers, Bytes::new()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlab_token_is_extracted_raw() {
+        let v =
+            "/api/v4/packages/terraform/modules/v1/g/n/s/1.0.0/file?token=eyJ.a-b_c.d&archive=tgz";
+        assert_eq!(gitlab_token(v).as_deref(), Some("eyJ.a-b_c.d"));
+        assert_eq!(
+            gitlab_token("/x/file?archive=tgz&token="),
+            Some(String::new())
+        );
+        assert_eq!(gitlab_token("/x/file"), None);
+    }
+
+    #[test]
+    fn versions_are_read_as_terraform_reads_them() {
+        let body = br#"{"modules":[{"versions":[{"version":"1.0.0"},{"version":"1.10.0"}],"source":"x"}]}"#;
+        assert_eq!(listed_versions(body), vec!["1.0.0", "1.10.0"]);
+        assert!(listed_versions(b"{}").is_empty());
+        assert!(listed_versions(b"not json").is_empty());
+    }
+}
