@@ -69,7 +69,8 @@ pub struct Negative {
 pub struct Auth {
     meta: Arc<MetaStore>,
     grants: moka::sync::Cache<String, Arc<Grant>>,
-    creds: moka::sync::Cache<Identity, HeaderValue>,
+    /// Credential and the instant its grant expires: never kept past that.
+    creds: moka::sync::Cache<Identity, (HeaderValue, std::time::Instant)>,
     negative: moka::sync::Cache<(Identity, String), Negative>,
     jwts: moka::sync::Cache<(Identity, String), String>,
     pub grant_ttl: Duration,
@@ -127,7 +128,7 @@ impl Auth {
         update: impl FnOnce(&mut Grant),
     ) {
         if let Some(c) = credential {
-            self.creds.insert(identity, c.clone());
+            self.remember_credential(identity, c, self.grant_ttl);
         }
         let mut g = self
             .grant(identity, module)
@@ -156,7 +157,31 @@ impl Auth {
 
     /// The credential this identity presented, while its grant lifetime lasts.
     pub fn credential(&self, identity: Identity) -> Option<HeaderValue> {
-        self.creds.get(&identity)
+        self.creds
+            .get(&identity)
+            .filter(|(_, until)| std::time::Instant::now() < *until)
+            .map(|(c, _)| c)
+    }
+
+    /// Keep the credential of a request served under a fresh grant, until that grant expires,
+    /// so a refill (say, after a restart emptied memory) can ask GitLab on the caller's behalf.
+    pub fn remember_for_grant(
+        &self,
+        identity: Identity,
+        credential: Option<&HeaderValue>,
+        grant: &Grant,
+    ) {
+        if let Some(c) = credential {
+            let age = Duration::from_secs(unix_now().saturating_sub(grant.checked_at));
+            if let Some(left) = self.grant_ttl.checked_sub(age) {
+                self.remember_credential(identity, c, left);
+            }
+        }
+    }
+
+    fn remember_credential(&self, identity: Identity, credential: &HeaderValue, for_: Duration) {
+        let until = std::time::Instant::now() + for_;
+        self.creds.insert(identity, (credential.clone(), until));
     }
 
     pub fn negative(&self, identity: Identity, path: &str) -> Option<Negative> {
@@ -205,7 +230,7 @@ mod tests {
                 g.versions = vec!["1.0.0".into()]
             })
             .await;
-            assert_eq!(auth.credential(id), Some(cred));
+            assert_eq!(auth.credential(id), Some(cred.clone()));
         }
         // A new instance (a restart) finds the grant on disk, but no credential.
         let auth = Auth::new(meta, Duration::from_secs(60), Duration::from_secs(5));

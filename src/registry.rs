@@ -156,6 +156,7 @@ impl Registry {
                         && age < (self.cfg.listing_ttl + self.cfg.stale_while_revalidate).as_secs()
                         && self.refresh_in_background(identity, route, op.clone());
                     if fresh || revalidating {
+                        self.auth.remember_for_grant(identity, cred.as_ref(), g);
                         let status = if fresh {
                             CacheStatus::Hit
                         } else {
@@ -426,7 +427,10 @@ impl Registry {
             .cloned();
         let identity = self.secret.identify(cred.as_ref());
         let grant = self.auth.grant(identity, &route.module).await;
-        if grant.is_some_and(|g| g.is_fresh(self.auth.grant_ttl) && g.allows_version(version)) {
+        if let Some(g) =
+            grant.filter(|g| g.is_fresh(self.auth.grant_ttl) && g.allows_version(version))
+        {
+            self.auth.remember_for_grant(identity, cred.as_ref(), &g);
             let get = self.x_terraform_get(public, &route.module, version, identity);
             write_download(session, CacheStatus::Hit, get).await?;
             return Ok(Outcome {

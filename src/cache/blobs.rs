@@ -246,8 +246,8 @@ impl BlobStore {
         {
             let mut u = self.usage.lock().expect("usage lock");
             for (hash, size, used) in found {
-                if !u.entries.contains_key(&hash) {
-                    u.entries.insert(hash, (size, used));
+                if let std::collections::hash_map::Entry::Vacant(e) = u.entries.entry(hash) {
+                    e.insert((size, used));
                     u.total += size;
                 }
             }

@@ -1,0 +1,397 @@
+//! The cache: what a warm tfmirror saves GitLab, and that it never shares access.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_gitlab::{FakeGitlab, Fault};
+use common::terraform::{Module, Workspace};
+use common::{client, rss_bytes, Mirror, V1};
+use futures::StreamExt;
+
+const ALICE: &str = "glpat-alice-0000000000";
+const BOB: &str = "glpat-bob-000000000000";
+const EVE: &str = "glpat-eve-000000000000";
+const MALLORY: &str = "glpat-mallory-00000000";
+
+async fn gitlab() -> FakeGitlab {
+    let gl = FakeGitlab::start().await;
+    for (t, u) in [
+        (ALICE, "alice"),
+        (BOB, "bob"),
+        (EVE, "eve"),
+        (MALLORY, "mallory"),
+    ] {
+        gl.add_token(t, u);
+    }
+    gl.add_group("infra", false, &[ALICE, BOB, EVE]);
+    gl.add_group("opensource", true, &[]);
+    gl.add_module("infra", 1, "vpc", "aws", &["1.0.0", "1.1.0"]);
+    gl.add_module("infra", 2, "dns", "aws", &["2.0.0"]);
+    gl.add_module("infra", 3, "iam", "aws", &["0.3.0"]);
+    gl.add_module("opensource", 4, "labels", "null", &["0.1.0"]);
+    gl
+}
+
+fn three_modules() -> Vec<Module> {
+    vec![
+        Module::new("vpc", "infra/vpc/aws", "~> 1.0"),
+        Module::new("dns", "infra/dns/aws", "2.0.0"),
+        Module::new("iam", "infra/iam/aws", ">= 0.1"),
+    ]
+}
+
+fn bearer(t: &str) -> String {
+    format!("Bearer {t}")
+}
+
+async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
+    let mut r = client().get(url);
+    if let Some(t) = token {
+        r = r.header("authorization", bearer(t));
+    }
+    r.send().await.unwrap()
+}
+
+/// The `/file` URL tfmirror hands `token` for a version.
+async fn file_url(m: &Mirror, module: &str, version: &str, token: &str) -> String {
+    let dl = get(
+        &format!("{}{V1}/{module}/{version}/download", m.url()),
+        Some(token),
+    )
+    .await;
+    assert_eq!(dl.status(), 204);
+    let get = dl.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .replace("&archive=tgz", "");
+    format!("{}{get}", m.url())
+}
+
+/// Wait until a download is committed to the cache (its fill may still be fsyncing after
+/// the last byte went out).
+async fn wait_cached(file: &str) {
+    for _ in 0..200 {
+        let r = client().head(file).send().await.unwrap();
+        if r.headers()
+            .get("x-cache-status")
+            .is_some_and(|v| v == "HIT")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{file} never became a cache hit");
+}
+
+/// GET a download to the end, then wait for its fill to commit.
+async fn warm(file: &str) {
+    let r = client().get(file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    wait_cached(file).await;
+}
+
+#[tokio::test]
+async fn warm_inits_cost_gitlab_next_to_nothing() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+
+    let cold = Workspace::new(&m.url(), &three_modules())
+        .init(Some(ALICE))
+        .await;
+    assert!(cold.ok(), "{}\n{}", cold.output(), m.logs());
+    assert_eq!(gl.count("/file"), 3);
+    let after_cold = gl.hits().len();
+
+    // Same identity, fresh working directory, grants still fresh: GitLab is not asked at all.
+    let warm = Workspace::new(&m.url(), &three_modules())
+        .init(Some(ALICE))
+        .await;
+    assert!(warm.ok(), "{}", warm.output());
+    let same_identity = gl.hits().len() - after_cold;
+    assert_eq!(
+        same_identity,
+        0,
+        "fresh grants need no upstream call: {:?}",
+        &gl.hits()[after_cold..]
+    );
+
+    // Another authorized identity: one listing per module to authorize, no tarball.
+    let other = Workspace::new(&m.url(), &three_modules())
+        .init(Some(BOB))
+        .await;
+    assert!(other.ok(), "{}", other.output());
+    let new_identity = gl.hits().len() - after_cold;
+    assert!(
+        new_identity <= 3,
+        "a new identity costs at most one call per module, got {new_identity}"
+    );
+    assert_eq!(gl.count("/file"), 3, "no tarball was fetched again");
+    println!(
+        "FIGURES upstream requests for a warm init of 3 modules: same identity {same_identity}, new identity {new_identity}; wall time cold {:?}, warm {:?}",
+        cold.elapsed, warm.elapsed
+    );
+    assert_eq!(warm.version_of("vpc"), Some("1.1.0"));
+    assert_eq!(other.version_of("iam"), Some("0.3.0"));
+}
+
+#[tokio::test]
+async fn leak_matrix_on_a_warm_cache() {
+    let gl = gitlab().await;
+    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 1s\n  token_ttl: 2s\n").await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    let download = format!("{}{V1}/infra/vpc/aws/1.0.0/download", m.url());
+
+    // Warm everything with authorized callers.
+    assert_eq!(get(&versions, Some(ALICE)).await.status(), 200);
+    assert_eq!(get(&versions, Some(EVE)).await.status(), 200);
+    let file = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    let hit = get(&file, None).await;
+    assert_eq!(hit.headers()["x-cache-status"], "HIT");
+
+    // Callers GitLab refuses are refused exactly as GitLab refuses them.
+    let anon = get(&versions, None).await;
+    assert_eq!(anon.status(), 401);
+    assert!(anon.headers().contains_key("www-authenticate"));
+    assert_eq!(get(&download, None).await.status(), 401);
+    assert_eq!(
+        get(&versions, Some("glpat-wrong-token")).await.status(),
+        401
+    );
+    assert_eq!(get(&versions, Some(MALLORY)).await.status(), 403);
+    assert_eq!(get(&download, Some(MALLORY)).await.status(), 403);
+
+    // tfmirror tokens: none, tampered, for another module, expired.
+    let no_token = file.split('?').next().unwrap().to_string();
+    assert_eq!(get(&no_token, None).await.status(), 401);
+    let mut tampered = file.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == '0' { '1' } else { '0' });
+    assert_eq!(get(&tampered, None).await.status(), 401);
+    let other_module = file.replace("/infra/vpc/aws/", "/infra/dns/aws/");
+    assert_eq!(get(&other_module, None).await.status(), 401);
+    let other_version = file.replace("/1.0.0/file", "/1.1.0/file");
+    assert_eq!(get(&other_version, None).await.status(), 401);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let expired = get(&file, None).await;
+    assert_eq!(expired.status(), 401);
+    assert_eq!(
+        expired.text().await.unwrap(),
+        r#"{"message":"401 Unauthorized"}"#
+    );
+
+    // A token that lost access upstream, once its grant has expired.
+    gl.revoke("infra", EVE);
+    assert_eq!(get(&versions, Some(EVE)).await.status(), 403);
+    assert_eq!(get(&download, Some(EVE)).await.status(), 403);
+    // Alice still has access: only Eve lost it.
+    assert_eq!(get(&versions, Some(ALICE)).await.status(), 200);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_cold_requests_make_one_upstream_fetch() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.1.0", 2 << 20);
+    let m = Mirror::start(&gl.url()).await;
+    let file = file_url(&m, "infra/vpc/aws", "1.1.0", ALICE).await;
+    gl.set_fault(Fault::Latency(Duration::from_millis(300)));
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let f = file.clone();
+            tokio::spawn(async move {
+                let r = client().get(&f).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap()
+            })
+        })
+        .collect();
+    let expected = gl.tarball("infra", "vpc", "aws", "1.1.0");
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), expected);
+    }
+    assert_eq!(
+        gl.count("/file"),
+        1,
+        "one upstream fetch for 50 concurrent misses"
+    );
+}
+
+#[tokio::test]
+async fn large_tarball_streams_with_flat_memory() {
+    let gl = gitlab().await;
+    let size = 64 << 20;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.1.0", size);
+    let expected = blake3::hash(&gl.tarball("infra", "vpc", "aws", "1.1.0"));
+    let m = Mirror::start_with_config(&gl.url(), "cache:\n  memory_size: 4MiB\n").await;
+    let file = file_url(&m, "infra/vpc/aws", "1.1.0", ALICE).await;
+    let before = rss_bytes(m.pid());
+    for round in ["MISS", "HIT"] {
+        if round == "HIT" {
+            wait_cached(&file).await;
+        }
+        let r = client().get(&file).send().await.unwrap();
+        assert_eq!(r.headers()["x-cache-status"], round, "{}", m.logs());
+        let mut hasher = blake3::Hasher::new();
+        let mut stream = r.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            hasher.update(&chunk.unwrap());
+        }
+        assert_eq!(hasher.finalize(), expected, "{round}");
+    }
+    let growth = rss_bytes(m.pid()).saturating_sub(before);
+    assert!(
+        growth < (size as u64) / 2,
+        "a {size}-byte tarball through a 4 MiB memory tier grew RSS by {growth} bytes"
+    );
+}
+
+#[tokio::test]
+async fn restart_keeps_the_disk_tier_and_grants() {
+    let gl = gitlab().await;
+    let mut m = Mirror::start(&gl.url()).await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    assert_eq!(get(&versions, Some(ALICE)).await.status(), 200);
+    let file = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    let upstream_calls = gl.hits().len();
+
+    m.restart().await; // SIGKILL, then a new process on the same cache dir
+
+    let r = get(&file, None).await;
+    assert_eq!(r.status(), 200, "{}", m.logs());
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+    let r = get(&versions, Some(ALICE)).await;
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(gl.hits().len(), upstream_calls, "nothing was fetched again");
+}
+
+#[tokio::test]
+async fn cache_status_tells_what_happened() {
+    let gl = gitlab().await;
+    let m = Mirror::start_with_config(
+        &gl.url(),
+        "cache:\n  listing_ttl: 1s\nauth:\n  grant_ttl: 5s\n",
+    )
+    .await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    let status =
+        |r: &reqwest::Response| r.headers()["x-cache-status"].to_str().unwrap().to_string();
+    assert_eq!(status(&get(&versions, Some(ALICE)).await), "MISS");
+    assert_eq!(status(&get(&versions, Some(ALICE)).await), "HIT");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Past listing_ttl: served at once, refreshed in the background.
+    let r = get(&versions, Some(ALICE)).await;
+    assert_eq!(status(&r), "UPDATING");
+    assert!(r.headers().contains_key("age"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        gl.count("/versions"),
+        2,
+        "the background refresh went upstream"
+    );
+    assert_eq!(status(&get(&versions, Some(ALICE)).await), "HIT");
+
+    // Past the grant lifetime: GitLab is asked again, and the body had not changed.
+    tokio::time::sleep(Duration::from_millis(5100)).await;
+    assert_eq!(status(&get(&versions, Some(ALICE)).await), "REVALIDATED");
+
+    // Refusals pass through with a cache status too.
+    assert_eq!(status(&get(&versions, Some(MALLORY)).await), "MISS");
+}
+
+#[tokio::test]
+async fn uploads_invalidate_listings_at_once() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    let count = |v: serde_json::Value| v["modules"][0]["versions"].as_array().unwrap().len();
+    assert_eq!(
+        count(get(&versions, Some(ALICE)).await.json().await.unwrap()),
+        2
+    );
+    let r = get(&versions, Some(ALICE)).await;
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+
+    let put = client()
+        .put(format!(
+            "{}/api/v4/projects/1/packages/terraform/modules/vpc/aws/2.0.0/file",
+            m.url()
+        ))
+        .header("private-token", ALICE)
+        .body(common::fake_gitlab::module_tarball(
+            "infra/vpc/aws",
+            "2.0.0",
+            0,
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 201);
+
+    let r = get(&versions, Some(ALICE)).await;
+    assert_ne!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(
+        count(r.json().await.unwrap()),
+        3,
+        "the new version shows at once"
+    );
+}
+
+#[tokio::test]
+async fn corrupt_blobs_are_never_served() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "dns", "aws", "2.0.0", 8 << 20);
+    let mut m = Mirror::start_with_config(&gl.url(), "cache:\n  memory_size: 4MiB\n").await;
+    let small = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
+    let large = file_url(&m, "infra/dns/aws", "2.0.0", ALICE).await;
+    warm(&small).await;
+    warm(&large).await;
+
+    // Flip bytes in every blob on disk, then restart so memory is cold.
+    m.kill();
+    corrupt_all(&m.cache_dir().join("cache/blobs"));
+    m.restart().await;
+
+    // As Terraform would, ask for the download URLs again (grants are fresh: answered
+    // locally), then fetch.
+    let small = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
+    let large = file_url(&m, "infra/dns/aws", "2.0.0", ALICE).await;
+    // Small blobs are verified before the first byte: refetched, served correct.
+    let r = get(&small, None).await;
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+    // Large blobs are streamed with the tail held back: the client never gets the whole
+    // corrupt body, and the next request refetches.
+    let r = get(&large, None).await;
+    assert!(
+        r.bytes().await.is_err(),
+        "a corrupt large blob must not arrive complete"
+    );
+    let r = get(&large, None).await;
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "dns", "aws", "2.0.0")
+    );
+}
+
+fn corrupt_all(dir: &std::path::Path) {
+    for shard in std::fs::read_dir(dir).unwrap() {
+        for blob in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let path = blob.unwrap().path();
+            let mut bytes = std::fs::read(&path).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0xff;
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+}
