@@ -4,35 +4,20 @@
 //! - [`open`]: a download. GitLab may answer `/file` with a 302 to object storage; tfmirror
 //!   follows such redirects itself, by hand, so it decides what each hop receives (credentials
 //!   go to the upstream's origin only) and clients never see a presigned URL.
-//! - [`relay`]: [`open`], then stream the answer to a client without caching it.
 //!
 //! Secrets travel in these URLs (GitLab's JWT, presigned signatures). Nothing here logs a URL,
 //! and `reqwest` errors are stripped of theirs before they go anywhere.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use pingora::{Error, ErrorType, Result};
 use url::Url;
 
-use crate::respond;
 use crate::upstream::Upstream;
 
 const MAX_REDIRECTS: usize = 5;
 /// Registry answers are small JSON; anything bigger is not a registry answer.
 pub const MAX_REGISTRY_BODY: usize = 8 << 20;
-
-/// Response headers worth relaying from a download; everything else (object storage's
-/// `x-amz-*`, cookies, server banners) stays behind.
-const RELAYED: [HeaderName; 6] = [
-    header::CONTENT_TYPE,
-    header::CONTENT_LENGTH,
-    header::CONTENT_DISPOSITION,
-    header::ETAG,
-    header::LAST_MODIFIED,
-    header::WWW_AUTHENTICATE,
-];
 
 /// An upstream failure, as a pingora error that carries no URL.
 pub fn upstream_error(e: reqwest::Error) -> Box<Error> {
@@ -162,62 +147,4 @@ pub async fn open(
         return Ok(Opened::Response(resp));
     }
     Error::e_explain(ErrorType::HTTPStatus(502), "too many redirects")
-}
-
-/// Fetch a download on a client's behalf and stream it back, uncached. Returns the
-/// upstream's status for the access log.
-pub async fn relay(
-    session: &mut Session,
-    upstream: &Upstream,
-    path_and_query: &str,
-    auth: Option<&HeaderValue>,
-    cache_status: &'static str,
-) -> Result<Option<u16>> {
-    let head = session.req_header().method == Method::HEAD;
-    let resp = match open(upstream, path_and_query, auth, head).await {
-        Ok(Opened::Response(r)) => r,
-        Ok(Opened::HeadRedirected) => {
-            let mut h = ResponseHeader::build(StatusCode::OK, Some(2))?;
-            h.insert_header(header::CONTENT_TYPE, "application/octet-stream")?;
-            h.insert_header(respond::CACHE_STATUS, cache_status)?;
-            session.write_response_header(Box::new(h), true).await?;
-            return Ok(Some(302));
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "upstream download failed before any byte was sent");
-            respond::error(session, failure_status(&e)).await?;
-            return Ok(None);
-        }
-    };
-    let status = resp.status().as_u16();
-    let mut h = ResponseHeader::build(resp.status(), Some(RELAYED.len() + 1))?;
-    copy_headers(resp.headers(), &mut h)?;
-    h.insert_header(respond::CACHE_STATUS, cache_status)?;
-    session.write_response_header(Box::new(h), head).await?;
-    if head {
-        return Ok(Some(status));
-    }
-    let mut resp = resp;
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
-            Ok(None) => break,
-            // Headers are gone already: failing the request drops the connection, so the
-            // client sees a short body instead of a complete-looking wrong one.
-            Err(e) => return Err(upstream_error(e)),
-        }
-    }
-    session
-        .write_response_body(Some(Bytes::new()), true)
-        .await?;
-    Ok(Some(status))
-}
-
-fn copy_headers(from: &HeaderMap, to: &mut ResponseHeader) -> Result<()> {
-    for name in RELAYED {
-        for v in from.get_all(&name) {
-            to.append_header(name.clone(), v.clone())?;
-        }
-    }
-    Ok(())
 }

@@ -24,7 +24,6 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
-use crate::fetch;
 use crate::identity::Identity;
 use crate::registry::Registry;
 use crate::respond::{self, CacheStatus};
@@ -125,18 +124,10 @@ impl Proxy {
                 if matches!(p.op, ProjectOp::Download { .. })
                     && !terraform_get(session.req_header()) =>
             {
-                let req = session.req_header();
-                let target = path_and_query(req);
-                let auth = req.headers.get(header::AUTHORIZATION).cloned();
-                ctx.cache = Some(CacheStatus::Bypass);
-                ctx.upstream_status = fetch::relay(
-                    session,
-                    &self.upstream,
-                    &target,
-                    auth.as_ref(),
-                    CacheStatus::Bypass.as_str(),
-                )
-                .await?;
+                let out = self.registry.project_download(session, p).await?;
+                ctx.cache = Some(out.cache);
+                ctx.upstream_status = out.upstream_status;
+                ctx.identity = Some(out.identity);
                 Ok(true)
             }
             _ => Ok(false),

@@ -25,13 +25,13 @@ use pingora::{Error, ErrorType, Result};
 use crate::auth::{Auth, BodyRef, Negative};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{FillError, Source};
-use crate::cache::{unix_now, Cache, TarballEntry};
+use crate::cache::{project_tarball_key, tarball_key, unix_now, Cache, TarballEntry};
 use crate::config::CacheConfig;
 use crate::fetch::{self, Opened, Small};
 use crate::identity::{Identity, Secret};
 use crate::respond::{self, CacheStatus, HeaderValueLike as V};
 use crate::rewrite::PublicBase;
-use crate::routes::{ModuleId, ModuleOp, ModuleRoute, MODULES_V1};
+use crate::routes::{ModuleId, ModuleOp, ModuleRoute, ProjectOp, ProjectRoute, MODULES_V1};
 use crate::token::Tokens;
 use crate::upstream::Upstream;
 
@@ -525,73 +525,64 @@ impl Registry {
                 });
             }
         };
+        let key = tarball_key(&route.module, version);
+        let this = self.clone();
+        let (module, v) = (route.module.clone(), version.to_string());
+        let open = move || async move { this.open_tarball(identity, &module, &v).await }.boxed();
+        self.serve_tarball(session, &key, identity, open).await
+    }
+
+    /// Serve a tarball from the cache, or fill it with `open` (one fill per key). HEAD never
+    /// starts a fill: Terraform sends HEAD before GET, and the GET does the work.
+    async fn serve_tarball(
+        &self,
+        session: &mut Session,
+        key: &str,
+        identity: Identity,
+        open: impl FnOnce() -> crate::cache::fill::Opener,
+    ) -> Result<Outcome> {
         let head = session.req_header().method == Method::HEAD;
-        let hit = |cache| Outcome {
+        let outcome = |cache, upstream_status| Outcome {
             cache,
-            upstream_status: None,
+            upstream_status,
             identity,
         };
-
-        if let Some(entry) = self.cache.tarball(&route.module, version).await {
+        if let Some(entry) = self.cache.tarball(key).await {
             if let Some(hash) = entry.hash() {
                 if self
-                    .serve_blob(session, route, version, hash, entry.size, head)
+                    .serve_blob(session, key, hash, entry.size, head)
                     .await?
                 {
-                    return Ok(hit(CacheStatus::Hit));
+                    return Ok(outcome(CacheStatus::Hit, None));
                 }
             }
             // The blob was evicted or corrupt: forget the entry and fill again.
-            self.cache.drop_tarball(&route.module, version).await;
+            self.cache.drop_tarball(key).await;
         }
         if head {
-            // Terraform sends HEAD before GET; the GET does the fill.
-            respond::full(
-                session,
-                StatusCode::OK,
-                &[
-                    (header::CONTENT_TYPE, V::Static(OCTETS)),
-                    (respond::CACHE_STATUS, V::Static("MISS")),
-                ],
-                Bytes::new(),
-            )
-            .await?;
-            return Ok(hit(CacheStatus::Miss));
+            let headers = [
+                (header::CONTENT_TYPE, V::Static(OCTETS)),
+                (respond::CACHE_STATUS, V::Static("MISS")),
+            ];
+            respond::full(session, StatusCode::OK, &headers, Bytes::new()).await?;
+            return Ok(outcome(CacheStatus::Miss, None));
         }
-        self.fill_and_stream(session, route, version, identity)
-            .await
-    }
 
-    async fn fill_and_stream(
-        self: &Arc<Self>,
-        session: &mut Session,
-        route: &ModuleRoute,
-        version: &str,
-        identity: Identity,
-    ) -> Result<Outcome> {
-        let key = format!("{}@{version}", route.module);
-        let this = self.clone();
-        let (module, v) = (route.module.clone(), version.to_string());
         let meta = self.cache.meta.clone();
-        let (module2, v2) = (module.clone(), v.clone());
+        let index_key = key.to_string();
         let (fill, _leader) = self
             .cache
             .fills
-            .join_or_start(
-                &key,
-                self.cache.blobs.clone(),
-                move || async move { this.open_tarball(identity, &module, &v).await }.boxed(),
-                move |hash, size| {
-                    let entry = TarballEntry {
-                        hash: hash.to_hex().to_string(),
-                        size,
-                        fetched_at: unix_now(),
-                    };
-                    if let Err(e) = Cache::index_tarball_blocking(&meta, &module2, &v2, &entry) {
-                        tracing::error!(error = %e, "could not index a tarball");
-                    }
-                },
-            )
+            .join_or_start(key, self.cache.blobs.clone(), open, move |hash, size| {
+                let entry = TarballEntry {
+                    hash: hash.to_hex().to_string(),
+                    size,
+                    fetched_at: unix_now(),
+                };
+                if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
+                    tracing::error!(error = %e, "could not index a tarball");
+                }
+            })
             .map_err(|e| Error::because(ErrorType::InternalError, "starting a fill", e))?;
 
         let len = match fill.started().await {
@@ -602,11 +593,7 @@ impl Registry {
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 respond::error(session, status).await?;
-                return Ok(Outcome {
-                    cache: CacheStatus::Miss,
-                    upstream_status: None,
-                    identity,
-                });
+                return Ok(outcome(CacheStatus::Miss, Some(status.as_u16())));
             }
         };
         let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
@@ -621,20 +608,18 @@ impl Registry {
             match reader.next().await {
                 Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
                 Ok(None) => break,
+                // Cut the connection: the client must not take a partial body for a whole one.
                 Err(_) => {
-                    return Error::e_explain(ErrorType::ReadError, "tarball fill failed")
-                        .map_err(|e| e.into_up())
+                    return Err(
+                        Error::explain(ErrorType::ReadError, "tarball fill failed").into_up()
+                    )
                 }
             }
         }
         session
             .write_response_body(Some(Bytes::new()), true)
             .await?;
-        Ok(Outcome {
-            cache: CacheStatus::Miss,
-            upstream_status: Some(200),
-            identity,
-        })
+        Ok(outcome(CacheStatus::Miss, Some(200)))
     }
 
     /// Open the upstream tarball on behalf of `identity`: GitLab's JWT (remembered from its
@@ -675,18 +660,118 @@ impl Registry {
             }
         };
         let path = format!("{base}/file?token={jwt}");
-        match fetch::open(&self.upstream, &path, None, false).await {
-            Ok(Opened::Response(r)) if r.status().is_success() => Ok(Source {
-                len: r.content_length(),
-                body: r.bytes_stream().map_err(|_| "upstream body failed").boxed(),
-            }),
-            Ok(Opened::Response(r)) => Err(FillError::Refused(r.status())),
-            Ok(Opened::HeadRedirected) => Err(FillError::Upstream("unexpected redirect")),
-            Err(e) => {
-                tracing::warn!(error = %e, "tarball fill could not reach the upstream");
-                Err(FillError::Upstream("upstream unreachable"))
+        source(fetch::open(&self.upstream, &path, None, false).await)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Project routes
+
+    /// A project-route tarball (`GET PP[/:version]`, Basic auth). GitLab stays the authority:
+    /// an identity without a fresh grant is checked with `?terraform-get=1`, a 204 that costs
+    /// GitLab no bytes; the bytes then come from the cache, shared with every other route.
+    pub async fn project_download(
+        self: &Arc<Self>,
+        session: &mut Session,
+        p: &ProjectRoute,
+    ) -> Result<Outcome> {
+        let cred = session
+            .req_header()
+            .headers
+            .get(header::AUTHORIZATION)
+            .cloned();
+        let identity = self.secret.identify(cred.as_ref());
+        let grant_of = ModuleId {
+            namespace: format!("project:{}", p.project),
+            name: p.name.clone(),
+            system: p.system.clone(),
+        };
+        // Validated parts only; the project path's slashes are re-encoded as GitLab wants.
+        let base = format!(
+            "/api/v4/projects/{}/packages/terraform/modules/{}/{}",
+            p.project.replace('/', "%2F"),
+            p.name,
+            p.system
+        );
+        let requested = match &p.op {
+            ProjectOp::Download { version } => version.as_ref().map(ToString::to_string),
+            ProjectOp::Upload { .. } => None,
+        };
+        let grant = self.auth.grant(identity, &grant_of).await;
+        let fresh = match (&grant, &requested) {
+            (Some(g), Some(v)) if g.is_fresh(self.auth.grant_ttl) && g.allows_version(v) => {
+                self.auth.remember_for_grant(identity, cred.as_ref(), g);
+                true
             }
-        }
+            _ => false,
+        };
+        let version = if fresh {
+            requested.expect("fresh implies a version")
+        } else {
+            let check = match &requested {
+                Some(v) => format!("{base}/{v}?terraform-get=1"),
+                None => format!("{base}?terraform-get=1"),
+            };
+            let small = match self.fetch(identity, &check, cred.clone()).await {
+                Ok(s) => s,
+                Err(e) => return self.upstream_failed(session, &e, identity).await,
+            };
+            // The version is the last path segment of GitLab's absolute X-Terraform-Get.
+            let granted = small
+                .headers
+                .get("x-terraform-get")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split('?').next())
+                .and_then(|v| v.rsplit('/').next())
+                .and_then(|v| semver::Version::parse(v).ok());
+            match (small.status.is_success(), granted) {
+                (true, Some(v)) => {
+                    let version = v.to_string();
+                    let recorded = version.clone();
+                    self.auth
+                        .record_success(identity, cred.as_ref(), &grant_of, move |g| {
+                            if !g.versions.contains(&recorded) {
+                                g.versions.push(recorded);
+                            }
+                        })
+                        .await;
+                    version
+                }
+                (true, None) => {
+                    respond::error(session, StatusCode::BAD_GATEWAY).await?;
+                    return Ok(Outcome {
+                        cache: CacheStatus::Miss,
+                        upstream_status: Some(small.status.as_u16()),
+                        identity,
+                    });
+                }
+                (false, _) => {
+                    if is_refusal(small.status) {
+                        self.learn_refusal(identity, &grant_of, &check, &small)
+                            .await;
+                    }
+                    let mut headers = vec![
+                        (header::CONTENT_TYPE, V::Static(JSON)),
+                        (respond::CACHE_STATUS, V::Static("MISS")),
+                    ];
+                    if let Some(w) = small.headers.get(header::WWW_AUTHENTICATE) {
+                        headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
+                    }
+                    respond::full(session, small.status, &headers, small.body.clone()).await?;
+                    return Ok(Outcome {
+                        cache: CacheStatus::Miss,
+                        upstream_status: Some(small.status.as_u16()),
+                        identity,
+                    });
+                }
+            }
+        };
+        let key = project_tarball_key(&p.project, &p.name, &p.system, &version);
+        let upstream = self.upstream.clone();
+        let path = format!("{base}/{version}");
+        let open = move || {
+            async move { source(fetch::open(&upstream, &path, cred.as_ref(), false).await) }.boxed()
+        };
+        self.serve_tarball(session, &key, identity, open).await
     }
 
     /// Serve a cached blob, verified. False when it is gone or corrupt (nothing was written).
@@ -696,8 +781,7 @@ impl Registry {
     async fn serve_blob(
         &self,
         session: &mut Session,
-        route: &ModuleRoute,
-        version: &str,
+        key: &str,
         hash: Hash,
         size: u64,
         head: bool,
@@ -755,10 +839,10 @@ impl Registry {
             }
         }
         if hasher.finalize() != hash || offset != len {
-            tracing::error!(module = %route.module, version, "corrupt tarball on disk: deleted, will refetch");
+            tracing::error!(blob = %hash.to_hex(), "corrupt tarball on disk: deleted, will refetch");
             self.cache.blobs.remove(&hash);
             self.cache.forget(&hash);
-            self.cache.drop_tarball(&route.module, version).await;
+            self.cache.drop_tarball(key).await;
             return Error::e_explain(
                 ErrorType::InternalError,
                 "cached tarball failed verification",
@@ -766,6 +850,22 @@ impl Registry {
         }
         session.write_response_body(pending, true).await?;
         Ok(true)
+    }
+}
+
+/// A download as a fill source: a success streams, a refusal is relayed, the rest is a 502.
+fn source(opened: Result<Opened>) -> std::result::Result<Source, FillError> {
+    match opened {
+        Ok(Opened::Response(r)) if r.status().is_success() => Ok(Source {
+            len: r.content_length(),
+            body: r.bytes_stream().map_err(|_| "upstream body failed").boxed(),
+        }),
+        Ok(Opened::Response(r)) => Err(FillError::Refused(r.status())),
+        Ok(Opened::HeadRedirected) => Err(FillError::Upstream("unexpected redirect")),
+        Err(e) => {
+            tracing::warn!(error = %e, "tarball fill could not reach the upstream");
+            Err(FillError::Upstream("upstream unreachable"))
+        }
     }
 }
 

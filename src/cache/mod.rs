@@ -127,17 +127,11 @@ impl Cache {
         self.memory.invalidate(hash);
     }
 
-    fn tarball_key(module: &crate::routes::ModuleId, version: &str) -> String {
-        format!("{module}@{version}")
-    }
-
-    pub async fn tarball(
-        &self,
-        module: &crate::routes::ModuleId,
-        version: &str,
-    ) -> Option<TarballEntry> {
+    /// The index entry of a tarball. Keys come from [`tarball_key`] and
+    /// [`project_tarball_key`].
+    pub async fn tarball(&self, key: &str) -> Option<TarballEntry> {
         let meta = self.meta.clone();
-        let key = Self::tarball_key(module, version);
+        let key = key.to_string();
         tokio::task::spawn_blocking(move || meta.get(KIND_TARBALL, &key))
             .await
             .ok()
@@ -147,16 +141,25 @@ impl Cache {
     /// Record a committed tarball (blocking: called from the fill's commit step).
     pub fn index_tarball_blocking(
         meta: &MetaStore,
-        module: &crate::routes::ModuleId,
-        version: &str,
+        key: &str,
         entry: &TarballEntry,
     ) -> io::Result<()> {
-        meta.put(KIND_TARBALL, &Self::tarball_key(module, version), entry)
+        meta.put(KIND_TARBALL, key, entry)
     }
 
-    pub async fn drop_tarball(&self, module: &crate::routes::ModuleId, version: &str) {
+    pub async fn drop_tarball(&self, key: &str) {
         let meta = self.meta.clone();
-        let key = Self::tarball_key(module, version);
+        let key = key.to_string();
         let _ = tokio::task::spawn_blocking(move || meta.remove(KIND_TARBALL, &key)).await;
     }
+}
+
+/// Index key of a namespace-route tarball.
+pub fn tarball_key(module: &crate::routes::ModuleId, version: &str) -> String {
+    format!("{module}@{version}")
+}
+
+/// Index key of a project-route tarball. Its bytes share blobs with the namespace route's.
+pub fn project_tarball_key(project: &str, name: &str, system: &str, version: &str) -> String {
+    format!("project:{project}/{name}/{system}@{version}")
 }
