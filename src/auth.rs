@@ -44,11 +44,16 @@ pub struct Grant {
     pub bodies: BTreeMap<String, BodyRef>,
     /// Versions in this identity's last versions listing.
     pub versions: Vec<String>,
+    /// Set when GitLab refused this identity (401/403): it then gets nothing from the cache,
+    /// online or offline, until GitLab says yes again.
+    #[serde(default)]
+    pub refused_at: Option<u64>,
 }
 
 impl Grant {
     pub fn is_fresh(&self, ttl: Duration) -> bool {
-        unix_now().saturating_sub(self.checked_at) < ttl.as_secs().max(1)
+        self.refused_at.is_none()
+            && unix_now().saturating_sub(self.checked_at) < ttl.as_secs().max(1)
     }
 
     /// May this identity download `version`? It must have seen it upstream.
@@ -136,6 +141,7 @@ impl Auth {
             .map(|g| (*g).clone())
             .unwrap_or_default();
         g.checked_at = unix_now();
+        g.refused_at = None;
         update(&mut g);
         let key = grant_key(identity, module);
         let g = Arc::new(g);
@@ -147,12 +153,18 @@ impl Auth {
         }
     }
 
-    /// The upstream refused this identity: forget what it was granted.
+    /// The upstream refused this identity: forget what it was granted, and remember the
+    /// refusal so that no stale answer is ever served to it.
     pub async fn revoke(&self, identity: Identity, module: &ModuleId) {
         let key = grant_key(identity, module);
-        self.grants.invalidate(&key);
+        self.creds.invalidate(&identity);
+        let refused = Arc::new(Grant {
+            refused_at: Some(unix_now()),
+            ..Grant::default()
+        });
+        self.grants.insert(key.clone(), refused.clone());
         let meta = self.meta.clone();
-        let _ = tokio::task::spawn_blocking(move || meta.remove(KIND_GRANT, &key)).await;
+        let _ = tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*refused)).await;
     }
 
     /// The credential this identity presented, while its grant lifetime lasts.
@@ -240,7 +252,10 @@ mod tests {
         assert!(!g.allows_version("2.0.0"));
         assert_eq!(auth.credential(id), None);
         auth.revoke(id, &module()).await;
-        assert!(auth.grant(id, &module()).await.is_none());
+        let g = auth.grant(id, &module()).await.unwrap();
+        assert!(g.refused_at.is_some());
+        assert!(!g.is_fresh(Duration::from_secs(60)));
+        assert!(g.versions.is_empty());
         // Nothing on disk names the token.
         let dump = std::process::Command::new("grep")
             .args(["-r", "secret-token", dir.path().to_str().unwrap()])

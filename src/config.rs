@@ -38,6 +38,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub cache: CacheConfig,
     pub auth: AuthConfig,
+    pub offline: OfflineConfig,
 }
 
 impl Default for Config {
@@ -53,6 +54,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             cache: CacheConfig::default(),
             auth: AuthConfig::default(),
+            offline: OfflineConfig::default(),
         }
     }
 }
@@ -166,6 +168,45 @@ impl Default for AuthConfig {
     }
 }
 
+/// Behaviour when the upstream is down, and the offline mode.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfflineConfig {
+    /// Never contact the upstream; serve only the cache, under the same access rules.
+    pub enabled: bool,
+    /// Who may read the cache, while the upstream is down, without a grant of their own.
+    pub unknown_identity: UnknownIdentity,
+    /// With a stale answer at hand, how long to wait for the upstream before serving it.
+    #[serde(with = "humantime_serde")]
+    pub soft_timeout: Duration,
+    /// Consecutive connect errors or timeouts that mark the upstream down.
+    pub breaker_threshold: u32,
+}
+
+impl Default for OfflineConfig {
+    fn default() -> Self {
+        OfflineConfig {
+            enabled: false,
+            unknown_identity: UnknownIdentity::Deny,
+            soft_timeout: Duration::from_millis(500),
+            breaker_threshold: 3,
+        }
+    }
+}
+
+/// `offline.unknown_identity`: CI job tokens are new for every job, so while GitLab is down
+/// most callers are identities tfmirror has never seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownIdentity {
+    /// Only identities GitLab authorized before (and public modules, to anyone).
+    Deny,
+    /// Any caller presenting a credential may read what authorized callers fetched.
+    Authenticated,
+    /// Anyone may read what authorized callers fetched.
+    Anyone,
+}
+
 /// Settings given as flags. Kept as strings so that the same validation, with the same key
 /// names in its messages, applies to flags, environment and file alike.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -182,6 +223,14 @@ pub struct Overrides {
     pub cache_dir: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    /// `--offline`: nested, as the file's `offline.enabled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offline: Option<OfflineOverride>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct OfflineOverride {
+    pub enabled: bool,
 }
 
 /// A configuration error, already phrased for the operator.
@@ -242,6 +291,7 @@ impl Config {
             ("cache.listing_ttl", self.cache.listing_ttl),
             ("auth.grant_ttl", self.auth.grant_ttl),
             ("auth.token_ttl", self.auth.token_ttl),
+            ("offline.soft_timeout", self.offline.soft_timeout),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));

@@ -52,6 +52,10 @@ struct ServeArgs {
     /// error, warn, info, debug or trace. [default: info] [env: TFMIRROR_LOG_LEVEL] [config: log_level]
     #[arg(long, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// Never contact the upstream: serve only the cache, under the same access rules.
+    /// [env: TFMIRROR_OFFLINE__ENABLED] [config: offline.enabled]
+    #[arg(long)]
+    offline: bool,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         public_url: args.public_url,
         cache_dir: args.cache_dir,
         log_level: args.log_level,
+        offline: args
+            .offline
+            .then_some(tfmirror::config::OfflineOverride { enabled: true }),
     };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -24,7 +24,9 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
+use crate::health::Health;
 use crate::identity::Identity;
+use crate::metrics;
 use crate::registry::Registry;
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::{PublicBase, Rewriter};
@@ -46,6 +48,7 @@ const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
 pub struct Proxy {
     upstream: Arc<Upstream>,
     registry: Arc<Registry>,
+    health: Arc<Health>,
     rewriter: Rewriter,
     /// Configured public URL; when unset, each request's own `Host` is used.
     public_url: Option<PublicBase>,
@@ -67,12 +70,14 @@ impl Proxy {
     pub fn new(
         upstream: Arc<Upstream>,
         registry: Arc<Registry>,
+        health: Arc<Health>,
         public_url: Option<&url::Url>,
     ) -> Self {
         Proxy {
             rewriter: Rewriter::new(upstream.base_url()),
             upstream,
             registry,
+            health,
             public_url: public_url.map(PublicBase::from_url),
             scheme: "http",
         }
@@ -111,6 +116,33 @@ impl Proxy {
                 respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await?;
                 Ok(true)
             }
+            Route::Internal(Internal::Readiness) => {
+                let (status, body) = match self.registry.cache.check_writable().await {
+                    Ok(()) => (
+                        StatusCode::OK,
+                        serde_json::json!({ "status": "ready", "upstream_up": self.health.is_up() }),
+                    ),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cache directory is not writable");
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            serde_json::json!({ "status": "cache directory not writable" }),
+                        )
+                    }
+                };
+                respond::json(session, status, body.to_string()).await?;
+                Ok(true)
+            }
+            Route::Internal(Internal::Metrics) => {
+                self.registry.update_gauges(&self.health);
+                let body = metrics::render();
+                let headers = [(
+                    header::CONTENT_TYPE,
+                    respond::HeaderValueLike::Static("text/plain; version=0.0.4"),
+                )];
+                respond::full(session, StatusCode::OK, &headers, body.into()).await?;
+                Ok(true)
+            }
             Route::Module(m) => match self.registry.handle(session, m, &public).await? {
                 Some(out) => {
                     ctx.cache = Some(out.cache);
@@ -118,7 +150,7 @@ impl Proxy {
                     ctx.identity = Some(out.identity);
                     Ok(true)
                 }
-                None => Ok(false),
+                None => self.offline_refusal(session).await,
             },
             Route::Project(p)
                 if matches!(p.op, ProjectOp::Download { .. })
@@ -130,8 +162,17 @@ impl Proxy {
                 ctx.identity = Some(out.identity);
                 Ok(true)
             }
-            _ => Ok(false),
+            _ => self.offline_refusal(session).await,
         }
+    }
+
+    /// In offline mode nothing is proxied: what the cache cannot answer is unavailable.
+    async fn offline_refusal(&self, session: &mut Session) -> Result<bool> {
+        if !self.health.is_offline_mode() {
+            return Ok(false);
+        }
+        respond::error(session, StatusCode::SERVICE_UNAVAILABLE).await?;
+        Ok(true)
     }
 }
 
@@ -146,6 +187,50 @@ fn with_query(path: &str, req: &RequestHeader) -> String {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     }
+}
+
+/// A fixed label set for methods: anything unusual is "other", never echoed.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::PUT => "PUT",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+fn status_label(status: u16) -> &'static str {
+    const CODES: [(u16, &str); 16] = [
+        (200, "200"),
+        (201, "201"),
+        (204, "204"),
+        (206, "206"),
+        (302, "302"),
+        (304, "304"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (414, "414"),
+        (429, "429"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+    ];
+    CODES.iter().find(|(c, _)| *c == status).map_or(
+        match status {
+            504 => "504",
+            0 => "none",
+            s if s < 400 => "other_ok",
+            s if s < 500 => "other_4xx",
+            _ => "other_5xx",
+        },
+        |(_, l)| l,
+    )
 }
 
 /// `?terraform-get=1` asks a project route for a 204 with `X-Terraform-Get` instead of bytes.
@@ -347,6 +432,16 @@ impl ProxyHttp for Proxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let method: &Method = &session.req_header().method;
         let route = ctx.route.as_ref().map_or("rejected", Route::template);
+        let cache = ctx.cache.map_or("NONE", CacheStatus::as_str);
+        metrics::REQUESTS
+            .with_label_values(&[route, method_label(method), status_label(status), cache])
+            .inc();
+        metrics::REQUEST_DURATION
+            .with_label_values(&[route, cache])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        metrics::BYTES_SERVED
+            .with_label_values(&[cache])
+            .inc_by(session.body_bytes_sent() as u64);
         let module = match &ctx.route {
             Some(Route::Module(m)) => Some(m.module.to_string()),
             _ => None,

@@ -21,14 +21,17 @@ use http::{header, HeaderValue, Method, StatusCode};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
+use serde::{Deserialize, Serialize};
 
-use crate::auth::{Auth, BodyRef, Negative};
+use crate::auth::{Auth, BodyRef, Grant, Negative};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{FillError, Source};
 use crate::cache::{project_tarball_key, tarball_key, unix_now, Cache, TarballEntry};
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, UnknownIdentity};
 use crate::fetch::{self, Opened, Small};
+use crate::health::Health;
 use crate::identity::{Identity, Secret};
+use crate::metrics::{self, Decision};
 use crate::respond::{self, CacheStatus, HeaderValueLike as V};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute, ProjectOp, ProjectRoute, MODULES_V1};
@@ -36,11 +39,38 @@ use crate::token::Tokens;
 use crate::upstream::Upstream;
 
 const JSON: &str = "application/json";
+/// RFC 7234's warning for stale answers, as the issue asks, next to `X-Cache-Status: STALE`.
+const STALE_WARNING: &str = "110 - \"Response is Stale\"";
 const OCTETS: &str = "application/octet-stream";
 /// Chunk size for streaming large blobs from disk.
 const DISK_CHUNK: usize = 256 * 1024;
 
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
+
+/// Module-wide views of listings, for offline fallback: any authorized caller's last body,
+/// and the last body GitLab served to an anonymous caller (the module is then public).
+const KIND_SHARED: &str = "shared";
+const KIND_SHARED_PUBLIC: &str = "shared-public";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SharedListing {
+    digest: String,
+    fetched_at: u64,
+    /// For a versions listing: the versions it shows.
+    versions: Vec<String>,
+}
+
+/// What asking the upstream produced.
+enum Asked {
+    /// An answer to act on: success or refusal.
+    Answer(Small),
+    /// Nothing usable: the upstream is down, failed, timed out, or answered 5xx/429 (kept, to
+    /// relay when no stale answer may be served).
+    Failed {
+        answer: Option<Small>,
+        status: StatusCode,
+    },
+}
 
 /// What happened, for the access log and metrics.
 #[derive(Debug, Clone, Copy)]
@@ -57,8 +87,11 @@ pub struct Registry {
     secret: Secret,
     tokens: Tokens,
     cfg: CacheConfig,
+    health: Arc<Health>,
+    soft_timeout: Duration,
+    unknown_identity: UnknownIdentity,
     /// In-flight registry fetches, per (identity, path): concurrent misses share one.
-    inflight: Mutex<HashMap<String, SharedFetch>>,
+    inflight: Arc<Mutex<HashMap<String, SharedFetch>>>,
     /// Background refreshes under way (stale-while-revalidate), per (identity, path).
     refreshing: Mutex<HashSet<String>>,
     /// (name, system) -> unix seconds of the last upload through tfmirror.
@@ -70,6 +103,7 @@ impl Registry {
         upstream: Arc<Upstream>,
         cache: Arc<Cache>,
         secret: Secret,
+        health: Arc<Health>,
         cfg: &crate::config::Config,
     ) -> Registry {
         Registry {
@@ -83,7 +117,10 @@ impl Registry {
             cache,
             secret,
             cfg: cfg.cache.clone(),
-            inflight: Mutex::new(HashMap::new()),
+            health,
+            soft_timeout: cfg.offline.soft_timeout,
+            unknown_identity: cfg.offline.unknown_identity,
+            inflight: Arc::new(Mutex::new(HashMap::new())),
             refreshing: Mutex::new(HashSet::new()),
             uploads: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -112,6 +149,32 @@ impl Registry {
             ModuleOp::LatestDownload => return Ok(None),
         };
         Ok(Some(out))
+    }
+
+    /// Refresh the gauges that are read rather than counted (on each scrape).
+    pub fn update_gauges(&self, health: &Health) {
+        metrics::UPSTREAM_UP.set(i64::from(health.is_up()));
+        metrics::CACHE_BYTES
+            .with_label_values(&["memory"])
+            .set(self.cache.memory_bytes() as i64);
+        metrics::CACHE_BYTES
+            .with_label_values(&["disk"])
+            .set(self.cache.blobs.total_bytes() as i64);
+        metrics::CACHE_ENTRIES
+            .with_label_values(&["memory", "blob"])
+            .set(self.cache.memory_entries() as i64);
+        metrics::CACHE_ENTRIES
+            .with_label_values(&["disk", "blob"])
+            .set(self.cache.blobs.count() as i64);
+        metrics::CACHE_ENTRIES
+            .with_label_values(&["memory", "fill"])
+            .set(self.cache.fills.in_flight() as i64);
+        metrics::CACHE_EVICTIONS
+            .with_label_values(&["disk"])
+            .set(self.cache.blobs.evictions() as i64);
+        metrics::CACHE_EVICTIONS
+            .with_label_values(&["memory"])
+            .set(self.cache.memory_evictions() as i64);
     }
 
     /// An upload through tfmirror changes that module's listings: stop serving cached ones.
@@ -144,7 +207,13 @@ impl Registry {
         let path = route.upstream_path();
         let grant = self.auth.grant(identity, &route.module).await;
         let previous = grant.as_ref().and_then(|g| g.bodies.get(&op).cloned());
+        let outcome = |cache, upstream_status| Outcome {
+            cache,
+            upstream_status,
+            identity,
+        };
 
+        // A fresh grant: the body this identity last received, without asking GitLab.
         if let (Some(g), Some(body_ref)) = (&grant, &previous) {
             if g.is_fresh(self.auth.grant_ttl)
                 && !self.invalidated(&route.module, body_ref.fetched_at)
@@ -153,68 +222,165 @@ impl Registry {
                     let age = unix_now().saturating_sub(body_ref.fetched_at);
                     let fresh = age < self.cfg.listing_ttl.as_secs();
                     let revalidating = !fresh
+                        && !self.health.unavailable()
                         && age < (self.cfg.listing_ttl + self.cfg.stale_while_revalidate).as_secs()
                         && self.refresh_in_background(identity, route, op.clone());
                     if fresh || revalidating {
                         self.auth.remember_for_grant(identity, cred.as_ref(), g);
+                        metrics::decision(Decision::Granted);
                         let status = if fresh {
                             CacheStatus::Hit
                         } else {
                             CacheStatus::Updating
                         };
-                        write_json(session, StatusCode::OK, status, Some(age), body).await?;
-                        return Ok(Outcome {
-                            cache: status,
-                            upstream_status: None,
-                            identity,
-                        });
+                        write_json(session, status, age, false, body).await?;
+                        return Ok(outcome(status, None));
                     }
                 }
             }
         }
-
         if let Some(neg) = self.auth.negative(identity, &path) {
             write_negative(session, &neg).await?;
-            return Ok(Outcome {
-                cache: CacheStatus::Hit,
-                upstream_status: None,
-                identity,
-            });
+            return Ok(outcome(CacheStatus::Hit, None));
         }
 
-        let small = match self.fetch(identity, &path, cred.clone()).await {
-            Ok(s) => s,
-            Err(e) => return self.upstream_failed(session, &e, identity).await,
-        };
-        let status = self
-            .absorb_listing(
+        let stale = self
+            .stale_listing(
                 identity,
-                cred.as_ref(),
+                cred.is_some(),
                 &route.module,
-                &path,
                 &op,
-                &small,
-                previous.as_ref(),
+                grant.as_deref(),
             )
             .await;
-        let ct = small
-            .headers
-            .get(header::CONTENT_TYPE)
-            .cloned()
-            .unwrap_or(HeaderValue::from_static(JSON));
-        let mut headers = vec![
-            (header::CONTENT_TYPE, V::Value(ct)),
-            (respond::CACHE_STATUS, V::Static(status.as_str())),
-        ];
-        if let Some(w) = small.headers.get(header::WWW_AUTHENTICATE) {
-            headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
+        match self
+            .ask(
+                identity,
+                &path,
+                cred.clone(),
+                stale.is_some(),
+                route_label(route),
+            )
+            .await
+        {
+            Asked::Answer(small) => {
+                let status = self
+                    .absorb_listing(
+                        identity,
+                        cred.as_ref(),
+                        &route.module,
+                        &path,
+                        &op,
+                        &small,
+                        previous.as_ref(),
+                    )
+                    .await;
+                write_answer(session, &small, status).await?;
+                Ok(outcome(status, Some(small.status.as_u16())))
+            }
+            Asked::Failed { answer, status } => match stale {
+                Some((body, age, decision)) => {
+                    metrics::decision(decision);
+                    metrics::STALE_SERVED.inc();
+                    write_json(session, CacheStatus::Stale, age, true, body).await?;
+                    Ok(outcome(
+                        CacheStatus::Stale,
+                        answer.map(|a| a.status.as_u16()),
+                    ))
+                }
+                None => {
+                    self.nothing_to_serve(session, answer, status, identity)
+                        .await
+                }
+            },
         }
-        respond::full(session, small.status, &headers, small.body.clone()).await?;
-        Ok(Outcome {
-            cache: status,
-            upstream_status: Some(small.status.as_u16()),
-            identity,
-        })
+    }
+
+    /// A stale answer this identity may have while the upstream fails: its own last body
+    /// (grant expired or not), or a module-wide one where the module is public or the
+    /// `offline.unknown_identity` policy allows it. A refused identity gets none.
+    async fn stale_listing(
+        &self,
+        identity: Identity,
+        has_credential: bool,
+        module: &ModuleId,
+        op: &str,
+        grant: Option<&Grant>,
+    ) -> Option<(Bytes, u64, Decision)> {
+        let window = (self.cfg.listing_ttl + self.cfg.stale_if_error).as_secs();
+        if let Some(g) = grant {
+            if g.refused_at.is_some() {
+                return None;
+            }
+            if self.grant_in_window(g) {
+                if let Some(r) = g.bodies.get(op) {
+                    let age = unix_now().saturating_sub(r.fetched_at);
+                    if age <= window {
+                        if let Some(body) = self.body(r).await {
+                            return Some((body, age, Decision::StaleGrant));
+                        }
+                    }
+                }
+            }
+        }
+        let (shared, decision) = self
+            .shared_for(identity, has_credential, module, op)
+            .await?;
+        let age = unix_now().saturating_sub(shared.fetched_at);
+        if age > window {
+            return None;
+        }
+        let body = self
+            .body(&BodyRef {
+                digest: shared.digest,
+                fetched_at: shared.fetched_at,
+            })
+            .await?;
+        Some((body, age, decision))
+    }
+
+    fn grant_in_window(&self, g: &Grant) -> bool {
+        unix_now().saturating_sub(g.checked_at)
+            <= (self.auth.grant_ttl + self.cfg.stale_if_error).as_secs()
+    }
+
+    /// The module-wide record an identity without a grant may fall back on, and why.
+    async fn shared_for(
+        &self,
+        identity: Identity,
+        has_credential: bool,
+        module: &ModuleId,
+        op: &str,
+    ) -> Option<(SharedListing, Decision)> {
+        // What GitLab served anonymously is public: anyone may have it.
+        if let Some(p) = self.shared(KIND_SHARED_PUBLIC, module, op).await {
+            return Some((p, Decision::StalePublic));
+        }
+        let decision = match (self.unknown_identity, has_credential) {
+            (UnknownIdentity::Anyone, _) => Decision::UnknownAnyone,
+            (UnknownIdentity::Authenticated, true) => Decision::UnknownAuthenticated,
+            _ => {
+                metrics::decision(Decision::UnknownDenied);
+                tracing::info!(identity = %identity.short(), "upstream down: unknown identity refused by policy");
+                return None;
+            }
+        };
+        let s = self.shared(KIND_SHARED, module, op).await?;
+        Some((s, decision))
+    }
+
+    async fn shared(
+        &self,
+        kind: &'static str,
+        module: &ModuleId,
+        op: &str,
+    ) -> Option<SharedListing> {
+        let meta = self.cache.meta.clone();
+        let key = format!("{module}/{op}");
+        tokio::task::spawn_blocking(move || meta.get(kind, &key))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Learn from an upstream listing answer: record grants on success, forget them on
@@ -232,6 +398,7 @@ impl Registry {
     ) -> CacheStatus {
         match small.status {
             StatusCode::OK => {
+                metrics::decision(Decision::UpstreamAllowed);
                 let digest = match self.cache.put_small(small.body.clone()).await {
                     Ok(h) => h.to_hex().to_string(),
                     Err(e) => {
@@ -241,6 +408,12 @@ impl Registry {
                 };
                 let unchanged = previous.is_some_and(|p| p.digest == digest);
                 let versions = (op == "versions").then(|| listed_versions(&small.body));
+                let shared = SharedListing {
+                    digest: digest.clone(),
+                    fetched_at: unix_now(),
+                    versions: versions.clone().unwrap_or_default(),
+                };
+                self.record_shared(identity, module, op, shared).await;
                 let op = op.to_string();
                 self.auth
                     .record_success(identity, cred, module, move |g| {
@@ -270,6 +443,27 @@ impl Registry {
         }
     }
 
+    /// Keep the module-wide view of a listing: for offline fallback by policy, and, when
+    /// GitLab served it to an anonymous caller, as public.
+    async fn record_shared(
+        &self,
+        identity: Identity,
+        module: &ModuleId,
+        op: &str,
+        shared: SharedListing,
+    ) {
+        let meta = self.cache.meta.clone();
+        let key = format!("{module}/{op}");
+        let public = identity.is_anonymous();
+        let _ = tokio::task::spawn_blocking(move || {
+            if public {
+                meta.put(KIND_SHARED_PUBLIC, &key, &shared)?;
+            }
+            meta.put(KIND_SHARED, &key, &shared)
+        })
+        .await;
+    }
+
     async fn learn_refusal(
         &self,
         identity: Identity,
@@ -277,6 +471,7 @@ impl Registry {
         path: &str,
         small: &Small,
     ) {
+        metrics::decision(Decision::UpstreamRefused);
         if matches!(
             small.status,
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
@@ -324,8 +519,11 @@ impl Registry {
         }
         let this = self.clone();
         let module = route.module.clone();
+        let label = route_label(route);
         tokio::spawn(async move {
-            if let Ok(small) = this.fetch(identity, &path, cred.clone()).await {
+            if let Asked::Answer(small) =
+                this.ask(identity, &path, cred.clone(), false, label).await
+            {
                 let previous = this
                     .auth
                     .grant(identity, &module)
@@ -347,51 +545,132 @@ impl Registry {
         true
     }
 
-    /// GET a registry path upstream; concurrent identical requests of one identity share it.
-    async fn fetch(
+    /// Ask the upstream, unless it is known to be down. With a stale answer at hand, wait at
+    /// most `offline.soft_timeout`: the request keeps going in the background, but the client
+    /// gets the stale answer now.
+    async fn ask(
         &self,
         identity: Identity,
         path: &str,
         cred: Option<HeaderValue>,
-    ) -> std::result::Result<Small, Arc<Error>> {
-        let key = format!("{}{path}", identity.to_hex());
-        let (fut, leader) = {
-            let mut inflight = self.inflight.lock().expect("inflight lock");
-            match inflight.get(&key) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let upstream = self.upstream.clone();
-                    let path = path.to_string();
-                    let fut = async move {
-                        fetch::registry(&upstream, &path, cred.as_ref())
-                            .await
-                            .map_err(Arc::from)
-                    }
-                    .boxed()
-                    .shared();
-                    inflight.insert(key.clone(), fut.clone());
-                    (fut, true)
+        stale_at_hand: bool,
+        label: &'static str,
+    ) -> Asked {
+        if self.health.unavailable() {
+            return Asked::Failed {
+                answer: None,
+                status: StatusCode::BAD_GATEWAY,
+            };
+        }
+        let fut = self.fetch_shared(identity, path, cred, label);
+        let result = if stale_at_hand {
+            match tokio::time::timeout(self.soft_timeout, fut).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.health.record_failure(&self.upstream);
+                    return Asked::Failed {
+                        answer: None,
+                        status: StatusCode::GATEWAY_TIMEOUT,
+                    };
                 }
             }
+        } else {
+            fut.await
         };
-        let result = fut.await;
-        if leader {
-            self.inflight.lock().expect("inflight lock").remove(&key);
+        match result {
+            Ok(small) => {
+                self.health.record_answer(small.status, &small.headers);
+                if small.status.is_server_error() || small.status == StatusCode::TOO_MANY_REQUESTS {
+                    let status = small.status;
+                    Asked::Failed {
+                        answer: Some(small),
+                        status,
+                    }
+                } else {
+                    Asked::Answer(small)
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream registry call failed");
+                if matches!(
+                    e.etype(),
+                    ErrorType::ConnectError
+                        | ErrorType::ConnectTimedout
+                        | ErrorType::ConnectRefused
+                        | ErrorType::ConnectNoRoute
+                        | ErrorType::ReadTimedout
+                        | ErrorType::ReadError
+                ) {
+                    self.health.record_failure(&self.upstream);
+                }
+                Asked::Failed {
+                    answer: None,
+                    status: fetch::failure_status(&e),
+                }
+            }
         }
-        result
     }
 
-    async fn upstream_failed(
+    /// GET a registry path upstream; concurrent identical requests of one identity share it.
+    /// The request runs as a task of its own, so a caller that stops waiting (soft timeout,
+    /// client gone) does not cancel it for the others.
+    fn fetch_shared(
+        &self,
+        identity: Identity,
+        path: &str,
+        cred: Option<HeaderValue>,
+        label: &'static str,
+    ) -> SharedFetch {
+        let key = format!("{}{path}", identity.to_hex());
+        let mut inflight = self.inflight.lock().expect("inflight lock");
+        if let Some(f) = inflight.get(&key) {
+            metrics::COALESCED_WAITS.inc();
+            return f.clone();
+        }
+        let upstream = self.upstream.clone();
+        let map = self.inflight.clone();
+        let (path, k) = (path.to_string(), key.clone());
+        let fut = async move {
+            let started = std::time::Instant::now();
+            let result = fetch::registry(&upstream, &path, cred.as_ref()).await;
+            metrics::UPSTREAM_DURATION
+                .with_label_values(&[label])
+                .observe(started.elapsed().as_secs_f64());
+            let outcome = match &result {
+                Ok(s) => status_class(s.status),
+                Err(e) if e.etype() == &ErrorType::ReadTimedout => "timeout",
+                Err(_) => "error",
+            };
+            metrics::UPSTREAM_REQUESTS
+                .with_label_values(&[label, outcome])
+                .inc();
+            map.lock().expect("inflight lock").remove(&k);
+            result.map_err(Arc::from)
+        }
+        .boxed()
+        .shared();
+        inflight.insert(key, fut.clone());
+        tokio::spawn(fut.clone());
+        fut
+    }
+
+    /// The upstream gave nothing usable and no stale answer is allowed: relay its error
+    /// answer if there was one, or say it is unreachable.
+    async fn nothing_to_serve(
         &self,
         session: &mut Session,
-        e: &Error,
+        answer: Option<Small>,
+        status: StatusCode,
         identity: Identity,
     ) -> Result<Outcome> {
-        tracing::warn!(error = %e, "upstream registry call failed");
-        respond::error(session, fetch::failure_status(e)).await?;
+        let upstream_status = answer.as_ref().map(|a| a.status.as_u16());
+        match answer {
+            Some(small) => write_answer(session, &small, CacheStatus::Miss).await?,
+            None => respond::error(session, status).await?,
+        }
         Ok(Outcome {
             cache: CacheStatus::Miss,
-            upstream_status: None,
+            upstream_status,
             identity,
         })
     }
@@ -426,31 +705,65 @@ impl Registry {
             .get(header::AUTHORIZATION)
             .cloned();
         let identity = self.secret.identify(cred.as_ref());
+        let outcome = |cache, upstream_status| Outcome {
+            cache,
+            upstream_status,
+            identity,
+        };
         let grant = self.auth.grant(identity, &route.module).await;
-        if let Some(g) =
-            grant.filter(|g| g.is_fresh(self.auth.grant_ttl) && g.allows_version(version))
+        if let Some(g) = grant
+            .as_ref()
+            .filter(|g| g.is_fresh(self.auth.grant_ttl) && g.allows_version(version))
         {
-            self.auth.remember_for_grant(identity, cred.as_ref(), &g);
+            self.auth.remember_for_grant(identity, cred.as_ref(), g);
+            metrics::decision(Decision::Granted);
             let get = self.x_terraform_get(public, &route.module, version, identity);
             write_download(session, CacheStatus::Hit, get).await?;
-            return Ok(Outcome {
-                cache: CacheStatus::Hit,
-                upstream_status: None,
-                identity,
-            });
+            return Ok(outcome(CacheStatus::Hit, None));
         }
         let path = route.upstream_path();
         if let Some(neg) = self.auth.negative(identity, &path) {
             write_negative(session, &neg).await?;
-            return Ok(Outcome {
-                cache: CacheStatus::Hit,
-                upstream_status: None,
-                identity,
-            });
+            return Ok(outcome(CacheStatus::Hit, None));
         }
-        let small = match self.fetch(identity, &path, cred.clone()).await {
-            Ok(s) => s,
-            Err(e) => return self.upstream_failed(session, &e, identity).await,
+        let stale = self
+            .stale_download(
+                identity,
+                cred.is_some(),
+                &route.module,
+                version,
+                grant.as_deref(),
+            )
+            .await;
+        let small = match self
+            .ask(
+                identity,
+                &path,
+                cred.clone(),
+                stale.is_some(),
+                route_label(route),
+            )
+            .await
+        {
+            Asked::Answer(small) => small,
+            Asked::Failed { answer, status } => {
+                return match stale {
+                    Some(decision) => {
+                        metrics::decision(decision);
+                        metrics::STALE_SERVED.inc();
+                        let get = self.x_terraform_get(public, &route.module, version, identity);
+                        write_download(session, CacheStatus::Stale, get).await?;
+                        Ok(outcome(
+                            CacheStatus::Stale,
+                            answer.map(|a| a.status.as_u16()),
+                        ))
+                    }
+                    None => {
+                        self.nothing_to_serve(session, answer, status, identity)
+                            .await
+                    }
+                };
+            }
         };
         let upstream_status = Some(small.status.as_u16());
         let jwt = small
@@ -460,8 +773,9 @@ impl Registry {
             .and_then(gitlab_token);
         match (small.status.is_success(), jwt) {
             (true, Some(jwt)) => {
-                let tarball = format!("{}@{version}", route.module);
-                self.auth.remember_gitlab_jwt(identity, &tarball, jwt);
+                metrics::decision(Decision::UpstreamAllowed);
+                self.auth
+                    .remember_gitlab_jwt(identity, &tarball_key(&route.module, version), jwt);
                 let v = version.to_string();
                 self.auth
                     .record_success(identity, cred.as_ref(), &route.module, move |g| {
@@ -482,21 +796,35 @@ impl Registry {
                     self.learn_refusal(identity, &route.module, &path, &small)
                         .await;
                 }
-                let mut headers = vec![
-                    (header::CONTENT_TYPE, V::Static(JSON)),
-                    (respond::CACHE_STATUS, V::Static("MISS")),
-                ];
-                if let Some(w) = small.headers.get(header::WWW_AUTHENTICATE) {
-                    headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
-                }
-                respond::full(session, small.status, &headers, small.body).await?;
+                write_answer(session, &small, CacheStatus::Miss).await?;
             }
         }
-        Ok(Outcome {
-            cache: CacheStatus::Miss,
-            upstream_status,
-            identity,
-        })
+        Ok(outcome(CacheStatus::Miss, upstream_status))
+    }
+
+    /// May this identity get a download URL for `version` while the upstream fails?
+    async fn stale_download(
+        &self,
+        identity: Identity,
+        has_credential: bool,
+        module: &ModuleId,
+        version: &str,
+        grant: Option<&Grant>,
+    ) -> Option<Decision> {
+        if let Some(g) = grant {
+            if g.refused_at.is_some() {
+                return None;
+            }
+            if self.grant_in_window(g) && g.allows_version(version) {
+                return Some(Decision::StaleGrant);
+            }
+        }
+        let (shared, decision) = self
+            .shared_for(identity, has_credential, module, "versions")
+            .await?;
+        let window = (self.cfg.listing_ttl + self.cfg.stale_if_error).as_secs();
+        let listed = shared.versions.iter().any(|v| v == version);
+        (listed && unix_now().saturating_sub(shared.fetched_at) <= window).then_some(decision)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -711,9 +1039,36 @@ impl Registry {
                 Some(v) => format!("{base}/{v}?terraform-get=1"),
                 None => format!("{base}?terraform-get=1"),
             };
-            let small = match self.fetch(identity, &check, cred.clone()).await {
-                Ok(s) => s,
-                Err(e) => return self.upstream_failed(session, &e, identity).await,
+            // While GitLab fails, an identity it authorized before keeps its versions.
+            let stale_ok = match (&grant, &requested) {
+                (Some(g), Some(v)) => {
+                    g.refused_at.is_none() && self.grant_in_window(g) && g.allows_version(v)
+                }
+                _ => false,
+            };
+            let small = match self
+                .ask(identity, &check, cred.clone(), stale_ok, "project_download")
+                .await
+            {
+                Asked::Answer(small) => small,
+                Asked::Failed { answer, status } => {
+                    if !stale_ok {
+                        return self
+                            .nothing_to_serve(session, answer, status, identity)
+                            .await;
+                    }
+                    metrics::decision(Decision::StaleGrant);
+                    metrics::STALE_SERVED.inc();
+                    let version = requested.expect("stale implies a version");
+                    let key = project_tarball_key(&p.project, &p.name, &p.system, &version);
+                    // Offline, nothing can be filled: cached bytes or an error.
+                    let open = || async { Err(FillError::Upstream("upstream down")) }.boxed();
+                    let mut out = self.serve_tarball(session, &key, identity, open).await?;
+                    if out.cache == CacheStatus::Hit {
+                        out.cache = CacheStatus::Stale;
+                    }
+                    return Ok(out);
+                }
             };
             // The version is the last path segment of GitLab's absolute X-Terraform-Get.
             let granted = small
@@ -898,21 +1253,55 @@ fn gitlab_token(x_terraform_get: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The label of a route in upstream metrics.
+fn route_label(route: &ModuleRoute) -> &'static str {
+    crate::routes::Route::Module(route.clone()).template()
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Relay an upstream answer read whole (refusals, errors, listings).
+async fn write_answer(session: &mut Session, small: &Small, cache: CacheStatus) -> Result<()> {
+    let ct = small
+        .headers
+        .get(header::CONTENT_TYPE)
+        .cloned()
+        .unwrap_or(HeaderValue::from_static(JSON));
+    let mut headers = vec![
+        (header::CONTENT_TYPE, V::Value(ct)),
+        (respond::CACHE_STATUS, V::Static(cache.as_str())),
+    ];
+    for name in [header::WWW_AUTHENTICATE, header::RETRY_AFTER] {
+        if let Some(v) = small.headers.get(&name) {
+            headers.push((name, V::Value(v.clone())));
+        }
+    }
+    respond::full(session, small.status, &headers, small.body.clone()).await
+}
+
 async fn write_json(
     session: &mut Session,
-    status: StatusCode,
     cache: CacheStatus,
-    age: Option<u64>,
+    age: u64,
+    stale: bool,
     body: Bytes,
 ) -> Result<()> {
     let mut headers = vec![
         (header::CONTENT_TYPE, V::Static(JSON)),
         (respond::CACHE_STATUS, V::Static(cache.as_str())),
+        (header::AGE, V::Owned(age.to_string())),
     ];
-    if let Some(age) = age {
-        headers.push((header::AGE, V::Owned(age.to_string())));
+    if stale {
+        headers.push((header::WARNING, V::Static(STALE_WARNING)));
     }
-    respond::full(session, status, &headers, body).await
+    respond::full(session, StatusCode::OK, &headers, body).await
 }
 
 async fn write_negative(session: &mut Session, neg: &Negative) -> Result<()> {

@@ -115,7 +115,12 @@ pub struct ProjectRoute {
 /// tfmirror's own endpoints, under GitLab's `/-/` convention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Internal {
+    /// Liveness.
     Health,
+    /// Config loaded and cache dir writable; stays ready while the upstream is down.
+    Readiness,
+    /// Prometheus text exposition.
+    Metrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,6 +140,8 @@ impl Route {
         match self {
             Route::Discovery => "discovery",
             Route::Internal(Internal::Health) => "health",
+            Route::Internal(Internal::Readiness) => "readiness",
+            Route::Internal(Internal::Metrics) => "metrics",
             Route::Module(m) => match m.op {
                 ModuleOp::Versions => "module_versions",
                 ModuleOp::Latest => "module_latest",
@@ -211,6 +218,8 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
     if let Some(rest) = path.strip_prefix("/-/") {
         return match rest {
             "health" => Ok(Route::Internal(Internal::Health)),
+            "readiness" => Ok(Route::Internal(Internal::Readiness)),
+            "metrics" => Ok(Route::Internal(Internal::Metrics)),
             _ => Err(Reject::not_found()),
         };
     }

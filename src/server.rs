@@ -7,6 +7,7 @@ use pingora::server::Server;
 
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::health::Health;
 use crate::identity::Secret;
 use crate::proxy::Proxy;
 use crate::registry::Registry;
@@ -39,7 +40,17 @@ pub fn build(config: &Config) -> Result<Server, String> {
             tracing::warn!(error = %e, "cache scan failed");
         }
     });
-    let registry = Arc::new(Registry::new(upstream.clone(), cache, secret, config));
+    let health = Arc::new(Health::new(
+        config.offline.enabled,
+        config.offline.breaker_threshold,
+    ));
+    let registry = Arc::new(Registry::new(
+        upstream.clone(),
+        cache,
+        secret,
+        health.clone(),
+        config,
+    ));
 
     let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
     let conf = ServerConf {
@@ -54,7 +65,7 @@ pub fn build(config: &Config) -> Result<Server, String> {
     let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
     server.bootstrap();
 
-    let proxy = Proxy::new(upstream, registry, config.public_url.as_ref());
+    let proxy = Proxy::new(upstream, registry, health, config.public_url.as_ref());
     let mut service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "tfmirror");
     service.add_tcp(&config.listen.to_string());

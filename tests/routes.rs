@@ -588,8 +588,11 @@ async fn upstream_faults_become_gitlab_shaped_errors() {
         "a slow upstream times out after timeouts.read"
     );
 
-    // A truncated tarball is never delivered as if complete...
+    // Three failures in a row opened the breaker; its probe sees GitLab back.
     gl.set_fault(Fault::None);
+    m.wait_upstream_up().await;
+
+    // A truncated tarball is never delivered as if complete...
     let file = file_url(&m, "infra/vpc/aws", "1.9.0", ALICE).await;
     gl.set_fault(Fault::Truncate);
     let r = c.get(&file).send().await.unwrap();

@@ -53,6 +53,7 @@ pub struct Cache {
     pub meta: Arc<MetaStore>,
     pub fills: Arc<Fills>,
     memory: moka::sync::Cache<Hash, Bytes>,
+    memory_evictions: Arc<std::sync::atomic::AtomicU64>,
     /// Larger blobs are streamed from disk and never held in memory whole.
     memory_max_object: u64,
 }
@@ -63,19 +64,38 @@ impl Cache {
         memory_size: u64,
         disk_size: u64,
     ) -> io::Result<Cache> {
+        let evictions = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = evictions.clone();
         let memory = moka::sync::Cache::builder()
             .weigher(|_k: &Hash, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
             .max_capacity(memory_size)
+            .eviction_listener(move |_k, _v, cause| {
+                if cause == moka::notification::RemovalCause::Size {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
             .build();
         Ok(Cache {
             blobs: Arc::new(BlobStore::open(cache_dir, disk_size)?),
             meta: Arc::new(MetaStore::open(cache_dir)?),
             fills: Arc::new(Fills::default()),
             memory,
+            memory_evictions: evictions,
             // A single object may take at most 1/16 of the memory tier (and never more than
             // 64 MiB), so one large tarball cannot flush every hot listing.
             memory_max_object: (memory_size / 16).min(64 << 20),
         })
+    }
+
+    /// Can the cache directory take a write right now? (readiness)
+    pub async fn check_writable(&self) -> io::Result<()> {
+        let path = self.blobs.temp_path();
+        tokio::task::spawn_blocking(move || {
+            std::fs::write(&path, b"ready")?;
+            std::fs::remove_file(&path)
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     pub fn memory_max_object(&self) -> u64 {
@@ -85,6 +105,11 @@ impl Cache {
     pub fn memory_bytes(&self) -> u64 {
         self.memory.run_pending_tasks();
         self.memory.weighted_size()
+    }
+
+    pub fn memory_evictions(&self) -> u64 {
+        self.memory_evictions
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn memory_entries(&self) -> u64 {

@@ -93,6 +93,24 @@ impl Mirror {
         format!("http://{}", self.addr)
     }
 
+    /// Wait until tfmirror's breaker sees the upstream as up again (its probe backs off).
+    pub async fn wait_upstream_up(&self) {
+        for _ in 0..200 {
+            let r = client()
+                .get(format!("{}/-/readiness", self.url()))
+                .send()
+                .await;
+            if let Ok(r) = r {
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                if v["upstream_up"] == true {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("tfmirror never saw the upstream come back");
+    }
+
     /// Everything the process wrote to stderr (the JSON log), across restarts.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()

@@ -1,0 +1,166 @@
+//! Prometheus metrics, served at `/-/metrics`. Family names start with `tfmirror_`; label
+//! values are route templates and fixed sets only, never tokens, paths or module names.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, Encoder, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, TextEncoder,
+};
+
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_requests_total",
+        "Requests answered, by route template, method, status and cache status.",
+        &["route", "method", "status", "cache"]
+    )
+    .expect("metric")
+});
+
+pub static REQUEST_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "tfmirror_request_duration_seconds",
+        "Time to answer a request, by route template and cache status.",
+        &["route", "cache"],
+        vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            30.0
+        ]
+    )
+    .expect("metric")
+});
+
+pub static UPSTREAM_REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_upstream_requests_total",
+        "Requests tfmirror sent upstream itself, by route and outcome (status class or error).",
+        &["route", "outcome"]
+    )
+    .expect("metric")
+});
+
+pub static UPSTREAM_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    register_histogram_vec!(
+        "tfmirror_upstream_duration_seconds",
+        "Time for the upstream to answer a registry call.",
+        &["route"],
+        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    )
+    .expect("metric")
+});
+
+pub static CACHE_BYTES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!("tfmirror_cache_bytes", "Bytes held, by tier.", &["tier"])
+        .expect("metric")
+});
+
+pub static CACHE_ENTRIES: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tfmirror_cache_entries",
+        "Entries held, by tier and kind.",
+        &["tier", "kind"]
+    )
+    .expect("metric")
+});
+
+pub static CACHE_EVICTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tfmirror_cache_evictions_total",
+        "Entries evicted since start, by tier.",
+        &["tier"]
+    )
+    .expect("metric")
+});
+
+pub static COALESCED_WAITS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_coalesced_waits_total",
+        "Requests that joined an upstream fetch already under way instead of starting one."
+    )
+    .expect("metric")
+});
+
+pub static STALE_SERVED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_stale_served_total",
+        "Answers served stale because the upstream failed or was down."
+    )
+    .expect("metric")
+});
+
+pub static AUTH_DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_auth_decisions_total",
+        "Access decisions made from the cache, by decision.",
+        &["decision"]
+    )
+    .expect("metric")
+});
+
+pub static UPSTREAM_UP: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tfmirror_upstream_up",
+        "1 while the upstream is considered reachable."
+    )
+    .expect("metric")
+});
+
+pub static BYTES_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_bytes_served_total",
+        "Response body bytes sent to clients, by cache status.",
+        &["cache"]
+    )
+    .expect("metric")
+});
+
+/// Access decisions, as `auth_decisions_total{decision}` labels.
+#[derive(Debug, Clone, Copy)]
+pub enum Decision {
+    /// A fresh grant: served from the cache.
+    Granted,
+    /// Asked upstream; GitLab said yes.
+    UpstreamAllowed,
+    /// Asked upstream; GitLab said no.
+    UpstreamRefused,
+    /// Upstream down: the identity's own (expired) grant allowed a stale answer.
+    StaleGrant,
+    /// Upstream down: a module GitLab served anonymously, served to anyone.
+    StalePublic,
+    /// Upstream down: `offline.unknown_identity = authenticated` let a new identity in.
+    UnknownAuthenticated,
+    /// Upstream down: `offline.unknown_identity = anyone` let a new identity in.
+    UnknownAnyone,
+    /// Upstream down and nothing allowed this identity: refused.
+    UnknownDenied,
+    /// A tfmirror download token was refused.
+    TokenRefused,
+}
+
+impl Decision {
+    fn label(self) -> &'static str {
+        match self {
+            Decision::Granted => "granted",
+            Decision::UpstreamAllowed => "upstream_allowed",
+            Decision::UpstreamRefused => "upstream_refused",
+            Decision::StaleGrant => "stale_grant",
+            Decision::StalePublic => "stale_public",
+            Decision::UnknownAuthenticated => "unknown_authenticated",
+            Decision::UnknownAnyone => "unknown_anyone",
+            Decision::UnknownDenied => "unknown_denied",
+            Decision::TokenRefused => "token_refused",
+        }
+    }
+}
+
+pub fn decision(d: Decision) {
+    AUTH_DECISIONS.with_label_values(&[d.label()]).inc();
+}
+
+/// The text exposition of every registered family.
+pub fn render() -> String {
+    let mut out = Vec::new();
+    let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
