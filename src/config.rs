@@ -189,7 +189,7 @@ impl Default for OfflineConfig {
             enabled: false,
             unknown_identity: UnknownIdentity::Deny,
             soft_timeout: Duration::from_millis(500),
-            breaker_threshold: 3,
+            breaker_threshold: 2,
         }
     }
 }

@@ -10,11 +10,18 @@
 //! |---|---|
 //! | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
 //! | [`routes`] | parse a request once into a typed [`routes::Route`]; refuse what can never be valid |
-//! | [`proxy`] | the pingora hooks: decide, then answer locally, fetch, or proxy |
-//! | [`fetch`] | downloads tfmirror reads itself, following object-storage redirects |
+//! | [`proxy`] | the pingora hooks: decide, then answer locally, from the registry logic, or proxy |
+//! | [`registry`] | cache decisions for registry routes: grants, stale answers, tokens, fills |
+//! | [`auth`] | grants per (identity, module), credentials in memory, negative answers |
+//! | [`identity`] | keyed hashes of credentials; the per-instance secret |
+//! | [`token`] | tfmirror's download tokens (keyed blake3 MAC) |
+//! | [`cache`] | memory tier, blake3-addressed disk blobs, index records, coalesced fills |
+//! | [`health`] | circuit breaker and probe: is the upstream reachable? |
+//! | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects) |
 //! | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
 //! | [`upstream`] | upstream address, DNS off the request path, TLS trust, timeouts |
-//! | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes |
+//! | [`metrics`] | Prometheus families |
+//! | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes; `X-Cache-Status` |
 //! | [`server`] | assemble the pingora server from a [`config::Config`] |
 //!
 //! ## Why pingora's proxy, but not pingora-cache

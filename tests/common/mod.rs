@@ -62,6 +62,28 @@ impl Mirror {
         self.wait_healthy().await;
     }
 
+    /// Restart with more flags (e.g. `--offline`), on the same cache dir and port.
+    pub async fn restart_with(&mut self, extra: &[&str]) {
+        self.extra.extend(extra.iter().map(|s| s.to_string()));
+        self.restart().await;
+    }
+
+    /// Sum of a counter family's samples whose labels contain `filter`, from `/-/metrics`.
+    pub async fn metric(&self, family: &str, filter: &str) -> f64 {
+        let text = client()
+            .get(format!("{}/-/metrics", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(family) && l.contains(filter))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
