@@ -23,7 +23,7 @@ use crate::cache::unix_now;
 use crate::identity::Identity;
 use crate::routes::ModuleId;
 
-const KIND_GRANT: &str = "grant";
+pub const KIND_GRANT: &str = "grant";
 /// GitLab's download JWTs live 5 minutes; reuse them for a little less.
 const JWT_REUSE: Duration = Duration::from_secs(240);
 
@@ -40,7 +40,7 @@ pub struct BodyRef {
 pub struct Grant {
     /// Unix seconds of the last upstream success for this identity and module.
     pub checked_at: u64,
-    /// Listing op ("versions", "latest", "v/<version>") -> body this identity received.
+    /// Listing op (`versions`, `latest`, `v/<version>`) -> body this identity received.
     pub bodies: BTreeMap<String, BodyRef>,
     /// Versions in this identity's last versions listing.
     pub versions: Vec<String>,
@@ -89,7 +89,12 @@ impl Auth {
     pub fn new(meta: Arc<MetaStore>, grant_ttl: Duration, negative_ttl: Duration) -> Auth {
         Auth {
             meta,
-            grants: moka::sync::Cache::builder().max_capacity(100_000).build(),
+            // Re-read from disk now and then, so `tfmirror cache purge` reaches a running server.
+            grants: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(30))
+                .support_invalidation_closures()
+                .build(),
             creds: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(grant_ttl)
@@ -165,6 +170,14 @@ impl Auth {
         self.grants.insert(key.clone(), refused.clone());
         let meta = self.meta.clone();
         let _ = tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*refused)).await;
+    }
+
+    /// Forget in-memory grants for a module (after a purge removed them from disk).
+    pub fn forget_module(&self, module: &str) {
+        let suffix = format!("/{module}");
+        let _ = self
+            .grants
+            .invalidate_entries_if(move |k, _| k.ends_with(&suffix));
     }
 
     /// The credential this identity presented, while its grant lifetime lasts.

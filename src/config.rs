@@ -32,6 +32,10 @@ pub struct Config {
     pub public_url: Option<Url>,
     /// Where the disk cache and tfmirror's secrets live.
     pub cache_dir: PathBuf,
+    /// A second listener serving only `/-/metrics` (it is also on the main listener).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bearer token for `/-/admin/...`; the admin endpoints are off when unset.
+    pub admin_token: Option<String>,
     pub log_level: LogLevel,
     /// Worker threads of the proxy service (pingora defaults to one).
     pub threads: usize,
@@ -49,6 +53,8 @@ impl Default for Config {
             upstream_ca: None,
             public_url: None,
             cache_dir: PathBuf::from("./tfmirror-cache"),
+            metrics_listen: None,
+            admin_token: None,
             log_level: LogLevel::Info,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             timeouts: Timeouts::default(),
@@ -59,7 +65,7 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Error,
@@ -264,7 +270,8 @@ impl Config {
             }
             fig = fig.merge(Yaml::file_exact(path));
         }
-        let env = env.split("__").ignore(&["config"]);
+        // `config` and `token` are read by the command line itself.
+        let env = env.split("__").ignore(&["config", "token"]);
         fig = fig.merge(env).merge(Serialized::defaults(overrides));
         let config: Config = fig.extract().map_err(describe)?;
         config.validate()?;
@@ -278,6 +285,9 @@ impl Config {
         }
         if let Some(ca) = &self.upstream_ca {
             crate::upstream::load_pem_certs(ca).map_err(|e| invalid("upstream_ca", e))?;
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("admin_token", "must be at least 16 characters"));
         }
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));

@@ -37,9 +37,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod constraint;
 pub mod fetch;
 pub mod health;
 pub mod identity;
@@ -50,5 +52,6 @@ pub mod respond;
 pub mod rewrite;
 pub mod routes;
 pub mod server;
+pub mod sync;
 pub mod token;
 pub mod upstream;

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,68 +25,167 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
+    /// Fill the cache for MODULE[@CONSTRAINT]... (or the module blocks of `.tf` files) with
+    /// the listings and tarballs TOKEN may read, and record TOKEN's grants: a cache warmed
+    /// before an outage serves TOKEN's holder with GitLab gone.
+    Warm(WarmArgs),
+    /// Mirror every Terraform module of a GitLab group (GitLab's Packages API), as `warm`.
+    Sync(SyncArgs),
+    /// Inspect and maintain a cache directory; safe while a server uses it.
+    Cache(CacheArgs),
+}
+
+/// Where the settings come from: shared by every command.
+#[derive(Args, Debug)]
+struct Common {
+    /// YAML configuration file. [env: TFMIRROR_CONFIG]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "TFMIRROR_CONFIG",
+        hide_env = true
+    )]
+    config: Option<PathBuf>,
+    /// Upstream GitLab base URL, optionally with a relative URL root (https://host/gitlab).
+    /// [default: https://gitlab.com] [env: TFMIRROR_UPSTREAM] [config: upstream]
+    #[arg(long, global = true, value_name = "URL")]
+    upstream: Option<String>,
+    /// Cache directory. [default: ./tfmirror-cache] [env: TFMIRROR_CACHE_DIR] [config: cache_dir]
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<String>,
+    /// PEM file of CA certificates trusted for the upstream, in addition to the system roots.
+    /// [env: TFMIRROR_UPSTREAM_CA] [config: upstream_ca]
+    #[arg(long, global = true, value_name = "FILE")]
+    upstream_ca: Option<String>,
+    /// error, warn, info, debug or trace. [default: info] [env: TFMIRROR_LOG_LEVEL] [config: log_level]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
 }
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// YAML configuration file. [env: TFMIRROR_CONFIG]
-    #[arg(long, value_name = "FILE", env = "TFMIRROR_CONFIG", hide_env = true)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    common: Common,
     /// Address to listen on. [default: 127.0.0.1:8080] [env: TFMIRROR_LISTEN] [config: listen]
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Upstream GitLab base URL, optionally with a relative URL root (https://host/gitlab).
-    /// [default: https://gitlab.com] [env: TFMIRROR_UPSTREAM] [config: upstream]
-    #[arg(long, value_name = "URL")]
-    upstream: Option<String>,
-    /// Cache directory. [default: ./tfmirror-cache] [env: TFMIRROR_CACHE_DIR] [config: cache_dir]
-    #[arg(long, value_name = "DIR")]
-    cache_dir: Option<String>,
     /// How clients reach tfmirror, used to rewrite absolute URLs. Unset: the request's own
     /// scheme and Host. [env: TFMIRROR_PUBLIC_URL] [config: public_url]
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
-    /// PEM file of CA certificates trusted for the upstream, in addition to the system roots.
-    /// [env: TFMIRROR_UPSTREAM_CA] [config: upstream_ca]
-    #[arg(long, value_name = "FILE")]
-    upstream_ca: Option<String>,
-    /// error, warn, info, debug or trace. [default: info] [env: TFMIRROR_LOG_LEVEL] [config: log_level]
-    #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
     /// Never contact the upstream: serve only the cache, under the same access rules.
     /// [env: TFMIRROR_OFFLINE__ENABLED] [config: offline.enabled]
     #[arg(long)]
     offline: bool,
+    /// Take the listening sockets over from a running tfmirror on the same cache dir (then
+    /// send it SIGQUIT): a restart that loses no request.
+    #[arg(long)]
+    upgrade: bool,
+}
+
+#[derive(Args, Debug)]
+struct Credential {
+    /// The GitLab token to act for (sent as `Authorization: Bearer`). [env: TFMIRROR_TOKEN]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "TFMIRROR_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct WarmArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    credential: Credential,
+    /// Read the registry module blocks for the upstream's host from the `.tf` files in DIR.
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// The registry host named in module sources, for --from. [default: the upstream's host]
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// namespace/name/system, optionally @ a Terraform version constraint ("@~> 1.2").
+    #[arg(value_name = "MODULE[@CONSTRAINT]")]
+    modules: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct SyncArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    credential: Credential,
+    /// The group: its full path or numeric id.
+    #[arg(long, value_name = "GROUP")]
+    group: String,
+}
+
+#[derive(Args, Debug)]
+struct CacheArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheAction {
+    /// List cached tarballs: module, version, size, age.
+    Ls,
+    /// Recompute every tarball's blake3 hash; exit 1 and list the damaged entries if any.
+    Verify,
+    /// Remove a module, or one version, with its listings and grants.
+    Purge {
+        #[arg(value_name = "MODULE[@VERSION]")]
+        module: String,
+    },
+    /// Remove orphan blobs and dead temp files; evict past `cache.disk_size`.
+    Gc,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Warm(args) => warm(args),
+        Command::Sync(args) => sync(args),
+        Command::Cache(args) => cache(args),
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
+fn load(common: &Common, extra: Overrides) -> Result<Config, ExitCode> {
     let overrides = Overrides {
+        upstream: common.upstream.clone(),
+        upstream_ca: common.upstream_ca.clone(),
+        cache_dir: common.cache_dir.clone(),
+        log_level: common.log_level.clone(),
+        ..extra
+    };
+    Config::load(common.config.as_deref(), &overrides).map_err(|e| {
+        eprintln!("tfmirror: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let extra = Overrides {
         listen: args.listen,
-        upstream: args.upstream,
-        upstream_ca: args.upstream_ca,
         public_url: args.public_url,
-        cache_dir: args.cache_dir,
-        log_level: args.log_level,
         offline: args
             .offline
             .then_some(tfmirror::config::OfflineOverride { enabled: true }),
+        ..Overrides::default()
     };
-    let config = match Config::load(args.config.as_deref(), &overrides) {
+    let config = match load(&args.common, extra) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tfmirror: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     init_logging(config.log_level);
-    let server = match tfmirror::server::build(&config) {
+    let server = match tfmirror::server::build(&config, args.upgrade) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tfmirror: {e}");
@@ -96,9 +196,244 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen = %config.listen,
         upstream = %config.upstream,
         cache_dir = %config.cache_dir.display(),
+        offline = config.offline.enabled,
         "tfmirror starting"
     );
     server.run_forever()
+}
+
+/// Progress on a terminal as a bar, otherwise as plain lines.
+struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    fn new(len: usize) -> Progress {
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(len as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                    .expect("static template"),
+            );
+            Progress(Some(bar))
+        } else {
+            Progress(None)
+        }
+    }
+
+    fn line(&self, msg: String) {
+        match &self.0 {
+            Some(bar) => {
+                bar.set_message(msg);
+                bar.inc(1);
+            }
+            None => eprintln!("{msg}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn bearer(credential: &Credential) -> Result<Option<http::HeaderValue>, ExitCode> {
+    match &credential.token {
+        None => Ok(None),
+        Some(t) => http::HeaderValue::from_str(&format!("Bearer {t}"))
+            .map(|mut v| {
+                v.set_sensitive(true);
+                Some(v)
+            })
+            .map_err(|_| {
+                eprintln!("tfmirror: --token is not a valid header value");
+                ExitCode::from(2)
+            }),
+    }
+}
+
+fn warm(args: WarmArgs) -> ExitCode {
+    let config = match load(&args.common, Overrides::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(LogLevel::Warn.min(config.log_level));
+    let cred = match bearer(&args.credential) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut wants = Vec::new();
+    for m in &args.modules {
+        match tfmirror::sync::parse_want(m) {
+            Ok(w) => wants.push(w),
+            Err(e) => {
+                eprintln!("tfmirror: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Some(dir) = &args.from {
+        let host = args
+            .host
+            .clone()
+            .unwrap_or_else(|| config.upstream.host_str().unwrap_or_default().to_string());
+        match tfmirror::sync::wants_from_dir(dir, &host) {
+            Ok(w) => wants.extend(w),
+            Err(e) => {
+                eprintln!("tfmirror: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if wants.is_empty() {
+        eprintln!(
+            "tfmirror: nothing to warm: name modules, or --from a directory with module blocks"
+        );
+        return ExitCode::from(2);
+    }
+    run_warm(&config, cred, wants)
+}
+
+fn sync(args: SyncArgs) -> ExitCode {
+    let config = match load(&args.common, Overrides::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(LogLevel::Warn.min(config.log_level));
+    let cred = match bearer(&args.credential) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let parts = match tfmirror::server::open(&config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let wants = runtime().block_on(tfmirror::sync::group_modules(
+        &parts.upstream,
+        cred.as_ref(),
+        &args.group,
+    ));
+    match wants {
+        Ok(w) if w.is_empty() => {
+            eprintln!("group {}: no Terraform modules", args.group);
+            ExitCode::SUCCESS
+        }
+        Ok(w) => run_warm(&config, cred, w),
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_warm(
+    config: &Config,
+    cred: Option<http::HeaderValue>,
+    wants: Vec<tfmirror::sync::Want>,
+) -> ExitCode {
+    let parts = match tfmirror::server::open(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let progress = Progress::new(wants.len());
+    let failures = runtime().block_on(async {
+        let mut failures = 0;
+        for w in &wants {
+            match parts
+                .registry
+                .warm_module(cred.clone(), &w.module, &w.constraint)
+                .await
+            {
+                Ok(v) if v.is_empty() => {
+                    failures += 1;
+                    progress.line(format!("{} {}: no version matches", w.module, w.written));
+                }
+                Ok(v) => progress.line(format!("{}: cached {}", w.module, v.join(", "))),
+                Err(e) => {
+                    failures += 1;
+                    progress.line(format!("{e}"));
+                }
+            }
+        }
+        failures
+    });
+    progress.finish();
+    if failures > 0 {
+        eprintln!(
+            "tfmirror: {failures} of {} modules could not be warmed",
+            wants.len()
+        );
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn cache(args: CacheArgs) -> ExitCode {
+    let config = match load(&args.common, Overrides::default()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let admin = match tfmirror::admin::Admin::open(&config.cache_dir) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match args.action {
+        CacheAction::Ls => admin.ls().map(|rows| {
+            println!("{:<60} {:>12} {:>10}", "MODULE@VERSION", "BYTES", "AGE");
+            for r in rows {
+                let age = humantime::format_duration(std::time::Duration::from_secs(r.age_secs));
+                println!("{:<60} {:>12} {:>10}", r.key, r.size, age.to_string());
+            }
+            ExitCode::SUCCESS
+        }),
+        CacheAction::Verify => {
+            let rows = admin.ls().map(|r| r.len()).unwrap_or(0);
+            let progress = Progress::new(rows);
+            let damaged = admin.verify(|row| progress.line(format!("verifying {}", row.key)));
+            progress.finish();
+            damaged.map(|damaged| {
+                for (row, why) in &damaged {
+                    println!("DAMAGED {} ({why})", row.key);
+                }
+                println!("{rows} checked, {} damaged", damaged.len());
+                if damaged.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
+        }
+        CacheAction::Purge { module } => admin.purge(&module).map(|n| {
+            println!("purged {module}: {n} records");
+            ExitCode::SUCCESS
+        }),
+        CacheAction::Gc => admin
+            .gc(config.cache.disk_size.as_u64())
+            .map(|(orphans, evicted)| {
+                println!("removed {orphans} orphan blobs, evicted {evicted}");
+                ExitCode::SUCCESS
+            }),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("tfmirror: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 /// JSON lines on stderr. Pingora's own `log` records are bridged into the same stream.

@@ -3,16 +3,16 @@
 //! response.
 //!
 //! Hooks used, in the order pingora runs them:
-//! 1. `request_filter`: parse the route once, refuse bad input, answer what tfmirror answers
-//!    itself (discovery, `/-/health`) and stream downloads through [`fetch`]. Returning
-//!    `Ok(true)` ends the request there.
+//! 1. `request_filter`: parse the route once, refuse bad input, and answer everything
+//!    tfmirror answers itself: discovery, `/-/...`, and the registry routes through
+//!    [`crate::registry`]. Returning `Ok(true)` ends the request there.
 //! 2. `upstream_peer`: a pre-resolved peer with SNI and the route's timeout profile.
-//! 3. `upstream_request_filter`: canonical path under the upstream's URL root, `Host`,
+//! 3. `upstream_request_filter`: path under the upstream's URL root, `Host`,
 //!    `X-Forwarded-*`, no hop-by-hop headers.
 //! 4. `upstream_response_filter`: rewrite `X-Terraform-Get` and `Location` so clients come
-//!    back through tfmirror.
+//!    back through tfmirror; an upload's 201 invalidates that module's cached listings.
 //! 5. `fail_to_proxy`: GitLab-shaped 502/504 instead of pingora's plain error page.
-//! 6. `logging`: the access log line.
+//! 6. `logging`: the access log line and request metrics.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -54,6 +54,9 @@ pub struct Proxy {
     public_url: Option<PublicBase>,
     /// The scheme clients use to reach this listener.
     scheme: &'static str,
+    /// blake3 of the admin token; admin endpoints are off without one.
+    admin_token: Option<blake3::Hash>,
+    cache_dir: std::path::PathBuf,
 }
 
 /// Per-request state, filled in as the request moves through the hooks.
@@ -71,8 +74,9 @@ impl Proxy {
         upstream: Arc<Upstream>,
         registry: Arc<Registry>,
         health: Arc<Health>,
-        public_url: Option<&url::Url>,
+        config: &crate::config::Config,
     ) -> Self {
+        let public_url = config.public_url.as_ref();
         Proxy {
             rewriter: Rewriter::new(upstream.base_url()),
             upstream,
@@ -80,6 +84,11 @@ impl Proxy {
             health,
             public_url: public_url.map(PublicBase::from_url),
             scheme: "http",
+            admin_token: config
+                .admin_token
+                .as_ref()
+                .map(|t| blake3::hash(t.as_bytes())),
+            cache_dir: config.cache_dir.clone(),
         }
     }
 
@@ -143,6 +152,10 @@ impl Proxy {
                 respond::full(session, StatusCode::OK, &headers, body.into()).await?;
                 Ok(true)
             }
+            Route::Internal(Internal::AdminPurge) => {
+                self.admin_purge(session).await?;
+                Ok(true)
+            }
             Route::Module(m) => match self.registry.handle(session, m, &public).await? {
                 Some(out) => {
                     ctx.cache = Some(out.cache);
@@ -163,6 +176,61 @@ impl Proxy {
                 Ok(true)
             }
             _ => self.offline_refusal(session).await,
+        }
+    }
+
+    /// `POST /-/admin/purge?module=...`: the same purge as `tfmirror cache purge`, plus the
+    /// in-memory grants of this process.
+    async fn admin_purge(&self, session: &mut Session) -> Result<()> {
+        let Some(expected) = self.admin_token else {
+            return respond::error(session, StatusCode::NOT_FOUND).await;
+        };
+        let req = session.req_header();
+        // Compare hashes: blake3::Hash equality is constant-time.
+        let presented = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| blake3::hash(t.as_bytes()));
+        if presented != Some(expected) {
+            return respond::error(session, StatusCode::UNAUTHORIZED).await;
+        }
+        if req.method != Method::POST {
+            return respond::error(session, StatusCode::METHOD_NOT_ALLOWED).await;
+        }
+        let spec = req.uri.query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "module")
+                .map(|(_, v)| v.into_owned())
+        });
+        let Some(spec) = spec else {
+            let body = serde_json::json!({ "error": "module is missing" }).to_string();
+            return respond::json(session, StatusCode::BAD_REQUEST, body).await;
+        };
+        let dir = self.cache_dir.clone();
+        let s = spec.clone();
+        let purged = tokio::task::spawn_blocking(move || {
+            crate::admin::Admin::open(&dir).and_then(|a| a.purge(&s))
+        })
+        .await
+        .map_err(|e| pingora::Error::because(ErrorType::InternalError, "purge", e))?;
+        match purged {
+            Ok(n) => {
+                let module = spec.split('@').next().unwrap_or_default();
+                self.registry.auth.forget_module(module);
+                tracing::info!(records = n, "purged through the admin endpoint");
+                let body = serde_json::json!({ "purged": n }).to_string();
+                respond::json(session, StatusCode::OK, body).await
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                let body = serde_json::json!({ "error": "module is invalid" }).to_string();
+                respond::json(session, StatusCode::BAD_REQUEST, body).await
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "purge failed");
+                respond::error(session, StatusCode::INTERNAL_SERVER_ERROR).await
+            }
         }
     }
 

@@ -49,8 +49,8 @@ type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Erro
 
 /// Module-wide views of listings, for offline fallback: any authorized caller's last body,
 /// and the last body GitLab served to an anonymous caller (the module is then public).
-const KIND_SHARED: &str = "shared";
-const KIND_SHARED_PUBLIC: &str = "shared-public";
+pub const KIND_SHARED: &str = "shared";
+pub const KIND_SHARED_PUBLIC: &str = "shared-public";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SharedListing {
@@ -896,22 +896,12 @@ impl Registry {
             return Ok(outcome(CacheStatus::Miss, None));
         }
 
-        let meta = self.cache.meta.clone();
-        let index_key = key.to_string();
-        let (fill, _leader) = self
-            .cache
-            .fills
-            .join_or_start(key, self.cache.blobs.clone(), open, move |hash, size| {
-                let entry = TarballEntry {
-                    hash: hash.to_hex().to_string(),
-                    size,
-                    fetched_at: unix_now(),
-                };
-                if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
-                    tracing::error!(error = %e, "could not index a tarball");
-                }
-            })
+        let (fill, leader) = self
+            .start_fill(key, open)
             .map_err(|e| Error::because(ErrorType::InternalError, "starting a fill", e))?;
+        if !leader {
+            metrics::COALESCED_WAITS.inc();
+        }
 
         let len = match fill.started().await {
             Ok(len) => len,
@@ -948,6 +938,111 @@ impl Registry {
             .write_response_body(Some(Bytes::new()), true)
             .await?;
         Ok(outcome(CacheStatus::Miss, Some(200)))
+    }
+
+    /// Join or start the fill of a tarball; its commit indexes it under `key`.
+    fn start_fill(
+        &self,
+        key: &str,
+        open: impl FnOnce() -> crate::cache::fill::Opener,
+    ) -> std::io::Result<(Arc<crate::cache::fill::Fill>, bool)> {
+        let meta = self.cache.meta.clone();
+        let index_key = key.to_string();
+        self.cache
+            .fills
+            .join_or_start(key, self.cache.blobs.clone(), open, move |hash, size| {
+                let entry = TarballEntry {
+                    hash: hash.to_hex().to_string(),
+                    size,
+                    fetched_at: unix_now(),
+                };
+                if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
+                    tracing::error!(error = %e, "could not index a tarball");
+                }
+            })
+    }
+
+    /// Fill the cache for `module` on behalf of the holder of `cred`, before an outage:
+    /// its versions listing (recording the holder's grant) and the tarball of every listed
+    /// version matching `constraint`. Returns the versions now cached.
+    pub async fn warm_module(
+        self: &Arc<Self>,
+        cred: Option<HeaderValue>,
+        module: &ModuleId,
+        constraint: &crate::constraint::Constraint,
+    ) -> std::result::Result<Vec<String>, String> {
+        let identity = self.secret.identify(cred.as_ref());
+        let route = |op| ModuleRoute {
+            module: module.clone(),
+            op,
+        };
+        let path = route(ModuleOp::Versions).upstream_path();
+        let small = fetch::registry(&self.upstream, &path, cred.as_ref())
+            .await
+            .map_err(|e| format!("{module}: GitLab unreachable ({})", e.etype().as_str()))?;
+        if small.status != StatusCode::OK {
+            return Err(format!("{module}: GitLab answered {}", small.status));
+        }
+        self.absorb_listing(
+            identity,
+            cred.as_ref(),
+            module,
+            &path,
+            "versions",
+            &small,
+            None,
+        )
+        .await;
+        let mut wanted: Vec<semver::Version> = listed_versions(&small.body)
+            .iter()
+            .filter_map(|v| semver::Version::parse(v).ok())
+            .filter(|v| constraint.matches(v))
+            .collect();
+        wanted.sort();
+        let mut warmed = Vec::new();
+        for version in wanted {
+            let v = version.to_string();
+            let dl = fetch::registry(
+                &self.upstream,
+                &route(ModuleOp::Download(version)).upstream_path(),
+                cred.as_ref(),
+            )
+            .await
+            .map_err(|e| format!("{module}@{v}: GitLab unreachable ({})", e.etype().as_str()))?;
+            let jwt = dl
+                .headers
+                .get("x-terraform-get")
+                .and_then(|h| h.to_str().ok())
+                .and_then(gitlab_token)
+                .filter(|_| dl.status.is_success())
+                .ok_or_else(|| format!("{module}@{v}: GitLab answered {}", dl.status))?;
+            let key = tarball_key(module, &v);
+            self.auth.remember_gitlab_jwt(identity, &key, jwt);
+            let recorded = v.clone();
+            self.auth
+                .record_success(identity, cred.as_ref(), module, move |g| {
+                    if !g.versions.contains(&recorded) {
+                        g.versions.push(recorded);
+                    }
+                })
+                .await;
+            let cached = match self.cache.tarball(&key).await.and_then(|e| e.hash()) {
+                Some(h) => self.cache.blobs.path(&h).exists(),
+                None => false,
+            };
+            if !cached {
+                let this = self.clone();
+                let (m, ver) = (module.clone(), v.clone());
+                let open =
+                    move || async move { this.open_tarball(identity, &m, &ver).await }.boxed();
+                let (fill, _) = self
+                    .start_fill(&key, open)
+                    .map_err(|e| format!("{key}: {e}"))?;
+                fill.finished().await.map_err(|e| format!("{key}: {e:?}"))?;
+            }
+            warmed.push(v);
+        }
+        Ok(warmed)
     }
 
     /// Open the upstream tarball on behalf of `identity`: GitLab's JWT (remembered from its

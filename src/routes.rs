@@ -121,6 +121,8 @@ pub enum Internal {
     Readiness,
     /// Prometheus text exposition.
     Metrics,
+    /// `POST /-/admin/purge?module=ns/name/system[@version]`, behind `admin_token`.
+    AdminPurge,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +144,7 @@ impl Route {
             Route::Internal(Internal::Health) => "health",
             Route::Internal(Internal::Readiness) => "readiness",
             Route::Internal(Internal::Metrics) => "metrics",
+            Route::Internal(Internal::AdminPurge) => "admin_purge",
             Route::Module(m) => match m.op {
                 ModuleOp::Versions => "module_versions",
                 ModuleOp::Latest => "module_latest",
@@ -220,6 +223,7 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
             "health" => Ok(Route::Internal(Internal::Health)),
             "readiness" => Ok(Route::Internal(Internal::Readiness)),
             "metrics" => Ok(Route::Internal(Internal::Metrics)),
+            "admin/purge" => Ok(Route::Internal(Internal::AdminPurge)),
             _ => Err(Reject::not_found()),
         };
     }

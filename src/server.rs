@@ -13,9 +13,16 @@ use crate::proxy::Proxy;
 use crate::registry::Registry;
 use crate::upstream::Upstream;
 
-/// Build the server. Fails on anything that would only break later (bad CA file, unusable
-/// cache directory).
-pub fn build(config: &Config) -> Result<Server, String> {
+/// The parts every command that talks to GitLab or the cache needs.
+pub struct Parts {
+    pub upstream: Arc<Upstream>,
+    pub registry: Arc<Registry>,
+    pub health: Arc<Health>,
+}
+
+/// Open the cache directory and set up the upstream. Fails on anything that would only break
+/// later (bad CA file, unusable cache directory).
+pub fn open(config: &Config) -> Result<Parts, String> {
     std::fs::create_dir_all(&config.cache_dir).map_err(|e| {
         format!(
             "invalid configuration: `cache_dir`: cannot create {}: {e}",
@@ -33,13 +40,6 @@ pub fn build(config: &Config) -> Result<Server, String> {
         )
         .map_err(|e| format!("invalid configuration: `cache_dir`: {e}"))?,
     );
-    // Rebuild disk usage off the request path: serving starts at once, whatever the size.
-    let blobs = cache.blobs.clone();
-    std::thread::spawn(move || {
-        if let Err(e) = blobs.scan() {
-            tracing::warn!(error = %e, "cache scan failed");
-        }
-    });
     let health = Arc::new(Health::new(
         config.offline.enabled,
         config.offline.breaker_threshold,
@@ -51,24 +51,62 @@ pub fn build(config: &Config) -> Result<Server, String> {
         health.clone(),
         config,
     ));
+    Ok(Parts {
+        upstream,
+        registry,
+        health,
+    })
+}
+
+/// Build the server. `upgrade`: take the listening sockets over from a running instance
+/// (pingora's graceful upgrade; the old one is sent SIGQUIT).
+pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
+    let Parts {
+        upstream,
+        registry,
+        health,
+    } = open(config)?;
+    crate::metrics::init();
+    // Rebuild disk usage off the request path: serving starts at once, whatever the size.
+    let blobs = registry.cache.blobs.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = blobs.scan() {
+            tracing::warn!(error = %e, "cache scan failed");
+        }
+    });
 
     let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
     let conf = ServerConf {
         threads: config.threads,
-        // Per-instance files live in the cache dir, so several instances never collide.
+        // Per-instance files live in the cache dir, so several instances never collide, and
+        // an upgrading process finds its predecessor's socket.
         pid_file: state("tfmirror.pid"),
         upgrade_sock: state("tfmirror-upgrade.sock"),
         grace_period_seconds: Some(5),
         graceful_shutdown_timeout_seconds: Some(10),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let proxy = Proxy::new(upstream, registry, health, config.public_url.as_ref());
+    let proxy = Proxy::new(upstream, registry.clone(), health.clone(), config);
     let mut service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "tfmirror");
     service.add_tcp(&config.listen.to_string());
     server.add_service(service);
+
+    if let Some(addr) = config.metrics_listen {
+        let app = crate::metrics::MetricsApp { registry, health };
+        let mut metrics = pingora::services::listening::Service::new(
+            "tfmirror metrics".to_string(),
+            pingora::apps::http_app::HttpServer::new_app(app),
+        );
+        metrics.add_tcp(&addr.to_string());
+        server.add_service(metrics);
+    }
     Ok(server)
 }

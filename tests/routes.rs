@@ -557,8 +557,11 @@ async fn invalid_requests_never_reach_gitlab() {
 #[tokio::test]
 async fn upstream_faults_become_gitlab_shaped_errors() {
     let gl = gitlab().await;
-    let m =
-        Mirror::start_with_config(&gl.url(), "timeouts:\n  read: 500ms\n  transfer: 500ms\n").await;
+    let m = Mirror::start_with_config(
+        &gl.url(),
+        "timeouts:\n  read: 500ms\n  transfer: 500ms\noffline:\n  breaker_threshold: 10\n",
+    )
+    .await;
     let c = client();
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
     let get = || {
@@ -588,7 +591,7 @@ async fn upstream_faults_become_gitlab_shaped_errors() {
         "a slow upstream times out after timeouts.read"
     );
 
-    // Three failures in a row opened the breaker; its probe sees GitLab back.
+    // GitLab is healthy again (and seen so by the breaker).
     gl.set_fault(Fault::None);
     m.wait_upstream_up().await;
 

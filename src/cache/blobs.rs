@@ -219,6 +219,28 @@ impl BlobStore {
             .fetch_add(victims.len() as u64, Ordering::Relaxed);
     }
 
+    /// Every blob on disk, with its path.
+    pub fn list(&self) -> io::Result<Vec<(Hash, PathBuf)>> {
+        let mut out = Vec::new();
+        for shard in fs::read_dir(&self.root)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(shard.path())? {
+                let entry = entry?;
+                if let Some(hash) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| Hash::from_hex(n).ok())
+                {
+                    out.push((hash, entry.path()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Rebuild the usage record from disk and remove temp files of dead fills. Runs once at
     /// start in the background; requests do not wait for it.
     pub fn scan(&self) -> io::Result<()> {

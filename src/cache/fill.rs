@@ -201,6 +201,21 @@ impl Fill {
         }
     }
 
+    /// Wait until the fill is committed (or failed).
+    pub async fn finished(&self) -> Result<(Hash, u64), FillError> {
+        let mut rx = self.state.clone();
+        loop {
+            match &*rx.borrow_and_update() {
+                State::Done { hash, size } => return Ok((*hash, *size)),
+                State::Failed(e) => return Err(e.clone()),
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(FillError::Upstream("fill ended"));
+            }
+        }
+    }
+
     /// A reader positioned at the start of the body.
     pub fn reader(&self) -> FillReader {
         FillReader {

@@ -11,7 +11,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+/// A record on disk: its key travels with it, so records can be listed (`tfmirror cache ls`)
+/// and a hash collision of two keys can never return the wrong record.
+#[derive(Serialize, Deserialize)]
+struct Envelope<T> {
+    key: String,
+    value: T,
+}
 
 pub struct MetaStore {
     root: PathBuf,
@@ -44,7 +52,31 @@ impl MetaStore {
     /// foreign or older-format file is treated as absent rather than trusted).
     pub fn get<T: DeserializeOwned>(&self, kind: &str, key: &str) -> Option<T> {
         let raw = fs::read(self.path(kind, key)).ok()?;
-        serde_json::from_slice(&raw).ok()
+        let e: Envelope<T> = serde_json::from_slice(&raw).ok()?;
+        (e.key == key).then_some(e.value)
+    }
+
+    /// Every record of a kind, with its key. Unreadable files are skipped.
+    pub fn scan<T: DeserializeOwned>(&self, kind: &str) -> io::Result<Vec<(String, T)>> {
+        let mut out = Vec::new();
+        let dir = self.root.join(kind);
+        let shards = match fs::read_dir(&dir) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for shard in shards {
+            for file in fs::read_dir(shard?.path())? {
+                let raw = match fs::read(file?.path()) {
+                    Ok(raw) => raw,
+                    Err(_) => continue, // removed meanwhile by a running server
+                };
+                if let Ok(e) = serde_json::from_slice::<Envelope<T>>(&raw) {
+                    out.push((e.key, e.value));
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub fn put<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> io::Result<()> {
@@ -55,7 +87,11 @@ impl MetaStore {
         let temp = self.tmp.join(format!("{}-m{n}.part", std::process::id()));
         let result = (|| {
             let mut f = File::create(&temp)?;
-            f.write_all(&serde_json::to_vec(value).map_err(io::Error::other)?)?;
+            let e = Envelope {
+                key: key.to_string(),
+                value,
+            };
+            f.write_all(&serde_json::to_vec(&e).map_err(io::Error::other)?)?;
             f.sync_all()?;
             fs::rename(&temp, &dest)?;
             File::open(dir)?.sync_all()
@@ -89,6 +125,11 @@ mod tests {
         let all: Vec<_> = walk(&dir.path().join("meta"));
         assert_eq!(all.len(), 1);
         assert!(!all[0].contains("secret"));
+        let all: Vec<(String, Vec<i32>)> = m.scan("grant").unwrap();
+        assert_eq!(
+            all,
+            vec![("secret-key-material".to_string(), vec![1, 2, 3])]
+        );
         m.remove("grant", "secret-key-material");
         assert_eq!(m.get::<Vec<i32>>("grant", "secret-key-material"), None);
     }

@@ -386,6 +386,8 @@ fn gitlab_router(inner: Arc<Inner>) -> Router {
         .route(&format!("{pp}/{{ver}}"), get(project_get))
         .route(&format!("{pp}/{{ver}}/file"), put(project_upload))
         .route("/api/v4/version", get(api_version))
+        .route("/api/v4/groups/{id}", get(group_info))
+        .route("/api/v4/groups/{id}/packages", get(group_packages))
         .fallback(not_found)
         // Uploads of any size, as Workhorse accepts them.
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -915,6 +917,92 @@ async fn project_upload(
     (
         StatusCode::CREATED,
         Json(json!({ "message": "201 Created" })),
+    )
+        .into_response()
+}
+
+/// Group ids: 100 + the group's rank in path order.
+fn group_path(inner: &Inner, id: &str) -> Option<String> {
+    let r = inner.registry.lock().unwrap();
+    let mut paths: Vec<&String> = r.groups.keys().collect();
+    paths.sort();
+    match id.parse::<usize>() {
+        Ok(n) => paths.get(n.checked_sub(100)?).map(|p| p.to_string()),
+        Err(_) => r.groups.contains_key(id).then(|| id.to_string()),
+    }
+}
+
+fn api_caller(headers: &HeaderMap) -> Caller {
+    match headers.get("private-token").and_then(|v| v.to_str().ok()) {
+        Some(t) => Caller::Token(t.to_string()),
+        None => bearer(headers).unwrap_or(Caller::Anonymous),
+    }
+}
+
+async fn group_info(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(path) = group_path(&inner, &id) else {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    };
+    if inner.authorize(&api_caller(&headers), &path).is_err() {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    }
+    Json(json!({ "id": id, "full_path": path })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct PackagesQuery {
+    package_type: Option<String>,
+    per_page: Option<usize>,
+    page: Option<usize>,
+}
+
+/// `GET /groups/:id/packages`: the Packages API, paginated with `X-Next-Page`.
+async fn group_packages(
+    State(inner): State<Arc<Inner>>,
+    Path(id): Path<String>,
+    Query(q): Query<PackagesQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(path) = group_path(&inner, &id) else {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    };
+    if inner.authorize(&api_caller(&headers), &path).is_err() {
+        return gitlab_error(StatusCode::NOT_FOUND);
+    }
+    let all: Vec<Value> = {
+        let r = inner.registry.lock().unwrap();
+        r.modules
+            .iter()
+            .filter(|((g, _, _), _)| *g == path)
+            .flat_map(|((_, n, s), (_, versions))| {
+                versions.keys().map(move |v| {
+                    json!({ "name": format!("{n}/{s}"), "version": v, "package_type": "terraform_module" })
+                })
+            })
+            .filter(|_| q.package_type.as_deref().is_none_or(|t| t == "terraform_module"))
+            .collect()
+    };
+    let per_page = q.per_page.unwrap_or(20).clamp(1, 100);
+    let page = q.page.unwrap_or(1).max(1);
+    let items: Vec<Value> = all
+        .iter()
+        .skip((page - 1) * per_page)
+        .take(per_page)
+        .cloned()
+        .collect();
+    let next = if page * per_page < all.len() {
+        (page + 1).to_string()
+    } else {
+        String::new()
+    };
+    (
+        StatusCode::OK,
+        [("x-next-page", next)],
+        Json(Value::Array(items)),
     )
         .into_response()
 }

@@ -1,0 +1,253 @@
+//! Cache administration on a cache directory: `tfmirror cache ls|verify|purge|gc` and the
+//! `/-/admin/purge` endpoint.
+//!
+//! Safe while a server runs on the same directory: every change is a single file removal or
+//! an atomic rename, exactly the operations the server itself performs, and the server treats
+//! a vanished record or blob as a miss. Blobs younger than [`ORPHAN_GRACE`] are never collected,
+//! so a fill that has committed its blob but not yet its index record is left alone.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::auth::{Grant, KIND_GRANT};
+use crate::cache::blobs::{BlobStore, Hash};
+use crate::cache::meta::MetaStore;
+use crate::cache::{unix_now, TarballEntry, KIND_TARBALL};
+use crate::registry::{KIND_SHARED, KIND_SHARED_PUBLIC};
+
+/// Minimum age of an unreferenced blob before `gc` removes it.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Row {
+    /// `namespace/name/system@version`, or `project:<id>/name/system@version`.
+    pub key: String,
+    pub size: u64,
+    pub age_secs: u64,
+    pub hash: String,
+}
+
+pub struct Admin {
+    dir: std::path::PathBuf,
+    meta: MetaStore,
+    blobs: BlobStore,
+}
+
+impl Admin {
+    pub fn open(cache_dir: &Path) -> io::Result<Admin> {
+        if !cache_dir.join("meta").is_dir() && !cache_dir.join("blobs").is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a tfmirror cache directory", cache_dir.display()),
+            ));
+        }
+        Ok(Admin {
+            dir: cache_dir.to_path_buf(),
+            meta: MetaStore::open(cache_dir)?,
+            blobs: BlobStore::open(cache_dir, u64::MAX)?,
+        })
+    }
+
+    /// Every cached tarball, sorted by key.
+    pub fn ls(&self) -> io::Result<Vec<Row>> {
+        let now = unix_now();
+        let mut rows: Vec<Row> = self
+            .meta
+            .scan::<TarballEntry>(KIND_TARBALL)?
+            .into_iter()
+            .map(|(key, e)| Row {
+                key,
+                size: e.size,
+                age_secs: now.saturating_sub(e.fetched_at),
+                hash: e.hash,
+            })
+            .collect();
+        rows.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(rows)
+    }
+
+    /// Recompute the hash of every indexed tarball. Returns the damaged entries (missing or
+    /// not matching their hash); an empty list means the cache is clean.
+    pub fn verify(&self, mut progress: impl FnMut(&Row)) -> io::Result<Vec<(Row, &'static str)>> {
+        let mut damaged = Vec::new();
+        for row in self.ls()? {
+            progress(&row);
+            let Ok(hash) = Hash::from_hex(&row.hash) else {
+                damaged.push((row, "bad hash in index"));
+                continue;
+            };
+            match hash_file(&self.blobs.path(&hash)) {
+                Ok(Some((h, len))) if h == hash && len == row.size => {}
+                Ok(Some(_)) => damaged.push((row, "content does not match its hash")),
+                Ok(None) => damaged.push((row, "blob missing")),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(damaged)
+    }
+
+    /// Remove a module (`namespace/name/system`) or one version of it (`...@1.2.3`): its
+    /// tarball records and their blobs, its listings, and every grant on it, so the next
+    /// request goes to GitLab. Returns how many records went.
+    pub fn purge(&self, spec: &str) -> io::Result<usize> {
+        let (module, version) = match spec.split_once('@') {
+            Some((m, v)) => (m, Some(v)),
+            None => (spec, None),
+        };
+        if module.split('/').count() != 3 && !module.starts_with("project:") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "expected MODULE as namespace/name/system[@version]",
+            ));
+        }
+        let mut removed = 0;
+        let tarballs = self.meta.scan::<TarballEntry>(KIND_TARBALL)?;
+        let matches = |key: &str| match version {
+            Some(v) => key == format!("{module}@{v}"),
+            None => key.strip_prefix(module).is_some_and(|r| r.starts_with('@')),
+        };
+        let mut freed: Vec<String> = Vec::new();
+        for (key, entry) in &tarballs {
+            if matches(key) {
+                self.meta.remove(KIND_TARBALL, key);
+                freed.push(entry.hash.clone());
+                removed += 1;
+            }
+        }
+        // A blob goes only when no remaining record points at it (archives are deduplicated).
+        let still: HashSet<&str> = tarballs
+            .iter()
+            .filter(|(k, _)| !matches(k))
+            .map(|(_, e)| e.hash.as_str())
+            .collect();
+        for h in freed.iter().filter(|h| !still.contains(h.as_str())) {
+            if let Ok(hash) = Hash::from_hex(h) {
+                self.blobs.remove(&hash);
+            }
+        }
+        // Listings and grants are per module: drop them whether or not a version was named,
+        // so that the next listing comes from GitLab.
+        for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
+            for (key, _) in self.meta.scan::<serde_json::Value>(kind)? {
+                if key.starts_with(&format!("{module}/")) {
+                    self.meta.remove(kind, &key);
+                    removed += 1;
+                }
+            }
+        }
+        for (key, _) in self.meta.scan::<Grant>(KIND_GRANT)? {
+            if key.ends_with(&format!("/{module}")) {
+                self.meta.remove(KIND_GRANT, &key);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Remove blobs nothing refers to, dead temp files, and least-recently-used blobs past
+    /// `disk_size`. Returns (orphans removed, evicted).
+    pub fn gc(&self, disk_size: u64) -> io::Result<(usize, u64)> {
+        let mut referenced: HashSet<String> = HashSet::new();
+        for (_, e) in self.meta.scan::<TarballEntry>(KIND_TARBALL)? {
+            referenced.insert(e.hash);
+        }
+        for (_, g) in self.meta.scan::<Grant>(KIND_GRANT)? {
+            referenced.extend(g.bodies.into_values().map(|b| b.digest));
+        }
+        for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
+            for (_, v) in self.meta.scan::<serde_json::Value>(kind)? {
+                if let Some(d) = v["digest"].as_str() {
+                    referenced.insert(d.to_string());
+                }
+            }
+        }
+        let mut orphans = 0;
+        for (hash, path) in self.blobs.list()? {
+            let young = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_none_or(|age| age < ORPHAN_GRACE);
+            if !young && !referenced.contains(hash.to_hex().as_str()) {
+                self.blobs.remove(&hash);
+                orphans += 1;
+            }
+        }
+        let bounded = BlobStore::open(&self.dir, disk_size)?;
+        bounded.scan()?; // also clears dead temp files
+        Ok((orphans, bounded.evictions()))
+    }
+}
+
+fn hash_file(path: &Path) -> io::Result<Option<(Hash, u64)>> {
+    let mut f = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut hasher = blake3::Hasher::new();
+    let len = io::copy(&mut f, &mut hasher)?;
+    Ok(Some((hasher.finalize(), len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(store: &BlobStore, bytes: &[u8]) -> TarballEntry {
+        let h = store.put(bytes).unwrap();
+        TarballEntry {
+            hash: h.to_hex().to_string(),
+            size: bytes.len() as u64,
+            fetched_at: unix_now(),
+        }
+    }
+
+    #[test]
+    fn ls_verify_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
+        let a = entry(&blobs, b"vpc 1.0.0");
+        let b = entry(&blobs, b"vpc 1.1.0");
+        meta.put(KIND_TARBALL, "infra/vpc/aws@1.0.0", &a).unwrap();
+        meta.put(KIND_TARBALL, "infra/vpc/aws@1.1.0", &b).unwrap();
+        meta.put(KIND_TARBALL, "infra/vpc-x/aws@1.0.0", &a).unwrap();
+        meta.put(KIND_GRANT, "00ff/infra/vpc/aws", &Grant::default())
+            .unwrap();
+
+        let admin = Admin::open(dir.path()).unwrap();
+        let keys: Vec<String> = admin.ls().unwrap().into_iter().map(|r| r.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "infra/vpc-x/aws@1.0.0",
+                "infra/vpc/aws@1.0.0",
+                "infra/vpc/aws@1.1.0"
+            ]
+        );
+        assert!(admin.verify(|_| {}).unwrap().is_empty());
+
+        // Corruption is reported, by entry.
+        fs::write(blobs.path(&Hash::from_hex(&b.hash).unwrap()), b"tampered").unwrap();
+        let damaged = admin.verify(|_| {}).unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].0.key, "infra/vpc/aws@1.1.0");
+
+        // Purging a module leaves a module whose name merely starts the same, and a blob
+        // still referenced by it.
+        assert!(admin.purge("infra/vpc/aws").unwrap() >= 3);
+        let keys: Vec<String> = admin.ls().unwrap().into_iter().map(|r| r.key).collect();
+        assert_eq!(keys, ["infra/vpc-x/aws@1.0.0"]);
+        assert!(blobs.path(&Hash::from_hex(&a.hash).unwrap()).exists());
+        assert!(meta
+            .get::<Grant>(KIND_GRANT, "00ff/infra/vpc/aws")
+            .is_none());
+        assert!(admin.purge("nonsense").is_err());
+    }
+}

@@ -1,0 +1,434 @@
+//! Operating tfmirror: metrics, access log, cache administration, warming, group sync and
+//! graceful upgrades, as an operator would use them.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::fake_gitlab::{FakeGitlab, Fault};
+use common::terraform::{Module, Workspace};
+use common::{client, free_port, Mirror, V1};
+
+const ALICE: &str = "glpat-alice-0000000000";
+const ADMIN: &str = "admin-token-0123456789";
+
+async fn gitlab() -> FakeGitlab {
+    let gl = FakeGitlab::start().await;
+    gl.add_token(ALICE, "alice");
+    gl.add_group("infra", false, &[ALICE]);
+    gl.add_module("infra", 1, "vpc", "aws", &["1.0.0", "1.1.0", "2.0.0"]);
+    gl.add_module("infra", 2, "dns", "aws", &["0.1.0"]);
+    gl
+}
+
+fn tfmirror(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tfmirror"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TFMIRROR_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.output().expect("run tfmirror")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+async fn file_url(m: &Mirror, module: &str, version: &str) -> String {
+    let dl = client()
+        .get(format!("{}{V1}/{module}/{version}/download", m.url()))
+        .header("authorization", format!("Bearer {ALICE}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dl.status(), 204);
+    let get = dl.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .replace("&archive=tgz", "");
+    format!("{}{get}", m.url())
+}
+
+async fn fetch_to_cache(file: &str) {
+    let r = client().get(file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    for _ in 0..200 {
+        let h = client().head(file).send().await.unwrap();
+        if h.headers()["x-cache-status"] == "HIT" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_access_log_carry_no_secrets() {
+    let gl = gitlab().await;
+    let metrics_port = free_port();
+    let config = format!("metrics_listen: 127.0.0.1:{metrics_port}\n");
+    let m = Mirror::start_with_config(&gl.url(), &config).await;
+    let file = file_url(&m, "infra/vpc/aws", "1.0.0").await;
+    fetch_to_cache(&file).await;
+    let _ = client()
+        .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
+        .send()
+        .await;
+
+    let body = client()
+        .get(format!("http://127.0.0.1:{metrics_port}/-/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for family in [
+        "tfmirror_requests_total",
+        "tfmirror_request_duration_seconds",
+        "tfmirror_upstream_requests_total",
+        "tfmirror_upstream_duration_seconds",
+        "tfmirror_cache_bytes",
+        "tfmirror_cache_entries",
+        "tfmirror_cache_evictions_total",
+        "tfmirror_coalesced_waits_total",
+        "tfmirror_stale_served_total",
+        "tfmirror_auth_decisions_total",
+        "tfmirror_upstream_up",
+        "tfmirror_bytes_served_total",
+    ] {
+        assert!(body.contains(family), "missing {family}");
+    }
+    assert!(body.contains(
+        r#"tfmirror_requests_total{cache="HIT",method="HEAD",route="module_file",status="200"}"#
+    ));
+    for secret in [ALICE, "token=", "infra", "vpc"] {
+        assert!(!body.contains(secret), "{secret} leaked into metrics");
+    }
+    assert_eq!(m.metric("tfmirror_upstream_up", "").await, 1.0);
+
+    let line = m
+        .logs()
+        .lines()
+        .find(|l| l.contains("\"route\":\"module_file\"") && l.contains("\"method\":\"GET\""))
+        .map(str::to_string)
+        .expect("an access line for the download");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let f = &v["fields"];
+    assert_eq!(f["module"], "infra/vpc/aws");
+    assert_eq!(f["version"], "1.0.0");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["cache"], "MISS");
+    assert_eq!(f["upstream_status"], 200);
+    assert!(f["bytes"].as_u64().unwrap() > 0);
+    assert!(f["duration_ms"].as_f64().is_some());
+    assert_eq!(f["identity"].as_str().unwrap().len(), 8);
+    assert!(!m.logs().contains(ALICE) && !m.logs().contains("token="));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_cli_lists_verifies_purges_and_collects() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let a = file_url(&m, "infra/vpc/aws", "1.0.0").await;
+    let b = file_url(&m, "infra/vpc/aws", "1.1.0").await;
+    fetch_to_cache(&a).await;
+    fetch_to_cache(&b).await;
+    let dir = m.cache_dir().join("cache");
+    let dir = dir.to_str().unwrap();
+
+    let ls = tfmirror(&["cache", "ls", "--cache-dir", dir]);
+    assert!(ls.status.success(), "{}", text(&ls));
+    assert!(text(&ls).contains("infra/vpc/aws@1.0.0") && text(&ls).contains("infra/vpc/aws@1.1.0"));
+
+    let ok = tfmirror(&["cache", "verify", "--cache-dir", dir]);
+    assert!(ok.status.success(), "{}", text(&ok));
+
+    // Damage one blob: verify names it and fails.
+    let blob = find_blob(
+        &Path::new(dir).join("blobs"),
+        &gl.tarball("infra", "vpc", "aws", "1.1.0"),
+    );
+    std::fs::write(&blob, b"rotten").unwrap();
+    let bad = tfmirror(&["cache", "verify", "--cache-dir", dir]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad).contains("DAMAGED infra/vpc/aws@1.1.0"),
+        "{}",
+        text(&bad)
+    );
+    assert!(!text(&bad).contains("DAMAGED infra/vpc/aws@1.0.0"));
+
+    // Purge the damaged version while the server runs: the next download fills again.
+    let purge = tfmirror(&["cache", "purge", "--cache-dir", dir, "infra/vpc/aws@1.1.0"]);
+    assert!(purge.status.success(), "{}", text(&purge));
+    let ok = tfmirror(&["cache", "verify", "--cache-dir", dir]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    let r = client().get(&b).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.1.0")
+    );
+
+    // gc removes an old orphan blob and leaves referenced ones.
+    let orphan = Path::new(dir).join("blobs/00/".to_string() + &"0".repeat(64));
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"orphan").unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&orphan)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let gc = tfmirror(&["cache", "gc", "--cache-dir", dir]);
+    assert!(gc.status.success(), "{}", text(&gc));
+    assert!(text(&gc).contains("removed 1 orphan"), "{}", text(&gc));
+    assert!(!orphan.exists());
+    assert!(tfmirror(&["cache", "verify", "--cache-dir", dir])
+        .status
+        .success());
+
+    let nonsense = tfmirror(&["cache", "purge", "--cache-dir", dir, "not-a-module"]);
+    assert!(!nonsense.status.success());
+}
+
+fn find_blob(dir: &Path, content: &[u8]) -> std::path::PathBuf {
+    for shard in std::fs::read_dir(dir).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            if std::fs::read(&p).unwrap() == content {
+                return p;
+            }
+        }
+    }
+    panic!("blob not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_purge_endpoint_needs_the_admin_token() {
+    let gl = gitlab().await;
+    let off = Mirror::start(&gl.url()).await;
+    let r = client()
+        .post(format!("{}/-/admin/purge?module=infra/vpc/aws", off.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "off without a configured token");
+
+    let m = Mirror::start_with_config(&gl.url(), &format!("admin_token: {ADMIN}\n")).await;
+    let file = file_url(&m, "infra/vpc/aws", "1.0.0").await;
+    fetch_to_cache(&file).await;
+    let purge = |token: &str| {
+        client()
+            .post(format!(
+                "{}/-/admin/purge?module=infra/vpc/aws@1.0.0",
+                m.url()
+            ))
+            .header("authorization", format!("Bearer {token}"))
+            .send()
+    };
+    assert_eq!(purge("wrong-token-000000000").await.unwrap().status(), 401);
+    let r = purge(ADMIN).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(
+        r.headers()["x-cache-status"],
+        "MISS",
+        "purged: filled again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warmed_cache_serves_the_token_holder_with_gitlab_gone() {
+    let gl = gitlab().await;
+    // The mirror's own cache directory, warmed while no server runs on it.
+    let mut m = Mirror::start(&gl.url()).await;
+    m.kill();
+    let cache = m.cache_dir().join("cache");
+    let out = tfmirror(&[
+        "warm",
+        "--upstream",
+        &gl.url(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--token",
+        ALICE,
+        "infra/vpc/aws@~> 1.0",
+        "infra/dns/aws",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("infra/vpc/aws: cached 1.0.0, 1.1.0"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(ALICE));
+    let ls = text(&tfmirror(&[
+        "cache",
+        "ls",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]));
+    assert!(ls.contains("infra/vpc/aws@1.1.0") && ls.contains("infra/dns/aws@0.1.0"));
+    assert!(
+        !ls.contains("infra/vpc/aws@2.0.0"),
+        "the constraint excluded 2.0.0"
+    );
+
+    // GitLab goes away; the mirror on the warmed directory serves Alice.
+    gl.set_fault(Fault::Down);
+    m.restart().await;
+    let ws = Workspace::new(
+        &m.url(),
+        &[
+            Module::new("vpc", "infra/vpc/aws", "~> 1.0"),
+            Module::new("dns", "infra/dns/aws", "0.1.0"),
+        ],
+    );
+    let run = ws.init(Some(ALICE)).await;
+    assert!(run.ok(), "{}\n{}", run.output(), m.logs());
+    assert_eq!(run.version_of("vpc"), Some("1.1.0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_from_tf_files_and_sync_a_group() {
+    let gl = gitlab().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("main.tf"),
+        "module \"vpc\" {\n  source  = \"gitlab.example.com/infra/vpc/aws\"\n  version = \">= 2.0\"\n}\n",
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let out = tfmirror(&[
+        "warm",
+        "--upstream",
+        &gl.url(),
+        "--cache-dir",
+        c,
+        "--token",
+        ALICE,
+        "--from",
+        dir.path().to_str().unwrap(),
+        "--host",
+        "gitlab.example.com",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ls = text(&tfmirror(&["cache", "ls", "--cache-dir", c]));
+    assert!(
+        ls.contains("infra/vpc/aws@2.0.0") && !ls.contains("infra/vpc/aws@1.0.0"),
+        "{ls}"
+    );
+
+    // Every module of the group, through the Packages API (numeric id, paginated).
+    let synced = tempfile::tempdir().unwrap();
+    let s = synced.path().to_str().unwrap();
+    let out = tfmirror(&[
+        "sync",
+        "--upstream",
+        &gl.url(),
+        "--cache-dir",
+        s,
+        "--token",
+        ALICE,
+        "--group",
+        "100",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let ls = text(&tfmirror(&["cache", "ls", "--cache-dir", s]));
+    for v in [
+        "infra/vpc/aws@1.0.0",
+        "infra/vpc/aws@1.1.0",
+        "infra/vpc/aws@2.0.0",
+        "infra/dns/aws@0.1.0",
+    ] {
+        assert!(ls.contains(v), "{v} not synced:\n{ls}");
+    }
+    assert!(gl
+        .hits()
+        .iter()
+        .any(|h| h.path == "/api/v4/groups/100/packages"));
+
+    // A token GitLab refuses warms nothing, and says so.
+    let out = tfmirror(&[
+        "warm",
+        "--upstream",
+        &gl.url(),
+        "--cache-dir",
+        s,
+        "--token",
+        "glpat-nope",
+        "infra/vpc/aws",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("401"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_loses_no_request() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let url = format!("{}/.well-known/terraform.json", m.url());
+    // Clients hammer tfmirror throughout the handover.
+    let load = tokio::spawn(async move {
+        let c = client();
+        let (mut ok, mut failed) = (0, 0);
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            match c.get(&url).send().await {
+                Ok(r) if r.status() == 200 => ok += 1,
+                _ => failed += 1,
+            }
+        }
+        (ok, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The new process takes the sockets over; the old one is told to hand them off.
+    let cache = m.cache_dir().join("cache");
+    let mut new = Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args([
+            "serve",
+            "--upgrade",
+            "--listen",
+            &m.addr.to_string(),
+            "--upstream",
+            &gl.url(),
+        ])
+        .args(["--cache-dir", cache.to_str().unwrap()])
+        .stderr(std::fs::File::create(m.cache_dir().join("new.log")).unwrap())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quit = Command::new("kill")
+        .args(["-QUIT", &m.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(quit.success());
+    let (ok, failed) = load.await.unwrap();
+    assert_eq!(
+        failed, 0,
+        "{failed} requests failed during the upgrade ({ok} succeeded)"
+    );
+    assert!(ok > 100);
+    // The new process serves on its own now.
+    let r = client()
+        .get(format!("{}/-/health", m.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = new.kill();
+    let _ = new.wait();
+}
