@@ -363,7 +363,7 @@ fn run_warm(
                 Ok(v) => progress.line(format!("{}: cached {}", w.module, v.join(", "))),
                 Err(e) => {
                     failures += 1;
-                    progress.line(format!("{e}"));
+                    progress.line(e);
                 }
             }
         }
