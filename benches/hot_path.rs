@@ -1,11 +1,17 @@
-//! Micro-benchmarks of the per-request work: route parsing and `X-Terraform-Get` rewriting.
+//! Micro-benchmarks of the per-request work on the cache-hit path.
 //! Run: `cargo bench --bench hot_path`.
 
-use criterion::{criterion_group, criterion_main, Criterion};
-use http::Method;
 use std::hint::black_box;
+use std::time::Duration;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderValue, Method};
+use tfmirror::cache::Cache;
+use tfmirror::identity::{Identity, Secret};
 use tfmirror::rewrite::{PublicBase, Rewriter};
-use tfmirror::routes;
+use tfmirror::routes::{self, ModuleId};
+use tfmirror::token::Tokens;
 
 fn parse(c: &mut Criterion) {
     let file = "/api/v4/packages/terraform/modules/v1/infra/vpc/aws/1.10.0/file";
@@ -35,5 +41,48 @@ fn rewrite(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, rewrite);
+fn tokens_and_identity(c: &mut Criterion) {
+    let secret = Secret::from_master(&[7; 32]);
+    let tokens = Tokens::new(*secret.token_key(), Duration::from_secs(600));
+    let module = ModuleId {
+        namespace: "infra".into(),
+        name: "vpc".into(),
+        system: "aws".into(),
+    };
+    let id = Identity([9; 16]);
+    let token = tokens.mint(&module, "1.10.0", id);
+    c.bench_function("token mint", |b| {
+        b.iter(|| tokens.mint(black_box(&module), "1.10.0", id))
+    });
+    c.bench_function("token verify", |b| {
+        b.iter(|| tokens.verify(Some(black_box(&token)), &module, "1.10.0"))
+    });
+    let auth = HeaderValue::from_static("Bearer glpat-0123456789abcdefghij");
+    c.bench_function("identity hash", |b| {
+        b.iter(|| secret.identify(Some(black_box(&auth))))
+    });
+}
+
+fn cache_lookup(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let hot = Cache::open(dir.path(), 256 << 20, 1 << 30).unwrap();
+    let body = Bytes::from(vec![42u8; 64 << 10]);
+    let hash = rt.block_on(hot.put_small(body)).unwrap();
+    c.bench_function("cache get 64 KiB (memory)", |b| {
+        b.iter(|| rt.block_on(hot.get_small(black_box(hash))).unwrap())
+    });
+    // A second cache on the same directory starts with an empty memory tier; a tier too
+    // small to keep the blob forces every lookup to disk (read + blake3 verification).
+    let cold = Cache::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+    c.bench_function("cache get 64 KiB (disk, verified)", |b| {
+        b.iter(|| {
+            let got = rt.block_on(cold.get_small(black_box(hash))).unwrap();
+            cold.forget(&hash);
+            got
+        })
+    });
+}
+
+criterion_group!(benches, parse, rewrite, tokens_and_identity, cache_lookup);
 criterion_main!(benches);

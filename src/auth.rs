@@ -196,11 +196,18 @@ impl Auth {
         credential: Option<&HeaderValue>,
         grant: &Grant,
     ) {
-        if let Some(c) = credential {
-            let age = Duration::from_secs(unix_now().saturating_sub(grant.checked_at));
-            if let Some(left) = self.grant_ttl.checked_sub(age) {
-                self.remember_credential(identity, c, left);
-            }
+        let Some(c) = credential else { return };
+        // Already remembered: nothing to do (this runs on every cache hit).
+        if self
+            .creds
+            .get(&identity)
+            .is_some_and(|(known, _)| known == c)
+        {
+            return;
+        }
+        let age = Duration::from_secs(unix_now().saturating_sub(grant.checked_at));
+        if let Some(left) = self.grant_ttl.checked_sub(age) {
+            self.remember_credential(identity, c, left);
         }
     }
 

@@ -20,8 +20,12 @@ const FAMILIES: [&str; 12] = [
 
 #[test]
 fn grafana_dashboard_queries_only_exported_families_and_covers_them_all() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/grafana/tfmirror-dashboard.json");
-    let d: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/tfmirror-dashboard.json"
+    );
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut used = BTreeSet::new();
     for panel in d["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
@@ -30,11 +34,19 @@ fn grafana_dashboard_queries_only_exported_families_and_covers_them_all() {
                 .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .filter(|w| w.starts_with("tfmirror_"))
                 .collect();
-            assert!(!names.is_empty(), "panel {} queries no tfmirror metric", panel["title"]);
+            assert!(
+                !names.is_empty(),
+                "panel {} queries no tfmirror metric",
+                panel["title"]
+            );
             for n in names {
                 let family = FAMILIES
                     .iter()
-                    .find(|f| n == **f || n.strip_prefix(**f).is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s)))
+                    .find(|f| {
+                        n == **f
+                            || n.strip_prefix(**f)
+                                .is_some_and(|s| ["_bucket", "_sum", "_count"].contains(&s))
+                    })
                     .unwrap_or_else(|| panic!("panel {} queries unknown {n}", panel["title"]));
                 used.insert(*family);
             }

@@ -24,6 +24,10 @@ use super::blobs::{BlobStore, Hash};
 
 /// Largest read handed to one client at a time.
 const READ_CHUNK: u64 = 256 * 1024;
+/// The first bytes of every fill are also kept in memory, so that waiters of small tarballs
+/// (most modules) get them without a disk read each: a cold burst of 100 clients otherwise
+/// costs hundreds of blocking-pool hops. Past this, readers go to the file.
+const SHARED_PREFIX: usize = 8 << 20;
 
 /// Why a fill did not produce a tarball.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +67,8 @@ pub type Opener = BoxFuture<'static, Result<Source, FillError>>;
 pub struct Fill {
     file: Arc<File>,
     state: watch::Receiver<State>,
+    /// The body's first chunks, up to `SHARED_PREFIX` bytes.
+    prefix: Arc<Mutex<Vec<Bytes>>>,
 }
 
 pub struct Fills {
@@ -103,9 +109,11 @@ impl Fills {
                 .open(&temp)?,
         );
         let (tx, rx) = watch::channel(State::Connecting);
+        let prefix = Arc::new(Mutex::new(Vec::new()));
         let fill = Arc::new(Fill {
             file: file.clone(),
             state: rx,
+            prefix: prefix.clone(),
         });
         inflight.insert(key.to_string(), fill.clone());
         drop(inflight);
@@ -114,7 +122,7 @@ impl Fills {
         let key = key.to_string();
         let opener = open();
         tokio::spawn(async move {
-            let result = run(opener, &tx, file, temp.clone(), blobs, on_commit).await;
+            let result = run(opener, &tx, file, prefix, temp.clone(), blobs, on_commit).await;
             // Leave the map before announcing the end, so a request arriving after a failure
             // starts a fresh fill instead of joining a dead one.
             fills.inflight.lock().expect("fills lock").remove(&key);
@@ -138,6 +146,7 @@ async fn run(
     opener: Opener,
     tx: &watch::Sender<State>,
     file: Arc<File>,
+    prefix: Arc<Mutex<Vec<Bytes>>>,
     temp: PathBuf,
     blobs: Arc<BlobStore>,
     on_commit: impl FnOnce(Hash, u64) + Send + 'static,
@@ -151,6 +160,9 @@ async fn run(
         let chunk = chunk.map_err(FillError::Upstream)?;
         hasher.update(&chunk);
         let n = chunk.len() as u64;
+        if written + n <= SHARED_PREFIX as u64 {
+            prefix.lock().expect("prefix lock").push(chunk.clone());
+        }
         let (f, at) = (file.clone(), written);
         tokio::task::spawn_blocking(move || f.write_all_at(&chunk, at))
             .await
@@ -221,6 +233,8 @@ impl Fill {
         FillReader {
             file: self.file.clone(),
             state: self.state.clone(),
+            prefix: self.prefix.clone(),
+            next_chunk: 0,
             offset: 0,
         }
     }
@@ -229,6 +243,9 @@ impl Fill {
 pub struct FillReader {
     file: Arc<File>,
     state: watch::Receiver<State>,
+    prefix: Arc<Mutex<Vec<Bytes>>>,
+    /// Index of the next in-memory chunk, while the reader is within the prefix.
+    next_chunk: usize,
     offset: u64,
 }
 
@@ -248,6 +265,18 @@ impl FillReader {
                 State::Failed(e) => return Err(e.clone()),
             };
             if available > self.offset {
+                // Within the in-memory prefix: no disk read.
+                let chunk = self
+                    .prefix
+                    .lock()
+                    .expect("prefix lock")
+                    .get(self.next_chunk)
+                    .cloned();
+                if let Some(c) = chunk {
+                    self.next_chunk += 1;
+                    self.offset += c.len() as u64;
+                    return Ok(Some(c));
+                }
                 let n = (available - self.offset).min(READ_CHUNK);
                 let (f, at) = (self.file.clone(), self.offset);
                 let buf = tokio::task::spawn_blocking(move || {

@@ -54,6 +54,9 @@ pub struct Cache {
     pub fills: Arc<Fills>,
     memory: moka::sync::Cache<Hash, Bytes>,
     memory_evictions: Arc<std::sync::atomic::AtomicU64>,
+    /// Front for the tarball index on disk: the `/file` hit path must not read a file per
+    /// request. Short-lived, so that `tfmirror cache purge` run beside a server takes effect.
+    index: moka::sync::Cache<String, TarballEntry>,
     /// Larger blobs are streamed from disk and never held in memory whole.
     memory_max_object: u64,
 }
@@ -81,6 +84,10 @@ impl Cache {
             fills: Arc::new(Fills::default()),
             memory,
             memory_evictions: evictions,
+            index: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(std::time::Duration::from_secs(30))
+                .build(),
             // A single object may take at most 1/16 of the memory tier (and never more than
             // 64 MiB), so one large tarball cannot flush every hot listing.
             memory_max_object: (memory_size / 16).min(64 << 20),
@@ -155,12 +162,17 @@ impl Cache {
     /// The index entry of a tarball. Keys come from [`tarball_key`] and
     /// [`project_tarball_key`].
     pub async fn tarball(&self, key: &str) -> Option<TarballEntry> {
+        if let Some(e) = self.index.get(key) {
+            return Some(e);
+        }
         let meta = self.meta.clone();
-        let key = key.to_string();
-        tokio::task::spawn_blocking(move || meta.get(KIND_TARBALL, &key))
+        let k = key.to_string();
+        let entry: TarballEntry = tokio::task::spawn_blocking(move || meta.get(KIND_TARBALL, &k))
             .await
             .ok()
-            .flatten()
+            .flatten()?;
+        self.index.insert(key.to_string(), entry.clone());
+        Some(entry)
     }
 
     /// Record a committed tarball (blocking: called from the fill's commit step).
@@ -173,6 +185,7 @@ impl Cache {
     }
 
     pub async fn drop_tarball(&self, key: &str) {
+        self.index.invalidate(key);
         let meta = self.meta.clone();
         let key = key.to_string();
         let _ = tokio::task::spawn_blocking(move || meta.remove(KIND_TARBALL, &key)).await;

@@ -89,6 +89,7 @@ pub struct Inner {
     hits: Mutex<Vec<Hit>>,
     fault: watch::Sender<Fault>,
     object_storage: Mutex<bool>,
+    record_headers: Mutex<bool>,
     jwt_ttl: Mutex<Duration>,
     secret: Vec<u8>,
     /// Relative URL root ("" or "/gitlab"); part of every URL the fake hands out.
@@ -121,6 +122,7 @@ impl FakeGitlab {
             hits: Mutex::new(Vec::new()),
             fault,
             object_storage: Mutex::new(false),
+            record_headers: Mutex::new(true),
             jwt_ttl: Mutex::new(Duration::from_secs(300)),
             secret: b"fake-gitlab-jwt-secret".to_vec(),
             prefix: prefix.to_string(),
@@ -201,6 +203,28 @@ impl FakeGitlab {
             .unwrap();
         let tgz = module_tarball(&format!("{group}/{name}/{system}"), version, size);
         entry.1.insert(version.into(), tgz);
+    }
+
+    /// Serve exactly `bytes` for a version (benchmarks: size matters, gzip does not).
+    pub fn set_tarball_raw(
+        &self,
+        group: &str,
+        name: &str,
+        system: &str,
+        version: &str,
+        bytes: Bytes,
+    ) {
+        let mut r = self.inner.registry.lock().unwrap();
+        let entry = r
+            .modules
+            .entry((group.into(), name.into(), system.into()))
+            .or_insert_with(|| (0, BTreeMap::new()));
+        entry.1.insert(version.into(), bytes);
+    }
+
+    /// Stop recording requests' headers (under load, the log is only needed for counts).
+    pub fn set_record_headers(&self, on: bool) {
+        *self.inner.record_headers.lock().unwrap() = on;
     }
 
     pub fn tarball(&self, group: &str, name: &str, system: &str, version: &str) -> Bytes {
@@ -408,7 +432,11 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
         method: req.method().clone(),
         path,
         query: req.uri().query().map(str::to_string),
-        headers: req.headers().clone(),
+        headers: if *inner.record_headers.lock().unwrap() {
+            req.headers().clone()
+        } else {
+            HeaderMap::new()
+        },
     });
     let fault = inner.fault.borrow().clone();
     match fault {

