@@ -258,14 +258,20 @@ fn bearer(credential: &Credential) -> Result<Option<http::HeaderValue>, ExitCode
     }
 }
 
-fn warm(args: WarmArgs) -> ExitCode {
-    let config = match load(&args.common, Overrides::default()) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
+/// Settings, logging and credential of the commands that act for a token (`warm`, `sync`).
+fn client_setup(
+    common: &Common,
+    credential: &Credential,
+) -> Result<(Config, Option<http::HeaderValue>), ExitCode> {
+    let config = load(common, Overrides::default())?;
+    // Progress goes to the terminal; only warnings and errors are logged.
     init_logging(LogLevel::Warn.min(config.log_level));
-    let cred = match bearer(&args.credential) {
-        Ok(c) => c,
+    Ok((config, bearer(credential)?))
+}
+
+fn warm(args: WarmArgs) -> ExitCode {
+    let (config, cred) = match client_setup(&args.common, &args.credential) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let mut wants = Vec::new();
@@ -301,13 +307,8 @@ fn warm(args: WarmArgs) -> ExitCode {
 }
 
 fn sync(args: SyncArgs) -> ExitCode {
-    let config = match load(&args.common, Overrides::default()) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    init_logging(LogLevel::Warn.min(config.log_level));
-    let cred = match bearer(&args.credential) {
-        Ok(c) => c,
+    let (config, cred) = match client_setup(&args.common, &args.credential) {
+        Ok(x) => x,
         Err(code) => return code,
     };
     let parts = match tfmirror::server::open(&config) {

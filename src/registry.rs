@@ -239,8 +239,7 @@ impl Registry {
                 }
             }
         }
-        if let Some(neg) = self.auth.negative(identity, &path) {
-            write_negative(session, &neg).await?;
+        if self.replay_refusal(session, identity, &path).await? {
             return Ok(outcome(CacheStatus::Hit, None));
         }
 
@@ -293,6 +292,20 @@ impl Registry {
                         .await
                 }
             },
+        }
+    }
+
+    /// Replay a refusal GitLab gave this identity moments ago, sparing GitLab a storm of
+    /// identical requests. True when a response was written.
+    async fn replay_refusal(
+        &self,
+        session: &mut Session,
+        identity: Identity,
+        path: &str,
+    ) -> Result<bool> {
+        match self.auth.negative(identity, path) {
+            Some(neg) => write_negative(session, &neg).await.map(|_| true),
+            None => Ok(false),
         }
     }
 
@@ -722,8 +735,7 @@ impl Registry {
             return Ok(outcome(CacheStatus::Hit, None));
         }
         let path = route.upstream_path();
-        if let Some(neg) = self.auth.negative(identity, &path) {
-            write_negative(session, &neg).await?;
+        if self.replay_refusal(session, identity, &path).await? {
             return Ok(outcome(CacheStatus::Hit, None));
         }
         let stale = self

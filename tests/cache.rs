@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::fake_gitlab::{FakeGitlab, Fault};
 use common::terraform::{Module, Workspace};
-use common::{client, rss_bytes, Mirror, V1};
+use common::{basic, bearer, client, rss_bytes, wait_cached, warm, Mirror, V1};
 use futures::StreamExt;
 
 const ALICE: &str = "glpat-alice-0000000000";
@@ -41,55 +41,12 @@ fn three_modules() -> Vec<Module> {
     ]
 }
 
-fn bearer(t: &str) -> String {
-    format!("Bearer {t}")
-}
-
 async fn get(url: &str, token: Option<&str>) -> reqwest::Response {
     let mut r = client().get(url);
     if let Some(t) = token {
         r = r.header("authorization", bearer(t));
     }
     r.send().await.unwrap()
-}
-
-/// The `/file` URL tfmirror hands `token` for a version.
-async fn file_url(m: &Mirror, module: &str, version: &str, token: &str) -> String {
-    let dl = get(
-        &format!("{}{V1}/{module}/{version}/download", m.url()),
-        Some(token),
-    )
-    .await;
-    assert_eq!(dl.status(), 204);
-    let get = dl.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .replace("&archive=tgz", "");
-    format!("{}{get}", m.url())
-}
-
-/// Wait until a download is committed to the cache (its fill may still be fsyncing after
-/// the last byte went out).
-async fn wait_cached(file: &str) {
-    for _ in 0..200 {
-        let r = client().head(file).send().await.unwrap();
-        if r.headers()
-            .get("x-cache-status")
-            .is_some_and(|v| v == "HIT")
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{file} never became a cache hit");
-}
-
-/// GET a download to the end, then wait for its fill to commit.
-async fn warm(file: &str) {
-    let r = client().get(file).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    r.bytes().await.unwrap();
-    wait_cached(file).await;
 }
 
 #[tokio::test]
@@ -146,7 +103,7 @@ async fn leak_matrix_on_a_warm_cache() {
     // Warm everything with authorized callers.
     assert_eq!(get(&versions, Some(ALICE)).await.status(), 200);
     assert_eq!(get(&versions, Some(EVE)).await.status(), 200);
-    let file = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
     warm(&file).await;
     let hit = get(&file, None).await;
     assert_eq!(hit.headers()["x-cache-status"], "HIT");
@@ -195,7 +152,7 @@ async fn fifty_concurrent_cold_requests_make_one_upstream_fetch() {
     let gl = gitlab().await;
     gl.set_tarball_size("infra", "vpc", "aws", "1.1.0", 2 << 20);
     let m = Mirror::start(&gl.url()).await;
-    let file = file_url(&m, "infra/vpc/aws", "1.1.0", ALICE).await;
+    let file = m.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
     gl.set_fault(Fault::Latency(Duration::from_millis(300)));
     let tasks: Vec<_> = (0..50)
         .map(|_| {
@@ -225,7 +182,7 @@ async fn large_tarball_streams_with_flat_memory() {
     gl.set_tarball_size("infra", "vpc", "aws", "1.1.0", size);
     let expected = blake3::hash(&gl.tarball("infra", "vpc", "aws", "1.1.0"));
     let m = Mirror::start_with_config(&gl.url(), "cache:\n  memory_size: 4MiB\n").await;
-    let file = file_url(&m, "infra/vpc/aws", "1.1.0", ALICE).await;
+    let file = m.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
     let before = rss_bytes(m.pid());
     for round in ["MISS", "HIT"] {
         if round == "HIT" {
@@ -253,7 +210,7 @@ async fn restart_keeps_the_disk_tier_and_grants() {
     let mut m = Mirror::start(&gl.url()).await;
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
     assert_eq!(get(&versions, Some(ALICE)).await.status(), 200);
-    let file = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
     warm(&file).await;
     let upstream_calls = gl.hits().len();
 
@@ -361,8 +318,8 @@ async fn corrupt_blobs_are_never_served() {
     let gl = gitlab().await;
     gl.set_tarball_size("infra", "dns", "aws", "2.0.0", 8 << 20);
     let mut m = Mirror::start_with_config(&gl.url(), "cache:\n  memory_size: 4MiB\n").await;
-    let small = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
-    let large = file_url(&m, "infra/dns/aws", "2.0.0", ALICE).await;
+    let small = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let large = m.file_url("infra/dns/aws", "2.0.0", ALICE).await;
     warm(&small).await;
     warm(&large).await;
 
@@ -373,8 +330,8 @@ async fn corrupt_blobs_are_never_served() {
 
     // As Terraform would, ask for the download URLs again (grants are fresh: answered
     // locally), then fetch.
-    let small = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
-    let large = file_url(&m, "infra/dns/aws", "2.0.0", ALICE).await;
+    let small = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let large = m.file_url("infra/dns/aws", "2.0.0", ALICE).await;
     // Small blobs are verified before the first byte: refetched, served correct.
     let r = get(&small, None).await;
     assert_eq!(r.headers()["x-cache-status"], "MISS");
@@ -407,12 +364,6 @@ fn corrupt_all(dir: &std::path::Path) {
             std::fs::write(&path, bytes).unwrap();
         }
     }
-}
-
-fn basic(user: &str, token: &str) -> String {
-    use base64::Engine;
-    let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"));
-    format!("Basic {b}")
 }
 
 #[tokio::test]
@@ -494,7 +445,7 @@ async fn project_routes_share_bytes_not_access() {
     );
 
     // The same bytes through the namespace route are stored once.
-    let file = file_url(&m, "infra/vpc/aws", "1.0.0", ALICE).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
     warm(&file).await;
     let blobs = walk_files(&m.cache_dir().join("cache/blobs"));
     let tarball_blobs = blobs

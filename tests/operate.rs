@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::fake_gitlab::{FakeGitlab, Fault};
 use common::terraform::{Module, Workspace};
-use common::{client, free_port, Mirror, V1};
+use common::{client, free_port, warm, Mirror, V1};
 
 const ALICE: &str = "glpat-alice-0000000000";
 const ADMIN: &str = "admin-token-0123456789";
@@ -42,43 +42,14 @@ fn text(o: &Output) -> String {
     )
 }
 
-async fn file_url(m: &Mirror, module: &str, version: &str) -> String {
-    let dl = client()
-        .get(format!("{}{V1}/{module}/{version}/download", m.url()))
-        .header("authorization", format!("Bearer {ALICE}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(dl.status(), 204);
-    let get = dl.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .replace("&archive=tgz", "");
-    format!("{}{get}", m.url())
-}
-
-async fn fetch_to_cache(file: &str) {
-    let r = client().get(file).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    r.bytes().await.unwrap();
-    for _ in 0..200 {
-        let h = client().head(file).send().await.unwrap();
-        if h.headers()["x-cache-status"] == "HIT" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never cached");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_access_log_carry_no_secrets() {
     let gl = gitlab().await;
     let metrics_port = free_port();
     let config = format!("metrics_listen: 127.0.0.1:{metrics_port}\n");
     let m = Mirror::start_with_config(&gl.url(), &config).await;
-    let file = file_url(&m, "infra/vpc/aws", "1.0.0").await;
-    fetch_to_cache(&file).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
     let _ = client()
         .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
         .send()
@@ -139,10 +110,10 @@ async fn metrics_and_access_log_carry_no_secrets() {
 async fn cache_cli_lists_verifies_purges_and_collects() {
     let gl = gitlab().await;
     let m = Mirror::start(&gl.url()).await;
-    let a = file_url(&m, "infra/vpc/aws", "1.0.0").await;
-    let b = file_url(&m, "infra/vpc/aws", "1.1.0").await;
-    fetch_to_cache(&a).await;
-    fetch_to_cache(&b).await;
+    let a = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let b = m.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
+    warm(&a).await;
+    warm(&b).await;
     let dir = m.cache_dir().join("cache");
     let dir = dir.to_str().unwrap();
 
@@ -227,8 +198,8 @@ async fn admin_purge_endpoint_needs_the_admin_token() {
     assert_eq!(r.status(), 404, "off without a configured token");
 
     let m = Mirror::start_with_config(&gl.url(), &format!("admin_token: {ADMIN}\n")).await;
-    let file = file_url(&m, "infra/vpc/aws", "1.0.0").await;
-    fetch_to_cache(&file).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
     let purge = |token: &str| {
         client()
             .post(format!(

@@ -5,9 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use base64::Engine;
 use common::fake_gitlab::{FakeGitlab, Fault};
-use common::{client, Mirror, V1};
+use common::{basic, bearer, client, Mirror, V1};
 use reqwest::StatusCode;
 
 const ALICE: &str = "glpat-alice-0000000000";
@@ -26,31 +25,6 @@ async fn gitlab_at(prefix: &str) -> FakeGitlab {
     gl.add_module("infra", 1, "vpc", "aws", &["1.9.0", "1.10.0"]);
     gl.add_module("opensource", 2, "labels", "null", &["0.1.0"]);
     gl
-}
-
-/// The `/file` URL tfmirror hands `token` for a version (as Terraform would get it).
-async fn file_url(m: &Mirror, module: &str, version: &str, token: &str) -> String {
-    let dl = client()
-        .get(format!("{}{V1}/{module}/{version}/download", m.url()))
-        .header("authorization", bearer(token))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(dl.status(), 204);
-    let get = dl.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .replace("&archive=tgz", "");
-    format!("{}{get}", m.url())
-}
-
-fn bearer(t: &str) -> String {
-    format!("Bearer {t}")
-}
-
-fn basic(user: &str, t: &str) -> String {
-    let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{t}"));
-    format!("Basic {b}")
 }
 
 #[tokio::test]
@@ -272,7 +246,7 @@ async fn object_storage_redirects_are_followed_and_hidden() {
     gl.set_object_storage(true);
     let m = Mirror::start(&gl.url()).await;
     let c = client();
-    let file = file_url(&m, "infra/vpc/aws", "1.9.0", ALICE).await;
+    let file = m.file_url("infra/vpc/aws", "1.9.0", ALICE).await;
     let head = c.head(&file).send().await.unwrap();
     assert_eq!(
         head.status(),
@@ -596,7 +570,7 @@ async fn upstream_faults_become_gitlab_shaped_errors() {
     m.wait_upstream_up().await;
 
     // A truncated tarball is never delivered as if complete...
-    let file = file_url(&m, "infra/vpc/aws", "1.9.0", ALICE).await;
+    let file = m.file_url("infra/vpc/aws", "1.9.0", ALICE).await;
     gl.set_fault(Fault::Truncate);
     let r = c.get(&file).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -214,4 +214,59 @@ pub async fn raw_get(addr: SocketAddr, path: &str) -> (u16, String) {
     raw(addr, req.as_bytes()).await
 }
 
+/// `Authorization` value for a namespace route.
+pub fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// `Authorization` value for a project route.
+pub fn basic(user: &str, token: &str) -> String {
+    use base64::Engine;
+    let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{token}"));
+    format!("Basic {b}")
+}
+
+impl Mirror {
+    /// The `/file` URL tfmirror hands `token` for a version, as Terraform gets it (without the
+    /// `archive=tgz` that go-getter strips).
+    pub async fn file_url(&self, module: &str, version: &str, token: &str) -> String {
+        let dl = client()
+            .get(format!("{}{V1}/{module}/{version}/download", self.url()))
+            .header("authorization", bearer(token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(dl.status(), 204);
+        let get = dl.headers()["x-terraform-get"]
+            .to_str()
+            .unwrap()
+            .replace("&archive=tgz", "");
+        format!("{}{get}", self.url())
+    }
+}
+
+/// Wait until a download is committed to the cache (its fill may still be fsyncing after
+/// the last byte went out): a HEAD says HIT.
+pub async fn wait_cached(file: &str) {
+    for _ in 0..200 {
+        let r = client().head(file).send().await.unwrap();
+        if r.headers()
+            .get("x-cache-status")
+            .is_some_and(|v| v == "HIT")
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{file} never became a cache hit");
+}
+
+/// GET a download to the end, then wait for its fill to commit.
+pub async fn warm(file: &str) {
+    let r = client().get(file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    wait_cached(file).await;
+}
+
 pub const V1: &str = "/api/v4/packages/terraform/modules/v1";
