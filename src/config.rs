@@ -32,6 +32,10 @@ pub struct Config {
     pub public_url: Option<Url>,
     /// Where the disk cache and tfmirror's secrets live.
     pub cache_dir: PathBuf,
+    /// PEM certificate chain: with `tls_key`, `listen` serves HTTPS (and HTTP/2).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// A second listener serving only `/-/metrics` (it is also on the main listener).
     pub metrics_listen: Option<SocketAddr>,
     /// Bearer token for `/-/admin/...`; the admin endpoints are off when unset.
@@ -53,6 +57,8 @@ impl Default for Config {
             upstream_ca: None,
             public_url: None,
             cache_dir: PathBuf::from("./tfmirror-cache"),
+            tls_cert: None,
+            tls_key: None,
             metrics_listen: None,
             admin_token: None,
             log_level: LogLevel::Info,
@@ -229,6 +235,10 @@ pub struct Overrides {
     pub cache_dir: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
     /// `--offline`: nested, as the file's `offline.enabled`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub offline: Option<OfflineOverride>,
@@ -285,6 +295,14 @@ impl Config {
         }
         if let Some(ca) = &self.upstream_ca {
             crate::upstream::load_pem_certs(ca).map_err(|e| invalid("upstream_ca", e))?;
+        }
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => {
+                crate::tls::load(c, k).map_err(|e| invalid("tls_cert", e))?;
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err(invalid("tls_key", "is required with tls_cert")),
+            (None, Some(_)) => return Err(invalid("tls_cert", "is required with tls_key")),
         }
         if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("admin_token", "must be at least 16 characters"));

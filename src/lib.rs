@@ -53,5 +53,6 @@ pub mod rewrite;
 pub mod routes;
 pub mod server;
 pub mod sync;
+pub mod tls;
 pub mod token;
 pub mod upstream;

@@ -74,6 +74,13 @@ struct ServeArgs {
     /// scheme and Host. [env: TFMIRROR_PUBLIC_URL] [config: public_url]
     #[arg(long, value_name = "URL")]
     public_url: Option<String>,
+    /// PEM certificate chain: `--listen` then serves HTTPS and HTTP/2. Reloaded when the file
+    /// changes. [env: TFMIRROR_TLS_CERT] [config: tls_cert]
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// PEM private key for --tls-cert. [env: TFMIRROR_TLS_KEY] [config: tls_key]
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<String>,
     /// Never contact the upstream: serve only the cache, under the same access rules.
     /// [env: TFMIRROR_OFFLINE__ENABLED] [config: offline.enabled]
     #[arg(long)]
@@ -175,6 +182,8 @@ fn serve(args: ServeArgs) -> ExitCode {
     let extra = Overrides {
         listen: args.listen,
         public_url: args.public_url,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
         offline: args
             .offline
             .then_some(tfmirror::config::OfflineOverride { enabled: true }),

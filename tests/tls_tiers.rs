@@ -1,0 +1,280 @@
+//! HTTPS and tiers: Terraform discovering tfmirror over HTTPS with no `host` override,
+//! upstream certificate verification, and an edge tfmirror chained to a regional one.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_gitlab::{FakeGitlab, Fault};
+use common::terraform::{Module, Workspace};
+use common::{bearer, client, Mirror, V1};
+
+const ALICE: &str = "glpat-alice-0000000000";
+
+/// A private CA and a certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem).
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: String,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tfmirror test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca, &ca_key)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        Pki { dir, ca: ca.pem() }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
+    }
+
+    fn cert_pem(&self) -> String {
+        std::fs::read_to_string(self.path("cert.pem")).unwrap()
+    }
+
+    fn key_pem(&self) -> String {
+        std::fs::read_to_string(self.path("key.pem")).unwrap()
+    }
+
+    /// An HTTPS client that trusts this CA only.
+    fn client(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+    }
+}
+
+async fn gitlab() -> FakeGitlab {
+    let gl = FakeGitlab::start().await;
+    gl.add_token(ALICE, "alice");
+    gl.add_group("infra", false, &[ALICE]);
+    gl.add_module("infra", 1, "vpc", "aws", &["1.0.0", "1.1.0"]);
+    gl.add_module("infra", 2, "dns", "aws", &["2.0.0"]);
+    gl
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terraform_discovers_tfmirror_over_https() {
+    let pki = Pki::new();
+    let gl = gitlab().await;
+    let m = Mirror::start_with(
+        &gl.url(),
+        &[
+            "--tls-cert",
+            &pki.path("cert.pem"),
+            "--tls-key",
+            &pki.path("key.pem"),
+        ],
+    )
+    .await;
+    let host = m.addr.to_string(); // "127.0.0.1:PORT": Terraform accepts an IP:port registry host
+    let cli = format!("credentials \"{host}\" {{\n  token = \"{ALICE}\"\n}}\n");
+    let ws = Workspace::with_cli_config(
+        &[
+            Module::at(&host, "vpc", "infra/vpc/aws", "~> 1.0"),
+            Module::at(&host, "dns", "infra/dns/aws", "2.0.0"),
+        ],
+        &cli,
+    );
+    let run = ws
+        .init_env(None, &[("SSL_CERT_FILE", &pki.path("ca.pem"))])
+        .await;
+    assert!(run.ok(), "{}\n{}", run.output(), m.logs());
+    assert_eq!(run.version_of("vpc"), Some("1.1.0"));
+    // Discovery itself came from tfmirror, over HTTPS.
+    assert!(m.logs().contains("\"route\":\"discovery\""));
+
+    // Without trust in the CA, Terraform refuses the registry.
+    let ws =
+        Workspace::with_cli_config(&[Module::at(&host, "vpc", "infra/vpc/aws", "~> 1.0")], &cli);
+    let untrusted = ws.init(None).await;
+    assert!(!untrusted.ok());
+
+    // HTTP/2 is offered through ALPN.
+    let r = pki
+        .client()
+        .get(format!("https://{host}/.well-known/terraform.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    // Absolute rewrites use the https scheme of the listener.
+    let r = pki
+        .client()
+        .get(format!(
+            "https://{host}/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.0.0?terraform-get=1"
+        ))
+        .header("authorization", common::basic("alice", ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .starts_with(&format!("https://{host}/")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_certificates_are_verified() {
+    let pki = Pki::new();
+    let gl = FakeGitlab::start_tls(&pki.cert_pem(), &pki.key_pem()).await;
+    gl.add_token(ALICE, "alice");
+    gl.add_group("infra", false, &[ALICE]);
+    gl.add_module("infra", 1, "vpc", "aws", &["1.0.0"]);
+    assert!(gl.url().starts_with("https://"));
+
+    let trusted = Mirror::start_with(&gl.url(), &["--upstream-ca", &pki.path("ca.pem")]).await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", trusted.url());
+    let r = client()
+        .get(&versions)
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Pass-through goes over pingora's own TLS connector, with the same trust.
+    let r = client()
+        .get(format!("{}/api/v4/version", trusted.url()))
+        .header("private-token", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let file = trusted.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+
+    // Without the CA, the self-signed upstream is refused, with a clear error.
+    let untrusted = Mirror::start(&gl.url()).await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", untrusted.url());
+    let r = client()
+        .get(&versions)
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let r = client()
+        .get(format!("{}/api/v4/version", untrusted.url()))
+        .header("private-token", ALICE)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let logs = untrusted.logs().to_lowercase();
+    assert!(
+        logs.contains("certificate") || logs.contains("cert"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_to_regional_to_gitlab() {
+    let gl = gitlab().await;
+    let config = "auth:\n  grant_ttl: 1s\n";
+    let mut regional = Mirror::start_with_config(&gl.url(), config).await;
+    let edge = Mirror::start_with_config(&regional.url(), config).await;
+    let modules = [
+        Module::new("vpc", "infra/vpc/aws", "~> 1.0"),
+        Module::new("dns", "infra/dns/aws", "2.0.0"),
+    ];
+    let run = Workspace::new(&edge.url(), &modules)
+        .init(Some(ALICE))
+        .await;
+    assert!(
+        run.ok(),
+        "{}\nedge:\n{}\nregional:\n{}",
+        run.output(),
+        edge.logs(),
+        regional.logs()
+    );
+    assert_eq!(run.version_of("vpc"), Some("1.1.0"));
+    assert_eq!(gl.count("/file"), 2, "GitLab sent each tarball once");
+
+    // A second edge on the same regional: the regional tier caches too.
+    let edge2 = Mirror::start_with_config(&regional.url(), config).await;
+    let run = Workspace::new(&edge2.url(), &modules)
+        .init(Some(ALICE))
+        .await;
+    assert!(run.ok(), "{}", run.output());
+    assert_eq!(
+        gl.count("/file"),
+        2,
+        "the regional tier served the second edge's tarballs"
+    );
+
+    // The edge keeps serving what it holds with the regional tier and GitLab gone.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    regional.kill();
+    gl.set_fault(Fault::Down);
+    let run = Workspace::new(&edge.url(), &modules)
+        .init(Some(ALICE))
+        .await;
+    assert!(run.ok(), "{}\n{}", run.output(), edge.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_served_without_a_restart() {
+    let pki = Pki::new();
+    let gl = gitlab().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(pki.path("cert.pem"), &cert).unwrap();
+    std::fs::copy(pki.path("key.pem"), &key).unwrap();
+    let m = Mirror::start_with(
+        &gl.url(),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let served = || async {
+        let c = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .tls_info(true)
+            .build()
+            .unwrap();
+        let r = c.get(format!("{}/-/health", m.url())).send().await.unwrap();
+        let info = r.extensions().get::<reqwest::tls::TlsInfo>().unwrap();
+        info.peer_certificate().unwrap().to_vec()
+    };
+    let before = served().await;
+
+    // A renewal writes a new certificate and key in place (another CA, another key).
+    let renewed = Pki::new();
+    std::fs::write(&cert, renewed.cert_pem()).unwrap();
+    std::fs::write(&key, renewed.key_pem()).unwrap();
+    tokio::time::sleep(tfmirror::tls::CHECK_EVERY + Duration::from_secs(1)).await;
+    let after = served().await;
+    assert_ne!(before, after, "the renewed certificate is served");
+    let r = renewed
+        .client()
+        .get(format!("{}/-/health", m.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "and it verifies against its CA");
+}
