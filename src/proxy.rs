@@ -223,6 +223,7 @@ impl Proxy {
             Ok(n) => {
                 let module = spec.split('@').next().unwrap_or_default();
                 self.registry.auth.forget_module(module);
+                self.registry.cache.forget_index();
                 tracing::info!(records = n, "purged through the admin endpoint");
                 let body = serde_json::json!({ "purged": n }).to_string();
                 respond::json(session, StatusCode::OK, body).await

@@ -109,7 +109,7 @@ async fn metrics_and_access_log_carry_no_secrets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_cli_lists_verifies_purges_and_collects() {
     let gl = gitlab().await;
-    let m = Mirror::start(&gl.url()).await;
+    let mut m = Mirror::start(&gl.url()).await;
     let a = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
     let b = m.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
     warm(&a).await;
@@ -144,12 +144,23 @@ async fn cache_cli_lists_verifies_purges_and_collects() {
     assert!(purge.status.success(), "{}", text(&purge));
     let ok = tfmirror(&["cache", "verify", "--cache-dir", dir]);
     assert!(ok.status.success(), "{}", text(&ok));
+    // The running server keeps answering correctly meanwhile (from memory, or refilled); it
+    // sees the purge within its 30 s index lifetime, and at once after a restart.
+    let r = client().get(&b).send().await.unwrap();
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.1.0")
+    );
+    m.restart().await;
+    // As Terraform would: ask for the download URL, then fetch.
+    let b = m.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
     let r = client().get(&b).send().await.unwrap();
     assert_eq!(r.headers()["x-cache-status"], "MISS");
     assert_eq!(
         r.bytes().await.unwrap(),
         gl.tarball("infra", "vpc", "aws", "1.1.0")
     );
+    warm(&b).await;
 
     // gc removes an old orphan blob and leaves referenced ones.
     let orphan = Path::new(dir).join("blobs/00/".to_string() + &"0".repeat(64));

@@ -184,6 +184,11 @@ impl Cache {
         meta.put(KIND_TARBALL, key, entry)
     }
 
+    /// Forget the in-memory index front (after a purge on disk).
+    pub fn forget_index(&self) {
+        self.index.invalidate_all();
+    }
+
     pub async fn drop_tarball(&self, key: &str) {
         self.index.invalidate(key);
         let meta = self.meta.clone();
