@@ -43,6 +43,10 @@ const HOP_BY_HOP: [&str; 5] = [
     "trailer",
 ];
 
+/// Total request header bytes accepted. Pingora reads up to ~1 MiB of headers; registry
+/// requests need a few hundred bytes, and nginx's default large-header buffers hold 32 KiB.
+const MAX_HEADER_BYTES: usize = 32 * 1024;
+
 const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
 
 pub struct Proxy {
@@ -57,6 +61,8 @@ pub struct Proxy {
     /// blake3 of the admin token; admin endpoints are off without one.
     admin_token: Option<blake3::Hash>,
     cache_dir: std::path::PathBuf,
+    /// `listen`, for requests without a `Host`.
+    listen: String,
 }
 
 /// Per-request state, filled in as the request moves through the hooks.
@@ -93,6 +99,7 @@ impl Proxy {
                 .as_ref()
                 .map(|t| blake3::hash(t.as_bytes())),
             cache_dir: config.cache_dir.clone(),
+            listen: config.listen.to_string(),
         }
     }
 
@@ -101,11 +108,14 @@ impl Proxy {
         if let Some(p) = &self.public_url {
             return Some(p.clone());
         }
-        let host = req
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))?;
+        let host = match req.headers.get(header::HOST) {
+            Some(h) => h.to_str().ok()?,
+            // HTTP/1.0 clients may send no Host: the listener's own address then.
+            None => req
+                .uri
+                .authority()
+                .map_or(self.listen.as_str(), |a| a.as_str()),
+        };
         // Only a plain authority may end up inside a URL handed back to the client.
         let authority: http::uri::Authority = host.parse().ok()?;
         if authority.as_str().contains('@') {
@@ -328,9 +338,31 @@ impl ProxyHttp for Proxy {
         }
     }
 
+    /// Runs before everything else: HTTP/1.1 clients that pipeline get their answers in
+    /// order (pingora otherwise closes the connection and drops the pipelined requests).
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        session.as_downstream_mut().set_pipelining_enabled(true);
+        Ok(())
+    }
+
     /// Runs first for every request: parse, validate, and answer locally where possible.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        if header_bytes > MAX_HEADER_BYTES {
+            session.set_keepalive(None);
+            let body = serde_json::json!({ "error": "request headers are too large" }).to_string();
+            respond::json(session, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, body).await?;
+            return Ok(true);
+        }
         let route = match routes::parse(&req.method, req.uri.path()) {
             Ok(r) => r,
             Err(reject) => {

@@ -1,0 +1,226 @@
+//! Faults and hostile input: nothing partial is kept, nothing invalid reaches GitLab, and the
+//! process stays up.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_gitlab::{FakeGitlab, Fault};
+use common::{bearer, client, raw, warm, Mirror, V1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ALICE: &str = "glpat-alice-0000000000";
+
+async fn gitlab() -> FakeGitlab {
+    let gl = FakeGitlab::start().await;
+    gl.add_token(ALICE, "alice");
+    gl.add_group("infra", false, &[ALICE]);
+    gl.add_module("infra", 1, "vpc", "aws", &["1.0.0"]);
+    gl
+}
+
+fn temp_files(m: &Mirror) -> usize {
+    std::fs::read_dir(m.cache_dir().join("cache/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_gone_mid_download_the_fill_completes_for_the_others() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 16 << 20);
+    let m = Mirror::start(&gl.url()).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    gl.set_fault(Fault::Latency(Duration::from_millis(200)));
+    // One client reads a little and hangs up; another waits for the whole body.
+    let quitter = {
+        let f = file.clone();
+        tokio::spawn(async move {
+            let r = client().get(&f).send().await.unwrap();
+            let mut s = r.bytes_stream();
+            use futures::StreamExt;
+            let _ = s.next().await;
+            drop(s);
+        })
+    };
+    let r = client().get(&file).send().await.unwrap();
+    let body = r.bytes().await.unwrap();
+    quitter.await.unwrap();
+    gl.set_fault(Fault::None);
+    assert_eq!(body, gl.tarball("infra", "vpc", "aws", "1.0.0"));
+    common::wait_cached(&file).await;
+    assert_eq!(gl.count("/file"), 1, "one fill served both");
+    assert_eq!(temp_files(&m), 0, "nothing partial left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fill_leaves_a_consistent_cache() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 32 << 20);
+    let mut m = Mirror::start(&gl.url()).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    // Slow the body so the kill lands mid-fill.
+    gl.set_fault(Fault::Latency(Duration::from_millis(300)));
+    let f = file.clone();
+    let reader = tokio::spawn(async move {
+        let r = client().get(&f).send().await;
+        if let Ok(r) = r {
+            let _ = r.bytes().await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    m.kill(); // SIGKILL
+    let _ = reader.await;
+    gl.set_fault(Fault::None);
+
+    // The cache holds no entry for the half-written tarball.
+    let dir = m.cache_dir().join("cache");
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(["cache", "verify", "--cache-dir", dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    assert!(!String::from_utf8_lossy(&verify.stdout).contains("infra/vpc/aws@1.0.0"));
+
+    m.restart().await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS", "filled again");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+    common::wait_cached(&file).await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_dns_failures_and_closed_pools() {
+    let gl = gitlab().await;
+    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 1s\n").await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    let get = || {
+        client()
+            .get(&versions)
+            .header("authorization", bearer(ALICE))
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // 429 with Retry-After: served stale, and GitLab is left alone for that long.
+    gl.set_fault(Fault::Status(429));
+    let r = get().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "STALE");
+    gl.clear_hits();
+    gl.set_fault(Fault::None);
+    // GitLab's 429 carries no Retry-After in the fake; a pooled connection closing under
+    // tfmirror (the fault switch closes them) must not fail the next request either.
+    for _ in 0..3 {
+        let r = get().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    // An upstream name that does not resolve: a clear 502, no hang, process up.
+    let nowhere = Mirror::start("http://gitlab.invalid").await;
+    let r = client()
+        .get(format!("{}{V1}/infra/vpc/aws/versions", nowhere.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let r = client()
+        .get(format!("{}/api/v4/version", nowhere.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(
+        client()
+            .get(format!("{}/-/health", nowhere.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_a_4xx_and_change_nothing() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    gl.clear_hits();
+    let host = m.addr;
+
+    // Request smuggling shape: Content-Length with Transfer-Encoding.
+    let (status, _) = raw(
+        host,
+        format!(
+            "POST /api/v4/projects/1/packages/terraform/modules/vpc/aws/9.9.9/file HTTP/1.1\r\nHost: {host}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!((400..500).contains(&status), "smuggling shape got {status}");
+
+    // Headers far over any sane size.
+    let huge = "a".repeat(128 * 1024);
+    let (status, _) = raw(
+        host,
+        format!(
+            "GET /-/health HTTP/1.1\r\nHost: {host}\r\nX-Big: {huge}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(
+        status == 0 || (400..500).contains(&status),
+        "huge header got {status}"
+    );
+
+    // A TLS ClientHello on the plain port.
+    let hello: [u8; 16] = [
+        0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03, 0, 0, 0, 0, 0,
+    ];
+    let (status, _) = raw(host, &hello).await;
+    assert!(
+        status == 0 || (400..500).contains(&status),
+        "TLS bytes got {status}"
+    );
+
+    // HTTP/1.0 works, and pipelined requests are answered in order.
+    let (status, text) = raw(host, b"GET /-/health HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 200, "{text}");
+    let mut s = tokio::net::TcpStream::connect(host).await.unwrap();
+    let two = format!(
+        "GET /-/health HTTP/1.1\r\nHost: {host}\r\n\r\nGET /.well-known/terraform.json HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(two.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    let first = text.find(r#"{"status":"ok"}"#).expect("first answer");
+    let second = text.find("modules.v1").expect("second answer");
+    assert!(first < second);
+
+    // Nothing of that reached GitLab, the cache is intact, the process is up.
+    assert!(
+        gl.hits().iter().all(|h| h.path != "/admin"),
+        "{:?}",
+        gl.hits()
+    );
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+}
