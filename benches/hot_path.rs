@@ -66,7 +66,7 @@ fn tokens_and_identity(c: &mut Criterion) {
 fn cache_lookup(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let hot = Cache::open(dir.path(), 256 << 20, 1 << 30).unwrap();
+    let hot = Cache::open(dir.path(), 256 << 20, 1 << 30, &Default::default()).unwrap();
     let body = Bytes::from(vec![42u8; 64 << 10]);
     let hash = rt.block_on(hot.put_small(body)).unwrap();
     c.bench_function("cache get 64 KiB (memory)", |b| {
@@ -74,7 +74,7 @@ fn cache_lookup(c: &mut Criterion) {
     });
     // A second cache on the same directory starts with an empty memory tier; a tier too
     // small to keep the blob forces every lookup to disk (read + blake3 verification).
-    let cold = Cache::open(dir.path(), 1 << 20, 1 << 30).unwrap();
+    let cold = Cache::open(dir.path(), 1 << 20, 1 << 30, &Default::default()).unwrap();
     c.bench_function("cache get 64 KiB (disk, verified)", |b| {
         b.iter(|| {
             let got = rt.block_on(cold.get_small(black_box(hash))).unwrap();

@@ -47,6 +47,7 @@ pub struct Config {
     pub cache: CacheConfig,
     pub auth: AuthConfig,
     pub offline: OfflineConfig,
+    pub limits: Limits,
 }
 
 impl Default for Config {
@@ -67,6 +68,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             auth: AuthConfig::default(),
             offline: OfflineConfig::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -217,6 +219,25 @@ pub enum UnknownIdentity {
     Authenticated,
     /// Anyone may read what authorized callers fetched.
     Anyone,
+}
+
+/// Bounds that keep a storm or a huge object from hurting GitLab or the disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Upstream tarball fills running at once; more wait their turn.
+    pub max_fills: usize,
+    /// Tarballs larger than this are streamed to their clients but not kept.
+    pub max_object_size: bytesize::ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_fills: 64,
+            max_object_size: bytesize::ByteSize::gib(2),
+        }
+    }
 }
 
 /// Settings given as flags. Kept as strings so that the same validation, with the same key

@@ -37,6 +37,7 @@ pub fn open(config: &Config) -> Result<Parts, String> {
             &config.cache_dir,
             config.cache.memory_size.as_u64(),
             config.cache.disk_size.as_u64(),
+            &config.limits,
         )
         .map_err(|e| format!("invalid configuration: `cache_dir`: {e}"))?,
     );

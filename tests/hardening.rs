@@ -224,3 +224,39 @@ async fn hostile_requests_get_a_4xx_and_change_nothing() {
         gl.tarball("infra", "vpc", "aws", "1.0.0")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_over_the_size_limit_are_served_not_kept() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 4 << 20);
+    gl.add_module("infra", 1, "dns", "aws", &["1.0.0"]);
+    let m = Mirror::start_with_config(
+        &gl.url(),
+        "limits:\n  max_object_size: 1MiB\n  max_fills: 1\n",
+    )
+    .await;
+    let big = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let small = m.file_url("infra/dns/aws", "1.0.0", ALICE).await;
+    // Both fills at once with a single permit: they take turns, both succeed.
+    let (a, b) = tokio::join!(client().get(&big).send(), client().get(&small).send());
+    assert_eq!(
+        a.unwrap().bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+    assert_eq!(
+        b.unwrap().bytes().await.unwrap(),
+        gl.tarball("infra", "dns", "aws", "1.0.0")
+    );
+    common::wait_cached(&small).await;
+    // The big one was never kept: asked again, it is fetched again, and left no file.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = client().get(&big).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap().len(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0").len()
+    );
+    assert_eq!(gl.count("/vpc/aws/1.0.0/file"), 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(temp_files(&m), 0);
+}

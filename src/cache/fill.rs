@@ -38,6 +38,8 @@ pub enum FillError {
     Upstream(&'static str),
     /// Local disk trouble.
     Disk,
+    /// Over `limits.max_object_size`: streamed, not kept.
+    TooLarge,
 }
 
 #[derive(Debug, Clone)]
@@ -51,6 +53,10 @@ pub enum State {
     },
     Done {
         hash: Hash,
+        size: u64,
+    },
+    /// Complete, but over `limits.max_object_size`: served, not kept.
+    Streamed {
         size: u64,
     },
     Failed(FillError),
@@ -73,12 +79,18 @@ pub struct Fill {
 
 pub struct Fills {
     inflight: Mutex<HashMap<String, Arc<Fill>>>,
+    /// Bounds the fills talking to the upstream at once (`limits.max_fills`).
+    permits: Arc<tokio::sync::Semaphore>,
+    /// Bodies larger than this are streamed to their readers but never committed.
+    max_object_size: u64,
 }
 
-impl Default for Fills {
-    fn default() -> Self {
+impl Fills {
+    pub fn new(max_fills: usize, max_object_size: u64) -> Fills {
         Fills {
             inflight: Mutex::new(HashMap::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(max_fills)),
+            max_object_size,
         }
     }
 }
@@ -122,12 +134,33 @@ impl Fills {
         let key = key.to_string();
         let opener = open();
         tokio::spawn(async move {
-            let result = run(opener, &tx, file, prefix, temp.clone(), blobs, on_commit).await;
+            // Wait for a permit before talking to the upstream; readers wait meanwhile.
+            let permit = fills.permits.clone().acquire_owned().await;
+            let limit = fills.max_object_size;
+            let result = run(
+                opener,
+                &tx,
+                file,
+                prefix,
+                temp.clone(),
+                blobs,
+                limit,
+                on_commit,
+            )
+            .await;
+            drop(permit);
             // Leave the map before announcing the end, so a request arriving after a failure
             // starts a fresh fill instead of joining a dead one.
             fills.inflight.lock().expect("fills lock").remove(&key);
             match result {
-                Ok((hash, size)) => tx.send_replace(State::Done { hash, size }),
+                Ok(Some((hash, size))) => tx.send_replace(State::Done { hash, size }),
+                // Streamed to its readers, too large to keep.
+                Ok(None) => {
+                    // Readers keep their handle on the unlinked file until they are done.
+                    let size = std::fs::metadata(&temp).map_or(0, |m| m.len());
+                    let _ = std::fs::remove_file(&temp);
+                    tx.send_replace(State::Streamed { size })
+                }
                 Err(e) => {
                     let _ = std::fs::remove_file(&temp);
                     tx.send_replace(State::Failed(e))
@@ -142,6 +175,7 @@ impl Fills {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     opener: Opener,
     tx: &watch::Sender<State>,
@@ -149,8 +183,9 @@ async fn run(
     prefix: Arc<Mutex<Vec<Bytes>>>,
     temp: PathBuf,
     blobs: Arc<BlobStore>,
+    max_object_size: u64,
     on_commit: impl FnOnce(Hash, u64) + Send + 'static,
-) -> Result<(Hash, u64), FillError> {
+) -> Result<Option<(Hash, u64)>, FillError> {
     use futures::StreamExt;
     let Source { len, mut body } = opener.await?;
     tx.send_replace(State::Streaming { written: 0, len });
@@ -179,6 +214,13 @@ async fn run(
             "body shorter or longer than Content-Length",
         ));
     }
+    if written > max_object_size {
+        tracing::warn!(
+            bytes = written,
+            "tarball over limits.max_object_size: served, not cached"
+        );
+        return Ok(None);
+    }
     let hash = hasher.finalize();
     let f = file.clone();
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
@@ -193,7 +235,7 @@ async fn run(
         tracing::error!(error = %e, "cache commit failed");
         FillError::Disk
     })?;
-    Ok((hash, written))
+    Ok(Some((hash, written)))
 }
 
 impl Fill {
@@ -204,7 +246,7 @@ impl Fill {
             match &*rx.borrow_and_update() {
                 State::Connecting => {}
                 State::Streaming { len, .. } => return Ok(*len),
-                State::Done { size, .. } => return Ok(Some(*size)),
+                State::Done { size, .. } | State::Streamed { size } => return Ok(Some(*size)),
                 State::Failed(e) => return Err(e.clone()),
             }
             if rx.changed().await.is_err() {
@@ -219,6 +261,7 @@ impl Fill {
         loop {
             match &*rx.borrow_and_update() {
                 State::Done { hash, size } => return Ok((*hash, *size)),
+                State::Streamed { .. } => return Err(FillError::TooLarge),
                 State::Failed(e) => return Err(e.clone()),
                 _ => {}
             }
@@ -256,7 +299,7 @@ impl FillReader {
             let available = match &*self.state.borrow_and_update() {
                 State::Connecting => 0,
                 State::Streaming { written, .. } => *written,
-                State::Done { size, .. } => {
+                State::Done { size, .. } | State::Streamed { size } => {
                     if self.offset >= *size {
                         return Ok(None);
                     }

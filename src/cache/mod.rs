@@ -66,6 +66,7 @@ impl Cache {
         cache_dir: &std::path::Path,
         memory_size: u64,
         disk_size: u64,
+        limits: &crate::config::Limits,
     ) -> io::Result<Cache> {
         let evictions = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = evictions.clone();
@@ -81,7 +82,10 @@ impl Cache {
         Ok(Cache {
             blobs: Arc::new(BlobStore::open(cache_dir, disk_size)?),
             meta: Arc::new(MetaStore::open(cache_dir)?),
-            fills: Arc::new(Fills::default()),
+            fills: Arc::new(Fills::new(
+                limits.max_fills,
+                limits.max_object_size.as_u64(),
+            )),
             memory,
             memory_evictions: evictions,
             index: moka::sync::Cache::builder()
