@@ -28,7 +28,18 @@ pub fn upstream_error(e: reqwest::Error) -> Box<Error> {
     } else {
         ErrorType::ReadError
     };
-    Error::because(etype, "upstream request failed", e.without_url()).into_up()
+    // The useful part (refused, timed out, unknown certificate issuer) is deep in the cause
+    // chain; the URL, which may carry a token, is stripped at the top and appears nowhere
+    // below it.
+    let e = e.without_url();
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        why.push_str(": ");
+        why.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    Error::explain(etype, format!("upstream request failed: {why}")).into_up()
 }
 
 /// The status a client should see for a transport failure.
