@@ -460,6 +460,17 @@ mod tests {
         }
     }
 
+    /// Found by fuzzing (fuzz/fuzz_targets/routes.rs): dots inside a name are not dot-segments.
+    /// They are legal in GitLab names and must round-trip through the rebuilt upstream path.
+    #[test]
+    fn dots_inside_names_round_trip() {
+        let p = "/api/v4/packages/terraform/modules/v1/infra/vpc.x/aw10r..i1sle/versions";
+        let m = module(p);
+        assert_eq!(m.module.system, "aw10r..i1sle");
+        assert_eq!(m.upstream_path(), p);
+        assert!(get("/api/v4/packages/terraform/modules/v1/infra/../aws/versions").is_err());
+    }
+
     #[test]
     fn overlong_input_is_refused() {
         let long = "a".repeat(MAX_PATH_LEN);
