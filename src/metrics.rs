@@ -98,6 +98,14 @@ pub static AUTH_DECISIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static CACHE_WRITE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_cache_write_errors_total",
+        "Tarballs that could not be written to the cache (disk full, I/O errors); they were served without caching when possible."
+    )
+    .expect("metric")
+});
+
 pub static UPSTREAM_UP: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "tfmirror_upstream_up",
@@ -129,6 +137,7 @@ pub fn init() {
     LazyLock::force(&STALE_SERVED);
     LazyLock::force(&AUTH_DECISIONS);
     LazyLock::force(&UPSTREAM_UP);
+    LazyLock::force(&CACHE_WRITE_ERRORS);
     LazyLock::force(&BYTES_SERVED);
 }
 

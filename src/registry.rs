@@ -868,7 +868,10 @@ impl Registry {
         let key = tarball_key(&route.module, version);
         let this = self.clone();
         let (module, v) = (route.module.clone(), version.to_string());
-        let open = move || async move { this.open_tarball(identity, &module, &v).await }.boxed();
+        let open = move || {
+            let (this, module, v) = (this.clone(), module.clone(), v.clone());
+            async move { this.open_tarball(identity, &module, &v).await }.boxed()
+        };
         self.serve_tarball(session, &key, identity, open).await
     }
 
@@ -879,7 +882,7 @@ impl Registry {
         session: &mut Session,
         key: &str,
         identity: Identity,
-        open: impl FnOnce() -> crate::cache::fill::Opener,
+        open: impl Fn() -> crate::cache::fill::Opener,
     ) -> Result<Outcome> {
         let head = session.req_header().method == Method::HEAD;
         let outcome = |cache, upstream_status| Outcome {
@@ -908,15 +911,28 @@ impl Registry {
             return Ok(outcome(CacheStatus::Miss, None));
         }
 
-        let (fill, leader) = self
-            .start_fill(key, open)
-            .map_err(|e| Error::because(ErrorType::InternalError, "starting a fill", e))?;
+        let (fill, leader) = match self.start_fill(key, &open) {
+            Ok(f) => f,
+            Err(e) => {
+                // No temp file (disk full, read-only): serve without caching.
+                metrics::CACHE_WRITE_ERRORS.inc();
+                tracing::error!(error = %e, "cannot write to the cache; serving without caching");
+                return self.pass_through(session, identity, open()).await;
+            }
+        };
         if !leader {
             metrics::COALESCED_WAITS.inc();
         }
 
         let len = match fill.started().await {
             Ok(len) => len,
+            Err(FillError::NoRoom) => {
+                metrics::CACHE_WRITE_ERRORS.inc();
+                tracing::error!(
+                    "the cache disk has no room for this tarball; serving it without caching"
+                );
+                return self.pass_through(session, identity, open()).await;
+            }
             Err(e) => {
                 let status = match e {
                     FillError::Refused(s) => s,
@@ -950,6 +966,52 @@ impl Registry {
             .write_response_body(Some(Bytes::new()), true)
             .await?;
         Ok(outcome(CacheStatus::Miss, Some(200)))
+    }
+
+    /// Stream a tarball straight from the upstream, uncached (the cache cannot take it).
+    async fn pass_through(
+        &self,
+        session: &mut Session,
+        identity: Identity,
+        opened: crate::cache::fill::Opener,
+    ) -> Result<Outcome> {
+        let outcome = |upstream_status| Outcome {
+            cache: CacheStatus::Bypass,
+            upstream_status,
+            identity,
+        };
+        let Source { len, mut body } = match opened.await {
+            Ok(s) => s,
+            Err(e) => {
+                let status = match e {
+                    FillError::Refused(s) => s,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                respond::error(session, status).await?;
+                return Ok(outcome(Some(status.as_u16())));
+            }
+        };
+        let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
+        h.insert_header(header::CONTENT_TYPE, OCTETS)?;
+        h.insert_header(respond::CACHE_STATUS, CacheStatus::Bypass.as_str())?;
+        if let Some(len) = len {
+            h.insert_header(header::CONTENT_LENGTH, len)?;
+        }
+        session.write_response_header(Box::new(h), false).await?;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => session.write_response_body(Some(c), false).await?,
+                Err(_) => {
+                    return Err(
+                        Error::explain(ErrorType::ReadError, "upstream body failed").into_up()
+                    )
+                }
+            }
+        }
+        session
+            .write_response_body(Some(Bytes::new()), true)
+            .await?;
+        Ok(outcome(Some(200)))
     }
 
     /// Join or start the fill of a tarball; its commit indexes it under `key`.
@@ -1231,6 +1293,7 @@ impl Registry {
         let upstream = self.upstream.clone();
         let path = format!("{base}/{version}");
         let open = move || {
+            let (upstream, path, cred) = (upstream.clone(), path.clone(), cred.clone());
             async move { source(fetch::open(&upstream, &path, cred.as_ref(), false).await) }.boxed()
         };
         self.serve_tarball(session, &key, identity, open).await

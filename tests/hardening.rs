@@ -260,3 +260,77 @@ async fn objects_over_the_size_limit_are_served_not_kept() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(temp_files(&m), 0);
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                at.to_str().unwrap(),
+            ])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        // CI runs as root; this test needs a real full disk, not a simulation.
+        assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_is_served_around() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 4 << 20);
+    gl.add_module("infra", 1, "dns", "aws", &["1.0.0"]);
+    let mut m = Mirror::start(&gl.url()).await;
+    m.kill();
+    // The cache directory becomes a 2 MiB filesystem.
+    let cache = m.cache_dir().join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let _disk = Tmpfs::mount(&cache, "2m");
+    m.restart().await;
+
+    // What fits is cached as usual.
+    let small = m.file_url("infra/dns/aws", "1.0.0", ALICE).await;
+    warm(&small).await;
+
+    // What does not fit is still answered, whole, by pass-through, and never kept.
+    let big = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    for _ in 0..2 {
+        let r = client().get(&big).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+        assert_eq!(
+            r.bytes().await.unwrap(),
+            gl.tarball("infra", "vpc", "aws", "1.0.0")
+        );
+    }
+    assert_eq!(temp_files(&m), 0, "no partial file left");
+    assert!(m.metric("tfmirror_cache_write_errors_total", "").await >= 1.0);
+    assert!(m.logs().contains("no room for this tarball"));
+    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+    assert!(!String::from_utf8_lossy(&verify.stdout).contains("vpc"));
+    m.kill();
+}

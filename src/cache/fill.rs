@@ -40,6 +40,8 @@ pub enum FillError {
     Disk,
     /// Over `limits.max_object_size`: streamed, not kept.
     TooLarge,
+    /// The cache disk has no room for a body of this length: nothing was read or written.
+    NoRoom,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +190,11 @@ async fn run(
 ) -> Result<Option<(Hash, u64)>, FillError> {
     use futures::StreamExt;
     let Source { len, mut body } = opener.await?;
+    if let Some(len) = len {
+        if !has_room(&temp, len).await {
+            return Err(FillError::NoRoom);
+        }
+    }
     tx.send_replace(State::Streaming { written: 0, len });
     let mut hasher = blake3::Hasher::new();
     let mut written = 0u64;
@@ -203,7 +210,8 @@ async fn run(
             .await
             .map_err(|_| FillError::Disk)?
             .map_err(|e| {
-                tracing::error!(error = %e, "cache write failed");
+                crate::metrics::CACHE_WRITE_ERRORS.inc();
+                tracing::error!(error = %e, "cache write failed; this fill is abandoned");
                 FillError::Disk
             })?;
         written += n;
@@ -236,6 +244,22 @@ async fn run(
         FillError::Disk
     })?;
     Ok(Some((hash, written)))
+}
+
+/// Room left on the cache's filesystem for `len` more bytes (plus 1 MiB of slack)? Checked
+/// before the first byte, so that a tarball that cannot fit is served by pass-through
+/// instead of failing half-way.
+async fn has_room(temp: &std::path::Path, len: u64) -> bool {
+    let Some(dir) = temp.parent().map(std::path::Path::to_path_buf) else {
+        return true;
+    };
+    tokio::task::spawn_blocking(move || {
+        nix::sys::statvfs::statvfs(&dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+            .map_or(true, |free| free > len.saturating_add(1 << 20))
+    })
+    .await
+    .unwrap_or(true)
 }
 
 impl Fill {
