@@ -59,8 +59,8 @@ async fn kill_9_mid_fill_leaves_a_consistent_cache() {
     gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 32 << 20);
     let mut m = Mirror::start(&gl.url()).await;
     let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
-    // Slow the body so the kill lands mid-fill.
-    gl.set_fault(Fault::Latency(Duration::from_millis(300)));
+    // A slow body (512 pieces, 20 ms apart): the kill lands mid-fill.
+    gl.set_fault(Fault::SlowBody(Duration::from_millis(20)));
     let f = file.clone();
     let reader = tokio::spawn(async move {
         let r = client().get(&f).send().await;
@@ -68,8 +68,9 @@ async fn kill_9_mid_fill_leaves_a_consistent_cache() {
             let _ = r.bytes().await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     m.kill(); // SIGKILL
+    assert_eq!(gl.count("/file"), 1, "the fill had started");
     let _ = reader.await;
     gl.set_fault(Fault::None);
 

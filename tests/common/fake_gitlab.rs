@@ -54,6 +54,8 @@ pub enum Fault {
     Reset,
     /// Send tarball headers with the full Content-Length, then half the body, then close.
     Truncate,
+    /// Send successful bodies in 64 KiB pieces, pausing this long before each.
+    SlowBody(Duration),
     /// Close the listening socket: connections are refused.
     Down,
     /// Accept connections and never answer.
@@ -485,10 +487,24 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
         _ => {}
     }
     let resp = next.run(req).await;
-    if fault == Fault::Truncate && resp.status() == StatusCode::OK {
-        return truncate(resp).await;
+    match fault {
+        Fault::Truncate if resp.status() == StatusCode::OK => truncate(resp).await,
+        Fault::SlowBody(pause) if resp.status() == StatusCode::OK => slow(resp, pause).await,
+        _ => resp,
     }
-    resp
+}
+
+/// The same body, dribbled out in 64 KiB pieces.
+async fn slow(resp: Response, pause: Duration) -> Response {
+    use futures::StreamExt;
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let pieces: Vec<Bytes> = bytes.chunks(64 << 10).map(Bytes::copy_from_slice).collect();
+    let stream = futures::stream::iter(pieces).then(move |p| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<Bytes, std::io::Error>(p)
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 /// Keep the full Content-Length but send only half the body, then end the connection.
