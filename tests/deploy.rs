@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 /// The metric families tfmirror exports (see src/metrics.rs).
-const FAMILIES: [&str; 12] = [
+const FAMILIES: [&str; 13] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -16,6 +16,7 @@ const FAMILIES: [&str; 12] = [
     "tfmirror_auth_decisions_total",
     "tfmirror_upstream_up",
     "tfmirror_bytes_served_total",
+    "tfmirror_cache_write_errors_total",
 ];
 
 #[test]

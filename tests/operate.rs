@@ -76,6 +76,7 @@ async fn metrics_and_access_log_carry_no_secrets() {
         "tfmirror_auth_decisions_total",
         "tfmirror_upstream_up",
         "tfmirror_bytes_served_total",
+        "tfmirror_cache_write_errors_total",
     ] {
         assert!(body.contains(family), "missing {family}");
     }
