@@ -9,7 +9,7 @@
 //! and `reqwest` errors are stripped of theirs before they go anywhere.
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
 use pingora::{Error, ErrorType, Result};
 use url::Url;
 
@@ -91,16 +91,6 @@ pub async fn registry(
     })
 }
 
-/// Where a download ended up.
-pub enum Opened {
-    /// The final answer: a success from wherever the redirects led, or the upstream's own
-    /// refusal (401, 404...), to relay as it is.
-    Response(reqwest::Response),
-    /// A HEAD that GitLab redirected to object storage. A presigned URL is signed for GET, so
-    /// a HEAD there would be refused; the redirect itself says the download exists.
-    HeadRedirected,
-}
-
 /// Follow a download from the upstream to its bytes. `auth` goes to the upstream's origin
 /// only, never to a redirect target. Object storage's refusals become a 502: its error bodies
 /// can describe the presigned request.
@@ -108,19 +98,14 @@ pub async fn open(
     upstream: &Upstream,
     path_and_query: &str,
     auth: Option<&HeaderValue>,
-    head: bool,
-) -> Result<Opened> {
+) -> Result<reqwest::Response> {
     let first = Url::parse(&upstream.url_for(path_and_query))
         .map_err(|_| Error::explain(ErrorType::InternalError, "bad upstream URL"))?;
     let origin = first.origin();
     let mut url = first;
     for _ in 0..=MAX_REDIRECTS {
         let on_upstream = url.origin() == origin;
-        if head && !on_upstream {
-            return Ok(Opened::HeadRedirected);
-        }
-        let method = if head { Method::HEAD } else { Method::GET };
-        let mut req = upstream.http.request(method, url.clone());
+        let mut req = upstream.http.get(url.clone());
         if let (true, Some(a)) = (on_upstream, auth) {
             req = req.header(header::AUTHORIZATION, a.clone());
         }
@@ -155,7 +140,7 @@ pub async fn open(
                 "object storage refused the download",
             );
         }
-        return Ok(Opened::Response(resp));
+        return Ok(resp);
     }
     Error::e_explain(ErrorType::HTTPStatus(502), "too many redirects")
 }

@@ -123,6 +123,23 @@ pub static BYTES_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric")
 });
 
+/// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
+pub const FAMILIES: [&str; 13] = [
+    "tfmirror_requests_total",
+    "tfmirror_request_duration_seconds",
+    "tfmirror_upstream_requests_total",
+    "tfmirror_upstream_duration_seconds",
+    "tfmirror_cache_bytes",
+    "tfmirror_cache_entries",
+    "tfmirror_cache_evictions_total",
+    "tfmirror_coalesced_waits_total",
+    "tfmirror_stale_served_total",
+    "tfmirror_auth_decisions_total",
+    "tfmirror_upstream_up",
+    "tfmirror_bytes_served_total",
+    "tfmirror_cache_write_errors_total",
+];
+
 /// Register every family at start, so that scrapers see them all (at zero) from the first
 /// scrape on, not only once something happened.
 pub fn init() {

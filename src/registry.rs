@@ -28,7 +28,7 @@ use crate::cache::blobs::Hash;
 use crate::cache::fill::{FillError, Source};
 use crate::cache::{project_tarball_key, tarball_key, unix_now, Cache, TarballEntry};
 use crate::config::{CacheConfig, UnknownIdentity};
-use crate::fetch::{self, Opened, Small};
+use crate::fetch::{self, Small};
 use crate::health::Health;
 use crate::identity::{Identity, Secret};
 use crate::metrics::{self, Decision};
@@ -204,7 +204,6 @@ impl Registry {
             .get(header::AUTHORIZATION)
             .cloned();
         let identity = self.secret.identify(cred.as_ref());
-        let path = route.upstream_path();
         let grant = self.auth.grant(identity, &route.module).await;
         let previous = grant.as_ref().and_then(|g| g.bodies.get(&op).cloned());
         let outcome = |cache, upstream_status| Outcome {
@@ -239,6 +238,8 @@ impl Registry {
                 }
             }
         }
+        // Past the hit path: only now is the upstream path needed.
+        let path = route.upstream_path();
         if self.replay_refusal(session, identity, &path).await? {
             return Ok(outcome(CacheStatus::Hit, None));
         }
@@ -942,13 +943,7 @@ impl Registry {
                 return Ok(outcome(CacheStatus::Miss, Some(status.as_u16())));
             }
         };
-        let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
-        h.insert_header(header::CONTENT_TYPE, OCTETS)?;
-        h.insert_header(respond::CACHE_STATUS, "MISS")?;
-        if let Some(len) = len {
-            h.insert_header(header::CONTENT_LENGTH, len)?;
-        }
-        session.write_response_header(Box::new(h), false).await?;
+        write_tarball_head(session, CacheStatus::Miss, len, false).await?;
         let mut reader = fill.reader();
         loop {
             match reader.next().await {
@@ -991,13 +986,7 @@ impl Registry {
                 return Ok(outcome(Some(status.as_u16())));
             }
         };
-        let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
-        h.insert_header(header::CONTENT_TYPE, OCTETS)?;
-        h.insert_header(respond::CACHE_STATUS, CacheStatus::Bypass.as_str())?;
-        if let Some(len) = len {
-            h.insert_header(header::CONTENT_LENGTH, len)?;
-        }
-        session.write_response_header(Box::new(h), false).await?;
+        write_tarball_head(session, CacheStatus::Bypass, len, false).await?;
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(c) => session.write_response_body(Some(c), false).await?,
@@ -1157,7 +1146,7 @@ impl Registry {
             }
         };
         let path = format!("{base}/file?token={jwt}");
-        source(fetch::open(&self.upstream, &path, None, false).await)
+        source(fetch::open(&self.upstream, &path, None).await)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1294,7 +1283,7 @@ impl Registry {
         let path = format!("{base}/{version}");
         let open = move || {
             let (upstream, path, cred) = (upstream.clone(), path.clone(), cred.clone());
-            async move { source(fetch::open(&upstream, &path, cred.as_ref(), false).await) }.boxed()
+            async move { source(fetch::open(&upstream, &path, cred.as_ref()).await) }.boxed()
         };
         self.serve_tarball(session, &key, identity, open).await
     }
@@ -1330,11 +1319,7 @@ impl Registry {
         let Some((file, len)) = opened else {
             return Ok(false);
         };
-        let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
-        h.insert_header(header::CONTENT_TYPE, OCTETS)?;
-        h.insert_header(header::CONTENT_LENGTH, len)?;
-        h.insert_header(respond::CACHE_STATUS, "HIT")?;
-        session.write_response_header(Box::new(h), head).await?;
+        write_tarball_head(session, CacheStatus::Hit, Some(len), head).await?;
         if head {
             return Ok(true);
         }
@@ -1379,14 +1364,13 @@ impl Registry {
 }
 
 /// A download as a fill source: a success streams, a refusal is relayed, the rest is a 502.
-fn source(opened: Result<Opened>) -> std::result::Result<Source, FillError> {
+fn source(opened: Result<reqwest::Response>) -> std::result::Result<Source, FillError> {
     match opened {
-        Ok(Opened::Response(r)) if r.status().is_success() => Ok(Source {
+        Ok(r) if r.status().is_success() => Ok(Source {
             len: r.content_length(),
             body: r.bytes_stream().map_err(|_| "upstream body failed").boxed(),
         }),
-        Ok(Opened::Response(r)) => Err(FillError::Refused(r.status())),
-        Ok(Opened::HeadRedirected) => Err(FillError::Upstream("unexpected redirect")),
+        Ok(r) => Err(FillError::Refused(r.status())),
         Err(e) => {
             tracing::warn!(error = %e, "tarball fill could not reach the upstream");
             Err(FillError::Upstream("upstream unreachable"))
@@ -1472,6 +1456,22 @@ async fn write_json(
         headers.push((header::WARNING, V::Static(STALE_WARNING)));
     }
     respond::full(session, StatusCode::OK, &headers, body).await
+}
+
+/// The head of a tarball answer; the length when it is known.
+async fn write_tarball_head(
+    session: &mut Session,
+    cache: CacheStatus,
+    len: Option<u64>,
+    end: bool,
+) -> Result<()> {
+    let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
+    h.insert_header(header::CONTENT_TYPE, OCTETS)?;
+    h.insert_header(respond::CACHE_STATUS, cache.as_str())?;
+    if let Some(len) = len {
+        h.insert_header(header::CONTENT_LENGTH, len)?;
+    }
+    session.write_response_header(Box::new(h), end).await
 }
 
 async fn write_negative(session: &mut Session, neg: &Negative) -> Result<()> {

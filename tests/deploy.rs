@@ -2,22 +2,7 @@
 
 use std::collections::BTreeSet;
 
-/// The metric families tfmirror exports (see src/metrics.rs).
-const FAMILIES: [&str; 13] = [
-    "tfmirror_requests_total",
-    "tfmirror_request_duration_seconds",
-    "tfmirror_upstream_requests_total",
-    "tfmirror_upstream_duration_seconds",
-    "tfmirror_cache_bytes",
-    "tfmirror_cache_entries",
-    "tfmirror_cache_evictions_total",
-    "tfmirror_coalesced_waits_total",
-    "tfmirror_stale_served_total",
-    "tfmirror_auth_decisions_total",
-    "tfmirror_upstream_up",
-    "tfmirror_bytes_served_total",
-    "tfmirror_cache_write_errors_total",
-];
+use tfmirror::metrics::FAMILIES;
 
 #[test]
 fn grafana_dashboard_queries_only_exported_families_and_covers_them_all() {

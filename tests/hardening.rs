@@ -19,6 +19,18 @@ async fn gitlab() -> FakeGitlab {
     gl
 }
 
+/// `tfmirror cache verify` on a cache directory: (exit success, stdout).
+fn verify(cache: &std::path::Path) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
 fn temp_files(m: &Mirror) -> usize {
     std::fs::read_dir(m.cache_dir().join("cache/tmp"))
         .map(|d| d.count())
@@ -76,16 +88,9 @@ async fn kill_9_mid_fill_leaves_a_consistent_cache() {
 
     // The cache holds no entry for the half-written tarball.
     let dir = m.cache_dir().join("cache");
-    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
-        .args(["cache", "verify", "--cache-dir", dir.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
-    assert!(!String::from_utf8_lossy(&verify.stdout).contains("infra/vpc/aws@1.0.0"));
+    let (clean, report) = verify(&dir);
+    assert!(clean, "{report}");
+    assert!(!report.contains("infra/vpc/aws@1.0.0"));
 
     m.restart().await;
     let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
@@ -323,15 +328,8 @@ async fn a_full_disk_is_served_around() {
     assert_eq!(temp_files(&m), 0, "no partial file left");
     assert!(m.metric("tfmirror_cache_write_errors_total", "").await >= 1.0);
     assert!(m.logs().contains("no room for this tarball"));
-    let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
-        .args(["cache", "verify", "--cache-dir", cache.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        verify.status.success(),
-        "{}",
-        String::from_utf8_lossy(&verify.stdout)
-    );
-    assert!(!String::from_utf8_lossy(&verify.stdout).contains("vpc"));
+    let (clean, report) = verify(&cache);
+    assert!(clean, "{report}");
+    assert!(!report.contains("vpc"));
     m.kill();
 }

@@ -63,21 +63,7 @@ async fn metrics_and_access_log_carry_no_secrets() {
         .text()
         .await
         .unwrap();
-    for family in [
-        "tfmirror_requests_total",
-        "tfmirror_request_duration_seconds",
-        "tfmirror_upstream_requests_total",
-        "tfmirror_upstream_duration_seconds",
-        "tfmirror_cache_bytes",
-        "tfmirror_cache_entries",
-        "tfmirror_cache_evictions_total",
-        "tfmirror_coalesced_waits_total",
-        "tfmirror_stale_served_total",
-        "tfmirror_auth_decisions_total",
-        "tfmirror_upstream_up",
-        "tfmirror_bytes_served_total",
-        "tfmirror_cache_write_errors_total",
-    ] {
+    for family in tfmirror::metrics::FAMILIES {
         assert!(body.contains(family), "missing {family}");
     }
     assert!(body.contains(
