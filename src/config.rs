@@ -112,6 +112,13 @@ pub struct Timeouts {
     /// How long an idle upstream keep-alive connection stays pooled.
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
+    /// A client must deliver a whole request head within this long of connecting or of its
+    /// previous response; silent and trickling (slowloris) connections are closed.
+    #[serde(with = "humantime_serde")]
+    pub client_idle: Duration,
+    /// A client request or response body that makes no progress for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub client_stall: Duration,
 }
 
 impl Default for Timeouts {
@@ -121,6 +128,8 @@ impl Default for Timeouts {
             read: Duration::from_secs(30),
             transfer: Duration::from_secs(600),
             idle: Duration::from_secs(60),
+            client_idle: Duration::from_secs(60),
+            client_stall: Duration::from_secs(60),
         }
     }
 }
@@ -229,6 +238,8 @@ pub struct Limits {
     pub max_fills: usize,
     /// Tarballs larger than this are streamed to their clients but not kept.
     pub max_object_size: bytesize::ByteSize,
+    /// Registry answers (listings, metadata) larger than this are refused with a 502.
+    pub max_listing_size: bytesize::ByteSize,
 }
 
 impl Default for Limits {
@@ -236,6 +247,7 @@ impl Default for Limits {
         Limits {
             max_fills: 64,
             max_object_size: bytesize::ByteSize::gib(2),
+            max_listing_size: bytesize::ByteSize::mib(8),
         }
     }
 }
@@ -337,6 +349,8 @@ impl Config {
             ("timeouts.read", t.read),
             ("timeouts.transfer", t.transfer),
             ("timeouts.idle", t.idle),
+            ("timeouts.client_idle", t.client_idle),
+            ("timeouts.client_stall", t.client_stall),
             ("cache.listing_ttl", self.cache.listing_ttl),
             ("auth.grant_ttl", self.auth.grant_ttl),
             ("auth.token_ttl", self.auth.token_ttl),

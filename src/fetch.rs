@@ -16,8 +16,6 @@ use url::Url;
 use crate::upstream::Upstream;
 
 const MAX_REDIRECTS: usize = 5;
-/// Registry answers are small JSON; anything bigger is not a registry answer.
-pub const MAX_REGISTRY_BODY: usize = 8 << 20;
 
 /// An upstream failure, as a pingora error that carries no URL.
 pub fn upstream_error(e: reqwest::Error) -> Box<Error> {
@@ -77,10 +75,22 @@ pub async fn registry(
     let mut resp = req.send().await.map_err(upstream_error)?;
     let status = resp.status();
     let headers = std::mem::take(resp.headers_mut());
+    let limit = upstream.max_listing();
+    // A declared length over the limit is refused before a byte is read; an undeclared one
+    // (chunked) is cut off as soon as it passes the limit.
+    let too_large = || {
+        Error::e_explain(
+            ErrorType::HTTPStatus(502),
+            "registry answer larger than limits.max_listing_size",
+        )
+    };
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await.map_err(upstream_error)? {
-        if body.len() + chunk.len() > MAX_REGISTRY_BODY {
-            return Error::e_explain(ErrorType::HTTPStatus(502), "registry answer too large");
+        if body.len() + chunk.len() > limit {
+            return too_large();
         }
         body.extend_from_slice(&chunk);
     }

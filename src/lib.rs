@@ -22,6 +22,7 @@
 //! | [`upstream`] | upstream address, DNS off the request path, TLS trust, timeouts |
 //! | [`metrics`] | Prometheus families |
 //! | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes; `X-Cache-Status` |
+//! | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
 //! | [`server`] | assemble the pingora server from a [`config::Config`] |
 //!
 //! ## Why pingora's proxy, but not pingora-cache
@@ -42,6 +43,7 @@ pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod constraint;
+pub mod downstream;
 pub mod fetch;
 pub mod health;
 pub mod identity;

@@ -123,8 +123,16 @@ pub static BYTES_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static CLIENT_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_client_timeouts_total",
+        "Client connections closed for not sending a request head within timeouts.client_idle (idle or slowloris)."
+    )
+    .expect("metric")
+});
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 13] = [
+pub const FAMILIES: [&str; 14] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -138,6 +146,7 @@ pub const FAMILIES: [&str; 13] = [
     "tfmirror_upstream_up",
     "tfmirror_bytes_served_total",
     "tfmirror_cache_write_errors_total",
+    "tfmirror_client_timeouts_total",
 ];
 
 /// Register every family at start, so that scrapers see them all (at zero) from the first
@@ -156,6 +165,7 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_UP);
     LazyLock::force(&CACHE_WRITE_ERRORS);
     LazyLock::force(&BYTES_SERVED);
+    LazyLock::force(&CLIENT_TIMEOUTS);
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

@@ -63,6 +63,8 @@ pub struct Proxy {
     cache_dir: std::path::PathBuf,
     /// `listen`, for requests without a `Host`.
     listen: String,
+    /// `timeouts.client_stall`.
+    client_stall: std::time::Duration,
 }
 
 /// Per-request state, filled in as the request moves through the hooks.
@@ -100,6 +102,7 @@ impl Proxy {
                 .map(|t| blake3::hash(t.as_bytes())),
             cache_dir: config.cache_dir.clone(),
             listen: config.listen.to_string(),
+            client_stall: config.timeouts.client_stall,
         }
     }
 
@@ -338,14 +341,22 @@ impl ProxyHttp for Proxy {
         }
     }
 
-    /// Runs before everything else: HTTP/1.1 clients that pipeline get their answers in
-    /// order (pingora otherwise closes the connection and drops the pipelined requests).
+    /// Runs first, as soon as a request head is parsed. Lifts the head deadline, bounds body
+    /// reads and writes by `timeouts.client_stall`, and lets HTTP/1.1 clients pipeline: they
+    /// get their answers in order (pingora otherwise closes the connection and drops the
+    /// pipelined requests).
     async fn early_request_filter(
         &self,
         session: &mut Session,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        session.as_downstream_mut().set_pipelining_enabled(true);
+        // The head is in: lift its deadline (see `downstream`), and from here on bound
+        // each body read and write instead, so a stalled client is dropped.
+        crate::downstream::head_received();
+        let downstream = session.as_downstream_mut();
+        downstream.set_pipelining_enabled(true);
+        downstream.set_read_timeout(Some(self.client_stall));
+        downstream.set_write_timeout(Some(self.client_stall));
         Ok(())
     }
 

@@ -98,8 +98,11 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     server.bootstrap();
 
     let proxy = Proxy::new(upstream, registry.clone(), health.clone(), config);
-    let mut service =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, proxy, "tfmirror");
+    let app = crate::downstream::Guarded::new(
+        pingora::proxy::http_proxy(&server.configuration, proxy),
+        config.timeouts.client_idle,
+    );
+    let mut service = pingora::services::listening::Service::new("tfmirror".to_string(), app);
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             let resolver = crate::tls::ReloadingCert::new(cert, key)

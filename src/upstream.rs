@@ -48,6 +48,8 @@ pub struct Upstream {
     prefix: String,
     ca: Option<Arc<CaType>>,
     timeouts: Timeouts,
+    /// `limits.max_listing_size`: the largest registry answer tfmirror reads into memory.
+    max_listing: usize,
     dns: Resolver,
     /// Client for the fetches tfmirror reads itself (see module docs).
     pub http: reqwest::Client,
@@ -103,6 +105,8 @@ impl Upstream {
             authority,
             ca,
             timeouts: config.timeouts.clone(),
+            max_listing: usize::try_from(config.limits.max_listing_size.as_u64())
+                .unwrap_or(usize::MAX),
             http,
         })
     }
@@ -130,6 +134,11 @@ impl Upstream {
     /// Total time allowed for a registry answer tfmirror reads itself.
     pub fn registry_timeout(&self) -> Duration {
         self.timeouts.read
+    }
+
+    /// The largest registry answer (listing, metadata) read into memory.
+    pub fn max_listing(&self) -> usize {
+        self.max_listing
     }
 
     pub fn base_url(&self) -> &Url {

@@ -27,7 +27,11 @@ fn verify(cache: &std::path::Path) -> (bool, String) {
         .unwrap();
     (
         out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 
@@ -332,4 +336,305 @@ async fn a_full_disk_is_served_around() {
     assert!(clean, "{report}");
     assert!(!report.contains("vpc"));
     m.kill();
+}
+
+/// Tarball bodies cut by a close or by a reset, and a burst of 500s: clients never get a
+/// short body as if it were whole, nothing partial is kept, and a stale listing covers the
+/// burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_bodies_and_bursts_of_500_lose_nothing() {
+    let gl = gitlab().await;
+    gl.add_module("infra", 1, "vpc", "aws", &["1.1.0", "1.2.0"]);
+    gl.set_tarball_size("infra", "vpc", "aws", "1.1.0", 2 << 20);
+    gl.set_tarball_size("infra", "vpc", "aws", "1.2.0", 2 << 20);
+    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 1s\n").await;
+
+    for (fault, version) in [(Fault::Truncate, "1.1.0"), (Fault::ResetMidBody, "1.2.0")] {
+        let file = m.file_url("infra/vpc/aws", version, ALICE).await;
+        gl.set_fault(fault.clone());
+        // Several clients share the doomed fill; every one of them sees it fail.
+        let gets = (0..4).map(|_| async {
+            let r = client().get(&file).send().await?;
+            r.bytes().await.map(|b| b.len())
+        });
+        for got in futures::future::join_all(gets).await {
+            assert!(got.is_err(), "{fault:?}: a cut body was delivered as whole");
+        }
+        gl.set_fault(Fault::None);
+        m.wait_upstream_up().await;
+        assert_eq!(
+            temp_files(&m),
+            0,
+            "{fault:?}: a partial fill was left behind"
+        );
+        let r = client().get(&file).send().await.unwrap();
+        assert_eq!(r.headers()["x-cache-status"], "MISS", "{fault:?}");
+        assert_eq!(
+            r.bytes().await.unwrap(),
+            gl.tarball("infra", "vpc", "aws", version)
+        );
+    }
+
+    // A burst of 500s while the listing's grant has expired: served stale throughout.
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    let get = || {
+        client()
+            .get(&versions)
+            .header("authorization", bearer(ALICE))
+            .send()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    gl.set_fault(Fault::Status(500));
+    let burst = futures::future::join_all((0..20).map(|_| get())).await;
+    for r in burst {
+        let r = r.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache-status"], "STALE");
+    }
+    // A version never seen before has nothing stale: GitLab's 500 is relayed, not cached.
+    let cold = format!("{}{V1}/infra/vpc/aws/1.2.0", m.url());
+    let r = client()
+        .get(&cold)
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    gl.set_fault(Fault::None);
+    m.wait_upstream_up().await;
+    let r = client()
+        .get(&cold)
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    let (clean, out) = verify(&m.cache_dir().join("cache"));
+    assert!(clean, "{out}");
+}
+
+/// A GitLab whose keep-alive timeout is shorter than tfmirror's pool: connections closed
+/// under the pool must not fail the requests that come after, on any upstream client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_pooled_connections_is_not_an_error() {
+    let gl = gitlab().await;
+    gl.add_module(
+        "infra",
+        1,
+        "vpc",
+        "aws",
+        &["1.1.0", "1.2.0", "1.3.0", "1.4.0"],
+    );
+    gl.set_keepalive_timeout(Duration::from_millis(100));
+
+    // The fake really does close idle connections (else this test proves nothing).
+    let mut s = tokio::net::TcpStream::connect(gl.addr).await.unwrap();
+    s.write_all(b"GET /api/v4/version HTTP/1.1\r\nHost: gitlab\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(s.read(&mut buf).await.unwrap() > 0);
+    let closed = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "the fake kept an idle connection"
+    );
+
+    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 1s\n").await;
+    let c = client(); // one client, so tfmirror's side is the only pool that matters
+    for version in ["1.1.0", "1.2.0", "1.3.0", "1.4.0"] {
+        // Registry calls (tfmirror's own client).
+        let r = c
+            .get(format!("{}{V1}/infra/vpc/aws/{version}", m.url()))
+            .header("authorization", bearer(ALICE))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "metadata {version}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A cold download (tfmirror's client again, through /download then /file).
+        let file = m.file_url("infra/vpc/aws", version, ALICE).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let r = c.get(&file).send().await.unwrap();
+        assert_eq!(r.status(), 200, "file {version}");
+        assert_eq!(
+            r.bytes().await.unwrap(),
+            gl.tarball("infra", "vpc", "aws", version)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Pass-through (pingora's pool).
+        let r = c
+            .get(format!("{}/api/v4/version", m.url()))
+            .header("authorization", bearer(ALICE))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "pass-through after {version}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// `limits.max_listing_size`: an oversized registry answer is refused, not kept, and does
+/// not mark GitLab as down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_over_the_size_limit_are_refused() {
+    let gl = gitlab().await;
+    let many: Vec<String> = (0..200).map(|i| format!("2.{i}.0")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    gl.add_module("infra", 1, "big", "aws", &many);
+    let m = Mirror::start_with_config(&gl.url(), "limits:\n  max_listing_size: 4KiB\n").await;
+    let get = |module: &str| {
+        client()
+            .get(format!("{}{V1}/infra/{module}/aws/versions", m.url()))
+            .header("authorization", bearer(ALICE))
+            .send()
+    };
+    for _ in 0..2 {
+        let r = get("big").await.unwrap();
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.text().await.unwrap(), r#"{"message":"502 Bad Gateway"}"#);
+    }
+    assert_eq!(
+        gl.count("/big/aws/versions"),
+        2,
+        "refused answers are not kept"
+    );
+    assert!(m
+        .logs()
+        .contains("registry answer larger than limits.max_listing_size"));
+    // Other modules are unaffected: GitLab is not considered down.
+    let r = get("vpc").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+}
+
+/// `timeouts.client_idle` and `timeouts.client_stall`: 400 idle or trickling (slowloris)
+/// connections are closed at the deadline and do not hold real clients up, a reader that
+/// stops reading is dropped, and a slow but moving download is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_clients_are_cut_off_without_delaying_others() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 48 << 20);
+    let m = Mirror::start_with_config(
+        &gl.url(),
+        "timeouts:\n  client_idle: 2s\n  client_stall: 2s\n",
+    )
+    .await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    let whole = gl.tarball("infra", "vpc", "aws", "1.0.0");
+
+    // 300 connections that never send a byte, 100 that send a head one byte at a time.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(tokio::net::TcpStream::connect(m.addr).await.unwrap());
+    }
+    let mut trickling = Vec::new();
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+        trickling.push(tokio::spawn(async move {
+            let head = format!(
+                "GET /-/health HTTP/1.1\r\nHost: x\r\nX-Pad: {}",
+                "a".repeat(400)
+            );
+            for b in head.bytes() {
+                if s.write_all(&[b]).await.is_err() {
+                    return true; // closed by tfmirror
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            false // the whole head got through: no deadline
+        }));
+    }
+    let held = std::time::Instant::now();
+
+    // Real clients meanwhile: every request answered, none waits for the deadline.
+    let c = client();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..50 {
+        let t = std::time::Instant::now();
+        let r = c.head(&file).send().await.unwrap();
+        assert_eq!(r.headers()["x-cache-status"], "HIT");
+        slowest = slowest.max(t.elapsed());
+    }
+    assert!(
+        held.elapsed() < IDLE,
+        "the real requests took until the deadline"
+    );
+    println!("FIGURES slowest of 50 requests beside 400 idle connections: {slowest:?}");
+
+    // A download read slowly but steadily, for longer than client_idle: not cut.
+    let r = c.get(&file).send().await.unwrap();
+    let mut body = r.bytes_stream();
+    let (mut got, mut since_pause) = (0usize, 0usize);
+    let slow_start = std::time::Instant::now();
+    use futures::StreamExt;
+    while let Some(chunk) = body.next().await {
+        let n = chunk.unwrap().len();
+        got += n;
+        since_pause += n;
+        if since_pause >= 1 << 20 {
+            since_pause = 0;
+            tokio::time::sleep(Duration::from_millis(70)).await; // about 14 MiB/s
+        }
+    }
+    assert_eq!(got, whole.len());
+    assert!(
+        slow_start.elapsed() > IDLE,
+        "the download was not slow enough to tell"
+    );
+
+    // Every idle and trickling connection was closed by tfmirror.
+    for mut s in silent {
+        let mut b = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        assert!(
+            matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+            "a silent connection stayed open"
+        );
+    }
+    for t in trickling {
+        assert!(t.await.unwrap(), "a slowloris connection stayed open");
+    }
+    assert!(m.metric("tfmirror_client_timeouts_total", "").await >= 400.0);
+
+    // A kept-alive connection that goes quiet after a request is closed too.
+    let mut s = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    s.write_all(b"GET /-/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut b = vec![0u8; 1024];
+    assert!(s.read(&mut b).await.unwrap() > 0);
+    let quiet = std::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))));
+    assert!(quiet.elapsed() >= IDLE - Duration::from_millis(100));
+
+    // A client that stops reading a 48 MiB answer is dropped after client_stall: the
+    // socket buffers fill, tfmirror's writes stall, and it lets go.
+    let mut s = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    let path = file.strip_prefix(&m.url()).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(IDLE * 3).await;
+    let mut all = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut all)).await;
+    assert!(
+        all.len() < whole.len(),
+        "a stalled reader got the whole body ({} bytes)",
+        all.len()
+    );
+    assert_eq!(
+        client()
+            .get(format!("{}/-/health", m.url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }

@@ -11,7 +11,8 @@
 //! - Project routes with Basic auth (404 when the project is not visible), `?terraform-get=1`
 //!   with an absolute `X-Terraform-Get`, and `PUT .../file` uploads with `PRIVATE-TOKEN`,
 //!   `JOB-TOKEN` or `DEPLOY-TOKEN`.
-//! - Faults, switchable at run time: latency, an HTTP status, reset at accept, truncated body,
+//! - Faults, switchable at run time: latency, an HTTP status, reset at accept, truncated body
+//!   (closed or reset mid-body), slow body,
 //!   down (port closed), black hole (accepts, never answers).
 //!
 //! Every request is recorded (method, path, query, headers) so tests can count upstream
@@ -54,6 +55,8 @@ pub enum Fault {
     Reset,
     /// Send tarball headers with the full Content-Length, then half the body, then close.
     Truncate,
+    /// As `Truncate`, but the connection ends with a reset (RST) instead of a close.
+    ResetMidBody,
     /// Send successful bodies in 64 KiB pieces, pausing this long before each.
     SlowBody(Duration),
     /// Close the listening socket: connections are refused.
@@ -93,6 +96,8 @@ pub struct Inner {
     object_storage: Mutex<bool>,
     record_headers: Mutex<bool>,
     jwt_ttl: Mutex<Duration>,
+    /// Close keep-alive connections idle this long (nginx's `keepalive_timeout`).
+    keepalive: Mutex<Option<Duration>>,
     secret: Vec<u8>,
     /// Relative URL root ("" or "/gitlab"); part of every URL the fake hands out.
     prefix: String,
@@ -148,6 +153,7 @@ impl FakeGitlab {
             object_storage: Mutex::new(false),
             record_headers: Mutex::new(true),
             jwt_ttl: Mutex::new(Duration::from_secs(300)),
+            keepalive: Mutex::new(None),
             secret: b"fake-gitlab-jwt-secret".to_vec(),
             prefix: prefix.to_string(),
             base_url: format!(
@@ -267,6 +273,12 @@ impl FakeGitlab {
         *self.inner.object_storage.lock().unwrap() = on;
     }
 
+    /// Close idle keep-alive connections after `idle`, as a GitLab whose nginx has a shorter
+    /// `keepalive_timeout` than tfmirror's pool does. Applies to connections accepted later.
+    pub fn set_keepalive_timeout(&self, idle: Duration) {
+        *self.inner.keepalive.lock().unwrap() = Some(idle);
+    }
+
     pub fn set_jwt_ttl(&self, ttl: Duration) {
         *self.inner.jwt_ttl.lock().unwrap() = ttl;
     }
@@ -367,6 +379,10 @@ async fn accept_loop(
             _ = fault_rx.changed() => continue,
         };
         let Ok((sock, _)) = accepted else { continue };
+        if current == Fault::ResetMidBody {
+            let _ = sock.set_zero_linger(); // the close after half a body becomes a reset
+        }
+        let keepalive = *inner.keepalive.lock().unwrap();
         match current {
             Fault::Reset => {
                 let _ = sock.set_zero_linger();
@@ -382,13 +398,13 @@ async fn accept_loop(
                 let (app, rx) = (app.clone(), inner.fault.subscribe());
                 match &tls {
                     None => {
-                        tokio::spawn(serve_conn(sock, app, rx, faults));
+                        tokio::spawn(serve_conn(sock, app, rx, faults, keepalive));
                     }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
                         tokio::spawn(async move {
                             if let Ok(s) = acceptor.accept(sock).await {
-                                serve_conn(s, app, rx, faults).await;
+                                serve_conn(s, app, rx, faults, keepalive).await;
                             }
                         });
                     }
@@ -410,15 +426,27 @@ async fn rebind(addr: SocketAddr) -> TcpListener {
 
 /// Serve one connection; a switch to a connection-level fault closes it, as a real outage
 /// would close pooled keep-alive connections.
-async fn serve_conn<S>(sock: S, app: Router, mut fault_rx: watch::Receiver<Fault>, faults: bool)
-where
+async fn serve_conn<S>(
+    sock: S,
+    app: Router,
+    mut fault_rx: watch::Receiver<Fault>,
+    faults: bool,
+    keepalive: Option<Duration>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = hyper_util::rt::TokioIo::new(sock);
     let svc = hyper_util::service::TowerToHyperService::new(app);
-    let conn = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
-        .serve_connection(io, svc);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(true);
+    if let Some(idle) = keepalive {
+        // hyper's head timer also runs while a kept-alive connection waits for its next
+        // request, so it closes idle connections.
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(idle);
+    }
+    let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     loop {
         tokio::select! {
@@ -426,7 +454,10 @@ where
             changed = fault_rx.changed(), if faults => {
                 if changed.is_err() { return; }
                 let f = fault_rx.borrow().clone();
-                if matches!(f, Fault::Down | Fault::Reset | Fault::Blackhole) {
+                if matches!(
+                    f,
+                    Fault::Down | Fault::Reset | Fault::Blackhole | Fault::ResetMidBody
+                ) {
                     return; // drops the connection
                 }
             }
@@ -488,7 +519,9 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
     }
     let resp = next.run(req).await;
     match fault {
-        Fault::Truncate if resp.status() == StatusCode::OK => truncate(resp).await,
+        Fault::Truncate | Fault::ResetMidBody if resp.status() == StatusCode::OK => {
+            truncate(resp).await
+        }
         Fault::SlowBody(pause) if resp.status() == StatusCode::OK => slow(resp, pause).await,
         _ => resp,
     }
