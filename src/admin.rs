@@ -32,6 +32,16 @@ pub struct Row {
     pub hash: String,
 }
 
+/// What `verify` found.
+#[derive(Debug, Default)]
+pub struct Verified {
+    pub checked: usize,
+    /// Entries whose bytes are wrong: never served (reads are checked), but worth knowing.
+    pub damaged: Vec<(Row, &'static str)>,
+    /// Records whose blob was evicted: the next request fills them again.
+    pub evicted: Vec<Row>,
+}
+
 pub struct Admin {
     dir: std::path::PathBuf,
     meta: MetaStore,
@@ -71,24 +81,26 @@ impl Admin {
         Ok(rows)
     }
 
-    /// Recompute the hash of every indexed tarball. Returns the damaged entries (missing or
-    /// not matching their hash); an empty list means the cache is clean.
-    pub fn verify(&self, mut progress: impl FnMut(&Row)) -> io::Result<Vec<(Row, &'static str)>> {
-        let mut damaged = Vec::new();
+    /// Recompute the hash of every indexed tarball. The cache is clean when nothing is
+    /// damaged. A record whose blob is gone is not damage: eviction removes blobs and leaves
+    /// their records, which the server treats as misses (`gc` removes them).
+    pub fn verify(&self, mut progress: impl FnMut(&Row)) -> io::Result<Verified> {
+        let mut out = Verified::default();
         for row in self.ls()? {
             progress(&row);
+            out.checked += 1;
             let Ok(hash) = Hash::from_hex(&row.hash) else {
-                damaged.push((row, "bad hash in index"));
+                out.damaged.push((row, "bad hash in index"));
                 continue;
             };
             match hash_file(&self.blobs.path(&hash)) {
                 Ok(Some((h, len))) if h == hash && len == row.size => {}
-                Ok(Some(_)) => damaged.push((row, "content does not match its hash")),
-                Ok(None) => damaged.push((row, "blob missing")),
+                Ok(Some(_)) => out.damaged.push((row, "content does not match its hash")),
+                Ok(None) => out.evicted.push(row),
                 Err(e) => return Err(e),
             }
         }
-        Ok(damaged)
+        Ok(out)
     }
 
     /// Remove a module (`namespace/name/system`) or one version of it (`...@1.2.3`): its
@@ -149,12 +161,22 @@ impl Admin {
         Ok(removed)
     }
 
-    /// Remove blobs nothing refers to, dead temp files, and least-recently-used blobs past
-    /// `disk_size`. Returns (orphans removed, evicted).
-    pub fn gc(&self, disk_size: u64) -> io::Result<(usize, u64)> {
+    /// Remove tarball records whose blob is gone, blobs nothing refers to, dead temp files,
+    /// and least-recently-used blobs past `disk_size`. Returns (records removed, orphan
+    /// blobs removed, blobs evicted).
+    pub fn gc(&self, disk_size: u64) -> io::Result<(usize, usize, u64)> {
         let mut referenced: HashSet<String> = HashSet::new();
-        for (_, e) in self.meta.scan::<TarballEntry>(KIND_TARBALL)? {
-            referenced.insert(e.hash);
+        let mut dangling = 0;
+        for (key, e) in self.meta.scan::<TarballEntry>(KIND_TARBALL)? {
+            match Hash::from_hex(&e.hash) {
+                Ok(h) if self.blobs.path(&h).exists() => {
+                    referenced.insert(e.hash);
+                }
+                _ => {
+                    self.meta.remove(KIND_TARBALL, &key);
+                    dangling += 1;
+                }
+            }
         }
         for (_, g) in self.meta.scan::<Grant>(KIND_GRANT)? {
             referenced.extend(g.bodies.into_values().map(|b| b.digest));
@@ -180,7 +202,7 @@ impl Admin {
         }
         let bounded = BlobStore::open(&self.dir, disk_size)?;
         bounded.scan()?; // also clears dead temp files
-        Ok((orphans, bounded.evictions()))
+        Ok((dangling, orphans, bounded.evictions()))
     }
 }
 
@@ -231,13 +253,15 @@ mod tests {
                 "infra/vpc/aws@1.1.0"
             ]
         );
-        assert!(admin.verify(|_| {}).unwrap().is_empty());
+        let clean = admin.verify(|_| {}).unwrap();
+        assert_eq!(clean.checked, 3);
+        assert!(clean.damaged.is_empty() && clean.evicted.is_empty());
 
         // Corruption is reported, by entry.
         fs::write(blobs.path(&Hash::from_hex(&b.hash).unwrap()), b"tampered").unwrap();
-        let damaged = admin.verify(|_| {}).unwrap();
-        assert_eq!(damaged.len(), 1);
-        assert_eq!(damaged[0].0.key, "infra/vpc/aws@1.1.0");
+        let found = admin.verify(|_| {}).unwrap();
+        assert_eq!(found.damaged.len(), 1);
+        assert_eq!(found.damaged[0].0.key, "infra/vpc/aws@1.1.0");
 
         // Purging a module leaves a module whose name merely starts the same, and a blob
         // still referenced by it.
@@ -249,5 +273,28 @@ mod tests {
             .get::<Grant>(KIND_GRANT, "00ff/infra/vpc/aws")
             .is_none());
         assert!(admin.purge("nonsense").is_err());
+    }
+
+    #[test]
+    fn evicted_blobs_are_not_damage_and_gc_drops_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
+        let a = entry(&blobs, b"vpc 1.0.0");
+        let b = entry(&blobs, b"vpc 1.1.0");
+        meta.put(KIND_TARBALL, "infra/vpc/aws@1.0.0", &a).unwrap();
+        meta.put(KIND_TARBALL, "infra/vpc/aws@1.1.0", &b).unwrap();
+        blobs.remove(&Hash::from_hex(&a.hash).unwrap()); // as eviction does
+
+        let admin = Admin::open(dir.path()).unwrap();
+        let found = admin.verify(|_| {}).unwrap();
+        assert!(found.damaged.is_empty());
+        assert_eq!(found.evicted.len(), 1);
+        assert_eq!(found.evicted[0].key, "infra/vpc/aws@1.0.0");
+
+        let (removed, _, _) = admin.gc(u64::MAX).unwrap();
+        assert_eq!(removed, 1);
+        let keys: Vec<String> = admin.ls().unwrap().into_iter().map(|r| r.key).collect();
+        assert_eq!(keys, ["infra/vpc/aws@1.1.0"]);
     }
 }

@@ -8,7 +8,8 @@
 //! credentials and GitLab decides.
 //!
 //! Grants are persisted (hashed identities only) so they survive restarts. Raw credentials
-//! live in memory only, for at most the grant lifetime, to refresh on the caller's behalf.
+//! live in memory only, for at most one grant lifetime after the caller last presented them,
+//! to refresh or fill on the caller's behalf (GitLab, asked with them, decides).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -208,6 +209,15 @@ impl Auth {
         let age = Duration::from_secs(unix_now().saturating_sub(grant.checked_at));
         if let Some(left) = self.grant_ttl.checked_sub(age) {
             self.remember_credential(identity, c, left);
+        }
+    }
+
+    /// Keep the credential of a request answered from a stale grant (GitLab unreachable or
+    /// failing), for one grant lifetime from now: the download URL just handed out may need
+    /// a fill, and only GitLab, asked with this credential, can allow that fill.
+    pub fn remember_for_stale(&self, identity: Identity, credential: Option<&HeaderValue>) {
+        if let Some(c) = credential {
+            self.remember_credential(identity, c, self.grant_ttl);
         }
     }
 

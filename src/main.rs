@@ -415,14 +415,19 @@ fn cache(args: CacheArgs) -> ExitCode {
         CacheAction::Verify => {
             let rows = admin.ls().map(|r| r.len()).unwrap_or(0);
             let progress = Progress::new(rows);
-            let damaged = admin.verify(|row| progress.line(format!("verifying {}", row.key)));
+            let found = admin.verify(|row| progress.line(format!("verifying {}", row.key)));
             progress.finish();
-            damaged.map(|damaged| {
-                for (row, why) in &damaged {
+            found.map(|found| {
+                for (row, why) in &found.damaged {
                     println!("DAMAGED {} ({why})", row.key);
                 }
-                println!("{rows} checked, {} damaged", damaged.len());
-                if damaged.is_empty() {
+                println!(
+                    "{} checked, {} damaged, {} evicted (filled again on the next request)",
+                    found.checked,
+                    found.damaged.len(),
+                    found.evicted.len()
+                );
+                if found.damaged.is_empty() {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
@@ -433,12 +438,17 @@ fn cache(args: CacheArgs) -> ExitCode {
             println!("purged {module}: {n} records");
             ExitCode::SUCCESS
         }),
-        CacheAction::Gc => admin
-            .gc(config.cache.disk_size.as_u64())
-            .map(|(orphans, evicted)| {
-                println!("removed {orphans} orphan blobs, evicted {evicted}");
-                ExitCode::SUCCESS
-            }),
+        CacheAction::Gc => {
+            admin
+                .gc(config.cache.disk_size.as_u64())
+                .map(|(dangling, orphans, evicted)| {
+                    println!(
+                        "removed {orphans} orphan blobs and {dangling} records of evicted blobs, \
+                     evicted {evicted}"
+                    );
+                    ExitCode::SUCCESS
+                })
+        }
     };
     result.unwrap_or_else(|e| {
         eprintln!("tfmirror: {e}");

@@ -764,6 +764,7 @@ impl Registry {
                     Some(decision) => {
                         metrics::decision(decision);
                         metrics::STALE_SERVED.inc();
+                        self.auth.remember_for_stale(identity, cred.as_ref());
                         let get = self.x_terraform_get(public, &route.module, version, identity);
                         write_download(session, CacheStatus::Stale, get).await?;
                         Ok(outcome(

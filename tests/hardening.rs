@@ -638,3 +638,48 @@ async fn idle_and_slow_clients_are_cut_off_without_delaying_others() {
         200
     );
 }
+
+/// A download URL handed out from a stale grant while GitLab fails must lead to a fill once
+/// GitLab answers again: the credential presented with the stale download is kept (in
+/// memory) for that fill, and GitLab decides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_download_url_fills_once_gitlab_is_back() {
+    let gl = gitlab().await;
+    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 2s\n").await;
+    // A grant from the listing; no download yet, so no GitLab JWT is remembered either.
+    let r = client()
+        .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the grant (and credential) lapse
+
+    gl.set_fault(Fault::Status(500));
+    let dl = client()
+        .get(format!("{}{V1}/infra/vpc/aws/1.0.0/download", m.url()))
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dl.status(), 204);
+    assert_eq!(dl.headers()["x-cache-status"], "STALE");
+    let file = format!(
+        "{}{}",
+        m.url(),
+        dl.headers()["x-terraform-get"].to_str().unwrap()
+    );
+    // While GitLab fails, the fill fails with GitLab's answer, not with a 401 of our own.
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 500);
+
+    gl.set_fault(Fault::None);
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+}
