@@ -103,7 +103,8 @@ pub struct Timeouts {
     /// TCP connect (and, separately, the TLS handshake).
     #[serde(with = "humantime_serde")]
     pub connect: Duration,
-    /// Longest wait for each read from the upstream on registry calls.
+    /// Longest wait for each read from the upstream on registry calls, and for the head of
+    /// a tarball answer.
     #[serde(with = "humantime_serde")]
     pub read: Duration,
     /// Longest wait for each read or write while streaming tarballs and uploads.
@@ -126,7 +127,7 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(2),
             read: Duration::from_secs(30),
-            transfer: Duration::from_secs(600),
+            transfer: Duration::from_secs(60),
             idle: Duration::from_secs(60),
             client_idle: Duration::from_secs(60),
             client_stall: Duration::from_secs(60),

@@ -119,7 +119,18 @@ pub async fn open(
         if let (true, Some(a)) = (on_upstream, auth) {
             req = req.header(header::AUTHORIZATION, a.clone());
         }
-        let resp = req.send().await.map_err(upstream_error)?;
+        // The head must come within `timeouts.read`, like any registry answer; only the body
+        // gets the per-read `timeouts.transfer`. Without this a black-holed GitLab would hold
+        // the fill, and every request that joins it, for the whole transfer timeout.
+        let resp = tokio::time::timeout(upstream.registry_timeout(), req.send())
+            .await
+            .map_err(|_| {
+                Error::explain(
+                    ErrorType::ReadTimedout,
+                    "no response head within timeouts.read",
+                )
+            })?
+            .map_err(upstream_error)?;
         if resp.status().is_redirection() {
             let next = resp
                 .headers()

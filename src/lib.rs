@@ -23,6 +23,7 @@
 //! | [`metrics`] | Prometheus families |
 //! | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes; `X-Cache-Status` |
 //! | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
+//! | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //! | [`server`] | assemble the pingora server from a [`config::Config`] |
 //!
 //! ## Why pingora's proxy, but not pingora-cache
@@ -45,6 +46,8 @@ pub mod config;
 pub mod constraint;
 pub mod downstream;
 pub mod fetch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod identity;
 pub mod metrics;

@@ -110,7 +110,7 @@ async fn kill_9_mid_fill_leaves_a_consistent_cache() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limits_dns_failures_and_closed_pools() {
+async fn rate_limits_and_dns_failures() {
     let gl = gitlab().await;
     let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 1s\n").await;
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
@@ -129,12 +129,22 @@ async fn rate_limits_dns_failures_and_closed_pools() {
     assert_eq!(r.headers()["x-cache-status"], "STALE");
     gl.clear_hits();
     gl.set_fault(Fault::None);
-    // GitLab's 429 carries no Retry-After in the fake; a pooled connection closing under
-    // tfmirror (the fault switch closes them) must not fail the next request either.
+    let r = get().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "STALE");
+    assert_eq!(
+        gl.hits().len(),
+        0,
+        "GitLab was asked before its Retry-After"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..3 {
         let r = get().await.unwrap();
         assert_eq!(r.status(), 200);
     }
+    assert!(
+        gl.count("/versions") > 0,
+        "GitLab asked again after Retry-After"
+    );
 
     // An upstream name that does not resolve: a clear 502, no hang, process up.
     let nowhere = Mirror::start("http://gitlab.invalid").await;
@@ -678,6 +688,38 @@ async fn a_stale_download_url_fills_once_gitlab_is_back() {
     let r = client().get(&file).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+}
+
+/// A tarball fill that meets a black-holed GitLab gives up once `timeouts.read` passes
+/// without a response head (not after the long per-read `timeouts.transfer`), so the
+/// requests that join it are not held, and the next request fills afresh. Found by the
+/// 10-minute soak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_stuck_on_a_black_hole_gives_up_after_the_read_timeout() {
+    let gl = gitlab().await;
+    let m = Mirror::start_with_config(&gl.url(), "timeouts:\n  read: 1s\n  transfer: 600s\n").await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    gl.set_fault(Fault::Blackhole);
+    let started = std::time::Instant::now();
+    let r = client()
+        .get(&file)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .expect("the fill held its client");
+    assert!(r.status().is_server_error(), "{}", r.status());
+    println!(
+        "FIGURES black-holed fill answered in {:?}",
+        started.elapsed()
+    );
+    gl.set_fault(Fault::None);
+    m.wait_upstream_up().await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
     assert_eq!(
         r.bytes().await.unwrap(),
         gl.tarball("infra", "vpc", "aws", "1.0.0")

@@ -413,7 +413,7 @@ async fn soak_mixed_load_with_faults() {
          stale_while_revalidate: 5s\n\
          auth:\n  grant_ttl: 3s\n  negative_ttl: 1s\n\
          offline:\n  soft_timeout: 300ms\n\
-         timeouts:\n  read: 2s\n  client_idle: 5s\n\
+         timeouts:\n  read: 2s\n  transfer: 10s\n  client_idle: 5s\n\
          limits:\n  max_fills: 4\n\
          admin_token: soak-admin-token-0123456789\n",
     )
@@ -434,7 +434,8 @@ async fn soak_mixed_load_with_faults() {
         .map(|i| tokio::spawn(world.clone().worker(i + 1, until)))
         .collect();
 
-    // Faults: each for a few seconds, with healthy stretches between them.
+    // Faults: two seconds each, with healthy stretches between them; a 45-second run goes
+    // through the whole schedule once.
     let schedule = [
         Fault::None,
         Fault::Latency(Duration::from_millis(400)),
@@ -457,16 +458,19 @@ async fn soak_mixed_load_with_faults() {
     ];
     let pid = m.pid();
     let mut rss = Vec::new();
-    let mut phase = 0usize;
     let mut evicted_by_hand = 0usize;
     let health = http();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < until {
         tick.tick().await;
-        let elapsed = started.elapsed().as_secs();
-        if elapsed / 3 != phase as u64 {
-            phase = (elapsed / 3) as usize;
-            let fault = schedule[phase % schedule.len()].clone();
+        let phase = (started.elapsed().as_secs() / 2) as usize;
+        // The run ends black-holed: fills stuck on it must not hold the final pass.
+        let fault = if until.saturating_duration_since(Instant::now()) < Duration::from_secs(3) {
+            Fault::Blackhole
+        } else {
+            schedule[phase % schedule.len()].clone()
+        };
+        if fault != *world.fault.lock().unwrap() {
             if fault != Fault::None {
                 // Evict behind the server's back, as the disk bound does, so that requests
                 // under this fault include fills.

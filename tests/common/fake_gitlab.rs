@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -49,7 +49,8 @@ pub enum Fault {
     None,
     /// Delay every response by this much.
     Latency(Duration),
-    /// Answer every request with this status and GitLab's error body.
+    /// Answer every request with this status and GitLab's error body (a 429 says
+    /// `Retry-After: 1`).
     Status(u16),
     /// Accept, then reset the connection (RST) before reading anything.
     Reset,
@@ -513,7 +514,13 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
         Fault::Latency(d) => tokio::time::sleep(d).await,
         Fault::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap();
-            return gitlab_error(status);
+            let mut r = gitlab_error(status);
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                // GitLab's rate limiter (Rack::Attack) says when to come back.
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            return r;
         }
         _ => {}
     }
