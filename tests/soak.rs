@@ -110,6 +110,9 @@ struct World {
     tally: Tally,
     modules: Vec<(&'static str, String, &'static str, usize)>,
     uploads: AtomicU64,
+    /// `TFM_SOAK_UPLOADS=0` leaves uploads out: the data set then stays the same size, and
+    /// memory must plateau (with uploads, every one adds a version for good).
+    uploads_on: bool,
     /// The fault in force, for the tally of fills.
     fault: Mutex<Fault>,
 }
@@ -359,7 +362,7 @@ impl World {
                 55..=59 => self.install(&c, "infra", &m.1, None, false).await,
                 60..=64 => self.install(&c, m.0, &m.1, Some(ALICE), true).await,
                 65..=79 => self.hostile(&mut rng).await,
-                80..=84 => self.upload(&c).await,
+                80..=84 if self.uploads_on => self.upload(&c).await,
                 85..=94 => self.pass_through(&c).await,
                 _ => self.idle().await,
             }
@@ -426,6 +429,7 @@ async fn soak_mixed_load_with_faults() {
         modules,
         uploads: AtomicU64::new(0),
         fault: Mutex::new(Fault::None),
+        uploads_on: std::env::var("TFM_SOAK_UPLOADS").map_or(true, |v| v != "0"),
     });
 
     let started = Instant::now();
