@@ -230,8 +230,14 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ls_verify_purge() {
+    /// A cache directory with infra/vpc/aws 1.0.0 (`a`) and 1.1.0 (`b`).
+    fn two_versions() -> (
+        tempfile::TempDir,
+        MetaStore,
+        BlobStore,
+        TarballEntry,
+        TarballEntry,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
         let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
@@ -239,6 +245,12 @@ mod tests {
         let b = entry(&blobs, b"vpc 1.1.0");
         meta.put(KIND_TARBALL, "infra/vpc/aws@1.0.0", &a).unwrap();
         meta.put(KIND_TARBALL, "infra/vpc/aws@1.1.0", &b).unwrap();
+        (dir, meta, blobs, a, b)
+    }
+
+    #[test]
+    fn ls_verify_purge() {
+        let (dir, meta, blobs, a, b) = two_versions();
         meta.put(KIND_TARBALL, "infra/vpc-x/aws@1.0.0", &a).unwrap();
         meta.put(KIND_GRANT, "00ff/infra/vpc/aws", &Grant::default())
             .unwrap();
@@ -277,13 +289,7 @@ mod tests {
 
     #[test]
     fn evicted_blobs_are_not_damage_and_gc_drops_their_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = MetaStore::open(dir.path()).unwrap();
-        let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
-        let a = entry(&blobs, b"vpc 1.0.0");
-        let b = entry(&blobs, b"vpc 1.1.0");
-        meta.put(KIND_TARBALL, "infra/vpc/aws@1.0.0", &a).unwrap();
-        meta.put(KIND_TARBALL, "infra/vpc/aws@1.1.0", &b).unwrap();
+        let (dir, _meta, blobs, a, _b) = two_versions();
         blobs.remove(&Hash::from_hex(&a.hash).unwrap()); // as eviction does
 
         let admin = Admin::open(dir.path()).unwrap();

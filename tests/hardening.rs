@@ -160,15 +160,7 @@ async fn rate_limits_and_dns_failures() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
-    assert_eq!(
-        client()
-            .get(format!("{}/-/health", nowhere.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(nowhere.health().await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,15 +630,7 @@ async fn idle_and_slow_clients_are_cut_off_without_delaying_others() {
         "a stalled reader got the whole body ({} bytes)",
         all.len()
     );
-    assert_eq!(
-        client()
-            .get(format!("{}/-/health", m.url()))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(m.health().await, 200);
 }
 
 /// A download URL handed out from a stale grant while GitLab fails must lead to a fill once

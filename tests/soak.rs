@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::fake_gitlab::{FakeGitlab, Fault};
-use common::{bearer, rss_bytes, Mirror, V1};
+use common::{bearer, client, rss_bytes, Mirror, V1};
 use futures::StreamExt;
 
 const ALICE: &str = "glpat-alice-0000000000";
@@ -115,15 +115,6 @@ struct World {
     uploads_on: bool,
     /// The fault in force, for the tally of fills.
     fault: Mutex<Fault>,
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
 }
 
 fn cache_status(r: &reqwest::Response) -> Option<String> {
@@ -345,7 +336,7 @@ impl World {
     }
 
     async fn worker(self: Arc<Self>, seed: u64, until: Instant) {
-        let c = http();
+        let c = client();
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         while Instant::now() < until {
             let pick = rng.below(100);
@@ -463,7 +454,7 @@ async fn soak_mixed_load_with_faults() {
     let pid = m.pid();
     let mut rss = Vec::new();
     let mut evicted_by_hand = 0usize;
-    let health = http();
+    let health = client();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < until {
         tick.tick().await;
@@ -502,7 +493,7 @@ async fn soak_mixed_load_with_faults() {
     let load_secs = started.elapsed().as_secs_f64();
 
     // Every version of every module, whole, once GitLab is healthy.
-    let c = http();
+    let c = client();
     let mut checked = 0;
     for (group, name, version, _) in world.modules.iter() {
         let token = (*group == "infra").then_some(ALICE);

@@ -122,6 +122,17 @@ impl Mirror {
         panic!("tfmirror did not become healthy; log:\n{}", self.logs());
     }
 
+    /// The status of `/-/health`: is the process up and answering?
+    pub async fn health(&self) -> u16 {
+        client()
+            .get(format!("{}/-/health", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     pub fn url(&self) -> String {
         format!("{}://{}", self.scheme, self.addr)
     }
