@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(p.options.connection_timeout, Some(Duration::from_secs(2)));
         assert_eq!(p.options.read_timeout, Some(Duration::from_secs(30)));
         let p = u.peer(Profile::Transfer).await.unwrap();
-        assert_eq!(p.options.read_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(p.options.read_timeout, Some(Duration::from_secs(60)));
     }
 
     #[tokio::test]
