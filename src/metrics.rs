@@ -149,8 +149,9 @@ pub const FAMILIES: [&str; 14] = [
     "tfmirror_client_timeouts_total",
 ];
 
-/// Register every family at start, so that scrapers see them all (at zero) from the first
-/// scrape on, not only once something happened.
+/// Register every family at start. Unlabelled families are then exported (at zero) from the
+/// first scrape on; labelled ones appear with their first label set, as the prometheus
+/// crate exports no family without a child.
 pub fn init() {
     LazyLock::force(&REQUESTS);
     LazyLock::force(&REQUEST_DURATION);
