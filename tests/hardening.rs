@@ -35,6 +35,16 @@ fn verify(cache: &std::path::Path) -> (bool, String) {
     )
 }
 
+/// GET a URL as Alice (a member of `infra`).
+async fn as_alice(url: impl reqwest::IntoUrl) -> reqwest::Response {
+    client()
+        .get(url)
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn temp_files(m: &Mirror) -> usize {
     std::fs::read_dir(m.cache_dir().join("cache/tmp"))
         .map(|d| d.count())
@@ -114,22 +124,17 @@ async fn rate_limits_and_dns_failures() {
     let gl = gitlab().await;
     let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 1s\n").await;
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
-    let get = || {
-        client()
-            .get(&versions)
-            .header("authorization", bearer(ALICE))
-            .send()
-    };
-    assert_eq!(get().await.unwrap().status(), 200);
+    let get = || as_alice(&versions);
+    assert_eq!(get().await.status(), 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     // 429 with Retry-After: served stale, and GitLab is left alone for that long.
     gl.set_fault(Fault::Status(429));
-    let r = get().await.unwrap();
+    let r = get().await;
     assert_eq!(r.headers()["x-cache-status"], "STALE");
     gl.clear_hits();
     gl.set_fault(Fault::None);
-    let r = get().await.unwrap();
+    let r = get().await;
     assert_eq!(r.headers()["x-cache-status"], "STALE");
     assert_eq!(
         gl.hits().len(),
@@ -138,7 +143,7 @@ async fn rate_limits_and_dns_failures() {
     );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..3 {
-        let r = get().await.unwrap();
+        let r = get().await;
         assert_eq!(r.status(), 200);
     }
     assert!(
@@ -379,38 +384,22 @@ async fn cut_bodies_and_bursts_of_500_lose_nothing() {
 
     // A burst of 500s while the listing's grant has expired: served stale throughout.
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
-    let get = || {
-        client()
-            .get(&versions)
-            .header("authorization", bearer(ALICE))
-            .send()
-    };
-    assert_eq!(get().await.unwrap().status(), 200);
+    let get = || as_alice(&versions);
+    assert_eq!(get().await.status(), 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     gl.set_fault(Fault::Status(500));
     let burst = futures::future::join_all((0..20).map(|_| get())).await;
     for r in burst {
-        let r = r.unwrap();
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["x-cache-status"], "STALE");
     }
     // A version never seen before has nothing stale: GitLab's 500 is relayed, not cached.
     let cold = format!("{}{V1}/infra/vpc/aws/1.2.0", m.url());
-    let r = client()
-        .get(&cold)
-        .header("authorization", bearer(ALICE))
-        .send()
-        .await
-        .unwrap();
+    let r = as_alice(&cold).await;
     assert!(r.status().is_server_error(), "{}", r.status());
     gl.set_fault(Fault::None);
     m.wait_upstream_up().await;
-    let r = client()
-        .get(&cold)
-        .header("authorization", bearer(ALICE))
-        .send()
-        .await
-        .unwrap();
+    let r = as_alice(&cold).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-cache-status"], "MISS");
     let (clean, out) = verify(&m.cache_dir().join("cache"));
@@ -487,14 +476,9 @@ async fn listings_over_the_size_limit_are_refused() {
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     gl.add_module("infra", 1, "big", "aws", &many);
     let m = Mirror::start_with_config(&gl.url(), "limits:\n  max_listing_size: 4KiB\n").await;
-    let get = |module: &str| {
-        client()
-            .get(format!("{}{V1}/infra/{module}/aws/versions", m.url()))
-            .header("authorization", bearer(ALICE))
-            .send()
-    };
+    let get = |module: &str| as_alice(format!("{}{V1}/infra/{module}/aws/versions", m.url()));
     for _ in 0..2 {
-        let r = get("big").await.unwrap();
+        let r = get("big").await;
         assert_eq!(r.status(), 502);
         assert_eq!(r.text().await.unwrap(), r#"{"message":"502 Bad Gateway"}"#);
     }
@@ -507,7 +491,7 @@ async fn listings_over_the_size_limit_are_refused() {
         .logs()
         .contains("registry answer larger than limits.max_listing_size"));
     // Other modules are unaffected: GitLab is not considered down.
-    let r = get("vpc").await.unwrap();
+    let r = get("vpc").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-cache-status"], "MISS");
 }
@@ -641,22 +625,12 @@ async fn a_stale_download_url_fills_once_gitlab_is_back() {
     let gl = gitlab().await;
     let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 2s\n").await;
     // A grant from the listing; no download yet, so no GitLab JWT is remembered either.
-    let r = client()
-        .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
-        .header("authorization", bearer(ALICE))
-        .send()
-        .await
-        .unwrap();
+    let r = as_alice(format!("{}{V1}/infra/vpc/aws/versions", m.url())).await;
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(2100)).await; // the grant (and credential) lapse
 
     gl.set_fault(Fault::Status(500));
-    let dl = client()
-        .get(format!("{}{V1}/infra/vpc/aws/1.0.0/download", m.url()))
-        .header("authorization", bearer(ALICE))
-        .send()
-        .await
-        .unwrap();
+    let dl = as_alice(format!("{}{V1}/infra/vpc/aws/1.0.0/download", m.url())).await;
     assert_eq!(dl.status(), 204);
     assert_eq!(dl.headers()["x-cache-status"], "STALE");
     let file = format!(

@@ -245,25 +245,17 @@ impl BlobStore {
     /// start in the background; requests do not wait for it.
     pub fn scan(&self) -> io::Result<()> {
         let mut found = Vec::new();
-        for shard in fs::read_dir(&self.root)? {
-            let shard = shard?;
-            if !shard.file_type()?.is_dir() {
+        for (hash, path) in self.list()? {
+            // A blob purged or evicted since the listing is simply not counted.
+            let Ok(meta) = fs::metadata(&path) else {
                 continue;
-            }
-            for entry in fs::read_dir(shard.path())? {
-                let entry = entry?;
-                let name = entry.file_name();
-                let Some(hash) = name.to_str().and_then(|n| Hash::from_hex(n).ok()) else {
-                    continue;
-                };
-                let meta = entry.metadata()?;
-                let used = meta
-                    .modified()
-                    .ok()
-                    .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                found.push((hash, meta.len(), used));
-            }
+            };
+            let used = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs());
+            found.push((hash, meta.len(), used));
         }
         {
             let mut u = self.usage.lock().expect("usage lock");
