@@ -1,0 +1,279 @@
+//! Cache decisions for the namespace registry routes: share bytes, never access.
+//!
+//! | route | fresh grant for this identity | otherwise |
+//! |---|---|---|
+//! | versions, latest, a version | the body *this identity* last received (HIT; UPDATING past `listing_ttl`, refreshed in the background) | upstream with the caller's credential; 200 records the grant (MISS/REVALIDATED); 401/403/404 pass through unchanged |
+//! | `:version/download` | a 204 minted here, if the version was in the identity's listing | upstream; GitLab's JWT is swapped for a tfmirror token |
+//! | `:version/file` | no grant needed: a valid tfmirror token for this exact module path | the same |
+//!
+//! `/file` is served from the blob store (HIT), or filled from GitLab on the token holder's
+//! behalf with one upstream fetch however many clients wait (MISS). GitLab's JWT stays in
+//! memory; clients only ever see tfmirror tokens.
+
+mod ask;
+mod download;
+mod listing;
+mod project;
+mod reply;
+mod tarball;
+mod warm;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use futures::{StreamExt, TryStreamExt};
+use http::StatusCode;
+use pingora::proxy::Session;
+use pingora::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::Auth;
+use crate::cache::fill::{FillError, Source};
+use crate::cache::{unix_now, Cache};
+use crate::config::{CacheConfig, UnknownIdentity};
+use crate::fetch::Small;
+use crate::health::Health;
+use crate::identity::{Identity, Secret};
+use crate::metrics;
+use crate::respond::CacheStatus;
+use crate::rewrite::PublicBase;
+use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
+use crate::token::Tokens;
+use crate::upstream::Upstream;
+
+const JSON: &str = "application/json";
+/// RFC 7234's warning for stale answers, as the issue asks, next to `X-Cache-Status: STALE`.
+const STALE_WARNING: &str = "110 - \"Response is Stale\"";
+const OCTETS: &str = "application/octet-stream";
+/// Chunk size for streaming large blobs from disk.
+const DISK_CHUNK: usize = 256 * 1024;
+
+type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
+
+/// Module-wide views of listings, for offline fallback: any authorized caller's last body,
+/// and the last body GitLab served to an anonymous caller (the module is then public).
+pub const KIND_SHARED: &str = "shared";
+pub const KIND_SHARED_PUBLIC: &str = "shared-public";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SharedListing {
+    digest: String,
+    fetched_at: u64,
+    /// For a versions listing: the versions it shows.
+    versions: Vec<String>,
+}
+
+/// What asking the upstream produced.
+enum Asked {
+    /// An answer to act on: success or refusal.
+    Answer(Small),
+    /// Nothing usable: the upstream is down, failed, timed out, or answered 5xx/429 (kept, to
+    /// relay when no stale answer may be served).
+    Failed {
+        answer: Option<Small>,
+        status: StatusCode,
+    },
+}
+
+/// What happened, for the access log and metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub cache: CacheStatus,
+    pub upstream_status: Option<u16>,
+    pub identity: Identity,
+}
+
+pub struct Registry {
+    upstream: Arc<Upstream>,
+    pub cache: Arc<Cache>,
+    pub auth: Auth,
+    secret: Secret,
+    tokens: Tokens,
+    cfg: CacheConfig,
+    health: Arc<Health>,
+    soft_timeout: Duration,
+    unknown_identity: UnknownIdentity,
+    /// In-flight registry fetches, per (identity, path): concurrent misses share one.
+    inflight: Arc<Mutex<HashMap<String, SharedFetch>>>,
+    /// Background refreshes under way (stale-while-revalidate), per (identity, path).
+    refreshing: Mutex<HashSet<String>>,
+    /// (name, system) -> unix seconds of the last upload through tfmirror.
+    uploads: moka::sync::Cache<(String, String), u64>,
+}
+
+impl Registry {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        cache: Arc<Cache>,
+        secret: Secret,
+        health: Arc<Health>,
+        cfg: &crate::config::Config,
+    ) -> Registry {
+        Registry {
+            auth: Auth::new(
+                cache.meta.clone(),
+                cfg.auth.grant_ttl,
+                cfg.auth.negative_ttl,
+            ),
+            tokens: Tokens::new(*secret.token_key(), cfg.auth.token_ttl),
+            upstream,
+            cache,
+            secret,
+            cfg: cfg.cache.clone(),
+            health,
+            soft_timeout: cfg.offline.soft_timeout,
+            unknown_identity: cfg.offline.unknown_identity,
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+            refreshing: Mutex::new(HashSet::new()),
+            uploads: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(24 * 3600))
+                .build(),
+        }
+    }
+
+    /// Answer a namespace route. Always writes a response, except for the latest-download
+    /// redirect, which is left to the proxy (`Ok(None)`).
+    pub async fn handle(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ModuleRoute,
+        public: &PublicBase,
+    ) -> Result<Option<Outcome>> {
+        let out = match &route.op {
+            ModuleOp::Versions => self.listing(session, route, "versions".into()).await?,
+            ModuleOp::Latest => self.listing(session, route, "latest".into()).await?,
+            ModuleOp::Version(v) => self.listing(session, route, format!("v/{v}")).await?,
+            ModuleOp::Download(v) => {
+                self.download(session, route, &v.to_string(), public)
+                    .await?
+            }
+            ModuleOp::File(v) => self.file(session, route, &v.to_string()).await?,
+            ModuleOp::LatestDownload => return Ok(None),
+        };
+        Ok(Some(out))
+    }
+
+    /// Refresh the gauges that are read rather than counted (on each scrape).
+    pub fn update_gauges(&self, health: &Health) {
+        metrics::UPSTREAM_UP.set(i64::from(health.is_up()));
+        metrics::CACHE_BYTES
+            .with_label_values(&["memory"])
+            .set(self.cache.memory_bytes() as i64);
+        metrics::CACHE_BYTES
+            .with_label_values(&["disk"])
+            .set(self.cache.blobs.total_bytes() as i64);
+        metrics::CACHE_ENTRIES
+            .with_label_values(&["memory", "blob"])
+            .set(self.cache.memory_entries() as i64);
+        metrics::CACHE_ENTRIES
+            .with_label_values(&["disk", "blob"])
+            .set(self.cache.blobs.count() as i64);
+        metrics::CACHE_ENTRIES
+            .with_label_values(&["memory", "fill"])
+            .set(self.cache.fills.in_flight() as i64);
+        metrics::CACHE_EVICTIONS
+            .with_label_values(&["disk"])
+            .set(self.cache.blobs.evictions() as i64);
+        metrics::CACHE_EVICTIONS
+            .with_label_values(&["memory"])
+            .set(self.cache.memory_evictions() as i64);
+    }
+
+    /// An upload through tfmirror changes that module's listings: stop serving cached ones.
+    pub fn invalidate_uploads_of(&self, name: &str, system: &str) {
+        self.uploads
+            .insert((name.to_string(), system.to_string()), unix_now());
+    }
+
+    fn invalidated(&self, module: &ModuleId, fetched_at: u64) -> bool {
+        self.uploads
+            .get(&(module.name.clone(), module.system.clone()))
+            .is_some_and(|at| at >= fetched_at)
+    }
+}
+
+/// A download as a fill source: a success streams, a refusal is relayed, the rest is a 502.
+fn source(opened: Result<reqwest::Response>) -> std::result::Result<Source, FillError> {
+    match opened {
+        Ok(r) if r.status().is_success() => Ok(Source {
+            len: r.content_length(),
+            body: r.bytes_stream().map_err(|_| "upstream body failed").boxed(),
+        }),
+        Ok(r) => Err(FillError::Refused(r.status())),
+        Err(e) => {
+            tracing::warn!(error = %e, "tarball fill could not reach the upstream");
+            Err(FillError::Upstream("upstream unreachable"))
+        }
+    }
+}
+
+fn is_refusal(s: StatusCode) -> bool {
+    matches!(
+        s,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
+    )
+}
+
+/// The versions a listing body shows: `modules[0].versions[].version`, as Terraform reads it.
+fn listed_versions(body: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["modules"][0]["versions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["version"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The raw `token` parameter of GitLab's `X-Terraform-Get` (kept encoded, as sent).
+fn gitlab_token(x_terraform_get: &str) -> Option<String> {
+    let query = x_terraform_get.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|p| p.strip_prefix("token="))
+        .map(str::to_string)
+}
+
+/// The label of a route in upstream metrics.
+fn route_label(route: &ModuleRoute) -> &'static str {
+    crate::routes::Route::Module(route.clone()).template()
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlab_token_is_extracted_raw() {
+        let v =
+            "/api/v4/packages/terraform/modules/v1/g/n/s/1.0.0/file?token=eyJ.a-b_c.d&archive=tgz";
+        assert_eq!(gitlab_token(v).as_deref(), Some("eyJ.a-b_c.d"));
+        assert_eq!(
+            gitlab_token("/x/file?archive=tgz&token="),
+            Some(String::new())
+        );
+        assert_eq!(gitlab_token("/x/file"), None);
+    }
+
+    #[test]
+    fn versions_are_read_as_terraform_reads_them() {
+        let body = br#"{"modules":[{"versions":[{"version":"1.0.0"},{"version":"1.10.0"}],"source":"x"}]}"#;
+        assert_eq!(listed_versions(body), vec!["1.0.0", "1.10.0"]);
+        assert!(listed_versions(b"{}").is_empty());
+        assert!(listed_versions(b"not json").is_empty());
+    }
+}

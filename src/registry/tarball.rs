@@ -1,0 +1,319 @@
+//! Tarballs: token check, cached blobs verified as they stream, coalesced fills, pass-through.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use http::{header, Method, StatusCode};
+use pingora::proxy::Session;
+use pingora::{Error, ErrorType, Result};
+
+use super::reply::write_tarball_head;
+use super::{gitlab_token, source, Outcome, Registry, DISK_CHUNK, OCTETS};
+use crate::cache::blobs::Hash;
+use crate::cache::fill::{FillError, Source};
+use crate::cache::{tarball_key, unix_now, Cache, TarballEntry};
+use crate::fetch;
+use crate::identity::Identity;
+use crate::metrics;
+use crate::respond::{self, CacheStatus, HeaderValueLike as V};
+use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
+
+impl Registry {
+    pub(super) async fn file(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ModuleRoute,
+        version: &str,
+    ) -> Result<Outcome> {
+        let token = session.req_header().uri.query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned())
+        });
+        let identity = match self.tokens.verify(token.as_deref(), &route.module, version) {
+            Ok(id) => id,
+            Err(why) => {
+                tracing::info!(reason = ?why, "download token refused");
+                respond::error(session, StatusCode::UNAUTHORIZED).await?;
+                return Ok(Outcome {
+                    cache: CacheStatus::Hit,
+                    upstream_status: None,
+                    identity: Identity::ANONYMOUS,
+                });
+            }
+        };
+        let key = tarball_key(&route.module, version);
+        let this = self.clone();
+        let (module, v) = (route.module.clone(), version.to_string());
+        let open = move || {
+            let (this, module, v) = (this.clone(), module.clone(), v.clone());
+            async move { this.open_tarball(identity, &module, &v).await }.boxed()
+        };
+        self.serve_tarball(session, &key, identity, open).await
+    }
+
+    /// Serve a tarball from the cache, or fill it with `open` (one fill per key). HEAD never
+    /// starts a fill: Terraform sends HEAD before GET, and the GET does the work.
+    pub(super) async fn serve_tarball(
+        &self,
+        session: &mut Session,
+        key: &str,
+        identity: Identity,
+        open: impl Fn() -> crate::cache::fill::Opener,
+    ) -> Result<Outcome> {
+        let head = session.req_header().method == Method::HEAD;
+        let outcome = |cache, upstream_status| Outcome {
+            cache,
+            upstream_status,
+            identity,
+        };
+        if let Some(entry) = self.cache.tarball(key).await {
+            if let Some(hash) = entry.hash() {
+                if self
+                    .serve_blob(session, key, hash, entry.size, head)
+                    .await?
+                {
+                    return Ok(outcome(CacheStatus::Hit, None));
+                }
+            }
+            // The blob was evicted or corrupt: forget the entry and fill again.
+            self.cache.drop_tarball(key).await;
+        }
+        if head {
+            let headers = [
+                (header::CONTENT_TYPE, V::Static(OCTETS)),
+                (respond::CACHE_STATUS, V::Static("MISS")),
+            ];
+            respond::full(session, StatusCode::OK, &headers, Bytes::new()).await?;
+            return Ok(outcome(CacheStatus::Miss, None));
+        }
+
+        let (fill, leader) = match self.start_fill(key, &open) {
+            Ok(f) => f,
+            Err(e) => {
+                // No temp file (disk full, read-only): serve without caching.
+                metrics::CACHE_WRITE_ERRORS.inc();
+                tracing::error!(error = %e, "cannot write to the cache; serving without caching");
+                return self.pass_through(session, identity, open()).await;
+            }
+        };
+        if !leader {
+            metrics::COALESCED_WAITS.inc();
+        }
+
+        let len = match fill.started().await {
+            Ok(len) => len,
+            Err(FillError::NoRoom) => {
+                metrics::CACHE_WRITE_ERRORS.inc();
+                tracing::error!(
+                    "the cache disk has no room for this tarball; serving it without caching"
+                );
+                return self.pass_through(session, identity, open()).await;
+            }
+            Err(e) => {
+                let status = match e {
+                    FillError::Refused(s) => s,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                respond::error(session, status).await?;
+                return Ok(outcome(CacheStatus::Miss, Some(status.as_u16())));
+            }
+        };
+        write_tarball_head(session, CacheStatus::Miss, len, false).await?;
+        let mut reader = fill.reader();
+        loop {
+            match reader.next().await {
+                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
+                Ok(None) => break,
+                // Cut the connection: the client must not take a partial body for a whole one.
+                Err(_) => {
+                    return Err(
+                        Error::explain(ErrorType::ReadError, "tarball fill failed").into_up()
+                    )
+                }
+            }
+        }
+        session
+            .write_response_body(Some(Bytes::new()), true)
+            .await?;
+        Ok(outcome(CacheStatus::Miss, Some(200)))
+    }
+
+    /// Stream a tarball straight from the upstream, uncached (the cache cannot take it).
+    pub(super) async fn pass_through(
+        &self,
+        session: &mut Session,
+        identity: Identity,
+        opened: crate::cache::fill::Opener,
+    ) -> Result<Outcome> {
+        let outcome = |upstream_status| Outcome {
+            cache: CacheStatus::Bypass,
+            upstream_status,
+            identity,
+        };
+        let Source { len, mut body } = match opened.await {
+            Ok(s) => s,
+            Err(e) => {
+                let status = match e {
+                    FillError::Refused(s) => s,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                respond::error(session, status).await?;
+                return Ok(outcome(Some(status.as_u16())));
+            }
+        };
+        write_tarball_head(session, CacheStatus::Bypass, len, false).await?;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => session.write_response_body(Some(c), false).await?,
+                Err(_) => {
+                    return Err(
+                        Error::explain(ErrorType::ReadError, "upstream body failed").into_up()
+                    )
+                }
+            }
+        }
+        session
+            .write_response_body(Some(Bytes::new()), true)
+            .await?;
+        Ok(outcome(Some(200)))
+    }
+
+    /// Join or start the fill of a tarball; its commit indexes it under `key`.
+    pub(super) fn start_fill(
+        &self,
+        key: &str,
+        open: impl FnOnce() -> crate::cache::fill::Opener,
+    ) -> std::io::Result<(Arc<crate::cache::fill::Fill>, bool)> {
+        let meta = self.cache.meta.clone();
+        let index_key = key.to_string();
+        self.cache
+            .fills
+            .join_or_start(key, self.cache.blobs.clone(), open, move |hash, size| {
+                let entry = TarballEntry {
+                    hash: hash.to_hex().to_string(),
+                    size,
+                    fetched_at: unix_now(),
+                };
+                if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
+                    tracing::error!(error = %e, "could not index a tarball");
+                }
+            })
+    }
+
+    /// Open the upstream tarball on behalf of `identity`: GitLab's JWT (remembered from its
+    /// download answer, or asked for again with the remembered credential), then `/file`.
+    pub(super) async fn open_tarball(
+        &self,
+        identity: Identity,
+        module: &ModuleId,
+        version: &str,
+    ) -> std::result::Result<Source, FillError> {
+        let tarball = format!("{module}@{version}");
+        let base = format!(
+            "{MODULES_V1}{}/{}/{}/{version}",
+            module.namespace, module.name, module.system
+        );
+        let jwt = match self.auth.gitlab_jwt(identity, &tarball) {
+            Some(j) => j,
+            None => {
+                let cred = match (identity.is_anonymous(), self.auth.credential(identity)) {
+                    (true, _) => None,
+                    (false, Some(c)) => Some(c),
+                    // The credential is no longer in memory (restart, or grant lifetime over).
+                    (false, None) => return Err(FillError::Refused(StatusCode::UNAUTHORIZED)),
+                };
+                let small =
+                    fetch::registry(&self.upstream, &format!("{base}/download"), cred.as_ref())
+                        .await
+                        .map_err(|_| FillError::Upstream("download URL request failed"))?;
+                if !small.status.is_success() {
+                    return Err(FillError::Refused(small.status));
+                }
+                small
+                    .headers
+                    .get("x-terraform-get")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(gitlab_token)
+                    .ok_or(FillError::Upstream("no download URL"))?
+            }
+        };
+        let path = format!("{base}/file?token={jwt}");
+        source(fetch::open(&self.upstream, &path, None).await)
+    }
+
+    /// Serve a cached blob, verified. False when it is gone or corrupt (nothing was written).
+    /// Small blobs are verified whole before the first byte; large ones are streamed with the
+    /// last chunk held back until the hash checks out, so a corrupt blob never reaches a
+    /// client complete (the connection is cut instead).
+    pub(super) async fn serve_blob(
+        &self,
+        session: &mut Session,
+        key: &str,
+        hash: Hash,
+        size: u64,
+        head: bool,
+    ) -> Result<bool> {
+        if size <= self.cache.memory_max_object() {
+            let Some(bytes) = self.cache.get_small(hash).await.ok().flatten() else {
+                return Ok(false);
+            };
+            let headers = [
+                (header::CONTENT_TYPE, V::Static(OCTETS)),
+                (respond::CACHE_STATUS, V::Static("HIT")),
+            ];
+            respond::full(session, StatusCode::OK, &headers, bytes).await?;
+            return Ok(true);
+        }
+        let blobs = self.cache.blobs.clone();
+        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
+            .await
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
+        let Some((file, len)) = opened else {
+            return Ok(false);
+        };
+        write_tarball_head(session, CacheStatus::Hit, Some(len), head).await?;
+        if head {
+            return Ok(true);
+        }
+        let file = Arc::new(file);
+        let mut hasher = blake3::Hasher::new();
+        let mut pending: Option<Bytes> = None;
+        let mut offset = 0u64;
+        loop {
+            let f = file.clone();
+            let chunk = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; DISK_CHUNK];
+                let n = f.read_at(&mut buf, offset)?;
+                buf.truncate(n);
+                Ok::<_, std::io::Error>(buf)
+            })
+            .await
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
+            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?;
+            if chunk.is_empty() {
+                break;
+            }
+            offset += chunk.len() as u64;
+            hasher.update(&chunk);
+            if let Some(p) = pending.replace(Bytes::from(chunk)) {
+                session.write_response_body(Some(p), false).await?;
+            }
+        }
+        if hasher.finalize() != hash || offset != len {
+            tracing::error!(blob = %hash.to_hex(), "corrupt tarball on disk: deleted, will refetch");
+            self.cache.blobs.remove(&hash);
+            self.cache.forget(&hash);
+            self.cache.drop_tarball(key).await;
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "cached tarball failed verification",
+            );
+        }
+        session.write_response_body(pending, true).await?;
+        Ok(true)
+    }
+}
