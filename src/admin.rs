@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::auth::{Grant, KIND_GRANT};
+use crate::access::{Grant, KIND_GRANT};
 use crate::cache::blobs::{BlobStore, Hash};
 use crate::cache::meta::MetaStore;
 use crate::cache::{unix_now, TarballEntry, KIND_TARBALL};

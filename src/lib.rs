@@ -12,7 +12,7 @@
 //! | [`routes`] | parse a request once into a typed [`routes::Route`]; refuse what can never be valid |
 //! | [`proxy`] | the pingora hooks: decide, then answer locally, from the registry logic, or proxy |
 //! | [`registry`] | cache decisions for registry routes: grants, stale answers, tokens, fills |
-//! | [`auth`] | grants per (identity, module), credentials in memory, negative answers |
+//! | [`access`] | grants per (identity, module), credentials in memory, negative answers |
 //! | [`identity`] | keyed hashes of credentials; the per-instance secret |
 //! | [`token`] | tfmirror's download tokens (keyed blake3 MAC) |
 //! | [`cache`] | memory tier, blake3-addressed disk blobs, index records, coalesced fills |
@@ -40,7 +40,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod auth;
+pub mod access;
 pub mod cache;
 pub mod config;
 pub mod constraint;

@@ -8,7 +8,7 @@ use pingora::Result;
 
 use super::reply::{write_answer, write_download};
 use super::{gitlab_token, is_refusal, route_label, Asked, Outcome, Registry};
-use crate::auth::Grant;
+use crate::access::Grant;
 use crate::cache::{tarball_key, unix_now};
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};

@@ -14,7 +14,7 @@ use super::{
     is_refusal, listed_versions, route_label, Asked, Outcome, Registry, SharedListing, KIND_SHARED,
     KIND_SHARED_PUBLIC,
 };
-use crate::auth::{BodyRef, Grant, Negative};
+use crate::access::{BodyRef, Grant, Negative};
 use crate::cache::blobs::Hash;
 use crate::cache::unix_now;
 use crate::config::UnknownIdentity;

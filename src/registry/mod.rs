@@ -29,7 +29,7 @@ use pingora::proxy::Session;
 use pingora::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Auth;
+use crate::access::Auth;
 use crate::cache::fill::{FillError, Source};
 use crate::cache::{unix_now, Cache};
 use crate::config::{CacheConfig, UnknownIdentity};

@@ -7,7 +7,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use super::{JSON, OCTETS, STALE_WARNING};
-use crate::auth::Negative;
+use crate::access::Negative;
 use crate::fetch::Small;
 use crate::respond::{self, CacheStatus, HeaderValueLike as V};
 

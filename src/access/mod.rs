@@ -1,0 +1,6 @@
+//! Who may have what. [`grants`] remembers what GitLab decided per (identity, module);
+//! `policy` decides, from those facts alone, what a request gets.
+
+pub mod grants;
+
+pub use grants::{Auth, BodyRef, Grant, Negative, KIND_GRANT};
