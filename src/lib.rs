@@ -39,8 +39,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod access;
+pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod constraint;

@@ -2,5 +2,6 @@
 //! `policy` decides, from those facts alone, what a request gets.
 
 pub mod grants;
+pub mod policy;
 
 pub use grants::{Auth, BodyRef, Grant, Negative, KIND_GRANT};
