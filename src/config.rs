@@ -200,9 +200,12 @@ pub struct OfflineConfig {
     pub enabled: bool,
     /// Who may read the cache, while the upstream is down, without a grant of their own.
     pub unknown_identity: UnknownIdentity,
-    /// With a stale answer at hand, how long to wait for the upstream before serving it.
+    /// How long a registry call (listing, metadata, download URL, project check) waits for
+    /// GitLab before GitLab counts as failed: a stale answer or a clear error then, and a
+    /// breaker failure. Keep it below Terraform's 10 s per registry call. Slow is not down:
+    /// below this, tfmirror waits, whatever it has cached.
     #[serde(with = "humantime_serde")]
-    pub soft_timeout: Duration,
+    pub deadline: Duration,
     /// Consecutive connect errors or timeouts that mark the upstream down.
     pub breaker_threshold: u32,
 }
@@ -212,7 +215,7 @@ impl Default for OfflineConfig {
         OfflineConfig {
             enabled: false,
             unknown_identity: UnknownIdentity::Deny,
-            soft_timeout: Duration::from_millis(500),
+            deadline: Duration::from_secs(7),
             breaker_threshold: 2,
         }
     }
@@ -355,7 +358,7 @@ impl Config {
             ("cache.listing_ttl", self.cache.listing_ttl),
             ("auth.grant_ttl", self.auth.grant_ttl),
             ("auth.token_ttl", self.auth.token_ttl),
-            ("offline.soft_timeout", self.offline.soft_timeout),
+            ("offline.deadline", self.offline.deadline),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));

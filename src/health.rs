@@ -3,8 +3,13 @@
 //! Consecutive connect errors or timeouts (`offline.breaker_threshold`) mark the upstream
 //! down. While it is down, registry calls do not wait on it: stale answers are served at once.
 //! A single probe task retries with exponential backoff and closes the breaker on the first
-//! answer of any kind. A 429 with `Retry-After` (or a 503 with one) holds requests back for
-//! that long. In offline mode the upstream is always unavailable and never probed.
+//! answer of any kind. While it is open, one request at a time that has nothing stale to fall
+//! back on may go through as a probe ([`Health::claim_probe`]), so a new identity is served as
+//! soon as GitLab answers again. A 503 with `Retry-After` (GitLab down for everyone) holds
+//! requests back for that long. A 429 does not: it is GitLab's answer to one caller, held
+//! back per caller by `access::grants` (anyone can provoke a 429, even for all anonymous
+//! traffic, which leaves from tfmirror's one address). In offline mode the upstream is always
+//! unavailable and never probed.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,7 +31,18 @@ pub struct Health {
     failures: AtomicU32,
     down: AtomicBool,
     probing: AtomicBool,
+    /// A request is probing the open breaker (see `claim_probe`).
+    request_probe: Arc<AtomicBool>,
     hold_until: Mutex<Option<Instant>>,
+}
+
+/// The right to probe an open breaker with a real request; released when dropped.
+pub struct Probe(Arc<AtomicBool>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Health {
@@ -37,6 +53,7 @@ impl Health {
             failures: AtomicU32::new(0),
             down: AtomicBool::new(offline),
             probing: AtomicBool::new(false),
+            request_probe: Arc::new(AtomicBool::new(false)),
             hold_until: Mutex::new(None),
         }
     }
@@ -65,15 +82,22 @@ impl Health {
         !self.offline && !self.down.load(Ordering::Acquire)
     }
 
+    /// While the upstream is unavailable (not in offline mode): let this request through as the
+    /// probe, unless another request already is one.
+    pub fn claim_probe(&self) -> Option<Probe> {
+        if self.offline || self.request_probe.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(Probe(self.request_probe.clone()))
+    }
+
     /// The upstream answered (any HTTP status).
     pub fn record_answer(&self, status: http::StatusCode, headers: &HeaderMap) {
         self.failures.store(0, Ordering::Release);
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::info!("upstream is back");
         }
-        if status == http::StatusCode::TOO_MANY_REQUESTS
-            || status == http::StatusCode::SERVICE_UNAVAILABLE
-        {
+        if status == http::StatusCode::SERVICE_UNAVAILABLE {
             if let Some(wait) = retry_after(headers) {
                 *self.hold_until.lock().expect("health lock") = Some(Instant::now() + wait);
             }
@@ -134,14 +158,32 @@ mod tests {
     use http::{HeaderValue, StatusCode};
 
     #[test]
-    fn retry_after_holds_requests_back() {
+    fn an_upstream_wide_503_holds_requests_back_but_a_callers_429_does_not() {
         let h = Health::new(false, 3);
         assert!(!h.unavailable());
         let mut headers = HeaderMap::new();
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
         h.record_answer(StatusCode::TOO_MANY_REQUESTS, &headers);
+        assert!(
+            !h.unavailable(),
+            "one caller's 429 must not hold back everyone"
+        );
+        h.record_answer(StatusCode::SERVICE_UNAVAILABLE, &headers);
         assert!(h.unavailable());
-        assert!(h.is_up(), "a rate limit is not an outage");
+        assert!(h.is_up(), "a hold is not an outage");
+    }
+
+    #[test]
+    fn one_request_at_a_time_probes() {
+        let h = Health::new(false, 3);
+        let p = h.claim_probe().expect("first probe");
+        assert!(h.claim_probe().is_none());
+        drop(p);
+        assert!(h.claim_probe().is_some());
+        assert!(
+            Health::new(true, 3).claim_probe().is_none(),
+            "offline never probes"
+        );
     }
 
     #[test]

@@ -131,8 +131,24 @@ pub static CLIENT_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static LATE_ANSWERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_late_answers_absorbed_total",
+        "GitLab answers that arrived after offline.deadline and were still learned (grant refreshed or revoked)."
+    )
+    .expect("metric")
+});
+
+pub static RATE_LIMITED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_rate_limited_callers_total",
+        "429s from GitLab, each holding back only the caller (identity and module) that received it."
+    )
+    .expect("metric")
+});
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 14] = [
+pub const FAMILIES: [&str; 16] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -147,6 +163,8 @@ pub const FAMILIES: [&str; 14] = [
     "tfmirror_bytes_served_total",
     "tfmirror_cache_write_errors_total",
     "tfmirror_client_timeouts_total",
+    "tfmirror_late_answers_absorbed_total",
+    "tfmirror_rate_limited_callers_total",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -167,6 +185,8 @@ pub fn init() {
     LazyLock::force(&CACHE_WRITE_ERRORS);
     LazyLock::force(&BYTES_SERVED);
     LazyLock::force(&CLIENT_TIMEOUTS);
+    LazyLock::force(&LATE_ANSWERS);
+    LazyLock::force(&RATE_LIMITED);
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.
@@ -186,8 +206,12 @@ pub enum Decision {
     UnknownAuthenticated,
     /// Upstream down: `offline.unknown_identity = anyone` let a new identity in.
     UnknownAnyone,
-    /// Upstream down and nothing allowed this identity: refused.
+    /// GitLab failed, and `offline.unknown_identity` gave this never-authorized identity
+    /// nothing: refused.
     UnknownDenied,
+    /// GitLab failed, and the identity was refused by GitLab before, or nothing recent
+    /// enough was cached for it: refused.
+    OfflineRefused,
     /// A tfmirror download token was refused.
     TokenRefused,
 }
@@ -203,6 +227,7 @@ impl Decision {
             Decision::UnknownAuthenticated => "unknown_authenticated",
             Decision::UnknownAnyone => "unknown_anyone",
             Decision::UnknownDenied => "unknown_denied",
+            Decision::OfflineRefused => "offline_refused",
             Decision::TokenRefused => "token_refused",
         }
     }

@@ -182,11 +182,12 @@ impl Proxy {
                 }
                 None => self.offline_refusal(session).await,
             },
-            Route::Project(p)
-                if matches!(p.op, ProjectOp::Download { .. })
-                    && !terraform_get(session.req_header()) =>
-            {
-                let out = self.registry.project_download(session, p).await?;
+            Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
+                let terraform_get = terraform_get(session.req_header());
+                let out = self
+                    .registry
+                    .project_download(session, p, terraform_get, &public)
+                    .await?;
                 ctx.cache = Some(out.cache);
                 ctx.upstream_status = out.upstream_status;
                 ctx.identity = Some(out.identity);

@@ -284,18 +284,17 @@ async fn project_routes_use_basic_auth_and_absolute_urls_are_rewritten() {
         .to_str()
         .unwrap()
         .to_string();
-    // GitLab's absolute URL now points at tfmirror, never at GitLab.
-    assert_eq!(
-        get,
-        format!(
-            "{}/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.10.0?archive=tgz",
-            m.url()
-        )
+    // GitLab's absolute URL now points at tfmirror, never at GitLab, with a tfmirror token.
+    let prefix = format!(
+        "{}/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.10.0?token=",
+        m.url()
     );
+    assert!(get.starts_with(&prefix), "{get}");
+    assert!(get.ends_with("&archive=tgz"), "{get}");
     assert!(!get.contains(&gl.addr.to_string()));
 
     let tarball = c
-        .get(get.replace("?archive=tgz", ""))
+        .get(get.replace("&archive=tgz", ""))
         .header("authorization", basic("alice", ALICE))
         .send()
         .await
@@ -332,9 +331,12 @@ async fn public_url_is_used_for_absolute_rewrites() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        tg.headers()["x-terraform-get"],
-        "https://tf.example.net/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.9.0?archive=tgz"
+    let get = tg.headers()["x-terraform-get"].to_str().unwrap();
+    assert!(
+        get.starts_with(
+            "https://tf.example.net/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.9.0?token="
+        ),
+        "{get}"
     );
 }
 

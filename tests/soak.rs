@@ -406,7 +406,7 @@ async fn soak_mixed_load_with_faults() {
         "cache:\n  memory_size: 1MiB\n  disk_size: 24MiB\n  listing_ttl: 2s\n  \
          stale_while_revalidate: 5s\n\
          auth:\n  grant_ttl: 3s\n  negative_ttl: 1s\n\
-         offline:\n  soft_timeout: 300ms\n\
+         offline:\n  deadline: 2s\n\
          timeouts:\n  read: 2s\n  transfer: 10s\n  client_idle: 5s\n\
          limits:\n  max_fills: 4\n\
          admin_token: soak-admin-token-0123456789\n",

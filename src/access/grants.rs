@@ -57,10 +57,31 @@ impl Grant {
             && unix_now().saturating_sub(self.checked_at) < ttl.as_secs().max(1)
     }
 
-    /// May this identity download `version`? It must have seen it upstream.
+    /// May this identity download `version`? It must have seen it upstream: in its versions
+    /// listing, or as a version's metadata. A versions listing prunes metadata of versions it
+    /// no longer shows (see `Grant::set_versions`), so a deleted version is not allowed.
     pub fn allows_version(&self, version: &str) -> bool {
         self.versions.iter().any(|v| v == version)
             || self.bodies.contains_key(&format!("v/{version}"))
+    }
+}
+
+impl Grant {
+    /// Record the versions GitLab's current listing shows, and forget the metadata of any
+    /// version it no longer shows (deleted in GitLab).
+    pub fn set_versions(&mut self, versions: Vec<String>) {
+        self.bodies.retain(|op, _| match op.strip_prefix("v/") {
+            Some(v) => versions.iter().any(|l| l == v),
+            None => true,
+        });
+        self.versions = versions;
+    }
+
+    /// Add a version GitLab just allowed (a download URL, a project check).
+    pub fn add_version(&mut self, version: &str) {
+        if !self.versions.iter().any(|v| v == version) {
+            self.versions.push(version.to_string());
+        }
     }
 }
 
@@ -79,8 +100,13 @@ pub struct Auth {
     creds: moka::sync::Cache<Identity, (HeaderValue, std::time::Instant)>,
     negative: moka::sync::Cache<(Identity, String), Negative>,
     jwts: moka::sync::Cache<(Identity, String), String>,
+    /// (identity, module) -> end of the `Retry-After` GitLab gave that caller with a 429.
+    held: moka::sync::Cache<(Identity, String), std::time::Instant>,
     pub grant_ttl: Duration,
 }
+
+/// Longest `Retry-After` honoured for one caller: a bogus value must not shut it out for a day.
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
 
 fn grant_key(identity: Identity, module: &ModuleId) -> String {
     format!("{}/{module}", identity.to_hex())
@@ -107,6 +133,10 @@ impl Auth {
             jwts: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(JWT_REUSE)
+                .build(),
+            held: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(MAX_HOLD)
                 .build(),
             grant_ttl,
         }
@@ -149,6 +179,10 @@ impl Auth {
         g.checked_at = unix_now();
         g.refused_at = None;
         update(&mut g);
+        self.store(identity, module, g).await;
+    }
+
+    async fn store(&self, identity: Identity, module: &ModuleId, g: Grant) {
         let key = grant_key(identity, module);
         let g = Arc::new(g);
         self.grants.insert(key.clone(), g.clone());
@@ -171,6 +205,34 @@ impl Auth {
         self.grants.insert(key.clone(), refused.clone());
         let meta = self.meta.clone();
         let _ = tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*refused)).await;
+    }
+
+    /// GitLab answered this identity 429 for this module: hold it (and only it) back for
+    /// `wait`, capped at [`MAX_HOLD`].
+    pub fn hold(&self, identity: Identity, module: &ModuleId, wait: Duration) {
+        let until = std::time::Instant::now() + wait.min(MAX_HOLD);
+        self.held.insert((identity, module.to_string()), until);
+    }
+
+    /// What is left of this caller's `Retry-After` for this module, if any.
+    pub fn held(&self, identity: Identity, module: &ModuleId) -> Option<Duration> {
+        let until = self.held.get(&(identity, module.to_string()))?;
+        until.checked_duration_since(std::time::Instant::now())
+    }
+
+    /// GitLab no longer has `version` for this identity (its listing dropped it, or it answered
+    /// 404): it may no longer be downloaded on the strength of this grant.
+    pub async fn forget_version(&self, identity: Identity, module: &ModuleId, version: &str) {
+        let Some(g) = self.grant(identity, module).await else {
+            return;
+        };
+        if !g.allows_version(version) {
+            return;
+        }
+        let mut g = (*g).clone();
+        g.versions.retain(|v| v != version);
+        g.bodies.remove(&format!("v/{version}"));
+        self.store(identity, module, g).await;
     }
 
     /// Forget in-memory grants for a module (after a purge removed them from disk).

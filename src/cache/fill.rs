@@ -44,6 +44,16 @@ pub enum FillError {
     NoRoom,
 }
 
+impl FillError {
+    /// The status to answer a client whose fill failed: GitLab's refusal, else a 502.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FillError::Refused(s) => *s,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub enum State {
     /// Waiting for the upstream's response head.

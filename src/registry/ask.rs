@@ -1,107 +1,189 @@
-//! Asking GitLab: the breaker, the soft timeout, and one shared request per (identity, path).
+//! Asking GitLab: the breaker, the deadline, one shared request per (identity, path), and
+//! what GitLab's answer teaches, even when it arrives after the caller stopped waiting.
+//!
+//! Slow is not down. A registry call waits for GitLab up to `offline.deadline` (below
+//! Terraform's 10 s per registry call), whatever is cached; only then does it count as a
+//! failure (for the breaker, and for the policy's stale path). The request itself keeps
+//! going: when GitLab's answer arrives, it is learned as if it had come in time, so a late
+//! 403 revokes before the caller's next request.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::FutureExt;
 use http::{HeaderValue, StatusCode};
-use pingora::proxy::Session;
-use pingora::{ErrorType, Result};
+use pingora::ErrorType;
 
-use super::reply::write_answer;
-use super::{status_class, Asked, Outcome, Registry, SharedFetch};
+use super::{status_class, Lesson, Registry, SharedFetch};
+use crate::access::policy::Gitlab;
 use crate::fetch::{self, Small};
 use crate::identity::Identity;
 use crate::metrics;
-use crate::respond::{self, CacheStatus};
+use crate::respond::CacheStatus;
+
+/// Why GitLab gave no answer to act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Failure {
+    /// Connection refused, reset, DNS: nothing reached GitLab.
+    Unreachable,
+    /// No answer within `offline.deadline`.
+    Deadline,
+    /// GitLab answered with this 5xx.
+    Status(StatusCode),
+    /// The breaker is open (or an upstream-wide `Retry-After` runs) and another request is
+    /// already probing.
+    BreakerOpen,
+    /// `--offline`.
+    Offline,
+}
+
+/// What asking GitLab produced.
+pub(super) enum Asked {
+    /// GitLab answered in time; `learned` is what the answer did to the cache (MISS or
+    /// REVALIDATED).
+    Answer { small: Small, learned: CacheStatus },
+    /// Nothing usable arrived in time; `answer` is GitLab's 5xx, if it sent one.
+    Failed {
+        failure: Failure,
+        answer: Option<Small>,
+    },
+}
+
+impl Asked {
+    pub(super) fn failure(&self) -> Option<Failure> {
+        match self {
+            Asked::Failed { failure, .. } => Some(*failure),
+            Asked::Answer { .. } => None,
+        }
+    }
+
+    /// GitLab's status, for the access log, when it answered at all.
+    pub(super) fn upstream_status(&self) -> Option<u16> {
+        match self {
+            Asked::Answer { small, .. }
+            | Asked::Failed {
+                answer: Some(small),
+                ..
+            } => Some(small.status.as_u16()),
+            Asked::Failed { .. } => None,
+        }
+    }
+
+    /// What GitLab did, in the policy's terms.
+    pub(super) fn gitlab(&self, lesson: &Lesson) -> Gitlab {
+        match self {
+            Asked::Answer { small, .. } => gitlab_did(small.status, lesson),
+            Asked::Failed { .. } => Gitlab::Failed,
+        }
+    }
+}
+
+/// Classify an answer. A 404 means "no access" on a project route's check (GitLab answers
+/// `?terraform-get=1` after the access check, before looking the package up); elsewhere it
+/// means "not found", an answer like any other.
+pub(super) fn gitlab_did(status: StatusCode, lesson: &Lesson) -> Gitlab {
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Gitlab::Refused,
+        StatusCode::NOT_FOUND if matches!(lesson, Lesson::ProjectCheck { .. }) => Gitlab::Refused,
+        StatusCode::TOO_MANY_REQUESTS => Gitlab::RateLimited,
+        s if s.is_server_error() => Gitlab::Failed,
+        _ => Gitlab::Answered,
+    }
+}
 
 impl Registry {
-    /// Ask the upstream, unless it is known to be down. With a stale answer at hand, wait at
-    /// most `offline.soft_timeout`: the request keeps going in the background, but the client
-    /// gets the stale answer now.
+    /// Ask GitLab for `path` with the caller's credential, and learn from the answer.
+    ///
+    /// With the breaker open, only one request at a time goes through (the probe); the rest
+    /// fail at once. Past `offline.deadline` the caller gets `Failed(Deadline)`, and the
+    /// answer, when it comes, is learned in the background.
     pub(super) async fn ask(
-        &self,
+        self: &Arc<Self>,
         identity: Identity,
         path: &str,
         cred: Option<HeaderValue>,
-        stale_at_hand: bool,
+        lesson: Lesson,
         label: &'static str,
     ) -> Asked {
-        if self.health.unavailable() {
-            return Asked::Failed {
-                answer: None,
-                status: StatusCode::BAD_GATEWAY,
-            };
+        if self.health.is_offline_mode() {
+            return failed(Failure::Offline);
         }
-        let fut = self.fetch_shared(identity, path, cred, label);
-        let result = if stale_at_hand {
-            match tokio::time::timeout(self.soft_timeout, fut).await {
-                Ok(r) => r,
-                Err(_) => {
-                    self.health.record_failure(&self.upstream);
-                    return Asked::Failed {
-                        answer: None,
-                        status: StatusCode::GATEWAY_TIMEOUT,
-                    };
-                }
+        let _probe = if self.health.unavailable() {
+            match self.health.claim_probe() {
+                Some(p) => Some(p),
+                None => return failed(Failure::BreakerOpen),
             }
         } else {
-            fut.await
+            None
         };
-        match result {
-            Ok(small) => {
+        let (generation, fut) = self.fetch_shared(identity, path, cred.clone(), label);
+        match tokio::time::timeout(self.deadline, fut.clone()).await {
+            Ok(Ok(small)) => {
                 self.health.record_answer(small.status, &small.headers);
-                if small.status.is_server_error() || small.status == StatusCode::TOO_MANY_REQUESTS {
-                    let status = small.status;
-                    Asked::Failed {
+                let learned = self.learn(identity, cred.as_ref(), &lesson, &small).await;
+                match small.status {
+                    s if s.is_server_error() => Asked::Failed {
+                        failure: Failure::Status(s),
                         answer: Some(small),
-                        status,
-                    }
-                } else {
-                    Asked::Answer(small)
+                    },
+                    _ => Asked::Answer { small, learned },
                 }
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "upstream registry call failed");
-                if matches!(
-                    e.etype(),
-                    ErrorType::ConnectError
-                        | ErrorType::ConnectTimedout
-                        | ErrorType::ConnectRefused
-                        | ErrorType::ConnectNoRoute
-                        | ErrorType::ReadTimedout
-                        | ErrorType::ReadError
-                ) {
+                if is_unreachable(e.etype()) {
                     self.health.record_failure(&self.upstream);
                 }
-                Asked::Failed {
-                    answer: None,
-                    status: fetch::failure_status(&e),
-                }
+                failed(Failure::Unreachable)
+            }
+            Err(_) => {
+                // Slow past the deadline: failed for this caller, and for the breaker. The
+                // answer is still learned when it arrives. Later requests must not join this
+                // one (a black hole would hold them until `timeouts.read`): they start afresh.
+                self.health.record_failure(&self.upstream);
+                self.leave_inflight(identity, path, generation);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Ok(small) = fut.await {
+                        this.health.record_answer(small.status, &small.headers);
+                        this.learn(identity, cred.as_ref(), &lesson, &small).await;
+                        metrics::LATE_ANSWERS.inc();
+                        tracing::info!(
+                            identity = %identity.short(),
+                            status = small.status.as_u16(),
+                            "learned an upstream answer that came after the deadline"
+                        );
+                    }
+                });
+                failed(Failure::Deadline)
             }
         }
     }
 
     /// GET a registry path upstream; concurrent identical requests of one identity share it.
-    /// The request runs as a task of its own, so a caller that stops waiting (soft timeout,
-    /// client gone) does not cancel it for the others.
-    pub(super) fn fetch_shared(
+    /// The request runs as a task of its own, so a caller that stops waiting (deadline,
+    /// client gone) does not cancel it for the others, and its answer can still be learned.
+    fn fetch_shared(
         &self,
         identity: Identity,
         path: &str,
         cred: Option<HeaderValue>,
         label: &'static str,
-    ) -> SharedFetch {
+    ) -> (u64, SharedFetch) {
         let key = format!("{}{path}", identity.to_hex());
         let mut inflight = self.inflight.lock().expect("inflight lock");
-        if let Some(f) = inflight.get(&key) {
+        if let Some((generation, f)) = inflight.get(&key) {
             metrics::COALESCED_WAITS.inc();
-            return f.clone();
+            return (*generation, f.clone());
         }
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let upstream = self.upstream.clone();
         let map = self.inflight.clone();
         let (path, k) = (path.to_string(), key.clone());
         let fut = async move {
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             let result = fetch::registry(&upstream, &path, cred.as_ref()).await;
             metrics::UPSTREAM_DURATION
                 .with_label_values(&[label])
@@ -114,34 +196,45 @@ impl Registry {
             metrics::UPSTREAM_REQUESTS
                 .with_label_values(&[label, outcome])
                 .inc();
-            map.lock().expect("inflight lock").remove(&k);
+            let mut map = map.lock().expect("inflight lock");
+            if map.get(&k).is_some_and(|(g, _)| *g == generation) {
+                map.remove(&k);
+            }
             result.map_err(Arc::from)
         }
         .boxed()
         .shared();
-        inflight.insert(key, fut.clone());
+        inflight.insert(key, (generation, fut.clone()));
         tokio::spawn(fut.clone());
-        fut
+        (generation, fut)
     }
 
-    /// The upstream gave nothing usable and no stale answer is allowed: relay its error
-    /// answer if there was one, or say it is unreachable.
-    pub(super) async fn nothing_to_serve(
-        &self,
-        session: &mut Session,
-        answer: Option<Small>,
-        status: StatusCode,
-        identity: Identity,
-    ) -> Result<Outcome> {
-        let upstream_status = answer.as_ref().map(|a| a.status.as_u16());
-        match answer {
-            Some(small) => write_answer(session, &small, CacheStatus::Miss).await?,
-            None => respond::error(session, status).await?,
+    /// Stop offering an in-flight fetch to new requests (it goes on for those that hold it).
+    fn leave_inflight(&self, identity: Identity, path: &str, generation: u64) {
+        let key = format!("{}{path}", identity.to_hex());
+        let mut map = self.inflight.lock().expect("inflight lock");
+        if map.get(&key).is_some_and(|(g, _)| *g == generation) {
+            map.remove(&key);
         }
-        Ok(Outcome {
-            cache: CacheStatus::Miss,
-            upstream_status,
-            identity,
-        })
     }
+}
+
+fn failed(failure: Failure) -> Asked {
+    Asked::Failed {
+        failure,
+        answer: None,
+    }
+}
+
+/// Errors that say GitLab could not be reached or did not answer (breaker material).
+fn is_unreachable(e: &ErrorType) -> bool {
+    matches!(
+        e,
+        ErrorType::ConnectError
+            | ErrorType::ConnectTimedout
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ReadTimedout
+            | ErrorType::ReadError
+    )
 }

@@ -2,16 +2,17 @@
 
 use std::sync::Arc;
 
-use http::{header, StatusCode};
+use http::StatusCode;
 use pingora::proxy::Session;
 use pingora::Result;
 
-use super::reply::{write_answer, write_download};
-use super::{gitlab_token, is_refusal, route_label, Asked, Outcome, Registry};
-use crate::access::Grant;
-use crate::cache::{tarball_key, unix_now};
+use super::ask::Asked;
+use super::decide::{count, Fallback};
+use super::reply::{authorization, write_answer, write_download};
+use super::{gitlab_token, route_label, Lesson, Outcome, Registry};
+use crate::access::policy::{Action, Kind};
+use crate::cache::unix_now;
 use crate::identity::Identity;
-use crate::metrics::{self, Decision};
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
@@ -38,131 +39,148 @@ impl Registry {
         version: &str,
         public: &PublicBase,
     ) -> Result<Outcome> {
-        let cred = session
-            .req_header()
-            .headers
-            .get(header::AUTHORIZATION)
-            .cloned();
+        let cred = authorization(session);
         let identity = self.secret.identify(cred.as_ref());
+        let module = &route.module;
         let outcome = |cache, upstream_status| Outcome {
             cache,
             upstream_status,
             identity,
         };
-        let grant = self.auth.grant(identity, &route.module).await;
-        if let Some(g) = grant
-            .as_ref()
-            .filter(|g| g.is_fresh(self.auth.grant_ttl) && g.allows_version(version))
-        {
-            self.auth.remember_for_grant(identity, cred.as_ref(), g);
-            metrics::decision(Decision::Granted);
-            let get = self.x_terraform_get(public, &route.module, version, identity);
-            write_download(session, CacheStatus::Hit, get).await?;
-            return Ok(outcome(CacheStatus::Hit, None));
-        }
+        let grant = self.auth.grant(identity, module).await;
         let path = route.upstream_path();
-        if self.replay_refusal(session, identity, &path).await? {
-            return Ok(outcome(CacheStatus::Hit, None));
+        // The caller's "own answer" for a download: its grant, if its current listing shows
+        // this version.
+        let own = grant
+            .as_ref()
+            .filter(|g| g.allows_version(version))
+            .map(|g| g.checked_at);
+        let mut facts = self.facts(
+            unix_now(),
+            Kind::Download,
+            identity,
+            cred.is_some(),
+            module,
+            grant.as_deref(),
+            own,
+            &path,
+        );
+        let fallback = Fallback::Version {
+            module,
+            version: Some(version),
+        };
+        let (action, _) = self.decide(&mut facts, &fallback).await;
+        count(action, identity, module, None);
+        match action {
+            Action::Fresh | Action::Revalidate => {
+                if let Some(g) = &grant {
+                    self.auth.remember_for_grant(identity, cred.as_ref(), g);
+                }
+                let get = self.x_terraform_get(public, module, version, identity);
+                write_download(session, CacheStatus::Hit, get).await?;
+                return Ok(outcome(CacheStatus::Hit, None));
+            }
+            Action::Stale(_) => {
+                return self
+                    .stale_download(
+                        session,
+                        public,
+                        module,
+                        version,
+                        identity,
+                        cred.as_ref(),
+                        None,
+                    )
+                    .await;
+            }
+            other => {
+                if let Some(cache) = self
+                    .answer_alike(session, other, identity, module, &path, None)
+                    .await?
+                {
+                    return Ok(outcome(cache, None));
+                }
+            }
         }
-        let stale = self
-            .stale_download(
-                identity,
-                cred.is_some(),
-                &route.module,
-                version,
-                grant.as_deref(),
-            )
-            .await;
-        let small = match self
+
+        let lesson = Lesson::Download {
+            module: module.clone(),
+            version: version.to_string(),
+            path: path.clone(),
+        };
+        let asked = self
             .ask(
                 identity,
                 &path,
                 cred.clone(),
-                stale.is_some(),
+                lesson.clone(),
                 route_label(route),
             )
-            .await
-        {
-            Asked::Answer(small) => small,
-            Asked::Failed { answer, status } => {
-                return match stale {
-                    Some(decision) => {
-                        metrics::decision(decision);
-                        metrics::STALE_SERVED.inc();
-                        self.auth.remember_for_stale(identity, cred.as_ref());
-                        let get = self.x_terraform_get(public, &route.module, version, identity);
-                        write_download(session, CacheStatus::Stale, get).await?;
-                        Ok(outcome(
-                            CacheStatus::Stale,
-                            answer.map(|a| a.status.as_u16()),
-                        ))
-                    }
-                    None => {
-                        self.nothing_to_serve(session, answer, status, identity)
-                            .await
-                    }
-                };
+            .await;
+        facts.gitlab = asked.gitlab(&lesson);
+        let (action, _) = self.decide(&mut facts, &fallback).await;
+        count(action, identity, module, asked.failure());
+        let upstream_status = asked.upstream_status();
+        match (action, asked) {
+            (Action::Stale(_), _) => {
+                self.stale_download(
+                    session,
+                    public,
+                    module,
+                    version,
+                    identity,
+                    cred.as_ref(),
+                    upstream_status,
+                )
+                .await
             }
-        };
-        let upstream_status = Some(small.status.as_u16());
-        let jwt = small
-            .headers
-            .get("x-terraform-get")
-            .and_then(|v| v.to_str().ok())
-            .and_then(gitlab_token);
-        match (small.status.is_success(), jwt) {
-            (true, Some(jwt)) => {
-                metrics::decision(Decision::UpstreamAllowed);
-                self.auth
-                    .remember_gitlab_jwt(identity, &tarball_key(&route.module, version), jwt);
-                let v = version.to_string();
-                self.auth
-                    .record_success(identity, cred.as_ref(), &route.module, move |g| {
-                        if !g.versions.contains(&v) {
-                            g.versions.push(v);
-                        }
-                    })
-                    .await;
-                let get = self.x_terraform_get(public, &route.module, version, identity);
-                write_download(session, CacheStatus::Miss, get).await?;
-            }
-            (true, None) => {
-                // A success without a usable download URL: nothing safe to hand out.
-                respond::error(session, StatusCode::BAD_GATEWAY).await?;
-            }
-            (false, _) => {
-                if is_refusal(small.status) {
-                    self.learn_refusal(identity, &route.module, &path, &small)
-                        .await;
+            (Action::Relay, Asked::Answer { small, .. }) => {
+                let usable = small.status.is_success()
+                    && small
+                        .headers
+                        .get("x-terraform-get")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(gitlab_token)
+                        .is_some();
+                if usable {
+                    let get = self.x_terraform_get(public, module, version, identity);
+                    write_download(session, CacheStatus::Miss, get).await?;
+                } else if small.status.is_success() {
+                    // A success without a usable download URL: nothing safe to hand out.
+                    respond::error(session, StatusCode::BAD_GATEWAY).await?;
+                } else {
+                    write_answer(session, &small, CacheStatus::Miss).await?;
                 }
-                write_answer(session, &small, CacheStatus::Miss).await?;
+                Ok(outcome(CacheStatus::Miss, upstream_status))
+            }
+            (action, asked) => {
+                self.answer_failed(session, action, asked, identity, module, &path)
+                    .await?;
+                Ok(outcome(CacheStatus::Miss, upstream_status))
             }
         }
-        Ok(outcome(CacheStatus::Miss, upstream_status))
     }
 
-    /// May this identity get a download URL for `version` while the upstream fails?
-    pub(super) async fn stale_download(
+    /// A download URL handed out while GitLab fails. The caller's credential is kept for one
+    /// grant lifetime: the URL may need a fill, and only GitLab, asked with it, allows that.
+    #[allow(clippy::too_many_arguments)]
+    async fn stale_download(
         &self,
-        identity: Identity,
-        has_credential: bool,
+        session: &mut Session,
+        public: &PublicBase,
         module: &ModuleId,
         version: &str,
-        grant: Option<&Grant>,
-    ) -> Option<Decision> {
-        if let Some(g) = grant {
-            if g.refused_at.is_some() {
-                return None;
-            }
-            if self.grant_in_window(g) && g.allows_version(version) {
-                return Some(Decision::StaleGrant);
-            }
-        }
-        let (shared, decision) = self
-            .shared_for(identity, has_credential, module, "versions")
-            .await?;
-        let window = (self.cfg.listing_ttl + self.cfg.stale_if_error).as_secs();
-        let listed = shared.versions.iter().any(|v| v == version);
-        (listed && unix_now().saturating_sub(shared.fetched_at) <= window).then_some(decision)
+        identity: Identity,
+        cred: Option<&http::HeaderValue>,
+        upstream_status: Option<u16>,
+    ) -> Result<Outcome> {
+        self.auth.remember_for_stale(identity, cred);
+        let get = self.x_terraform_get(public, module, version, identity);
+        write_download(session, CacheStatus::Stale, get).await?;
+        Ok(Outcome {
+            cache: CacheStatus::Stale,
+            upstream_status,
+            identity,
+        })
     }
 }

@@ -11,7 +11,9 @@
 //! memory; clients only ever see tfmirror tokens.
 
 mod ask;
+mod decide;
 mod download;
+mod learn;
 mod listing;
 mod project;
 mod reply;
@@ -29,7 +31,7 @@ use pingora::proxy::Session;
 use pingora::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::access::Auth;
+use crate::access::{Auth, BodyRef};
 use crate::cache::fill::{FillError, Source};
 use crate::cache::{unix_now, Cache};
 use crate::config::{CacheConfig, UnknownIdentity};
@@ -65,16 +67,48 @@ struct SharedListing {
     versions: Vec<String>,
 }
 
-/// What asking the upstream produced.
-enum Asked {
-    /// An answer to act on: success or refusal.
-    Answer(Small),
-    /// Nothing usable: the upstream is down, failed, timed out, or answered 5xx/429 (kept, to
-    /// relay when no stale answer may be served).
-    Failed {
-        answer: Option<Small>,
-        status: StatusCode,
+/// What an upstream answer can teach, per route.
+#[derive(Debug, Clone)]
+pub(super) enum Lesson {
+    /// A listing (`op`: `versions`, `latest`, `v/<version>`); `previous` is the body this
+    /// identity had, to tell MISS from REVALIDATED.
+    Listing {
+        module: ModuleId,
+        op: String,
+        path: String,
+        previous: Option<BodyRef>,
     },
+    /// A namespace download URL for `version`.
+    Download {
+        module: ModuleId,
+        version: String,
+        path: String,
+    },
+    /// A project route's `?terraform-get=1` access check (`module` is the project's grant
+    /// key); `version` is `None` for the unversioned (latest) source.
+    ProjectCheck {
+        module: ModuleId,
+        version: Option<String>,
+        path: String,
+    },
+}
+
+impl Lesson {
+    fn module(&self) -> &ModuleId {
+        match self {
+            Lesson::Listing { module, .. }
+            | Lesson::Download { module, .. }
+            | Lesson::ProjectCheck { module, .. } => module,
+        }
+    }
+
+    fn path(&self) -> &str {
+        match self {
+            Lesson::Listing { path, .. }
+            | Lesson::Download { path, .. }
+            | Lesson::ProjectCheck { path, .. } => path,
+        }
+    }
 }
 
 /// What happened, for the access log and metrics.
@@ -93,10 +127,14 @@ pub struct Registry {
     tokens: Tokens,
     cfg: CacheConfig,
     health: Arc<Health>,
-    soft_timeout: Duration,
+    /// `offline.deadline`: how long a registry call waits for GitLab before it has failed.
+    deadline: Duration,
     unknown_identity: UnknownIdentity,
     /// In-flight registry fetches, per (identity, path): concurrent misses share one.
-    inflight: Arc<Mutex<HashMap<String, SharedFetch>>>,
+    /// Each with a generation number, so that only its own task removes it.
+    inflight: Arc<Mutex<HashMap<String, (u64, SharedFetch)>>>,
+    /// The next generation number of `inflight`.
+    generation: std::sync::atomic::AtomicU64,
     /// Background refreshes under way (stale-while-revalidate), per (identity, path).
     refreshing: Mutex<HashSet<String>>,
     /// (name, system) -> unix seconds of the last upload through tfmirror.
@@ -123,9 +161,10 @@ impl Registry {
             secret,
             cfg: cfg.cache.clone(),
             health,
-            soft_timeout: cfg.offline.soft_timeout,
+            deadline: cfg.offline.deadline,
             unknown_identity: cfg.offline.unknown_identity,
             inflight: Arc::new(Mutex::new(HashMap::new())),
+            generation: std::sync::atomic::AtomicU64::new(0),
             refreshing: Mutex::new(HashSet::new()),
             uploads: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -208,13 +247,6 @@ fn source(opened: Result<reqwest::Response>) -> std::result::Result<Source, Fill
             Err(FillError::Upstream("upstream unreachable"))
         }
     }
-}
-
-fn is_refusal(s: StatusCode) -> bool {
-    matches!(
-        s,
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::NOT_FOUND
-    )
 }
 
 /// The versions a listing body shows: `modules[0].versions[].version`, as Terraform reads it.

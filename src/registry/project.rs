@@ -1,154 +1,423 @@
-//! Project routes (`/api/v4/projects/:id/packages/terraform/modules/...`).
+//! Project routes (`/api/v4/projects/:id/packages/terraform/modules/:name/:system[/:version]`),
+//! at parity with the namespace routes: the same policy, the same cache, tfmirror tokens.
+//!
+//! Terraform (go-getter) first sends `?terraform-get=1` with Basic auth; GitLab answers it
+//! right after its project access check, before it looks the package up, with a 204 whose
+//! `X-Terraform-Get` is the same URL (versioned or not) plus `archive=tgz`. So a 404 there
+//! means "no access" and revokes. tfmirror answers that 204 itself from a grant (fresh, or
+//! stale while GitLab fails), pointing at itself with a tfmirror token; the tarball GET that
+//! follows is served by that token, from the cache or filled once from GitLab.
+//!
+//! The unversioned (latest) source: GitLab picks the version. tfmirror asks for the tarball,
+//! reads the version from the file name GitLab serves (`<name>-<system>-<version>.tgz`), and
+//! keys the cache by it; the last version resolved is kept for the offline fallback.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use http::{header, StatusCode};
+use http::{header, HeaderValue};
 use pingora::proxy::Session;
 use pingora::Result;
 
-use super::{is_refusal, source, Asked, Outcome, Registry, JSON};
-use crate::cache::fill::FillError;
-use crate::cache::project_tarball_key;
+use super::ask::Asked;
+use super::decide::{count, Fallback};
+use super::reply::{authorization, write_answer, write_download};
+use super::{source, Lesson, Outcome, Registry, SharedListing, KIND_SHARED};
+use crate::access::policy::{Action, Kind, Why};
+use crate::cache::fill::{FillError, Opener};
+use crate::cache::{project_tarball_key, unix_now};
 use crate::fetch;
-use crate::metrics::{self, Decision};
-use crate::respond::{self, CacheStatus, HeaderValueLike as V};
+use crate::identity::Identity;
+use crate::respond::CacheStatus;
+use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ProjectOp, ProjectRoute};
 
+/// The version word a token carries for the unversioned (latest) source.
+const LATEST: &str = "latest";
+
+/// One project-route request, its parts resolved once.
+struct Project<'a> {
+    route: &'a ProjectRoute,
+    /// The grant and token key: `project:<id>/<name>/<system>`.
+    module: ModuleId,
+    /// GitLab's path for it, without version: validated parts only, the project path's
+    /// slashes re-encoded as GitLab wants them.
+    base: String,
+    version: Option<String>,
+}
+
+impl<'a> Project<'a> {
+    fn new(route: &'a ProjectRoute) -> Project<'a> {
+        let project = route.project.replace('/', "%2F");
+        Project {
+            route,
+            module: ModuleId {
+                namespace: format!("project:{}", route.project),
+                name: route.name.clone(),
+                system: route.system.clone(),
+            },
+            base: format!(
+                "/api/v4/projects/{project}/packages/terraform/modules/{}/{}",
+                route.name, route.system
+            ),
+            version: match &route.op {
+                ProjectOp::Download { version } => version.as_ref().map(ToString::to_string),
+                ProjectOp::Upload { .. } => None,
+            },
+        }
+    }
+
+    fn path(&self) -> String {
+        match &self.version {
+            Some(v) => format!("{}/{v}", self.base),
+            None => self.base.clone(),
+        }
+    }
+
+    fn token_version(&self) -> &str {
+        self.version.as_deref().unwrap_or(LATEST)
+    }
+
+    fn key(&self, version: &str) -> String {
+        project_tarball_key(
+            &self.route.project,
+            &self.route.name,
+            &self.route.system,
+            version,
+        )
+    }
+}
+
 impl Registry {
-    /// A project-route tarball (`GET PP[/:version]`, Basic auth). GitLab stays the authority:
-    /// an identity without a fresh grant is checked with `?terraform-get=1`, a 204 that costs
-    /// GitLab no bytes; the bytes then come from the cache, shared with every other route.
+    /// `GET PP[/:version]`, with or without `?terraform-get=1`.
     pub async fn project_download(
         self: &Arc<Self>,
         session: &mut Session,
-        p: &ProjectRoute,
+        route: &ProjectRoute,
+        terraform_get: bool,
+        public: &PublicBase,
     ) -> Result<Outcome> {
-        let cred = session
-            .req_header()
-            .headers
-            .get(header::AUTHORIZATION)
-            .cloned();
-        let identity = self.secret.identify(cred.as_ref());
-        let grant_of = ModuleId {
-            namespace: format!("project:{}", p.project),
-            name: p.name.clone(),
-            system: p.system.clone(),
-        };
-        // Validated parts only; the project path's slashes are re-encoded as GitLab wants.
-        let base = format!(
-            "/api/v4/projects/{}/packages/terraform/modules/{}/{}",
-            p.project.replace('/', "%2F"),
-            p.name,
-            p.system
-        );
-        let requested = match &p.op {
-            ProjectOp::Download { version } => version.as_ref().map(ToString::to_string),
-            ProjectOp::Upload { .. } => None,
-        };
-        let grant = self.auth.grant(identity, &grant_of).await;
-        let fresh = match (&grant, &requested) {
-            (Some(g), Some(v)) if g.is_fresh(self.auth.grant_ttl) && g.allows_version(v) => {
-                self.auth.remember_for_grant(identity, cred.as_ref(), g);
-                true
-            }
-            _ => false,
-        };
-        let version = if fresh {
-            requested.expect("fresh implies a version")
-        } else {
-            let check = match &requested {
-                Some(v) => format!("{base}/{v}?terraform-get=1"),
-                None => format!("{base}?terraform-get=1"),
-            };
-            // While GitLab fails, an identity it authorized before keeps its versions.
-            let stale_ok = match (&grant, &requested) {
-                (Some(g), Some(v)) => {
-                    g.refused_at.is_none() && self.grant_in_window(g) && g.allows_version(v)
-                }
-                _ => false,
-            };
-            let small = match self
-                .ask(identity, &check, cred.clone(), stale_ok, "project_download")
-                .await
+        let p = Project::new(route);
+        let cred = authorization(session);
+        // The tarball GET behind a 204 tfmirror handed out: its token decides.
+        if !terraform_get {
+            let token = query_token(session);
+            if let Ok(identity) = self
+                .tokens
+                .verify(token.as_deref(), &p.module, p.token_version())
             {
-                Asked::Answer(small) => small,
-                Asked::Failed { answer, status } => {
-                    if !stale_ok {
-                        return self
-                            .nothing_to_serve(session, answer, status, identity)
-                            .await;
-                    }
-                    metrics::decision(Decision::StaleGrant);
-                    metrics::STALE_SERVED.inc();
-                    let version = requested.expect("stale implies a version");
-                    let key = project_tarball_key(&p.project, &p.name, &p.system, &version);
-                    // Offline, nothing can be filled: cached bytes or an error.
-                    let open = || async { Err(FillError::Upstream("upstream down")) }.boxed();
-                    let mut out = self.serve_tarball(session, &key, identity, open).await?;
-                    if out.cache == CacheStatus::Hit {
-                        out.cache = CacheStatus::Stale;
-                    }
-                    return Ok(out);
+                let cred = cred.or_else(|| self.auth.credential(identity));
+                return self
+                    .project_tarball(session, &p, identity, cred, false)
+                    .await;
+            }
+        }
+        let identity = self.secret.identify(cred.as_ref());
+        let outcome = |cache, upstream_status| Outcome {
+            cache,
+            upstream_status,
+            identity,
+        };
+        let grant = self.auth.grant(identity, &p.module).await;
+        let own = grant
+            .as_ref()
+            .filter(|g| p.version.as_ref().is_none_or(|v| g.allows_version(v)))
+            .map(|g| g.checked_at);
+        let check = format!("{}?terraform-get=1", p.path());
+        let mut facts = self.facts(
+            unix_now(),
+            Kind::Download,
+            identity,
+            cred.is_some(),
+            &p.module,
+            grant.as_deref(),
+            own,
+            &check,
+        );
+        let fallback = Fallback::Version {
+            module: &p.module,
+            version: p.version.as_deref(),
+        };
+        let (action, _) = self.decide(&mut facts, &fallback).await;
+        count(action, identity, &p.module, None);
+        match action {
+            Action::Fresh | Action::Revalidate | Action::Stale(_) => {
+                let stale = matches!(action, Action::Stale(_));
+                if stale {
+                    self.auth.remember_for_stale(identity, cred.as_ref());
+                } else if let Some(g) = &grant {
+                    self.auth.remember_for_grant(identity, cred.as_ref(), g);
                 }
-            };
-            // The version is the last path segment of GitLab's absolute X-Terraform-Get.
-            let granted = small
-                .headers
-                .get("x-terraform-get")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split('?').next())
-                .and_then(|v| v.rsplit('/').next())
-                .and_then(|v| semver::Version::parse(v).ok());
-            match (small.status.is_success(), granted) {
-                (true, Some(v)) => {
-                    let version = v.to_string();
-                    let recorded = version.clone();
-                    self.auth
-                        .record_success(identity, cred.as_ref(), &grant_of, move |g| {
-                            if !g.versions.contains(&recorded) {
-                                g.versions.push(recorded);
-                            }
-                        })
-                        .await;
-                    version
+                let cache = if stale {
+                    CacheStatus::Stale
+                } else {
+                    CacheStatus::Hit
+                };
+                if terraform_get {
+                    let get = self.project_terraform_get(public, &p, identity);
+                    write_download(session, cache, get).await?;
+                    return Ok(outcome(cache, None));
                 }
-                (true, None) => {
-                    respond::error(session, StatusCode::BAD_GATEWAY).await?;
-                    return Ok(Outcome {
-                        cache: CacheStatus::Miss,
-                        upstream_status: Some(small.status.as_u16()),
-                        identity,
-                    });
-                }
-                (false, _) => {
-                    if is_refusal(small.status) {
-                        self.learn_refusal(identity, &grant_of, &check, &small)
-                            .await;
-                    }
-                    let mut headers = vec![
-                        (header::CONTENT_TYPE, V::Static(JSON)),
-                        (respond::CACHE_STATUS, V::Static("MISS")),
-                    ];
-                    if let Some(w) = small.headers.get(header::WWW_AUTHENTICATE) {
-                        headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
-                    }
-                    respond::full(session, small.status, &headers, small.body.clone()).await?;
-                    return Ok(Outcome {
-                        cache: CacheStatus::Miss,
-                        upstream_status: Some(small.status.as_u16()),
-                        identity,
-                    });
+                return self
+                    .project_tarball(session, &p, identity, cred, stale)
+                    .await;
+            }
+            other => {
+                if let Some(cache) = self
+                    .answer_alike(session, other, identity, &p.module, &check, None)
+                    .await?
+                {
+                    return Ok(outcome(cache, None));
                 }
             }
+        }
+
+        let lesson = Lesson::ProjectCheck {
+            module: p.module.clone(),
+            version: p.version.clone(),
+            path: check.clone(),
         };
-        let key = project_tarball_key(&p.project, &p.name, &p.system, &version);
+        let asked = self
+            .ask(
+                identity,
+                &check,
+                cred.clone(),
+                lesson.clone(),
+                "project_download",
+            )
+            .await;
+        facts.gitlab = asked.gitlab(&lesson);
+        let (action, _) = self.decide(&mut facts, &fallback).await;
+        count(action, identity, &p.module, asked.failure());
+        let upstream_status = asked.upstream_status();
+        match (action, asked) {
+            (Action::Stale(_), _) => {
+                self.auth.remember_for_stale(identity, cred.as_ref());
+                if terraform_get {
+                    let get = self.project_terraform_get(public, &p, identity);
+                    write_download(session, CacheStatus::Stale, get).await?;
+                    return Ok(outcome(CacheStatus::Stale, upstream_status));
+                }
+                self.project_tarball(session, &p, identity, cred, true)
+                    .await
+            }
+            (Action::Relay, Asked::Answer { small, .. }) if small.status.is_success() => {
+                if terraform_get {
+                    let get = self.project_terraform_get(public, &p, identity);
+                    write_download(session, CacheStatus::Miss, get).await?;
+                    return Ok(outcome(CacheStatus::Miss, upstream_status));
+                }
+                self.project_tarball(session, &p, identity, cred, false)
+                    .await
+            }
+            (Action::Relay, Asked::Answer { small, .. }) => {
+                // GitLab's refusal, as GitLab gave it: a private project is a 404, never a 403.
+                write_answer(session, &small, CacheStatus::Miss).await?;
+                Ok(outcome(CacheStatus::Miss, upstream_status))
+            }
+            (action, asked) => {
+                self.answer_failed(session, action, asked, identity, &p.module, &check)
+                    .await?;
+                Ok(outcome(CacheStatus::Miss, upstream_status))
+            }
+        }
+    }
+
+    /// tfmirror's `X-Terraform-Get` for a project route: its own URL, with a token that lets
+    /// the tarball GET through without asking GitLab again.
+    fn project_terraform_get(
+        &self,
+        public: &PublicBase,
+        p: &Project<'_>,
+        identity: Identity,
+    ) -> String {
+        let token = self.tokens.mint(&p.module, p.token_version(), identity);
+        // Absolute, as GitLab's own is on project routes.
+        format!(
+            "{}{}{}?token={token}&archive=tgz",
+            public.origin,
+            public.prefix,
+            p.path()
+        )
+    }
+
+    /// Serve a project tarball for an identity the policy allowed: from the cache, or filled
+    /// from GitLab with `cred` (never while GitLab fails: `stale`).
+    async fn project_tarball(
+        self: &Arc<Self>,
+        session: &mut Session,
+        p: &Project<'_>,
+        identity: Identity,
+        cred: Option<HeaderValue>,
+        stale: bool,
+    ) -> Result<Outcome> {
+        let (version, opened) = match &p.version {
+            Some(v) => (v.clone(), None),
+            None if stale => match self.last_latest(&p.module).await {
+                Some(v) => (v, None),
+                None => return self.project_unavailable(session, p, identity).await,
+            },
+            None => match self.resolve_latest(p, cred.as_ref()).await {
+                Ok((v, resp)) => (v, Some(resp)),
+                Err(e) => return self.project_fill_error(session, identity, e).await,
+            },
+        };
+        let key = p.key(&version);
+        let mut out = if stale {
+            // Offline, nothing can be filled: cached bytes or an error.
+            let open = || async { Err(FillError::Upstream("upstream down")) }.boxed();
+            self.serve_tarball(session, &key, identity, open).await?
+        } else {
+            let open = self.project_opener(p, &version, cred, opened);
+            self.serve_tarball(session, &key, identity, open).await?
+        };
+        if stale && out.cache == CacheStatus::Hit {
+            out.cache = CacheStatus::Stale;
+        }
+        Ok(out)
+    }
+
+    /// Opens GitLab's tarball for a fill: the response already opened to resolve the latest
+    /// version first, then (a retry, a pass-through) a new request for that version.
+    fn project_opener(
+        &self,
+        p: &Project<'_>,
+        version: &str,
+        cred: Option<HeaderValue>,
+        opened: Option<reqwest::Response>,
+    ) -> impl Fn() -> Opener {
         let upstream = self.upstream.clone();
-        let path = format!("{base}/{version}");
-        let open = move || {
+        let path = format!("{}/{version}", p.base);
+        let opened = Arc::new(Mutex::new(opened));
+        move || {
             let (upstream, path, cred) = (upstream.clone(), path.clone(), cred.clone());
-            async move { source(fetch::open(&upstream, &path, cred.as_ref()).await) }.boxed()
+            let first = opened.lock().expect("opener lock").take();
+            async move {
+                match first {
+                    Some(resp) => source(Ok(resp)),
+                    None => source(fetch::open(&upstream, &path, cred.as_ref()).await),
+                }
+            }
+            .boxed()
+        }
+    }
+
+    /// Ask GitLab for the latest tarball and read its version from the file name.
+    async fn resolve_latest(
+        &self,
+        p: &Project<'_>,
+        cred: Option<&HeaderValue>,
+    ) -> std::result::Result<(String, reqwest::Response), FillError> {
+        let resp = fetch::open(&self.upstream, &p.base, cred)
+            .await
+            .map_err(|_| FillError::Upstream("upstream unreachable"))?;
+        if !resp.status().is_success() {
+            return Err(FillError::Refused(resp.status()));
+        }
+        let version = resp
+            .headers()
+            .get(header::CONTENT_DISPOSITION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|d| version_from_disposition(d, &p.route.name, &p.route.system))
+            .ok_or(FillError::Upstream(
+                "GitLab named no version for the latest tarball",
+            ))?;
+        self.remember_latest(&p.module, &version).await;
+        Ok((version, resp))
+    }
+
+    async fn remember_latest(&self, module: &ModuleId, version: &str) {
+        let meta = self.cache.meta.clone();
+        let key = format!("{module}/latest");
+        let record = SharedListing {
+            digest: String::new(),
+            fetched_at: unix_now(),
+            versions: vec![version.to_string()],
         };
-        self.serve_tarball(session, &key, identity, open).await
+        let _ = tokio::task::spawn_blocking(move || meta.put(KIND_SHARED, &key, &record)).await;
+    }
+
+    async fn last_latest(&self, module: &ModuleId) -> Option<String> {
+        self.shared(KIND_SHARED, module, "latest")
+            .await
+            .and_then(|r| r.versions.into_iter().next())
+    }
+
+    async fn project_unavailable(
+        &self,
+        session: &mut Session,
+        p: &Project<'_>,
+        identity: Identity,
+    ) -> Result<Outcome> {
+        let failure = self.failure_without_asking();
+        super::reply::write_unavailable(session, &p.module, Why::NothingCached, failure).await?;
+        Ok(Outcome {
+            cache: CacheStatus::Miss,
+            upstream_status: None,
+            identity,
+        })
+    }
+
+    async fn project_fill_error(
+        &self,
+        session: &mut Session,
+        identity: Identity,
+        e: FillError,
+    ) -> Result<Outcome> {
+        let status = e.status();
+        crate::respond::error(session, status).await?;
+        Ok(Outcome {
+            cache: CacheStatus::Miss,
+            upstream_status: Some(status.as_u16()),
+            identity,
+        })
+    }
+}
+
+/// The `token` query parameter of a request, if any.
+fn query_token(session: &Session) -> Option<String> {
+    session.req_header().uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    })
+}
+
+/// `attachment; filename="vpc-aws-1.2.0.tgz"` -> `1.2.0`, for module `vpc`, system `aws`.
+fn version_from_disposition(disposition: &str, name: &str, system: &str) -> Option<String> {
+    let file = disposition
+        .split(';')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("filename="))?
+        .trim_matches('"');
+    let v = file
+        .strip_prefix(&format!("{name}-{system}-"))?
+        .strip_suffix(".tgz")?;
+    semver::Version::parse(v).ok().map(|v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_from_disposition as v;
+
+    #[test]
+    fn the_latest_version_is_read_from_gitlabs_file_name() {
+        assert_eq!(
+            v("attachment; filename=\"vpc-aws-1.2.0.tgz\"", "vpc", "aws").as_deref(),
+            Some("1.2.0")
+        );
+        assert_eq!(
+            v("attachment; filename=vpc-aws-1.0.0-rc.1.tgz", "vpc", "aws").as_deref(),
+            Some("1.0.0-rc.1")
+        );
+        assert_eq!(
+            v("attachment; filename=\"dns-aws-1.2.0.tgz\"", "vpc", "aws"),
+            None
+        );
+        assert_eq!(
+            v("attachment; filename=\"vpc-aws-latest.tgz\"", "vpc", "aws"),
+            None
+        );
+        assert_eq!(v("inline", "vpc", "aws"), None);
     }
 }

@@ -36,9 +36,8 @@ impl Registry {
             identity,
             cred.as_ref(),
             module,
-            &path,
             "versions",
-            &small,
+            &small.body,
             None,
         )
         .await;

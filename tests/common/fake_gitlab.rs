@@ -99,6 +99,11 @@ pub struct Inner {
     jwt_ttl: Mutex<Duration>,
     /// Close keep-alive connections idle this long (nginx's `keepalive_timeout`).
     keepalive: Mutex<Option<Duration>>,
+    /// Per caller (token, or "" for anonymous): a 429 with this `Retry-After` (seconds), as
+    /// GitLab's per-user and per-IP rate limits answer.
+    rate_limited: Mutex<HashMap<String, u64>>,
+    /// Per caller (token, or "" for anonymous): answer this much later.
+    latency: Mutex<HashMap<String, Duration>>,
     secret: Vec<u8>,
     /// Relative URL root ("" or "/gitlab"); part of every URL the fake hands out.
     prefix: String,
@@ -155,6 +160,8 @@ impl FakeGitlab {
             record_headers: Mutex::new(true),
             jwt_ttl: Mutex::new(Duration::from_secs(300)),
             keepalive: Mutex::new(None),
+            rate_limited: Mutex::new(HashMap::new()),
+            latency: Mutex::new(HashMap::new()),
             secret: b"fake-gitlab-jwt-secret".to_vec(),
             prefix: prefix.to_string(),
             base_url: format!(
@@ -200,6 +207,43 @@ impl FakeGitlab {
     pub fn revoke(&self, group: &str, token: &str) {
         let mut r = self.inner.registry.lock().unwrap();
         r.groups.get_mut(group).unwrap().1.remove(token);
+    }
+
+    /// Make a group public or private at run time.
+    pub fn set_public(&self, group: &str, public: bool) {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.groups.get_mut(group).unwrap().0 = public;
+    }
+
+    /// Delete a version, as a maintainer would in GitLab's package registry.
+    pub fn delete_version(&self, group: &str, name: &str, system: &str, version: &str) {
+        let mut r = self.inner.registry.lock().unwrap();
+        let m = r
+            .modules
+            .get_mut(&(group.into(), name.into(), system.into()))
+            .unwrap();
+        m.1.remove(version);
+    }
+
+    /// Answer this caller (a token, or `None` for anonymous) 429 with `Retry-After`, or stop
+    /// (`retry_after: None`).
+    pub fn rate_limit(&self, token: Option<&str>, retry_after: Option<u64>) {
+        let mut m = self.inner.rate_limited.lock().unwrap();
+        let k = token.unwrap_or_default().to_string();
+        match retry_after {
+            Some(s) => m.insert(k, s),
+            None => m.remove(&k),
+        };
+    }
+
+    /// Answer this caller (a token, or `None` for anonymous) `delay` later, or stop.
+    pub fn set_latency_for(&self, token: Option<&str>, delay: Option<Duration>) {
+        let mut m = self.inner.latency.lock().unwrap();
+        let k = token.unwrap_or_default().to_string();
+        match delay {
+            Some(d) => m.insert(k, d),
+            None => m.remove(&k),
+        };
     }
 
     pub fn add_module(
@@ -509,6 +553,18 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
             HeaderMap::new()
         },
     });
+    let caller = caller_token(req.headers());
+    let delay = inner.latency.lock().unwrap().get(&caller).copied();
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
+    let limited = inner.rate_limited.lock().unwrap().get(&caller).copied();
+    if let Some(secs) = limited {
+        let mut r = gitlab_error(StatusCode::TOO_MANY_REQUESTS);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return r;
+    }
     let fault = inner.fault.borrow().clone();
     match fault {
         Fault::Latency(d) => tokio::time::sleep(d).await,
@@ -531,6 +587,24 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
         }
         Fault::SlowBody(pause) if resp.status() == StatusCode::OK => slow(resp, pause).await,
         _ => resp,
+    }
+}
+
+/// The token a request carries, however it carries it (Bearer, Basic password, the token
+/// headers, a download JWT's wrapped token); "" for anonymous.
+fn caller_token(headers: &HeaderMap) -> String {
+    if let Some(t) = ["private-token", "job-token", "deploy-token"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+    {
+        return t.to_string();
+    }
+    match basic(headers) {
+        Caller::Token(t) => t,
+        Caller::Anonymous => match bearer(headers) {
+            Ok(Caller::Token(t)) => t,
+            _ => String::new(),
+        },
     }
 }
 
@@ -857,9 +931,14 @@ fn serve_tarball(inner: &Inner, ns: &str, name: &str, sys: &str, ver: &str) -> R
         );
         return (StatusCode::FOUND, [(header::LOCATION, loc)]).into_response();
     }
+    // GitLab's `present_carrierwave_file!` names the package file `<name>-<system>-<version>.tgz`.
+    let disposition = format!("attachment; filename=\"{name}-{sys}-{ver}.tgz\"");
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/octet-stream")],
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
         bytes,
     )
         .into_response()
@@ -975,18 +1054,21 @@ fn project_serve(
         // A private project is invisible: 404, never 403.
         Err(_) => return gitlab_error(StatusCode::NOT_FOUND),
     }
+    // As GitLab's `present_package_file`: `?terraform-get=1` is answered right after the
+    // access check, before the package is looked up, with the request URL (versioned or not).
+    if q.terraform_get.as_deref() == Some("1") {
+        let version = ver.as_deref().map(|v| format!("/{v}")).unwrap_or_default();
+        let get = format!(
+            "{}/api/v4/projects/{id}/packages/terraform/modules/{name}/{sys}{version}?archive=tgz",
+            inner.base_url
+        );
+        return (StatusCode::NO_CONTENT, [("x-terraform-get", get)]).into_response();
+    }
     let Some(ver) = ver.or_else(|| latest_by_string(&versions)) else {
         return gitlab_error(StatusCode::NOT_FOUND);
     };
     if !versions.contains(&ver) {
         return gitlab_error(StatusCode::NOT_FOUND);
-    }
-    if q.terraform_get.as_deref() == Some("1") {
-        let get = format!(
-            "{}/api/v4/projects/{id}/packages/terraform/modules/{name}/{sys}/{ver}?archive=tgz",
-            inner.base_url
-        );
-        return (StatusCode::NO_CONTENT, [("x-terraform-get", get)]).into_response();
     }
     serve_tarball(&inner, &group, &name, &sys, &ver)
 }

@@ -1,0 +1,243 @@
+//! Gathering the facts [`crate::access::policy::decide`] needs, and counting what it decided.
+//! The policy itself is pure; this is the I/O around it (grant records, module-wide records,
+//! the breaker, the clock).
+
+use super::ask::Failure;
+use super::{Registry, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
+use crate::access::Grant;
+use crate::identity::Identity;
+use crate::metrics::{self, Decision};
+use crate::routes::ModuleId;
+
+/// Which module-wide record could stand in for the caller's own answer.
+pub(super) enum Fallback<'a> {
+    /// A listing body (`op`) as GitLab served it anonymously or to anyone authorized.
+    Listing { module: &'a ModuleId, op: &'a str },
+    /// A version that a module-wide versions listing showed.
+    Version {
+        module: &'a ModuleId,
+        version: Option<&'a str>,
+    },
+}
+
+/// The module-wide records read for a decision (only when they could matter).
+#[derive(Default)]
+pub(super) struct Records {
+    pub public: Option<SharedListing>,
+    pub shared: Option<SharedListing>,
+}
+
+impl Records {
+    /// The record a stale answer from `source` comes from (`None` for the caller's own).
+    pub(super) fn of(&self, source: StaleSource) -> Option<&SharedListing> {
+        match source {
+            StaleSource::Own => None,
+            StaleSource::Public => self.public.as_ref(),
+            StaleSource::SharedAnyone | StaleSource::SharedAuthenticated => self.shared.as_ref(),
+        }
+    }
+}
+
+impl Registry {
+    pub(super) fn windows(&self) -> policy::Windows {
+        policy::Windows {
+            grant_ttl: self.auth.grant_ttl.as_secs(),
+            listing_ttl: self.cfg.listing_ttl.as_secs(),
+            revalidate: self.cfg.stale_while_revalidate.as_secs(),
+            stale_if_error: self.cfg.stale_if_error.as_secs(),
+        }
+    }
+
+    pub(super) fn breaker(&self) -> Breaker {
+        if self.health.is_offline_mode() {
+            Breaker::Offline
+        } else if self.health.unavailable() {
+            Breaker::Open
+        } else {
+            Breaker::Up
+        }
+    }
+
+    /// The facts of a request before GitLab is asked. `own` is when the caller's own answer
+    /// for this route was fetched, if it has one.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn facts(
+        &self,
+        now: u64,
+        kind: Kind,
+        identity: Identity,
+        has_credential: bool,
+        module: &ModuleId,
+        grant: Option<&Grant>,
+        own: Option<u64>,
+        path: &str,
+    ) -> Facts {
+        Facts {
+            now,
+            kind,
+            standing: policy::standing(
+                grant.map(|g| g.checked_at),
+                grant.is_some_and(|g| g.refused_at.is_some()),
+                now,
+                &self.windows(),
+            ),
+            own,
+            public: None,
+            shared: None,
+            has_credential,
+            invalidated: own.is_some_and(|at| self.invalidated(module, at)),
+            can_refresh: identity.is_anonymous() || self.auth.credential(identity).is_some(),
+            recently_refused: self.auth.negative(identity, path).is_some(),
+            held_back: self.auth.held(identity, module).is_some(),
+            breaker: self.breaker(),
+            gitlab: Gitlab::NotAsked,
+            unknown_identity: self.unknown_identity,
+        }
+    }
+
+    /// Decide, reading the module-wide records only when the answer can depend on them
+    /// (GitLab failed or cannot be asked): the hit path reads nothing more from disk.
+    pub(super) async fn decide(
+        &self,
+        facts: &mut Facts,
+        fallback: &Fallback<'_>,
+    ) -> (Action, Records) {
+        let mut records = Records::default();
+        if facts.gitlab == Gitlab::Failed || facts.breaker != Breaker::Up {
+            records = self.records(fallback).await;
+            facts.public = records.public.as_ref().map(|r| r.fetched_at);
+            facts.shared = records.shared.as_ref().map(|r| r.fetched_at);
+        }
+        (policy::decide(facts, &self.windows()), records)
+    }
+
+    async fn records(&self, fallback: &Fallback<'_>) -> Records {
+        let (module, op, version) = match fallback {
+            Fallback::Listing { module, op } => (*module, *op, None),
+            Fallback::Version { module, version } => (*module, "versions", *version),
+        };
+        let shows = |r: &SharedListing| version.is_none_or(|v| r.versions.iter().any(|x| x == v));
+        Records {
+            public: self
+                .shared(KIND_SHARED_PUBLIC, module, op)
+                .await
+                .filter(shows),
+            shared: self.shared(KIND_SHARED, module, op).await.filter(shows),
+        }
+    }
+}
+
+/// Count a decision, and log the refusals an operator may want to see.
+pub(super) fn count(
+    action: Action,
+    identity: Identity,
+    module: &ModuleId,
+    failure: Option<Failure>,
+) {
+    match action {
+        Action::Fresh | Action::Revalidate => metrics::decision(Decision::Granted),
+        Action::Stale(source) => {
+            metrics::STALE_SERVED.inc();
+            metrics::decision(match source {
+                StaleSource::Own => Decision::StaleGrant,
+                StaleSource::Public => Decision::StalePublic,
+                StaleSource::SharedAnyone => Decision::UnknownAnyone,
+                StaleSource::SharedAuthenticated => Decision::UnknownAuthenticated,
+            });
+        }
+        Action::Refuse(why) => {
+            let d = match why {
+                Why::UnknownDenied => Decision::UnknownDenied,
+                Why::RefusedBefore | Why::NothingCached => Decision::OfflineRefused,
+            };
+            metrics::decision(d);
+            tracing::info!(
+                identity = %identity.short(),
+                module = %module,
+                why = ?why,
+                failure = ?failure,
+                "GitLab failed and the cache has nothing this caller may have: refused"
+            );
+        }
+        Action::Replay | Action::HoldBack | Action::Ask | Action::Relay => {}
+    }
+}
+
+impl Registry {
+    /// Carry out the decisions that answer the same on every route: replay GitLab's recent
+    /// refusal, hold back a rate-limited caller, refuse while GitLab fails. `None` for the
+    /// others, which the route answers itself.
+    pub(super) async fn answer_alike(
+        &self,
+        session: &mut pingora::proxy::Session,
+        action: Action,
+        identity: Identity,
+        module: &ModuleId,
+        path: &str,
+        failure: Option<Failure>,
+    ) -> pingora::Result<Option<crate::respond::CacheStatus>> {
+        use super::reply::{write_held_back, write_negative, write_unavailable};
+        use crate::respond::CacheStatus;
+        match action {
+            Action::Replay => match self.auth.negative(identity, path) {
+                Some(neg) => write_negative(session, &neg).await?,
+                // Expired between the decision and now: let GitLab answer.
+                None => return Ok(None),
+            },
+            Action::HoldBack => {
+                let wait = self.auth.held(identity, module).unwrap_or_default();
+                write_held_back(session, module, wait).await?;
+                return Ok(Some(CacheStatus::Miss));
+            }
+            Action::Refuse(why) => {
+                let failure = failure.unwrap_or_else(|| self.failure_without_asking());
+                write_unavailable(session, module, why, failure).await?;
+                return Ok(Some(CacheStatus::Miss));
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(crate::respond::CacheStatus::Hit))
+    }
+
+    /// GitLab was asked, and the policy has nothing to serve (`action` is a refusal, or a
+    /// stale answer whose body is gone): relay GitLab's own 5xx if it sent one, else say
+    /// why in tfmirror's words.
+    pub(super) async fn answer_failed(
+        &self,
+        session: &mut pingora::proxy::Session,
+        action: Action,
+        asked: super::ask::Asked,
+        identity: Identity,
+        module: &ModuleId,
+        path: &str,
+    ) -> pingora::Result<()> {
+        use super::ask::Asked;
+        let action = match action {
+            Action::Refuse(_) | Action::HoldBack | Action::Replay => action,
+            _ => Action::Refuse(Why::NothingCached),
+        };
+        match asked {
+            Asked::Failed {
+                answer: Some(small),
+                ..
+            } if matches!(action, Action::Refuse(_)) => {
+                super::reply::write_answer(session, &small, crate::respond::CacheStatus::Miss).await
+            }
+            asked => {
+                self.answer_alike(session, action, identity, module, path, asked.failure())
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Why GitLab was not asked, when the policy refused before asking.
+    pub(super) fn failure_without_asking(&self) -> Failure {
+        if self.health.is_offline_mode() {
+            Failure::Offline
+        } else {
+            Failure::BreakerOpen
+        }
+    }
+}

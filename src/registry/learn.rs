@@ -1,0 +1,309 @@
+//! What GitLab's answers teach: grants recorded on success, revoked on refusal, versions
+//! forgotten when GitLab no longer has them, a caller held back by its own 429, and the
+//! module-wide records kept for the offline fallback (dropped when the module turns private).
+//!
+//! Every answer goes through [`Registry::learn`], the ones that came in time and the ones that
+//! came after the deadline alike.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, StatusCode};
+
+use super::ask::gitlab_did;
+use super::{
+    gitlab_token, listed_versions, Lesson, Registry, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC,
+};
+use crate::access::policy::Gitlab;
+use crate::access::{BodyRef, Negative};
+use crate::cache::blobs::Hash;
+use crate::cache::{tarball_key, unix_now};
+use crate::fetch::Small;
+use crate::identity::Identity;
+use crate::metrics::{self, Decision};
+use crate::respond::CacheStatus;
+use crate::routes::ModuleId;
+
+/// `Retry-After` when a 429 carries none: GitLab's RackAttack windows are a minute.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+impl Registry {
+    /// Learn from one GitLab answer. Returns the cache status to report for it.
+    pub(super) async fn learn(
+        &self,
+        identity: Identity,
+        cred: Option<&HeaderValue>,
+        lesson: &Lesson,
+        small: &Small,
+    ) -> CacheStatus {
+        let module = lesson.module();
+        match gitlab_did(small.status, lesson) {
+            Gitlab::RateLimited => {
+                let wait = retry_after(&small.headers).unwrap_or(DEFAULT_RETRY_AFTER);
+                self.auth.hold(identity, module, wait);
+                metrics::RATE_LIMITED.inc();
+                tracing::info!(identity = %identity.short(), module = %module, wait_s = wait.as_secs(), "GitLab rate-limited this caller; holding it back alone");
+                CacheStatus::Miss
+            }
+            Gitlab::Refused => {
+                self.learn_refusal(identity, module, lesson.path(), small, true)
+                    .await;
+                CacheStatus::Miss
+            }
+            Gitlab::Failed | Gitlab::NotAsked => CacheStatus::Miss,
+            Gitlab::Answered => self.learn_answer(identity, cred, lesson, small).await,
+        }
+    }
+
+    async fn learn_answer(
+        &self,
+        identity: Identity,
+        cred: Option<&HeaderValue>,
+        lesson: &Lesson,
+        small: &Small,
+    ) -> CacheStatus {
+        match lesson {
+            Lesson::Listing {
+                module,
+                op,
+                previous,
+                path,
+            } => {
+                if small.status == StatusCode::OK {
+                    return self
+                        .absorb_listing(identity, cred, module, op, &small.body, previous.as_ref())
+                        .await;
+                }
+                if small.status == StatusCode::NOT_FOUND {
+                    // A version's metadata GitLab no longer has: the version is gone.
+                    if let Some(v) = op.strip_prefix("v/") {
+                        self.auth.forget_version(identity, module, v).await;
+                    }
+                    self.learn_refusal(identity, module, path, small, false)
+                        .await;
+                }
+                CacheStatus::Miss
+            }
+            Lesson::Download {
+                module,
+                version,
+                path,
+            } => {
+                let jwt = small
+                    .headers
+                    .get("x-terraform-get")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(gitlab_token);
+                match (small.status.is_success(), jwt) {
+                    (true, Some(jwt)) => {
+                        metrics::decision(Decision::UpstreamAllowed);
+                        self.auth
+                            .remember_gitlab_jwt(identity, &tarball_key(module, version), jwt);
+                        let v = version.clone();
+                        self.auth
+                            .record_success(identity, cred, module, move |g| g.add_version(&v))
+                            .await;
+                    }
+                    (false, _) if small.status == StatusCode::NOT_FOUND => {
+                        self.auth.forget_version(identity, module, version).await;
+                        self.learn_refusal(identity, module, path, small, false)
+                            .await;
+                    }
+                    _ => {}
+                }
+                CacheStatus::Miss
+            }
+            Lesson::ProjectCheck {
+                module, version, ..
+            } => {
+                if small.status.is_success() {
+                    metrics::decision(Decision::UpstreamAllowed);
+                    let v = version.clone();
+                    self.auth
+                        .record_success(identity, cred, module, move |g| {
+                            if let Some(v) = v {
+                                g.add_version(&v);
+                            }
+                        })
+                        .await;
+                    if let Some(v) = version {
+                        self.share_project_version(identity, module, v).await;
+                    }
+                }
+                CacheStatus::Miss
+            }
+        }
+    }
+
+    /// A 200 listing: keep the body, record the grant (and for a versions listing, exactly the
+    /// versions it shows), and keep the module-wide view. MISS, or REVALIDATED when this
+    /// identity already had the same body.
+    pub(super) async fn absorb_listing(
+        &self,
+        identity: Identity,
+        cred: Option<&HeaderValue>,
+        module: &ModuleId,
+        op: &str,
+        body: &Bytes,
+        previous: Option<&BodyRef>,
+    ) -> CacheStatus {
+        metrics::decision(Decision::UpstreamAllowed);
+        let digest = match self.cache.put_small(body.clone()).await {
+            Ok(h) => h.to_hex().to_string(),
+            Err(e) => {
+                tracing::error!(error = %e, "could not store a listing");
+                return CacheStatus::Miss;
+            }
+        };
+        let unchanged = previous.is_some_and(|p| p.digest == digest);
+        let versions = (op == "versions").then(|| listed_versions(body));
+        let shared = SharedListing {
+            digest: digest.clone(),
+            fetched_at: unix_now(),
+            versions: versions.clone().unwrap_or_default(),
+        };
+        self.record_shared(identity, module, op, shared).await;
+        let op = op.to_string();
+        self.auth
+            .record_success(identity, cred, module, move |g| {
+                g.bodies.insert(
+                    op,
+                    BodyRef {
+                        digest,
+                        fetched_at: unix_now(),
+                    },
+                );
+                if let Some(v) = versions {
+                    g.set_versions(v);
+                }
+            })
+            .await;
+        if unchanged {
+            CacheStatus::Revalidated
+        } else {
+            CacheStatus::Miss
+        }
+    }
+
+    /// Keep the module-wide view of a listing: for offline fallback by policy, and, when
+    /// GitLab served it to an anonymous caller, as public.
+    async fn record_shared(
+        &self,
+        identity: Identity,
+        module: &ModuleId,
+        op: &str,
+        shared: SharedListing,
+    ) {
+        let meta = self.cache.meta.clone();
+        let key = format!("{module}/{op}");
+        let public = identity.is_anonymous();
+        let _ = tokio::task::spawn_blocking(move || {
+            if public {
+                meta.put(KIND_SHARED_PUBLIC, &key, &shared)?;
+            }
+            meta.put(KIND_SHARED, &key, &shared)
+        })
+        .await;
+    }
+
+    /// A project route has no listing: its module-wide view is the versions GitLab allowed
+    /// through `?terraform-get=1`, kept as a versions record of the project's module key.
+    async fn share_project_version(&self, identity: Identity, module: &ModuleId, version: &str) {
+        let mut record = self
+            .shared(KIND_SHARED, module, "versions")
+            .await
+            .unwrap_or_else(|| SharedListing {
+                digest: String::new(),
+                fetched_at: 0,
+                versions: Vec::new(),
+            });
+        if !record.versions.iter().any(|v| v == version) {
+            record.versions.push(version.to_string());
+        }
+        record.fetched_at = unix_now();
+        self.record_shared(identity, module, "versions", record)
+            .await;
+    }
+
+    /// GitLab refused (`revoke`: 401/403, or a project check's 404) or does not have the
+    /// thing (404): remember it for a few seconds, to spare GitLab a storm of the same request.
+    /// A refusal revokes the identity's grant, and a refusal to an anonymous caller means the
+    /// module is no longer public: its public record goes.
+    async fn learn_refusal(
+        &self,
+        identity: Identity,
+        module: &ModuleId,
+        path: &str,
+        small: &Small,
+        revoke: bool,
+    ) {
+        if revoke {
+            metrics::decision(Decision::UpstreamRefused);
+            self.auth.revoke(identity, module).await;
+            if identity.is_anonymous() {
+                self.drop_public(module).await;
+            }
+        }
+        self.auth.remember_negative(
+            identity,
+            path,
+            Negative {
+                status: small.status,
+                www_authenticate: small.headers.get(header::WWW_AUTHENTICATE).cloned(),
+                body: small.body.clone(),
+            },
+        );
+    }
+
+    /// The module turned private: nothing of it is served as public any more.
+    async fn drop_public(&self, module: &ModuleId) {
+        let versions = self
+            .shared(KIND_SHARED_PUBLIC, module, "versions")
+            .await
+            .map(|r| r.versions)
+            .unwrap_or_default();
+        let meta = self.cache.meta.clone();
+        let prefix = module.to_string();
+        let _ = tokio::task::spawn_blocking(move || {
+            for op in ["versions".to_string(), "latest".to_string()]
+                .into_iter()
+                .chain(versions.into_iter().map(|v| format!("v/{v}")))
+            {
+                meta.remove(KIND_SHARED_PUBLIC, &format!("{prefix}/{op}"));
+            }
+        })
+        .await;
+        tracing::info!(module = %module, "GitLab refused an anonymous caller: the module is no longer served as public");
+    }
+
+    pub(super) async fn shared(
+        &self,
+        kind: &'static str,
+        module: &ModuleId,
+        op: &str,
+    ) -> Option<SharedListing> {
+        let meta = self.cache.meta.clone();
+        let key = format!("{module}/{op}");
+        tokio::task::spawn_blocking(move || meta.get(kind, &key))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub(super) async fn body(&self, r: &BodyRef) -> Option<Bytes> {
+        let hash = Hash::from_hex(&r.digest).ok()?;
+        self.cache.get_small(hash).await.ok().flatten()
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs))
+}
