@@ -21,6 +21,9 @@ use crate::identity::Identity;
 use crate::metrics;
 use crate::respond::CacheStatus;
 
+/// How long a request probing an open breaker waits for GitLab.
+const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why GitLab gave no answer to act on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Failure {
@@ -108,7 +111,7 @@ impl Registry {
         if self.health.is_offline_mode() {
             return failed(Failure::Offline);
         }
-        let _probe = if self.health.unavailable() {
+        let probe = if self.health.unavailable() {
             match self.health.claim_probe() {
                 Some(p) => Some(p),
                 None => return failed(Failure::BreakerOpen),
@@ -117,7 +120,13 @@ impl Registry {
             None
         };
         let (generation, fut) = self.fetch_shared(identity, path, cred.clone(), label);
-        match tokio::time::timeout(self.deadline, fut.clone()).await {
+        // A probe of an open breaker waits no longer than the background probe does: against
+        // a black hole, every request that probes would otherwise cost the whole deadline.
+        let deadline = match probe {
+            Some(_) => self.deadline.min(PROBE_DEADLINE),
+            None => self.deadline,
+        };
+        match tokio::time::timeout(deadline, fut.clone()).await {
             Ok(Ok(small)) => {
                 self.health.record_answer(small.status, &small.headers);
                 let learned = self.learn(identity, cred.as_ref(), &lesson, &small).await;
