@@ -262,7 +262,7 @@ async fn a_module_turned_private_is_no_longer_served_as_public() {
         401
     );
     gl.set_fault(Fault::Down);
-    for token in [None, Some(JOB), Some("glpat-never-seen-000000")] {
+    for token in [Some(JOB), Some("glpat-never-seen-000000"), None] {
         let r = get(&m, "opensource/labels/null/versions", token).await;
         assert_eq!(
             r.status(),
