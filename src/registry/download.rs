@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use http::{header, StatusCode};
+use http::{header, HeaderValue, StatusCode};
 use pingora::proxy::Session;
 use pingora::Result;
 
@@ -15,16 +15,31 @@ use crate::metrics::{self, Decision};
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
+use crate::token::Authority;
 
 impl Registry {
+    /// A download URL whose token carries what any replica needs to fill the tarball: GitLab's
+    /// JWT for it when one is at hand (one upstream call), else the caller's credential.
     pub(super) fn x_terraform_get(
         &self,
         public: &PublicBase,
         module: &ModuleId,
         version: &str,
         identity: Identity,
+        credential: Option<&HeaderValue>,
     ) -> String {
-        let token = self.tokens.mint(module, version, identity);
+        let authority = match (
+            self.auth
+                .gitlab_jwt(identity, &tarball_key(module, version)),
+            credential,
+        ) {
+            (Some(jwt), _) => Authority::GitLabJwt(jwt),
+            (None, Some(c)) => Authority::Credential(c.clone()),
+            (None, None) => Authority::None,
+        };
+        let token = self
+            .tokens
+            .seal(module, version, identity, &authority, unix_now());
         format!(
             "{}{MODULES_V1}{}/{}/{}/{version}/file?token={token}&archive=tgz",
             public.prefix, module.namespace, module.name, module.system
@@ -56,7 +71,7 @@ impl Registry {
         {
             self.auth.remember_for_grant(identity, cred.as_ref(), g);
             metrics::decision(Decision::Granted);
-            let get = self.x_terraform_get(public, &route.module, version, identity);
+            let get = self.x_terraform_get(public, &route.module, version, identity, cred.as_ref());
             write_download(session, CacheStatus::Hit, get).await?;
             return Ok(outcome(CacheStatus::Hit, None));
         }
@@ -90,7 +105,13 @@ impl Registry {
                         metrics::decision(decision);
                         metrics::STALE_SERVED.inc();
                         self.auth.remember_for_stale(identity, cred.as_ref());
-                        let get = self.x_terraform_get(public, &route.module, version, identity);
+                        let get = self.x_terraform_get(
+                            public,
+                            &route.module,
+                            version,
+                            identity,
+                            cred.as_ref(),
+                        );
                         write_download(session, CacheStatus::Stale, get).await?;
                         Ok(outcome(
                             CacheStatus::Stale,
@@ -123,7 +144,8 @@ impl Registry {
                         }
                     })
                     .await;
-                let get = self.x_terraform_get(public, &route.module, version, identity);
+                let get =
+                    self.x_terraform_get(public, &route.module, version, identity, cred.as_ref());
                 write_download(session, CacheStatus::Miss, get).await?;
             }
             (true, None) => {
