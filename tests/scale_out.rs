@@ -25,6 +25,7 @@ use common::{bearer, client, free_port, Mirror, V1};
 
 const ALICE: &str = "glpat-alice-0000000000";
 const BOB: &str = "glpat-bob-000000000000";
+const CAROL: &str = "glcbt-carol-0000000000";
 const MALLORY: &str = "glpat-mallory-00000000";
 /// Six modules, one version each: six distinct tarballs.
 const MODULES: [(&str, &str); 6] = [
@@ -46,10 +47,15 @@ fn repo(rel: &str) -> PathBuf {
 
 async fn gitlab() -> FakeGitlab {
     let gl = FakeGitlab::start().await;
-    for (t, u) in [(ALICE, "alice"), (BOB, "bob"), (MALLORY, "mallory")] {
+    for (t, u) in [
+        (ALICE, "alice"),
+        (BOB, "bob"),
+        (CAROL, "carol"),
+        (MALLORY, "mallory"),
+    ] {
         gl.add_token(t, u);
     }
-    gl.add_group("infra", false, &[ALICE, BOB]);
+    gl.add_group("infra", false, &[ALICE, BOB, CAROL]);
     for (i, (name, version)) in MODULES.iter().enumerate() {
         gl.add_module("infra", 10 + i as u64, name, "aws", &[version]);
         gl.set_tarball_size("infra", name, "aws", version, TARBALL);
@@ -616,12 +622,30 @@ async fn module_hashing_fetches_each_tarball_once_for_the_set() {
     assert_installed(&ws.init(Some(ALICE)).await, "through the warm edge");
     let regional_warm = tier(&lb.access()[seen2..]);
     let origin_warm = gitlab_calls(&gl, from2);
+    // A new identity (a CI job token is new for every job) through the warm edge: one
+    // listing per module goes all the way to GitLab, nothing else.
+    let (from3, seen3) = (gl.hits().len(), lb.access().len());
+    let ws = Workspace::new(&edge.url(), &modules());
+    assert_installed(
+        &ws.init(Some(CAROL)).await,
+        "a new identity through the edge",
+    );
+    let regional_new = tier(&lb.access()[seen3..]);
+    let origin_new = gitlab_calls(&gl, from3);
+    assert_eq!(
+        origin_new.get("versions"),
+        Some(&MODULES.len()),
+        "{origin_new:?}"
+    );
+    assert_eq!(origin_new.len(), 1, "{origin_new:?}");
     // The edge fetched each tarball once from the regional set, which had them all.
     assert_eq!(fetches_per_tarball(&gl), per);
     println!(
-        "FIGURE edge -> regional set -> GitLab, alice: cold edge: edge->regional {regional:?} \
-         (requests, bytes), regional->GitLab {origin:?}; warm edge (grants fresh): \
-         edge->regional {regional_warm:?}, regional->GitLab {origin_warm:?}"
+        "FIGURE edge -> regional set -> GitLab: alice, cold edge: edge->regional {regional:?} \
+         (requests, bytes), regional->GitLab {origin:?}; alice again, warm edge (grants \
+         fresh): edge->regional {regional_warm:?}, regional->GitLab {origin_warm:?}; carol \
+         (new identity), warm edge: edge->regional {regional_new:?}, regional->GitLab \
+         {origin_new:?}"
     );
 }
 
