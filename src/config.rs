@@ -30,8 +30,13 @@ pub struct Config {
     /// How clients reach tfmirror; used to rewrite absolute URLs. Unset: the request's own
     /// scheme and `Host`.
     pub public_url: Option<Url>,
-    /// Where the disk cache and tfmirror's secrets live.
+    /// Where the disk cache (and, without `secret_file`, the instance's secret) lives.
     pub cache_dir: PathBuf,
+    /// The key file a set of replicas shares (`tfmirror secret generate`): tokens minted by
+    /// one verify and fill on all. Unset: a per-instance key in `cache_dir/secret.key`.
+    pub secret_file: Option<PathBuf>,
+    /// The key file before a rotation: its tokens keep verifying until they expire.
+    pub secret_previous_file: Option<PathBuf>,
     /// PEM certificate chain: with `tls_key`, `listen` serves HTTPS (and HTTP/2).
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `tls_cert`.
@@ -58,6 +63,8 @@ impl Default for Config {
             upstream_ca: None,
             public_url: None,
             cache_dir: PathBuf::from("./tfmirror-cache"),
+            secret_file: None,
+            secret_previous_file: None,
             tls_cert: None,
             tls_key: None,
             metrics_listen: None,
@@ -271,6 +278,8 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache_dir: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<String>,
@@ -340,6 +349,9 @@ impl Config {
             (None, None) => {}
             (Some(_), None) => return Err(invalid("tls_key", "is required with tls_cert")),
             (None, Some(_)) => return Err(invalid("tls_cert", "is required with tls_key")),
+        }
+        if self.secret_previous_file.is_some() && self.secret_file.is_none() {
+            return Err(invalid("secret_previous_file", "needs `secret_file`"));
         }
         if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("admin_token", "must be at least 16 characters"));

@@ -13,8 +13,9 @@
 //! | [`proxy`] | the pingora hooks: decide, then answer locally, from the registry logic, or proxy |
 //! | [`registry`] | cache decisions for registry routes: grants, stale answers, tokens, fills |
 //! | [`access`] | grants per (identity, module), credentials in memory, negative answers |
-//! | [`identity`] | keyed hashes of credentials; the per-instance secret |
-//! | [`token`] | tfmirror's download tokens (keyed blake3 MAC) |
+//! | [`identity`] | keyed hashes of credentials |
+//! | [`secret`] | key material: the per-instance `secret.key`, or a set's shared key file; rotation |
+//! | [`token`] | tfmirror's download tokens: sealed (AEAD) claims any replica of a set can open |
 //! | [`cache`] | memory tier, blake3-addressed disk blobs, index records, coalesced fills |
 //! | [`health`] | circuit breaker and probe: is the upstream reachable? |
 //! | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects) |
@@ -56,6 +57,7 @@ pub mod registry;
 pub mod respond;
 pub mod rewrite;
 pub mod routes;
+pub mod secret;
 pub mod server;
 pub mod sync;
 pub mod tls;

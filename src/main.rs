@@ -33,6 +33,8 @@ enum Command {
     Sync(SyncArgs),
     /// Inspect and maintain a cache directory; safe while a server uses it.
     Cache(CacheArgs),
+    /// Make key files for `secret_file`: a set of replicas shares one.
+    Secret(SecretArgs),
 }
 
 /// Where the settings come from: shared by every command.
@@ -58,6 +60,10 @@ struct Common {
     /// [env: TFMIRROR_UPSTREAM_CA] [config: upstream_ca]
     #[arg(long, global = true, value_name = "FILE")]
     upstream_ca: Option<String>,
+    /// Key file shared by a set of replicas (`tfmirror secret generate`). Unset: a per-instance
+    /// key in the cache directory. [env: TFMIRROR_SECRET_FILE] [config: secret_file]
+    #[arg(long, global = true, value_name = "FILE")]
+    secret_file: Option<String>,
     /// error, warn, info, debug or trace. [default: info] [env: TFMIRROR_LOG_LEVEL] [config: log_level]
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
@@ -154,6 +160,25 @@ enum CacheAction {
     Gc,
 }
 
+#[derive(Args, Debug)]
+struct SecretArgs {
+    #[command(subcommand)]
+    action: SecretAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum SecretAction {
+    /// Print a new key file (two random keys) on stdout; a file it is redirected to is made
+    /// mode 0600: `tfmirror secret generate > FILE`.
+    Generate,
+    /// Print OLD's successor: the same identity key (grants stay valid), a new token key.
+    /// Serve with it as `secret_file` and OLD as `secret_previous_file` for one token_ttl.
+    Rotate {
+        #[arg(value_name = "OLD")]
+        old: PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -161,6 +186,7 @@ fn main() -> ExitCode {
         Command::Warm(args) => warm(args),
         Command::Sync(args) => sync(args),
         Command::Cache(args) => cache(args),
+        Command::Secret(args) => secret(args),
     }
 }
 
@@ -169,6 +195,7 @@ fn load(common: &Common, extra: Overrides) -> Result<Config, ExitCode> {
         upstream: common.upstream.clone(),
         upstream_ca: common.upstream_ca.clone(),
         cache_dir: common.cache_dir.clone(),
+        secret_file: common.secret_file.clone(),
         log_level: common.log_level.clone(),
         ..extra
     };
@@ -473,4 +500,46 @@ fn init_logging(level: LogLevel) {
         .with_writer(std::io::stderr)
         .with_current_span(false)
         .init();
+}
+
+fn secret(args: SecretArgs) -> ExitCode {
+    use std::io::Write;
+    use tfmirror::secret::Secret;
+    let made = match args.action {
+        SecretAction::Generate => Secret::generate(),
+        SecretAction::Rotate { old } => Secret::read_file(&old).and_then(|s| s.rotated()),
+    };
+    let secret = match made {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = std::io::stdout();
+    // A file the shell created for the redirect has the umask's mode (often 0644), which
+    // `secret_file` refuses: close it to others before the key lands in it.
+    if let Ok(st) = nix::sys::stat::fstat(&out) {
+        use nix::sys::stat::SFlag;
+        let regular = st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits();
+        if regular {
+            if let Err(e) =
+                nix::sys::stat::fchmod(&out, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            {
+                eprintln!("tfmirror: cannot make the output file private: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mut out = out.lock();
+    match out
+        .write_all(secret.to_file_text().as_bytes())
+        .and_then(|()| out.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

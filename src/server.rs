@@ -30,8 +30,12 @@ pub fn open(config: &Config) -> Result<Parts, String> {
         )
     })?;
     let upstream = Arc::new(Upstream::new(config)?);
-    let secret = Secret::load_or_create(&config.cache_dir)
-        .map_err(|e| format!("invalid configuration: `cache_dir`: secret key: {e}"))?;
+    let secret = Secret::load(
+        &config.cache_dir,
+        config.secret_file.as_deref(),
+        config.secret_previous_file.as_deref(),
+    )
+    .map_err(|e| format!("invalid configuration: {e}"))?;
     let cache = Arc::new(
         Cache::open(
             &config.cache_dir,

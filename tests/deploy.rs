@@ -46,6 +46,8 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
 }
 
+use std::path::Path;
+
 fn root(rel: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
@@ -126,6 +128,95 @@ fn kubernetes_manifests_have_what_matters() {
         "/-/metrics"
     );
     assert!(kind("PodDisruptionBudget")["spec"]["maxUnavailable"].is_number());
+}
+
+fn yaml_docs(rel: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(&read(rel))
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+/// The map block of an nginx config text, whitespace-normalized per line.
+fn map_block(text: &str) -> Vec<String> {
+    let start = text.find("map $uri $tfmirror_module {").expect("the map");
+    let end = start + text[start..].find("\n}").expect("the map's end");
+    text[start..end]
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn kubernetes_replicas_share_a_key_and_hash_on_the_module() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let docs = yaml_docs("deploy/kubernetes/tfmirror.yaml");
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap();
+    let cm = kind("ConfigMap");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), cm["data"]["tfmirror.yaml"].as_str().unwrap()).unwrap();
+    let config = tfmirror::config::Config::load(Some(file.path()), &Default::default()).unwrap();
+    let key_path = config
+        .secret_file
+        .clone()
+        .expect("replicas share secret_file");
+
+    // The Secret is a volume (0400), mounted where secret_file points, under its key's name.
+    let secret_docs = yaml_docs("deploy/kubernetes/secret.yaml");
+    let secret = &secret_docs[0];
+    assert_eq!(secret["kind"], "Secret");
+    let pod = &kind("StatefulSet")["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret["metadata"]["name"])
+        .expect("the Secret is a volume");
+    assert_eq!(volume["secret"]["defaultMode"], 0o400);
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the Secret is mounted");
+    assert_eq!(
+        Path::new(mount["mountPath"].as_str().unwrap()),
+        key_path.parent().unwrap()
+    );
+    let key_name = key_path.file_name().unwrap().to_str().unwrap();
+    let placeholder = secret["stringData"][key_name]
+        .as_str()
+        .expect("the Secret holds the file secret_file names");
+
+    // The placeholder never passes for a key; a generated key, as the kubelet lays it out
+    // with fsGroup (0440, the pod's group, behind a symlink), loads.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("..data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join(key_name), placeholder).unwrap();
+    std::fs::set_permissions(data.join(key_name), std::fs::Permissions::from_mode(0o400)).unwrap();
+    std::os::unix::fs::symlink(data.join(key_name), dir.path().join(key_name)).unwrap();
+    let err = tfmirror::secret::Secret::read_file(&dir.path().join(key_name)).unwrap_err();
+    assert!(err.contains("64 hex digits"), "{err}");
+    let real = tfmirror::secret::Secret::generate().unwrap().to_file_text();
+    std::fs::write(data.join(key_name), real).unwrap();
+    std::fs::set_permissions(data.join(key_name), std::fs::Permissions::from_mode(0o440)).unwrap();
+    assert_eq!(
+        std::fs::metadata(data.join(key_name)).unwrap().gid(),
+        nix::unistd::getegid().as_raw()
+    );
+    tfmirror::secret::Secret::read_file(&dir.path().join(key_name)).unwrap();
+
+    // The ingress hashes on the module key, defined by the tested map.
+    let ingress = kind("Ingress");
+    assert_eq!(
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"],
+        "$tfmirror_module"
+    );
+    let snippet = yaml_docs("deploy/kubernetes/ingress-nginx-snippet.yaml");
+    assert_eq!(
+        map_block(snippet[0]["data"]["http-snippet"].as_str().unwrap()),
+        map_block(&read("deploy/nginx/tfmirror-module-key.conf"))
+    );
 }
 
 #[test]

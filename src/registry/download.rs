@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use pingora::proxy::Session;
 use pingora::Result;
 
@@ -11,21 +11,36 @@ use super::decide::{count, Fallback};
 use super::reply::{authorization, write_answer, write_download};
 use super::{gitlab_token, route_label, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind};
-use crate::cache::unix_now;
+use crate::cache::{tarball_key, unix_now};
 use crate::identity::Identity;
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
+use crate::token::Authority;
 
 impl Registry {
+    /// A download URL whose token carries what any replica needs to fill the tarball: GitLab's
+    /// JWT for it when one is at hand (one upstream call), else the caller's credential.
     pub(super) fn x_terraform_get(
         &self,
         public: &PublicBase,
         module: &ModuleId,
         version: &str,
         identity: Identity,
+        credential: Option<&HeaderValue>,
     ) -> String {
-        let token = self.tokens.mint(module, version, identity);
+        let authority = match (
+            self.auth
+                .gitlab_jwt(identity, &tarball_key(module, version)),
+            credential,
+        ) {
+            (Some(jwt), _) => Authority::GitLabJwt(jwt),
+            (None, Some(c)) => Authority::Credential(c.clone()),
+            (None, None) => Authority::None,
+        };
+        let token = self
+            .tokens
+            .seal(module, version, identity, &authority, unix_now());
         format!(
             "{}{MODULES_V1}{}/{}/{}/{version}/file?token={token}&archive=tgz",
             public.prefix, module.namespace, module.name, module.system
@@ -76,7 +91,7 @@ impl Registry {
                 if let Some(g) = &grant {
                     self.auth.remember_for_grant(identity, cred.as_ref(), g);
                 }
-                let get = self.x_terraform_get(public, module, version, identity);
+                let get = self.x_terraform_get(public, module, version, identity, cred.as_ref());
                 write_download(session, CacheStatus::Hit, get).await?;
                 return Ok(outcome(CacheStatus::Hit, None));
             }
@@ -143,7 +158,8 @@ impl Registry {
                         .and_then(gitlab_token)
                         .is_some();
                 if usable {
-                    let get = self.x_terraform_get(public, module, version, identity);
+                    let get =
+                        self.x_terraform_get(public, module, version, identity, cred.as_ref());
                     write_download(session, CacheStatus::Miss, get).await?;
                 } else if small.status.is_success() {
                     // A success without a usable download URL: nothing safe to hand out.
@@ -171,11 +187,11 @@ impl Registry {
         module: &ModuleId,
         version: &str,
         identity: Identity,
-        cred: Option<&http::HeaderValue>,
+        cred: Option<&HeaderValue>,
         upstream_status: Option<u16>,
     ) -> Result<Outcome> {
         self.auth.remember_for_stale(identity, cred);
-        let get = self.x_terraform_get(public, module, version, identity);
+        let get = self.x_terraform_get(public, module, version, identity, cred);
         write_download(session, CacheStatus::Stale, get).await?;
         Ok(Outcome {
             cache: CacheStatus::Stale,

@@ -155,7 +155,7 @@ impl Registry {
                 cfg.auth.grant_ttl,
                 cfg.auth.negative_ttl,
             ),
-            tokens: Tokens::new(*secret.token_key(), cfg.auth.token_ttl),
+            tokens: Tokens::from_secret(&secret, cfg.auth.token_ttl),
             upstream,
             cache,
             secret,

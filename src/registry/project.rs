@@ -31,6 +31,7 @@ use crate::identity::Identity;
 use crate::respond::CacheStatus;
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ProjectOp, ProjectRoute};
+use crate::token::Authority;
 
 /// The version word a token carries for the unversioned (latest) source.
 const LATEST: &str = "latest";
@@ -102,11 +103,17 @@ impl Registry {
         // The tarball GET behind a 204 tfmirror handed out: its token decides.
         if !terraform_get {
             let token = query_token(session);
-            if let Ok(identity) = self
-                .tokens
-                .verify(token.as_deref(), &p.module, p.token_version())
+            if let Ok(claims) =
+                self.tokens
+                    .open(token.as_deref(), &p.module, p.token_version(), unix_now())
             {
-                let cred = cred.or_else(|| self.auth.credential(identity));
+                // The credential sealed in the token lets any replica of a set fill it.
+                let identity = claims.identity;
+                let sealed = match claims.authority {
+                    Authority::Credential(c) => Some(c),
+                    _ => None,
+                };
+                let cred = cred.or(sealed).or_else(|| self.auth.credential(identity));
                 return self
                     .project_tarball(session, &p, identity, cred, false)
                     .await;
@@ -154,7 +161,7 @@ impl Registry {
                     CacheStatus::Hit
                 };
                 if terraform_get {
-                    let get = self.project_terraform_get(public, &p, identity);
+                    let get = self.project_terraform_get(public, &p, identity, cred.as_ref());
                     write_download(session, cache, get).await?;
                     return Ok(outcome(cache, None));
                 }
@@ -194,7 +201,7 @@ impl Registry {
             (Action::Stale(_), _) => {
                 self.auth.remember_for_stale(identity, cred.as_ref());
                 if terraform_get {
-                    let get = self.project_terraform_get(public, &p, identity);
+                    let get = self.project_terraform_get(public, &p, identity, cred.as_ref());
                     write_download(session, CacheStatus::Stale, get).await?;
                     return Ok(outcome(CacheStatus::Stale, upstream_status));
                 }
@@ -203,7 +210,7 @@ impl Registry {
             }
             (Action::Relay, Asked::Answer { small, .. }) if small.status.is_success() => {
                 if terraform_get {
-                    let get = self.project_terraform_get(public, &p, identity);
+                    let get = self.project_terraform_get(public, &p, identity, cred.as_ref());
                     write_download(session, CacheStatus::Miss, get).await?;
                     return Ok(outcome(CacheStatus::Miss, upstream_status));
                 }
@@ -230,8 +237,17 @@ impl Registry {
         public: &PublicBase,
         p: &Project<'_>,
         identity: Identity,
+        cred: Option<&HeaderValue>,
     ) -> String {
-        let token = self.tokens.mint(&p.module, p.token_version(), identity);
+        // The caller's credential, sealed: any replica of a set can fill the tarball with it.
+        let authority = cred.map_or(Authority::None, |c| Authority::Credential(c.clone()));
+        let token = self.tokens.seal(
+            &p.module,
+            p.token_version(),
+            identity,
+            &authority,
+            unix_now(),
+        );
         // Absolute, as GitLab's own is on project routes.
         format!(
             "{}{}{}?token={token}&archive=tgz",

@@ -18,6 +18,7 @@ use crate::identity::Identity;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, HeaderValueLike as V};
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
+use crate::token::Authority;
 
 impl Registry {
     pub(super) async fn file(
@@ -31,8 +32,11 @@ impl Registry {
                 .find(|(k, _)| k == "token")
                 .map(|(_, v)| v.into_owned())
         });
-        let identity = match self.tokens.verify(token.as_deref(), &route.module, version) {
-            Ok(id) => id,
+        let claims = self
+            .tokens
+            .open(token.as_deref(), &route.module, version, unix_now());
+        let (identity, authority) = match claims {
+            Ok(c) => (c.identity, c.authority),
             Err(why) => {
                 tracing::info!(reason = ?why, "download token refused");
                 respond::error(session, StatusCode::UNAUTHORIZED).await?;
@@ -48,7 +52,8 @@ impl Registry {
         let (module, v) = (route.module.clone(), version.to_string());
         let open = move || {
             let (this, module, v) = (this.clone(), module.clone(), v.clone());
-            async move { this.open_tarball(identity, &module, &v).await }.boxed()
+            let authority = authority.clone();
+            async move { this.open_tarball(identity, &authority, &module, &v).await }.boxed()
         };
         self.serve_tarball(session, &key, identity, open).await
     }
@@ -202,11 +207,14 @@ impl Registry {
             })
     }
 
-    /// Open the upstream tarball on behalf of `identity`: GitLab's JWT (remembered from its
-    /// download answer, or asked for again with the remembered credential), then `/file`.
+    /// Open the upstream tarball on behalf of `identity`: GitLab's JWT (sealed in the token,
+    /// or remembered from a download answer), else one asked for with the caller's
+    /// credential (sealed in the token, or remembered), then `/file`. What the token carries
+    /// comes first, so a replica that never saw this caller fills as well as the one that did.
     pub(super) async fn open_tarball(
         &self,
         identity: Identity,
+        authority: &Authority,
         module: &ModuleId,
         version: &str,
     ) -> std::result::Result<Source, FillError> {
@@ -215,10 +223,21 @@ impl Registry {
             "{MODULES_V1}{}/{}/{}/{version}",
             module.namespace, module.name, module.system
         );
-        let jwt = match self.auth.gitlab_jwt(identity, &tarball) {
+        let sealed_jwt = match authority {
+            Authority::GitLabJwt(j) => Some(j.clone()),
+            _ => None,
+        };
+        let jwt = match sealed_jwt.or_else(|| self.auth.gitlab_jwt(identity, &tarball)) {
             Some(j) => j,
             None => {
-                let cred = match (identity.is_anonymous(), self.auth.credential(identity)) {
+                let sealed_cred = match authority {
+                    Authority::Credential(c) => Some(c.clone()),
+                    _ => None,
+                };
+                let cred = match (
+                    identity.is_anonymous(),
+                    sealed_cred.or_else(|| self.auth.credential(identity)),
+                ) {
                     (true, _) => None,
                     (false, Some(c)) => Some(c),
                     // The credential is no longer in memory (restart, or grant lifetime over).

@@ -9,6 +9,7 @@ use super::{gitlab_token, listed_versions, Registry};
 use crate::cache::tarball_key;
 use crate::fetch;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
+use crate::token::Authority;
 
 impl Registry {
     /// Fill the cache for `module` on behalf of the holder of `cred`, before an outage:
@@ -81,8 +82,13 @@ impl Registry {
             if !cached {
                 let this = self.clone();
                 let (m, ver) = (module.clone(), v.clone());
-                let open =
-                    move || async move { this.open_tarball(identity, &m, &ver).await }.boxed();
+                let open = move || {
+                    async move {
+                        this.open_tarball(identity, &Authority::None, &m, &ver)
+                            .await
+                    }
+                    .boxed()
+                };
                 let (fill, _) = self
                     .start_fill(&key, open)
                     .map_err(|e| format!("{key}: {e}"))?;
