@@ -78,6 +78,12 @@ impl Health {
         }
     }
 
+    /// An upstream-wide `Retry-After` (a 503) runs: nobody asks GitLab, not even a probe.
+    pub fn held(&self) -> bool {
+        let hold = self.hold_until.lock().expect("health lock");
+        hold.is_some_and(|until| Instant::now() < until)
+    }
+
     pub fn is_up(&self) -> bool {
         !self.offline && !self.down.load(Ordering::Acquire)
     }
@@ -140,8 +146,9 @@ impl Health {
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+/// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored), capped at
+/// [`MAX_RETRY_AFTER`].
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let secs: u64 = headers
         .get(header::RETRY_AFTER)?
         .to_str()

@@ -128,14 +128,16 @@ async fn rate_limits_and_dns_failures() {
     assert_eq!(get().await.status(), 200);
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
-    // 429 with Retry-After: served stale, and GitLab is left alone for that long.
+    // 429 with Retry-After: relayed to this caller, never its stale grant (a caller can
+    // provoke a 429), and GitLab is left alone by this caller for that long.
     gl.set_fault(Fault::Status(429));
     let r = get().await;
-    assert_eq!(r.headers()["x-cache-status"], "STALE");
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "1");
     gl.clear_hits();
     gl.set_fault(Fault::None);
     let r = get().await;
-    assert_eq!(r.headers()["x-cache-status"], "STALE");
+    assert_eq!(r.status(), 429);
     assert_eq!(
         gl.hits().len(),
         0,
@@ -151,14 +153,16 @@ async fn rate_limits_and_dns_failures() {
         "GitLab asked again after Retry-After"
     );
 
-    // An upstream name that does not resolve: a clear 502, no hang, process up.
+    // An upstream name that does not resolve: a clear 503 saying GitLab is unreachable, no
+    // hang, process up.
     let nowhere = Mirror::start("http://gitlab.invalid").await;
     let r = client()
         .get(format!("{}{V1}/infra/vpc/aws/versions", nowhere.url()))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 502);
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("GitLab unreachable"));
     let r = client()
         .get(format!("{}/api/v4/version", nowhere.url()))
         .send()

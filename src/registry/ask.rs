@@ -38,6 +38,9 @@ pub(super) enum Failure {
     BreakerOpen,
     /// `--offline`.
     Offline,
+    /// GitLab answered something tfmirror will not take (over `limits.max_listing_size`,
+    /// unreadable): answered with this status, GitLab-shaped, as before.
+    Invalid(StatusCode),
 }
 
 /// What asking GitLab produced.
@@ -111,6 +114,9 @@ impl Registry {
         if self.health.is_offline_mode() {
             return failed(Failure::Offline);
         }
+        if self.health.held() {
+            return failed(Failure::BreakerOpen);
+        }
         let probe = if self.health.unavailable() {
             match self.health.claim_probe() {
                 Some(p) => Some(p),
@@ -142,8 +148,10 @@ impl Registry {
                 tracing::warn!(error = %e, "upstream registry call failed");
                 if is_unreachable(e.etype()) {
                     self.health.record_failure(&self.upstream);
+                    failed(Failure::Unreachable)
+                } else {
+                    failed(Failure::Invalid(fetch::failure_status(&e)))
                 }
-                failed(Failure::Unreachable)
             }
             Err(_) => {
                 // Slow past the deadline: failed for this caller, and for the breaker. The

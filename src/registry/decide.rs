@@ -103,13 +103,18 @@ impl Registry {
         facts: &mut Facts,
         fallback: &Fallback<'_>,
     ) -> (Action, Records) {
-        let mut records = Records::default();
-        if facts.gitlab == Gitlab::Failed || facts.breaker != Breaker::Up {
-            records = self.records(fallback).await;
-            facts.public = records.public.as_ref().map(|r| r.fetched_at);
-            facts.shared = records.shared.as_ref().map(|r| r.fetched_at);
+        let w = self.windows();
+        let action = policy::decide(facts, &w);
+        // Fresh answers, replays, holds and relays never depend on module-wide records.
+        let may_fall_back = matches!(action, Action::Ask | Action::Stale(_) | Action::Refuse(_))
+            && (facts.gitlab == Gitlab::Failed || facts.breaker != Breaker::Up);
+        if !may_fall_back {
+            return (action, Records::default());
         }
-        (policy::decide(facts, &self.windows()), records)
+        let records = self.records(fallback).await;
+        facts.public = records.public.as_ref().map(|r| r.fetched_at);
+        facts.shared = records.shared.as_ref().map(|r| r.fetched_at);
+        (policy::decide(facts, &w), records)
     }
 
     async fn records(&self, fallback: &Fallback<'_>) -> Records {
@@ -191,8 +196,11 @@ impl Registry {
                 return Ok(Some(CacheStatus::Miss));
             }
             Action::Refuse(why) => {
-                let failure = failure.unwrap_or_else(|| self.failure_without_asking());
-                write_unavailable(session, module, why, failure).await?;
+                match failure.unwrap_or_else(|| self.failure_without_asking()) {
+                    // Not an outage: tfmirror refused GitLab's answer; say so as before.
+                    Failure::Invalid(status) => crate::respond::error(session, status).await?,
+                    failure => write_unavailable(session, module, why, failure).await?,
+                }
                 return Ok(Some(CacheStatus::Miss));
             }
             _ => return Ok(None),

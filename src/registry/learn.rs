@@ -19,6 +19,7 @@ use crate::access::{BodyRef, Negative};
 use crate::cache::blobs::Hash;
 use crate::cache::{tarball_key, unix_now};
 use crate::fetch::Small;
+use crate::health::retry_after;
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
 use crate::respond::CacheStatus;
@@ -296,14 +297,6 @@ impl Registry {
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored).
-fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    Some(Duration::from_secs(secs))
-}
+#[cfg(test)]
+#[path = "learn_tests.rs"]
+mod tests;

@@ -153,6 +153,7 @@ pub(super) fn unavailable_reason(module: &ModuleId, why: Why, failure: Failure) 
         Failure::Deadline => "GitLab did not answer in time".to_string(),
         Failure::Status(s) => format!("GitLab failed with {}", s.as_u16()),
         Failure::Offline => "tfmirror is in offline mode".to_string(),
+        Failure::Invalid(s) => format!("GitLab's answer was unusable ({})", s.as_u16()),
     };
     let module: String = module
         .to_string()
