@@ -20,7 +20,9 @@ use http::{header, HeaderMap};
 use crate::upstream::Upstream;
 
 const PROBE_FIRST: Duration = Duration::from_millis(200);
-const PROBE_MAX: Duration = Duration::from_secs(10);
+/// At most this long between probes of a down GitLab: recovery is seen within it (plus
+/// the probe's own timeout); one request per 5 s costs a down GitLab nothing.
+const PROBE_MAX: Duration = Duration::from_secs(5);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest `Retry-After` honoured: a bogus value must not silence the upstream for a day.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);

@@ -550,22 +550,33 @@ async fn upstream_faults_become_gitlab_shaped_errors() {
     let r = get().await.unwrap();
     assert_eq!(r.status(), 500, "an upstream 500 is passed through");
 
+    // No answer at all: tfmirror's 503 says what happened (GitLab-shaped `message`).
     gl.set_fault(Fault::Down);
     let r = get().await.unwrap();
-    assert_eq!(r.status(), 502);
-    assert_eq!(r.text().await.unwrap(), r#"{"message":"502 Bad Gateway"}"#);
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["x-tfmirror-refusal"], "upstream-unavailable");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body["message"],
+        "503 GitLab unreachable; no cached access to infra/vpc/aws for this credential"
+    );
 
     gl.set_fault(Fault::Reset);
     let r = get().await.unwrap();
-    assert_eq!(r.status(), 502);
+    assert_eq!(r.status(), 503);
 
     gl.set_fault(Fault::Latency(Duration::from_secs(2)));
     let r = get().await.unwrap();
     assert_eq!(
         r.status(),
-        504,
+        503,
         "a slow upstream times out after timeouts.read"
     );
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("GitLab did not answer in time"));
 
     // GitLab is healthy again (and seen so by the breaker).
     gl.set_fault(Fault::None);

@@ -173,7 +173,11 @@ async fn upstream_certificates_are_verified() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 502);
+    assert_eq!(
+        r.status(),
+        503,
+        "a registry call: GitLab unreachable, and why"
+    );
     let r = client()
         .get(format!("{}/api/v4/version", untrusted.url()))
         .header("private-token", ALICE)

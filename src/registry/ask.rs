@@ -148,7 +148,15 @@ impl Registry {
                 tracing::warn!(error = %e, "upstream registry call failed");
                 if is_unreachable(e.etype()) {
                     self.health.record_failure(&self.upstream);
-                    failed(Failure::Unreachable)
+                    let timed_out = matches!(
+                        e.etype(),
+                        ErrorType::ReadTimedout | ErrorType::ConnectTimedout
+                    );
+                    failed(if timed_out {
+                        Failure::Deadline
+                    } else {
+                        Failure::Unreachable
+                    })
                 } else {
                     failed(Failure::Invalid(fetch::failure_status(&e)))
                 }

@@ -139,7 +139,8 @@ impl Mirror {
 
     /// Wait until tfmirror's breaker sees the upstream as up again (its probe backs off).
     pub async fn wait_upstream_up(&self) {
-        for _ in 0..200 {
+        // The breaker's background probe backs off to `PROBE_MAX` plus its own timeout.
+        for _ in 0..400 {
             let r = client()
                 .get(format!("{}/-/readiness", self.url()))
                 .send()
