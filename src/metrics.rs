@@ -135,6 +135,10 @@ pub static LATE_ANSWERS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_late_answers_absorbed_total",
         "GitLab answers that arrived after offline.deadline and were still learned (grant refreshed or revoked)."
+pub static TEMP_LEFTOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_temp_leftovers_removed_total",
+        "Temp files of processes that died mid-write (kill -9, OOM), removed at start."
     )
     .expect("metric")
 });
@@ -143,12 +147,25 @@ pub static RATE_LIMITED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_rate_limited_callers_total",
         "429s from GitLab, each holding back only the caller (identity and module) that received it."
+pub static FILLS_NOT_KEPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_fills_not_kept_total",
+        "Tarball bodies served but not cached, by reason: unframed (close-delimited upstream), bad_gzip, no_end_of_archive, too_large; or failed because an unframed body was cut (bad_gzip).",
+        &["reason"]
+    )
+    .expect("metric")
+});
+
+pub static UNFRAMED_RESPONSES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_unframed_responses_total",
+        "Tarballs of unknown length sent to HTTP/1.0 clients, which cannot take chunked framing: close-delimited, so a cut is indistinguishable from the end for them."
     )
     .expect("metric")
 });
 
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 16] = [
+pub const FAMILIES: [&str; 19] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -165,6 +182,9 @@ pub const FAMILIES: [&str; 16] = [
     "tfmirror_client_timeouts_total",
     "tfmirror_late_answers_absorbed_total",
     "tfmirror_rate_limited_callers_total",
+    "tfmirror_temp_leftovers_removed_total",
+    "tfmirror_fills_not_kept_total",
+    "tfmirror_unframed_responses_total",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -187,6 +207,9 @@ pub fn init() {
     LazyLock::force(&CLIENT_TIMEOUTS);
     LazyLock::force(&LATE_ANSWERS);
     LazyLock::force(&RATE_LIMITED);
+    LazyLock::force(&TEMP_LEFTOVERS);
+    LazyLock::force(&FILLS_NOT_KEPT);
+    LazyLock::force(&UNFRAMED_RESPONSES);
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

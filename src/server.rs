@@ -23,12 +23,13 @@ pub struct Parts {
 /// Open the cache directory and set up the upstream. Fails on anything that would only break
 /// later (bad CA file, unusable cache directory).
 pub fn open(config: &Config) -> Result<Parts, String> {
-    std::fs::create_dir_all(&config.cache_dir).map_err(|e| {
+    crate::cache::private::create_dir_all(&config.cache_dir).map_err(|e| {
         format!(
             "invalid configuration: `cache_dir`: cannot create {}: {e}",
             config.cache_dir.display()
         )
     })?;
+    crate::cache::private::warn_if_open(&config.cache_dir);
     let upstream = Arc::new(Upstream::new(config)?);
     let secret = Secret::load(
         &config.cache_dir,

@@ -8,7 +8,6 @@
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -23,20 +22,16 @@ struct Envelope<T> {
 
 pub struct MetaStore {
     root: PathBuf,
-    tmp: PathBuf,
-    counter: AtomicU64,
+    run: super::temp::Run,
 }
 
 impl MetaStore {
     pub fn open(cache_dir: &Path) -> io::Result<MetaStore> {
         let root = cache_dir.join("meta");
-        let tmp = cache_dir.join("tmp");
-        fs::create_dir_all(&root)?;
-        fs::create_dir_all(&tmp)?;
+        super::private::create_dir_all(&root)?;
         Ok(MetaStore {
             root,
-            tmp,
-            counter: AtomicU64::new(0),
+            run: super::temp::Run::start(cache_dir)?,
         })
     }
 
@@ -82,11 +77,10 @@ impl MetaStore {
     pub fn put<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> io::Result<()> {
         let dest = self.path(kind, key);
         let dir = dest.parent().expect("sharded path has a parent");
-        fs::create_dir_all(dir)?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let temp = self.tmp.join(format!("{}-m{n}.part", std::process::id()));
+        super::private::create_dir_all(dir)?;
+        let temp = self.run.path("m");
         let result = (|| {
-            let mut f = File::create(&temp)?;
+            let mut f = super::private::create(&temp)?;
             let e = Envelope {
                 key: key.to_string(),
                 value,

@@ -291,4 +291,25 @@ pub async fn warm(file: &str) {
     wait_cached(file).await;
 }
 
+/// Temp files (`*.part`) under a cache directory's `tmp/`, in any process's run directory.
+pub fn temp_files(cache: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| {
+                let path = e.path();
+                if path.is_dir() {
+                    walk(&path)
+                } else {
+                    usize::from(path.extension().is_some_and(|x| x == "part"))
+                }
+            })
+            .sum()
+    }
+    walk(&cache.join("tmp"))
+}
+
 pub const V1: &str = "/api/v4/packages/terraform/modules/v1";
