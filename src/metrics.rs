@@ -135,6 +135,10 @@ pub static LATE_ANSWERS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_late_answers_absorbed_total",
         "GitLab answers that arrived after offline.deadline and were still learned (grant refreshed or revoked)."
+    )
+    .expect("metric")
+});
+
 pub static TEMP_LEFTOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_temp_leftovers_removed_total",
@@ -147,6 +151,10 @@ pub static RATE_LIMITED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_rate_limited_callers_total",
         "429s from GitLab, each holding back only the caller (identity and module) that received it."
+    )
+    .expect("metric")
+});
+
 pub static FILLS_NOT_KEPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tfmirror_fills_not_kept_total",
