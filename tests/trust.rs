@@ -283,3 +283,100 @@ async fn tfmirrors_own_refusals_and_502s_say_what_the_cache_did() {
     assert!(r.status().is_server_error(), "{}", r.status());
     assert!(r.headers().contains_key("x-cache-status"));
 }
+
+/// In a container tfmirror is PID 1 at every start. A `kill -9` mid-fill leaves a temp file;
+/// the next start (PID 1 again) must neither collide with it nor keep it, and its first
+/// requests for the tarball must cost GitLab one fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_fill_then_restart_as_pid_1() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 2 << 20);
+    // `--kill-child`: killing unshare (SIGKILL) kills tfmirror, PID 1 of its namespace, too.
+    let pid1 = ["unshare", "-p", "-f", "--mount-proc", "--kill-child"];
+    let mut m = Mirror::start_wrapped(&gl.url(), &[], &pid1).await;
+    let cache = m.cache_dir().join("cache");
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+
+    // A fill that is still streaming when the process dies.
+    gl.set_fault(Fault::SlowBody(Duration::from_millis(300)));
+    let pending = tokio::spawn({
+        let file = file.clone();
+        async move { client().get(&file).send().await.map(|_| ()) }
+    });
+    let mut waited = 0;
+    while common::temp_files(&cache) == 0 {
+        assert!(waited < 100, "no fill started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        waited += 1;
+    }
+    m.kill();
+    let _ = pending.await;
+    let leftovers: Vec<String> = std::fs::read_dir(cache.join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        leftovers.iter().any(|n| n.starts_with("1-")),
+        "tfmirror ran as PID 1: {leftovers:?}"
+    );
+    assert!(common::temp_files(&cache) >= 1, "kill -9 left a temp file");
+
+    gl.set_fault(Fault::None);
+    gl.clear_hits();
+    m.restart().await;
+    // A restart forgets credentials: the client asks for its download URL again, as
+    // Terraform does on every run.
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let (a, b) = tokio::join!(curl(&file, &[]), curl(&file, &[]));
+    for r in [&a, &b] {
+        assert_eq!(r.code, 0, "{}", r.head);
+        assert_ne!(cache_status(&r.head), "bypass", "{}", r.head);
+        assert!(
+            same(&r.body, &gl.tarball("infra", "vpc", "aws", "1.0.0")),
+            "body of {} bytes",
+            r.body.len()
+        );
+    }
+    assert_eq!(gl.count("/1.0.0/file"), 1, "two requests, one GitLab fetch");
+    common::wait_cached(&file).await;
+    // The dead run's files are gone, and counted.
+    assert_eq!(common::temp_files(&cache), 0);
+    assert!(
+        m.metric("tfmirror_temp_leftovers_removed_total", "").await >= 1.0,
+        "{}",
+        m.logs()
+    );
+}
+
+/// Everything tfmirror creates in its cache directory is private to its user, and a directory
+/// opened up by someone else is reported at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_directory_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let gl = gitlab().await;
+    let mut m = Mirror::start(&gl.url()).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    let cache = m.cache_dir().join("cache");
+    let mut checked = 0;
+    let mut stack = vec![cache.clone()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", p.display());
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else if meta.is_file() {
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", p.display());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "blob, records and secret checked ({checked})");
+
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
+    m.restart().await;
+    assert!(
+        m.logs().contains("readable by other users"),
+        "a wide cache directory is reported"
+    );
+}
