@@ -172,8 +172,32 @@ pub static UNFRAMED_RESPONSES: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static CACHE_RECORDS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tfmirror_cache_records",
+        "Small records on disk (tarball index, grants, listing references); capped by limits.max_records."
+    )
+    .expect("metric")
+});
+
+pub static CACHE_RECORDS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_cache_records_refused_total",
+        "New records not written because limits.max_records was reached (kept in memory only)."
+    )
+    .expect("metric")
+});
+
+pub static GRANTS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_grants_expired_total",
+        "Grant records removed past auth.grant_ttl + cache.stale_if_error (by serve's periodic gc)."
+    )
+    .expect("metric")
+});
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 19] = [
+pub const FAMILIES: [&str; 22] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -193,6 +217,9 @@ pub const FAMILIES: [&str; 19] = [
     "tfmirror_temp_leftovers_removed_total",
     "tfmirror_fills_not_kept_total",
     "tfmirror_unframed_responses_total",
+    "tfmirror_cache_records",
+    "tfmirror_cache_records_refused_total",
+    "tfmirror_grants_expired_total",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -218,6 +245,9 @@ pub fn init() {
     LazyLock::force(&TEMP_LEFTOVERS);
     LazyLock::force(&FILLS_NOT_KEPT);
     LazyLock::force(&UNFRAMED_RESPONSES);
+    LazyLock::force(&CACHE_RECORDS);
+    LazyLock::force(&CACHE_RECORDS_REFUSED);
+    LazyLock::force(&GRANTS_EXPIRED);
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

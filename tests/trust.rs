@@ -380,3 +380,120 @@ async fn the_cache_directory_is_private() {
         "a wide cache directory is reported"
     );
 }
+
+/// Files under a cache directory's `meta/` (one per record).
+fn record_files(cache: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p).map_or(0, |d| {
+            d.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        1
+                    }
+                })
+                .sum()
+        })
+    }
+    walk(&cache.join("meta"))
+}
+
+/// Junk tokens cost GitLab a refusal each, but leave nothing on disk: the record count is
+/// bounded whatever callers send. A refusal that replaces a grant is kept, across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_junk_tokens_leave_the_record_count_bounded() {
+    use futures::StreamExt;
+    let gl = gitlab().await;
+    gl.add_token("glpat-bob-0000000000000", "bob");
+    gl.add_group("infra", false, &[ALICE, "glpat-bob-0000000000000"]);
+    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 1s\n").await;
+    let cache = m.cache_dir().join("cache");
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    // Bob has a grant, then is removed from the group.
+    let as_bob = || {
+        client()
+            .get(&versions)
+            .header("authorization", bearer("glpat-bob-0000000000000"))
+            .send()
+    };
+    assert_eq!(as_bob().await.unwrap().status(), 200);
+    let before = record_files(&cache);
+
+    const JUNK: usize = 10_000;
+    let c = client();
+    let refused = futures::stream::iter(0..JUNK)
+        .map(|i| {
+            let (c, versions) = (c.clone(), versions.clone());
+            async move {
+                c.get(&versions)
+                    .header("authorization", bearer(&format!("junk-{i:08}")))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        })
+        .buffer_unordered(32)
+        .filter(|s| futures::future::ready(*s == 401))
+        .count()
+        .await;
+    assert_eq!(refused, JUNK, "every junk token was refused");
+    let after = record_files(&cache);
+    println!("FIGURES records on disk: {before} before, {after} after {JUNK} junk tokens");
+    assert_eq!(after, before, "junk tokens wrote no records");
+    assert_eq!(m.metric("tfmirror_cache_records", "").await, after as f64);
+
+    // Bob's removal replaces his grant on disk: after a restart, with GitLab down, his old
+    // grant does not come back.
+    gl.revoke("infra", "glpat-bob-0000000000000");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(as_bob().await.unwrap().status(), 403);
+    let mut m = m;
+    m.restart().await;
+    gl.set_fault(Fault::Down);
+    let r = as_bob().await.unwrap();
+    assert_ne!(
+        r.status(),
+        200,
+        "a refused member stays refused after a restart"
+    );
+}
+
+/// Grant records expire after `auth.grant_ttl + cache.stale_if_error`: `serve` removes them
+/// (at start and periodically), as does `cache gc`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_grant_records_are_removed() {
+    let gl = gitlab().await;
+    let config = "auth:\n  grant_ttl: 1s\ncache:\n  stale_if_error: 1s\n";
+    let mut m = Mirror::start_with_config(&gl.url(), config).await;
+    let cache = m.cache_dir().join("cache");
+    let r = client()
+        .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let grant_files = || {
+        let mut n = 0;
+        for shard in std::fs::read_dir(cache.join("meta/grant"))
+            .into_iter()
+            .flatten()
+        {
+            n += std::fs::read_dir(shard.unwrap().path()).unwrap().count();
+        }
+        n
+    };
+    assert_eq!(grant_files(), 1);
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    m.restart().await;
+    for _ in 0..100 {
+        if grant_files() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(grant_files(), 0, "serve removed the expired grant at start");
+    assert!(m.metric("tfmirror_grants_expired_total", "").await >= 1.0);
+}

@@ -82,9 +82,11 @@ impl Cache {
                 }
             })
             .build();
+        let meta = Arc::new(MetaStore::open(cache_dir)?);
+        meta.set_cap(limits.max_records);
         Ok(Cache {
             blobs: Arc::new(BlobStore::open(cache_dir, disk_size)?),
-            meta: Arc::new(MetaStore::open(cache_dir)?),
+            meta,
             fills: Arc::new(Fills::new(
                 limits.max_fills,
                 limits.max_object_size.as_u64(),
