@@ -696,9 +696,7 @@ async fn serve_close_delimited(mut sock: tokio::net::TcpStream, app: Router, cut
         return;
     };
     let svc = hyper_util::service::TowerToHyperService::new(app);
-    let Ok(resp) = hyper::service::Service::call(&svc, req).await else {
-        return;
-    };
+    let Ok(resp) = hyper::service::Service::call(&svc, req).await;
     let tarball = is_tarball(&resp);
     let (parts, body) = resp.into_parts();
     let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
