@@ -243,7 +243,10 @@ pub fn init() {
     LazyLock::force(&LATE_ANSWERS);
     LazyLock::force(&RATE_LIMITED);
     LazyLock::force(&TEMP_LEFTOVERS);
-    LazyLock::force(&FILLS_NOT_KEPT);
+    // Labelled, but exported from the first scrape: a fill not kept is worth a panel at zero.
+    for reason in ["unframed", "bad_gzip", "no_end_of_archive", "too_large"] {
+        FILLS_NOT_KEPT.with_label_values(&[reason]);
+    }
     LazyLock::force(&UNFRAMED_RESPONSES);
     LazyLock::force(&CACHE_RECORDS);
     LazyLock::force(&CACHE_RECORDS_REFUSED);
