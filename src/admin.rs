@@ -161,11 +161,21 @@ impl Admin {
         Ok(removed)
     }
 
-    /// Remove tarball records whose blob is gone, blobs nothing refers to, dead temp files,
-    /// and least-recently-used blobs past `disk_size`. Returns (records removed, orphan
-    /// blobs removed, blobs evicted).
-    pub fn gc(&self, disk_size: u64) -> io::Result<(usize, usize, u64)> {
+    /// Remove grant records past `grant_horizon` (`auth.grant_ttl + cache.stale_if_error`),
+    /// tarball records whose blob is gone, blobs nothing refers to, dead temp files, and
+    /// least-recently-used blobs past `disk_size`. Returns (records removed, orphan blobs
+    /// removed, blobs evicted).
+    pub fn gc(
+        &self,
+        disk_size: u64,
+        grant_horizon: std::time::Duration,
+    ) -> io::Result<(usize, usize, u64)> {
         let mut referenced: HashSet<String> = HashSet::new();
+        let expired = crate::access::grants::remove_expired(
+            &self.meta,
+            crate::cache::unix_now(),
+            grant_horizon.as_secs(),
+        )?;
         let mut dangling = 0;
         for (key, e) in self.meta.scan::<TarballEntry>(KIND_TARBALL)? {
             match Hash::from_hex(&e.hash) {
@@ -202,7 +212,7 @@ impl Admin {
         }
         let bounded = BlobStore::open(&self.dir, disk_size)?;
         bounded.scan()?; // also clears dead temp files
-        Ok((dangling, orphans, bounded.evictions()))
+        Ok((dangling + expired, orphans, bounded.evictions()))
     }
 }
 
@@ -298,7 +308,7 @@ mod tests {
         assert_eq!(found.evicted.len(), 1);
         assert_eq!(found.evicted[0].key, "infra/vpc/aws@1.0.0");
 
-        let (removed, _, _) = admin.gc(u64::MAX).unwrap();
+        let (removed, _, _) = admin.gc(u64::MAX, std::time::Duration::MAX).unwrap();
         assert_eq!(removed, 1);
         let keys: Vec<String> = admin.ls().unwrap().into_iter().map(|r| r.key).collect();
         assert_eq!(keys, ["infra/vpc/aws@1.1.0"]);

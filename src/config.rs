@@ -251,6 +251,9 @@ pub struct Limits {
     pub max_object_size: bytesize::ByteSize,
     /// Registry answers (listings, metadata) larger than this are refused with a 502.
     pub max_listing_size: bytesize::ByteSize,
+    /// Records (tarball index, grants, listing references) kept on disk at most; past it,
+    /// new records stay in memory only (`tfmirror_cache_records`).
+    pub max_records: u64,
 }
 
 impl Default for Limits {
@@ -259,6 +262,7 @@ impl Default for Limits {
             max_fills: 64,
             max_object_size: bytesize::ByteSize::gib(2),
             max_listing_size: bytesize::ByteSize::mib(8),
+            max_records: 1_000_000,
         }
     }
 }

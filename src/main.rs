@@ -465,17 +465,18 @@ fn cache(args: CacheArgs) -> ExitCode {
             println!("purged {module}: {n} records");
             ExitCode::SUCCESS
         }),
-        CacheAction::Gc => {
-            admin
-                .gc(config.cache.disk_size.as_u64())
-                .map(|(dangling, orphans, evicted)| {
-                    println!(
-                        "removed {orphans} orphan blobs and {dangling} records of evicted blobs, \
-                     evicted {evicted}"
-                    );
-                    ExitCode::SUCCESS
-                })
-        }
+        CacheAction::Gc => admin
+            .gc(
+                config.cache.disk_size.as_u64(),
+                config.auth.grant_ttl + config.cache.stale_if_error,
+            )
+            .map(|(dangling, orphans, evicted)| {
+                println!(
+                    "removed {orphans} orphan blobs and {dangling} records of evicted blobs \
+                         or expired grants, evicted {evicted}"
+                );
+                ExitCode::SUCCESS
+            }),
     };
     result.unwrap_or_else(|e| {
         eprintln!("tfmirror: {e}");

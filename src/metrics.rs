@@ -139,6 +139,14 @@ pub static LATE_ANSWERS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static TEMP_LEFTOVERS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_temp_leftovers_removed_total",
+        "Temp files of processes that died mid-write (kill -9, OOM), removed at start."
+    )
+    .expect("metric")
+});
+
 pub static RATE_LIMITED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_rate_limited_callers_total",
@@ -147,8 +155,49 @@ pub static RATE_LIMITED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static FILLS_NOT_KEPT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_fills_not_kept_total",
+        "Tarball bodies served but not cached, by reason: unframed (close-delimited upstream), bad_gzip, no_end_of_archive, too_large; or failed because an unframed body was cut (bad_gzip).",
+        &["reason"]
+    )
+    .expect("metric")
+});
+
+pub static UNFRAMED_RESPONSES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_unframed_responses_total",
+        "Tarballs of unknown length sent to HTTP/1.0 clients, which cannot take chunked framing: close-delimited, so a cut is indistinguishable from the end for them."
+    )
+    .expect("metric")
+});
+
+pub static CACHE_RECORDS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tfmirror_cache_records",
+        "Small records on disk (tarball index, grants, listing references); capped by limits.max_records."
+    )
+    .expect("metric")
+});
+
+pub static CACHE_RECORDS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_cache_records_refused_total",
+        "New records not written because limits.max_records was reached (kept in memory only)."
+    )
+    .expect("metric")
+});
+
+pub static GRANTS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_grants_expired_total",
+        "Grant records removed past auth.grant_ttl + cache.stale_if_error (by serve's periodic gc)."
+    )
+    .expect("metric")
+});
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 16] = [
+pub const FAMILIES: [&str; 22] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -165,6 +214,12 @@ pub const FAMILIES: [&str; 16] = [
     "tfmirror_client_timeouts_total",
     "tfmirror_late_answers_absorbed_total",
     "tfmirror_rate_limited_callers_total",
+    "tfmirror_temp_leftovers_removed_total",
+    "tfmirror_fills_not_kept_total",
+    "tfmirror_unframed_responses_total",
+    "tfmirror_cache_records",
+    "tfmirror_cache_records_refused_total",
+    "tfmirror_grants_expired_total",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -187,6 +242,15 @@ pub fn init() {
     LazyLock::force(&CLIENT_TIMEOUTS);
     LazyLock::force(&LATE_ANSWERS);
     LazyLock::force(&RATE_LIMITED);
+    LazyLock::force(&TEMP_LEFTOVERS);
+    // Labelled, but exported from the first scrape: a fill not kept is worth a panel at zero.
+    for reason in ["unframed", "bad_gzip", "no_end_of_archive", "too_large"] {
+        FILLS_NOT_KEPT.with_label_values(&[reason]);
+    }
+    LazyLock::force(&UNFRAMED_RESPONSES);
+    LazyLock::force(&CACHE_RECORDS);
+    LazyLock::force(&CACHE_RECORDS_REFUSED);
+    LazyLock::force(&GRANTS_EXPIRED);
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

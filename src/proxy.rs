@@ -499,7 +499,7 @@ impl ProxyHttp for Proxy {
         &self,
         session: &mut Session,
         e: &Error,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> FailToProxy
     where
         RequestCtx: Send + Sync,
@@ -526,7 +526,10 @@ impl ProxyHttp for Proxy {
             // The connection is not reused after an error: say so, or the client's next
             // request on it would meet a reset.
             session.set_keepalive(None);
-            let _ = respond::error(session, status).await;
+            // The upstream was asked (or was to be asked) and failed: a miss, unless the
+            // route already said what the cache did.
+            let cache = ctx.cache.unwrap_or(CacheStatus::Miss);
+            let _ = respond::registry_error(session, status, cache).await;
             status.as_u16()
         } else {
             0

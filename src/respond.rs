@@ -8,7 +8,19 @@ use pingora::Result;
 
 /// Write a complete JSON response. `HEAD` gets the headers only.
 pub async fn json(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(4))?;
+    json_with(session, status, body, None).await
+}
+
+async fn json_with(
+    session: &mut Session,
+    status: StatusCode,
+    body: String,
+    cache: Option<CacheStatus>,
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(5))?;
+    if let Some(c) = cache {
+        h.insert_header(CACHE_STATUS, c.as_str())?;
+    }
     h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     h.insert_header(http::header::CACHE_CONTROL, "no-store")?;
@@ -37,6 +49,73 @@ pub fn message_body(status: StatusCode) -> String {
 /// A GitLab-shaped error response for `status`.
 pub async fn error(session: &mut Session, status: StatusCode) -> Result<()> {
     json(session, status, message_body(status)).await
+}
+
+/// A GitLab-shaped error for a registry route, saying what the cache did (every registry
+/// answer carries `X-Cache-Status`, tfmirror's own refusals and 502s included).
+pub async fn registry_error(
+    session: &mut Session,
+    status: StatusCode,
+    cache: CacheStatus,
+) -> Result<()> {
+    json_with(session, status, message_body(status), Some(cache)).await
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// `Content-Length`.
+    Length(u64),
+    /// HTTP/1.1 `Transfer-Encoding: chunked`: a cut leaves no terminal chunk, so the client
+    /// sees an error, never a short body that looks whole.
+    Chunked,
+    /// HTTP/2 (and later) frames: END_STREAM marks the end, a reset is an error.
+    Frames,
+    /// HTTP/1.0 cannot take chunked: the body ends when the connection closes, so the
+    /// connection is not kept alive, and the case is counted (a cut looks like the end there).
+    Close,
+}
+
+/// The framing of a body of length `len` (None: unknown until it ends) for a request of
+/// `version`. Pingora frames by the headers it is given and falls back to close-delimited
+/// (while still announcing keep-alive) when there is neither length nor chunking.
+pub fn framing(version: http::Version, len: Option<u64>) -> Framing {
+    match (len, version) {
+        (Some(n), _) => Framing::Length(n),
+        (None, v) if v >= http::Version::HTTP_2 => Framing::Frames,
+        (None, http::Version::HTTP_11) => Framing::Chunked,
+        (None, _) => Framing::Close,
+    }
+}
+
+/// Write the head of a tarball answer: status 200, `X-Cache-Status`, and framing that cannot
+/// make a cut body look whole. `len` is the body's length when known; `head_only` for HEAD
+/// (then an unknown length is simply not announced).
+pub async fn tarball_head(
+    session: &mut Session,
+    cache: CacheStatus,
+    len: Option<u64>,
+    head_only: bool,
+) -> Result<()> {
+    let mut h = ResponseHeader::build(StatusCode::OK, Some(4))?;
+    h.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
+    h.insert_header(CACHE_STATUS, cache.as_str())?;
+    match framing(session.req_header().version, len) {
+        Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, n)?,
+        Framing::Frames => {}
+        Framing::Chunked if !head_only => {
+            h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?
+        }
+        Framing::Chunked => {}
+        Framing::Close => {
+            // Say `Connection: close` instead of keep-alive, and close after the body.
+            session.set_keepalive(None);
+            if !head_only {
+                crate::metrics::UNFRAMED_RESPONSES.inc();
+            }
+        }
+    }
+    session.write_response_header(Box::new(h), head_only).await
 }
 
 /// The cache status header, like nginx's `$upstream_cache_status`.
@@ -113,5 +192,27 @@ impl HeaderValueLike {
             HeaderValueLike::Value(v) => v.clone(),
         };
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Version;
+
+    #[test]
+    fn framing_never_leaves_the_end_to_a_close_on_http_1_1() {
+        let table = [
+            (Version::HTTP_11, Some(5), Framing::Length(5)),
+            (Version::HTTP_10, Some(5), Framing::Length(5)),
+            (Version::HTTP_2, Some(0), Framing::Length(0)),
+            (Version::HTTP_11, None, Framing::Chunked),
+            (Version::HTTP_2, None, Framing::Frames),
+            (Version::HTTP_10, None, Framing::Close),
+            (Version::HTTP_09, None, Framing::Close),
+        ];
+        for (version, len, want) in table {
+            assert_eq!(framing(version, len), want, "{version:?} {len:?}");
+        }
     }
 }

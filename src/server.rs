@@ -23,12 +23,13 @@ pub struct Parts {
 /// Open the cache directory and set up the upstream. Fails on anything that would only break
 /// later (bad CA file, unusable cache directory).
 pub fn open(config: &Config) -> Result<Parts, String> {
-    std::fs::create_dir_all(&config.cache_dir).map_err(|e| {
+    crate::cache::private::create_dir_all(&config.cache_dir).map_err(|e| {
         format!(
             "invalid configuration: `cache_dir`: cannot create {}: {e}",
             config.cache_dir.display()
         )
     })?;
+    crate::cache::private::warn_if_open(&config.cache_dir);
     let upstream = Arc::new(Upstream::new(config)?);
     let secret = Secret::load(
         &config.cache_dir,
@@ -63,6 +64,9 @@ pub fn open(config: &Config) -> Result<Parts, String> {
     })
 }
 
+/// How often `serve` removes grant records past `auth.grant_ttl + cache.stale_if_error`.
+const GRANT_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Build the server. `upgrade`: take the listening sockets over from a running instance
 /// (pingora's graceful upgrade; the old one is sent SIGQUIT).
 pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
@@ -74,9 +78,27 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     crate::metrics::init();
     // Rebuild disk usage off the request path: serving starts at once, whatever the size.
     let blobs = registry.cache.blobs.clone();
+    let meta = registry.cache.meta.clone();
+    let horizon = (config.auth.grant_ttl + config.cache.stale_if_error).as_secs();
     std::thread::spawn(move || {
         if let Err(e) = blobs.scan() {
             tracing::warn!(error = %e, "cache scan failed");
+        }
+        if let Err(e) = meta.recount() {
+            tracing::warn!(error = %e, "cache record count failed");
+        }
+        // Grant records past any use are removed now and then, so the record count follows
+        // the callers actually served, whatever else called.
+        loop {
+            match crate::access::grants::remove_expired(&meta, crate::cache::unix_now(), horizon) {
+                Ok(0) => {}
+                Ok(n) => {
+                    crate::metrics::GRANTS_EXPIRED.inc_by(n as u64);
+                    tracing::info!(records = n, "removed expired grant records");
+                }
+                Err(e) => tracing::warn!(error = %e, "grant record gc failed"),
+            }
+            std::thread::sleep(GRANT_GC_EVERY);
         }
     });
 

@@ -46,9 +46,7 @@ async fn as_alice(url: impl reqwest::IntoUrl) -> reqwest::Response {
 }
 
 fn temp_files(m: &Mirror) -> usize {
-    std::fs::read_dir(m.cache_dir().join("cache/tmp"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    common::temp_files(&m.cache_dir().join("cache"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -533,9 +533,7 @@ async fn soak_mixed_load_with_faults() {
         .arg(m.cache_dir().join("cache"))
         .output()
         .unwrap();
-    let temp_left = std::fs::read_dir(m.cache_dir().join("cache/cache/tmp"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let temp_left = common::temp_files(&m.cache_dir().join("cache/cache"));
 
     let t = &world.tally;
     let third = rss.len() / 3;

@@ -7,7 +7,11 @@
 //! last gave *that* identity. Otherwise the request goes upstream with the caller's own
 //! credentials and GitLab decides.
 //!
-//! Grants are persisted (hashed identities only) so they survive restarts. Raw credentials
+//! Grants are persisted (hashed identities only) so they survive restarts, until they are past
+//! any use (`auth.grant_ttl + cache.stale_if_error`, see [`expired`]). A refusal is persisted
+//! only when it replaces a grant (a removed member: a restart must not bring the grant back);
+//! refusals of identities that never had one (junk tokens, scanners) live in bounded memory,
+//! so no caller can fill the disk with records. Raw credentials
 //! live in memory only, for at most one grant lifetime after the caller last presented them,
 //! to refresh or fill on the caller's behalf (GitLab, asked with them, decides).
 
@@ -25,6 +29,8 @@ use crate::identity::Identity;
 use crate::routes::ModuleId;
 
 pub const KIND_GRANT: &str = "grant";
+/// Refusals of never-granted identities kept in memory (a few hundred bytes each).
+const MAX_MEMORY_REFUSALS: u64 = 100_000;
 /// GitLab's download JWTs live 5 minutes; reuse them for a little less.
 const JWT_REUSE: Duration = Duration::from_secs(240);
 
@@ -99,6 +105,8 @@ pub struct Auth {
     /// Credential and the instant its grant expires: never kept past that.
     creds: moka::sync::Cache<Identity, (HeaderValue, std::time::Instant)>,
     negative: moka::sync::Cache<(Identity, String), Negative>,
+    /// Refusals of identities that never had a grant: memory only, bounded in count.
+    refusals: moka::sync::Cache<String, Arc<Grant>>,
     jwts: moka::sync::Cache<(Identity, String), String>,
     /// (identity, module) -> end of the `Retry-After` GitLab gave that caller with a 429.
     held: moka::sync::Cache<(Identity, String), std::time::Instant>,
@@ -126,6 +134,10 @@ impl Auth {
                 .max_capacity(100_000)
                 .time_to_live(grant_ttl)
                 .build(),
+            refusals: moka::sync::Cache::builder()
+                .max_capacity(MAX_MEMORY_REFUSALS)
+                .support_invalidation_closures()
+                .build(),
             negative: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(negative_ttl.max(Duration::from_millis(1)))
@@ -147,6 +159,9 @@ impl Auth {
     pub async fn grant(&self, identity: Identity, module: &ModuleId) -> Option<Arc<Grant>> {
         let key = grant_key(identity, module);
         if let Some(g) = self.grants.get(&key) {
+            return Some(g);
+        }
+        if let Some(g) = self.refusals.get(&key) {
             return Some(g);
         }
         let meta = self.meta.clone();
@@ -184,6 +199,7 @@ impl Auth {
 
     async fn store(&self, identity: Identity, module: &ModuleId, g: Grant) {
         let key = grant_key(identity, module);
+        self.refusals.invalidate(&key);
         let g = Arc::new(g);
         self.grants.insert(key.clone(), g.clone());
         let meta = self.meta.clone();
@@ -194,17 +210,37 @@ impl Auth {
     }
 
     /// The upstream refused this identity: forget what it was granted, and remember the
-    /// refusal so that no stale answer is ever served to it.
+    /// refusal so that no stale answer is ever served to it. On disk only when it replaces a
+    /// grant (which a restart would otherwise read back); in memory otherwise.
     pub async fn revoke(&self, identity: Identity, module: &ModuleId) {
         let key = grant_key(identity, module);
         self.creds.invalidate(&identity);
+        let before = self.grant(identity, module).await;
         let refused = Arc::new(Grant {
             refused_at: Some(unix_now()),
             ..Grant::default()
         });
-        self.grants.insert(key.clone(), refused.clone());
-        let meta = self.meta.clone();
-        let _ = tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*refused)).await;
+        match refusal_goes_to(before.as_deref()) {
+            RefusalTo::Disk => {
+                self.grants.insert(key.clone(), refused.clone());
+                let meta = self.meta.clone();
+                let written =
+                    tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*refused))
+                        .await;
+                if !matches!(written, Ok(Ok(()))) {
+                    // Without it, a restart could serve the old grant's answers again: drop
+                    // the grant's record at least.
+                    let meta = self.meta.clone();
+                    let key = grant_key(identity, module);
+                    let _ =
+                        tokio::task::spawn_blocking(move || meta.remove(KIND_GRANT, &key)).await;
+                    tracing::warn!("could not persist a refusal; the grant record was removed");
+                }
+            }
+            RefusalTo::Memory => {
+                self.refusals.insert(key, refused);
+            }
+        }
     }
 
     /// GitLab answered this identity 429 for this module: hold it (and only it) back for
@@ -238,8 +274,12 @@ impl Auth {
     /// Forget in-memory grants for a module (after a purge removed them from disk).
     pub fn forget_module(&self, module: &str) {
         let suffix = format!("/{module}");
+        let s = suffix.clone();
         let _ = self
             .grants
+            .invalidate_entries_if(move |k, _| k.ends_with(&s));
+        let _ = self
+            .refusals
             .invalidate_entries_if(move |k, _| k.ends_with(&suffix));
     }
 
@@ -306,9 +346,118 @@ impl Auth {
     }
 }
 
+/// Where a refusal is recorded, given what was known of the identity before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalTo {
+    /// It replaces a grant (or a refusal that replaced one): on disk, so that a restart
+    /// cannot bring the grant back.
+    Disk,
+    /// The identity never had a grant: bounded memory; nothing on disk to contradict.
+    Memory,
+}
+
+pub fn refusal_goes_to(before: Option<&Grant>) -> RefusalTo {
+    match before {
+        Some(g) if g.refused_at.is_none() || g.checked_at > 0 => RefusalTo::Disk,
+        _ => RefusalTo::Memory,
+    }
+}
+
+/// Is a grant record past any use at `now`? A grant serves fresh for `grant_ttl` and stale
+/// for `stale_if_error` more; a refusal stands as long as the grant it replaced could have.
+/// `horizon` is `grant_ttl + stale_if_error`, in seconds.
+pub fn expired(g: &Grant, now: u64, horizon: u64) -> bool {
+    let last = g.checked_at.max(g.refused_at.unwrap_or(0));
+    now.saturating_sub(last) > horizon
+}
+
+/// Remove the grant records past `horizon` seconds (blocking). Returns how many.
+pub fn remove_expired(meta: &MetaStore, now: u64, horizon: u64) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for (key, g) in meta.scan::<Grant>(KIND_GRANT)? {
+        if expired(&g, now, horizon) {
+            meta.remove(KIND_GRANT, &key);
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_reach_the_disk_only_over_a_grant() {
+        let granted = Grant {
+            checked_at: 100,
+            ..Grant::default()
+        };
+        let refused_after_grant = Grant {
+            checked_at: 100,
+            refused_at: Some(200),
+            ..Grant::default()
+        };
+        let refused_only = Grant {
+            refused_at: Some(200),
+            ..Grant::default()
+        };
+        let table = [
+            (None, RefusalTo::Memory),
+            (Some(&granted), RefusalTo::Disk),
+            (Some(&refused_after_grant), RefusalTo::Disk),
+            (Some(&refused_only), RefusalTo::Memory),
+        ];
+        for (before, want) in table {
+            assert_eq!(refusal_goes_to(before), want, "{before:?}");
+        }
+    }
+
+    #[test]
+    fn records_expire_after_the_stale_window() {
+        let g = |checked_at, refused_at| Grant {
+            checked_at,
+            refused_at,
+            ..Grant::default()
+        };
+        let horizon = 60 + 600;
+        let table = [
+            (g(1000, None), 1000 + horizon, false),
+            (g(1000, None), 1000 + horizon + 1, true),
+            (g(1000, Some(1500)), 1000 + horizon + 1, false),
+            (g(1000, Some(1500)), 1500 + horizon + 1, true),
+            (g(0, None), 10, false),
+        ];
+        for (grant, now, want) in table {
+            assert_eq!(expired(&grant, now, horizon), want, "{grant:?} at {now}");
+        }
+    }
+
+    #[tokio::test]
+    async fn never_granted_refusals_stay_off_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let auth = Auth::new(
+            meta.clone(),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        );
+        for i in 0..50u8 {
+            auth.revoke(Identity([i + 1; 16]), &module()).await;
+            let g = auth.grant(Identity([i + 1; 16]), &module()).await.unwrap();
+            assert!(g.refused_at.is_some(), "remembered in memory");
+        }
+        assert!(meta.scan::<Grant>(KIND_GRANT).unwrap().is_empty());
+        // Once GitLab says yes, the refusal is gone.
+        let id = Identity([1; 16]);
+        auth.record_success(id, None, &module(), |_| {}).await;
+        assert!(auth
+            .grant(id, &module())
+            .await
+            .unwrap()
+            .refused_at
+            .is_none());
+    }
 
     fn module() -> ModuleId {
         ModuleId {

@@ -1,8 +1,8 @@
 //! Content-addressed blobs on disk: `blobs/<first byte>/<blake3 hex>`.
 //!
-//! - Writes go to `tmp/<pid>-<n>.part`, are fsynced, then renamed into place (and the
-//!   directory fsynced), so a crash or `kill -9` leaves either the whole blob or none. The pid
-//!   in temp names keeps two processes sharing the directory (a graceful upgrade) apart.
+//! - Writes go to a temp file of this process's run (see [`super::temp`]), are fsynced, then
+//!   renamed into place (and the directory fsynced), so a crash or `kill -9` leaves either the
+//!   whole blob or none, and the next start removes what the dead run left.
 //! - A blob's name is its hash, so reads can always be verified; a mismatch deletes the blob.
 //! - Size is bounded: an in-memory record of sizes and last use (rebuilt by a scan at start,
 //!   off the request path) drives least-recently-used eviction.
@@ -15,19 +15,18 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 pub use blake3::Hash;
 
-/// Temp files older than this belong to a dead process (a crash mid-fill): removed at scan.
-const STALE_TEMP: Duration = Duration::from_secs(3600);
+use super::{private, temp};
 
 pub struct BlobStore {
+    cache_dir: PathBuf,
     root: PathBuf,
-    tmp: PathBuf,
-    counter: AtomicU64,
+    run: temp::Run,
     limit: u64,
     usage: Mutex<Usage>,
     evictions: AtomicU64,
@@ -49,13 +48,11 @@ fn unix_now() -> u64 {
 impl BlobStore {
     pub fn open(cache_dir: &Path, limit: u64) -> io::Result<BlobStore> {
         let root = cache_dir.join("blobs");
-        let tmp = cache_dir.join("tmp");
-        fs::create_dir_all(&root)?;
-        fs::create_dir_all(&tmp)?;
+        private::create_dir_all(&root)?;
         Ok(BlobStore {
+            cache_dir: cache_dir.to_path_buf(),
             root,
-            tmp,
-            counter: AtomicU64::new(0),
+            run: temp::Run::start(cache_dir)?,
             limit,
             usage: Mutex::new(Usage::default()),
             evictions: AtomicU64::new(0),
@@ -67,17 +64,16 @@ impl BlobStore {
         self.root.join(&hex[..2]).join(hex.as_str())
     }
 
-    /// A fresh temp file path, unique across threads and processes.
+    /// A fresh temp file path, unique across threads, processes and process starts.
     pub fn temp_path(&self) -> PathBuf {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        self.tmp.join(format!("{}-{n}.part", std::process::id()))
+        self.run.path("")
     }
 
     /// Move a complete, fsynced temp file into place under `hash`.
     pub fn commit(&self, temp: &Path, hash: &Hash, size: u64) -> io::Result<()> {
         let dest = self.path(hash);
         let dir = dest.parent().expect("sharded path has a parent");
-        fs::create_dir_all(dir)?;
+        private::create_dir_all(dir)?;
         if dest.exists() {
             // Same hash, same bytes: keep the one we have.
             fs::remove_file(temp)?;
@@ -98,7 +94,7 @@ impl BlobStore {
         }
         let temp = self.temp_path();
         let result = (|| {
-            let mut f = File::create(&temp)?;
+            let mut f = private::create(&temp)?;
             f.write_all(bytes)?;
             f.sync_all()
         })();
@@ -241,9 +237,10 @@ impl BlobStore {
         Ok(out)
     }
 
-    /// Rebuild the usage record from disk and remove temp files of dead fills. Runs once at
-    /// start in the background; requests do not wait for it.
-    pub fn scan(&self) -> io::Result<()> {
+    /// Rebuild the usage record from disk and remove temp files of dead processes (counted in
+    /// `tfmirror_temp_leftovers_removed_total`). Runs once at start in the background;
+    /// requests do not wait for it.
+    pub fn scan(&self) -> io::Result<temp::Leftovers> {
         let mut found = Vec::new();
         for (hash, path) in self.list()? {
             // A blob purged or evicted since the listing is simply not counted.
@@ -266,20 +263,17 @@ impl BlobStore {
                 }
             }
         }
-        for entry in fs::read_dir(&self.tmp)? {
-            let entry = entry?;
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|age| age > STALE_TEMP);
-            if old {
-                let _ = fs::remove_file(entry.path());
-            }
+        let leftovers = temp::remove_dead(&self.cache_dir)?;
+        if leftovers.files > 0 {
+            crate::metrics::TEMP_LEFTOVERS.inc_by(leftovers.files);
+            tracing::warn!(
+                files = leftovers.files,
+                bytes = leftovers.bytes,
+                "removed temp files of a process that died mid-write"
+            );
         }
         self.evict_if_needed();
-        Ok(())
+        Ok(leftovers)
     }
 }
 
@@ -296,7 +290,7 @@ mod tests {
         assert_eq!(store.count(), 1);
         assert_eq!(store.read_verified(&h).unwrap().unwrap(), &b"hello"[..]);
         assert!(store.path(&h).starts_with(dir.path().join("blobs")));
-        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(store.run.dir()).unwrap().count(), 0);
     }
 
     #[test]
@@ -335,7 +329,7 @@ mod tests {
         }
         let dead = dir.path().join("tmp/999-0.part");
         fs::write(&dead, b"partial").unwrap();
-        let old = SystemTime::now() - Duration::from_secs(7200);
+        let old = SystemTime::now() - std::time::Duration::from_secs(7200);
         File::options()
             .write(true)
             .open(&dead)
@@ -343,9 +337,10 @@ mod tests {
             .set_modified(old)
             .unwrap();
         let store = BlobStore::open(dir.path(), 1 << 20).unwrap();
-        store.scan().unwrap();
+        let removed = store.scan().unwrap();
         assert_eq!(store.count(), 2);
         assert_eq!(store.total_bytes(), 6);
         assert!(!dead.exists());
+        assert_eq!(removed.files, 1);
     }
 }

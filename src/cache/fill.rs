@@ -8,6 +8,13 @@
 //! length checked, the file is fsynced and committed under its hash; a fill that fails or is
 //! cut short is deleted and every reader gets an error, so nothing partial is kept or served as
 //! complete.
+//!
+//! A body is kept only when its end is known to be the real end ([`End`]): the declared
+//! `Content-Length` was matched, or the upstream marked the end (chunked's terminal chunk,
+//! HTTP/2's END_STREAM), and its bytes, when they are a gzipped tar, are whole
+//! ([`super::archive`]). A close-delimited body (no length, no chunking: what a cut looks like
+//! too) is streamed to its readers but never kept, and is failed when its gzip stream shows
+//! it was cut.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -20,6 +27,7 @@ use futures::future::BoxFuture;
 use http::StatusCode;
 use tokio::sync::watch;
 
+use super::archive::{Checker, Verdict};
 use super::blobs::{BlobStore, Hash};
 
 /// Largest read handed to one client at a time.
@@ -74,10 +82,67 @@ pub enum State {
     Failed(FillError),
 }
 
-/// The upstream body of a fill: its length if known, and a stream of chunks.
+/// How the upstream delimited a body: can the end of the stream be trusted as its end?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// A declared `Content-Length`: fewer bytes are an error, and the count is checked.
+    Length(u64),
+    /// Chunked (terminal chunk) or HTTP/2 (END_STREAM): a cut is an error, not an end.
+    Marked,
+    /// Close-delimited: a reset or a crash upstream looks exactly like the end.
+    Close,
+}
+
+impl End {
+    /// From a response head, as hyper frames the body (RFC 9112 §6.3): `Transfer-Encoding`
+    /// ending in `chunked` wins, then `Content-Length`; HTTP/2 always marks its end; anything
+    /// else on HTTP/1 is read until the connection closes.
+    pub fn of(version: http::Version, headers: &http::HeaderMap) -> End {
+        let te = headers.get_all(http::header::TRANSFER_ENCODING);
+        let last_coding = te
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .next_back();
+        let length = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let h2 = version >= http::Version::HTTP_2;
+        match (last_coding, length) {
+            (Some(c), _) if !h2 => {
+                if c.eq_ignore_ascii_case("chunked") {
+                    End::Marked
+                } else {
+                    End::Close
+                }
+            }
+            (_, Some(n)) => End::Length(n),
+            _ if h2 => End::Marked,
+            _ => End::Close,
+        }
+    }
+
+    pub fn declared_len(self) -> Option<u64> {
+        match self {
+            End::Length(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+/// The upstream body of a fill: how it ends, and a stream of chunks.
 pub struct Source {
-    pub len: Option<u64>,
+    pub end: End,
     pub body: futures::stream::BoxStream<'static, Result<Bytes, &'static str>>,
+}
+
+impl Source {
+    /// The body's length, when the upstream declared it.
+    pub fn declared_len(&self) -> Option<u64> {
+        self.end.declared_len()
+    }
 }
 
 pub type Opener = BoxFuture<'static, Result<Source, FillError>>;
@@ -125,13 +190,7 @@ impl Fills {
         // Creating an empty file is a single metadata syscall; it happens under the lock so
         // that exactly one fill per key can exist.
         let temp = blobs.temp_path();
-        let file = Arc::new(
-            File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&temp)?,
-        );
+        let file = Arc::new(super::private::create_new(&temp)?);
         let (tx, rx) = watch::channel(State::Connecting);
         let prefix = Arc::new(Mutex::new(Vec::new()));
         let fill = Arc::new(Fill {
@@ -199,7 +258,8 @@ async fn run(
     on_commit: impl FnOnce(Hash, u64) + Send + 'static,
 ) -> Result<Option<(Hash, u64)>, FillError> {
     use futures::StreamExt;
-    let Source { len, mut body } = opener.await?;
+    let Source { end, mut body } = opener.await?;
+    let len = end.declared_len();
     if let Some(len) = len {
         if !has_room(&temp, len).await {
             return Err(FillError::NoRoom);
@@ -207,6 +267,7 @@ async fn run(
     }
     tx.send_replace(State::Streaming { written: 0, len });
     let mut hasher = blake3::Hasher::new();
+    let mut checker = Some(Checker::default());
     let mut written = 0u64;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(FillError::Upstream)?;
@@ -216,14 +277,23 @@ async fn run(
             prefix.lock().expect("prefix lock").push(chunk.clone());
         }
         let (f, at) = (file.clone(), written);
-        tokio::task::spawn_blocking(move || f.write_all_at(&chunk, at))
-            .await
-            .map_err(|_| FillError::Disk)?
-            .map_err(|e| {
-                crate::metrics::CACHE_WRITE_ERRORS.inc();
-                tracing::error!(error = %e, "cache write failed; this fill is abandoned");
-                FillError::Disk
-            })?;
+        // The archive check decompresses: it runs beside the write, off the async threads.
+        let mut check = checker
+            .take()
+            .expect("checker is put back after each chunk");
+        let (wrote, check) = tokio::task::spawn_blocking(move || {
+            let wrote = f.write_all_at(&chunk, at);
+            check.feed(&chunk);
+            (wrote, check)
+        })
+        .await
+        .map_err(|_| FillError::Disk)?;
+        checker = Some(check);
+        wrote.map_err(|e| {
+            crate::metrics::CACHE_WRITE_ERRORS.inc();
+            tracing::error!(error = %e, "cache write failed; this fill is abandoned");
+            FillError::Disk
+        })?;
         written += n;
         tx.send_replace(State::Streaming { written, len });
     }
@@ -232,12 +302,27 @@ async fn run(
             "body shorter or longer than Content-Length",
         ));
     }
-    if written > max_object_size {
-        tracing::warn!(
-            bytes = written,
-            "tarball over limits.max_object_size: served, not cached"
-        );
-        return Ok(None);
+    let verdict = checker.map_or(Verdict::Unchecked, Checker::verdict);
+    match keep(end, verdict, written, max_object_size) {
+        Keep::Yes => {}
+        Keep::Fail => {
+            crate::metrics::FILLS_NOT_KEPT
+                .with_label_values(&[verdict.as_str()])
+                .inc();
+            tracing::error!(
+                bytes = written,
+                check = verdict.as_str(),
+                "upstream body ended without framing and its gzip stream is cut: failed"
+            );
+            return Err(FillError::Upstream("close-delimited body cut short"));
+        }
+        Keep::No(reason) => {
+            crate::metrics::FILLS_NOT_KEPT
+                .with_label_values(&[reason])
+                .inc();
+            tracing::warn!(bytes = written, reason, "tarball served, not cached");
+            return Ok(None);
+        }
     }
     let hash = hasher.finalize();
     let f = file.clone();
@@ -254,6 +339,31 @@ async fn run(
         FillError::Disk
     })?;
     Ok(Some((hash, written)))
+}
+
+/// What to do with a body that streamed to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Commit it.
+    Yes,
+    /// Serve it to its readers as a whole body, but do not keep it; the reason is a label.
+    No(&'static str),
+    /// It is known to be cut: fail the readers (their connections are cut).
+    Fail,
+}
+
+/// Keep a finished body? `end` is how the upstream framed it, `verdict` what its bytes say.
+pub fn keep(end: End, verdict: Verdict, size: u64, max_object_size: u64) -> Keep {
+    match (end, verdict) {
+        // Nothing marked the end and the bytes prove the stream was cut.
+        (End::Close, Verdict::BadGzip) => Keep::Fail,
+        (End::Close, _) => Keep::No("unframed"),
+        // The upstream says this is all: serve it as it is (Terraform may cope, e.g. with
+        // data after the tar's end), but never keep bytes that fail the check.
+        (_, v) if !v.keep() => Keep::No(v.as_str()),
+        _ if size > max_object_size => Keep::No("too_large"),
+        _ => Keep::Yes,
+    }
 }
 
 /// Room left on the cache's filesystem for `len` more bytes (plus 1 MiB of slack)? Checked
@@ -370,5 +480,152 @@ impl FillReader {
                 return Err(FillError::Upstream("fill ended"));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::{FutureExt, StreamExt};
+    use http::{HeaderMap, HeaderValue, Version};
+
+    fn head(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn how_a_body_ends() {
+        let h11 = Version::HTTP_11;
+        let table = [
+            (h11, vec![("content-length", "10")], End::Length(10)),
+            (h11, vec![("transfer-encoding", "chunked")], End::Marked),
+            (h11, vec![("transfer-encoding", "Chunked")], End::Marked),
+            (
+                h11,
+                vec![("transfer-encoding", "gzip, chunked")],
+                End::Marked,
+            ),
+            // chunked not last: read until close, whatever Content-Length says.
+            (
+                h11,
+                vec![("transfer-encoding", "chunked, gzip")],
+                End::Close,
+            ),
+            (
+                h11,
+                vec![("transfer-encoding", "chunked"), ("content-length", "5")],
+                End::Marked,
+            ),
+            (h11, vec![], End::Close),
+            (Version::HTTP_10, vec![], End::Close),
+            (Version::HTTP_2, vec![], End::Marked),
+            (
+                Version::HTTP_2,
+                vec![("content-length", "7")],
+                End::Length(7),
+            ),
+        ];
+        for (version, pairs, want) in table {
+            assert_eq!(
+                End::of(version, &head(&pairs)),
+                want,
+                "{version:?} {pairs:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_is_kept() {
+        use Verdict::*;
+        let table = [
+            (End::Length(5), Whole, 5, Keep::Yes),
+            (End::Marked, Whole, 5, Keep::Yes),
+            (End::Marked, Unchecked, 5, Keep::Yes),
+            (End::Marked, GzipOnly, 5, Keep::Yes),
+            (End::Marked, BadGzip, 5, Keep::No("bad_gzip")),
+            (
+                End::Length(5),
+                NoEndOfArchive,
+                5,
+                Keep::No("no_end_of_archive"),
+            ),
+            (End::Close, Whole, 5, Keep::No("unframed")),
+            (End::Close, Unchecked, 5, Keep::No("unframed")),
+            (End::Close, BadGzip, 5, Keep::Fail),
+            (End::Marked, Whole, 50, Keep::No("too_large")),
+        ];
+        for (end, verdict, size, want) in table {
+            assert_eq!(
+                keep(end, verdict, size, 10),
+                want,
+                "{end:?} {verdict:?} {size}"
+            );
+        }
+    }
+
+    fn gzipped(n: usize) -> Bytes {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let noise: Vec<u8> = (0..n).map(|i| (i * 7919 % 251) as u8).collect();
+        gz.write_all(&noise).unwrap();
+        Bytes::from(gz.finish().unwrap())
+    }
+
+    /// Run one fill of `body` framed as `end`; its final state and the files left in blobs/.
+    async fn fill_once(end: End, body: Bytes) -> (State, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = Arc::new(BlobStore::open(dir.path(), 1 << 30).unwrap());
+        let fills = Arc::new(Fills::new(4, 1 << 30));
+        let pieces: Vec<Result<Bytes, &'static str>> = body
+            .chunks(1000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let open = move || -> Opener {
+            async move {
+                Ok(Source {
+                    end,
+                    body: futures::stream::iter(pieces).boxed(),
+                })
+            }
+            .boxed()
+        };
+        let (fill, _) = fills
+            .join_or_start("k", blobs.clone(), open, |_, _| {})
+            .unwrap();
+        let _ = fill.finished().await;
+        let state = fill.state.borrow().clone();
+        (state, blobs.list().unwrap().len())
+    }
+
+    #[tokio::test]
+    async fn only_bodies_with_a_trusted_end_are_kept() {
+        let whole = gzipped(20_000);
+        let cut = whole.slice(..whole.len() / 2);
+
+        let (state, kept) = fill_once(End::Marked, whole.clone()).await;
+        assert!(matches!(state, State::Done { .. }), "{state:?}");
+        assert_eq!(kept, 1);
+
+        // Close-delimited and whole: served, not kept.
+        let (state, kept) = fill_once(End::Close, whole.clone()).await;
+        assert!(matches!(state, State::Streamed { .. }), "{state:?}");
+        assert_eq!(kept, 0);
+
+        // Close-delimited and cut: the gzip stream shows it, readers fail.
+        let (state, kept) = fill_once(End::Close, cut.clone()).await;
+        assert!(matches!(state, State::Failed(_)), "{state:?}");
+        assert_eq!(kept, 0);
+
+        // A declared length the body falls short of: failed.
+        let (state, kept) = fill_once(End::Length(whole.len() as u64), cut).await;
+        assert!(matches!(state, State::Failed(_)), "{state:?}");
+        assert_eq!(kept, 0);
     }
 }

@@ -23,21 +23,63 @@ struct Envelope<T> {
 
 pub struct MetaStore {
     root: PathBuf,
-    tmp: PathBuf,
-    counter: AtomicU64,
+    run: super::temp::Run,
+    /// Records on disk, as far as this process knows (counted by [`MetaStore::recount`] at
+    /// start, then kept up to date by its own writes and removals).
+    count: AtomicU64,
+    /// New records past this many are refused (the caller keeps them in memory).
+    cap: AtomicU64,
 }
 
 impl MetaStore {
     pub fn open(cache_dir: &Path) -> io::Result<MetaStore> {
         let root = cache_dir.join("meta");
-        let tmp = cache_dir.join("tmp");
-        fs::create_dir_all(&root)?;
-        fs::create_dir_all(&tmp)?;
+        super::private::create_dir_all(&root)?;
         Ok(MetaStore {
             root,
-            tmp,
-            counter: AtomicU64::new(0),
+            run: super::temp::Run::start(cache_dir)?,
+            count: AtomicU64::new(0),
+            cap: AtomicU64::new(u64::MAX),
         })
+    }
+
+    /// Refuse new records once `cap` are on disk (`limits.max_records`).
+    pub fn set_cap(&self, cap: u64) {
+        self.cap.store(cap, Ordering::Relaxed);
+    }
+
+    /// Records on disk, as counted.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Count the records on disk (blocking; a walk of `meta/`, run once at start).
+    pub fn recount(&self) -> io::Result<u64> {
+        let mut n = 0u64;
+        for kind in read_dir_or_empty(&self.root)? {
+            for shard in read_dir_or_empty(&kind?.path())? {
+                n += read_dir_or_empty(&shard?.path())?.count() as u64;
+            }
+        }
+        self.count.store(n, Ordering::Relaxed);
+        crate::metrics::CACHE_RECORDS.set(n as i64);
+        Ok(n)
+    }
+
+    fn counted(&self, delta: i64) {
+        let n = if delta >= 0 {
+            self.count.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
+        } else {
+            let d = delta.unsigned_abs();
+            let before = self
+                .count
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                    Some(c.saturating_sub(d))
+                })
+                .unwrap_or(0);
+            before.saturating_sub(d)
+        };
+        crate::metrics::CACHE_RECORDS.set(n as i64);
     }
 
     fn path(&self, kind: &str, key: &str) -> PathBuf {
@@ -82,11 +124,18 @@ impl MetaStore {
     pub fn put<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> io::Result<()> {
         let dest = self.path(kind, key);
         let dir = dest.parent().expect("sharded path has a parent");
-        fs::create_dir_all(dir)?;
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let temp = self.tmp.join(format!("{}-m{n}.part", std::process::id()));
+        let new = !dest.exists();
+        if new && self.count() >= self.cap.load(Ordering::Relaxed) {
+            crate::metrics::CACHE_RECORDS_REFUSED.inc();
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "limits.max_records reached",
+            ));
+        }
+        super::private::create_dir_all(dir)?;
+        let temp = self.run.path("m");
         let result = (|| {
-            let mut f = File::create(&temp)?;
+            let mut f = super::private::create(&temp)?;
             let e = Envelope {
                 key: key.to_string(),
                 value,
@@ -96,20 +145,55 @@ impl MetaStore {
             fs::rename(&temp, &dest)?;
             File::open(dir)?.sync_all()
         })();
-        if result.is_err() {
-            let _ = fs::remove_file(&temp);
+        match &result {
+            Err(_) => {
+                let _ = fs::remove_file(&temp);
+            }
+            Ok(()) if new => self.counted(1),
+            Ok(()) => {}
         }
         result
     }
 
     pub fn remove(&self, kind: &str, key: &str) {
-        let _ = fs::remove_file(self.path(kind, key));
+        if fs::remove_file(self.path(kind, key)).is_ok() {
+            self.counted(-1);
+        }
+    }
+}
+
+type Entries = Box<dyn Iterator<Item = io::Result<fs::DirEntry>>>;
+
+fn read_dir_or_empty(p: &Path) -> io::Result<Entries> {
+    match fs::read_dir(p) {
+        Ok(d) => Ok(Box::new(d)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Box::new(std::iter::empty())),
+        Err(e) => Err(e),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_counted_and_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        m.set_cap(2);
+        m.put("grant", "a", &1).unwrap();
+        m.put("grant", "a", &2).unwrap(); // a rewrite is not a new record
+        m.put("tarball", "b", &3).unwrap();
+        assert_eq!(m.count(), 2);
+        let full = m.put("grant", "c", &4).unwrap_err();
+        assert_eq!(full.kind(), io::ErrorKind::StorageFull);
+        m.put("grant", "a", &5).unwrap(); // rewrites still go through
+        m.remove("grant", "a");
+        assert_eq!(m.count(), 1);
+        m.put("grant", "c", &4).unwrap();
+        let again = MetaStore::open(dir.path()).unwrap();
+        assert_eq!(again.recount().unwrap(), 2);
+    }
 
     #[test]
     fn records_round_trip_and_names_hide_keys() {

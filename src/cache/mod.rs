@@ -9,9 +9,12 @@
 //! hash of its bytes, so identical archives are stored once. Listing bodies are blobs too,
 //! stored once per digest whoever received them (see `auth` for who may see which).
 
+pub mod archive;
 pub mod blobs;
 pub mod fill;
 pub mod meta;
+pub mod private;
+pub mod temp;
 
 use std::io;
 use std::sync::Arc;
@@ -79,9 +82,11 @@ impl Cache {
                 }
             })
             .build();
+        let meta = Arc::new(MetaStore::open(cache_dir)?);
+        meta.set_cap(limits.max_records);
         Ok(Cache {
             blobs: Arc::new(BlobStore::open(cache_dir, disk_size)?),
-            meta: Arc::new(MetaStore::open(cache_dir)?),
+            meta,
             fills: Arc::new(Fills::new(
                 limits.max_fills,
                 limits.max_object_size.as_u64(),
@@ -102,7 +107,7 @@ impl Cache {
     pub async fn check_writable(&self) -> io::Result<()> {
         let path = self.blobs.temp_path();
         tokio::task::spawn_blocking(move || {
-            std::fs::write(&path, b"ready")?;
+            std::io::Write::write_all(&mut private::create(&path)?, b"ready")?;
             std::fs::remove_file(&path)
         })
         .await

@@ -163,7 +163,8 @@ impl Registry {
                     write_download(session, CacheStatus::Miss, get).await?;
                 } else if small.status.is_success() {
                     // A success without a usable download URL: nothing safe to hand out.
-                    respond::error(session, StatusCode::BAD_GATEWAY).await?;
+                    respond::registry_error(session, StatusCode::BAD_GATEWAY, CacheStatus::Miss)
+                        .await?;
                 } else {
                     write_answer(session, &small, CacheStatus::Miss).await?;
                 }

@@ -32,7 +32,7 @@ use pingora::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::access::{Auth, BodyRef};
-use crate::cache::fill::{FillError, Source};
+use crate::cache::fill::{End, FillError, Source};
 use crate::cache::{unix_now, Cache};
 use crate::config::{CacheConfig, UnknownIdentity};
 use crate::fetch::Small;
@@ -238,7 +238,7 @@ impl Registry {
 fn source(opened: Result<reqwest::Response>) -> std::result::Result<Source, FillError> {
     match opened {
         Ok(r) if r.status().is_success() => Ok(Source {
-            len: r.content_length(),
+            end: End::of(r.version(), r.headers()),
             body: r.bytes_stream().map_err(|_| "upstream body failed").boxed(),
         }),
         Ok(r) => Err(FillError::Refused(r.status())),

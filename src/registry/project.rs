@@ -381,7 +381,7 @@ impl Registry {
         e: FillError,
     ) -> Result<Outcome> {
         let status = e.status();
-        crate::respond::error(session, status).await?;
+        crate::respond::registry_error(session, status, CacheStatus::Miss).await?;
         Ok(Outcome {
             cache: CacheStatus::Miss,
             upstream_status: Some(status.as_u16()),

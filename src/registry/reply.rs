@@ -7,7 +7,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 use super::ask::Failure;
-use super::{JSON, OCTETS, STALE_WARNING};
+use super::{JSON, STALE_WARNING};
 use crate::access::policy::Why;
 use crate::access::Negative;
 use crate::fetch::Small;
@@ -55,20 +55,15 @@ pub(super) async fn write_json(
     respond::full(session, StatusCode::OK, &headers, body).await
 }
 
-/// The head of a tarball answer; the length when it is known.
+/// The head of a tarball answer; the length when it is known (see [`respond::tarball_head`]
+/// for the framing of an unknown one).
 pub(super) async fn write_tarball_head(
     session: &mut Session,
     cache: CacheStatus,
     len: Option<u64>,
     end: bool,
 ) -> Result<()> {
-    let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
-    h.insert_header(header::CONTENT_TYPE, OCTETS)?;
-    h.insert_header(respond::CACHE_STATUS, cache.as_str())?;
-    if let Some(len) = len {
-        h.insert_header(header::CONTENT_LENGTH, len)?;
-    }
-    session.write_response_header(Box::new(h), end).await
+    respond::tarball_head(session, cache, len, end).await
 }
 
 pub(super) async fn write_negative(session: &mut Session, neg: &Negative) -> Result<()> {

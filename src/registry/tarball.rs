@@ -11,7 +11,7 @@ use pingora::{Error, ErrorType, Result};
 use super::reply::write_tarball_head;
 use super::{gitlab_token, source, Outcome, Registry, DISK_CHUNK, OCTETS};
 use crate::cache::blobs::Hash;
-use crate::cache::fill::{FillError, Source};
+use crate::cache::fill::{End, FillError, Source};
 use crate::cache::{tarball_key, unix_now, Cache, TarballEntry};
 use crate::fetch;
 use crate::identity::Identity;
@@ -39,7 +39,9 @@ impl Registry {
             Ok(c) => (c.identity, c.authority),
             Err(why) => {
                 tracing::info!(reason = ?why, "download token refused");
-                respond::error(session, StatusCode::UNAUTHORIZED).await?;
+                metrics::decision(metrics::Decision::TokenRefused);
+                respond::registry_error(session, StatusCode::UNAUTHORIZED, CacheStatus::Hit)
+                    .await?;
                 return Ok(Outcome {
                     cache: CacheStatus::Hit,
                     upstream_status: None,
@@ -86,11 +88,8 @@ impl Registry {
             self.cache.drop_tarball(key).await;
         }
         if head {
-            let headers = [
-                (header::CONTENT_TYPE, V::Static(OCTETS)),
-                (respond::CACHE_STATUS, V::Static("MISS")),
-            ];
-            respond::full(session, StatusCode::OK, &headers, Bytes::new()).await?;
+            // The length is unknown until a GET fills it: say nothing rather than 0.
+            write_tarball_head(session, CacheStatus::Miss, None, true).await?;
             return Ok(outcome(CacheStatus::Miss, None));
         }
 
@@ -121,7 +120,7 @@ impl Registry {
                     FillError::Refused(s) => s,
                     _ => StatusCode::BAD_GATEWAY,
                 };
-                respond::error(session, status).await?;
+                respond::registry_error(session, status, CacheStatus::Miss).await?;
                 return Ok(outcome(CacheStatus::Miss, Some(status.as_u16())));
             }
         };
@@ -157,18 +156,24 @@ impl Registry {
             upstream_status,
             identity,
         };
-        let Source { len, mut body } = match opened.await {
+        let source = match opened.await {
             Ok(s) => s,
             Err(e) => {
                 let status = match e {
                     FillError::Refused(s) => s,
                     _ => StatusCode::BAD_GATEWAY,
                 };
-                respond::error(session, status).await?;
+                respond::registry_error(session, status, CacheStatus::Bypass).await?;
                 return Ok(outcome(Some(status.as_u16())));
             }
         };
-        write_tarball_head(session, CacheStatus::Bypass, len, false).await?;
+        if source.end == End::Close {
+            crate::metrics::FILLS_NOT_KEPT
+                .with_label_values(&["unframed"])
+                .inc();
+        }
+        write_tarball_head(session, CacheStatus::Bypass, source.declared_len(), false).await?;
+        let mut body = source.body;
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(c) => session.write_response_body(Some(c), false).await?,
@@ -293,7 +298,21 @@ impl Registry {
         let Some((file, len)) = opened else {
             return Ok(false);
         };
-        write_tarball_head(session, CacheStatus::Hit, Some(len), head).await?;
+        // The index says how long the blob is; a file of another length (truncated by a full
+        // disk or by hand) is damaged, and is found out before a head that would announce
+        // its wrong length goes out.
+        if len != size {
+            tracing::error!(
+                blob = %hash.to_hex(),
+                on_disk = len,
+                indexed = size,
+                "tarball on disk has the wrong length: deleted, will refetch"
+            );
+            self.cache.blobs.remove(&hash);
+            self.cache.forget(&hash);
+            return Ok(false);
+        }
+        write_tarball_head(session, CacheStatus::Hit, Some(size), head).await?;
         if head {
             return Ok(true);
         }

@@ -13,7 +13,8 @@
 //!   `JOB-TOKEN` or `DEPLOY-TOKEN`.
 //! - Faults, switchable at run time: latency, an HTTP status, reset at accept, truncated body
 //!   (closed or reset mid-body), slow body,
-//!   down (port closed), black hole (accepts, never answers).
+//!   down (port closed), black hole (accepts, never answers); tarballs sent chunked or
+//!   close-delimited, whole or cut.
 //!
 //! Every request is recorded (method, path, query, headers) so tests can count upstream
 //! fetches and check what tfmirror forwarded.
@@ -64,6 +65,18 @@ pub enum Fault {
     Down,
     /// Accept connections and never answer.
     Blackhole,
+    /// Send tarball bodies chunked (no `Content-Length`), as GitLab behind a proxy that
+    /// streams from object storage does; `cut`: half the body, then the connection is cut,
+    /// with no terminal chunk.
+    Chunked {
+        cut: bool,
+    },
+    /// Send tarball bodies with neither `Content-Length` nor chunking, ending at the close
+    /// (HTTP/1.0 style); `cut`: only half the body before the close, which the client cannot
+    /// tell from the end. One request per connection.
+    CloseDelimited {
+        cut: bool,
+    },
 }
 
 /// One request as the fake saw it.
@@ -439,6 +452,9 @@ async fn accept_loop(
                     drop(sock);
                 });
             }
+            Fault::CloseDelimited { cut } if tls.is_none() => {
+                tokio::spawn(serve_close_delimited(sock, app.clone(), cut));
+            }
             _ => {
                 let (app, rx) = (app.clone(), inner.fault.subscribe());
                 match &tls {
@@ -501,7 +517,11 @@ async fn serve_conn<S>(
                 let f = fault_rx.borrow().clone();
                 if matches!(
                     f,
-                    Fault::Down | Fault::Reset | Fault::Blackhole | Fault::ResetMidBody
+                    Fault::Down
+                        | Fault::Reset
+                        | Fault::Blackhole
+                        | Fault::ResetMidBody
+                        | Fault::CloseDelimited { .. }
                 ) {
                     return; // drops the connection
                 }
@@ -586,6 +606,7 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
             truncate(resp).await
         }
         Fault::SlowBody(pause) if resp.status() == StatusCode::OK => slow(resp, pause).await,
+        Fault::Chunked { cut } if is_tarball(&resp) => chunked(resp, cut).await,
         _ => resp,
     }
 }
@@ -606,6 +627,104 @@ fn caller_token(headers: &HeaderMap) -> String {
             _ => String::new(),
         },
     }
+}
+
+fn is_tarball(resp: &Response) -> bool {
+    resp.status() == StatusCode::OK
+        && resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v == "application/octet-stream")
+}
+
+/// The same body as a stream of unknown length, which hyper sends chunked; `cut`: half of it,
+/// then an error, on which hyper drops the connection without a terminal chunk.
+async fn chunked(resp: Response, cut: bool) -> Response {
+    use futures::StreamExt;
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let sent = if cut {
+        bytes.slice(..bytes.len() / 2)
+    } else {
+        bytes
+    };
+    let pieces: Vec<Result<Bytes, std::io::Error>> = sent
+        .chunks(64 << 10)
+        .map(|p| Ok(Bytes::copy_from_slice(p)))
+        .collect();
+    let tail = futures::stream::once(async move {
+        // The pause lets what was sent reach the client before the cut.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Err(std::io::Error::other("cut by fault injection"))
+    });
+    let stream = futures::stream::iter(pieces);
+    let body = if cut {
+        Body::from_stream(stream.chain(tail))
+    } else {
+        Body::from_stream(stream)
+    };
+    Response::from_parts(parts, body)
+}
+
+/// One request on a raw connection, answered through the router; a tarball body goes out
+/// with neither length nor chunking and ends at the close (only its first half when `cut`).
+async fn serve_close_delimited(mut sock: tokio::net::TcpStream, app: Router, cut: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 64 << 10 {
+            return;
+        }
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or_default().split(' ');
+    let (method, target) = (first.next().unwrap_or("GET"), first.next().unwrap_or("/"));
+    let mut req = axum::http::Request::builder().method(method).uri(target);
+    for line in lines.take_while(|l| !l.is_empty()) {
+        if let Some((k, v)) = line.split_once(':') {
+            req = req.header(k.trim(), v.trim());
+        }
+    }
+    let Ok(req) = req.body(Body::empty()) else {
+        return;
+    };
+    let svc = hyper_util::service::TowerToHyperService::new(app);
+    let Ok(resp) = hyper::service::Service::call(&svc, req).await;
+    let tarball = is_tarball(&resp);
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        parts.status.as_u16(),
+        parts.status.canonical_reason().unwrap_or("")
+    );
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_LENGTH && k != header::TRANSFER_ENCODING && k != header::CONNECTION
+        {
+            out.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap_or("")));
+        }
+    }
+    let body = if tarball {
+        if cut {
+            bytes.slice(..bytes.len() / 2)
+        } else {
+            bytes
+        }
+    } else {
+        out.push_str(&format!("content-length: {}\r\n", bytes.len()));
+        bytes
+    };
+    out.push_str("connection: close\r\n\r\n");
+    let _ = sock.write_all(out.as_bytes()).await;
+    let _ = sock.write_all(&body).await;
+    let _ = sock.shutdown().await;
 }
 
 /// The same body, dribbled out in 64 KiB pieces.

@@ -26,6 +26,8 @@ pub struct Mirror {
     upstream: String,
     extra: Vec<String>,
     scheme: &'static str,
+    /// A command the binary runs under (e.g. `unshare` to make it PID 1), empty for none.
+    wrapper: Vec<String>,
 }
 
 impl Mirror {
@@ -34,6 +36,11 @@ impl Mirror {
     }
 
     pub async fn start_with(upstream: &str, extra: &[&str]) -> Mirror {
+        Self::start_wrapped(upstream, extra, &[]).await
+    }
+
+    /// Start under `wrapper` (the binary and its arguments follow it), as in a container.
+    pub async fn start_wrapped(upstream: &str, extra: &[&str], wrapper: &[&str]) -> Mirror {
         let dir = tempfile::tempdir().unwrap();
         let scheme = if extra.contains(&"--tls-cert") {
             "https"
@@ -42,7 +49,8 @@ impl Mirror {
         };
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = spawn(upstream, addr, dir.path(), &extra);
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        let child = spawn(upstream, addr, dir.path(), &extra, &wrapper);
         let mirror = Mirror {
             child,
             addr,
@@ -50,6 +58,7 @@ impl Mirror {
             upstream: upstream.to_string(),
             extra,
             scheme,
+            wrapper,
         };
         mirror.wait_healthy().await;
         mirror
@@ -65,7 +74,13 @@ impl Mirror {
     /// Kill the process (SIGKILL, no goodbye) and start a new one on the same cache dir.
     pub async fn restart(&mut self) {
         self.kill();
-        self.child = spawn(&self.upstream, self.addr, self.dir.path(), &self.extra);
+        self.child = spawn(
+            &self.upstream,
+            self.addr,
+            self.dir.path(),
+            &self.extra,
+            &self.wrapper,
+        );
         self.wait_healthy().await;
     }
 
@@ -162,13 +177,26 @@ impl Mirror {
     }
 }
 
-fn spawn(upstream: &str, addr: SocketAddr, dir: &std::path::Path, extra: &[String]) -> Child {
+fn spawn(
+    upstream: &str,
+    addr: SocketAddr,
+    dir: &std::path::Path,
+    extra: &[String],
+    wrapper: &[String],
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("stderr.log"))
         .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tfmirror"));
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_tfmirror"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_tfmirror")),
+    };
     cmd.arg("serve")
         .args(["--listen", &addr.to_string()])
         .args(["--upstream", upstream])
@@ -290,6 +318,27 @@ pub async fn warm(file: &str) {
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     wait_cached(file).await;
+}
+
+/// Temp files (`*.part`) under a cache directory's `tmp/`, in any process's run directory.
+pub fn temp_files(cache: &std::path::Path) -> usize {
+    fn walk(p: &std::path::Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| {
+                let path = e.path();
+                if path.is_dir() {
+                    walk(&path)
+                } else {
+                    usize::from(path.extension().is_some_and(|x| x == "part"))
+                }
+            })
+            .sum()
+    }
+    walk(&cache.join("tmp"))
 }
 
 pub const V1: &str = "/api/v4/packages/terraform/modules/v1";
