@@ -26,6 +26,7 @@
 //! | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
 //! | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //! | [`server`] | assemble the pingora server from a [`config::Config`] |
+//! | [`logbuf`] | per-thread log buffers, flushed by size or timer |
 //!
 //! ## Why pingora's proxy, but not pingora-cache
 //! Pingora proxies everything that tfmirror forwards (uploads stream through unbuffered,
@@ -51,6 +52,7 @@ pub mod fetch;
 pub mod fuzzing;
 pub mod health;
 pub mod identity;
+pub mod logbuf;
 pub mod metrics;
 pub mod proxy;
 pub mod registry;

@@ -220,10 +220,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    init_logging(config.log_level);
+    init_logging(config.log_level, true);
     let server = match tfmirror::server::build(&config, args.upgrade) {
         Ok(s) => s,
         Err(e) => {
+            tfmirror::logbuf::flush();
             eprintln!("tfmirror: {e}");
             return ExitCode::from(2);
         }
@@ -235,7 +236,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         offline = config.offline.enabled,
         "tfmirror starting"
     );
-    server.run_forever()
+    // Not `run_forever`, which exits inside: the buffered log goes out first.
+    server.run(pingora::server::RunArgs::default());
+    tfmirror::logbuf::flush();
+    ExitCode::SUCCESS
 }
 
 /// Progress on a terminal as a bar, otherwise as plain lines.
@@ -301,7 +305,7 @@ fn client_setup(
 ) -> Result<(Config, Option<http::HeaderValue>), ExitCode> {
     let config = load(common, Overrides::default())?;
     // Progress goes to the terminal; only warnings and errors are logged.
-    init_logging(LogLevel::Warn.min(config.log_level));
+    init_logging(LogLevel::Warn.min(config.log_level), false);
     Ok((config, bearer(credential)?))
 }
 
@@ -488,19 +492,25 @@ fn cache(args: CacheArgs) -> ExitCode {
 ///
 /// Only tfmirror's own targets go below `info`: pingora, hyper and reqwest dump request
 /// headers (`Authorization`) and URLs (JWTs, presigned links) in their debug records.
-fn init_logging(level: LogLevel) {
+///
+/// `buffered` (the server): lines go through per-thread buffers (`logbuf`), so the access
+/// log costs no syscall per request. The one-shot commands write each line at once.
+fn init_logging(level: LogLevel, buffered: bool) {
     let others = match level {
         LogLevel::Debug | LogLevel::Trace => LogLevel::Info,
         l => l,
     };
     let directives = format!("{},tfmirror={}", others.as_str(), level.as_str());
     let filter = tracing_subscriber::EnvFilter::new(directives);
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_current_span(false)
-        .init();
+        .with_current_span(false);
+    if buffered {
+        builder.with_writer(tfmirror::logbuf::stderr()).init();
+    } else {
+        builder.with_writer(std::io::stderr).init();
+    }
 }
 
 fn secret(args: SecretArgs) -> ExitCode {

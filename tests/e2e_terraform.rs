@@ -128,7 +128,7 @@ async fn secrets_never_reach_the_log() {
     );
     let run = ws.init(Some(ALICE)).await;
     assert!(run.ok(), "{}", run.output());
-    let logs = mirror.logs();
+    let logs = mirror.logs_with("module_file").await;
     assert!(
         logs.contains("module_file"),
         "access log lines expected:\n{logs}"

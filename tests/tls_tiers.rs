@@ -99,7 +99,10 @@ async fn terraform_discovers_tfmirror_over_https() {
     assert!(run.ok(), "{}\n{}", run.output(), m.logs());
     assert_eq!(run.version_of("vpc"), Some("1.1.0"));
     // Discovery itself came from tfmirror, over HTTPS.
-    assert!(m.logs().contains("\"route\":\"discovery\""));
+    assert!(m
+        .logs_with("\"route\":\"discovery\"")
+        .await
+        .contains("\"route\":\"discovery\""));
 
     // Without trust in the CA, Terraform refuses the registry.
     let ws =

@@ -175,6 +175,19 @@ impl Mirror {
     pub fn logs(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
     }
+
+    /// The log once it contains `needle`. Access lines are buffered per thread and reach
+    /// the file within `logbuf::FLUSH_EVERY` (warnings and errors at once).
+    pub async fn logs_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + tfmirror::logbuf::FLUSH_EVERY * 5;
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) || Instant::now() > deadline {
+                return logs;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 fn spawn(
