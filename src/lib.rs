@@ -26,6 +26,7 @@
 //! | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
 //! | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //! | [`server`] | assemble the pingora server from a [`config::Config`] |
+//! | [`workers`] | one pingora service and `SO_REUSEPORT` socket per thread |
 //! | [`logbuf`] | per-thread log buffers, flushed by size or timer |
 //!
 //! ## Why pingora's proxy, but not pingora-cache
@@ -65,3 +66,4 @@ pub mod sync;
 pub mod tls;
 pub mod token;
 pub mod upstream;
+pub mod workers;

@@ -104,8 +104,10 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
 
     let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
     let conf = ServerConf {
-        threads: config.threads,
-        // One runtime per thread, like nginx workers: work stealing costs cross-thread
+        // The proxy runs one service per thread (`workers`); this is for the metrics
+        // listener, whose scrapes need no more.
+        threads: 1,
+        // Single-threaded runtimes, like nginx workers: work stealing costs cross-thread
         // wake-ups (a third of the CPU on the hit path, measured with perf).
         work_stealing: false,
         // Per-instance files live in the cache dir, so several instances never collide, and
@@ -123,25 +125,33 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let proxy = Proxy::new(upstream, registry.clone(), health.clone(), config);
-    let app = crate::downstream::Guarded::new(
-        pingora::proxy::http_proxy(&server.configuration, proxy),
-        config.timeouts.client_idle,
-    );
-    let mut service = pingora::services::listening::Service::new("tfmirror".to_string(), app);
-    match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => {
-            let resolver = crate::tls::ReloadingCert::new(cert, key)
-                .map_err(|e| format!("invalid configuration: `tls_cert`: {e}"))?;
-            let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                .map_err(|e| format!("TLS settings: {e}"))?;
-            tls.set_cert_resolver(Arc::new(resolver));
-            tls.enable_h2();
-            service.add_tls_with_settings(&config.listen.to_string(), None, tls);
-        }
-        _ => service.add_tcp(&config.listen.to_string()),
+    // One service per thread, each on its own socket: see `workers` for why.
+    let resolver = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            crate::tls::ReloadingCert::new(cert, key)
+                .map_err(|e| format!("invalid configuration: `tls_cert`: {e}"))?,
+        )),
+        _ => None,
+    };
+    let group = crate::workers::Group::new(config.listen, config.threads);
+    for i in 0..config.threads {
+        let proxy = Proxy::new(upstream.clone(), registry.clone(), health.clone(), config);
+        let app = crate::downstream::Guarded::new(
+            pingora::proxy::http_proxy(&server.configuration, proxy),
+            config.timeouts.client_idle,
+        );
+        let tls = match &resolver {
+            Some(resolver) => {
+                let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
+                    .map_err(|e| format!("TLS settings: {e}"))?;
+                tls.set_cert_resolver(resolver.clone());
+                tls.enable_h2();
+                Some(tls)
+            }
+            None => None,
+        };
+        server.add_service(crate::workers::Worker::new(group.clone(), i, app, tls));
     }
-    server.add_service(service);
 
     if let Some(addr) = config.metrics_listen {
         let app = crate::metrics::MetricsApp { registry, health };

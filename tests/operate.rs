@@ -75,7 +75,8 @@ async fn metrics_and_access_log_carry_no_secrets() {
     assert_eq!(m.metric("tfmirror_upstream_up", "").await, 1.0);
 
     let line = m
-        .logs()
+        .logs_with("\"route\":\"module_file\"")
+        .await
         .lines()
         .find(|l| l.contains("\"route\":\"module_file\"") && l.contains("\"method\":\"GET\""))
         .map(str::to_string)
@@ -345,24 +346,45 @@ async fn warm_from_tf_files_and_sync_a_group() {
     assert!(text(&out).contains("401"), "{}", text(&out));
 }
 
+/// A graceful upgrade hands every per-thread listening socket over: requests on new
+/// connections (each hashed by the kernel to one of the sockets) keep succeeding through the
+/// handover and after the old process stopped accepting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_upgrade_loses_no_request() {
     let gl = gitlab().await;
-    let m = Mirror::start(&gl.url()).await;
+    let cfg = std::env::temp_dir().join(format!("tfmirror-upgrade-{}.yaml", free_port()));
+    std::fs::write(&cfg, "threads: 3\n").unwrap();
+    let m = Mirror::start_with(&gl.url(), &["--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(
+        common::listening_sockets(m.addr.port()),
+        3,
+        "one socket per thread"
+    );
     let url = format!("{}/.well-known/terraform.json", m.url());
-    // Clients hammer tfmirror throughout the handover.
-    let load = tokio::spawn(async move {
-        let c = client();
-        let (mut ok, mut failed) = (0, 0);
-        let until = Instant::now() + Duration::from_secs(4);
-        while Instant::now() < until {
-            match c.get(&url).send().await {
-                Ok(r) if r.status() == 200 => ok += 1,
-                _ => failed += 1,
+    // A new connection per request, so that every socket of the group is used.
+    let fresh = || {
+        reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap()
+    };
+    // Clients hammer tfmirror throughout the handover, until the old process has stopped
+    // accepting (pingora: 5 s after it sent its sockets).
+    let load = {
+        let (c, url) = (fresh(), url.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0, 0);
+            let until = Instant::now() + Duration::from_secs(7);
+            while Instant::now() < until {
+                match c.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
             }
-        }
-        (ok, failed)
-    });
+            (ok, failed)
+        })
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The new process takes the sockets over; the old one is told to hand them off.
     let cache = m.cache_dir().join("cache");
@@ -376,6 +398,7 @@ async fn graceful_upgrade_loses_no_request() {
             &gl.url(),
         ])
         .args(["--cache-dir", cache.to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap()])
         .stderr(std::fs::File::create(m.cache_dir().join("new.log")).unwrap())
         .spawn()
         .unwrap();
@@ -391,13 +414,17 @@ async fn graceful_upgrade_loses_no_request() {
         "{failed} requests failed during the upgrade ({ok} succeeded)"
     );
     assert!(ok > 100);
-    // The new process serves on its own now.
-    let r = client()
-        .get(format!("{}/-/health", m.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    // The new process serves every socket on its own now: none was left behind.
+    let c = fresh();
+    for _ in 0..60 {
+        let r = c
+            .get(&url)
+            .send()
+            .await
+            .expect("answered by the new process");
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(common::listening_sockets(m.addr.port()), 3);
     let _ = new.kill();
     let _ = new.wait();
 }

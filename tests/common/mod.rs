@@ -233,6 +233,21 @@ impl Drop for Mirror {
     }
 }
 
+/// Listening TCP sockets on `port` (IPv4), from the kernel's table: one per thread with
+/// tfmirror's `SO_REUSEPORT` listeners.
+pub fn listening_sockets(port: u16) -> usize {
+    let suffix = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[1].ends_with(&suffix) && cols[3] == "0A"
+        })
+        .count()
+}
+
 /// Resident memory of a process, in bytes (Linux).
 pub fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
