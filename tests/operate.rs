@@ -346,6 +346,58 @@ async fn warm_from_tf_files_and_sync_a_group() {
     assert!(text(&out).contains("401"), "{}", text(&out));
 }
 
+/// Write-family syscalls (`write`, `writev`, ...; not `send`) the process made so far.
+fn write_syscalls(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("syscw: "))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A cached hit writes its response with `send` and nothing else: its access line waits in
+/// a buffer (`logbuf`), and no other thread is woken for it (an eventfd `write`; one
+/// socket per thread, see `workers`). Before, each hit wrote its log line, and about half of
+/// them woke another thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_hits_make_no_write_syscalls() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let url = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    let c = client();
+    let get = || async {
+        let r = c
+            .get(&url)
+            .header("authorization", common::bearer(ALICE))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let cache = r.headers()["x-cache-status"].to_str().unwrap().to_string();
+        r.bytes().await.unwrap();
+        cache
+    };
+    assert_eq!(get().await, "MISS");
+    assert_eq!(get().await, "HIT");
+    let before = write_syscalls(m.pid());
+    for _ in 0..200 {
+        assert_eq!(get().await, "HIT");
+    }
+    let writes = write_syscalls(m.pid()) - before;
+    // Timers (the log flusher, once a second) may write a few times meanwhile.
+    assert!(writes < 20, "{writes} write syscalls for 200 cached hits");
+    // The access lines are all there, once flushed.
+    tokio::time::sleep(tfmirror::logbuf::FLUSH_EVERY * 2).await;
+    let logs = m.logs();
+    let hits = logs
+        .lines()
+        .filter(|l| l.contains("\"route\":\"module_versions\"") && l.contains("\"HIT\""))
+        .count();
+    assert_eq!(hits, 201, "{logs}");
+}
+
 /// A graceful upgrade hands every per-thread listening socket over: requests on new
 /// connections (each hashed by the kernel to one of the sockets) keep succeeding through the
 /// handover and after the old process stopped accepting.
