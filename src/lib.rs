@@ -27,6 +27,7 @@
 //! | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //! | [`server`] | assemble the pingora server from a [`config::Config`] |
 //! | [`workers`] | one pingora service and `SO_REUSEPORT` socket per thread |
+//! | [`accesslog`] | the access log line and request metrics of each request |
 //! | [`logbuf`] | per-thread log buffers, flushed by size or timer |
 //!
 //! ## Why pingora's proxy, but not pingora-cache
@@ -43,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod accesslog;
 pub mod admin;
 pub mod cache;
 pub mod config;

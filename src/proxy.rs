@@ -276,50 +276,6 @@ fn with_query(path: &str, req: &RequestHeader) -> String {
     }
 }
 
-/// A fixed label set for methods: anything unusual is "other", never echoed.
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        Method::PUT => "PUT",
-        Method::POST => "POST",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        _ => "other",
-    }
-}
-
-fn status_label(status: u16) -> &'static str {
-    const CODES: [(u16, &str); 16] = [
-        (200, "200"),
-        (201, "201"),
-        (204, "204"),
-        (206, "206"),
-        (302, "302"),
-        (304, "304"),
-        (400, "400"),
-        (401, "401"),
-        (403, "403"),
-        (404, "404"),
-        (405, "405"),
-        (414, "414"),
-        (429, "429"),
-        (500, "500"),
-        (502, "502"),
-        (503, "503"),
-    ];
-    CODES.iter().find(|(c, _)| *c == status).map_or(
-        match status {
-            504 => "504",
-            0 => "none",
-            s if s < 400 => "other_ok",
-            s if s < 500 => "other_4xx",
-            _ => "other_5xx",
-        },
-        |(_, l)| l,
-    )
-}
-
 /// `?terraform-get=1` asks a project route for a 204 with `X-Terraform-Get` instead of bytes.
 fn terraform_get(req: &RequestHeader) -> bool {
     req.uri.query().is_some_and(|q| {
@@ -547,42 +503,18 @@ impl ProxyHttp for Proxy {
         format!("{} {route}", session.req_header().method)
     }
 
-    /// Runs last, for every request: the access log. No paths, queries or credentials.
+    /// Runs last, for every request: the access log and request metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let method: &Method = &session.req_header().method;
-        let route = ctx.route.as_ref().map_or("rejected", Route::template);
-        let cache = ctx.cache.map_or("NONE", CacheStatus::as_str);
-        metrics::REQUESTS
-            .with_label_values(&[route, method_label(method), status_label(status), cache])
-            .inc();
-        metrics::REQUEST_DURATION
-            .with_label_values(&[route, cache])
-            .observe(ctx.started.elapsed().as_secs_f64());
-        metrics::BYTES_SERVED
-            .with_label_values(&[cache])
-            .inc_by(session.body_bytes_sent() as u64);
-        let module = match &ctx.route {
-            Some(Route::Module(m)) => Some(m.module.to_string()),
-            _ => None,
-        };
-        let version = match &ctx.route {
-            Some(Route::Module(m)) => m.version().map(ToString::to_string),
-            _ => None,
-        };
-        tracing::info!(
-            target: "tfmirror::access",
-            method = %method,
-            route,
-            module,
-            version,
-            status,
-            upstream_status = ctx.upstream_status,
-            cache = ctx.cache.map(CacheStatus::as_str),
-            identity = ctx.identity.map(Identity::short),
-            bytes = session.body_bytes_sent(),
-            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-            error = e.map(|e| e.etype().as_str()),
-        );
+        crate::accesslog::record(&crate::accesslog::Entry {
+            method: &session.req_header().method,
+            route: ctx.route.as_ref(),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            upstream_status: ctx.upstream_status,
+            cache: ctx.cache,
+            identity: ctx.identity,
+            bytes: session.body_bytes_sent(),
+            elapsed: ctx.started.elapsed(),
+            error: e.map(|e| e.etype().as_str()),
+        });
     }
 }
