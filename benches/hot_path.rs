@@ -1,14 +1,20 @@
-//! Micro-benchmarks of the per-request work on the cache-hit path.
+//! Micro-benchmarks of the per-request work on the cache-hit path, and the heap
+//! allocations each step makes (a counting global allocator; printed first).
 //! Run: `cargo bench --bench hot_path`.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, Criterion};
-use http::{HeaderValue, Method};
+use criterion::{criterion_group, Criterion};
+use http::{header, HeaderValue, Method, StatusCode};
+use pingora::http::ResponseHeader;
+use tfmirror::accesslog::{self, Entry};
 use tfmirror::cache::Cache;
 use tfmirror::identity::{Identity, Secret};
+use tfmirror::respond::CacheStatus;
 use tfmirror::rewrite::{PublicBase, Rewriter};
 use tfmirror::routes::{self, ModuleId};
 use tfmirror::token::Tokens;
@@ -84,5 +90,147 @@ fn cache_lookup(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, parse, rewrite, tokens_and_identity, cache_lookup);
-criterion_main!(benches);
+/// Counts every allocation and reallocation, to report allocations per step.
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        System.realloc(ptr, layout, new)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Allocations per call of `f`, averaged over 1000 calls after a warm-up.
+fn allocations<R>(mut f: impl FnMut() -> R) -> f64 {
+    for _ in 0..100 {
+        black_box(f());
+    }
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..1000 {
+        black_box(f());
+    }
+    (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 1000.0
+}
+
+/// The response head of a cached listing hit, as `registry::reply::write_json` builds it.
+fn listing_head(age: u64, len: usize) -> Box<ResponseHeader> {
+    let mut h = ResponseHeader::build(StatusCode::OK, Some(5)).unwrap();
+    h.append_header(header::CONTENT_TYPE, "application/json")
+        .unwrap();
+    h.append_header("x-cache-status", CacheStatus::Hit.as_str())
+        .unwrap();
+    h.append_header(header::AGE, age.to_string()).unwrap();
+    h.insert_header(header::CONTENT_LENGTH, len).unwrap();
+    Box::new(h)
+}
+
+/// The access line and metrics of a cached listing hit, through the production log
+/// formatting (JSON into the per-thread buffer; the buffer's sink discards).
+fn access_entry(route: &routes::Route) -> Entry<'_> {
+    Entry {
+        method: &Method::GET,
+        route: Some(route),
+        status: 200,
+        upstream_status: None,
+        cache: Some(CacheStatus::Hit),
+        identity: Some(Identity([9; 16])),
+        bytes: 180,
+        elapsed: Duration::from_micros(150),
+        error: None,
+    }
+}
+
+fn install_log_subscriber() {
+    let buffer = tfmirror::logbuf::LogBuffer::new(std::io::sink(), 64 << 10);
+    tracing_subscriber::fmt()
+        .json()
+        .with_current_span(false)
+        .with_writer(buffer)
+        .init();
+}
+
+fn access_log(c: &mut Criterion) {
+    let versions = "/api/v4/packages/terraform/modules/v1/infra/vpc/aws/versions";
+    let route = routes::parse(&Method::GET, versions).unwrap();
+    c.bench_function("access line + metrics (cached listing hit)", |b| {
+        b.iter(|| accesslog::record(black_box(&access_entry(&route))))
+    });
+    c.bench_function("response head of a cached listing", |b| {
+        b.iter(|| listing_head(black_box(12), 180))
+    });
+}
+
+/// Allocations per step of a cached listing hit that tfmirror's own code makes (pingora's
+/// request parsing and response writing not included).
+fn allocation_table() {
+    let versions = "/api/v4/packages/terraform/modules/v1/infra/vpc/aws/versions";
+    let secret = Secret::from_master(&[7; 32]);
+    let auth = HeaderValue::from_static("Bearer glpat-0123456789abcdefghij");
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path(), 256 << 20, 1 << 30, &Default::default()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let hash = rt
+        .block_on(cache.put_small(Bytes::from(vec![b'{'; 180])))
+        .unwrap();
+    let route = routes::parse(&Method::GET, versions).unwrap();
+    let rows: [(&str, f64); 5] = [
+        (
+            "routes::parse (versions)",
+            allocations(|| routes::parse(&Method::GET, versions)),
+        ),
+        (
+            "identity hash",
+            allocations(|| secret.identify(Some(&auth))),
+        ),
+        (
+            "listing body from the memory tier",
+            allocations(|| rt.block_on(cache.get_small(hash)).unwrap()),
+        ),
+        (
+            "response head (4 headers, boxed)",
+            allocations(|| listing_head(12, 180)),
+        ),
+        (
+            "access line + metrics",
+            allocations(|| accesslog::record(&access_entry(&route))),
+        ),
+    ];
+    println!("\nheap allocations per cached listing hit, tfmirror's own steps:\n");
+    println!("| step | allocations |\n|---|---|");
+    for (step, n) in rows {
+        println!("| {step} | {n:.1} |");
+    }
+    println!("| total | {:.1} |\n", rows.iter().map(|r| r.1).sum::<f64>());
+}
+
+criterion_group!(
+    benches,
+    parse,
+    rewrite,
+    tokens_and_identity,
+    cache_lookup,
+    access_log
+);
+
+fn main() {
+    install_log_subscriber();
+    allocation_table();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -9,11 +9,16 @@
 //!
 //! and measures, alternating between the two proxies:
 //! (a) a cached versions listing with a Bearer token, (b) a cached 64 KiB tarball, (c) a
-//! cached 4 MiB tarball: wrk requests/s, p50, p99; (d) a cold burst of 100 clients for one
+//! cached 4 MiB tarball: wrk requests/s, p50, p99, the median of 3 alternating runs, each
+//! with both proxies' access logs on (to a file; nginx `buffer=64k flush=1s`) and off; then
+//! syscalls per cached hit (`strace -f -c` on each proxy under `wrk -t1 -c8`) and how
+//! tfmirror's threads share the work; (d) a cold burst of 100 clients for one
 //! uncached tarball with 300 ms of upstream latency: upstream fetches and completion spread;
 //! (e) `terraform init` of 20 modules through a warm tfmirror versus directly against the
 //! fake with 50 ms of latency; (f) peak resident memory while 50 clients download a 1 GiB
 //! tarball. Results print as a table and go to `target/bench-load.md`.
+//!
+//! `TFM_BENCH_ONLY=abcs` runs only the named scenarios (`s`: syscalls and thread spread).
 
 #[path = "../tests/common/fake_gitlab.rs"]
 mod fake_gitlab;
@@ -31,8 +36,11 @@ use fake_gitlab::{FakeGitlab, Fault};
 
 const TOKEN: &str = "glpat-bench-000000000000";
 const V1: &str = "/api/v4/packages/terraform/modules/v1";
-const WRK_SECONDS: u32 = 8;
-const ROUNDS: usize = 2;
+const WRK_SECONDS: u32 = 6;
+/// Runs per proxy and scenario; the median is reported.
+const ROUNDS: usize = 3;
+/// The strace window: `wrk -t1 -c8` for this long.
+const STRACE_SECONDS: u32 = 5;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -57,7 +65,18 @@ fn noise(len: usize, seed: u64) -> Bytes {
 
 struct Proc(Child);
 impl Drop for Proc {
+    /// SIGTERM first: nginx's master then stops its workers (SIGKILL would leave them
+    /// running, still listening). Then SIGKILL whatever is left.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        for _ in 0..40 {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -87,9 +106,18 @@ fn nginx_rss_kib(master: u32) -> u64 {
             .sum::<u64>()
 }
 
-fn start_tfmirror(upstream: &str, dir: &Path, port: u16) -> Proc {
+/// tfmirror on its defaults but a 256 MiB memory tier. `logs`: the default level (`info`,
+/// one access line per request) into a file; otherwise `error` only.
+fn start_tfmirror(upstream: &str, dir: &Path, port: u16, logs: bool) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("tfmirror.yaml");
     std::fs::write(&config, "cache:\n  memory_size: 256MiB\n").unwrap();
+    let (level, stderr) = if logs {
+        let f = std::fs::File::create(dir.join("stderr.log")).unwrap();
+        ("info", Stdio::from(f))
+    } else {
+        ("error", Stdio::null())
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_tfmirror"))
         .args([
             "serve",
@@ -99,16 +127,24 @@ fn start_tfmirror(upstream: &str, dir: &Path, port: u16) -> Proc {
             upstream,
         ])
         .args(["--cache-dir", dir.join("cache").to_str().unwrap()])
-        .args(["--config", config.to_str().unwrap(), "--log-level", "error"])
+        .args(["--config", config.to_str().unwrap(), "--log-level", level])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("tfmirror");
     Proc(child)
 }
 
-fn start_nginx(upstream_port: u16, dir: &Path, port: u16) -> Proc {
+/// nginx with 2 workers. `logs`: the combined access log into a file, buffered as an
+/// operator would (`buffer=64k flush=1s`); otherwise `access_log off`.
+fn start_nginx(upstream_port: u16, dir: &Path, port: u16, logs: bool) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
     let d = dir.display();
+    let access_log = if logs {
+        format!("access_log {d}/access.log combined buffer=64k flush=1s;")
+    } else {
+        "access_log off;".to_string()
+    };
     let conf = format!(
         r#"
 user root;
@@ -117,7 +153,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  {access_log}
   proxy_cache_path {d}/cache levels=1:2 keys_zone=tf:64m max_size=10g inactive=7d use_temp_path=off;
   client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
@@ -188,6 +224,9 @@ struct Wrk {
     rps: f64,
     p50_ms: f64,
     p99_ms: f64,
+    requests: u64,
+    /// The proxy's CPU time (all its threads or workers, user + system) per request.
+    cpu_us: f64,
 }
 
 fn parse_latency(s: &str) -> f64 {
@@ -205,8 +244,17 @@ fn parse_latency(s: &str) -> f64 {
 }
 
 fn wrk(url: &str, auth: bool) -> Wrk {
+    wrk_with(url, auth, 2, 64, WRK_SECONDS)
+}
+
+fn wrk_with(url: &str, auth: bool, threads: u32, conns: u32, seconds: u32) -> Wrk {
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t2", "-c64", &format!("-d{WRK_SECONDS}s"), "--latency"]);
+    cmd.args([
+        &format!("-t{threads}"),
+        &format!("-c{conns}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
     if auth {
         cmd.args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
     }
@@ -221,6 +269,8 @@ fn wrk(url: &str, auth: bool) -> Wrk {
             w.p50_ms = parse_latency(v);
         } else if let Some(v) = t.strip_prefix("99%") {
             w.p99_ms = parse_latency(v);
+        } else if let Some((n, _)) = t.split_once(" requests in ") {
+            w.requests = n.trim().parse().unwrap_or(0);
         }
     }
     let errors = text
@@ -232,20 +282,124 @@ fn wrk(url: &str, auth: bool) -> Wrk {
     w
 }
 
-/// Best of `ROUNDS` runs, alternating between the two proxies.
-fn compare(t_url: &str, n_url: &str, auth: bool) -> (Wrk, Wrk) {
-    let (mut t, mut n) = (Wrk::default(), Wrk::default());
-    for _ in 0..ROUNDS {
-        let a = wrk(t_url, auth);
-        let b = wrk(n_url, auth);
-        if a.rps > t.rps {
-            t = a;
-        }
-        if b.rps > n.rps {
-            n = b;
-        }
+/// One proxy under test: its URL and the processes whose CPU time it uses.
+struct Target<'a> {
+    url: &'a str,
+    pids: Vec<u32>,
+}
+
+/// wrk against `target`, with the proxy's CPU time per request.
+fn measure(target: &Target<'_>, auth: bool) -> Wrk {
+    let before = cpu_ticks(&target.pids);
+    let mut w = wrk(target.url, auth);
+    let ticks = cpu_ticks(&target.pids) - before;
+    w.cpu_us = ticks as f64 * 1e6 / clock_ticks() / w.requests.max(1) as f64;
+    w
+}
+
+/// The median (by req/s) of `ROUNDS` runs per proxy, alternating between the two so both
+/// see the same background load. Prints each run with the load average.
+fn compare(label: &str, t: &Target<'_>, n: &Target<'_>, auth: bool) -> (Wrk, Wrk) {
+    let (mut tr, mut nr) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        tr.push(measure(t, auth));
+        nr.push(measure(n, auth));
+        eprintln!(
+            "{label} round {round}: tfmirror {:.0} req/s ({:.1} us CPU/req), nginx {:.0} req/s ({:.1} us CPU/req) (load {})",
+            tr[round].rps,
+            tr[round].cpu_us,
+            nr[round].rps,
+            nr[round].cpu_us,
+            loadavg()
+        );
     }
-    (t, n)
+    (median(tr), median(nr))
+}
+
+/// CPU time (user + system, in clock ticks) of every thread of `pids`.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|p| thread_cpu(*p, "").iter().map(|x| x.1).sum::<u64>())
+        .sum()
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output();
+    out.ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+fn median(mut runs: Vec<Wrk>) -> Wrk {
+    runs.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+    runs[runs.len() / 2]
+}
+
+/// The 1-minute load average, from `/proc/loadavg`.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// Syscall counts from `strace -f -c` on `pids` while `wrk -t1 -c8` runs against `url`,
+/// divided by the requests wrk completed: (syscall, calls per request), most frequent first.
+fn syscalls_per_request(pids: &[u32], url: &str, auth: bool, out: &Path) -> Vec<(String, f64)> {
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-c", "-o", out.to_str().unwrap()]);
+    for p in pids {
+        cmd.args(["-p", &p.to_string()]);
+    }
+    let mut strace = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("strace (apt-get install strace)");
+    std::thread::sleep(Duration::from_millis(1000)); // attached to every thread
+    let w = wrk_with(url, auth, 1, 8, STRACE_SECONDS);
+    let _ = Command::new("kill")
+        .args(["-INT", &strace.id().to_string()])
+        .status();
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let mut counts: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let name = *cols.last()?;
+            if cols.len() < 5 || name == "total" || name == "syscall" {
+                return None;
+            }
+            let calls: f64 = cols[3].parse().ok()?;
+            Some((name.to_string(), calls / w.requests.max(1) as f64))
+        })
+        .collect();
+    counts.sort_by(|a, b| b.1.total_cmp(&a.1));
+    counts
+}
+
+/// CPU time (user + system, clock ticks) of each of `pid`'s threads named `prefix*`.
+fn thread_cpu(pid: u32, prefix: &str) -> Vec<(String, u64)> {
+    let mut v: Vec<(String, u64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            if !comm.starts_with(prefix) {
+                return None;
+            }
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((comm.to_string(), ticks))
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// 100 clients at once for one uncached tarball: returns (first done, last done) since start.
@@ -326,17 +480,22 @@ async fn main() {
         gl.add_module("bench", 100 + i, &format!("m{i:02}"), "aws", &["1.0.0"]);
     }
 
-    let (tp, np) = (free_port(), free_port());
-    std::fs::create_dir_all(dir.path().join("t")).unwrap();
-    std::fs::create_dir_all(dir.path().join("n")).unwrap();
-    let tfm = start_tfmirror(&gl.url(), &dir.path().join("t"), tp);
-    let ngx = start_nginx(gl.addr.port(), &dir.path().join("n"), np);
-    let (t, n) = (
-        format!("http://127.0.0.1:{tp}"),
-        format!("http://127.0.0.1:{np}"),
-    );
-    wait_up(&format!("{t}/-/health")).await;
-    wait_up(&n).await;
+    let only = std::env::var("TFM_BENCH_ONLY").unwrap_or_else(|_| "abcdefs".into());
+    let runs = |c: char| only.contains(c);
+    // Each proxy twice: access logs on and off. (d) to (f) use the ones with logs off.
+    let (tp, np, tlp, nlp) = (free_port(), free_port(), free_port(), free_port());
+    let tfm = start_tfmirror(&gl.url(), &dir.path().join("t"), tp, false);
+    let ngx = start_nginx(gl.addr.port(), &dir.path().join("n"), np, false);
+    let tfm_logs = start_tfmirror(&gl.url(), &dir.path().join("tl"), tlp, true);
+    let ngx_logs = start_nginx(gl.addr.port(), &dir.path().join("nl"), nlp, true);
+    let base = |port: u16| format!("http://127.0.0.1:{port}");
+    let (t, n, tl, nl) = (base(tp), base(np), base(tlp), base(nlp));
+    for b in [&t, &tl] {
+        wait_up(&format!("{b}/-/health")).await;
+    }
+    for b in [&n, &nl] {
+        wait_up(b).await;
+    }
     let mut report = String::new();
     let machine = format!(
         "{} CPUs, {} (load generator, proxies and fake GitLab share them)",
@@ -353,7 +512,12 @@ async fn main() {
             )
             .unwrap_or_default()
     );
-    writeln!(report, "Machine: {machine}\n").unwrap();
+    writeln!(
+        report,
+        "Machine: {machine}; load average at the start: {}\n",
+        loadavg()
+    )
+    .unwrap();
     writeln!(
         report,
         "| scenario | tfmirror | nginx | tfmirror/nginx |\n|---|---|---|---|"
@@ -363,7 +527,7 @@ async fn main() {
     // (a) to (c): warm each cache once, then wrk.
     let listing = format!("{V1}/bench/listing/aws/versions");
     let client = reqwest::Client::new();
-    for base in [&t, &n] {
+    for base in [&t, &n, &tl, &nl] {
         let r = client
             .get(format!("{base}{listing}"))
             .header("authorization", format!("Bearer {TOKEN}"))
@@ -380,27 +544,144 @@ async fn main() {
             "PROFILE tfmirror pid {} listing {t}{listing} file {tf} nginx {n}{listing}",
             tfm.0.id()
         );
+        println!(
+            "PROFILE with access logs: tfmirror pid {} {tl}{listing}, nginx {nl}{listing}",
+            tfm_logs.0.id()
+        );
         println!("PROFILE token {TOKEN}");
         tokio::time::sleep(Duration::from_secs(300)).await;
         return;
     }
-    let (a_t, a_n) = compare(&format!("{t}{listing}"), &format!("{n}{listing}"), true);
-    row(&mut report, "(a) cached versions listing, Bearer", a_t, a_n);
+    let nginx_workers = |master: u32| -> Vec<u32> {
+        std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    };
+    // (tfmirror pids, nginx pids) with logs on, then off.
+    let pids = [
+        (vec![tfm_logs.0.id()], nginx_workers(ngx_logs.0.id())),
+        (vec![tfm.0.id()], nginx_workers(ngx.0.id())),
+    ];
+    let pair = |logs: usize, tu: &str, nu: &str| -> (String, String, Vec<u32>, Vec<u32>) {
+        let (tp, np) = pids[logs].clone();
+        (tu.to_string(), nu.to_string(), tp, np)
+    };
+    if runs('a') {
+        for (i, logs, tb, nb) in [(0, "on", &tl, &nl), (1, "off", &t, &n)] {
+            let label = format!("(a) cached versions listing, Bearer, access logs {logs}");
+            let (tu, nu, tp, np) = pair(i, &format!("{tb}{listing}"), &format!("{nb}{listing}"));
+            let (x, y) = compare(
+                &label,
+                &Target { url: &tu, pids: tp },
+                &Target { url: &nu, pids: np },
+                true,
+            );
+            row(&mut report, &label, x, y);
+        }
+    }
 
-    for (label, module) in [
-        ("(b) cached 64 KiB tarball", "bench/small/aws"),
-        ("(c) cached 4 MiB tarball", "bench/medium/aws"),
+    let small = "bench/small/aws";
+    let mut files = std::collections::HashMap::new();
+    for (c, label, module) in [
+        ('b', "(b) cached 64 KiB tarball", small),
+        ('c', "(c) cached 4 MiB tarball", "bench/medium/aws"),
     ] {
-        let tf = format!("{t}{}", file_path(&t, module, "1.0.0").await);
-        let nf = format!("{n}{}", file_path(&n, module, "1.0.0").await);
-        for u in [&tf, &nf] {
-            let r = client.get(u).send().await.unwrap();
+        // (b)'s tarball is also the one the syscall count (s) uses.
+        let needed = runs(c) || (c == 'b' && runs('s'));
+        if !needed {
+            continue;
+        }
+        let mut urls = Vec::new();
+        for b in [&t, &n, &tl, &nl] {
+            let u = format!("{b}{}", file_path(b, module, "1.0.0").await);
+            let r = client.get(&u).send().await.unwrap();
             assert_eq!(r.status(), 200);
             r.bytes().await.unwrap();
+            urls.push(u);
         }
         tokio::time::sleep(Duration::from_millis(500)).await; // let the fills commit
-        let (x, y) = compare(&tf, &nf, false);
-        row(&mut report, label, x, y);
+        files.insert(module, urls.clone());
+        if !runs(c) {
+            continue;
+        }
+        for (i, logs, tu, nu) in [
+            (0, "on", &urls[2], &urls[3]),
+            (1, "off", &urls[0], &urls[1]),
+        ] {
+            let label = format!("{label}, access logs {logs}");
+            let (tu, nu, tp, np) = pair(i, tu, nu);
+            let (x, y) = compare(
+                &label,
+                &Target { url: &tu, pids: tp },
+                &Target { url: &nu, pids: np },
+                false,
+            );
+            row(&mut report, &label, x, y);
+        }
+    }
+
+    if runs('s') {
+        // Syscalls per cached hit, default logging on both sides (tfmirror `info`, nginx
+        // buffered access log), under a light load.
+        let small_urls = &files[small];
+        for (label, tu, nu, auth) in [
+            (
+                "cached listing",
+                format!("{tl}{listing}"),
+                format!("{nl}{listing}"),
+                true,
+            ),
+            (
+                "cached 64 KiB tarball",
+                small_urls[2].clone(),
+                small_urls[3].clone(),
+                false,
+            ),
+        ] {
+            let t_calls = syscalls_per_request(
+                &[tfm_logs.0.id()],
+                &tu,
+                auth,
+                &dir.path().join("strace-t.txt"),
+            );
+            let n_calls = syscalls_per_request(
+                &nginx_workers(ngx_logs.0.id()),
+                &nu,
+                auth,
+                &dir.path().join("strace-n.txt"),
+            );
+            syscall_table(&mut report, label, &t_calls, &n_calls);
+        }
+
+        // How the connections spread over tfmirror's threads: each one's share of the CPU
+        // during a wrk -t2 -c64 run of (a).
+        let before = thread_cpu(tfm_logs.0.id(), "tfmirror-");
+        wrk(&format!("{tl}{listing}"), true);
+        let after = thread_cpu(tfm_logs.0.id(), "tfmirror-");
+        let used: Vec<(String, u64)> = after
+            .iter()
+            .map(|(name, t)| {
+                let b = before.iter().find(|(n, _)| n == name).map_or(0, |x| x.1);
+                (name.clone(), t - b)
+            })
+            .collect();
+        let total: u64 = used.iter().map(|x| x.1).sum::<u64>().max(1);
+        let shares: Vec<String> = used
+            .iter()
+            .map(|(name, t)| format!("{name} {:.0}%", 100.0 * *t as f64 / total as f64))
+            .collect();
+        writeln!(
+            report,
+            "\ntfmirror's proxy threads' shares of its CPU during (a) with wrk -t2 -c64: {}\n",
+            shares.join(", ")
+        )
+        .unwrap();
+    }
+    if !(runs('d') || runs('e') || runs('f')) {
+        finish(&report);
+        return;
     }
 
     // (d) a cold burst with 300 ms of upstream latency.
@@ -468,10 +749,56 @@ async fn main() {
     )
     .unwrap();
 
+    finish(&report);
+}
+
+fn finish(report: &str) {
     println!("{report}");
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-load.md");
-    std::fs::write(&out, &report).unwrap();
+    std::fs::write(&out, report).unwrap();
     println!("written to {}", out.display());
+}
+
+/// Both proxies' syscalls per request, side by side: every syscall that either makes at
+/// least 0.005 times per request, then the totals and the wake-up calls.
+fn syscall_table(report: &mut String, label: &str, t: &[(String, f64)], n: &[(String, f64)]) {
+    let get =
+        |v: &[(String, f64)], name: &str| v.iter().find(|(s, _)| s == name).map_or(0.0, |x| x.1);
+    writeln!(
+        report,
+        "\nSyscalls per {label} (strace -f -c, wrk -t1 -c8 -d{STRACE_SECONDS}s, load {}):\n\n| syscall | tfmirror | nginx |\n|---|---|---|",
+        loadavg()
+    )
+    .unwrap();
+    let mut names: Vec<&str> = t
+        .iter()
+        .chain(n)
+        .filter(|x| x.1 >= 0.005)
+        .map(|x| x.0.as_str())
+        .collect();
+    names.sort();
+    names.dedup();
+    names.sort_by(|a, b| (get(t, b) + get(n, b)).total_cmp(&(get(t, a) + get(n, a))));
+    for name in names {
+        writeln!(
+            report,
+            "| {name} | {:.3} | {:.3} |",
+            get(t, name),
+            get(n, name)
+        )
+        .unwrap();
+    }
+    let total = |v: &[(String, f64)]| v.iter().map(|x| x.1).sum::<f64>();
+    let wakes = |v: &[(String, f64)]| get(v, "futex") + get(v, "write");
+    writeln!(
+        report,
+        "| **total** | **{:.2}** | **{:.2}** |\n| futex + write (eventfd wake-ups and log flushes) | {:.3} | {:.3} |",
+        total(t),
+        total(n),
+        wakes(t),
+        wakes(n)
+    )
+    .unwrap();
 }
 
 fn ms(d: Duration) -> f64 {
@@ -481,8 +808,8 @@ fn ms(d: Duration) -> f64 {
 fn row(report: &mut String, label: &str, t: Wrk, n: Wrk) {
     writeln!(
         report,
-        "| {label}: req/s, p50, p99 | {:.0}, {:.2} ms, {:.2} ms | {:.0}, {:.2} ms, {:.2} ms | {:.2}x req/s, p99 {:.2}x |",
-        t.rps, t.p50_ms, t.p99_ms, n.rps, n.p50_ms, n.p99_ms, t.rps / n.rps, t.p99_ms / n.p99_ms
+        "| {label}: req/s, p50, p99, proxy CPU/req | {:.0}, {:.2} ms, {:.2} ms, {:.1} us | {:.0}, {:.2} ms, {:.2} ms, {:.1} us | {:.2}x req/s, p99 {:.2}x, CPU/req {:.2}x |",
+        t.rps, t.p50_ms, t.p99_ms, t.cpu_us, n.rps, n.p50_ms, n.p99_ms, n.cpu_us, t.rps / n.rps, t.p99_ms / n.p99_ms, t.cpu_us / n.cpu_us
     )
     .unwrap();
 }
