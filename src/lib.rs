@@ -50,6 +50,7 @@ pub mod cache;
 pub mod config;
 pub mod constraint;
 pub mod downstream;
+pub mod edge;
 pub mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -307,33 +307,3 @@ pub fn render() -> String {
     let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()
 }
-
-/// `/-/metrics` on its own listener (`metrics_listen`), for scrapers kept off the proxy port.
-pub struct MetricsApp {
-    pub registry: std::sync::Arc<crate::registry::Registry>,
-    pub health: std::sync::Arc<crate::health::Health>,
-}
-
-#[async_trait::async_trait]
-impl pingora::apps::http_app::ServeHttp for MetricsApp {
-    async fn response(
-        &self,
-        session: &mut pingora::protocols::http::ServerSession,
-    ) -> http::Response<Vec<u8>> {
-        let (status, body) = if session.req_header().uri.path() == "/-/metrics" {
-            self.registry.update_gauges(&self.health);
-            (http::StatusCode::OK, render().into_bytes())
-        } else {
-            (
-                http::StatusCode::NOT_FOUND,
-                br#"{"message":"404 Not Found"}"#.to_vec(),
-            )
-        };
-        http::Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .expect("static response")
-    }
-}

@@ -24,6 +24,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
+use crate::cache::Cache;
 use crate::health::Health;
 use crate::identity::Identity;
 use crate::metrics;
@@ -51,6 +52,7 @@ const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
 
 pub struct Proxy {
     upstream: Arc<Upstream>,
+    cache: Arc<Cache>,
     registry: Arc<Registry>,
     health: Arc<Health>,
     rewriter: Rewriter,
@@ -80,6 +82,7 @@ pub struct RequestCtx {
 impl Proxy {
     pub fn new(
         upstream: Arc<Upstream>,
+        cache: Arc<Cache>,
         registry: Arc<Registry>,
         health: Arc<Health>,
         config: &crate::config::Config,
@@ -88,6 +91,7 @@ impl Proxy {
         Proxy {
             rewriter: Rewriter::new(upstream.base_url()),
             upstream,
+            cache,
             registry,
             health,
             public_url: public_url.map(PublicBase::from_url),
@@ -143,7 +147,7 @@ impl Proxy {
                 Ok(true)
             }
             Route::Internal(Internal::Readiness) => {
-                let (status, body) = match self.registry.cache.check_writable().await {
+                let (status, body) = match self.cache.check_writable().await {
                     Ok(()) => (
                         StatusCode::OK,
                         serde_json::json!({ "status": "ready", "upstream_up": self.health.is_up() }),
@@ -160,7 +164,7 @@ impl Proxy {
                 Ok(true)
             }
             Route::Internal(Internal::Metrics) => {
-                self.registry.update_gauges(&self.health);
+                crate::edge::gauges::update(&self.cache, &self.health);
                 let body = metrics::render();
                 let headers = [(
                     header::CONTENT_TYPE,
@@ -237,7 +241,7 @@ impl Proxy {
             Ok(n) => {
                 let module = spec.split('@').next().unwrap_or_default();
                 self.registry.auth.forget_module(module);
-                self.registry.cache.forget_index();
+                self.cache.forget_index();
                 tracing::info!(records = n, "purged through the admin endpoint");
                 let body = serde_json::json!({ "purged": n }).to_string();
                 respond::json(session, StatusCode::OK, body).await

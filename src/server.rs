@@ -16,6 +16,7 @@ use crate::upstream::Upstream;
 /// The parts every command that talks to GitLab or the cache needs.
 pub struct Parts {
     pub upstream: Arc<Upstream>,
+    pub cache: Arc<Cache>,
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
 }
@@ -52,13 +53,14 @@ pub fn open(config: &Config) -> Result<Parts, String> {
     ));
     let registry = Arc::new(Registry::new(
         upstream.clone(),
-        cache,
+        cache.clone(),
         secret,
         health.clone(),
         config,
     ));
     Ok(Parts {
         upstream,
+        cache,
         registry,
         health,
     })
@@ -72,13 +74,14 @@ const GRANT_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     let Parts {
         upstream,
+        cache,
         registry,
         health,
     } = open(config)?;
     crate::metrics::init();
     // Rebuild disk usage off the request path: serving starts at once, whatever the size.
-    let blobs = registry.cache.blobs.clone();
-    let meta = registry.cache.meta.clone();
+    let blobs = cache.blobs.clone();
+    let meta = cache.meta.clone();
     let horizon = (config.auth.grant_ttl + config.cache.stale_if_error).as_secs();
     std::thread::spawn(move || {
         if let Err(e) = blobs.scan() {
@@ -135,7 +138,13 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     };
     let group = crate::workers::Group::new(config.listen, config.threads);
     for i in 0..config.threads {
-        let proxy = Proxy::new(upstream.clone(), registry.clone(), health.clone(), config);
+        let proxy = Proxy::new(
+            upstream.clone(),
+            cache.clone(),
+            registry.clone(),
+            health.clone(),
+            config,
+        );
         let app = crate::downstream::Guarded::new(
             pingora::proxy::http_proxy(&server.configuration, proxy),
             config.timeouts.client_idle,
@@ -154,7 +163,7 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     }
 
     if let Some(addr) = config.metrics_listen {
-        let app = crate::metrics::MetricsApp { registry, health };
+        let app = crate::edge::metrics_app::MetricsApp { cache, health };
         let mut metrics = pingora::services::listening::Service::new(
             "tfmirror metrics".to_string(),
             pingora::apps::http_app::HttpServer::new_app(app),

@@ -38,7 +38,6 @@ use crate::config::{CacheConfig, UnknownIdentity};
 use crate::fetch::Small;
 use crate::health::Health;
 use crate::identity::{Identity, Secret};
-use crate::metrics;
 use crate::respond::CacheStatus;
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
@@ -193,32 +192,6 @@ impl Registry {
             ModuleOp::LatestDownload => return Ok(None),
         };
         Ok(Some(out))
-    }
-
-    /// Refresh the gauges that are read rather than counted (on each scrape).
-    pub fn update_gauges(&self, health: &Health) {
-        metrics::UPSTREAM_UP.set(i64::from(health.is_up()));
-        metrics::CACHE_BYTES
-            .with_label_values(&["memory"])
-            .set(self.cache.memory_bytes() as i64);
-        metrics::CACHE_BYTES
-            .with_label_values(&["disk"])
-            .set(self.cache.blobs.total_bytes() as i64);
-        metrics::CACHE_ENTRIES
-            .with_label_values(&["memory", "blob"])
-            .set(self.cache.memory_entries() as i64);
-        metrics::CACHE_ENTRIES
-            .with_label_values(&["disk", "blob"])
-            .set(self.cache.blobs.count() as i64);
-        metrics::CACHE_ENTRIES
-            .with_label_values(&["memory", "fill"])
-            .set(self.cache.fills.in_flight() as i64);
-        metrics::CACHE_EVICTIONS
-            .with_label_values(&["disk"])
-            .set(self.cache.blobs.evictions() as i64);
-        metrics::CACHE_EVICTIONS
-            .with_label_values(&["memory"])
-            .set(self.cache.memory_evictions() as i64);
     }
 
     /// An upload through tfmirror changes that module's listings: stop serving cached ones.
