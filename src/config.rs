@@ -344,7 +344,7 @@ impl Config {
             check_base_url("public_url", public)?;
         }
         if let Some(ca) = &self.upstream_ca {
-            crate::upstream::load_pem_certs(ca).map_err(|e| invalid("upstream_ca", e))?;
+            crate::pem::certs(ca).map_err(|e| invalid("upstream_ca", e))?;
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(c), Some(k)) => {

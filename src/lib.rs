@@ -58,6 +58,7 @@ pub mod health;
 pub mod identity;
 pub mod logbuf;
 pub mod metrics;
+pub mod pem;
 pub mod proxy;
 pub mod registry;
 pub mod respond;
