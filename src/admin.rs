@@ -14,11 +14,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::access::{Grant, KIND_GRANT};
 use crate::cache::blobs::{BlobStore, Hash};
 use crate::cache::meta::MetaStore;
-use crate::cache::{unix_now, TarballEntry, KIND_TARBALL};
-use crate::registry::{KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::cache::records::{
+    Grant, TarballEntry, KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC, KIND_TARBALL,
+};
+use crate::cache::unix_now;
 
 /// Minimum age of an unreferenced blob before `gc` removes it.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(600);

@@ -15,47 +15,22 @@
 //! live in memory only, for at most one grant lifetime after the caller last presented them,
 //! to refresh or fill on the caller's behalf (GitLab, asked with them, decides).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use serde::{Deserialize, Serialize};
 
 use crate::cache::meta::MetaStore;
+use crate::cache::records::{grant_key, Grant, KIND_GRANT};
 use crate::cache::unix_now;
 use crate::identity::Identity;
 use crate::routes::ModuleId;
 
-pub const KIND_GRANT: &str = "grant";
 /// Refusals of never-granted identities kept in memory (a few hundred bytes each).
 const MAX_MEMORY_REFUSALS: u64 = 100_000;
 /// GitLab's download JWTs live 5 minutes; reuse them for a little less.
 const JWT_REUSE: Duration = Duration::from_secs(240);
-
-/// A listing body as one identity received it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BodyRef {
-    /// blake3 of the body, hex: the blob that holds it.
-    pub digest: String,
-    /// Unix seconds of the upstream answer.
-    pub fetched_at: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Grant {
-    /// Unix seconds of the last upstream success for this identity and module.
-    pub checked_at: u64,
-    /// Listing op (`versions`, `latest`, `v/<version>`) -> body this identity received.
-    pub bodies: BTreeMap<String, BodyRef>,
-    /// Versions in this identity's last versions listing.
-    pub versions: Vec<String>,
-    /// Set when GitLab refused this identity (401/403): it then gets nothing from the cache,
-    /// online or offline, until GitLab says yes again.
-    #[serde(default)]
-    pub refused_at: Option<u64>,
-}
 
 impl Grant {
     pub fn is_fresh(&self, ttl: Duration) -> bool {
@@ -115,10 +90,6 @@ pub struct Auth {
 
 /// Longest `Retry-After` honoured for one caller: a bogus value must not shut it out for a day.
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
-
-fn grant_key(identity: Identity, module: &ModuleId) -> String {
-    format!("{}/{module}", identity.to_hex())
-}
 
 impl Auth {
     pub fn new(meta: Arc<MetaStore>, grant_ttl: Duration, negative_ttl: Duration) -> Auth {

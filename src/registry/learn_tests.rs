@@ -7,8 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
-use super::super::{Lesson, Registry, KIND_SHARED_PUBLIC};
+use super::super::{Lesson, Registry};
 use crate::access::policy::{self, Action, Kind, StaleSource};
+use crate::cache::records::KIND_SHARED_PUBLIC;
 use crate::cache::{unix_now, Cache};
 use crate::config::Config;
 use crate::fetch::Small;

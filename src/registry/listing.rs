@@ -13,7 +13,7 @@ use super::decide::{count, Fallback, Records};
 use super::reply::{authorization, write_answer, write_json, write_unavailable};
 use super::{route_label, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, StaleSource};
-use crate::access::BodyRef;
+use crate::cache::records::BodyRef;
 use crate::cache::unix_now;
 use crate::identity::Identity;
 use crate::respond::CacheStatus;

@@ -29,10 +29,10 @@ use futures::{StreamExt, TryStreamExt};
 use http::StatusCode;
 use pingora::proxy::Session;
 use pingora::{Error, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::access::{Auth, BodyRef};
+use crate::access::Auth;
 use crate::cache::fill::{End, FillError, Source};
+use crate::cache::records::BodyRef;
 use crate::cache::{unix_now, Cache};
 use crate::config::{CacheConfig, UnknownIdentity};
 use crate::fetch::Small;
@@ -52,19 +52,6 @@ const OCTETS: &str = "application/octet-stream";
 const DISK_CHUNK: usize = 256 * 1024;
 
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
-
-/// Module-wide views of listings, for offline fallback: any authorized caller's last body,
-/// and the last body GitLab served to an anonymous caller (the module is then public).
-pub const KIND_SHARED: &str = "shared";
-pub const KIND_SHARED_PUBLIC: &str = "shared-public";
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SharedListing {
-    digest: String,
-    fetched_at: u64,
-    /// For a versions listing: the versions it shows.
-    versions: Vec<String>,
-}
 
 /// What an upstream answer can teach, per route.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@ use futures::FutureExt;
 use http::{HeaderValue, StatusCode};
 
 use super::{gitlab_token, listed_versions, Registry};
-use crate::cache::tarball_key;
+use crate::cache::records::tarball_key;
 use crate::fetch;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
 use crate::token::Authority;
