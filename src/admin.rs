@@ -17,7 +17,8 @@ use serde::Serialize;
 use crate::cache::blobs::{BlobStore, Hash};
 use crate::cache::meta::MetaStore;
 use crate::cache::records::{
-    Grant, TarballEntry, KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC, KIND_TARBALL,
+    grant_key_is_of, shared_key_is_of, tarball_key_is_of, Grant, SharedListing, TarballEntry,
+    KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC, KIND_TARBALL,
 };
 use crate::cache::unix_now;
 
@@ -120,10 +121,7 @@ impl Admin {
         }
         let mut removed = 0;
         let tarballs = self.meta.scan::<TarballEntry>(KIND_TARBALL)?;
-        let matches = |key: &str| match version {
-            Some(v) => key == format!("{module}@{v}"),
-            None => key.strip_prefix(module).is_some_and(|r| r.starts_with('@')),
-        };
+        let matches = |key: &str| tarball_key_is_of(key, module, version);
         let mut freed: Vec<String> = Vec::new();
         for (key, entry) in &tarballs {
             if matches(key) {
@@ -146,15 +144,16 @@ impl Admin {
         // Listings and grants are per module: drop them whether or not a version was named,
         // so that the next listing comes from GitLab.
         for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
-            for (key, _) in self.meta.scan::<serde_json::Value>(kind)? {
-                if key.starts_with(&format!("{module}/")) {
+            // Keys only: a record of any shape under this module goes.
+            for (key, _) in self.meta.scan::<serde::de::IgnoredAny>(kind)? {
+                if shared_key_is_of(&key, module) {
                     self.meta.remove(kind, &key);
                     removed += 1;
                 }
             }
         }
         for (key, _) in self.meta.scan::<Grant>(KIND_GRANT)? {
-            if key.ends_with(&format!("/{module}")) {
+            if grant_key_is_of(&key, module) {
                 self.meta.remove(KIND_GRANT, &key);
                 removed += 1;
             }
@@ -193,10 +192,8 @@ impl Admin {
             referenced.extend(g.bodies.into_values().map(|b| b.digest));
         }
         for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
-            for (_, v) in self.meta.scan::<serde_json::Value>(kind)? {
-                if let Some(d) = v["digest"].as_str() {
-                    referenced.insert(d.to_string());
-                }
+            for (_, s) in self.meta.scan::<SharedListing>(kind)? {
+                referenced.insert(s.digest);
             }
         }
         let mut orphans = 0;
@@ -265,6 +262,15 @@ mod tests {
         meta.put(KIND_TARBALL, "infra/vpc-x/aws@1.0.0", &a).unwrap();
         meta.put(KIND_GRANT, "00ff/infra/vpc/aws", &Grant::default())
             .unwrap();
+        let shared = SharedListing {
+            digest: a.hash.clone(),
+            fetched_at: 0,
+            versions: vec![],
+        };
+        meta.put(KIND_SHARED, "infra/vpc/aws/versions", &shared)
+            .unwrap();
+        meta.put(KIND_SHARED, "infra/vpc-x/aws/versions", &shared)
+            .unwrap();
 
         let admin = Admin::open(dir.path()).unwrap();
         let keys: Vec<String> = admin.ls().unwrap().into_iter().map(|r| r.key).collect();
@@ -295,6 +301,13 @@ mod tests {
         assert!(meta
             .get::<Grant>(KIND_GRANT, "00ff/infra/vpc/aws")
             .is_none());
+        let left: Vec<String> = meta
+            .scan::<SharedListing>(KIND_SHARED)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, ["infra/vpc-x/aws/versions"]);
         assert!(admin.purge("nonsense").is_err());
     }
 
@@ -313,5 +326,35 @@ mod tests {
         assert_eq!(removed, 1);
         let keys: Vec<String> = admin.ls().unwrap().into_iter().map(|r| r.key).collect();
         assert_eq!(keys, ["infra/vpc/aws@1.1.0"]);
+    }
+
+    #[test]
+    fn gc_keeps_blobs_that_shared_listings_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
+        let listed = blobs.put(b"a listing body").unwrap();
+        let orphan = blobs.put(b"nobody's").unwrap();
+        let shared = SharedListing {
+            digest: listed.to_hex().to_string(),
+            fetched_at: unix_now(),
+            versions: vec![],
+        };
+        meta.put(KIND_SHARED_PUBLIC, "infra/vpc/aws/latest", &shared)
+            .unwrap();
+        // Both blobs are past the grace period.
+        let old = std::time::SystemTime::now() - 2 * ORPHAN_GRACE;
+        for h in [&listed, &orphan] {
+            let f = fs::File::options().write(true).open(blobs.path(h)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+
+        let (_, orphans, _) = Admin::open(dir.path())
+            .unwrap()
+            .gc(u64::MAX, std::time::Duration::MAX)
+            .unwrap();
+        assert_eq!(orphans, 1);
+        assert!(blobs.path(&listed).exists());
+        assert!(!blobs.path(&orphan).exists());
     }
 }

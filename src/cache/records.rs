@@ -11,13 +11,16 @@
 //! Changing a field or a key format changes the on-disk format: existing caches must still
 //! load (new fields need `#[serde(default)]`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 
+use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use super::blobs::Hash;
 use crate::identity::Identity;
-use crate::routes::ModuleId;
+use crate::routes::{ModuleId, ModuleOp};
 
 pub const KIND_TARBALL: &str = "tarball";
 
@@ -45,6 +48,15 @@ pub fn tarball_key(module: &ModuleId, version: &str) -> String {
 /// Index key of a project-route tarball. Its bytes share blobs with the namespace route's.
 pub fn project_tarball_key(project: &str, name: &str, system: &str, version: &str) -> String {
     format!("project:{project}/{name}/{system}@{version}")
+}
+
+/// Is `key` a tarball key of `module` (as `tfmirror cache purge` names it:
+/// `namespace/name/system` or `project:<id>/name/system`), of `version` when one is given?
+pub fn tarball_key_is_of(key: &str, module: &str, version: Option<&str>) -> bool {
+    match version {
+        Some(v) => key.strip_prefix(module).and_then(|r| r.strip_prefix('@')) == Some(v),
+        None => key.strip_prefix(module).is_some_and(|r| r.starts_with('@')),
+    }
 }
 
 pub const KIND_GRANT: &str = "grant";
@@ -76,10 +88,61 @@ pub fn grant_key(identity: Identity, module: &ModuleId) -> String {
     format!("{}/{module}", identity.to_hex())
 }
 
+/// Is `key` a grant key on `module` (any identity)?
+pub fn grant_key_is_of(key: &str, module: &str) -> bool {
+    key.strip_suffix(module).is_some_and(|r| r.ends_with('/'))
+}
+
+/// Which listing of a module a body is: the key of [`Grant::bodies`] and the last segment of
+/// a shared listing's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListingKey {
+    Versions,
+    Latest,
+    Version(Version),
+}
+
+impl ListingKey {
+    /// The listing a route asks for; `None` for routes that are not listings.
+    pub fn of(op: &ModuleOp) -> Option<ListingKey> {
+        match op {
+            ModuleOp::Versions => Some(ListingKey::Versions),
+            ModuleOp::Latest => Some(ListingKey::Latest),
+            ModuleOp::Version(v) => Some(ListingKey::Version(v.clone())),
+            ModuleOp::LatestDownload | ModuleOp::Download(_) | ModuleOp::File(_) => None,
+        }
+    }
+
+    /// The key as written on disk: `versions`, `latest`, `v/<version>`.
+    pub fn as_str(&self) -> Cow<'static, str> {
+        match self {
+            ListingKey::Versions => Cow::Borrowed("versions"),
+            ListingKey::Latest => Cow::Borrowed("latest"),
+            ListingKey::Version(v) => Cow::Owned(format!("v/{v}")),
+        }
+    }
+}
+
+impl fmt::Display for ListingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
 /// Module-wide views of listings, for offline fallback: any authorized caller's last body,
 /// and the last body GitLab served to an anonymous caller (the module is then public).
 pub const KIND_SHARED: &str = "shared";
 pub const KIND_SHARED_PUBLIC: &str = "shared-public";
+
+/// Key of a shared listing: `<module>/<listing>`.
+pub fn shared_key(module: &ModuleId, listing: &ListingKey) -> String {
+    format!("{module}/{listing}")
+}
+
+/// Is `key` a shared-listing key of `module`?
+pub fn shared_key_is_of(key: &str, module: &str) -> bool {
+    key.strip_prefix(module).is_some_and(|r| r.starts_with('/'))
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SharedListing {
@@ -87,4 +150,149 @@ pub struct SharedListing {
     pub fetched_at: u64,
     /// For a versions listing: the versions it shows.
     pub versions: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::meta::MetaStore;
+
+    fn vpc() -> ModuleId {
+        ModuleId {
+            namespace: "infra".into(),
+            name: "vpc".into(),
+            system: "aws".into(),
+        }
+    }
+
+    /// The on-disk form of every record, byte for byte: a cache written by an older tfmirror
+    /// must still load. A change here is a format change.
+    #[test]
+    fn records_keep_their_on_disk_form() {
+        let tarball = TarballEntry {
+            hash: "ab".into(),
+            size: 3,
+            fetched_at: 10,
+        };
+        let grant = Grant {
+            checked_at: 20,
+            bodies: BTreeMap::from([(
+                "versions".to_string(),
+                BodyRef {
+                    digest: "cd".into(),
+                    fetched_at: 21,
+                },
+            )]),
+            versions: vec!["1.0.0".into()],
+            refused_at: None,
+        };
+        let shared = SharedListing {
+            digest: "ef".into(),
+            fetched_at: 30,
+            versions: vec!["1.0.0".into()],
+        };
+        fn json<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v).unwrap()
+        }
+        assert_eq!(json(&tarball), r#"{"hash":"ab","size":3,"fetched_at":10}"#);
+        assert_eq!(
+            json(&grant),
+            r#"{"checked_at":20,"bodies":{"versions":{"digest":"cd","fetched_at":21}},"versions":["1.0.0"],"refused_at":null}"#
+        );
+        assert_eq!(
+            json(&shared),
+            r#"{"digest":"ef","fetched_at":30,"versions":["1.0.0"]}"#
+        );
+        // Grants written before `refused_at` existed still load.
+        let old: Grant =
+            serde_json::from_str(r#"{"checked_at":1,"bodies":{},"versions":[]}"#).unwrap();
+        assert_eq!(old.refused_at, None);
+        // The kinds name directories under meta/.
+        assert_eq!(
+            [KIND_TARBALL, KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC],
+            ["tarball", "grant", "shared", "shared-public"]
+        );
+    }
+
+    /// Each key format, and the matchers `purge` relies on, agree with each other.
+    #[test]
+    fn keys_and_their_matchers_agree() {
+        let v: Version = "1.2.3".parse().unwrap();
+        assert_eq!(tarball_key(&vpc(), "1.2.3"), "infra/vpc/aws@1.2.3");
+        assert!(tarball_key_is_of(
+            &tarball_key(&vpc(), "1.2.3"),
+            "infra/vpc/aws",
+            None
+        ));
+        assert!(tarball_key_is_of(
+            &tarball_key(&vpc(), "1.2.3"),
+            "infra/vpc/aws",
+            Some("1.2.3")
+        ));
+        assert!(!tarball_key_is_of(
+            "infra/vpc/aws@1.2.3",
+            "infra/vpc/aws",
+            Some("1.2")
+        ));
+        assert!(!tarball_key_is_of(
+            "infra/vpc-x/aws@1.2.3",
+            "infra/vpc",
+            None
+        ));
+        assert!(!tarball_key_is_of(
+            "infra/vpc/aws-x@1.2.3",
+            "infra/vpc/aws",
+            None
+        ));
+        let project = project_tarball_key("42", "vpc", "aws", "1.2.3");
+        assert_eq!(project, "project:42/vpc/aws@1.2.3");
+        assert!(tarball_key_is_of(
+            &project,
+            "project:42/vpc/aws",
+            Some("1.2.3")
+        ));
+
+        let id = Identity([0xab; 16]);
+        let grant = grant_key(id, &vpc());
+        assert_eq!(grant, format!("{}/infra/vpc/aws", "ab".repeat(16)));
+        assert!(grant_key_is_of(&grant, "infra/vpc/aws"));
+        assert!(!grant_key_is_of(&grant, "fra/vpc/aws"));
+        assert!(!grant_key_is_of(&grant, "infra/vpc/aw"));
+
+        let listings = [
+            (ListingKey::Versions, "versions"),
+            (ListingKey::Latest, "latest"),
+            (ListingKey::Version(v.clone()), "v/1.2.3"),
+        ];
+        for (key, written) in &listings {
+            assert_eq!(key.as_str(), *written);
+            assert_eq!(key.to_string(), *written);
+            let shared = shared_key(&vpc(), key);
+            assert_eq!(shared, format!("infra/vpc/aws/{written}"));
+            assert!(shared_key_is_of(&shared, "infra/vpc/aws"));
+            assert!(!shared_key_is_of(&shared, "infra/vpc/a"));
+        }
+        assert_eq!(
+            ListingKey::of(&ModuleOp::Version(v.clone())),
+            Some(ListingKey::Version(v.clone()))
+        );
+        assert_eq!(ListingKey::of(&ModuleOp::File(v)), None);
+    }
+
+    /// A record written through the store reads back through the store as the same value.
+    #[test]
+    fn records_round_trip_through_the_meta_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let shared = SharedListing {
+            digest: "ef".into(),
+            fetched_at: 30,
+            versions: vec![],
+        };
+        let key = shared_key(&vpc(), &ListingKey::Latest);
+        meta.put(KIND_SHARED, &key, &shared).unwrap();
+        let back: SharedListing = meta.get(KIND_SHARED, &key).unwrap();
+        assert_eq!(back.digest, "ef");
+        assert_eq!(back.fetched_at, 30);
+    }
 }
