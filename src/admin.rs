@@ -171,7 +171,7 @@ impl Admin {
         grant_horizon: std::time::Duration,
     ) -> io::Result<(usize, usize, u64)> {
         let mut referenced: HashSet<String> = HashSet::new();
-        let expired = crate::access::grants::remove_expired(
+        let expired = crate::cache::records::remove_expired_grants(
             &self.meta,
             crate::cache::unix_now(),
             grant_horizon.as_secs(),

@@ -334,26 +334,6 @@ pub fn refusal_goes_to(before: Option<&Grant>) -> RefusalTo {
     }
 }
 
-/// Is a grant record past any use at `now`? A grant serves fresh for `grant_ttl` and stale
-/// for `stale_if_error` more; a refusal stands as long as the grant it replaced could have.
-/// `horizon` is `grant_ttl + stale_if_error`, in seconds.
-pub fn expired(g: &Grant, now: u64, horizon: u64) -> bool {
-    let last = g.checked_at.max(g.refused_at.unwrap_or(0));
-    now.saturating_sub(last) > horizon
-}
-
-/// Remove the grant records past `horizon` seconds (blocking). Returns how many.
-pub fn remove_expired(meta: &MetaStore, now: u64, horizon: u64) -> std::io::Result<usize> {
-    let mut removed = 0;
-    for (key, g) in meta.scan::<Grant>(KIND_GRANT)? {
-        if expired(&g, now, horizon) {
-            meta.remove(KIND_GRANT, &key);
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,26 +361,6 @@ mod tests {
         ];
         for (before, want) in table {
             assert_eq!(refusal_goes_to(before), want, "{before:?}");
-        }
-    }
-
-    #[test]
-    fn records_expire_after_the_stale_window() {
-        let g = |checked_at, refused_at| Grant {
-            checked_at,
-            refused_at,
-            ..Grant::default()
-        };
-        let horizon = 60 + 600;
-        let table = [
-            (g(1000, None), 1000 + horizon, false),
-            (g(1000, None), 1000 + horizon + 1, true),
-            (g(1000, Some(1500)), 1000 + horizon + 1, false),
-            (g(1000, Some(1500)), 1500 + horizon + 1, true),
-            (g(0, None), 10, false),
-        ];
-        for (grant, now, want) in table {
-            assert_eq!(expired(&grant, now, horizon), want, "{grant:?} at {now}");
         }
     }
 

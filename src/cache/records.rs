@@ -19,6 +19,7 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use super::blobs::Hash;
+use super::meta::MetaStore;
 use crate::identity::Identity;
 use crate::routes::{ModuleId, ModuleOp};
 
@@ -88,6 +89,26 @@ pub fn grant_key(identity: Identity, module: &ModuleId) -> String {
     format!("{}/{module}", identity.to_hex())
 }
 
+/// Is a grant record past any use at `now`? A grant serves fresh for `grant_ttl` and stale
+/// for `stale_if_error` more; a refusal stands as long as the grant it replaced could have.
+/// `horizon` is `grant_ttl + stale_if_error`, in seconds.
+pub fn grant_expired(g: &Grant, now: u64, horizon: u64) -> bool {
+    let last = g.checked_at.max(g.refused_at.unwrap_or(0));
+    now.saturating_sub(last) > horizon
+}
+
+/// Remove the grant records past `horizon` seconds (blocking). Returns how many.
+pub fn remove_expired_grants(meta: &MetaStore, now: u64, horizon: u64) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for (key, g) in meta.scan::<Grant>(KIND_GRANT)? {
+        if grant_expired(&g, now, horizon) {
+            meta.remove(KIND_GRANT, &key);
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Is `key` a grant key on `module` (any identity)?
 pub fn grant_key_is_of(key: &str, module: &str) -> bool {
     key.strip_suffix(module).is_some_and(|r| r.ends_with('/'))
@@ -155,7 +176,6 @@ pub struct SharedListing {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::meta::MetaStore;
 
     fn vpc() -> ModuleId {
         ModuleId {
@@ -294,5 +314,29 @@ mod tests {
         let back: SharedListing = meta.get(KIND_SHARED, &key).unwrap();
         assert_eq!(back.digest, "ef");
         assert_eq!(back.fetched_at, 30);
+    }
+
+    #[test]
+    fn records_expire_after_the_stale_window() {
+        let g = |checked_at, refused_at| Grant {
+            checked_at,
+            refused_at,
+            ..Grant::default()
+        };
+        let horizon = 60 + 600;
+        let table = [
+            (g(1000, None), 1000 + horizon, false),
+            (g(1000, None), 1000 + horizon + 1, true),
+            (g(1000, Some(1500)), 1000 + horizon + 1, false),
+            (g(1000, Some(1500)), 1500 + horizon + 1, true),
+            (g(0, None), 10, false),
+        ];
+        for (grant, now, want) in table {
+            assert_eq!(
+                grant_expired(&grant, now, horizon),
+                want,
+                "{grant:?} at {now}"
+            );
+        }
     }
 }
