@@ -45,7 +45,6 @@
 
 pub mod access;
 pub mod accesslog;
-pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod constraint;

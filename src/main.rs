@@ -427,7 +427,7 @@ fn cache(args: CacheArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let admin = match tfmirror::admin::Admin::open(&config.cache_dir) {
+    let admin = match tfmirror::cache::admin::Admin::open(&config.cache_dir) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tfmirror: {e}");

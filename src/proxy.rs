@@ -233,7 +233,7 @@ impl Proxy {
         let dir = self.cache_dir.clone();
         let s = spec.clone();
         let purged = tokio::task::spawn_blocking(move || {
-            crate::admin::Admin::open(&dir).and_then(|a| a.purge(&s))
+            crate::cache::admin::Admin::open(&dir).and_then(|a| a.purge(&s))
         })
         .await
         .map_err(|e| pingora::Error::because(ErrorType::InternalError, "purge", e))?;

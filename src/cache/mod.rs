@@ -5,11 +5,13 @@
 //! - [`meta`]: small JSON records (tarball index, grants), atomic, lazily read.
 //! - [`fill`]: coalesced upstream fills streamed to every waiter.
 //! - [`records`]: every record kind on disk, its schema and its key.
+//! - [`admin`]: `tfmirror cache ls|verify|purge|gc` and the purge endpoint, on a directory.
 //!
 //! Tarballs are immutable per (namespace, name, system, version): the index maps each to the
 //! hash of its bytes, so identical archives are stored once. Listing bodies are blobs too,
-//! stored once per digest whoever received them (see `auth` for who may see which).
+//! stored once per digest whoever received them (see `access` for who may see which).
 
+pub mod admin;
 pub mod archive;
 pub mod blobs;
 pub mod fill;
