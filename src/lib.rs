@@ -46,6 +46,7 @@
 pub mod access;
 pub mod accesslog;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod constraint;
 pub mod downstream;

@@ -93,11 +93,8 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         // Grant records past any use are removed now and then, so the record count follows
         // the callers actually served, whatever else called.
         loop {
-            match crate::cache::records::remove_expired_grants(
-                &meta,
-                crate::cache::unix_now(),
-                horizon,
-            ) {
+            match crate::cache::records::remove_expired_grants(&meta, crate::clock::now(), horizon)
+            {
                 Ok(0) => {}
                 Ok(n) => {
                     crate::metrics::GRANTS_EXPIRED.inc_by(n as u64);

@@ -23,7 +23,7 @@ use http::{HeaderValue, StatusCode};
 
 use crate::cache::meta::MetaStore;
 use crate::cache::records::{grant_key, Grant, KIND_GRANT};
-use crate::cache::unix_now;
+use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::routes::ModuleId;
 

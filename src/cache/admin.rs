@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -20,7 +20,7 @@ use crate::cache::records::{
     grant_key_is_of, shared_key_is_of, tarball_key_is_of, Grant, SharedListing, TarballEntry,
     KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC, KIND_TARBALL,
 };
-use crate::cache::unix_now;
+use crate::clock;
 
 /// Minimum age of an unreferenced blob before `gc` removes it.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(600);
@@ -67,7 +67,7 @@ impl Admin {
 
     /// Every cached tarball, sorted by key.
     pub fn ls(&self) -> io::Result<Vec<Row>> {
-        let now = unix_now();
+        let now = clock::now();
         let mut rows: Vec<Row> = self
             .meta
             .scan::<TarballEntry>(KIND_TARBALL)?
@@ -173,7 +173,7 @@ impl Admin {
         let mut referenced: HashSet<String> = HashSet::new();
         let expired = crate::cache::records::remove_expired_grants(
             &self.meta,
-            crate::cache::unix_now(),
+            crate::clock::now(),
             grant_horizon.as_secs(),
         )?;
         let mut dangling = 0;
@@ -201,8 +201,9 @@ impl Admin {
             let young = fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_none_or(|age| age < ORPHAN_GRACE);
+                .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
+                .and_then(|m| clock::now().checked_sub(m.as_secs()))
+                .is_none_or(|age| age < ORPHAN_GRACE.as_secs());
             if !young && !referenced.contains(hash.to_hex().as_str()) {
                 self.blobs.remove(&hash);
                 orphans += 1;
@@ -234,7 +235,7 @@ mod tests {
         TarballEntry {
             hash: h.to_hex().to_string(),
             size: bytes.len() as u64,
-            fetched_at: unix_now(),
+            fetched_at: clock::now(),
         }
     }
 
@@ -337,13 +338,13 @@ mod tests {
         let orphan = blobs.put(b"nobody's").unwrap();
         let shared = SharedListing {
             digest: listed.to_hex().to_string(),
-            fetched_at: unix_now(),
+            fetched_at: clock::now(),
             versions: vec![],
         };
         meta.put(KIND_SHARED_PUBLIC, "infra/vpc/aws/latest", &shared)
             .unwrap();
         // Both blobs are past the grace period.
-        let old = std::time::SystemTime::now() - 2 * ORPHAN_GRACE;
+        let old = UNIX_EPOCH + Duration::from_secs(clock::now()) - 2 * ORPHAN_GRACE;
         for h in [&listed, &orphan] {
             let f = fs::File::options().write(true).open(blobs.path(h)).unwrap();
             f.set_modified(old).unwrap();

@@ -22,7 +22,6 @@ pub mod temp;
 
 use std::io;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
@@ -30,12 +29,6 @@ use blobs::{BlobStore, Hash};
 use fill::Fills;
 use meta::MetaStore;
 use records::{TarballEntry, KIND_TARBALL};
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
 
 pub struct Cache {
     pub blobs: Arc<BlobStore>,

@@ -12,7 +12,7 @@ use super::reply::{authorization, write_answer, write_download};
 use super::{gitlab_token, route_label, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind};
 use crate::cache::records::tarball_key;
-use crate::cache::unix_now;
+use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::PublicBase;

@@ -16,7 +16,7 @@ use crate::access::policy::Gitlab;
 use crate::access::Negative;
 use crate::cache::blobs::Hash;
 use crate::cache::records::{tarball_key, BodyRef, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
-use crate::cache::unix_now;
+use crate::clock::now as unix_now;
 use crate::fetch::Small;
 use crate::health::retry_after;
 use crate::identity::Identity;

@@ -14,7 +14,7 @@ use super::reply::{authorization, write_answer, write_json, write_unavailable};
 use super::{route_label, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, StaleSource};
 use crate::cache::records::BodyRef;
-use crate::cache::unix_now;
+use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::respond::CacheStatus;
 use crate::routes::ModuleRoute;

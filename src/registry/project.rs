@@ -26,7 +26,7 @@ use super::{source, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, Why};
 use crate::cache::fill::{FillError, Opener};
 use crate::cache::records::{project_tarball_key, SharedListing, KIND_SHARED};
-use crate::cache::unix_now;
+use crate::clock::now as unix_now;
 use crate::fetch;
 use crate::identity::Identity;
 use crate::respond::CacheStatus;
