@@ -443,28 +443,7 @@ fn cache(args: CacheArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }),
-        CacheAction::Verify => {
-            let rows = admin.ls().map(|r| r.len()).unwrap_or(0);
-            let progress = Progress::new(rows);
-            let found = admin.verify(|row| progress.line(format!("verifying {}", row.key)));
-            progress.finish();
-            found.map(|found| {
-                for (row, why) in &found.damaged {
-                    println!("DAMAGED {} ({why})", row.key);
-                }
-                println!(
-                    "{} checked, {} damaged, {} evicted (filled again on the next request)",
-                    found.checked,
-                    found.damaged.len(),
-                    found.evicted.len()
-                );
-                if found.damaged.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            })
-        }
+        CacheAction::Verify => cache_verify(&admin),
         CacheAction::Purge { module } => admin.purge(&module).map(|n| {
             println!("purged {module}: {n} records");
             ExitCode::SUCCESS
@@ -484,6 +463,29 @@ fn cache(args: CacheArgs) -> ExitCode {
     };
     result.unwrap_or_else(|e| {
         eprintln!("tfmirror: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// `tfmirror cache verify`: fails when anything is damaged.
+fn cache_verify(admin: &tfmirror::cache::admin::Admin) -> std::io::Result<ExitCode> {
+    let rows = admin.ls().map(|r| r.len()).unwrap_or(0);
+    let progress = Progress::new(rows);
+    let found = admin.verify(|row| progress.line(format!("verifying {}", row.key)));
+    progress.finish();
+    let found = found?;
+    for (row, why) in &found.damaged {
+        println!("DAMAGED {} ({why})", row.key);
+    }
+    println!(
+        "{} checked, {} damaged, {} evicted (filled again on the next request)",
+        found.checked,
+        found.damaged.len(),
+        found.evicted.len()
+    );
+    Ok(if found.damaged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
         ExitCode::FAILURE
     })
 }

@@ -28,7 +28,7 @@ use crate::cache::Cache;
 use crate::health::Health;
 use crate::identity::Identity;
 use crate::metrics;
-use crate::registry::Registry;
+use crate::registry::{Outcome, Registry};
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::{PublicBase, Rewriter};
 use crate::routes::{self, Internal, ProjectOp, Route, MODULES_V1};
@@ -77,6 +77,15 @@ pub struct RequestCtx {
     upstream_status: Option<u16>,
     cache: Option<CacheStatus>,
     identity: Option<Identity>,
+}
+
+impl RequestCtx {
+    /// What a registry decision did, for the access log and metrics.
+    fn record(&mut self, out: Outcome) {
+        self.cache = Some(out.cache);
+        self.upstream_status = out.upstream_status;
+        self.identity = Some(out.identity);
+    }
 }
 
 impl Proxy {
@@ -142,11 +151,37 @@ impl Proxy {
                 respond::json(session, StatusCode::OK, body.to_string()).await?;
                 Ok(true)
             }
-            Route::Internal(Internal::Health) => {
-                respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await?;
+            Route::Internal(which) => {
+                self.serve_internal(session, *which).await?;
                 Ok(true)
             }
-            Route::Internal(Internal::Readiness) => {
+            Route::Module(m) => match self.registry.handle(session, m, &public).await? {
+                Some(out) => {
+                    ctx.record(out);
+                    Ok(true)
+                }
+                None => self.offline_refusal(session).await,
+            },
+            Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
+                let terraform_get = terraform_get(session.req_header());
+                let out = self
+                    .registry
+                    .project_download(session, p, terraform_get, &public)
+                    .await?;
+                ctx.record(out);
+                Ok(true)
+            }
+            _ => self.offline_refusal(session).await,
+        }
+    }
+
+    /// tfmirror's own endpoints under `/-/`.
+    async fn serve_internal(&self, session: &mut Session, which: Internal) -> Result<()> {
+        match which {
+            Internal::Health => {
+                respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await
+            }
+            Internal::Readiness => {
                 let (status, body) = match self.cache.check_writable().await {
                     Ok(()) => (
                         StatusCode::OK,
@@ -160,44 +195,18 @@ impl Proxy {
                         )
                     }
                 };
-                respond::json(session, status, body.to_string()).await?;
-                Ok(true)
+                respond::json(session, status, body.to_string()).await
             }
-            Route::Internal(Internal::Metrics) => {
+            Internal::Metrics => {
                 crate::edge::gauges::update(&self.cache, &self.health);
                 let body = metrics::render();
                 let headers = [(
                     header::CONTENT_TYPE,
                     respond::HeaderValueLike::Static("text/plain; version=0.0.4"),
                 )];
-                respond::full(session, StatusCode::OK, &headers, body.into()).await?;
-                Ok(true)
+                respond::full(session, StatusCode::OK, &headers, body.into()).await
             }
-            Route::Internal(Internal::AdminPurge) => {
-                self.admin_purge(session).await?;
-                Ok(true)
-            }
-            Route::Module(m) => match self.registry.handle(session, m, &public).await? {
-                Some(out) => {
-                    ctx.cache = Some(out.cache);
-                    ctx.upstream_status = out.upstream_status;
-                    ctx.identity = Some(out.identity);
-                    Ok(true)
-                }
-                None => self.offline_refusal(session).await,
-            },
-            Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
-                let terraform_get = terraform_get(session.req_header());
-                let out = self
-                    .registry
-                    .project_download(session, p, terraform_get, &public)
-                    .await?;
-                ctx.cache = Some(out.cache);
-                ctx.upstream_status = out.upstream_status;
-                ctx.identity = Some(out.identity);
-                Ok(true)
-            }
-            _ => self.offline_refusal(session).await,
+            Internal::AdminPurge => self.admin_purge(session).await,
         }
     }
 

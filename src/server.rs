@@ -79,54 +79,14 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         health,
     } = open(config)?;
     crate::metrics::init();
-    // Rebuild disk usage off the request path: serving starts at once, whatever the size.
-    let blobs = cache.blobs.clone();
-    let meta = cache.meta.clone();
     let horizon = (config.auth.grant_ttl + config.cache.stale_if_error).as_secs();
-    std::thread::spawn(move || {
-        if let Err(e) = blobs.scan() {
-            tracing::warn!(error = %e, "cache scan failed");
-        }
-        if let Err(e) = meta.recount() {
-            tracing::warn!(error = %e, "cache record count failed");
-        }
-        // Grant records past any use are removed now and then, so the record count follows
-        // the callers actually served, whatever else called.
-        loop {
-            match crate::cache::records::remove_expired_grants(&meta, crate::clock::now(), horizon)
-            {
-                Ok(0) => {}
-                Ok(n) => {
-                    crate::metrics::GRANTS_EXPIRED.inc_by(n as u64);
-                    tracing::info!(records = n, "removed expired grant records");
-                }
-                Err(e) => tracing::warn!(error = %e, "grant record gc failed"),
-            }
-            std::thread::sleep(GRANT_GC_EVERY);
-        }
-    });
+    start_housekeeping(&cache, horizon);
 
-    let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
-    let conf = ServerConf {
-        // The proxy runs one service per thread (`workers`); this is for the metrics
-        // listener, whose scrapes need no more.
-        threads: 1,
-        // Single-threaded runtimes, like nginx workers: work stealing costs cross-thread
-        // wake-ups (a third of the CPU on the hit path, measured with perf).
-        work_stealing: false,
-        // Per-instance files live in the cache dir, so several instances never collide, and
-        // an upgrading process finds its predecessor's socket.
-        pid_file: state("tfmirror.pid"),
-        upgrade_sock: state("tfmirror-upgrade.sock"),
-        grace_period_seconds: Some(5),
-        graceful_shutdown_timeout_seconds: Some(10),
-        ..ServerConf::default()
-    };
     let opt = Opt {
         upgrade,
         ..Opt::default()
     };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
     server.bootstrap();
 
     // One service per thread, each on its own socket: see `workers` for why.
@@ -150,16 +110,7 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
             pingora::proxy::http_proxy(&server.configuration, proxy),
             config.timeouts.client_idle,
         );
-        let tls = match &resolver {
-            Some(resolver) => {
-                let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                    .map_err(|e| format!("TLS settings: {e}"))?;
-                tls.set_cert_resolver(resolver.clone());
-                tls.enable_h2();
-                Some(tls)
-            }
-            None => None,
-        };
+        let tls = resolver.as_ref().map(tls_settings).transpose()?;
         server.add_service(crate::workers::Worker::new(group.clone(), i, app, tls));
     }
 
@@ -173,4 +124,63 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         server.add_service(metrics);
     }
     Ok(server)
+}
+
+/// Off the request path, so serving starts at once whatever the cache holds: rebuild disk
+/// usage and the record count, then remove grant records past `horizon` seconds now and then.
+fn start_housekeeping(cache: &Cache, horizon: u64) {
+    let blobs = cache.blobs.clone();
+    let meta = cache.meta.clone();
+    std::thread::spawn(move || {
+        if let Err(e) = blobs.scan() {
+            tracing::warn!(error = %e, "cache scan failed");
+        }
+        if let Err(e) = meta.recount() {
+            tracing::warn!(error = %e, "cache record count failed");
+        }
+        // Grant records past any use are removed now and then, so the record count follows
+        // the callers actually served, whatever else called.
+        loop {
+            match crate::cache::records::remove_expired_grants(&meta, crate::clock::now(), horizon)
+            {
+                Ok(0) => {}
+                Ok(n) => {
+                    crate::metrics::GRANTS_EXPIRED.inc_by(n as u64);
+                    tracing::info!(records = n, "removed expired grant records");
+                }
+                Err(e) => tracing::warn!(error = %e, "grant record gc failed"),
+            }
+            std::thread::sleep(GRANT_GC_EVERY);
+        }
+    });
+}
+
+fn server_conf(config: &Config) -> ServerConf {
+    let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
+    ServerConf {
+        // The proxy runs one service per thread (`workers`); this is for the metrics
+        // listener, whose scrapes need no more.
+        threads: 1,
+        // Single-threaded runtimes, like nginx workers: work stealing costs cross-thread
+        // wake-ups (a third of the CPU on the hit path, measured with perf).
+        work_stealing: false,
+        // Per-instance files live in the cache dir, so several instances never collide, and
+        // an upgrading process finds its predecessor's socket.
+        pid_file: state("tfmirror.pid"),
+        upgrade_sock: state("tfmirror-upgrade.sock"),
+        grace_period_seconds: Some(5),
+        graceful_shutdown_timeout_seconds: Some(10),
+        ..ServerConf::default()
+    }
+}
+
+/// TLS for one worker's listener, with the shared reloading certificate.
+fn tls_settings(
+    resolver: &Arc<crate::tls::ReloadingCert>,
+) -> Result<pingora::listeners::tls::TlsSettings, String> {
+    let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
+        .map_err(|e| format!("TLS settings: {e}"))?;
+    tls.set_cert_resolver(resolver.clone());
+    tls.enable_h2();
+    Ok(tls)
 }
