@@ -42,6 +42,7 @@
 //! lines carry route templates (see [`routes::Route::template`]), never paths or queries.
 
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 pub mod access;
 pub mod accesslog;

@@ -1,6 +1,7 @@
 //! The `tfmirror` command line. See the crate docs in `lib.rs` for the layout.
 
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -48,6 +48,7 @@ impl Registry {
         )
     }
 
+    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     pub(super) async fn download(
         self: &Arc<Self>,
         session: &mut Session,

@@ -55,6 +55,7 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     async fn learn_answer(
         &self,
         identity: Identity,

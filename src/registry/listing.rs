@@ -20,6 +20,7 @@ use crate::respond::CacheStatus;
 use crate::routes::ModuleRoute;
 
 impl Registry {
+    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     pub(super) async fn listing(
         self: &Arc<Self>,
         session: &mut Session,
