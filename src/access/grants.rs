@@ -8,7 +8,8 @@
 //! credentials and GitLab decides.
 //!
 //! Grants are persisted (hashed identities only) so they survive restarts, until they are past
-//! any use (`auth.grant_ttl + cache.stale_if_error`, see [`expired`]). A refusal is persisted
+//! any use (`auth.grant_ttl + cache.stale_if_error`, see
+//! [`crate::cache::records::grant_expired`]). A refusal is persisted
 //! only when it replaces a grant (a removed member: a restart must not bring the grant back);
 //! refusals of identities that never had one (junk tokens, scanners) live in bounded memory,
 //! so no caller can fill the disk with records. Raw credentials
