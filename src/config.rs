@@ -323,10 +323,7 @@ impl Config {
         if let Some(path) = file {
             // figment silently skips missing files; a named config file must exist.
             if !path.is_file() {
-                return Err(invalid(
-                    "config",
-                    format!("{} is not a readable file", path.display()),
-                ));
+                return Err(invalid("config", "is not a readable file"));
             }
             fig = fig.merge(Yaml::file_exact(path));
         }
@@ -385,6 +382,12 @@ impl Config {
 }
 
 /// Phrase figment's errors as `` `key` (from SOURCE): problem ``.
+///
+/// Never with the rejected value: a secret put in the wrong `TFMIRROR_*` variable (a token in
+/// `TFMIRROR_LOG_LEVEL`) would otherwise land in logs. figment's own messages quote values
+/// ("found string \"glpat-...\"", "unknown variant `...`"), and so do the custom messages of
+/// deserializers (humantime, bytesize quote the text they could not parse), so every kind is
+/// rephrased from the parts that say what was expected, never from what was found.
 fn describe(errors: figment::Error) -> ConfigError {
     let msgs: Vec<String> = errors
         .into_iter()
@@ -396,14 +399,58 @@ fn describe(errors: figment::Error) -> ConfigError {
                 Some(m) => m.name.to_string(),
                 None => "configuration".to_string(),
             };
+            let problem = problem_without_value(&e.kind);
             if key.is_empty() {
-                format!("{} (from {source})", e.kind)
+                format!("{problem} (from {source})")
             } else {
-                format!("`{key}` (from {source}): {}", e.kind)
+                format!("`{key}` (from {source}): {problem}")
             }
         })
         .collect();
     ConfigError(msgs.join("; "))
+}
+
+/// What is wrong, in words that carry no part of the value that was given.
+fn problem_without_value(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    match kind {
+        Kind::InvalidType(found, expected) => {
+            format!("expected {expected}, found {}", shape(found))
+        }
+        Kind::InvalidValue(_, expected) => format!("invalid value, expected {expected}"),
+        Kind::InvalidLength(_, expected) => format!("wrong number of items, expected {expected}"),
+        Kind::UnknownVariant(_, expected) => {
+            format!("unknown value, expected one of: {}", expected.join(", "))
+        }
+        // The names here are keys, not values.
+        Kind::UnknownField(name, _) => format!("unknown key `{name}`"),
+        Kind::MissingField(name) => format!("missing key `{name}`"),
+        Kind::DuplicateField(name) => format!("duplicate key `{name}`"),
+        Kind::ISizeOutOfRange(_) | Kind::USizeOutOfRange(_) => "number out of range".into(),
+        Kind::Unsupported(found) => format!("unsupported {}", shape(found)),
+        Kind::UnsupportedKey(found, need) => {
+            format!("unsupported key type {}, need {need}", shape(found))
+        }
+        // Custom messages of deserializers (addresses, URLs, durations, sizes) may quote the
+        // value: only the fact is kept.
+        _ => "invalid value (not shown: it may be a secret)".into(),
+    }
+}
+
+/// The kind of a value figment found, without the value.
+fn shape(found: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match found {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a number",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit | Actual::Option => "nothing",
+        Actual::Seq => "a list",
+        Actual::Map | Actual::NewtypeStruct | Actual::StructVariant => "a map",
+        _ => "another type",
+    }
 }
 
 fn check_base_url(key: &str, url: &Url) -> Result<(), ConfigError> {
@@ -510,6 +557,41 @@ mod tests {
             jail.set_env("TFMIRROR_BOGUS", "1");
             let e = Config::load(None, &Overrides::default()).unwrap_err();
             assert!(e.to_string().contains("bogus"), "{e}");
+            Ok(())
+        });
+    }
+
+    /// A secret put in the wrong variable: the error names the key, never the value, whatever
+    /// kind of error the value causes.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
+    fn errors_name_the_key_never_the_value() {
+        const SECRET: &str = "glpat-Sup3rS3cretTok3n";
+        for (var, key) in [
+            ("TFMIRROR_LOG_LEVEL", "log_level"), // unknown variant
+            ("TFMIRROR_THREADS", "threads"),     // invalid type
+            ("TFMIRROR_LISTEN", "listen"),       // custom message (address)
+            ("TFMIRROR_UPSTREAM", "upstream"),   // custom message (URL)
+            ("TFMIRROR_TIMEOUTS__CONNECT", "timeouts.connect"), // humantime
+            ("TFMIRROR_CACHE__DISK_SIZE", "cache.disk_size"), // bytesize
+            ("TFMIRROR_OFFLINE__ENABLED", "offline.enabled"), // invalid type (bool)
+            ("TFMIRROR_UPSTREAM_CA", "upstream_ca"), // a path that is no file
+            ("TFMIRROR_TLS_CERT", "tls_key"),    // needs its pair
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(var, SECRET);
+                let e = Config::load(None, &Overrides::default()).unwrap_err();
+                let text = e.to_string();
+                assert!(text.contains(key), "{var}: {text}");
+                assert!(!text.contains("Sup3r"), "{var} echoed its value: {text}");
+                Ok(())
+            });
+        }
+        // A value quoted partially by its parser (a duration's unit) is not echoed either.
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TFMIRROR_TIMEOUTS__READ", "5Sup3rs");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(!e.to_string().contains("Sup3r"), "{e}");
             Ok(())
         });
     }

@@ -480,3 +480,27 @@ async fn graceful_upgrade_loses_no_request() {
     let _ = new.kill();
     let _ = new.wait();
 }
+
+/// A secret put in the wrong `TFMIRROR_*` variable stops tfmirror with a message that names
+/// the setting and never shows the value (it would land in logs).
+#[test]
+fn config_errors_name_the_setting_never_the_value() {
+    const SECRET: &str = "glpat-Sup3rS3cretTok3n";
+    for (var, key) in [
+        ("TFMIRROR_LOG_LEVEL", "log_level"),
+        ("TFMIRROR_TIMEOUTS__CONNECT", "timeouts.connect"),
+        ("TFMIRROR_LISTEN", "listen"),
+        ("TFMIRROR_UPSTREAM_CA", "upstream_ca"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+            .args(["serve", "--cache-dir", dir.path().to_str().unwrap()])
+            .env(var, SECRET)
+            .output()
+            .expect("run tfmirror");
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{var}: {all}");
+        assert!(all.contains(key), "{var}: {all}");
+        assert!(!all.contains("Sup3r"), "{var} echoed its value: {all}");
+    }
+}
