@@ -196,8 +196,16 @@ pub static GRANTS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static CACHE_WRITABLE: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tfmirror_cache_writable",
+        "1 when the last readiness probe could write to the cache directory, 0 when it was full or broken."
+    )
+    .expect("metric")
+});
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 22] = [
+pub const FAMILIES: [&str; 23] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -220,6 +228,7 @@ pub const FAMILIES: [&str; 22] = [
     "tfmirror_cache_records",
     "tfmirror_cache_records_refused_total",
     "tfmirror_grants_expired_total",
+    "tfmirror_cache_writable",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -251,6 +260,8 @@ pub fn init() {
     LazyLock::force(&CACHE_RECORDS);
     LazyLock::force(&CACHE_RECORDS_REFUSED);
     LazyLock::force(&GRANTS_EXPIRED);
+    // Writable until a readiness probe finds otherwise.
+    CACHE_WRITABLE.set(1);
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

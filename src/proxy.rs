@@ -24,7 +24,7 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Writable};
 use crate::health::Health;
 use crate::identity::Identity;
 use crate::metrics;
@@ -175,6 +175,38 @@ impl Proxy {
         }
     }
 
+    /// Ready while tfmirror can serve: also while GitLab is down (`upstream_up`) and on a full
+    /// cache disk (`cache_writable: false`: hits are served, the rest passed through), which
+    /// taking the instance out of its balancer would only move onto GitLab. A cache directory
+    /// that fails otherwise (permissions, read-only, gone) is not ready.
+    async fn readiness(&self) -> (StatusCode, serde_json::Value) {
+        let up = self.health.is_up();
+        match self.cache.check_writable().await {
+            Writable::Yes => {
+                metrics::CACHE_WRITABLE.set(1);
+                let body = serde_json::json!({ "status": "ready", "upstream_up": up, "cache_writable": true });
+                (StatusCode::OK, body)
+            }
+            Writable::Full => {
+                metrics::CACHE_WRITABLE.set(0);
+                tracing::warn!(
+                    "cache directory is full: serving hits and passing the rest through, keeping nothing new"
+                );
+                let body = serde_json::json!({
+                    "status": "ready", "upstream_up": up, "cache_writable": false,
+                    "reason": "cache directory full"
+                });
+                (StatusCode::OK, body)
+            }
+            Writable::Broken(e) => {
+                metrics::CACHE_WRITABLE.set(0);
+                tracing::error!(error = %e, "cache directory is not writable");
+                let body = serde_json::json!({ "status": "cache directory not writable", "cache_writable": false });
+                (StatusCode::SERVICE_UNAVAILABLE, body)
+            }
+        }
+    }
+
     /// tfmirror's own endpoints under `/-/`.
     async fn serve_internal(&self, session: &mut Session, which: Internal) -> Result<()> {
         match which {
@@ -182,19 +214,7 @@ impl Proxy {
                 respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await
             }
             Internal::Readiness => {
-                let (status, body) = match self.cache.check_writable().await {
-                    Ok(()) => (
-                        StatusCode::OK,
-                        serde_json::json!({ "status": "ready", "upstream_up": self.health.is_up() }),
-                    ),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cache directory is not writable");
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            serde_json::json!({ "status": "cache directory not writable" }),
-                        )
-                    }
-                };
+                let (status, body) = self.readiness().await;
                 respond::json(session, status, body.to_string()).await
             }
             Internal::Metrics => {

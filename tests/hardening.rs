@@ -344,6 +344,42 @@ async fn a_full_disk_is_served_around() {
     let (clean, report) = verify(&cache);
     assert!(clean, "{report}");
     assert!(!report.contains("vpc"));
+
+    // Now the disk is full to the last block. tfmirror still serves (hits from the cache, the
+    // rest passed through), so readiness stays 200 and says the cache takes no writes.
+    let filler = cache.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let ready = client()
+        .get(format!("{}/-/readiness", m.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "a full disk keeps the instance ready");
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["cache_writable"], false, "{body}");
+    assert_eq!(m.metric("tfmirror_cache_writable", "").await, 0.0);
+    assert!(m.logs().contains("cache directory is full"));
+    let r = client().get(&small).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(temp_files(&m), 0, "readiness probes leave no file behind");
+    // Room again: writable again.
+    std::fs::remove_file(&filler).unwrap();
+    let ready = client()
+        .get(format!("{}/-/readiness", m.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["cache_writable"], true, "{body}");
+    assert_eq!(m.metric("tfmirror_cache_writable", "").await, 1.0);
     m.kill();
 }
 

@@ -83,14 +83,23 @@ impl Cache {
     }
 
     /// Can the cache directory take a write right now? (readiness)
-    pub async fn check_writable(&self) -> io::Result<()> {
+    pub async fn check_writable(&self) -> Writable {
         let path = self.blobs.temp_path();
-        tokio::task::spawn_blocking(move || {
-            std::io::Write::write_all(&mut private::create(&path)?, b"ready")?;
-            std::fs::remove_file(&path)
+        let wrote = tokio::task::spawn_blocking(move || {
+            let wrote = private::create(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, b"ready"));
+            // Removed whatever happened: on a full disk the create succeeds and the write
+            // fails, and an empty probe file per readiness call must not pile up.
+            let removed = std::fs::remove_file(&path);
+            wrote.and(removed.or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }))
         })
         .await
-        .map_err(io::Error::other)?
+        .map_err(io::Error::other)
+        .and_then(|r| r);
+        Writable::from_probe(wrote)
     }
 
     pub fn memory_max_object(&self) -> u64 {
@@ -182,5 +191,64 @@ impl Cache {
         let meta = self.meta.clone();
         let key = key.to_string();
         let _ = tokio::task::spawn_blocking(move || meta.remove(KIND_TARBALL, &key)).await;
+    }
+}
+
+/// What a write probe of the cache directory found (readiness).
+#[derive(Debug)]
+pub enum Writable {
+    Yes,
+    /// No space or inodes left (or a quota reached). tfmirror still serves: hits from the
+    /// cache, the rest by pass-through, never kept. Readiness stays 200 and says so, since
+    /// taking the instance out of its balancer would only move its callers onto GitLab.
+    Full,
+    /// Anything else (permissions, a read-only or vanished directory): the instance is broken.
+    Broken(io::Error),
+}
+
+impl Writable {
+    /// A pure classification of the probe's outcome.
+    pub fn from_probe(wrote: io::Result<()>) -> Writable {
+        match wrote {
+            Ok(()) => Writable::Yes,
+            Err(e) if is_out_of_space(&e) => Writable::Full,
+            Err(e) => Writable::Broken(e),
+        }
+    }
+}
+
+/// ENOSPC (no blocks or no inodes) and EDQUOT (a quota): the disk is full, not broken.
+pub fn is_out_of_space(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(e.raw_os_error(), Some(c) if c == Errno::ENOSPC as i32 || c == Errno::EDQUOT as i32)
+}
+
+#[cfg(test)]
+mod writable_tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_not_a_broken_one() {
+        use nix::errno::Errno;
+        let os = |e: Errno| Err(io::Error::from_raw_os_error(e as i32));
+        assert!(matches!(Writable::from_probe(Ok(())), Writable::Yes));
+        assert!(matches!(
+            Writable::from_probe(os(Errno::ENOSPC)),
+            Writable::Full
+        ));
+        assert!(matches!(
+            Writable::from_probe(os(Errno::EDQUOT)),
+            Writable::Full
+        ));
+        for broken in [Errno::EACCES, Errno::EROFS, Errno::ENOENT, Errno::EIO] {
+            assert!(matches!(
+                Writable::from_probe(os(broken)),
+                Writable::Broken(_)
+            ));
+        }
+        assert!(matches!(
+            Writable::from_probe(Err(io::Error::other("join"))),
+            Writable::Broken(_)
+        ));
     }
 }
