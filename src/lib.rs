@@ -22,7 +22,8 @@
 //! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: facts in, I/O around [`access::policy`] |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
-//! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, TLS trust, timeouts |
+//! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, timeouts |
+//! | | [`upstream_tls`] | TLS trust for the upstream: one verifier for both clients (a self-signed `upstream_ca` pinned) |
 //! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects) |
 //! | | [`health`] | circuit breaker and probe: is the upstream reachable? |
 //! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs, coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |
@@ -82,4 +83,5 @@ pub mod sync;
 pub mod tls;
 pub mod token;
 pub mod upstream;
+pub mod upstream_tls;
 pub mod workers;

@@ -1,6 +1,8 @@
 //! Everything about reaching the upstream GitLab: its address, TLS trust, timeouts and the two
 //! clients that talk to it.
 //!
+//! - TLS trust is one verifier for both clients ([`crate::upstream_tls`]): the system roots,
+//!   `upstream_ca`, and a self-signed certificate given as `upstream_ca` pinned.
 //! - Pingora's [`HttpPeer`] carries proxied requests (pass-through, uploads, registry calls).
 //!   `HttpPeer::new` resolves names with a *blocking* `to_socket_addrs()`, so tfmirror resolves
 //!   the upstream host itself with tokio's resolver (off the async workers), caches the answer
@@ -16,13 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pingora::prelude::HttpPeer;
-use pingora::protocols::tls::CaType;
-use pingora::utils::tls::{parse_x509, WrappedX509};
 use pingora::{Error, ErrorType, OrErr, Result};
-use rustls_pki_types::CertificateDer;
 use url::Url;
 
 use crate::config::{Config, Timeouts};
+use crate::upstream_tls::{self, TlsL4};
 
 /// How long a DNS answer is used before it is refreshed in the background.
 const DNS_TTL: Duration = Duration::from_secs(30);
@@ -38,13 +38,13 @@ pub enum Profile {
 
 pub struct Upstream {
     url: Url,
-    tls: bool,
     host: String,
     /// `Host` header value: the host, plus the port when it is not the scheme's default.
     authority: String,
     /// Relative URL root, without a trailing slash (empty for most GitLabs).
     prefix: String,
-    ca: Option<Arc<CaType>>,
+    /// For a TLS upstream: the handshake pingora's peers run through (see `upstream_tls`).
+    tls_l4: Option<Arc<TlsL4>>,
     timeouts: Timeouts,
     /// `limits.max_listing_size`: the largest registry answer tfmirror reads into memory.
     max_listing: usize,
@@ -73,10 +73,14 @@ impl Upstream {
             Some(path) => crate::pem::certs(path)?,
             None => Vec::new(),
         };
-        let ca = if extra_cas.is_empty() {
-            None // pingora then uses the platform store (honouring SSL_CERT_FILE)
+        let tls_l4 = if tls {
+            Some(Arc::new(TlsL4::new(
+                &extra_cas,
+                &bare_host,
+                config.timeouts.connect,
+            )?))
         } else {
-            Some(pingora_ca_list(&extra_cas)?)
+            None
         };
 
         let mut builder = reqwest::Client::builder()
@@ -88,9 +92,12 @@ impl Upstream {
             .redirect(reqwest::redirect::Policy::none())
             // Only explicit configuration decides where tfmirror connects.
             .no_proxy();
-        for der in &extra_cas {
-            let cert = reqwest::Certificate::from_der(der).map_err(|e| e.to_string())?;
-            builder = builder.add_root_certificate(cert);
+        // The same trust as pingora's peers, also for redirects to object storage. A plain
+        // HTTP upstream on a host without system roots still starts (no HTTPS to verify).
+        match upstream_tls::client_config(&extra_cas, &[b"h2", b"http/1.1"]) {
+            Ok(tls_config) => builder = builder.use_preconfigured_tls(tls_config),
+            Err(_) if !tls && extra_cas.is_empty() => {}
+            Err(e) => return Err(e),
         }
         let http = builder.build().map_err(|e| e.to_string())?;
 
@@ -98,10 +105,9 @@ impl Upstream {
             prefix: url.path().trim_end_matches('/').to_string(),
             dns: Resolver::new(bare_host.clone(), port),
             url,
-            tls,
             host: bare_host,
             authority,
-            ca,
+            tls_l4,
             timeouts: config.timeouts.clone(),
             max_listing: usize::try_from(config.limits.max_listing_size.as_u64())
                 .unwrap_or(usize::MAX),
@@ -146,7 +152,9 @@ impl Upstream {
     /// A peer for pingora, with a pre-resolved address, SNI and timeouts.
     pub async fn peer(&self, profile: Profile) -> Result<Box<HttpPeer>> {
         let addr = self.dns.pick().await?;
-        let mut peer = HttpPeer::new(addr, self.tls, self.host.clone());
+        // A TLS upstream's handshake runs in tfmirror's own L4 connector, with tfmirror's
+        // verifier: pingora sees a plain connection (see `upstream_tls`).
+        let mut peer = HttpPeer::new(addr, false, self.host.clone());
         let t = &self.timeouts;
         let o = &mut peer.options;
         o.connection_timeout = Some(t.connect);
@@ -158,23 +166,12 @@ impl Upstream {
         o.read_timeout = Some(io);
         o.write_timeout = Some(io);
         o.idle_timeout = Some(t.idle);
-        o.ca = self.ca.clone();
+        o.custom_l4 = self
+            .tls_l4
+            .clone()
+            .map(|l4| l4 as Arc<dyn pingora::connectors::L4Connect + Send + Sync>);
         Ok(Box::new(peer))
     }
-}
-
-/// Pingora's per-peer CA list *replaces* the root store, so the system roots are added to
-/// the extra CAs here to trust both.
-fn pingora_ca_list(extra: &[CertificateDer<'static>]) -> std::result::Result<Arc<CaType>, String> {
-    let native = rustls_native_certs::load_native_certs();
-    let mut list: Vec<WrappedX509> = Vec::new();
-    for der in extra.iter().chain(native.certs.iter()) {
-        // `parse_x509` panics on what it cannot parse: check first and skip such roots.
-        if x509_parser::parse_x509_certificate(der).is_ok() {
-            list.push(WrappedX509::new(der.to_vec(), parse_x509));
-        }
-    }
-    Ok(Arc::from(list.into_boxed_slice()))
 }
 
 /// The last DNS answer and when it was obtained.

@@ -37,6 +37,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("fetch", 2, "upstream"),
     ("health", 2, "upstream"),
     ("upstream", 2, "upstream"),
+    ("upstream_tls", 2, "upstream"),
     // L3: who may have what.
     ("access", 3, "access"),
     // L4: cache decisions for registry routes.

@@ -152,7 +152,7 @@ async fn upstream_certificates_are_verified() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    // Pass-through goes over pingora's own TLS connector, with the same trust.
+    // Pass-through goes over pingora (its TLS handshake in tfmirror's connector), same trust.
     let r = client()
         .get(format!("{}/api/v4/version", trusted.url()))
         .header("private-token", ALICE)
@@ -198,6 +198,121 @@ async fn upstream_certificates_are_verified() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(logs.matches("certificate").count() >= 2, "{logs}");
+}
+
+/// A self-signed certificate that is its own CA (`basicConstraints CA:TRUE`, what
+/// `openssl req -x509` makes, common on GitLab on-premises): (cert.pem, key.pem) in `dir`.
+fn self_signed(dir: &std::path::Path, names: &[&str]) -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "gitlab.on-premises");
+    let cert = p.self_signed(&key).unwrap();
+    let path = dir.join(format!("{}.pem", names[0]));
+    std::fs::write(&path, cert.pem()).unwrap();
+    (path.to_str().unwrap().to_string(), key.serialize_pem())
+}
+
+/// What each upstream path answers through `m`: (registry call, pass-through, tarball bytes).
+async fn every_upstream_path(m: &Mirror) -> (u16, u16, Option<bytes::Bytes>) {
+    let versions = client()
+        .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    let pass = client()
+        .get(format!("{}/api/v4/version", m.url()))
+        .header("private-token", ALICE)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    let file = client()
+        .get(format!(
+            "{}/api/v4/packages/terraform/modules/v1/infra/vpc/aws/1.0.0/download",
+            m.url()
+        ))
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    let tarball = match file.headers().get("x-terraform-get") {
+        Some(get) => {
+            let get = get.to_str().unwrap().to_string();
+            let url = if get.starts_with("http") {
+                get
+            } else {
+                format!("{}{get}", m.url())
+            };
+            let r = client().get(url).send().await.unwrap();
+            match r.status().as_u16() {
+                200 => Some(r.bytes().await.unwrap()),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    (versions, pass, tarball)
+}
+
+/// A self-signed upstream given as `--upstream-ca` is trusted on every upstream path (registry
+/// calls and downloads through reqwest, pass-through through pingora), with its name checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_signed_upstream_given_as_its_own_ca_is_trusted_on_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), &["127.0.0.1", "localhost"]);
+    let pem = std::fs::read_to_string(&cert).unwrap();
+    let gl = FakeGitlab::start_tls(&pem, &key).await;
+    gl.add_token(ALICE, "alice");
+    gl.add_group("infra", false, &[ALICE]);
+    gl.add_module("infra", 1, "vpc", "aws", &["1.0.0"]);
+
+    let m = Mirror::start_with(&gl.url(), &["--upstream-ca", &cert]).await;
+    let (versions, pass, tarball) = every_upstream_path(&m).await;
+    assert_eq!(versions, 200, "registry call\n{}", m.logs());
+    assert_eq!(pass, 200, "pass-through\n{}", m.logs());
+    assert_eq!(
+        tarball.as_deref(),
+        Some(&gl.tarball("infra", "vpc", "aws", "1.0.0")[..]),
+        "download\n{}",
+        m.logs()
+    );
+    // By name too: `localhost` is in the certificate.
+    let by_name = gl.url().replace("127.0.0.1", "localhost");
+    let m = Mirror::start_with(&by_name, &["--upstream-ca", &cert]).await;
+    let (versions, pass, tarball) = every_upstream_path(&m).await;
+    assert_eq!((versions, pass, tarball.is_some()), (200, 200, true));
+
+    // The same certificate, served for a name it does not carry: refused on every path.
+    let (wrong, wrong_key) = self_signed(dir.path(), &["gitlab.elsewhere.example"]);
+    let wrong_pem = std::fs::read_to_string(&wrong).unwrap();
+    let other = FakeGitlab::start_tls(&wrong_pem, &wrong_key).await;
+    other.add_token(ALICE, "alice");
+    other.add_group("infra", false, &[ALICE]);
+    other.add_module("infra", 1, "vpc", "aws", &["1.0.0"]);
+    let m = Mirror::start_with(&other.url(), &["--upstream-ca", &wrong]).await;
+    let (versions, pass, tarball) = every_upstream_path(&m).await;
+    assert_eq!(versions, 503, "registry call");
+    assert_eq!(pass, 502, "pass-through");
+    assert!(tarball.is_none());
+    // Both clients say why (the name), in the log written just after the response.
+    let mut logs = String::new();
+    for _ in 0..40 {
+        logs = m.logs();
+        if logs.matches("not valid for name").count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(logs.matches("not valid for name").count() >= 2, "{logs}");
+    assert!(!logs.contains(ALICE));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
