@@ -14,3 +14,12 @@ pub fn now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
+
+/// Unix milliseconds now, where the order of two events in one second matters (a version's
+/// reappearance against a refill).
+#[allow(clippy::disallowed_methods)] // the one wall-clock read (see the module docs)
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

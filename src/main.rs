@@ -436,14 +436,7 @@ fn cache(args: CacheArgs) -> ExitCode {
         }
     };
     let result = match args.action {
-        CacheAction::Ls => admin.ls().map(|rows| {
-            println!("{:<60} {:>12} {:>10}", "MODULE@VERSION", "BYTES", "AGE");
-            for r in rows {
-                let age = humantime::format_duration(std::time::Duration::from_secs(r.age_secs));
-                println!("{:<60} {:>12} {:>10}", r.key, r.size, age.to_string());
-            }
-            ExitCode::SUCCESS
-        }),
+        CacheAction::Ls => cache_ls(&admin),
         CacheAction::Verify => cache_verify(&admin),
         CacheAction::Purge { module } => admin.purge(&module).map(|n| {
             println!("purged {module}: {n} records");
@@ -466,6 +459,35 @@ fn cache(args: CacheArgs) -> ExitCode {
         eprintln!("tfmirror: {e}");
         ExitCode::FAILURE
     })
+}
+
+/// `tfmirror cache ls`: every tarball with its blake3, and, for a re-published version, which
+/// bytes it had before and when they changed.
+fn cache_ls(admin: &tfmirror::cache::admin::Admin) -> std::io::Result<ExitCode> {
+    let at = |secs: u64| {
+        humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+        )
+    };
+    println!(
+        "{:<60} {:>12} {:>10}  BLAKE3",
+        "MODULE@VERSION", "BYTES", "AGE"
+    );
+    for r in admin.ls()? {
+        let age =
+            humantime::format_duration(std::time::Duration::from_secs(r.age_secs)).to_string();
+        println!("{:<60} {:>12} {:>10}  {}", r.key, r.size, age, r.hash);
+        for old in &r.replaced {
+            println!(
+                "  re-published {}: was {} ({} bytes, fetched {})",
+                at(old.replaced_at),
+                old.hash,
+                old.size,
+                at(old.fetched_at)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `tfmirror cache verify`: fails when anything is damaged.

@@ -204,8 +204,16 @@ pub static CACHE_WRITABLE: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static REPUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_republished_total",
+        "Fills that found other bytes than the cached ones for a version (re-published in GitLab)."
+    )
+    .expect("metric")
+});
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 23] = [
+pub const FAMILIES: [&str; 24] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -229,6 +237,7 @@ pub const FAMILIES: [&str; 23] = [
     "tfmirror_cache_records_refused_total",
     "tfmirror_grants_expired_total",
     "tfmirror_cache_writable",
+    "tfmirror_republished_total",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -260,6 +269,7 @@ pub fn init() {
     LazyLock::force(&CACHE_RECORDS);
     LazyLock::force(&CACHE_RECORDS_REFUSED);
     LazyLock::force(&GRANTS_EXPIRED);
+    LazyLock::force(&REPUBLISHED);
     // Writable until a readiness probe finds otherwise.
     CACHE_WRITABLE.set(1);
 }

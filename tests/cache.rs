@@ -477,3 +477,141 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A version deleted in GitLab and uploaded again with other bytes: once a listing shows it
+/// gone and back, every route serves the new bytes; the change is logged, counted and shown by
+/// `cache ls` with both digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republished_version_is_served_with_its_new_bytes_on_every_route() {
+    let gl = gitlab().await;
+    let config = "cache:\n  listing_ttl: 1s\nauth:\n  grant_ttl: 1s\n";
+    let m = Mirror::start_with_config(&gl.url(), config).await;
+    let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
+    let project = format!(
+        "{}/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.0.0",
+        m.url()
+    );
+    let listed = |body: &str| body.contains("\"1.0.0\"");
+    let listing = || async {
+        let r = client()
+            .get(&versions)
+            .header("authorization", bearer(ALICE))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap()
+    };
+    // The namespace route's bytes, or None while the version is not downloadable.
+    let namespace_bytes = || async {
+        let dl = client()
+            .get(format!("{}{V1}/infra/vpc/aws/1.0.0/download", m.url()))
+            .header("authorization", bearer(ALICE))
+            .send()
+            .await
+            .unwrap();
+        let get = dl
+            .headers()
+            .get("x-terraform-get")?
+            .to_str()
+            .ok()?
+            .to_string();
+        let r = client()
+            .get(format!("{}{get}", m.url()))
+            .send()
+            .await
+            .unwrap();
+        (r.status() == 200).then_some(())?;
+        r.bytes().await.ok()
+    };
+    let project_bytes = || async {
+        let r = client()
+            .get(&project)
+            .header("authorization", basic("alice", ALICE))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap()
+    };
+
+    let old = gl.tarball("infra", "vpc", "aws", "1.0.0");
+    assert!(listed(&listing().await));
+    assert_eq!(namespace_bytes().await.unwrap(), old);
+    assert_eq!(project_bytes().await, old);
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    wait_cached(&file).await;
+
+    // Deleted in GitLab: a listing refresh shows it gone.
+    gl.delete_version("infra", "vpc", "aws", "1.0.0");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while listed(&listing().await) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deletion never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Uploaded again with other bytes: served on the namespace route within a listing refresh.
+    gl.republish("infra", "vpc", "aws", "1.0.0", 2);
+    let new = gl.tarball("infra", "vpc", "aws", "1.0.0");
+    assert_ne!(new, old);
+    let republished = std::time::Instant::now();
+    loop {
+        if listed(&listing().await) && namespace_bytes().await.as_ref() == Some(&new) {
+            break;
+        }
+        assert!(
+            republished.elapsed() < Duration::from_secs(15),
+            "the old bytes are still served\n{}",
+            m.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "re-publish to new bytes served: {} ms",
+        republished.elapsed().as_millis()
+    );
+    // Every route: the project route and a fresh `/file` link, from the cache once refilled.
+    assert_eq!(project_bytes().await, new);
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    assert_eq!(
+        client()
+            .get(&file)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        new
+    );
+    // (Bytes fetched in the second of the reappearance are checked once more: the order of
+    // two events in one second is unknown.)
+    wait_cached(&file).await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert_eq!(r.bytes().await.unwrap(), new);
+
+    // Logged, counted, and shown by `cache ls` with both digests.
+    assert!(m.metric("tfmirror_republished_total", "").await >= 1.0);
+    assert!(m.logs().contains("re-published"), "{}", m.logs());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(["cache", "ls", "--cache-dir"])
+        .arg(m.cache_dir().join("cache"))
+        .output()
+        .unwrap();
+    let ls = String::from_utf8_lossy(&out.stdout);
+    let (old_hash, new_hash) = (blake3::hash(&old).to_hex(), blake3::hash(&new).to_hex());
+    let line = ls
+        .lines()
+        .position(|l| l.starts_with("infra/vpc/aws@1.0.0 "))
+        .unwrap_or_else(|| panic!("{ls}"));
+    let lines: Vec<&str> = ls.lines().collect();
+    assert!(lines[line].contains(new_hash.as_str()), "{ls}");
+    assert!(
+        lines[line + 1].contains("re-published") && lines[line + 1].contains(old_hash.as_str()),
+        "{ls}"
+    );
+}

@@ -32,6 +32,10 @@ pub struct Row {
     pub size: u64,
     pub age_secs: u64,
     pub hash: String,
+    /// Unix seconds of the fetch of the current bytes.
+    pub fetched_at: u64,
+    /// Earlier bytes of this version (re-publishes), oldest first.
+    pub replaced: Vec<super::records::Replaced>,
 }
 
 /// What `verify` found.
@@ -77,6 +81,8 @@ impl Admin {
                 size: e.size,
                 age_secs: now.saturating_sub(e.fetched_at),
                 hash: e.hash,
+                fetched_at: e.fetched_at,
+                replaced: e.replaced,
             })
             .collect();
         rows.sort_by(|a, b| a.key.cmp(&b.key));
@@ -236,6 +242,8 @@ mod tests {
             hash: h.to_hex().to_string(),
             size: bytes.len() as u64,
             fetched_at: clock::now(),
+            fetched_at_ms: 0,
+            replaced: Vec::new(),
         }
     }
 

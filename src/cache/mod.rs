@@ -6,9 +6,11 @@
 //! - [`fill`]: coalesced upstream fills streamed to every waiter.
 //! - [`records`]: every record kind on disk, its schema and its key.
 //! - [`admin`]: `tfmirror cache ls|verify|purge|gc` and the purge endpoint, on a directory.
+//! - [`republish`]: versions GitLab re-published with other bytes, noticed and refilled.
 //!
-//! Tarballs are immutable per (namespace, name, system, version): the index maps each to the
-//! hash of its bytes, so identical archives are stored once. Listing bodies are blobs too,
+//! Tarballs are immutable per (namespace, name, system, version), unless re-published (see
+//! [`republish`]): the index maps each to the hash of its bytes, so identical archives are
+//! stored once. Listing bodies are blobs too,
 //! stored once per digest whoever received them (see `access` for who may see which).
 
 pub mod admin;
@@ -18,6 +20,7 @@ pub mod fill;
 pub mod meta;
 pub mod private;
 pub mod records;
+pub mod republish;
 pub mod temp;
 
 use std::io;
@@ -41,6 +44,8 @@ pub struct Cache {
     index: moka::sync::Cache<String, TarballEntry>,
     /// Larger blobs are streamed from disk and never held in memory whole.
     memory_max_object: u64,
+    /// Versions seen reappearing in a listing (their cached bytes are refilled once).
+    pub reappeared: Arc<republish::Reappeared>,
 }
 
 impl Cache {
@@ -63,7 +68,9 @@ impl Cache {
             .build();
         let meta = Arc::new(MetaStore::open(cache_dir)?);
         meta.set_cap(limits.max_records);
+        let reappeared = Arc::new(republish::Reappeared::load(&meta));
         Ok(Cache {
+            reappeared,
             blobs: Arc::new(BlobStore::open(cache_dir, disk_size)?),
             meta,
             fills: Arc::new(Fills::new(
@@ -179,6 +186,11 @@ impl Cache {
         entry: &TarballEntry,
     ) -> io::Result<()> {
         meta.put(KIND_TARBALL, key, entry)
+    }
+
+    /// The in-memory index front, for a fill's commit step to update.
+    pub fn index_front(&self) -> moka::sync::Cache<String, TarballEntry> {
+        self.index.clone()
     }
 
     /// Forget the in-memory index front (after a purge on disk).

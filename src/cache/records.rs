@@ -7,6 +7,7 @@
 //! | [`KIND_TARBALL`] | [`tarball_key`], [`project_tarball_key`] | [`TarballEntry`] | a committed fill |
 //! | [`KIND_GRANT`] | [`grant_key`] | [`Grant`] | `access`, on each upstream answer |
 //! | [`KIND_SHARED`], [`KIND_SHARED_PUBLIC`] | `<module>/<listing op>` | [`SharedListing`] | `registry`, on each listing |
+//! | [`KIND_REAPPEARED`] | [`version_id`] | [`Reappeared`] | `registry`, when a listing shows a version again |
 //!
 //! Changing a field or a key format changes the on-disk format: existing caches must still
 //! load (new fields need `#[serde(default)]`).
@@ -33,6 +34,48 @@ pub struct TarballEntry {
     pub size: u64,
     /// Unix seconds of the upstream fetch.
     pub fetched_at: u64,
+    /// The same in milliseconds (0 in entries of older releases): ordered against a
+    /// version's reappearance in a listing (see `cache::republish`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fetched_at_ms: u64,
+    /// Earlier bytes of this version, replaced by re-publishes (oldest first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replaced: Vec<Replaced>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Earlier bytes of a version, replaced by a re-publish (see `cache::republish`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replaced {
+    /// blake3 of the earlier bytes, hex.
+    pub hash: String,
+    pub size: u64,
+    /// Unix seconds of the fetch of the earlier bytes.
+    pub fetched_at: u64,
+    /// Unix seconds of the fill that found other bytes.
+    pub replaced_at: u64,
+}
+
+/// Versions seen coming back in a listing: `name/system@version` -> when (milliseconds, so
+/// that a refill in the same second as the reappearance counts as after it).
+pub const KIND_REAPPEARED: &str = "reappeared";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reappeared {
+    pub at_ms: u64,
+}
+
+/// `name/system@version` of a tarball index key (`ns/name/system@v` or
+/// `project:P/name/system@v`): what namespace and project routes of one module share.
+pub fn version_id(key: &str) -> Option<&str> {
+    let (path, _version) = key.rsplit_once('@')?;
+    let mut slashes = path.rmatch_indices('/').map(|(i, _)| i);
+    let _system = slashes.next()?;
+    let start = slashes.next()?;
+    Some(&key[start + 1..])
 }
 
 impl TarballEntry {
@@ -193,6 +236,9 @@ mod tests {
             hash: "ab".into(),
             size: 3,
             fetched_at: 10,
+            // Empty history and no milliseconds: the form of older releases, unchanged.
+            fetched_at_ms: 0,
+            replaced: Vec::new(),
         };
         let grant = Grant {
             checked_at: 20,
@@ -229,9 +275,50 @@ mod tests {
         assert_eq!(old.refused_at, None);
         // The kinds name directories under meta/.
         assert_eq!(
-            [KIND_TARBALL, KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC],
-            ["tarball", "grant", "shared", "shared-public"]
+            [
+                KIND_TARBALL,
+                KIND_GRANT,
+                KIND_SHARED,
+                KIND_SHARED_PUBLIC,
+                KIND_REAPPEARED
+            ],
+            ["tarball", "grant", "shared", "shared-public", "reappeared"]
         );
+    }
+
+    /// A re-published version's entry (milliseconds, earlier bytes) and a reappearance record.
+    #[test]
+    fn republish_records_keep_their_on_disk_form() {
+        let tarball = TarballEntry {
+            hash: "ab".into(),
+            size: 3,
+            fetched_at: 10,
+            fetched_at_ms: 0,
+            replaced: Vec::new(),
+        };
+        fn json<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v).unwrap()
+        }
+        // A re-published version's entry: milliseconds and the earlier bytes.
+        let republished = TarballEntry {
+            fetched_at_ms: 10_500,
+            replaced: vec![Replaced {
+                hash: "aa".into(),
+                size: 2,
+                fetched_at: 5,
+                replaced_at: 10,
+            }],
+            ..tarball
+        };
+        assert_eq!(
+            json(&republished),
+            r#"{"hash":"ab","size":3,"fetched_at":10,"fetched_at_ms":10500,"replaced":[{"hash":"aa","size":2,"fetched_at":5,"replaced_at":10}]}"#
+        );
+        assert_eq!(json(&Reappeared { at_ms: 7 }), r#"{"at_ms":7}"#);
+        // Entries written before these fields existed still load, with none.
+        let old: TarballEntry =
+            serde_json::from_str(r#"{"hash":"ab","size":3,"fetched_at":10}"#).unwrap();
+        assert_eq!((old.fetched_at_ms, old.replaced.len()), (0, 0));
     }
 
     /// Each key format, and the matchers `purge` relies on, agree with each other.

@@ -16,6 +16,7 @@ use crate::access::policy::Gitlab;
 use crate::access::Negative;
 use crate::cache::blobs::Hash;
 use crate::cache::records::{tarball_key, BodyRef, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::cache::republish;
 use crate::clock::now as unix_now;
 use crate::fetch::Small;
 use crate::health::retry_after;
@@ -158,6 +159,9 @@ impl Registry {
         };
         let unchanged = previous.is_some_and(|p| p.digest == digest);
         let versions = (op == "versions").then(|| listed_versions(body));
+        if let Some(now) = &versions {
+            self.note_reappeared(module, now).await;
+        }
         let shared = SharedListing {
             digest: digest.clone(),
             fetched_at: unix_now(),
@@ -184,6 +188,32 @@ impl Registry {
         } else {
             CacheStatus::Miss
         }
+    }
+
+    /// Versions the module's previous listing did not show and this one does may have been
+    /// deleted and uploaded again with other bytes: their cached tarballs are refilled before
+    /// they are served again (see `cache::republish`).
+    async fn note_reappeared(&self, module: &ModuleId, now: &[String]) {
+        let previous = self.shared(KIND_SHARED, module, "versions").await;
+        let back = republish::reappeared(previous.as_ref().map(|p| &p.versions[..]), now);
+        if back.is_empty() {
+            return;
+        }
+        let (meta, reappeared) = (self.cache.meta.clone(), self.cache.reappeared.clone());
+        let ids: Vec<String> = back
+            .iter()
+            .map(|v| format!("{}/{}@{v}", module.name, module.system))
+            .collect();
+        for v in &back {
+            tracing::info!(%module, version = %v, "version listed again: cached bytes will be checked");
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            let now = crate::clock::now_ms();
+            for id in ids {
+                reappeared.note(&meta, &id, now);
+            }
+        })
+        .await;
     }
 
     /// Keep the module-wide view of a listing: for offline fallback by policy, and, when

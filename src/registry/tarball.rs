@@ -12,8 +12,8 @@ use super::reply::write_tarball_head;
 use super::{gitlab_token, source, Outcome, Registry, DISK_CHUNK, OCTETS};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{End, FillError, Source};
-use crate::cache::records::{tarball_key, TarballEntry};
-use crate::cache::Cache;
+use crate::cache::records::{tarball_key, TarballEntry, KIND_TARBALL};
+use crate::cache::{republish, Cache};
 use crate::clock::now as unix_now;
 use crate::fetch;
 use crate::identity::Identity;
@@ -79,16 +79,20 @@ impl Registry {
             identity,
         };
         if let Some(entry) = self.cache.tarball(key).await {
-            if let Some(hash) = entry.hash() {
-                if self
-                    .serve_blob(session, key, hash, entry.size, head)
-                    .await?
-                {
-                    return Ok(outcome(CacheStatus::Hit, None));
+            // A version seen coming back in a listing since these bytes were fetched may have
+            // been re-published: refill (the entry stays, for the fill to compare).
+            if !republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
+                if let Some(hash) = entry.hash() {
+                    if self
+                        .serve_blob(session, key, hash, entry.size, head)
+                        .await?
+                    {
+                        return Ok(outcome(CacheStatus::Hit, None));
+                    }
                 }
+                // The blob was evicted or corrupt: forget the entry and fill again.
+                self.cache.drop_tarball(key).await;
             }
-            // The blob was evicted or corrupt: forget the entry and fill again.
-            self.cache.drop_tarball(key).await;
         }
         if head {
             // The length is unknown until a GET fills it: say nothing rather than 0.
@@ -200,18 +204,31 @@ impl Registry {
         open: impl FnOnce() -> crate::cache::fill::Opener,
     ) -> std::io::Result<(Arc<crate::cache::fill::Fill>, bool)> {
         let meta = self.cache.meta.clone();
+        let front = self.cache.index_front();
         let index_key = key.to_string();
         self.cache
             .fills
             .join_or_start(key, self.cache.blobs.clone(), open, move |hash, size| {
-                let entry = TarballEntry {
-                    hash: hash.to_hex().to_string(),
+                let previous: Option<TarballEntry> = meta.get(KIND_TARBALL, &index_key);
+                let (entry, change) = republish::after_fill(
+                    previous.as_ref(),
+                    hash.to_hex().to_string(),
                     size,
-                    fetched_at: unix_now(),
-                };
+                    crate::clock::now_ms(),
+                );
+                if let Some(old) = change {
+                    metrics::REPUBLISHED.inc();
+                    tracing::warn!(
+                        tarball = %index_key,
+                        old_blake3 = %old.hash,
+                        new_blake3 = %entry.hash,
+                        "re-published: GitLab now serves other bytes for this version"
+                    );
+                }
                 if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
                     tracing::error!(error = %e, "could not index a tarball");
                 }
+                front.insert(index_key.clone(), entry);
             })
     }
 

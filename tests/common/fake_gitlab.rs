@@ -238,6 +238,18 @@ impl FakeGitlab {
         m.1.remove(version);
     }
 
+    /// Upload `version` again after a `delete_version`, with other bytes (a whole, valid
+    /// module tarball whose content names `generation`).
+    pub fn republish(&self, group: &str, name: &str, system: &str, version: &str, generation: u32) {
+        let mut r = self.inner.registry.lock().unwrap();
+        let m = r
+            .modules
+            .get_mut(&(group.into(), name.into(), system.into()))
+            .unwrap();
+        let module = format!("{group}/{name}/{system} (generation {generation})");
+        m.1.insert(version.into(), module_tarball(&module, version, 0));
+    }
+
     /// Answer this caller (a token, or `None` for anonymous) 429 with `Retry-After`, or stop
     /// (`retry_after: None`).
     pub fn rate_limit(&self, token: Option<&str>, retry_after: Option<u64>) {
