@@ -614,4 +614,28 @@ async fn a_republished_version_is_served_with_its_new_bytes_on_every_route() {
         lines[line + 1].contains("re-published") && lines[line + 1].contains(old_hash.as_str()),
         "{ls}"
     );
+
+    // Re-published once more, but GitLab fails when the version is checked: the bytes it had
+    // are served as stale (as listings are), then the new ones once GitLab is back.
+    gl.delete_version("infra", "vpc", "aws", "1.0.0");
+    while listed(&listing().await) {
+        assert!(std::time::Instant::now() < deadline + Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gl.republish("infra", "vpc", "aws", "1.0.0", 3);
+    let third = gl.tarball("infra", "vpc", "aws", "1.0.0");
+    while !listed(&listing().await) {
+        assert!(std::time::Instant::now() < deadline + Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gl.set_fault(Fault::Status(500));
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache-status"], "STALE");
+    assert_eq!(r.bytes().await.unwrap(), new);
+    gl.set_fault(Fault::None);
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.bytes().await.unwrap(), third);
+    assert!(m.metric("tfmirror_republished_total", "").await >= 2.0);
 }

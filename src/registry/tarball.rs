@@ -78,13 +78,17 @@ impl Registry {
             upstream_status,
             identity,
         };
+        // Bytes to fall back on when a refill of a reappeared version cannot reach GitLab.
+        let mut earlier: Option<(Hash, u64)> = None;
         if let Some(entry) = self.cache.tarball(key).await {
             // A version seen coming back in a listing since these bytes were fetched may have
             // been re-published: refill (the entry stays, for the fill to compare).
-            if !republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
+            if republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
+                earlier = entry.hash().map(|h| (h, entry.size));
+            } else {
                 if let Some(hash) = entry.hash() {
                     if self
-                        .serve_blob(session, key, hash, entry.size, head)
+                        .serve_blob(session, key, hash, entry.size, head, CacheStatus::Hit)
                         .await?
                     {
                         return Ok(outcome(CacheStatus::Hit, None));
@@ -127,6 +131,21 @@ impl Registry {
                     FillError::Refused(s) => s,
                     _ => StatusCode::BAD_GATEWAY,
                 };
+                // GitLab unreachable or failing while a reappeared version is checked: the
+                // bytes it had are served as stale, as listings are. A refusal (gone, denied)
+                // is relayed.
+                let unreachable = matches!(e, FillError::Upstream(_))
+                    || status.is_server_error()
+                    || status == StatusCode::TOO_MANY_REQUESTS;
+                if let (true, Some((hash, size))) = (unreachable, earlier) {
+                    if self
+                        .serve_blob(session, key, hash, size, false, CacheStatus::Stale)
+                        .await?
+                    {
+                        metrics::STALE_SERVED.inc();
+                        return Ok(outcome(CacheStatus::Stale, Some(status.as_u16())));
+                    }
+                }
                 respond::registry_error(session, status, CacheStatus::Miss).await?;
                 return Ok(outcome(CacheStatus::Miss, Some(status.as_u16())));
             }
@@ -299,6 +318,7 @@ impl Registry {
         hash: Hash,
         size: u64,
         head: bool,
+        status: CacheStatus,
     ) -> Result<bool> {
         if size <= self.cache.memory_max_object() {
             let Some(bytes) = self.cache.get_small(hash).await.ok().flatten() else {
@@ -306,7 +326,7 @@ impl Registry {
             };
             let headers = [
                 (header::CONTENT_TYPE, V::Static(OCTETS)),
-                (respond::CACHE_STATUS, V::Static("HIT")),
+                (respond::CACHE_STATUS, V::Static(status.as_str())),
             ];
             respond::full(session, StatusCode::OK, &headers, bytes).await?;
             return Ok(true);
@@ -333,7 +353,7 @@ impl Registry {
             self.cache.forget(&hash);
             return Ok(false);
         }
-        write_tarball_head(session, CacheStatus::Hit, Some(size), head).await?;
+        write_tarball_head(session, status, Some(size), head).await?;
         if head {
             return Ok(true);
         }
