@@ -501,8 +501,9 @@ fn cache_verify(admin: &tfmirror::cache::admin::Admin) -> std::io::Result<ExitCo
         println!("DAMAGED {} ({why})", row.key);
     }
     println!(
-        "{} checked, {} damaged, {} evicted (filled again on the next request)",
+        "{} checked, {} listing bodies checked, {} damaged, {} evicted (filled again on the next request)",
         found.checked,
+        found.listings,
         found.damaged.len(),
         found.evicted.len()
     );

@@ -259,13 +259,16 @@ impl Proxy {
             let body = serde_json::json!({ "error": "module is missing" }).to_string();
             return respond::json(session, StatusCode::BAD_REQUEST, body).await;
         };
-        let dir = self.cache_dir.clone();
+        // Through this server's own stores, so its byte accounting follows the removal.
+        let admin = crate::cache::admin::Admin::with_stores(
+            &self.cache_dir,
+            self.cache.meta.clone(),
+            self.cache.blobs.clone(),
+        );
         let s = spec.clone();
-        let purged = tokio::task::spawn_blocking(move || {
-            crate::cache::admin::Admin::open(&dir).and_then(|a| a.purge(&s))
-        })
-        .await
-        .map_err(|e| pingora::Error::because(ErrorType::InternalError, "purge", e))?;
+        let purged = tokio::task::spawn_blocking(move || admin.purge(&s))
+            .await
+            .map_err(|e| pingora::Error::because(ErrorType::InternalError, "purge", e))?;
         match purged {
             Ok(n) => {
                 let module = spec.split('@').next().unwrap_or_default();

@@ -504,3 +504,68 @@ fn config_errors_name_the_setting_never_the_value() {
         assert!(!all.contains("Sup3r"), "{var} echoed its value: {all}");
     }
 }
+
+/// `cache verify` checks listing bodies too: a corrupt one is reported and fails the check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_verify_reports_a_corrupt_listing_body() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let r = client()
+        .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
+        .header("authorization", common::bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    let dir = m.cache_dir().join("cache");
+    let dir = dir.to_str().unwrap();
+    let ok = tfmirror(&["cache", "verify", "--cache-dir", dir]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(
+        text(&ok).contains("1 listing bodies checked"),
+        "{}",
+        text(&ok)
+    );
+
+    std::fs::write(find_blob(&Path::new(dir).join("blobs"), &body), b"{rotten").unwrap();
+    let bad = tfmirror(&["cache", "verify", "--cache-dir", dir]);
+    assert_eq!(bad.status.code(), Some(1), "{}", text(&bad));
+    assert!(
+        text(&bad).contains("DAMAGED listing infra/vpc/aws/versions"),
+        "{}",
+        text(&bad)
+    );
+    assert!(!text(&bad).contains(ALICE));
+    assert!(text(&ok).contains("1 listing bodies checked"), "{}", text(&ok));
+}
+
+/// `POST /-/admin/purge` removes through the running server's own store: its disk byte count
+/// drops by what was purged (a second store would leave the server counting those bytes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_purge_keeps_the_servers_byte_count_right() {
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 300_000);
+    let m = Mirror::start_with_config(&gl.url(), &format!("admin_token: {ADMIN}\n")).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    let size = gl.tarball("infra", "vpc", "aws", "1.0.0").len() as f64;
+    let before = m.metric("tfmirror_cache_bytes", "tier=\"disk\"").await;
+    assert!(before >= size, "{before} < {size}");
+    let r = client()
+        .post(format!(
+            "{}/-/admin/purge?module=infra/vpc/aws@1.0.0",
+            m.url()
+        ))
+        .header("authorization", format!("Bearer {ADMIN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after = m.metric("tfmirror_cache_bytes", "tier=\"disk\"").await;
+    assert_eq!(
+        after,
+        before - size,
+        "the purged bytes are no longer counted"
+    );
+}

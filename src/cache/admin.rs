@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -42,6 +43,8 @@ pub struct Row {
 #[derive(Debug, Default)]
 pub struct Verified {
     pub checked: usize,
+    /// Listing bodies checked (each stored body once, whoever's records name it).
+    pub listings: usize,
     /// Entries whose bytes are wrong: never served (reads are checked), but worth knowing.
     pub damaged: Vec<(Row, &'static str)>,
     /// Records whose blob was evicted: the next request fills them again.
@@ -50,8 +53,8 @@ pub struct Verified {
 
 pub struct Admin {
     dir: std::path::PathBuf,
-    meta: MetaStore,
-    blobs: BlobStore,
+    meta: Arc<MetaStore>,
+    blobs: Arc<BlobStore>,
 }
 
 impl Admin {
@@ -64,9 +67,20 @@ impl Admin {
         }
         Ok(Admin {
             dir: cache_dir.to_path_buf(),
-            meta: MetaStore::open(cache_dir)?,
-            blobs: BlobStore::open(cache_dir, u64::MAX)?,
+            meta: Arc::new(MetaStore::open(cache_dir)?),
+            blobs: Arc::new(BlobStore::open(cache_dir, u64::MAX)?),
         })
+    }
+
+    /// Administration through a running server's own stores (the purge endpoint): what it
+    /// removes leaves that server's byte accounting and record count right, which a second
+    /// store opened on the same directory would not.
+    pub fn with_stores(cache_dir: &Path, meta: Arc<MetaStore>, blobs: Arc<BlobStore>) -> Admin {
+        Admin {
+            dir: cache_dir.to_path_buf(),
+            meta,
+            blobs,
+        }
     }
 
     /// Every cached tarball, sorted by key.
@@ -108,7 +122,53 @@ impl Admin {
                 Err(e) => return Err(e),
             }
         }
+        self.verify_listings(&mut out)?;
         Ok(out)
+    }
+
+    /// Listing bodies are blobs named by their blake3 in shared-listing records and grants:
+    /// a damaged one is reported as `listing <record key>` (the server never serves it: reads
+    /// are checked, and a bad body is fetched again).
+    fn verify_listings(&self, out: &mut Verified) -> io::Result<()> {
+        let mut named: Vec<(String, String)> = Vec::new();
+        for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
+            for (key, l) in self.meta.scan::<SharedListing>(kind)? {
+                named.push((format!("listing {key}"), l.digest));
+            }
+        }
+        for (key, g) in self.meta.scan::<Grant>(KIND_GRANT)? {
+            // Grant keys start with the identity hash: shown as the module and listing only.
+            let module = key.split_once('/').map_or("", |(_, m)| m).to_string();
+            for (op, body) in g.bodies {
+                named.push((format!("listing {module}/{op}"), body.digest));
+            }
+        }
+        let mut seen = HashSet::new();
+        for (label, digest) in named {
+            if digest.is_empty() || !seen.insert(digest.clone()) {
+                continue;
+            }
+            out.listings += 1;
+            let row = Row {
+                key: label,
+                size: 0,
+                age_secs: 0,
+                hash: digest,
+                fetched_at: 0,
+                replaced: Vec::new(),
+            };
+            let Ok(hash) = Hash::from_hex(&row.hash) else {
+                out.damaged.push((row, "bad hash in record"));
+                continue;
+            };
+            match hash_file(&self.blobs.path(&hash))? {
+                Some((h, _)) if h != hash => {
+                    out.damaged.push((row, "content does not match its hash"));
+                }
+                _ => {} // whole, or evicted (asked for again on the next request)
+            }
+        }
+        Ok(())
     }
 
     /// Remove a module (`namespace/name/system`) or one version of it (`...@1.2.3`): its
