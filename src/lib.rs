@@ -13,6 +13,7 @@
 //! | [`proxy`] | the pingora hooks: decide, then answer locally, from the registry logic, or proxy |
 //! | [`registry`] | cache decisions for registry routes: grants, stale answers, tokens, fills |
 //! | [`access`] | grants per (identity, module), credentials in memory, negative answers |
+//! | [`providers`] | the provider mirror: registries, verification, network mirror protocol |
 //! | [`identity`] | keyed hashes of credentials |
 //! | [`secret`] | key material: the per-instance `secret.key`, or a set's shared key file; rotation |
 //! | [`token`] | tfmirror's download tokens: sealed (AEAD) claims any replica of a set can open |
@@ -57,6 +58,7 @@ pub mod health;
 pub mod identity;
 pub mod logbuf;
 pub mod metrics;
+pub mod providers;
 pub mod proxy;
 pub mod registry;
 pub mod respond;

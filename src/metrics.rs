@@ -196,8 +196,17 @@ pub static GRANTS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static PROVIDER_VERIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_provider_verifications_total",
+        "Provider package checks, by result: signature_ok, unsigned_accepted, checksum_ok, or the reason a package was refused (never kept nor served).",
+        &["result"]
+    )
+    .expect("metric")
+});
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 22] = [
+pub const FAMILIES: [&str; 23] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -220,6 +229,7 @@ pub const FAMILIES: [&str; 22] = [
     "tfmirror_cache_records",
     "tfmirror_cache_records_refused_total",
     "tfmirror_grants_expired_total",
+    "tfmirror_provider_verifications_total",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -251,6 +261,7 @@ pub fn init() {
     LazyLock::force(&CACHE_RECORDS);
     LazyLock::force(&CACHE_RECORDS_REFUSED);
     LazyLock::force(&GRANTS_EXPIRED);
+    LazyLock::force(&PROVIDER_VERIFICATIONS);
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

@@ -18,6 +18,7 @@ pub struct Parts {
     pub upstream: Arc<Upstream>,
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
+    pub providers: Arc<crate::providers::Providers>,
 }
 
 /// Open the cache directory and set up the upstream. Fails on anything that would only break
@@ -50,6 +51,7 @@ pub fn open(config: &Config) -> Result<Parts, String> {
         config.offline.enabled,
         config.offline.breaker_threshold,
     ));
+    let providers = Arc::new(crate::providers::Providers::new(config, cache.clone())?);
     let registry = Arc::new(Registry::new(
         upstream.clone(),
         cache,
@@ -61,6 +63,7 @@ pub fn open(config: &Config) -> Result<Parts, String> {
         upstream,
         registry,
         health,
+        providers,
     })
 }
 
@@ -74,6 +77,7 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         upstream,
         registry,
         health,
+        providers,
     } = open(config)?;
     crate::metrics::init();
     // Rebuild disk usage off the request path: serving starts at once, whatever the size.
@@ -135,7 +139,8 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     };
     let group = crate::workers::Group::new(config.listen, config.threads);
     for i in 0..config.threads {
-        let proxy = Proxy::new(upstream.clone(), registry.clone(), health.clone(), config);
+        let proxy = Proxy::new(upstream.clone(), registry.clone(), health.clone(), config)
+            .with_providers(providers.clone());
         let app = crate::downstream::Guarded::new(
             pingora::proxy::http_proxy(&server.configuration, proxy),
             config.timeouts.client_idle,

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod fake_gitlab;
+pub mod fake_registry;
+pub mod pki;
 pub mod terraform;
 
 use std::net::{SocketAddr, TcpListener};

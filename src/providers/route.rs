@@ -1,0 +1,238 @@
+//! Provider paths under `/providers/`, parsed once into a typed [`ProviderRoute`].
+//!
+//! - `/providers/mirror/<hostname>/<namespace>/<type>/index.json`
+//! - `/providers/mirror/<hostname>/<namespace>/<type>/<version>.json`
+//! - `/providers/mirror/<hostname>/<namespace>/<type>/<version>/<os>_<arch>.zip`
+//!
+//! The first two are Terraform's provider network mirror protocol; the third is where the
+//! relative archive URLs of `<version>.json` lead. Every part is validated here, so nothing
+//! that could not name a provider reaches the upstream logic.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use http::{Method, StatusCode};
+use semver::Version;
+
+use crate::routes::Reject;
+
+/// `registry.terraform.io/hashicorp/aws`, as Terraform writes provider source addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProviderId {
+    /// Registry hostname, lowercase, with `:port` when not 443.
+    pub host: String,
+    pub namespace: String,
+    /// The provider type (`aws`).
+    pub name: String,
+}
+
+impl fmt::Display for ProviderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.host, self.namespace, self.name)
+    }
+}
+
+/// A target platform, `os_arch` (`linux_amd64`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}_{}", self.os, self.arch)
+    }
+}
+
+impl Platform {
+    pub fn parse(s: &str) -> Option<Platform> {
+        let (os, arch) = s.split_once('_')?;
+        let ok = |p: &str| {
+            !p.is_empty() && p.len() <= 32 && p.bytes().all(|b| b.is_ascii_alphanumeric())
+        };
+        (ok(os) && ok(arch)).then(|| Platform {
+            os: os.to_string(),
+            arch: arch.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorOp {
+    /// `index.json`: the versions.
+    Index,
+    /// `<version>.json`: each platform's archive URL and hashes.
+    Version(Version),
+    /// `<version>/<os>_<arch>.zip`: the package itself.
+    Archive(Version, Platform),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderRoute {
+    pub provider: ProviderId,
+    pub op: MirrorOp,
+}
+
+impl ProviderRoute {
+    pub fn template(&self) -> &'static str {
+        match self.op {
+            MirrorOp::Index => "provider_index",
+            MirrorOp::Version(_) => "provider_version",
+            MirrorOp::Archive(..) => "provider_archive",
+        }
+    }
+
+    pub fn version(&self) -> Option<&Version> {
+        match &self.op {
+            MirrorOp::Index => None,
+            MirrorOp::Version(v) | MirrorOp::Archive(v, _) => Some(v),
+        }
+    }
+}
+
+pub const MIRROR_PREFIX: &str = "/providers/mirror/";
+
+/// Longest hostname (DNS limit) and namespace/type accepted.
+const MAX_HOST: usize = 253;
+const MAX_PART: usize = 64;
+
+/// Parse the decoded segments after `/providers/`.
+pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Reject> {
+    let not_found = Reject::new(StatusCode::NOT_FOUND, "404 Not Found");
+    let [kind, host, ns, name, rest @ ..] = segs else {
+        return Err(not_found);
+    };
+    if kind != "mirror" {
+        return Err(not_found);
+    }
+    if !valid_host(host) {
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
+    }
+    if !valid_part(ns) {
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "namespace is invalid"));
+    }
+    if !valid_part(name) {
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "type is invalid"));
+    }
+    let bad_version = || Reject::new(StatusCode::BAD_REQUEST, "version is invalid");
+    let op = match rest {
+        [f] if f == "index.json" => MirrorOp::Index,
+        [f] => {
+            let v = f.strip_suffix(".json").ok_or(not_found)?;
+            MirrorOp::Version(Version::parse(v).map_err(|_| bad_version())?)
+        }
+        [v, f] => {
+            let version = Version::parse(v).map_err(|_| bad_version())?;
+            let platform = f
+                .strip_suffix(".zip")
+                .and_then(Platform::parse)
+                .ok_or(Reject::new(StatusCode::NOT_FOUND, "404 Not Found"))?;
+            MirrorOp::Archive(version, platform)
+        }
+        _ => return Err(not_found),
+    };
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Err(Reject::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed",
+        ));
+    }
+    Ok(ProviderRoute {
+        provider: ProviderId {
+            host: host.to_string(),
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        },
+        op,
+    })
+}
+
+/// A normalized registry hostname: lowercase letters, digits, dots and dashes, optionally
+/// `:port`, as Terraform writes hostnames in mirror paths.
+pub fn valid_host(h: &str) -> bool {
+    let (name, port) = match h.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (h, None),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= MAX_HOST
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && !name.starts_with(['.', '-'])
+        && !name.contains("..");
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+    name_ok && port_ok
+}
+
+/// Namespace and type: Terraform allows letters, digits, dashes and underscores.
+fn valid_part(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_PART
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(path: &str) -> Result<ProviderRoute, StatusCode> {
+        let segs: Vec<Cow<'_, str>> = path.split('/').map(Cow::Borrowed).collect();
+        parse(&Method::GET, &segs).map_err(|r| r.status)
+    }
+
+    #[test]
+    fn mirror_paths() {
+        let r = p("mirror/registry.terraform.io/hashicorp/aws/index.json").unwrap();
+        assert_eq!(r.op, MirrorOp::Index);
+        assert_eq!(
+            r.provider.to_string(),
+            "registry.terraform.io/hashicorp/aws"
+        );
+        let r = p("mirror/registry.terraform.io/hashicorp/aws/5.1.0.json").unwrap();
+        assert_eq!(r.op, MirrorOp::Version(Version::new(5, 1, 0)));
+        let r = p("mirror/127.0.0.1:8443/hashicorp/aws/5.1.0/linux_amd64.zip").unwrap();
+        assert_eq!(
+            r.op,
+            MirrorOp::Archive(
+                Version::new(5, 1, 0),
+                Platform::parse("linux_amd64").unwrap()
+            )
+        );
+        assert_eq!(r.template(), "provider_archive");
+    }
+
+    #[test]
+    fn bad_parts_are_refused() {
+        for (path, status) in [
+            (
+                "mirror/Registry.io/h/aws/index.json",
+                StatusCode::BAD_REQUEST,
+            ),
+            ("mirror/reg..io/h/aws/index.json", StatusCode::BAD_REQUEST),
+            ("mirror/r.io:0/h/aws/index.json", StatusCode::BAD_REQUEST),
+            ("mirror/r.io/h!/aws/index.json", StatusCode::BAD_REQUEST),
+            ("mirror/r.io/h/aws/v1.0.json", StatusCode::BAD_REQUEST),
+            ("mirror/r.io/h/aws/1.0.0/linux.zip", StatusCode::NOT_FOUND),
+            (
+                "mirror/r.io/h/aws/1.0.0/linux_amd64.tgz",
+                StatusCode::NOT_FOUND,
+            ),
+            ("mirror/r.io/h/aws/index.xml", StatusCode::NOT_FOUND),
+            ("mirror/r.io/h/aws", StatusCode::NOT_FOUND),
+            ("other/r.io/h/aws/index.json", StatusCode::NOT_FOUND),
+        ] {
+            assert_eq!(p(path).unwrap_err(), status, "{path}");
+        }
+        let segs: Vec<Cow<'_, str>> = "mirror/r.io/h/aws/index.json"
+            .split('/')
+            .map(Cow::Borrowed)
+            .collect();
+        assert_eq!(
+            parse(&Method::POST, &segs).unwrap_err().status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+    }
+}
