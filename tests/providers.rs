@@ -226,6 +226,14 @@ async fn twenty_parallel_gets_cost_one_upstream_fetch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_zip_is_refused_and_nothing_is_kept() {
     let s = Setup::new("").await;
+    // Large enough that the body goes out in many writes, as real packages do.
+    s.reg.add_provider_sized(
+        NS,
+        TYPE,
+        &["1.0.0"],
+        &["linux_amd64", "darwin_arm64"],
+        3 << 20,
+    );
     // Checksums verified and recorded first, from the untampered registry.
     assert_eq!(s.json("1.0.0.json").await.0, 200);
     s.reg.set_faults(Faults {
