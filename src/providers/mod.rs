@@ -115,7 +115,9 @@ pub struct Providers {
     pub registries: Arc<Registries>,
     pub cache: Arc<Cache>,
     windows: Windows,
-    soft_timeout: Duration,
+    /// `offline.deadline`: how long a registry may take before it counts as failed (slow
+    /// is not down: below this, tfmirror waits whatever it has cached).
+    deadline: Duration,
     allow_unsigned: bool,
     /// Memory fronts of the records on disk, so hits read no file.
     versions_front: moka::sync::Cache<String, Arc<VersionsRecord>>,
@@ -135,7 +137,7 @@ impl Providers {
                 stale_while_revalidate: config.cache.stale_while_revalidate.as_secs(),
                 stale_if_error: config.cache.stale_if_error.as_secs(),
             },
-            soft_timeout: config.offline.soft_timeout,
+            deadline: config.offline.deadline,
             allow_unsigned: config.providers.allow_unsigned,
             versions_front: moka::sync::Cache::builder()
                 .max_capacity(10_000)
@@ -212,16 +214,12 @@ impl Providers {
             Plan::Ask { fallback } => {
                 let this = self.clone();
                 let pc = p.clone();
-                // A task of its own: when the soft timeout serves a stale list, the fetch
-                // still completes and refreshes the cache.
+                // A task of its own: when the deadline passes, the fetch still completes and
+                // refreshes the cache for the next caller.
                 let mut task = tokio::spawn(async move { this.fetch_versions(&pc).await });
-                let result = if fallback {
-                    match tokio::time::timeout(self.soft_timeout, &mut task).await {
-                        Ok(joined) => joined.unwrap_or(Err(UpError::Protocol("task failed"))),
-                        Err(_) => Err(UpError::Transport { timeout: true }),
-                    }
-                } else {
-                    task.await.unwrap_or(Err(UpError::Protocol("task failed")))
+                let result = match tokio::time::timeout(self.deadline, &mut task).await {
+                    Ok(joined) => joined.unwrap_or(Err(UpError::Protocol("task failed"))),
+                    Err(_) => Err(UpError::Transport { timeout: true }),
                 };
                 match result {
                     Ok(rec) => Ok(Found {
