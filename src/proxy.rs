@@ -195,7 +195,7 @@ impl Proxy {
                     respond::error(session, StatusCode::NOT_FOUND).await?;
                     return Ok(true);
                 };
-                ctx.cache = Some(providers.handle(session, p).await?);
+                ctx.cache = Some(providers.handle(session, p, &public).await?);
                 Ok(true)
             }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {

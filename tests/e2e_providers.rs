@@ -208,3 +208,59 @@ async fn twenty_parallel_inits_cost_one_upstream_fetch_per_zip() {
         1
     );
 }
+
+/// A `host` block whose `providers.v1` points at tfmirror's registry pass-through: Terraform
+/// verifies the registry's signature itself and writes the same lock file as when it talks
+/// to the registry directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_override_passes_the_registry_protocol_through() {
+    let s = Setup::new().await;
+    let main = format!(
+        "terraform {{\n  required_providers {{\n    fakecloud = {{\n      source  = \"registry.terraform.io/{NS}/fakecloud\"\n      version = \"~> 1.0\"\n    }}\n  }}\n}}\n"
+    );
+    let host_block = |providers_v1: String| {
+        format!(
+            "host \"registry.terraform.io\" {{\n  services = {{\n    \"providers.v1\" = \"{providers_v1}\"\n  }}\n}}\n"
+        )
+    };
+    let direct =
+        Workspace::with_files(&main, &host_block(format!("{}/v1/providers/", s.reg.url())));
+    let run = s.init(&direct).await;
+    assert!(run.ok(), "{}", run.output());
+    let direct_lock = direct.lock_file().unwrap();
+    // Signed by the registry's key: the zh: hashes of the signed SHA256SUMS are recorded
+    // (both platforms, and the manifest line Terraform takes along).
+    assert!(direct_lock.matches("\"zh:").count() >= 2, "{direct_lock}");
+
+    let through_cli = host_block(format!(
+        "{}/providers/registry/registry.terraform.io/v1/providers/",
+        s.m.url()
+    ));
+    let zip_path = FakeRegistry::zip_path(NS, "fakecloud", "1.1.0", "linux_amd64");
+    let before = s.reg.hits(&zip_path);
+    let through = Workspace::with_files(&main, &through_cli);
+    let run = s.init(&through).await;
+    assert!(run.ok(), "{}\n{}", run.output(), s.m.logs());
+    assert_eq!(through.lock_file().unwrap(), direct_lock);
+    assert_eq!(s.reg.hits(&zip_path), before + 1);
+    // Terraform fetched every file from tfmirror, none from the registry's release host.
+    let logs = s.m.logs();
+    for route in [
+        "provider_registry_versions",
+        "provider_registry_download",
+        "provider_shasums",
+        "provider_archive",
+    ] {
+        assert!(logs.contains(&format!("\"route\":\"{route}\"")), "{route}");
+    }
+
+    // The registry goes down: the pass-through answers from the cache.
+    s.reg.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    let again = Workspace::with_files(&main, &through_cli);
+    let run = s.init(&again).await;
+    assert!(run.ok(), "{}\n{}", run.output(), s.m.logs());
+    assert_eq!(again.lock_file().unwrap(), direct_lock);
+}

@@ -17,12 +17,13 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
-use super::route::{MirrorOp, ProviderRoute};
+use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
 use super::{archive_key, Failed, Providers};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::FillError;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, HeaderValueLike as V};
+use crate::rewrite::PublicBase;
 
 const JSON: &str = "application/json";
 const ZIP: &str = "application/zip";
@@ -56,12 +57,24 @@ pub fn version_body(version: &str, sums: &super::SumsRecord) -> String {
     serde_json::json!({ "archives": map }).to_string()
 }
 
+/// A registry download answer with its three URLs moved onto tfmirror (`base` is the
+/// version's directory in the mirror tree). Everything else, `shasum` and `signing_keys`
+/// included, stays as the registry sent it, so Terraform verifies the signature itself and
+/// records the same hashes as when installing directly.
+pub fn rewrite_download(mut answer: serde_json::Value, base: &str, platform: &Platform) -> String {
+    answer["download_url"] = format!("{base}/{platform}.zip").into();
+    answer["shasums_url"] = format!("{base}/SHA256SUMS").into();
+    answer["shasums_signature_url"] = format!("{base}/SHA256SUMS.sig").into();
+    answer.to_string()
+}
+
 impl Providers {
     /// Answer a provider route. Returns what the cache did, for the access log.
     pub async fn handle(
         self: &Arc<Self>,
         session: &mut Session,
         route: &ProviderRoute,
+        public: &PublicBase,
     ) -> Result<CacheStatus> {
         let p = &route.provider;
         if !self.registries.knows(&p.host) {
@@ -69,7 +82,7 @@ impl Providers {
             return Ok(CacheStatus::Bypass);
         }
         match &route.op {
-            MirrorOp::Index => match self.versions(p).await {
+            ProviderOp::Index => match self.versions(p).await {
                 Ok(f) => {
                     let body = index_body(&f.value.versions);
                     write_json(session, f.cache, f.age, body).await?;
@@ -80,7 +93,7 @@ impl Providers {
                     Ok(cache)
                 }
             },
-            MirrorOp::Version(v) => match self.sums(p, &v.to_string()).await {
+            ProviderOp::Version(v) => match self.sums(p, &v.to_string()).await {
                 Ok(f) => {
                     let body = version_body(&v.to_string(), &f.value);
                     write_json(session, f.cache, f.age, body).await?;
@@ -91,7 +104,78 @@ impl Providers {
                     Ok(cache)
                 }
             },
-            MirrorOp::Archive(v, platform) => {
+            ProviderOp::Sums(v) | ProviderOp::SumsSignature(v) => {
+                let sig = matches!(route.op, ProviderOp::SumsSignature(_));
+                let sums = match self.sums(p, &v.to_string()).await {
+                    Ok(f) => f,
+                    Err(Failed { status, cache }) => {
+                        write_error(session, status, cache).await?;
+                        return Ok(cache);
+                    }
+                };
+                let blob = if sig {
+                    &sums.value.signature
+                } else {
+                    &sums.value.document
+                };
+                let bytes = match blob.as_deref().and_then(|h| Hash::from_hex(h).ok()) {
+                    Some(h) => self.cache.get_small(h).await.ok().flatten(),
+                    None => None,
+                };
+                let Some(bytes) = bytes else {
+                    // Unsigned (allowed) versions have no signature; a lost blob is a 404
+                    // until the checksums are purged and fetched again.
+                    write_error(session, StatusCode::NOT_FOUND, sums.cache).await?;
+                    return Ok(sums.cache);
+                };
+                let headers = [
+                    (
+                        header::CONTENT_TYPE,
+                        V::Static(if sig {
+                            "application/octet-stream"
+                        } else {
+                            "text/plain; charset=utf-8"
+                        }),
+                    ),
+                    (respond::CACHE_STATUS, V::Static(sums.cache.as_str())),
+                ];
+                respond::full(session, StatusCode::OK, &headers, bytes).await?;
+                Ok(sums.cache)
+            }
+            ProviderOp::RegistryVersions => match self.versions(p).await {
+                Ok(f) => {
+                    let body = serde_json::json!({
+                        "id": format!("{}/{}", p.namespace, p.name),
+                        "versions": f.value.versions,
+                        "warnings": null,
+                    });
+                    write_json(session, f.cache, f.age, body.to_string()).await?;
+                    Ok(f.cache)
+                }
+                Err(Failed { status, cache }) => {
+                    write_error(session, status, cache).await?;
+                    Ok(cache)
+                }
+            },
+            ProviderOp::RegistryDownload(v, platform) => {
+                let version = v.to_string();
+                match self.download_answer(p, &version, platform).await {
+                    Ok(f) => {
+                        let base = format!(
+                            "{}{}{MIRROR_PREFIX}{p}/{version}",
+                            public.origin, public.prefix
+                        );
+                        let body = rewrite_download(f.value.answer, &base, platform);
+                        write_json(session, f.cache, f.age, body).await?;
+                        Ok(f.cache)
+                    }
+                    Err(Failed { status, cache }) => {
+                        write_error(session, status, cache).await?;
+                        Ok(cache)
+                    }
+                }
+            }
+            ProviderOp::Archive(v, platform) => {
                 let version = v.to_string();
                 let key = archive_key(p, &version, platform);
                 let head = session.req_header().method == Method::HEAD;
@@ -301,6 +385,41 @@ mod tests {
     use std::collections::BTreeMap;
 
     #[test]
+    fn download_answers_point_at_tfmirror_and_keep_the_rest() {
+        let answer = serde_json::json!({
+            "protocols": ["5.0"], "os": "linux", "arch": "amd64",
+            "filename": "terraform-provider-x_1.0.0_linux_amd64.zip",
+            "download_url": "https://releases.example/x.zip",
+            "shasums_url": "https://releases.example/SUMS",
+            "shasums_signature_url": "https://releases.example/SUMS.sig",
+            "shasum": "ab", "signing_keys": {"gpg_public_keys": [{"key_id": "K", "ascii_armor": "A"}]},
+        });
+        let base = "https://m.example/providers/mirror/r.io/h/x/1.0.0";
+        let out: serde_json::Value = serde_json::from_str(&rewrite_download(
+            answer.clone(),
+            base,
+            &Platform::parse("linux_amd64").unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(out["download_url"], format!("{base}/linux_amd64.zip"));
+        assert_eq!(out["shasums_url"], format!("{base}/SHA256SUMS"));
+        assert_eq!(
+            out["shasums_signature_url"],
+            format!("{base}/SHA256SUMS.sig")
+        );
+        for k in [
+            "protocols",
+            "os",
+            "arch",
+            "filename",
+            "shasum",
+            "signing_keys",
+        ] {
+            assert_eq!(out[k], answer[k], "{k}");
+        }
+    }
+
+    #[test]
     fn protocol_shapes() {
         let versions = vec![super::super::upstream::VersionInfo {
             version: "1.2.3".into(),
@@ -319,6 +438,8 @@ mod tests {
             )]),
             signed_by: Some("k".into()),
             fetched_at: 0,
+            document: None,
+            signature: None,
         };
         let v: serde_json::Value = serde_json::from_str(&version_body("1.2.3", &sums)).unwrap();
         assert_eq!(

@@ -45,6 +45,7 @@ use verify::Refusal;
 
 pub const KIND_VERSIONS: &str = "provider-versions";
 pub const KIND_SUMS: &str = "provider-sums";
+pub const KIND_DOWNLOAD: &str = "provider-download";
 /// Prefix of provider packages' keys in the tarball index.
 pub const ARCHIVE_KEY_PREFIX: &str = "provider:";
 
@@ -63,6 +64,21 @@ pub struct SumsRecord {
     /// Id of the key whose signature verified; None when accepted unsigned
     /// (`providers.allow_unsigned`).
     pub signed_by: Option<String>,
+    pub fetched_at: u64,
+    /// blake3 (hex) of the blobs holding `SHA256SUMS` and its signature, byte for byte, for
+    /// clients that verify them themselves (the registry protocol pass-through).
+    #[serde(default)]
+    pub document: Option<String>,
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+/// A registry's download answer for one platform, as it sent it (its URLs are rewritten
+/// onto tfmirror when served). Recorded once the package it names checked out against the
+/// version's verified checksums.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadRecord {
+    pub answer: serde_json::Value,
     pub fetched_at: u64,
 }
 
@@ -396,6 +412,7 @@ impl Providers {
             verification(p, version, Err(r));
             Fetched::Refused
         };
+        let mut signature = None;
         let signed_by = if answer.keys.is_empty() {
             if !self.allow_unsigned {
                 return Err(refuse(Refusal::NoSigningKeys));
@@ -410,6 +427,7 @@ impl Providers {
                 .await?;
             let id = verify::check_signature(&doc, &sig, &answer.keys).map_err(refuse)?;
             verification(p, version, Ok("signature_ok"));
+            signature = Some(sig);
             Some(id)
         };
         let sums = verify::parse_sums(&doc).map_err(refuse)?;
@@ -430,10 +448,91 @@ impl Providers {
         if archives.is_empty() {
             return Err(refuse(Refusal::NotListed));
         }
+        // Verified: now the exact bytes may be kept.
+        let keep = |b: bytes::Bytes| async move {
+            self.cache
+                .put_small(b)
+                .await
+                .map(|h| h.to_hex().to_string())
+                .ok()
+        };
+        let document = keep(doc).await;
+        let signature = match signature {
+            Some(s) => keep(s).await,
+            None => None,
+        };
         Ok(SumsRecord {
             archives,
             signed_by,
             fetched_at: unix_now(),
+            document,
+            signature,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Download answers (registry protocol pass-through)
+
+    /// The registry's download answer for a platform: recorded, or fetched now and checked
+    /// against the version's verified checksums (which are fetched first if need be).
+    pub async fn download_answer(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+    ) -> Result<Found<DownloadRecord>, Failed> {
+        let key = format!("{p}@{version}/{platform}");
+        let meta = self.cache.meta.clone();
+        let k = key.clone();
+        let cached: Option<DownloadRecord> =
+            tokio::task::spawn_blocking(move || meta.get(KIND_DOWNLOAD, &k))
+                .await
+                .ok()
+                .flatten();
+        if let Some(r) = cached {
+            return Ok(Found {
+                age: unix_now().saturating_sub(r.fetched_at),
+                value: r,
+                cache: CacheStatus::Hit,
+            });
+        }
+        let sums = self.sums(p, version).await?.value;
+        let miss = |status| Failed {
+            status,
+            cache: CacheStatus::Miss,
+        };
+        let Some(pkg) = sums.archives.get(&platform.to_string()) else {
+            return Err(miss(StatusCode::NOT_FOUND));
+        };
+        if !self.registries.available(&p.host) {
+            return Err(self.unavailable());
+        }
+        let answer = self
+            .registries
+            .download(p, version, platform)
+            .await
+            .map_err(|e| miss(e.status()))?;
+        let expected = verify::parse_hex(&pkg.sha256).ok_or(miss(StatusCode::BAD_GATEWAY))?;
+        let signed = BTreeMap::from([(pkg.filename.clone(), expected)]);
+        if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
+            verification(p, version, Err(r));
+            return Err(miss(StatusCode::BAD_GATEWAY));
+        }
+        let rec = DownloadRecord {
+            answer: answer.raw,
+            fetched_at: unix_now(),
+        };
+        let meta = self.cache.meta.clone();
+        let r = rec.clone();
+        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_DOWNLOAD, &key, &r)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
+            tracing::error!(provider = %p, version, "could not record a download answer");
+        }
+        Ok(Found {
+            value: rec,
+            cache: CacheStatus::Miss,
+            age: 0,
         })
     }
 

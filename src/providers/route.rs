@@ -4,9 +4,15 @@
 //! - `/providers/mirror/<hostname>/<namespace>/<type>/<version>.json`
 //! - `/providers/mirror/<hostname>/<namespace>/<type>/<version>/<os>_<arch>.zip`
 //!
+//! - `/providers/mirror/<hostname>/<namespace>/<type>/<version>/SHA256SUMS[.sig]`
+//! - `/providers/registry/<hostname>/v1/providers/<namespace>/<type>/versions`
+//! - `/providers/registry/<hostname>/v1/providers/<namespace>/<type>/<version>/download/<os>/<arch>`
+//!
 //! The first two are Terraform's provider network mirror protocol; the third is where the
-//! relative archive URLs of `<version>.json` lead. Every part is validated here, so nothing
-//! that could not name a provider reaches the upstream logic.
+//! relative archive URLs of `<version>.json` lead; the checksum files are the exact signed
+//! bytes, for clients that verify themselves. The `registry` paths are the provider registry
+//! protocol, passed through (a `host` block's `providers.v1` points there). Every part is
+//! validated here, so nothing that could not name a provider reaches the upstream logic.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -59,34 +65,49 @@ impl Platform {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MirrorOp {
+pub enum ProviderOp {
     /// `index.json`: the versions.
     Index,
     /// `<version>.json`: each platform's archive URL and hashes.
     Version(Version),
     /// `<version>/<os>_<arch>.zip`: the package itself.
     Archive(Version, Platform),
+    /// `<version>/SHA256SUMS`: the signed checksums, byte for byte.
+    Sums(Version),
+    /// `<version>/SHA256SUMS.sig`: their detached signature.
+    SumsSignature(Version),
+    /// Registry protocol: `versions`.
+    RegistryVersions,
+    /// Registry protocol: `:version/download/:os/:arch`.
+    RegistryDownload(Version, Platform),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProviderRoute {
     pub provider: ProviderId,
-    pub op: MirrorOp,
+    pub op: ProviderOp,
 }
 
 impl ProviderRoute {
     pub fn template(&self) -> &'static str {
         match self.op {
-            MirrorOp::Index => "provider_index",
-            MirrorOp::Version(_) => "provider_version",
-            MirrorOp::Archive(..) => "provider_archive",
+            ProviderOp::Index => "provider_index",
+            ProviderOp::Version(_) => "provider_version",
+            ProviderOp::Archive(..) => "provider_archive",
+            ProviderOp::Sums(_) | ProviderOp::SumsSignature(_) => "provider_shasums",
+            ProviderOp::RegistryVersions => "provider_registry_versions",
+            ProviderOp::RegistryDownload(..) => "provider_registry_download",
         }
     }
 
     pub fn version(&self) -> Option<&Version> {
         match &self.op {
-            MirrorOp::Index => None,
-            MirrorOp::Version(v) | MirrorOp::Archive(v, _) => Some(v),
+            ProviderOp::Index | ProviderOp::RegistryVersions => None,
+            ProviderOp::Version(v)
+            | ProviderOp::Archive(v, _)
+            | ProviderOp::Sums(v)
+            | ProviderOp::SumsSignature(v)
+            | ProviderOp::RegistryDownload(v, _) => Some(v),
         }
     }
 }
@@ -100,12 +121,15 @@ const MAX_PART: usize = 64;
 /// Parse the decoded segments after `/providers/`.
 pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Reject> {
     let not_found = Reject::new(StatusCode::NOT_FOUND, "404 Not Found");
-    let [kind, host, ns, name, rest @ ..] = segs else {
-        return Err(not_found);
+    let (registry, host, ns, name, rest) = match segs {
+        [kind, host, ns, name, rest @ ..] if kind == "mirror" => (false, host, ns, name, rest),
+        [kind, host, v1, providers, ns, name, rest @ ..]
+            if kind == "registry" && v1 == "v1" && providers == "providers" =>
+        {
+            (true, host, ns, name, rest)
+        }
+        _ => return Err(not_found),
     };
-    if kind != "mirror" {
-        return Err(not_found);
-    }
     if !valid_host(host) {
         return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
     }
@@ -116,19 +140,29 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
         return Err(Reject::new(StatusCode::BAD_REQUEST, "type is invalid"));
     }
     let bad_version = || Reject::new(StatusCode::BAD_REQUEST, "version is invalid");
-    let op = match rest {
-        [f] if f == "index.json" => MirrorOp::Index,
-        [f] => {
+    let version = |v: &str| Version::parse(v).map_err(|_| bad_version());
+    let op = match (registry, rest) {
+        (false, [f]) if f == "index.json" => ProviderOp::Index,
+        (false, [f]) => {
             let v = f.strip_suffix(".json").ok_or(not_found)?;
-            MirrorOp::Version(Version::parse(v).map_err(|_| bad_version())?)
+            ProviderOp::Version(version(v)?)
         }
-        [v, f] => {
-            let version = Version::parse(v).map_err(|_| bad_version())?;
+        (false, [v, f]) if f == "SHA256SUMS" => ProviderOp::Sums(version(v)?),
+        (false, [v, f]) if f == "SHA256SUMS.sig" => ProviderOp::SumsSignature(version(v)?),
+        (false, [v, f]) => {
+            let v = version(v)?;
             let platform = f
                 .strip_suffix(".zip")
                 .and_then(Platform::parse)
                 .ok_or(Reject::new(StatusCode::NOT_FOUND, "404 Not Found"))?;
-            MirrorOp::Archive(version, platform)
+            ProviderOp::Archive(v, platform)
+        }
+        (true, [f]) if f == "versions" => ProviderOp::RegistryVersions,
+        (true, [v, d, os, arch]) if d == "download" => {
+            let v = version(v)?;
+            let platform = Platform::parse(&format!("{os}_{arch}"))
+                .ok_or(Reject::new(StatusCode::NOT_FOUND, "404 Not Found"))?;
+            ProviderOp::RegistryDownload(v, platform)
         }
         _ => return Err(not_found),
     };
@@ -186,22 +220,35 @@ mod tests {
     #[test]
     fn mirror_paths() {
         let r = p("mirror/registry.terraform.io/hashicorp/aws/index.json").unwrap();
-        assert_eq!(r.op, MirrorOp::Index);
+        assert_eq!(r.op, ProviderOp::Index);
         assert_eq!(
             r.provider.to_string(),
             "registry.terraform.io/hashicorp/aws"
         );
         let r = p("mirror/registry.terraform.io/hashicorp/aws/5.1.0.json").unwrap();
-        assert_eq!(r.op, MirrorOp::Version(Version::new(5, 1, 0)));
+        assert_eq!(r.op, ProviderOp::Version(Version::new(5, 1, 0)));
         let r = p("mirror/127.0.0.1:8443/hashicorp/aws/5.1.0/linux_amd64.zip").unwrap();
         assert_eq!(
             r.op,
-            MirrorOp::Archive(
+            ProviderOp::Archive(
                 Version::new(5, 1, 0),
                 Platform::parse("linux_amd64").unwrap()
             )
         );
         assert_eq!(r.template(), "provider_archive");
+        let r = p("mirror/r.io/h/aws/5.1.0/SHA256SUMS.sig").unwrap();
+        assert_eq!(r.op, ProviderOp::SumsSignature(Version::new(5, 1, 0)));
+        let r = p("registry/r.io/v1/providers/h/aws/versions").unwrap();
+        assert_eq!(r.op, ProviderOp::RegistryVersions);
+        assert_eq!(r.provider.to_string(), "r.io/h/aws");
+        let r = p("registry/r.io/v1/providers/h/aws/5.1.0/download/linux/arm64").unwrap();
+        assert_eq!(
+            r.op,
+            ProviderOp::RegistryDownload(
+                Version::new(5, 1, 0),
+                Platform::parse("linux_arm64").unwrap()
+            )
+        );
     }
 
     #[test]
@@ -223,6 +270,22 @@ mod tests {
             ("mirror/r.io/h/aws/index.xml", StatusCode::NOT_FOUND),
             ("mirror/r.io/h/aws", StatusCode::NOT_FOUND),
             ("other/r.io/h/aws/index.json", StatusCode::NOT_FOUND),
+            (
+                "registry/r.io/v2/providers/h/aws/versions",
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                "registry/r.io/v1/providers/h/aws/1.0.0/download/linux",
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                "registry/r.io/v1/providers/h/aws/x/download/linux/amd64",
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "registry/r.io/v1/providers/h/aws/index.json",
+                StatusCode::NOT_FOUND,
+            ),
         ] {
             assert_eq!(p(path).unwrap_err(), status, "{path}");
         }

@@ -104,6 +104,8 @@ pub struct DownloadAnswer {
     pub shasum: String,
     /// `signing_keys.gpg_public_keys[].ascii_armor`.
     pub keys: Vec<String>,
+    /// The answer as the registry sent it, for the registry protocol pass-through.
+    pub raw: serde_json::Value,
 }
 
 impl DownloadAnswer {
@@ -333,8 +335,10 @@ impl Registries {
             ))
             .map_err(|_| UpError::Protocol("bad download URL"))?;
         let body = self.small(&p.host, "provider_download", &url, &[]).await?;
-        let raw: RawDownload =
+        let value: serde_json::Value =
             serde_json::from_slice(&body).map_err(|_| UpError::Protocol("download not JSON"))?;
+        let raw: RawDownload = serde_json::from_value(value.clone())
+            .map_err(|_| UpError::Protocol("download answer lacks fields"))?;
         let resolve = |s: &str| {
             url.join(s)
                 .map_err(|_| UpError::Protocol("bad URL in answer"))
@@ -351,6 +355,7 @@ impl Registries {
                 .into_iter()
                 .map(|k| k.ascii_armor)
                 .collect(),
+            raw: value,
         })
     }
 
