@@ -107,6 +107,9 @@ impl Admin {
     /// tarball records and their blobs, its listings, and every grant on it, so the next
     /// request goes to GitLab. Returns how many records went.
     pub fn purge(&self, spec: &str) -> io::Result<usize> {
+        if let Some(provider) = spec.strip_prefix(crate::providers::ARCHIVE_KEY_PREFIX) {
+            return self.purge_provider(provider);
+        }
         let (module, version) = match spec.split_once('@') {
             Some((m, v)) => (m, Some(v)),
             None => (spec, None),
@@ -161,6 +164,74 @@ impl Admin {
         Ok(removed)
     }
 
+    /// Remove a provider (`provider:<host>/<namespace>/<type>`) or one version of it
+    /// (`...@1.2.3`): its packages and their blobs, its verified checksums and download
+    /// answers, and its version list, so the next request goes to the registry.
+    fn purge_provider(&self, spec: &str) -> io::Result<usize> {
+        use crate::providers::{ARCHIVE_KEY_PREFIX, KIND_DOWNLOAD, KIND_SUMS, KIND_VERSIONS};
+        let (provider, version) = match spec.split_once('@') {
+            Some((p, v)) => (p, Some(v)),
+            None => (spec, None),
+        };
+        if provider.split('/').count() != 3 || provider.split('/').any(str::is_empty) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "expected provider:HOST/NAMESPACE/TYPE[@version]",
+            ));
+        }
+        // Keys: `<provider>@<version>` (checksums), `<provider>@<version>/<os_arch>`
+        // (packages, download answers).
+        let of_it = |key: &str| match version {
+            Some(v) => {
+                let at = format!("{provider}@{v}");
+                key == at || key.starts_with(&format!("{at}/"))
+            }
+            None => key.starts_with(&format!("{provider}@")),
+        };
+        let mut removed = 0;
+        let tarballs = self.meta.scan::<TarballEntry>(KIND_TARBALL)?;
+        let mut freed = Vec::new();
+        for (key, entry) in &tarballs {
+            if key.strip_prefix(ARCHIVE_KEY_PREFIX).is_some_and(of_it) {
+                self.meta.remove(KIND_TARBALL, key);
+                freed.push(entry.hash.clone());
+                removed += 1;
+            }
+        }
+        let still: HashSet<&str> = tarballs
+            .iter()
+            .filter(|(k, _)| !k.strip_prefix(ARCHIVE_KEY_PREFIX).is_some_and(of_it))
+            .map(|(_, e)| e.hash.as_str())
+            .collect();
+        for kind in [KIND_SUMS, KIND_DOWNLOAD] {
+            for (key, v) in self.meta.scan::<serde_json::Value>(kind)? {
+                if of_it(&key) {
+                    for field in ["document", "signature"] {
+                        if let Some(h) = v[field].as_str() {
+                            freed.push(h.to_string());
+                        }
+                    }
+                    self.meta.remove(kind, &key);
+                    removed += 1;
+                }
+            }
+        }
+        for h in freed.iter().filter(|h| !still.contains(h.as_str())) {
+            if let Ok(hash) = Hash::from_hex(h) {
+                self.blobs.remove(&hash);
+            }
+        }
+        if self
+            .meta
+            .get::<serde_json::Value>(KIND_VERSIONS, provider)
+            .is_some()
+        {
+            self.meta.remove(KIND_VERSIONS, provider);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// Remove grant records past `grant_horizon` (`auth.grant_ttl + cache.stale_if_error`),
     /// tarball records whose blob is gone, blobs nothing refers to, dead temp files, and
     /// least-recently-used blobs past `disk_size`. Returns (records removed, orphan blobs
@@ -194,6 +265,17 @@ impl Admin {
         for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
             for (_, v) in self.meta.scan::<serde_json::Value>(kind)? {
                 if let Some(d) = v["digest"].as_str() {
+                    referenced.insert(d.to_string());
+                }
+            }
+        }
+        // Providers' signed checksum files, kept byte for byte.
+        for (_, v) in self
+            .meta
+            .scan::<serde_json::Value>(crate::providers::KIND_SUMS)?
+        {
+            for field in ["document", "signature"] {
+                if let Some(d) = v[field].as_str() {
                     referenced.insert(d.to_string());
                 }
             }
@@ -312,5 +394,35 @@ mod tests {
         assert_eq!(removed, 1);
         let keys: Vec<String> = admin.ls().unwrap().into_iter().map(|r| r.key).collect();
         assert_eq!(keys, ["infra/vpc/aws@1.1.0"]);
+    }
+
+    #[test]
+    fn gc_keeps_provider_checksum_files() {
+        let (dir, meta, blobs, _a, _b) = two_versions();
+        let sums = blobs.put(b"signed sums").unwrap();
+        let orphan = blobs.put(b"nobody's").unwrap();
+        meta.put(
+            crate::providers::KIND_SUMS,
+            "r.io/h/x@1.0.0",
+            &serde_json::json!({ "archives": {}, "signed_by": null, "fetched_at": 0,
+                                 "document": sums.to_hex().to_string(), "signature": null }),
+        )
+        .unwrap();
+        let old = std::time::SystemTime::now() - ORPHAN_GRACE - Duration::from_secs(60);
+        for h in [&sums, &orphan] {
+            fs::File::options()
+                .write(true)
+                .open(blobs.path(h))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        let (_, orphans, _) = Admin::open(dir.path())
+            .unwrap()
+            .gc(u64::MAX, std::time::Duration::MAX)
+            .unwrap();
+        assert_eq!(orphans, 1);
+        assert!(blobs.path(&sums).exists());
+        assert!(!blobs.path(&orphan).exists());
     }
 }

@@ -151,7 +151,8 @@ enum CacheAction {
     Ls,
     /// Recompute every tarball's blake3 hash; exit 1 and list the damaged entries if any.
     Verify,
-    /// Remove a module, or one version, with its listings and grants.
+    /// Remove a module, or one version, with its listings and grants; or a provider
+    /// (`provider:HOST/NAMESPACE/TYPE[@VERSION]`) with its checksums and version list.
     Purge {
         #[arg(value_name = "MODULE[@VERSION]")]
         module: String,

@@ -178,6 +178,50 @@ async fn network_mirror_protocol_serves_verified_packages() {
         ls.contains(&format!("provider:{HOST}/{NS}/{TYPE}@1.1.0/linux_amd64")),
         "{ls}"
     );
+    // `cache purge provider:...@version` removes the package, its checksums and (as for
+    // modules) the version list; the next requests go to the registry again.
+    let mut m = s.m;
+    m.kill();
+    let purge = |spec: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+            .args(["cache", "purge", spec, "--cache-dir"])
+            .arg(m.cache_dir().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let out = purge(&format!("provider:{HOST}/{NS}/{TYPE}@1.1.0"));
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("3 records"),
+        "{out:?}"
+    );
+    assert!(!purge("provider:nonsense").status.success());
+    m.restart().await;
+    let base = format!("{}/providers/mirror/{HOST}/{NS}/{TYPE}", m.url());
+    let get = |path: String| async move {
+        let r = client().get(path).send().await.unwrap();
+        (
+            r.status().as_u16(),
+            r.headers()["x-cache-status"].to_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(
+        get(format!("{base}/index.json")).await,
+        (200, "MISS".into())
+    );
+    assert_eq!(
+        get(format!("{base}/1.1.0.json")).await,
+        (200, "MISS".into())
+    );
+    assert_eq!(
+        get(format!("{base}/1.1.0/linux_amd64.zip")).await,
+        (200, "MISS".into())
+    );
+    assert_eq!(
+        s.reg
+            .hits(&FakeRegistry::zip_path(NS, TYPE, "1.1.0", "linux_amd64")),
+        2
+    );
     drop(s.pki);
 }
 

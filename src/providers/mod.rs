@@ -159,7 +159,12 @@ impl Providers {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(30))
                 .build(),
-            sums_front: moka::sync::Cache::builder().max_capacity(10_000).build(),
+            // Short-lived like the tarball index front, so that `tfmirror cache purge` run
+            // beside a server takes effect.
+            sums_front: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(30))
+                .build(),
             locks: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_idle(Duration::from_secs(60))
