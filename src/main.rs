@@ -124,6 +124,21 @@ struct WarmArgs {
     /// namespace/name/system, optionally @ a Terraform version constraint ("@~> 1.2").
     #[arg(value_name = "MODULE[@CONSTRAINT]")]
     modules: Vec<String>,
+    /// A provider to warm: HOST/NAMESPACE/TYPE, optionally @ a constraint
+    /// ("registry.terraform.io/hashicorp/aws@~> 5.0"); the newest matching version, as
+    /// `terraform init` selects. Repeatable.
+    #[arg(long = "provider", value_name = "PROVIDER[@CONSTRAINT]")]
+    providers: Vec<String>,
+    /// Warm every provider a dependency lock file (`.terraform.lock.hcl`) pins. Repeatable.
+    #[arg(long = "lock-file", value_name = "FILE")]
+    lock_files: Vec<PathBuf>,
+    /// Platforms whose provider packages to cache (os_arch). Repeatable.
+    #[arg(
+        long = "platform",
+        value_name = "OS_ARCH",
+        default_value = "linux_amd64"
+    )]
+    platforms: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -338,13 +353,96 @@ fn warm(args: WarmArgs) -> ExitCode {
             }
         }
     }
-    if wants.is_empty() {
+    let mut provider_wants = Vec::new();
+    for p in &args.providers {
+        match tfmirror::providers::warm::parse_want(p) {
+            Ok(w) => provider_wants.push(w),
+            Err(e) => {
+                eprintln!("tfmirror: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    for file in &args.lock_files {
+        let parsed = std::fs::read_to_string(file)
+            .map_err(|e| e.to_string())
+            .and_then(|t| tfmirror::providers::warm::wants_from_lock_file(&t));
+        match parsed {
+            Ok(w) => provider_wants.extend(w),
+            Err(e) => {
+                eprintln!("tfmirror: {}: {e}", file.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let mut platforms = Vec::new();
+    for p in &args.platforms {
+        match tfmirror::providers::route::Platform::parse(p) {
+            Some(p) => platforms.push(p),
+            None => {
+                eprintln!("tfmirror: --platform {p}: expected OS_ARCH (linux_amd64)");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if wants.is_empty() && provider_wants.is_empty() {
         eprintln!(
-            "tfmirror: nothing to warm: name modules, or --from a directory with module blocks"
+            "tfmirror: nothing to warm: name modules or --provider, --from a directory with module blocks, or --lock-file"
         );
         return ExitCode::from(2);
     }
-    run_warm(&config, cred, wants)
+    let modules = if wants.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        run_warm(&config, cred, wants)
+    };
+    if provider_wants.is_empty() {
+        return modules;
+    }
+    let providers = warm_providers(&config, provider_wants, &platforms);
+    if modules == ExitCode::SUCCESS {
+        providers
+    } else {
+        modules
+    }
+}
+
+fn warm_providers(
+    config: &Config,
+    wants: Vec<tfmirror::providers::warm::ProviderWant>,
+    platforms: &[tfmirror::providers::route::Platform],
+) -> ExitCode {
+    let parts = match tfmirror::server::open(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let progress = Progress::new(wants.len());
+    let failures = runtime().block_on(async {
+        let mut failures = 0;
+        for w in &wants {
+            match parts.providers.warm(w, platforms).await {
+                Ok(v) => progress.line(format!("{}: cached {v}", w.provider)),
+                Err(e) => {
+                    failures += 1;
+                    progress.line(e);
+                }
+            }
+        }
+        failures
+    });
+    progress.finish();
+    if failures > 0 {
+        eprintln!(
+            "tfmirror: {failures} of {} providers could not be warmed",
+            wants.len()
+        );
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn sync(args: SyncArgs) -> ExitCode {

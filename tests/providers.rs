@@ -450,3 +450,125 @@ async fn answers_while_the_registry_is_down() {
     assert_eq!(r.status(), 503);
     assert_eq!(s.reg.total_hits(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_providers_by_constraint_and_from_a_lock_file() {
+    let s = Setup::new("").await;
+    s.reg
+        .add_provider(NS, "other", &["0.9.0"], &["linux_amd64", "darwin_arm64"]);
+    let mut m = s.m;
+    m.kill();
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        cfg.path(),
+        format!(
+            "upstream_ca: {}\nproviders:\n  upstreams:\n    {HOST}: {}\n",
+            s.pki.path("ca.pem"),
+            s.reg.url()
+        ),
+    )
+    .unwrap();
+    let lock = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        lock.path(),
+        format!(
+            "provider \"{HOST}/{NS}/other\" {{\n  version     = \"0.9.0\"\n  constraints = \"~> 0.9\"\n  hashes = [\n    \"h1:x\",\n  ]\n}}\n"
+        ),
+    )
+    .unwrap();
+    let warm = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+            .arg("warm")
+            .args(["--config", cfg.path().to_str().unwrap(), "--cache-dir"])
+            .arg(m.cache_dir().join("cache"))
+            .args(args)
+            .env_remove("TFMIRROR_TOKEN")
+            .output()
+            .unwrap()
+    };
+    let out = warm(&[
+        "--provider",
+        &format!("{HOST}/{NS}/{TYPE}@~> 1.0.0"),
+        "--platform",
+        "linux_amd64",
+        "--platform",
+        "darwin_arm64",
+        "--lock-file",
+        lock.path().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    // `~> 1.0.0` selects 1.0.0, not 1.1.0: the version init would pick.
+    assert_eq!(
+        s.reg
+            .hits(&FakeRegistry::zip_path(NS, TYPE, "1.0.0", "linux_amd64")),
+        1
+    );
+    assert_eq!(
+        s.reg
+            .hits(&FakeRegistry::zip_path(NS, TYPE, "1.0.0", "darwin_arm64")),
+        1
+    );
+    assert_eq!(
+        s.reg
+            .hits(&FakeRegistry::zip_path(NS, TYPE, "1.1.0", "linux_amd64")),
+        0
+    );
+    assert_eq!(
+        s.reg
+            .hits(&FakeRegistry::zip_path(NS, "other", "0.9.0", "linux_amd64")),
+        1
+    );
+    // Bad input is refused before anything is asked.
+    let before = s.reg.total_hits();
+    for bad in [
+        vec!["--provider", "not-a-provider"],
+        vec![
+            "--provider",
+            &format!("{HOST}/{NS}/{TYPE}"),
+            "--platform",
+            "linux",
+        ],
+    ] {
+        assert_eq!(warm(&bad).status.code(), Some(2), "{bad:?}");
+    }
+    assert_eq!(s.reg.total_hits(), before);
+
+    // The registry goes away; the warmed packages are served.
+    s.reg.set_faults(Faults {
+        down: true,
+        ..Faults::default()
+    });
+    m.restart().await;
+    for (path, cache) in [
+        (format!("{NS}/{TYPE}/1.0.0.json"), "HIT"),
+        (format!("{NS}/{TYPE}/1.0.0/darwin_arm64.zip"), "HIT"),
+        (format!("{NS}/other/0.9.0/linux_amd64.zip"), "HIT"),
+    ] {
+        let r = client()
+            .get(format!("{}/providers/mirror/{HOST}/{path}", m.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["x-cache-status"], cache, "{path}");
+    }
+    // Both warmed platforms are there; a version not warmed cannot be had.
+    let r = client()
+        .get(format!(
+            "{}/providers/mirror/{HOST}/{NS}/{TYPE}/1.0.0/linux_amd64.zip",
+            m.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .get(format!(
+            "{}/providers/mirror/{HOST}/{NS}/{TYPE}/1.1.0.json",
+            m.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+}

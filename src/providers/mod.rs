@@ -25,6 +25,7 @@ pub mod mirror;
 pub mod route;
 pub mod upstream;
 pub mod verify;
+pub mod warm;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -201,7 +201,7 @@ pub fn valid_host(h: &str) -> bool {
 }
 
 /// Namespace and type: Terraform allows letters, digits, dashes and underscores.
-fn valid_part(s: &str) -> bool {
+pub fn valid_part(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= MAX_PART
         && s.bytes()
