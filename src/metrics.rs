@@ -12,8 +12,8 @@ use prometheus::{
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tfmirror_requests_total",
-        "Requests answered, by route template, method, status and cache status.",
-        &["route", "method", "status", "cache"]
+        "Requests answered, by kind (module, provider, other), route template, method, status and cache status.",
+        &["kind", "route", "method", "status", "cache"]
     )
     .expect("metric")
 });
@@ -117,8 +117,8 @@ pub static UPSTREAM_UP: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static BYTES_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tfmirror_bytes_served_total",
-        "Response body bytes sent to clients, by cache status.",
-        &["cache"]
+        "Response body bytes sent to clients, by kind (module, provider, other) and cache status.",
+        &["kind", "cache"]
     )
     .expect("metric")
 });
@@ -261,7 +261,14 @@ pub fn init() {
     LazyLock::force(&CACHE_RECORDS);
     LazyLock::force(&CACHE_RECORDS_REFUSED);
     LazyLock::force(&GRANTS_EXPIRED);
-    LazyLock::force(&PROVIDER_VERIFICATIONS);
+    // Every outcome from the first scrape, so a refusal shows as a rise from zero.
+    let refusals = crate::providers::verify::Refusal::ALL.map(|r| r.label());
+    for result in ["signature_ok", "unsigned_accepted", "checksum_ok"]
+        .into_iter()
+        .chain(refusals)
+    {
+        PROVIDER_VERIFICATIONS.with_label_values(&[result]);
+    }
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

@@ -141,6 +141,16 @@ pub enum Route {
 }
 
 impl Route {
+    /// What the route serves, as the `kind` label of request metrics: `module`, `provider`,
+    /// or `other` (discovery, `/-/...`, pass-through).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Module(_) | Route::Project(_) => "module",
+            Route::Provider(_) => "provider",
+            _ => "other",
+        }
+    }
+
     /// A fixed label for logs and metrics. Never contains request data.
     pub fn template(&self) -> &'static str {
         match self {

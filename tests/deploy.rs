@@ -62,7 +62,7 @@ fn grafana_dashboard_has_a_provider_row() {
         .filter_map(|t| t["expr"].as_str())
         .collect();
     for want in [
-        "tfmirror_requests_total{route=~\"provider_.*\"}",
+        "tfmirror_requests_total{kind=\"provider\"}",
         "tfmirror_upstream_requests_total{route=~\"provider_.*\"}",
         "tfmirror_provider_verifications_total",
     ] {

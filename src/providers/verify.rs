@@ -37,6 +37,15 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 6] = [
+        Refusal::NoSigningKeys,
+        Refusal::BadKey,
+        Refusal::BadSignature,
+        Refusal::NotListed,
+        Refusal::ShasumMismatch,
+        Refusal::ChecksumMismatch,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Refusal::NoSigningKeys => "no_signing_keys",
