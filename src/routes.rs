@@ -146,6 +146,7 @@ impl Route {
     pub fn kind(&self) -> &'static str {
         match self {
             Route::Module(_) | Route::Project(_) => "module",
+            Route::Provider(p) if p.is_module() => "module",
             Route::Provider(_) => "provider",
             _ => "other",
         }

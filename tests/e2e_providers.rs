@@ -264,3 +264,56 @@ async fn host_override_passes_the_registry_protocol_through() {
     assert!(run.ok(), "{}\n{}", run.output(), s.m.logs());
     assert_eq!(again.lock_file().unwrap(), direct_lock);
 }
+
+/// The same `host` block also sends the registry's `modules.v1` through tfmirror (version
+/// lists cached), so overriding the host does not cut runners off from public modules. Their
+/// bytes come from where the registry points (`X-Terraform-Get`), not through tfmirror.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_override_passes_public_modules_through() {
+    let s = Setup::new().await;
+    s.reg
+        .add_module(NS, "network", "aws", &["1.0.0", "1.2.0", "2.0.0"]);
+    let main = format!(
+        "module \"net\" {{\n  source  = \"registry.terraform.io/{NS}/network/aws\"\n  version = \"~> 1.0\"\n}}\n"
+    );
+    let base = format!("{}/providers/registry/registry.terraform.io/v1", s.m.url());
+    let cli = format!(
+        "host \"registry.terraform.io\" {{\n  services = {{\n    \"providers.v1\" = \"{base}/providers/\"\n    \"modules.v1\" = \"{base}/modules/\"\n  }}\n}}\n"
+    );
+    let ws = Workspace::with_files(&main, &cli);
+    let run = s.init(&ws).await;
+    assert!(run.ok(), "{}\n{}", run.output(), s.m.logs());
+    assert_eq!(run.version_of("net"), Some("1.2.0"));
+    let logs = s.m.logs();
+    for route in ["public_module_versions", "public_module_download"] {
+        assert!(logs.contains(&format!("\"route\":\"{route}\"")), "{route}");
+    }
+    // A second runner: the version list and the download answer come from the cache.
+    let versions = format!("/v1/modules/{NS}/network/aws/versions");
+    let download = format!("/v1/modules/{NS}/network/aws/1.2.0/download");
+    let ws = Workspace::with_files(&main, &cli);
+    let run = s.init(&ws).await;
+    assert!(run.ok(), "{}", run.output());
+    assert_eq!(s.reg.hits(&versions), 1);
+    assert_eq!(s.reg.hits(&download), 1);
+    // Both answers carry X-Cache-Status.
+    let client = s.pki.client();
+    let r = client
+        .get(format!("{base}/modules/{NS}/network/aws/1.2.0/download"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+    assert!(r.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .ends_with("/modules/tfmirror-test/network/aws/1.2.0.tar.gz"));
+    let r = client
+        .get(format!("{base}/modules/{NS}/nothing/aws/versions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+}

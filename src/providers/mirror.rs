@@ -175,6 +175,40 @@ impl Providers {
                     }
                 }
             }
+            ProviderOp::ModuleVersions(system) => {
+                let listing = super::Listing::Module(p.clone(), system.clone());
+                match self.listing(&listing).await {
+                    Ok(f) => {
+                        let body = f.value.module_listing.clone().unwrap_or_default();
+                        write_json(session, f.cache, f.age, body.to_string()).await?;
+                        Ok(f.cache)
+                    }
+                    Err(Failed { status, cache }) => {
+                        write_error(session, status, cache).await?;
+                        Ok(cache)
+                    }
+                }
+            }
+            ProviderOp::ModuleDownload(system, v) => {
+                match self.module_download(p, system, &v.to_string()).await {
+                    Ok(f) => {
+                        let headers = [
+                            (
+                                http::HeaderName::from_static("x-terraform-get"),
+                                V::Owned(f.value.location),
+                            ),
+                            (respond::CACHE_STATUS, V::Static(f.cache.as_str())),
+                        ];
+                        respond::full(session, StatusCode::NO_CONTENT, &headers, Bytes::new())
+                            .await?;
+                        Ok(f.cache)
+                    }
+                    Err(Failed { status, cache }) => {
+                        write_error(session, status, cache).await?;
+                        Ok(cache)
+                    }
+                }
+            }
             ProviderOp::Archive(v, platform) => {
                 let version = v.to_string();
                 let key = archive_key(p, &version, platform);

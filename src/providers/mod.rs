@@ -50,12 +50,48 @@ pub const KIND_DOWNLOAD: &str = "provider-download";
 /// Prefix of provider packages' keys in the tarball index.
 pub const ARCHIVE_KEY_PREFIX: &str = "provider:";
 
-/// A registry's version list for one provider.
+/// A registry's version list for one provider, or (`modules.v1` pass-through) the
+/// registry's answer for one module, as it sent it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VersionsRecord {
     pub versions: Vec<VersionInfo>,
     pub fetched_at: u64,
+    #[serde(default)]
+    pub module_listing: Option<serde_json::Value>,
 }
+
+/// Which version list: a provider's, or a public registry module's.
+#[derive(Debug, Clone)]
+pub enum Listing {
+    Provider(ProviderId),
+    /// The module `namespace/name/system` of a registry host (`ProviderId.name` is the
+    /// module name).
+    Module(ProviderId, String),
+}
+
+impl Listing {
+    fn key(&self) -> String {
+        match self {
+            Listing::Provider(p) => p.to_string(),
+            Listing::Module(m, system) => format!("module:{m}/{system}"),
+        }
+    }
+
+    fn host(&self) -> &str {
+        match self {
+            Listing::Provider(p) | Listing::Module(p, _) => &p.host,
+        }
+    }
+}
+
+/// A module download answer of a public registry (`X-Terraform-Get`, resolved).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModuleDownloadRecord {
+    pub location: String,
+    pub fetched_at: u64,
+}
+
+pub const KIND_MODULE_DOWNLOAD: &str = "public-module-download";
 
 /// A version's verified checksums, by platform.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,7 +249,15 @@ impl Providers {
         self: &Arc<Self>,
         p: &ProviderId,
     ) -> Result<Found<Arc<VersionsRecord>>, Failed> {
-        let key = p.to_string();
+        self.listing(&Listing::Provider(p.clone())).await
+    }
+
+    /// A version list, from the cache or its registry (see [`freshness`]).
+    pub async fn listing(
+        self: &Arc<Self>,
+        l: &Listing,
+    ) -> Result<Found<Arc<VersionsRecord>>, Failed> {
+        let key = l.key();
         let cached = self.load_versions(&key).await;
         let now = unix_now();
         let age = cached.as_ref().map(|r| now.saturating_sub(r.fetched_at));
@@ -222,10 +266,10 @@ impl Providers {
             cache,
             age: age.unwrap_or(0),
         };
-        match plan(age, self.windows, self.registries.available(&p.host)) {
+        match plan(age, self.windows, self.registries.available(l.host())) {
             Plan::Hit => Ok(found(&cached, CacheStatus::Hit)),
             Plan::Updating => {
-                self.refresh_in_background(p);
+                self.refresh_in_background(l);
                 Ok(found(&cached, CacheStatus::Updating))
             }
             Plan::Stale => {
@@ -235,10 +279,10 @@ impl Providers {
             Plan::Unavailable => Err(self.unavailable()),
             Plan::Ask { fallback } => {
                 let this = self.clone();
-                let pc = p.clone();
+                let lc = l.clone();
                 // A task of its own: when the deadline passes, the fetch still completes and
                 // refreshes the cache for the next caller.
-                let mut task = tokio::spawn(async move { this.fetch_versions(&pc).await });
+                let mut task = tokio::spawn(async move { this.fetch_listing(&lc).await });
                 let result = match tokio::time::timeout(self.deadline, &mut task).await {
                     Ok(joined) => joined.unwrap_or(Err(UpError::Protocol("task failed"))),
                     Err(_) => Err(UpError::Transport { timeout: true }),
@@ -263,8 +307,8 @@ impl Providers {
     }
 
     /// Ask the registry (one exchange per provider at a time) and record the answer.
-    async fn fetch_versions(&self, p: &ProviderId) -> Result<Arc<VersionsRecord>, UpError> {
-        let key = p.to_string();
+    async fn fetch_listing(&self, l: &Listing) -> Result<Arc<VersionsRecord>, UpError> {
+        let key = l.key();
         let lock = self.lock(&format!("versions:{key}"));
         let started = unix_now();
         let _g = lock.lock().await;
@@ -274,24 +318,31 @@ impl Providers {
                 return Ok(r);
             }
         }
-        let versions = self.registries.versions(p).await?;
-        let rec = Arc::new(VersionsRecord {
-            versions,
-            fetched_at: unix_now(),
+        let rec = Arc::new(match l {
+            Listing::Provider(p) => VersionsRecord {
+                versions: self.registries.versions(p).await?,
+                fetched_at: unix_now(),
+                module_listing: None,
+            },
+            Listing::Module(m, system) => VersionsRecord {
+                versions: Vec::new(),
+                fetched_at: unix_now(),
+                module_listing: Some(self.registries.module_versions(m, system).await?),
+            },
         });
         let meta = self.cache.meta.clone();
         let (k, r) = (key.clone(), rec.clone());
         let stored = tokio::task::spawn_blocking(move || meta.put(KIND_VERSIONS, &k, &*r)).await;
         if !matches!(stored, Ok(Ok(()))) {
             metrics::CACHE_WRITE_ERRORS.inc();
-            tracing::error!(provider = %p, "could not record a provider version list");
+            tracing::error!(listing = %key, "could not record a version list");
         }
         self.versions_front.insert(key, rec.clone());
         Ok(rec)
     }
 
-    fn refresh_in_background(self: &Arc<Self>, p: &ProviderId) {
-        let key = p.to_string();
+    fn refresh_in_background(self: &Arc<Self>, l: &Listing) {
+        let key = l.key();
         if !self
             .refreshing
             .lock()
@@ -301,10 +352,10 @@ impl Providers {
             return;
         }
         let this = self.clone();
-        let p = p.clone();
+        let l = l.clone();
         tokio::spawn(async move {
-            if let Err(e) = this.fetch_versions(&p).await {
-                tracing::warn!(provider = %p, error = ?e, "background refresh of a provider version list failed");
+            if let Err(e) = this.fetch_listing(&l).await {
+                tracing::warn!(listing = %key, error = ?e, "background refresh of a version list failed");
             }
             this.refreshing
                 .lock()
@@ -534,6 +585,62 @@ impl Providers {
         if !matches!(stored, Ok(Ok(()))) {
             metrics::CACHE_WRITE_ERRORS.inc();
             tracing::error!(provider = %p, version, "could not record a download answer");
+        }
+        Ok(Found {
+            value: rec,
+            cache: CacheStatus::Miss,
+            age: 0,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Public registry modules (`modules.v1` pass-through)
+
+    /// Where a public module version's source is (`X-Terraform-Get`): recorded (versions are
+    /// immutable in a registry), or asked now. The bytes themselves are not cached: they
+    /// mostly live in git repositories Terraform clones itself.
+    pub async fn module_download(
+        self: &Arc<Self>,
+        m: &ProviderId,
+        system: &str,
+        version: &str,
+    ) -> Result<Found<ModuleDownloadRecord>, Failed> {
+        let key = format!("module:{m}/{system}@{version}");
+        let meta = self.cache.meta.clone();
+        let k = key.clone();
+        let cached: Option<ModuleDownloadRecord> =
+            tokio::task::spawn_blocking(move || meta.get(KIND_MODULE_DOWNLOAD, &k))
+                .await
+                .ok()
+                .flatten();
+        if let Some(r) = cached {
+            return Ok(Found {
+                age: unix_now().saturating_sub(r.fetched_at),
+                value: r,
+                cache: CacheStatus::Hit,
+            });
+        }
+        if !self.registries.available(&m.host) {
+            return Err(self.unavailable());
+        }
+        let location = self
+            .registries
+            .module_download(m, system, version)
+            .await
+            .map_err(|e| Failed {
+                status: e.status(),
+                cache: CacheStatus::Miss,
+            })?;
+        let rec = ModuleDownloadRecord {
+            location,
+            fetched_at: unix_now(),
+        };
+        let meta = self.cache.meta.clone();
+        let r = rec.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || meta.put(KIND_MODULE_DOWNLOAD, &key, &r)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
         }
         Ok(Found {
             value: rec,

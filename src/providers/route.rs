@@ -80,6 +80,11 @@ pub enum ProviderOp {
     RegistryVersions,
     /// Registry protocol: `:version/download/:os/:arch`.
     RegistryDownload(Version, Platform),
+    /// The host's `modules.v1`, passed through: `:namespace/:name/:system/versions` (the
+    /// route's `provider.name` is the module name).
+    ModuleVersions(String),
+    /// `:namespace/:name/:system/:version/download`.
+    ModuleDownload(String, Version),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,12 +102,25 @@ impl ProviderRoute {
             ProviderOp::Sums(_) | ProviderOp::SumsSignature(_) => "provider_shasums",
             ProviderOp::RegistryVersions => "provider_registry_versions",
             ProviderOp::RegistryDownload(..) => "provider_registry_download",
+            ProviderOp::ModuleVersions(_) => "public_module_versions",
+            ProviderOp::ModuleDownload(..) => "public_module_download",
         }
+    }
+
+    /// A public registry's module, not a provider (the `modules.v1` pass-through)?
+    pub fn is_module(&self) -> bool {
+        matches!(
+            self.op,
+            ProviderOp::ModuleVersions(_) | ProviderOp::ModuleDownload(..)
+        )
     }
 
     pub fn version(&self) -> Option<&Version> {
         match &self.op {
-            ProviderOp::Index | ProviderOp::RegistryVersions => None,
+            ProviderOp::Index | ProviderOp::RegistryVersions | ProviderOp::ModuleVersions(_) => {
+                None
+            }
+            ProviderOp::ModuleDownload(_, v) => Some(v),
             ProviderOp::Version(v)
             | ProviderOp::Archive(v, _)
             | ProviderOp::Sums(v)
@@ -127,6 +145,11 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
             if kind == "registry" && v1 == "v1" && providers == "providers" =>
         {
             (true, host, ns, name, rest)
+        }
+        [kind, host, v1, modules, ns, name, system, rest @ ..]
+            if kind == "registry" && v1 == "v1" && modules == "modules" =>
+        {
+            return parse_module(method, host, ns, name, system, rest);
         }
         _ => return Err(not_found),
     };
@@ -165,6 +188,49 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
             ProviderOp::RegistryDownload(v, platform)
         }
         _ => return Err(not_found),
+    };
+    if !matches!(*method, Method::GET | Method::HEAD) {
+        return Err(Reject::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "405 Method Not Allowed",
+        ));
+    }
+    Ok(ProviderRoute {
+        provider: ProviderId {
+            host: host.to_string(),
+            namespace: ns.to_string(),
+            name: name.to_string(),
+        },
+        op,
+    })
+}
+
+/// `/providers/registry/<host>/v1/modules/<namespace>/<name>/<system>/...`.
+fn parse_module(
+    method: &Method,
+    host: &str,
+    ns: &str,
+    name: &str,
+    system: &str,
+    rest: &[Cow<'_, str>],
+) -> Result<ProviderRoute, Reject> {
+    if !valid_host(host) {
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
+    }
+    if !valid_part(ns) || !valid_part(name) || !valid_part(system) {
+        return Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            "module address is invalid",
+        ));
+    }
+    let op = match rest {
+        [f] if f == "versions" => ProviderOp::ModuleVersions(system.to_string()),
+        [v, d] if d == "download" => ProviderOp::ModuleDownload(
+            system.to_string(),
+            Version::parse(v)
+                .map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "version is invalid"))?,
+        ),
+        _ => return Err(Reject::new(StatusCode::NOT_FOUND, "404 Not Found")),
     };
     if !matches!(*method, Method::GET | Method::HEAD) {
         return Err(Reject::new(
@@ -238,6 +304,14 @@ mod tests {
         assert_eq!(r.template(), "provider_archive");
         let r = p("mirror/r.io/h/aws/5.1.0/SHA256SUMS.sig").unwrap();
         assert_eq!(r.op, ProviderOp::SumsSignature(Version::new(5, 1, 0)));
+        let r = p("registry/r.io/v1/modules/h/vpc/aws/versions").unwrap();
+        assert_eq!(r.op, ProviderOp::ModuleVersions("aws".into()));
+        assert!(r.is_module());
+        let r = p("registry/r.io/v1/modules/h/vpc/aws/1.2.0/download").unwrap();
+        assert_eq!(
+            r.op,
+            ProviderOp::ModuleDownload("aws".into(), Version::new(1, 2, 0))
+        );
         let r = p("registry/r.io/v1/providers/h/aws/versions").unwrap();
         assert_eq!(r.op, ProviderOp::RegistryVersions);
         assert_eq!(r.provider.to_string(), "r.io/h/aws");

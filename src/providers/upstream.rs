@@ -273,9 +273,10 @@ impl Registries {
         }
     }
 
-    /// The registry's `providers.v1` root, from its service discovery.
-    async fn providers_root(&self, host: &str) -> Result<Url, UpError> {
-        if let Some(u) = self.discovered.get(host) {
+    /// The root of a registry service (`providers.v1`, `modules.v1`), from its discovery.
+    async fn service_root(&self, host: &str, service: &'static str) -> Result<Url, UpError> {
+        let cache_key = format!("{host} {service}");
+        if let Some(u) = self.discovered.get(&cache_key) {
             return Ok(u);
         }
         let base = self.bases.get(host).ok_or(UpError::NotFound)?;
@@ -287,20 +288,75 @@ impl Registries {
             .await?;
         let v: serde_json::Value =
             serde_json::from_slice(&body).map_err(|_| UpError::Protocol("discovery not JSON"))?;
-        let root = v["providers.v1"]
-            .as_str()
-            .ok_or(UpError::Protocol("registry offers no providers.v1"))?;
+        // A registry without the service has nothing of that kind: 404.
+        let root = v[service].as_str().ok_or(UpError::NotFound)?;
         let mut root = well_known
             .join(root)
-            .map_err(|_| UpError::Protocol("bad providers.v1"))?;
+            .map_err(|_| UpError::Protocol("bad service URL in discovery"))?;
         if root.scheme() != "https" {
-            return Err(UpError::Protocol("providers.v1 is not https"));
+            return Err(UpError::Protocol("discovered service is not https"));
         }
         if !root.path().ends_with('/') {
             root.set_path(&format!("{}/", root.path()));
         }
-        self.discovered.insert(host.to_string(), root.clone());
+        self.discovered.insert(cache_key, root.clone());
         Ok(root)
+    }
+
+    async fn providers_root(&self, host: &str) -> Result<Url, UpError> {
+        self.service_root(host, "providers.v1").await
+    }
+
+    /// `modules.v1` of a registry: `GET :namespace/:name/:system/versions`, the body as sent.
+    pub async fn module_versions(
+        &self,
+        p: &ProviderId,
+        system: &str,
+    ) -> Result<serde_json::Value, UpError> {
+        let root = self.service_root(&p.host, "modules.v1").await?;
+        let url = root
+            .join(&format!("{}/{}/{system}/versions", p.namespace, p.name))
+            .map_err(|_| UpError::Protocol("bad versions URL"))?;
+        let body = self
+            .small(&p.host, "public_module_versions", &url, &[])
+            .await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| UpError::Protocol("versions not JSON"))?;
+        if !v["modules"].is_array() {
+            return Err(UpError::Protocol("module versions answer has no modules"));
+        }
+        Ok(v)
+    }
+
+    /// `modules.v1`: `GET :namespace/:name/:system/:version/download`, its `X-Terraform-Get`
+    /// resolved against the answer's URL (as Terraform resolves it).
+    pub async fn module_download(
+        &self,
+        p: &ProviderId,
+        system: &str,
+        version: &str,
+    ) -> Result<String, UpError> {
+        let root = self.service_root(&p.host, "modules.v1").await?;
+        let url = root
+            .join(&format!(
+                "{}/{}/{system}/{version}/download",
+                p.namespace, p.name
+            ))
+            .map_err(|_| UpError::Protocol("bad download URL"))?;
+        let (headers, _) = self
+            .small_with_headers(&p.host, "public_module_download", &url)
+            .await?;
+        let get = headers
+            .get("x-terraform-get")
+            .and_then(|v| v.to_str().ok())
+            .ok_or(UpError::Protocol("download answer has no X-Terraform-Get"))?;
+        // go-getter forced sources (`git::https://...`) are not URLs to resolve.
+        if get.contains("::") {
+            return Ok(get.to_string());
+        }
+        url.join(get)
+            .map(|u| u.to_string())
+            .map_err(|_| UpError::Protocol("bad X-Terraform-Get"))
     }
 
     /// `GET :namespace/:type/versions`.
@@ -379,6 +435,26 @@ impl Registries {
         url: &Url,
         named: &[String],
     ) -> Result<Bytes, UpError> {
+        self.exchange(host, label, url, named).await.map(|(_, b)| b)
+    }
+
+    /// A registry call whose headers matter (a module download's `X-Terraform-Get`).
+    async fn small_with_headers(
+        &self,
+        host: &str,
+        label: &'static str,
+        url: &Url,
+    ) -> Result<(http::HeaderMap, Bytes), UpError> {
+        self.exchange(host, label, url, &[]).await
+    }
+
+    async fn exchange(
+        &self,
+        host: &str,
+        label: &'static str,
+        url: &Url,
+        named: &[String],
+    ) -> Result<(http::HeaderMap, Bytes), UpError> {
         let started = Instant::now();
         let result = async {
             let resp = self.get_following(url, named).await?;
@@ -389,7 +465,8 @@ impl Registries {
             if !status.is_success() {
                 return Err(UpError::Status(status));
             }
-            read_limited(resp, self.max_small).await
+            let headers = resp.headers().clone();
+            Ok((headers, read_limited(resp, self.max_small).await?))
         }
         .await;
         metrics::UPSTREAM_DURATION

@@ -9,6 +9,8 @@
 //!   with rpgp; the answer's `signing_keys` carries its armored public half.
 //! - Faults: latency, 500s, down (connections refused), a tampered zip (bytes differ from the
 //!   signed sums), a bad signature (made by another key), no signing keys.
+//! - `modules.v1` too: version lists and download answers whose `X-Terraform-Get` names a
+//!   tarball on the release host.
 //! - Every request is counted by path. Connections are not kept alive, so a fault applies to
 //!   the very next request.
 
@@ -58,6 +60,8 @@ struct Provider {
 
 struct Inner {
     providers: Mutex<BTreeMap<(String, String), Provider>>,
+    /// (namespace, name, system) -> versions
+    modules: Mutex<BTreeMap<(String, String, String), Vec<String>>>,
     zips: Mutex<HashMap<String, Bytes>>,
     hits: Mutex<HashMap<String, usize>>,
     faults: Mutex<Faults>,
@@ -169,6 +173,7 @@ impl FakeRegistry {
             .unwrap();
         let inner = Arc::new(Inner {
             providers: Mutex::new(BTreeMap::new()),
+            modules: Mutex::new(BTreeMap::new()),
             zips: Mutex::new(HashMap::new()),
             hits: Mutex::new(HashMap::new()),
             faults: Mutex::new(Faults::default()),
@@ -185,9 +190,18 @@ impl FakeRegistry {
                 "/v1/providers/{ns}/{name}/{version}/download/{os}/{arch}",
                 get(download),
             )
+            .route(
+                "/v1/modules/{ns}/{name}/{system}/versions",
+                get(module_versions),
+            )
+            .route(
+                "/v1/modules/{ns}/{name}/{system}/{version}/download",
+                get(module_download),
+            )
             .with_state(inner.clone());
         let releases_app = Router::new()
             .route("/{ns}/{name}/{version}/{file}", get(release_file))
+            .route("/modules/{ns}/{name}/{system}/{file}", get(module_file))
             .with_state(inner.clone());
         tokio::spawn(accept_loop(api, api_app, inner.clone(), acceptor.clone()));
         tokio::spawn(accept_loop(releases, releases_app, inner.clone(), acceptor));
@@ -235,6 +249,14 @@ impl FakeRegistry {
                 platforms.iter().map(|s| s.to_string()).collect(),
             );
         }
+    }
+
+    /// Publish the module `namespace/name/system` at `versions` (`modules.v1`).
+    pub fn add_module(&self, ns: &str, name: &str, system: &str, versions: &[&str]) {
+        self.inner.modules.lock().unwrap().insert(
+            (ns.into(), name.into(), system.into()),
+            versions.iter().map(|v| v.to_string()).collect(),
+        );
     }
 
     /// The exact zip bytes the registry publishes for a package.
@@ -373,7 +395,8 @@ async fn discovery(State(inner): State<Arc<Inner>>) -> Response {
     if let Some(r) = enter(&inner, "/.well-known/terraform.json".into()).await {
         return r;
     }
-    Json(serde_json::json!({ "providers.v1": "/v1/providers/" })).into_response()
+    Json(serde_json::json!({ "providers.v1": "/v1/providers/", "modules.v1": "/v1/modules/" }))
+        .into_response()
 }
 
 async fn versions(
@@ -505,4 +528,71 @@ async fn release_file(
         zip[mid] ^= 0xff;
     }
     ([(axum::http::header::CONTENT_TYPE, "application/zip")], zip).into_response()
+}
+
+async fn module_versions(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, system)): Path<(String, String, String)>,
+) -> Response {
+    if let Some(r) = enter(&inner, format!("/v1/modules/{ns}/{name}/{system}/versions")).await {
+        return r;
+    }
+    let modules = inner.modules.lock().unwrap();
+    let Some(versions) = modules.get(&(ns.clone(), name.clone(), system.clone())) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"errors": ["Not Found"]})),
+        )
+            .into_response();
+    };
+    let versions: Vec<serde_json::Value> = versions
+        .iter()
+        .map(|v| serde_json::json!({ "version": v, "submodules": [], "root": {} }))
+        .collect();
+    Json(serde_json::json!({
+        "modules": [{ "source": format!("{ns}/{name}/{system}"), "versions": versions }]
+    }))
+    .into_response()
+}
+
+async fn module_download(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, system, version)): Path<(String, String, String, String)>,
+) -> Response {
+    let path = format!("/v1/modules/{ns}/{name}/{system}/{version}/download");
+    if let Some(r) = enter(&inner, path).await {
+        return r;
+    }
+    let listed = inner
+        .modules
+        .lock()
+        .unwrap()
+        .get(&(ns.clone(), name.clone(), system.clone()))
+        .is_some_and(|v| v.contains(&version));
+    if !listed {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    }
+    let get = format!(
+        "{}/modules/{ns}/{name}/{system}/{version}.tar.gz",
+        inner.releases_url
+    );
+    (StatusCode::NO_CONTENT, [("x-terraform-get", get)]).into_response()
+}
+
+async fn module_file(
+    State(inner): State<Arc<Inner>>,
+    Path((ns, name, system, file)): Path<(String, String, String, String)>,
+) -> Response {
+    if let Some(r) = enter(&inner, format!("/modules/{ns}/{name}/{system}/{file}")).await {
+        return r;
+    }
+    let Some(version) = file.strip_suffix(".tar.gz") else {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    };
+    let tgz = super::fake_gitlab::module_tarball(&format!("{ns}/{name}/{system}"), version, 0);
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/gzip")],
+        tgz,
+    )
+        .into_response()
 }
