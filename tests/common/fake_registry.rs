@@ -13,6 +13,8 @@
 //!   tarball on the release host.
 //! - Every request is counted by path. Connections are not kept alive, so a fault applies to
 //!   the very next request.
+// Shared with the benches, which use part of it.
+#![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

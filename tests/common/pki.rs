@@ -1,5 +1,7 @@
 //! A private CA and a certificate for 127.0.0.1, for HTTPS tests (tfmirror's listener, fake
 //! upstreams). Clients trust the CA through `SSL_CERT_FILE` or `--upstream-ca`.
+// Shared with the benches, which use part of it.
+#![allow(dead_code)]
 
 /// A private CA and a certificate for 127.0.0.1 signed by it: (ca.pem, cert.pem, key.pem).
 pub struct Pki {
