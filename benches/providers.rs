@@ -204,7 +204,7 @@ async fn main() {
         reg.add_provider_sized(NS, name, &["1.0.0"], &["linux_amd64"], SIZE);
     }
     let zip_len = reg.zip(NS, "huge", "1.0.0", "linux_amd64").len();
-    reg.zip(NS, "huge2", "1.0.0", "linux_amd64");
+    let zip2_len = reg.zip(NS, "huge2", "1.0.0", "linux_amd64").len();
     let yaml = format!(
         "upstream_ca: {}\ncache:\n  memory_size: 256MiB\nproviders:\n  upstreams:\n    {HOST}: {}\n",
         pki.path("ca.pem"),
@@ -292,7 +292,7 @@ async fn main() {
             _ = tokio::time::sleep(Duration::from_millis(20)) => peak = peak.max(rss_kib(pid)),
         }
     };
-    assert!(pulled.into_iter().all(|r| r.unwrap() == zip_len));
+    assert!(pulled.into_iter().all(|r| r.unwrap() == zip2_len));
     let fetches = reg.hits(&zip_path) - before;
 
     let report = format!(

@@ -178,6 +178,19 @@ async fn network_mirror_protocol_serves_verified_packages() {
         ls.contains(&format!("provider:{HOST}/{NS}/{TYPE}@1.1.0/linux_amd64")),
         "{ls}"
     );
+    // `cache verify` re-hashes provider packages with the tarballs.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(["cache", "verify", "--cache-dir"])
+        .arg(s.m.cache_dir().join("cache"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let verified = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(verified.contains("1 checked, 0 damaged"), "{verified}");
     // `cache purge provider:...@version` removes the package, its checksums and (as for
     // modules) the version list; the next requests go to the registry again.
     let mut m = s.m;
