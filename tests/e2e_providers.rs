@@ -244,14 +244,14 @@ async fn host_override_passes_the_registry_protocol_through() {
     assert_eq!(through.lock_file().unwrap(), direct_lock);
     assert_eq!(s.reg.hits(&zip_path), before + 1);
     // Terraform fetched every file from tfmirror, none from the registry's release host.
-    let logs = s.m.logs();
     for route in [
         "provider_registry_versions",
         "provider_registry_download",
         "provider_shasums",
         "provider_archive",
     ] {
-        assert!(logs.contains(&format!("\"route\":\"{route}\"")), "{route}");
+        let needle = format!("\"route\":\"{route}\"");
+        assert!(s.m.logs_with(&needle).await.contains(&needle), "{route}");
     }
 
     // The registry goes down: the pass-through answers from the cache.
@@ -284,9 +284,9 @@ async fn host_override_passes_public_modules_through() {
     let run = s.init(&ws).await;
     assert!(run.ok(), "{}\n{}", run.output(), s.m.logs());
     assert_eq!(run.version_of("net"), Some("1.2.0"));
-    let logs = s.m.logs();
     for route in ["public_module_versions", "public_module_download"] {
-        assert!(logs.contains(&format!("\"route\":\"{route}\"")), "{route}");
+        let needle = format!("\"route\":\"{route}\"");
+        assert!(s.m.logs_with(&needle).await.contains(&needle), "{route}");
     }
     // A second runner: the version list and the download answer come from the cache.
     let versions = format!("/v1/modules/{NS}/network/aws/versions");
