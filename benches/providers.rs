@@ -192,8 +192,10 @@ fn load() -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo bench -- --list`: nothing to enumerate
+    // `cargo test --all-targets` runs bench targets too; only `cargo bench` runs this one.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("providers benchmark: run it with `cargo bench --bench providers`");
+        return;
     }
     let started = Instant::now();
     let load_before = load();
