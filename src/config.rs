@@ -312,7 +312,7 @@ impl ProvidersConfig {
         for (host, url) in self.upstreams() {
             // The hostname is a key the operator wrote; the URL is not echoed.
             let key = format!("providers.upstreams.{host}");
-            if !crate::providers::route::valid_host(&host) {
+            if !crate::provider_routes::valid_host(&host) {
                 return Err(invalid(
                     "providers.upstreams",
                     "hostnames must be lowercase host[:port]",
@@ -325,7 +325,7 @@ impl ProvidersConfig {
         }
         for pattern in self.allowed_hosts() {
             let bare = pattern.strip_prefix("*.").unwrap_or(&pattern);
-            if !crate::providers::route::valid_host(bare) {
+            if !crate::provider_routes::valid_host(bare) {
                 return Err(invalid(
                     "providers.allowed_hosts",
                     "entries must be lowercase host, host:port or *.domain",
@@ -413,7 +413,7 @@ impl Config {
             check_base_url("public_url", public)?;
         }
         if let Some(ca) = &self.upstream_ca {
-            crate::upstream::load_pem_certs(ca).map_err(|e| invalid("upstream_ca", e))?;
+            crate::pem::certs(ca).map_err(|e| invalid("upstream_ca", e))?;
         }
         match (&self.tls_cert, &self.tls_key) {
             (Some(c), Some(k)) => {

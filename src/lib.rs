@@ -3,33 +3,45 @@
 //! A caching proxy and offline mirror for GitLab's Terraform Module Registry, built on
 //! Cloudflare's [Pingora](https://github.com/cloudflare/pingora).
 //!
-//! ## Layout
-//! A request flows one way through these modules:
+//! ## Layout, by layer
+//! A module imports only from its own layer or a lower one, and modules never import each
+//! other in a cycle. `tests/layering.rs` checks both on every `crate::`/`super::` path; a new
+//! module gets its layer there. A request enters at L5 and is answered from below.
+//! `ARCHITECTURE.md` draws the request path and says where to add a route, a metric or a
+//! record kind.
 //!
-//! | module | concern |
-//! |---|---|
-//! | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
-//! | [`routes`] | parse a request once into a typed [`routes::Route`]; refuse what can never be valid |
-//! | [`proxy`] | the pingora hooks: decide, then answer locally, from the registry logic, or proxy |
-//! | [`registry`] | cache decisions for registry routes: grants, stale answers, tokens, fills |
-//! | [`access`] | grants per (identity, module), credentials in memory, negative answers |
-//! | [`providers`] | the provider mirror: registries, verification, network mirror protocol |
-//! | [`identity`] | keyed hashes of credentials |
-//! | [`secret`] | key material: the per-instance `secret.key`, or a set's shared key file; rotation |
-//! | [`token`] | tfmirror's download tokens: sealed (AEAD) claims any replica of a set can open |
-//! | [`cache`] | memory tier, blake3-addressed disk blobs, index records, coalesced fills |
-//! | [`health`] | circuit breaker and probe: is the upstream reachable? |
-//! | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects) |
-//! | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
-//! | [`upstream`] | upstream address, DNS off the request path, TLS trust, timeouts |
-//! | [`metrics`] | Prometheus families |
-//! | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes; `X-Cache-Status` |
-//! | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
-//! | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
-//! | [`server`] | assemble the pingora server from a [`config::Config`] |
-//! | [`workers`] | one pingora service and `SO_REUSEPORT` socket per thread |
-//! | [`accesslog`] | the access log line and request metrics of each request |
-//! | [`logbuf`] | per-thread log buffers, flushed by size or timer |
+//! | layer | module | concern |
+//! |---|---|---|
+//! | L6 wiring, commands | [`server`] | assemble the pingora server from a [`config::Config`]; [`server::Parts`] for the commands |
+//! | | [`sync`] | module wish-lists for `warm`/`sync`: arguments, `.tf` files, a GitLab group |
+//! | | `main.rs` | the command line |
+//! | L5 edge | [`proxy`] | the pingora hooks: parse, then answer locally, from the registry, or proxy |
+//! | | [`edge`] | gauges read at scrape time; `/-/metrics` on its own listener |
+//! | | [`accesslog`] | the access log line and request metrics of each request |
+//! | | [`workers`] | one pingora service and `SO_REUSEPORT` socket per thread |
+//! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
+//! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: facts in, I/O around [`access::policy`] |
+//! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
+//! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
+//! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, TLS trust, timeouts |
+//! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects) |
+//! | | [`health`] | circuit breaker and probe: is the upstream reachable? |
+//! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs, coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |
+//! | L0 leaves | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
+//! | | [`routes`] | parse a request once into a typed [`routes::Route`]; refuse what can never be valid |
+//! | | [`identity`] | keyed hashes of credentials |
+//! | | [`secret`] | key material: the per-instance `secret.key`, or a set's shared key file; rotation |
+//! | | [`token`] | tfmirror's download tokens: sealed (AEAD) claims any replica of a set can open |
+//! | | [`provider_routes`] | `/providers/...` paths parsed into a typed route |
+//! | | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
+//! | | [`constraint`] | Terraform version constraints, for `warm` |
+//! | | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes; `X-Cache-Status` |
+//! | | [`metrics`] | Prometheus families and their labels; imports nothing from the crate |
+//! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |
+//! | | [`pem`] | certificate and key files |
+//! | | [`logbuf`] | per-thread log buffers, flushed by size or timer |
+//! | | [`tls`] | TLS termination: the server certificate, reloaded when its files change |
+//! | | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //!
 //! ## Why pingora's proxy, but not pingora-cache
 //! Pingora proxies everything that tfmirror forwards (uploads stream through unbuffered,
@@ -43,14 +55,16 @@
 //! lines carry route templates (see [`routes::Route::template`]), never paths or queries.
 
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 pub mod access;
 pub mod accesslog;
-pub mod admin;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod constraint;
 pub mod downstream;
+pub mod edge;
 pub mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -58,6 +72,8 @@ pub mod health;
 pub mod identity;
 pub mod logbuf;
 pub mod metrics;
+pub mod pem;
+pub mod provider_routes;
 pub mod providers;
 pub mod proxy;
 pub mod registry;

@@ -1,6 +1,7 @@
 //! The `tfmirror` command line. See the crate docs in `lib.rs` for the layout.
 
 #![forbid(unsafe_code)]
+#![warn(clippy::too_many_lines)]
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -353,38 +354,13 @@ fn warm(args: WarmArgs) -> ExitCode {
             }
         }
     }
-    let mut provider_wants = Vec::new();
-    for p in &args.providers {
-        match tfmirror::providers::warm::parse_want(p) {
-            Ok(w) => provider_wants.push(w),
-            Err(e) => {
-                eprintln!("tfmirror: {e}");
-                return ExitCode::from(2);
-            }
+    let (provider_wants, platforms) = match provider_args(&args) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
         }
-    }
-    for file in &args.lock_files {
-        let parsed = std::fs::read_to_string(file)
-            .map_err(|e| e.to_string())
-            .and_then(|t| tfmirror::providers::warm::wants_from_lock_file(&t));
-        match parsed {
-            Ok(w) => provider_wants.extend(w),
-            Err(e) => {
-                eprintln!("tfmirror: {}: {e}", file.display());
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let mut platforms = Vec::new();
-    for p in &args.platforms {
-        match tfmirror::providers::route::Platform::parse(p) {
-            Some(p) => platforms.push(p),
-            None => {
-                eprintln!("tfmirror: --platform {p}: expected OS_ARCH (linux_amd64)");
-                return ExitCode::from(2);
-            }
-        }
-    }
+    };
     if wants.is_empty() && provider_wants.is_empty() {
         eprintln!(
             "tfmirror: nothing to warm: name modules or --provider, --from a directory with module blocks, or --lock-file"
@@ -407,10 +383,38 @@ fn warm(args: WarmArgs) -> ExitCode {
     }
 }
 
+/// `--provider`, `--lock-file` and `--platform`, read and checked.
+type ProviderArgs = (
+    Vec<tfmirror::providers::warm::ProviderWant>,
+    Vec<tfmirror::provider_routes::Platform>,
+);
+
+fn provider_args(args: &WarmArgs) -> Result<ProviderArgs, String> {
+    let mut wants = Vec::new();
+    for p in &args.providers {
+        wants.push(tfmirror::providers::warm::parse_want(p)?);
+    }
+    for file in &args.lock_files {
+        let parsed = std::fs::read_to_string(file)
+            .map_err(|e| e.to_string())
+            .and_then(|t| tfmirror::providers::warm::wants_from_lock_file(&t));
+        wants.extend(parsed.map_err(|e| format!("{}: {e}", file.display()))?);
+    }
+    let platforms = args
+        .platforms
+        .iter()
+        .map(|p| {
+            tfmirror::provider_routes::Platform::parse(p)
+                .ok_or_else(|| format!("--platform {p}: expected OS_ARCH (linux_amd64)"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((wants, platforms))
+}
+
 fn warm_providers(
     config: &Config,
     wants: Vec<tfmirror::providers::warm::ProviderWant>,
-    platforms: &[tfmirror::providers::route::Platform],
+    platforms: &[tfmirror::provider_routes::Platform],
 ) -> ExitCode {
     let parts = match tfmirror::server::open(config) {
         Ok(p) => p,
@@ -526,7 +530,7 @@ fn cache(args: CacheArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let admin = match tfmirror::admin::Admin::open(&config.cache_dir) {
+    let admin = match tfmirror::cache::admin::Admin::open(&config.cache_dir) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("tfmirror: {e}");
@@ -542,28 +546,7 @@ fn cache(args: CacheArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }),
-        CacheAction::Verify => {
-            let rows = admin.ls().map(|r| r.len()).unwrap_or(0);
-            let progress = Progress::new(rows);
-            let found = admin.verify(|row| progress.line(format!("verifying {}", row.key)));
-            progress.finish();
-            found.map(|found| {
-                for (row, why) in &found.damaged {
-                    println!("DAMAGED {} ({why})", row.key);
-                }
-                println!(
-                    "{} checked, {} damaged, {} evicted (filled again on the next request)",
-                    found.checked,
-                    found.damaged.len(),
-                    found.evicted.len()
-                );
-                if found.damaged.is_empty() {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
-            })
-        }
+        CacheAction::Verify => cache_verify(&admin),
         CacheAction::Purge { module } => admin.purge(&module).map(|n| {
             println!("purged {module}: {n} records");
             ExitCode::SUCCESS
@@ -583,6 +566,29 @@ fn cache(args: CacheArgs) -> ExitCode {
     };
     result.unwrap_or_else(|e| {
         eprintln!("tfmirror: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// `tfmirror cache verify`: fails when anything is damaged.
+fn cache_verify(admin: &tfmirror::cache::admin::Admin) -> std::io::Result<ExitCode> {
+    let rows = admin.ls().map(|r| r.len()).unwrap_or(0);
+    let progress = Progress::new(rows);
+    let found = admin.verify(|row| progress.line(format!("verifying {}", row.key)));
+    progress.finish();
+    let found = found?;
+    for (row, why) in &found.damaged {
+        println!("DAMAGED {} ({why})", row.key);
+    }
+    println!(
+        "{} checked, {} damaged, {} evicted (filled again on the next request)",
+        found.checked,
+        found.damaged.len(),
+        found.evicted.len()
+    );
+    Ok(if found.damaged.is_empty() {
+        ExitCode::SUCCESS
+    } else {
         ExitCode::FAILURE
     })
 }

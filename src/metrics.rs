@@ -205,6 +205,20 @@ pub static PROVIDER_VERIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     .expect("metric")
 });
 
+/// Every `result` of `tfmirror_provider_verifications_total` (`providers::verify` checks
+/// that each of its refusals is here).
+pub const PROVIDER_VERIFICATION_RESULTS: [&str; 9] = [
+    "signature_ok",
+    "unsigned_accepted",
+    "checksum_ok",
+    "no_signing_keys",
+    "bad_key",
+    "bad_signature",
+    "not_listed",
+    "shasum_mismatch",
+    "checksum_mismatch",
+];
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
 pub const FAMILIES: [&str; 23] = [
     "tfmirror_requests_total",
@@ -262,11 +276,7 @@ pub fn init() {
     LazyLock::force(&CACHE_RECORDS_REFUSED);
     LazyLock::force(&GRANTS_EXPIRED);
     // Every outcome from the first scrape, so a refusal shows as a rise from zero.
-    let refusals = crate::providers::verify::Refusal::ALL.map(|r| r.label());
-    for result in ["signature_ok", "unsigned_accepted", "checksum_ok"]
-        .into_iter()
-        .chain(refusals)
-    {
+    for result in PROVIDER_VERIFICATION_RESULTS {
         PROVIDER_VERIFICATIONS.with_label_values(&[result]);
     }
 }
@@ -324,34 +334,4 @@ pub fn render() -> String {
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()
-}
-
-/// `/-/metrics` on its own listener (`metrics_listen`), for scrapers kept off the proxy port.
-pub struct MetricsApp {
-    pub registry: std::sync::Arc<crate::registry::Registry>,
-    pub health: std::sync::Arc<crate::health::Health>,
-}
-
-#[async_trait::async_trait]
-impl pingora::apps::http_app::ServeHttp for MetricsApp {
-    async fn response(
-        &self,
-        session: &mut pingora::protocols::http::ServerSession,
-    ) -> http::Response<Vec<u8>> {
-        let (status, body) = if session.req_header().uri.path() == "/-/metrics" {
-            self.registry.update_gauges(&self.health);
-            (http::StatusCode::OK, render().into_bytes())
-        } else {
-            (
-                http::StatusCode::NOT_FOUND,
-                br#"{"message":"404 Not Found"}"#.to_vec(),
-            )
-        };
-        http::Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(body)
-            .expect("static response")
-    }
 }

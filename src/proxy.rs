@@ -24,10 +24,11 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
+use crate::cache::Cache;
 use crate::health::Health;
 use crate::identity::Identity;
 use crate::metrics;
-use crate::registry::Registry;
+use crate::registry::{Outcome, Registry};
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::{PublicBase, Rewriter};
 use crate::routes::{self, Internal, ProjectOp, Route, MODULES_V1};
@@ -51,6 +52,7 @@ const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
 
 pub struct Proxy {
     upstream: Arc<Upstream>,
+    cache: Arc<Cache>,
     registry: Arc<Registry>,
     health: Arc<Health>,
     rewriter: Rewriter,
@@ -79,9 +81,19 @@ pub struct RequestCtx {
     identity: Option<Identity>,
 }
 
+impl RequestCtx {
+    /// What a registry decision did, for the access log and metrics.
+    fn record(&mut self, out: Outcome) {
+        self.cache = Some(out.cache);
+        self.upstream_status = out.upstream_status;
+        self.identity = Some(out.identity);
+    }
+}
+
 impl Proxy {
     pub fn new(
         upstream: Arc<Upstream>,
+        cache: Arc<Cache>,
         registry: Arc<Registry>,
         health: Arc<Health>,
         config: &crate::config::Config,
@@ -90,6 +102,7 @@ impl Proxy {
         Proxy {
             rewriter: Rewriter::new(upstream.base_url()),
             upstream,
+            cache,
             registry,
             health,
             public_url: public_url.map(PublicBase::from_url),
@@ -146,46 +159,13 @@ impl Proxy {
                 respond::json(session, StatusCode::OK, body.to_string()).await?;
                 Ok(true)
             }
-            Route::Internal(Internal::Health) => {
-                respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await?;
-                Ok(true)
-            }
-            Route::Internal(Internal::Readiness) => {
-                let (status, body) = match self.registry.cache.check_writable().await {
-                    Ok(()) => (
-                        StatusCode::OK,
-                        serde_json::json!({ "status": "ready", "upstream_up": self.health.is_up() }),
-                    ),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cache directory is not writable");
-                        (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            serde_json::json!({ "status": "cache directory not writable" }),
-                        )
-                    }
-                };
-                respond::json(session, status, body.to_string()).await?;
-                Ok(true)
-            }
-            Route::Internal(Internal::Metrics) => {
-                self.registry.update_gauges(&self.health);
-                let body = metrics::render();
-                let headers = [(
-                    header::CONTENT_TYPE,
-                    respond::HeaderValueLike::Static("text/plain; version=0.0.4"),
-                )];
-                respond::full(session, StatusCode::OK, &headers, body.into()).await?;
-                Ok(true)
-            }
-            Route::Internal(Internal::AdminPurge) => {
-                self.admin_purge(session).await?;
+            Route::Internal(which) => {
+                self.serve_internal(session, *which).await?;
                 Ok(true)
             }
             Route::Module(m) => match self.registry.handle(session, m, &public).await? {
                 Some(out) => {
-                    ctx.cache = Some(out.cache);
-                    ctx.upstream_status = out.upstream_status;
-                    ctx.identity = Some(out.identity);
+                    ctx.record(out);
                     Ok(true)
                 }
                 None => self.offline_refusal(session).await,
@@ -204,12 +184,45 @@ impl Proxy {
                     .registry
                     .project_download(session, p, terraform_get, &public)
                     .await?;
-                ctx.cache = Some(out.cache);
-                ctx.upstream_status = out.upstream_status;
-                ctx.identity = Some(out.identity);
+                ctx.record(out);
                 Ok(true)
             }
             _ => self.offline_refusal(session).await,
+        }
+    }
+
+    /// tfmirror's own endpoints under `/-/`.
+    async fn serve_internal(&self, session: &mut Session, which: Internal) -> Result<()> {
+        match which {
+            Internal::Health => {
+                respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await
+            }
+            Internal::Readiness => {
+                let (status, body) = match self.cache.check_writable().await {
+                    Ok(()) => (
+                        StatusCode::OK,
+                        serde_json::json!({ "status": "ready", "upstream_up": self.health.is_up() }),
+                    ),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cache directory is not writable");
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            serde_json::json!({ "status": "cache directory not writable" }),
+                        )
+                    }
+                };
+                respond::json(session, status, body.to_string()).await
+            }
+            Internal::Metrics => {
+                crate::edge::gauges::update(&self.cache, &self.health);
+                let body = metrics::render();
+                let headers = [(
+                    header::CONTENT_TYPE,
+                    respond::HeaderValueLike::Static("text/plain; version=0.0.4"),
+                )];
+                respond::full(session, StatusCode::OK, &headers, body.into()).await
+            }
+            Internal::AdminPurge => self.admin_purge(session).await,
         }
     }
 
@@ -245,7 +258,7 @@ impl Proxy {
         let dir = self.cache_dir.clone();
         let s = spec.clone();
         let purged = tokio::task::spawn_blocking(move || {
-            crate::admin::Admin::open(&dir).and_then(|a| a.purge(&s))
+            crate::cache::admin::Admin::open(&dir).and_then(|a| a.purge(&s))
         })
         .await
         .map_err(|e| pingora::Error::because(ErrorType::InternalError, "purge", e))?;
@@ -253,7 +266,7 @@ impl Proxy {
             Ok(n) => {
                 let module = spec.split('@').next().unwrap_or_default();
                 self.registry.auth.forget_module(module);
-                self.registry.cache.forget_index();
+                self.cache.forget_index();
                 tracing::info!(records = n, "purged through the admin endpoint");
                 let body = serde_json::json!({ "purged": n }).to_string();
                 respond::json(session, StatusCode::OK, body).await

@@ -135,7 +135,7 @@ pub enum Route {
     Module(ModuleRoute),
     Project(ProjectRoute),
     /// `/providers/...`: the provider mirror (see [`crate::providers`]).
-    Provider(crate::providers::route::ProviderRoute),
+    Provider(crate::provider_routes::ProviderRoute),
     /// Any other path: forwarded unchanged.
     PassThrough,
 }
@@ -248,7 +248,9 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
         return parse_module(method, &segments[skip..]).map(Route::Module);
     }
     if path.starts_with(PROVIDERS) {
-        return crate::providers::route::parse(method, &segments[1..]).map(Route::Provider);
+        return crate::provider_routes::parse(method, &segments[1..])
+            .map(Route::Provider)
+            .map_err(|r| Reject::new(r.status, r.message));
     }
     if let Some(rest) = path.strip_prefix(PROJECTS) {
         // `:id/packages/terraform/modules/...`

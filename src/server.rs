@@ -16,6 +16,7 @@ use crate::upstream::Upstream;
 /// The parts every command that talks to GitLab or the cache needs.
 pub struct Parts {
     pub upstream: Arc<Upstream>,
+    pub cache: Arc<Cache>,
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
     pub providers: Arc<crate::providers::Providers>,
@@ -54,13 +55,14 @@ pub fn open(config: &Config) -> Result<Parts, String> {
     let providers = Arc::new(crate::providers::Providers::new(config, cache.clone())?);
     let registry = Arc::new(Registry::new(
         upstream.clone(),
-        cache,
+        cache.clone(),
         secret,
         health.clone(),
         config,
     ));
     Ok(Parts {
         upstream,
+        cache,
         registry,
         health,
         providers,
@@ -75,15 +77,65 @@ const GRANT_GC_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     let Parts {
         upstream,
+        cache,
         registry,
         health,
         providers,
     } = open(config)?;
     crate::metrics::init();
-    // Rebuild disk usage off the request path: serving starts at once, whatever the size.
-    let blobs = registry.cache.blobs.clone();
-    let meta = registry.cache.meta.clone();
     let horizon = (config.auth.grant_ttl + config.cache.stale_if_error).as_secs();
+    start_housekeeping(&cache, horizon);
+
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, server_conf(config));
+    server.bootstrap();
+
+    // One service per thread, each on its own socket: see `workers` for why.
+    let resolver = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(
+            crate::tls::ReloadingCert::new(cert, key)
+                .map_err(|e| format!("invalid configuration: `tls_cert`: {e}"))?,
+        )),
+        _ => None,
+    };
+    let group = crate::workers::Group::new(config.listen, config.threads);
+    for i in 0..config.threads {
+        let proxy = Proxy::new(
+            upstream.clone(),
+            cache.clone(),
+            registry.clone(),
+            health.clone(),
+            config,
+        )
+        .with_providers(providers.clone());
+        let app = crate::downstream::Guarded::new(
+            pingora::proxy::http_proxy(&server.configuration, proxy),
+            config.timeouts.client_idle,
+        );
+        let tls = resolver.as_ref().map(tls_settings).transpose()?;
+        server.add_service(crate::workers::Worker::new(group.clone(), i, app, tls));
+    }
+
+    if let Some(addr) = config.metrics_listen {
+        let app = crate::edge::metrics_app::MetricsApp { cache, health };
+        let mut metrics = pingora::services::listening::Service::new(
+            "tfmirror metrics".to_string(),
+            pingora::apps::http_app::HttpServer::new_app(app),
+        );
+        metrics.add_tcp(&addr.to_string());
+        server.add_service(metrics);
+    }
+    Ok(server)
+}
+
+/// Off the request path, so serving starts at once whatever the cache holds: rebuild disk
+/// usage and the record count, then remove grant records past `horizon` seconds now and then.
+fn start_housekeeping(cache: &Cache, horizon: u64) {
+    let blobs = cache.blobs.clone();
+    let meta = cache.meta.clone();
     std::thread::spawn(move || {
         if let Err(e) = blobs.scan() {
             tracing::warn!(error = %e, "cache scan failed");
@@ -94,7 +146,8 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         // Grant records past any use are removed now and then, so the record count follows
         // the callers actually served, whatever else called.
         loop {
-            match crate::access::grants::remove_expired(&meta, crate::cache::unix_now(), horizon) {
+            match crate::cache::records::remove_expired_grants(&meta, crate::clock::now(), horizon)
+            {
                 Ok(0) => {}
                 Ok(n) => {
                     crate::metrics::GRANTS_EXPIRED.inc_by(n as u64);
@@ -105,9 +158,11 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
             std::thread::sleep(GRANT_GC_EVERY);
         }
     });
+}
 
+fn server_conf(config: &Config) -> ServerConf {
     let state = |name: &str| config.cache_dir.join(name).to_string_lossy().into_owned();
-    let conf = ServerConf {
+    ServerConf {
         // The proxy runs one service per thread (`workers`); this is for the metrics
         // listener, whose scrapes need no more.
         threads: 1,
@@ -121,51 +176,16 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         grace_period_seconds: Some(5),
         graceful_shutdown_timeout_seconds: Some(10),
         ..ServerConf::default()
-    };
-    let opt = Opt {
-        upgrade,
-        ..Opt::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
-
-    // One service per thread, each on its own socket: see `workers` for why.
-    let resolver = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(Arc::new(
-            crate::tls::ReloadingCert::new(cert, key)
-                .map_err(|e| format!("invalid configuration: `tls_cert`: {e}"))?,
-        )),
-        _ => None,
-    };
-    let group = crate::workers::Group::new(config.listen, config.threads);
-    for i in 0..config.threads {
-        let proxy = Proxy::new(upstream.clone(), registry.clone(), health.clone(), config)
-            .with_providers(providers.clone());
-        let app = crate::downstream::Guarded::new(
-            pingora::proxy::http_proxy(&server.configuration, proxy),
-            config.timeouts.client_idle,
-        );
-        let tls = match &resolver {
-            Some(resolver) => {
-                let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                    .map_err(|e| format!("TLS settings: {e}"))?;
-                tls.set_cert_resolver(resolver.clone());
-                tls.enable_h2();
-                Some(tls)
-            }
-            None => None,
-        };
-        server.add_service(crate::workers::Worker::new(group.clone(), i, app, tls));
     }
+}
 
-    if let Some(addr) = config.metrics_listen {
-        let app = crate::metrics::MetricsApp { registry, health };
-        let mut metrics = pingora::services::listening::Service::new(
-            "tfmirror metrics".to_string(),
-            pingora::apps::http_app::HttpServer::new_app(app),
-        );
-        metrics.add_tcp(&addr.to_string());
-        server.add_service(metrics);
-    }
-    Ok(server)
+/// TLS for one worker's listener, with the shared reloading certificate.
+fn tls_settings(
+    resolver: &Arc<crate::tls::ReloadingCert>,
+) -> Result<pingora::listeners::tls::TlsSettings, String> {
+    let mut tls = pingora::listeners::tls::TlsSettings::intermediate("", "")
+        .map_err(|e| format!("TLS settings: {e}"))?;
+    tls.set_cert_resolver(resolver.clone());
+    tls.enable_h2();
+    Ok(tls)
 }

@@ -102,22 +102,11 @@ pub async fn group_modules(
     token: Option<&HeaderValue>,
     group: &str,
 ) -> Result<Vec<Want>, String> {
-    let get = |path: String| {
-        let mut r = upstream.http.get(upstream.url_for(&path));
-        if let Some(t) = token {
-            r = r.header(http::header::AUTHORIZATION, t.clone());
-        }
-        r.send()
-    };
+    let get = |path: String| group_get(upstream, token, group, path);
     let encoded = group.replace('/', "%2F");
     let full_path = if group.chars().all(|c| c.is_ascii_digit()) {
-        let r = get(format!("/api/v4/groups/{encoded}"))
-            .await
-            .map_err(|e| format!("group {group}: {}", e.without_url()))?;
-        if !r.status().is_success() {
-            return Err(format!("group {group}: GitLab answered {}", r.status()));
-        }
-        let v: serde_json::Value = r
+        let v: serde_json::Value = get(format!("/api/v4/groups/{encoded}"))
+            .await?
             .json()
             .await
             .map_err(|e| format!("group {group}: {}", e.without_url()))?;
@@ -130,17 +119,13 @@ pub async fn group_modules(
     };
     let namespace = full_path.split('/').next().unwrap_or_default().to_string();
     let mut out = Vec::new();
-    let mut page = "1".to_string();
-    loop {
+    let mut page = Some("1".to_string());
+    while let Some(p) = page {
         let r = get(format!(
-            "/api/v4/groups/{encoded}/packages?package_type=terraform_module&per_page=100&page={page}"
+            "/api/v4/groups/{encoded}/packages?package_type=terraform_module&per_page=100&page={p}"
         ))
-        .await
-        .map_err(|e| format!("group {group}: {}", e.without_url()))?;
-        if !r.status().is_success() {
-            return Err(format!("group {group}: GitLab answered {}", r.status()));
-        }
-        let next = r
+        .await?;
+        page = r
             .headers()
             .get("x-next-page")
             .and_then(|v| v.to_str().ok())
@@ -151,21 +136,42 @@ pub async fn group_modules(
             .json()
             .await
             .map_err(|e| format!("group {group}: {}", e.without_url()))?;
-        for p in packages {
-            let (Some(name), Some(version)) = (p["name"].as_str(), p["version"].as_str()) else {
-                continue;
-            };
-            // Terraform module packages are named `name/system`.
-            if let Ok(w) = parse_want(&format!("{namespace}/{name}@= {version}")) {
-                out.push(w);
-            }
-        }
-        match next {
-            Some(n) => page = n,
-            None => break,
-        }
+        out.extend(packages_as_wants(&namespace, &packages));
     }
     Ok(out)
+}
+
+/// `GET` a group API path with the caller's token. Anything but a 2xx is an error.
+async fn group_get(
+    upstream: &Upstream,
+    token: Option<&HeaderValue>,
+    group: &str,
+    path: String,
+) -> Result<reqwest::Response, String> {
+    let mut r = upstream.http.get(upstream.url_for(&path));
+    if let Some(t) = token {
+        r = r.header(http::header::AUTHORIZATION, t.clone());
+    }
+    let r = r
+        .send()
+        .await
+        .map_err(|e| format!("group {group}: {}", e.without_url()))?;
+    if !r.status().is_success() {
+        return Err(format!("group {group}: GitLab answered {}", r.status()));
+    }
+    Ok(r)
+}
+
+/// The wants of one page of packages (Terraform module packages are named `name/system`).
+/// Entries without a name or a version are skipped.
+fn packages_as_wants(namespace: &str, packages: &[serde_json::Value]) -> Vec<Want> {
+    packages
+        .iter()
+        .filter_map(|p| {
+            let (name, version) = (p["name"].as_str()?, p["version"].as_str()?);
+            parse_want(&format!("{namespace}/{name}@= {version}")).ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -203,5 +209,20 @@ module "sub" {
         assert_eq!(names, ["infra/vpc/aws@~> 1.0", "infra/dns/aws@"]);
         assert!(parse_want("not-a-module").is_err());
         assert!(parse_want("a/b/c@~> x").is_err());
+    }
+
+    #[test]
+    fn group_packages_become_exact_wants() {
+        let page = serde_json::json!([
+            { "name": "vpc/aws", "version": "1.2.0" },
+            { "name": "dns/aws" },
+            { "name": "dns/aws", "version": "2.0.0" },
+        ]);
+        let wants = packages_as_wants("infra", page.as_array().unwrap());
+        let names: Vec<String> = wants
+            .iter()
+            .map(|w| format!("{}@{}", w.module, w.written))
+            .collect();
+        assert_eq!(names, ["infra/vpc/aws@= 1.2.0", "infra/dns/aws@= 2.0.0"]);
     }
 }

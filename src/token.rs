@@ -23,7 +23,7 @@
 //! open until they expire; new ones are always sealed under the current key.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -31,6 +31,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use http::HeaderValue;
 
+use crate::clock::now;
 use crate::identity::{Identity, Secret};
 use crate::routes::ModuleId;
 
@@ -115,12 +116,6 @@ pub struct Tokens {
     current: XChaCha20Poly1305,
     previous: Option<XChaCha20Poly1305>,
     ttl: Duration,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn cipher(token_key: &[u8; 32]) -> XChaCha20Poly1305 {

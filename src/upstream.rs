@@ -11,7 +11,6 @@
 //!   here keeps presigned URLs away from clients.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,7 +19,6 @@ use pingora::prelude::HttpPeer;
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::{parse_x509, WrappedX509};
 use pingora::{Error, ErrorType, OrErr, Result};
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use url::Url;
 
@@ -72,7 +70,7 @@ impl Upstream {
             .to_string();
 
         let extra_cas = match &config.upstream_ca {
-            Some(path) => load_pem_certs(path)?,
+            Some(path) => crate::pem::certs(path)?,
             None => Vec::new(),
         };
         let ca = if extra_cas.is_empty() {
@@ -163,18 +161,6 @@ impl Upstream {
         o.ca = self.ca.clone();
         Ok(Box::new(peer))
     }
-}
-
-/// Read every certificate of a PEM file. Fails when there is none.
-pub fn load_pem_certs(path: &Path) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| format!("bad PEM in {}: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!("no certificate in {}", path.display()));
-    }
-    Ok(certs)
 }
 
 /// Pingora's per-peer CA list *replaces* the root store, so the system roots are added to

@@ -127,7 +127,8 @@ fn project_workspace(m: &Mirror, version: Option<&str>, user: &str, token: &str)
 #[tokio::test]
 async fn project_route_sources_warm_and_offline() {
     let gl = gitlab().await;
-    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 3s\n").await;
+    // Grants long enough that the warm init below finds them fresh even on a loaded machine.
+    let m = Mirror::start_with_config(&gl.url(), "auth:\n  grant_ttl: 8s\n").await;
     let cold = project_workspace(&m, Some("1.1.0"), "alice", ALICE)
         .init(None)
         .await;
@@ -149,7 +150,7 @@ async fn project_route_sources_warm_and_offline() {
     assert!(latest.ok(), "latest:\n{}\n{}", latest.output(), m.logs());
 
     // GitLab down, grant expired: init still works from the cache.
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    tokio::time::sleep(Duration::from_millis(8100)).await;
     gl.set_fault(Fault::Down);
     let offline = project_workspace(&m, Some("1.1.0"), "alice", ALICE)
         .init(None)

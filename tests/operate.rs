@@ -154,7 +154,7 @@ async fn cache_cli_lists_verifies_purges_and_collects() {
     let orphan = Path::new(dir).join("blobs/00/".to_string() + &"0".repeat(64));
     std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     std::fs::write(&orphan, b"orphan").unwrap();
-    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    let old = std::time::UNIX_EPOCH + Duration::from_secs(tfmirror::clock::now() - 3600);
     std::fs::File::options()
         .write(true)
         .open(&orphan)

@@ -8,54 +8,30 @@
 //! credentials and GitLab decides.
 //!
 //! Grants are persisted (hashed identities only) so they survive restarts, until they are past
-//! any use (`auth.grant_ttl + cache.stale_if_error`, see [`expired`]). A refusal is persisted
+//! any use (`auth.grant_ttl + cache.stale_if_error`, see
+//! [`crate::cache::records::grant_expired`]). A refusal is persisted
 //! only when it replaces a grant (a removed member: a restart must not bring the grant back);
 //! refusals of identities that never had one (junk tokens, scanners) live in bounded memory,
 //! so no caller can fill the disk with records. Raw credentials
 //! live in memory only, for at most one grant lifetime after the caller last presented them,
 //! to refresh or fill on the caller's behalf (GitLab, asked with them, decides).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use serde::{Deserialize, Serialize};
 
 use crate::cache::meta::MetaStore;
-use crate::cache::unix_now;
+use crate::cache::records::{grant_key, Grant, KIND_GRANT};
+use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::routes::ModuleId;
 
-pub const KIND_GRANT: &str = "grant";
 /// Refusals of never-granted identities kept in memory (a few hundred bytes each).
 const MAX_MEMORY_REFUSALS: u64 = 100_000;
 /// GitLab's download JWTs live 5 minutes; reuse them for a little less.
 const JWT_REUSE: Duration = Duration::from_secs(240);
-
-/// A listing body as one identity received it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct BodyRef {
-    /// blake3 of the body, hex: the blob that holds it.
-    pub digest: String,
-    /// Unix seconds of the upstream answer.
-    pub fetched_at: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Grant {
-    /// Unix seconds of the last upstream success for this identity and module.
-    pub checked_at: u64,
-    /// Listing op (`versions`, `latest`, `v/<version>`) -> body this identity received.
-    pub bodies: BTreeMap<String, BodyRef>,
-    /// Versions in this identity's last versions listing.
-    pub versions: Vec<String>,
-    /// Set when GitLab refused this identity (401/403): it then gets nothing from the cache,
-    /// online or offline, until GitLab says yes again.
-    #[serde(default)]
-    pub refused_at: Option<u64>,
-}
 
 impl Grant {
     pub fn is_fresh(&self, ttl: Duration) -> bool {
@@ -115,10 +91,6 @@ pub struct Auth {
 
 /// Longest `Retry-After` honoured for one caller: a bogus value must not shut it out for a day.
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
-
-fn grant_key(identity: Identity, module: &ModuleId) -> String {
-    format!("{}/{module}", identity.to_hex())
-}
 
 impl Auth {
     pub fn new(meta: Arc<MetaStore>, grant_ttl: Duration, negative_ttl: Duration) -> Auth {
@@ -363,26 +335,6 @@ pub fn refusal_goes_to(before: Option<&Grant>) -> RefusalTo {
     }
 }
 
-/// Is a grant record past any use at `now`? A grant serves fresh for `grant_ttl` and stale
-/// for `stale_if_error` more; a refusal stands as long as the grant it replaced could have.
-/// `horizon` is `grant_ttl + stale_if_error`, in seconds.
-pub fn expired(g: &Grant, now: u64, horizon: u64) -> bool {
-    let last = g.checked_at.max(g.refused_at.unwrap_or(0));
-    now.saturating_sub(last) > horizon
-}
-
-/// Remove the grant records past `horizon` seconds (blocking). Returns how many.
-pub fn remove_expired(meta: &MetaStore, now: u64, horizon: u64) -> std::io::Result<usize> {
-    let mut removed = 0;
-    for (key, g) in meta.scan::<Grant>(KIND_GRANT)? {
-        if expired(&g, now, horizon) {
-            meta.remove(KIND_GRANT, &key);
-            removed += 1;
-        }
-    }
-    Ok(removed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -410,26 +362,6 @@ mod tests {
         ];
         for (before, want) in table {
             assert_eq!(refusal_goes_to(before), want, "{before:?}");
-        }
-    }
-
-    #[test]
-    fn records_expire_after_the_stale_window() {
-        let g = |checked_at, refused_at| Grant {
-            checked_at,
-            refused_at,
-            ..Grant::default()
-        };
-        let horizon = 60 + 600;
-        let table = [
-            (g(1000, None), 1000 + horizon, false),
-            (g(1000, None), 1000 + horizon + 1, true),
-            (g(1000, Some(1500)), 1000 + horizon + 1, false),
-            (g(1000, Some(1500)), 1500 + horizon + 1, true),
-            (g(0, None), 10, false),
-        ];
-        for (grant, now, want) in table {
-            assert_eq!(expired(&grant, now, horizon), want, "{grant:?} at {now}");
         }
     }
 

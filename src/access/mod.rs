@@ -4,4 +4,4 @@
 pub mod grants;
 pub mod policy;
 
-pub use grants::{Auth, BodyRef, Grant, Negative, KIND_GRANT};
+pub use grants::{Auth, Negative};

@@ -15,7 +15,9 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
+
+use crate::clock;
 
 use bytes::Bytes;
 
@@ -37,12 +39,6 @@ struct Usage {
     total: u64,
     /// hash -> (size, last use in unix seconds)
     entries: HashMap<Hash, (u64, u64)>,
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl BlobStore {
@@ -158,7 +154,7 @@ impl BlobStore {
 
     fn touch(&self, hash: &Hash, size: u64) {
         let mut u = self.usage.lock().expect("usage lock");
-        let now = unix_now();
+        let now = clock::now();
         match u.entries.get_mut(hash) {
             Some(e) => e.1 = now,
             None => {
@@ -329,7 +325,7 @@ mod tests {
         }
         let dead = dir.path().join("tmp/999-0.part");
         fs::write(&dead, b"partial").unwrap();
-        let old = SystemTime::now() - std::time::Duration::from_secs(7200);
+        let old = UNIX_EPOCH + std::time::Duration::from_secs(clock::now() - 7200);
         File::options()
             .write(true)
             .open(&dead)

@@ -257,8 +257,7 @@ async fn run(
     max_object_size: u64,
     on_commit: impl FnOnce(Hash, u64) + Send + 'static,
 ) -> Result<Option<(Hash, u64)>, FillError> {
-    use futures::StreamExt;
-    let Source { end, mut body } = opener.await?;
+    let Source { end, body } = opener.await?;
     let len = end.declared_len();
     if let Some(len) = len {
         if !has_room(&temp, len).await {
@@ -266,6 +265,41 @@ async fn run(
         }
     }
     tx.send_replace(State::Streaming { written: 0, len });
+    let (hash, written, verdict) = write_body(body, len, tx, &file, &prefix).await?;
+    if len.is_some_and(|l| l != written) {
+        return Err(FillError::Upstream(
+            "body shorter or longer than Content-Length",
+        ));
+    }
+    if !judge(end, verdict, written, max_object_size)? {
+        return Ok(None);
+    }
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        f.sync_all()?;
+        blobs.commit(&temp, &hash, written)?;
+        on_commit(hash, written);
+        Ok(())
+    })
+    .await
+    .map_err(|_| FillError::Disk)?
+    .map_err(|e| {
+        tracing::error!(error = %e, "cache commit failed");
+        FillError::Disk
+    })?;
+    Ok(Some((hash, written)))
+}
+
+/// Stream the body into the temp file, announcing progress to the readers: its hash, its
+/// length, and what the archive check says of its bytes.
+async fn write_body(
+    mut body: futures::stream::BoxStream<'static, Result<Bytes, &'static str>>,
+    len: Option<u64>,
+    tx: &watch::Sender<State>,
+    file: &Arc<File>,
+    prefix: &Mutex<Vec<Bytes>>,
+) -> Result<(Hash, u64, Verdict), FillError> {
+    use futures::StreamExt;
     let mut hasher = blake3::Hasher::new();
     let mut checker = Some(Checker::default());
     let mut written = 0u64;
@@ -297,14 +331,20 @@ async fn run(
         written += n;
         tx.send_replace(State::Streaming { written, len });
     }
-    if len.is_some_and(|l| l != written) {
-        return Err(FillError::Upstream(
-            "body shorter or longer than Content-Length",
-        ));
-    }
     let verdict = checker.map_or(Verdict::Unchecked, Checker::verdict);
+    Ok((hasher.finalize(), written, verdict))
+}
+
+/// [`keep`], carried out: `Ok(true)` to commit, `Ok(false)` to serve without keeping, `Err`
+/// to fail the readers. Counted and logged.
+fn judge(
+    end: End,
+    verdict: Verdict,
+    written: u64,
+    max_object_size: u64,
+) -> Result<bool, FillError> {
     match keep(end, verdict, written, max_object_size) {
-        Keep::Yes => {}
+        Keep::Yes => Ok(true),
         Keep::Fail => {
             crate::metrics::FILLS_NOT_KEPT
                 .with_label_values(&[verdict.as_str()])
@@ -314,31 +354,16 @@ async fn run(
                 check = verdict.as_str(),
                 "upstream body ended without framing and its gzip stream is cut: failed"
             );
-            return Err(FillError::Upstream("close-delimited body cut short"));
+            Err(FillError::Upstream("close-delimited body cut short"))
         }
         Keep::No(reason) => {
             crate::metrics::FILLS_NOT_KEPT
                 .with_label_values(&[reason])
                 .inc();
             tracing::warn!(bytes = written, reason, "tarball served, not cached");
-            return Ok(None);
+            Ok(false)
         }
     }
-    let hash = hasher.finalize();
-    let f = file.clone();
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        f.sync_all()?;
-        blobs.commit(&temp, &hash, written)?;
-        on_commit(hash, written);
-        Ok(())
-    })
-    .await
-    .map_err(|_| FillError::Disk)?
-    .map_err(|e| {
-        tracing::error!(error = %e, "cache commit failed");
-        FillError::Disk
-    })?;
-    Ok(Some((hash, written)))
 }
 
 /// What to do with a body that streamed to its end.

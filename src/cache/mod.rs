@@ -4,52 +4,31 @@
 //! - [`blobs`]: content-addressed files, atomic writes, verification, eviction.
 //! - [`meta`]: small JSON records (tarball index, grants), atomic, lazily read.
 //! - [`fill`]: coalesced upstream fills streamed to every waiter.
+//! - [`records`]: every record kind on disk, its schema and its key.
+//! - [`admin`]: `tfmirror cache ls|verify|purge|gc` and the purge endpoint, on a directory.
 //!
 //! Tarballs are immutable per (namespace, name, system, version): the index maps each to the
 //! hash of its bytes, so identical archives are stored once. Listing bodies are blobs too,
-//! stored once per digest whoever received them (see `auth` for who may see which).
+//! stored once per digest whoever received them (see `access` for who may see which).
 
+pub mod admin;
 pub mod archive;
 pub mod blobs;
 pub mod fill;
 pub mod meta;
 pub mod private;
+pub mod records;
 pub mod temp;
 
 use std::io;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 
 use blobs::{BlobStore, Hash};
 use fill::Fills;
 use meta::MetaStore;
-
-pub const KIND_TARBALL: &str = "tarball";
-
-/// What the index knows about one module version's tarball.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct TarballEntry {
-    /// blake3 of the bytes, hex.
-    pub hash: String,
-    pub size: u64,
-    /// Unix seconds of the upstream fetch.
-    pub fetched_at: u64,
-}
-
-impl TarballEntry {
-    pub fn hash(&self) -> Option<Hash> {
-        Hash::from_hex(&self.hash).ok()
-    }
-}
-
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use records::{TarballEntry, KIND_TARBALL};
 
 pub struct Cache {
     pub blobs: Arc<BlobStore>,
@@ -168,8 +147,8 @@ impl Cache {
         self.memory.invalidate(hash);
     }
 
-    /// The index entry of a tarball. Keys come from [`tarball_key`] and
-    /// [`project_tarball_key`].
+    /// The index entry of a tarball. Keys come from [`records::tarball_key`] and
+    /// [`records::project_tarball_key`].
     pub async fn tarball(&self, key: &str) -> Option<TarballEntry> {
         if let Some(e) = self.index.get(key) {
             return Some(e);
@@ -204,14 +183,4 @@ impl Cache {
         let key = key.to_string();
         let _ = tokio::task::spawn_blocking(move || meta.remove(KIND_TARBALL, &key)).await;
     }
-}
-
-/// Index key of a namespace-route tarball.
-pub fn tarball_key(module: &crate::routes::ModuleId, version: &str) -> String {
-    format!("{module}@{version}")
-}
-
-/// Index key of a project-route tarball. Its bytes share blobs with the namespace route's.
-pub fn project_tarball_key(project: &str, name: &str, system: &str, version: &str) -> String {
-    format!("project:{project}/{name}/{system}@{version}")
 }

@@ -15,7 +15,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -150,8 +150,9 @@ pub fn remove_dead(cache_dir: &Path) -> io::Result<Leftovers> {
 fn is_old(meta: &fs::Metadata) -> bool {
     meta.modified()
         .ok()
-        .and_then(|m| m.elapsed().ok())
-        .is_some_and(|age| age > STALE_LOOSE)
+        .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
+        .and_then(|m| crate::clock::now().checked_sub(m.as_secs()))
+        .is_some_and(|age| age > STALE_LOOSE.as_secs())
 }
 
 /// Remove a run directory, counting its files.

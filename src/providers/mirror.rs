@@ -17,8 +17,9 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
+use super::route::ProviderId;
 use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
-use super::{archive_key, Failed, Providers};
+use super::{archive_key, Failed, Found, Providers};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::FillError;
 use crate::metrics;
@@ -68,6 +69,25 @@ pub fn rewrite_download(mut answer: serde_json::Value, base: &str, platform: &Pl
     answer.to_string()
 }
 
+/// Write a found value as JSON (its body made by `body`), or the failure's status. Returns
+/// what the cache did.
+async fn json_or_error<T>(
+    session: &mut Session,
+    found: std::result::Result<Found<T>, Failed>,
+    body: impl FnOnce(T) -> String,
+) -> Result<CacheStatus> {
+    match found {
+        Ok(f) => {
+            write_json(session, f.cache, f.age, body(f.value)).await?;
+            Ok(f.cache)
+        }
+        Err(Failed { status, cache }) => {
+            write_error(session, status, cache).await?;
+            Ok(cache)
+        }
+    }
+}
+
 impl Providers {
     /// Answer a provider route. Returns what the cache did, for the access log.
     pub async fn handle(
@@ -82,184 +102,186 @@ impl Providers {
             return Ok(CacheStatus::Bypass);
         }
         match &route.op {
-            ProviderOp::Index => match self.versions(p).await {
-                Ok(f) => {
-                    let body = index_body(&f.value.versions);
-                    write_json(session, f.cache, f.age, body).await?;
-                    Ok(f.cache)
-                }
-                Err(Failed { status, cache }) => {
-                    write_error(session, status, cache).await?;
-                    Ok(cache)
-                }
-            },
-            ProviderOp::Version(v) => match self.sums(p, &v.to_string()).await {
-                Ok(f) => {
-                    let body = version_body(&v.to_string(), &f.value);
-                    write_json(session, f.cache, f.age, body).await?;
-                    Ok(f.cache)
-                }
-                Err(Failed { status, cache }) => {
-                    write_error(session, status, cache).await?;
-                    Ok(cache)
-                }
-            },
-            ProviderOp::Sums(v) | ProviderOp::SumsSignature(v) => {
-                let sig = matches!(route.op, ProviderOp::SumsSignature(_));
-                let sums = match self.sums(p, &v.to_string()).await {
-                    Ok(f) => f,
-                    Err(Failed { status, cache }) => {
-                        write_error(session, status, cache).await?;
-                        return Ok(cache);
-                    }
-                };
-                let blob = if sig {
-                    &sums.value.signature
-                } else {
-                    &sums.value.document
-                };
-                let bytes = match blob.as_deref().and_then(|h| Hash::from_hex(h).ok()) {
-                    Some(h) => self.cache.get_small(h).await.ok().flatten(),
-                    None => None,
-                };
-                let Some(bytes) = bytes else {
-                    // Unsigned (allowed) versions have no signature; a lost blob is a 404
-                    // until the checksums are purged and fetched again.
-                    write_error(session, StatusCode::NOT_FOUND, sums.cache).await?;
-                    return Ok(sums.cache);
-                };
-                let headers = [
-                    (
-                        header::CONTENT_TYPE,
-                        V::Static(if sig {
-                            "application/octet-stream"
-                        } else {
-                            "text/plain; charset=utf-8"
-                        }),
-                    ),
-                    (respond::CACHE_STATUS, V::Static(sums.cache.as_str())),
-                ];
-                respond::full(session, StatusCode::OK, &headers, bytes).await?;
-                Ok(sums.cache)
+            ProviderOp::Index => {
+                let found = self.versions(p).await;
+                json_or_error(session, found, |r| index_body(&r.versions)).await
             }
-            ProviderOp::RegistryVersions => match self.versions(p).await {
-                Ok(f) => {
-                    let body = serde_json::json!({
+            ProviderOp::Version(v) => {
+                let version = v.to_string();
+                let found = self.sums(p, &version).await;
+                json_or_error(session, found, |r| version_body(&version, &r)).await
+            }
+            ProviderOp::Sums(v) => self.serve_sums_file(session, p, v, false).await,
+            ProviderOp::SumsSignature(v) => self.serve_sums_file(session, p, v, true).await,
+            ProviderOp::RegistryVersions => {
+                let found = self.versions(p).await;
+                json_or_error(session, found, |r| {
+                    serde_json::json!({
                         "id": format!("{}/{}", p.namespace, p.name),
-                        "versions": f.value.versions,
+                        "versions": r.versions,
                         "warnings": null,
-                    });
-                    write_json(session, f.cache, f.age, body.to_string()).await?;
-                    Ok(f.cache)
-                }
-                Err(Failed { status, cache }) => {
-                    write_error(session, status, cache).await?;
-                    Ok(cache)
-                }
-            },
+                    })
+                    .to_string()
+                })
+                .await
+            }
             ProviderOp::RegistryDownload(v, platform) => {
                 let version = v.to_string();
-                match self.download_answer(p, &version, platform).await {
-                    Ok(f) => {
-                        let base = format!(
-                            "{}{}{MIRROR_PREFIX}{p}/{version}",
-                            public.origin, public.prefix
-                        );
-                        let body = rewrite_download(f.value.answer, &base, platform);
-                        write_json(session, f.cache, f.age, body).await?;
-                        Ok(f.cache)
-                    }
-                    Err(Failed { status, cache }) => {
-                        write_error(session, status, cache).await?;
-                        Ok(cache)
-                    }
-                }
+                let base = format!(
+                    "{}{}{MIRROR_PREFIX}{p}/{version}",
+                    public.origin, public.prefix
+                );
+                let found = self.download_answer(p, &version, platform).await;
+                json_or_error(session, found, |r| {
+                    rewrite_download(r.answer, &base, platform)
+                })
+                .await
             }
             ProviderOp::ModuleVersions(system) => {
                 let listing = super::Listing::Module(p.clone(), system.clone());
-                match self.listing(&listing).await {
-                    Ok(f) => {
-                        let body = f.value.module_listing.clone().unwrap_or_default();
-                        write_json(session, f.cache, f.age, body.to_string()).await?;
-                        Ok(f.cache)
-                    }
-                    Err(Failed { status, cache }) => {
-                        write_error(session, status, cache).await?;
-                        Ok(cache)
-                    }
-                }
+                let found = self.listing(&listing).await;
+                json_or_error(session, found, |r| {
+                    r.module_listing.clone().unwrap_or_default().to_string()
+                })
+                .await
             }
             ProviderOp::ModuleDownload(system, v) => {
-                match self.module_download(p, system, &v.to_string()).await {
-                    Ok(f) => {
-                        let headers = [
-                            (
-                                http::HeaderName::from_static("x-terraform-get"),
-                                V::Owned(f.value.location),
-                            ),
-                            (respond::CACHE_STATUS, V::Static(f.cache.as_str())),
-                        ];
-                        respond::full(session, StatusCode::NO_CONTENT, &headers, Bytes::new())
-                            .await?;
-                        Ok(f.cache)
-                    }
-                    Err(Failed { status, cache }) => {
-                        write_error(session, status, cache).await?;
-                        Ok(cache)
-                    }
+                self.serve_module_download(session, p, system, v).await
+            }
+            ProviderOp::Archive(v, platform) => self.serve_archive(session, p, v, platform).await,
+        }
+    }
+
+    /// `SHA256SUMS` or its signature, the exact bytes that were verified.
+    async fn serve_sums_file(
+        self: &Arc<Self>,
+        session: &mut Session,
+        p: &ProviderId,
+        v: &semver::Version,
+        sig: bool,
+    ) -> Result<CacheStatus> {
+        let sums = match self.sums(p, &v.to_string()).await {
+            Ok(f) => f,
+            Err(Failed { status, cache }) => {
+                write_error(session, status, cache).await?;
+                return Ok(cache);
+            }
+        };
+        let blob = if sig {
+            &sums.value.signature
+        } else {
+            &sums.value.document
+        };
+        let bytes = match blob.as_deref().and_then(|h| Hash::from_hex(h).ok()) {
+            Some(h) => self.cache.get_small(h).await.ok().flatten(),
+            None => None,
+        };
+        let Some(bytes) = bytes else {
+            // Unsigned (allowed) versions have no signature; a lost blob is a 404 until the
+            // checksums are purged and fetched again.
+            write_error(session, StatusCode::NOT_FOUND, sums.cache).await?;
+            return Ok(sums.cache);
+        };
+        let content_type = if sig {
+            "application/octet-stream"
+        } else {
+            "text/plain; charset=utf-8"
+        };
+        let headers = [
+            (header::CONTENT_TYPE, V::Static(content_type)),
+            (respond::CACHE_STATUS, V::Static(sums.cache.as_str())),
+        ];
+        respond::full(session, StatusCode::OK, &headers, bytes).await?;
+        Ok(sums.cache)
+    }
+
+    /// A public module's download answer: 204 with `X-Terraform-Get`.
+    async fn serve_module_download(
+        self: &Arc<Self>,
+        session: &mut Session,
+        p: &ProviderId,
+        system: &str,
+        v: &semver::Version,
+    ) -> Result<CacheStatus> {
+        match self.module_download(p, system, &v.to_string()).await {
+            Ok(f) => {
+                let headers = [
+                    (
+                        http::HeaderName::from_static("x-terraform-get"),
+                        V::Owned(f.value.location),
+                    ),
+                    (respond::CACHE_STATUS, V::Static(f.cache.as_str())),
+                ];
+                respond::full(session, StatusCode::NO_CONTENT, &headers, Bytes::new()).await?;
+                Ok(f.cache)
+            }
+            Err(Failed { status, cache }) => {
+                write_error(session, status, cache).await?;
+                Ok(cache)
+            }
+        }
+    }
+
+    /// A package: from the blob store, or from its (single) fill.
+    async fn serve_archive(
+        self: &Arc<Self>,
+        session: &mut Session,
+        p: &ProviderId,
+        v: &semver::Version,
+        platform: &Platform,
+    ) -> Result<CacheStatus> {
+        let version = v.to_string();
+        let key = archive_key(p, &version, platform);
+        let head = session.req_header().method == Method::HEAD;
+        if let Some(entry) = self.cached_archive(&key).await {
+            if let Some(hash) = entry.hash() {
+                if self
+                    .serve_blob(session, &key, hash, entry.size, head)
+                    .await?
+                {
+                    return Ok(CacheStatus::Hit);
                 }
             }
-            ProviderOp::Archive(v, platform) => {
-                let version = v.to_string();
-                let key = archive_key(p, &version, platform);
-                let head = session.req_header().method == Method::HEAD;
-                if let Some(entry) = self.cached_archive(&key).await {
-                    if let Some(hash) = entry.hash() {
-                        if self
-                            .serve_blob(session, &key, hash, entry.size, head)
-                            .await?
-                        {
-                            return Ok(CacheStatus::Hit);
-                        }
-                    }
-                    self.cache.drop_tarball(&key).await;
-                }
-                if head {
-                    write_zip_head(session, CacheStatus::Miss, None, true).await?;
-                    return Ok(CacheStatus::Miss);
-                }
-                let sums = match self.sums(p, &version).await {
-                    Ok(f) => f.value,
-                    Err(Failed { status, cache }) => {
-                        write_error(session, status, cache).await?;
-                        return Ok(cache);
-                    }
-                };
-                let Some(pkg) = sums.archives.get(&platform.to_string()) else {
-                    write_error(session, StatusCode::NOT_FOUND, CacheStatus::Miss).await?;
-                    return Ok(CacheStatus::Miss);
-                };
-                if !self.registries.available(&p.host) {
-                    let f = self.unavailable();
-                    write_error(session, f.status, f.cache).await?;
-                    return Ok(f.cache);
-                }
-                let (fill, leader) = match self.start_archive_fill(p, &version, platform, pkg) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        metrics::CACHE_WRITE_ERRORS.inc();
-                        tracing::error!(error = %e, "cannot write to the cache; provider package not served");
-                        write_error(session, StatusCode::SERVICE_UNAVAILABLE, CacheStatus::Miss)
-                            .await?;
-                        return Ok(CacheStatus::Miss);
-                    }
-                };
-                if !leader {
-                    metrics::COALESCED_WAITS.inc();
-                }
-                serve_fill(session, &fill).await?;
-                Ok(CacheStatus::Miss)
+            self.cache.drop_tarball(&key).await;
+        }
+        if head {
+            write_zip_head(session, CacheStatus::Miss, None, true).await?;
+            return Ok(CacheStatus::Miss);
+        }
+        let sums = match self.sums(p, &version).await {
+            Ok(f) => f.value,
+            Err(Failed { status, cache }) => {
+                write_error(session, status, cache).await?;
+                return Ok(cache);
             }
+        };
+        let failed = match sums.archives.get(&platform.to_string()) {
+            None => Some((StatusCode::NOT_FOUND, CacheStatus::Miss)),
+            Some(_) if !self.registries.available(&p.host) => {
+                let f = self.unavailable();
+                Some((f.status, f.cache))
+            }
+            Some(pkg) => match self.start_archive_fill(p, &version, platform, pkg) {
+                Ok((fill, leader)) => {
+                    if !leader {
+                        metrics::COALESCED_WAITS.inc();
+                    }
+                    serve_fill(session, &fill).await?;
+                    None
+                }
+                Err(e) => {
+                    metrics::CACHE_WRITE_ERRORS.inc();
+                    tracing::error!(error = %e, "cannot write to the cache; provider package not served");
+                    Some((StatusCode::SERVICE_UNAVAILABLE, CacheStatus::Miss))
+                }
+            },
+        };
+        match failed {
+            Some((status, cache)) => {
+                write_error(session, status, cache).await?;
+                Ok(cache)
+            }
+            None => Ok(CacheStatus::Miss),
         }
     }
 
@@ -301,17 +323,7 @@ impl Providers {
         let mut pending: Option<Bytes> = None;
         let mut offset = 0u64;
         loop {
-            let f = file.clone();
-            let chunk = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; DISK_CHUNK];
-                let n = f.read_at(&mut buf, offset)?;
-                buf.truncate(n);
-                Ok::<_, std::io::Error>(buf)
-            })
-            .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?;
+            let chunk = read_chunk(file.clone(), offset).await?;
             if chunk.is_empty() {
                 break;
             }
@@ -334,6 +346,20 @@ impl Providers {
         session.write_response_body(pending, true).await?;
         Ok(true)
     }
+}
+
+/// Up to `DISK_CHUNK` bytes of a blob file from `offset` (empty at its end).
+async fn read_chunk(file: Arc<std::fs::File>, offset: u64) -> Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; DISK_CHUNK];
+        let n = file.read_at(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok::<_, std::io::Error>(buf)
+    })
+    .await
+    .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
+    .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))
 }
 
 /// Stream a fill to the client. The last chunk is held back until the fill is committed,

@@ -22,7 +22,8 @@
 
 pub mod freshness;
 pub mod mirror;
-pub mod route;
+/// Provider paths (a leaf module of its own, so `routes` can name them).
+pub use crate::provider_routes as route;
 pub mod upstream;
 pub mod verify;
 pub mod warm;
@@ -36,7 +37,9 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::fill::{FillError, Opener, Source};
-use crate::cache::{unix_now, Cache, TarballEntry};
+use crate::cache::records::TarballEntry;
+use crate::cache::Cache;
+use crate::clock::now as unix_now;
 use crate::metrics;
 use crate::respond::CacheStatus;
 use freshness::{plan, Plan, Windows};
@@ -44,11 +47,11 @@ use route::{Platform, ProviderId};
 use upstream::{Registries, UpError, VersionInfo};
 use verify::Refusal;
 
-pub const KIND_VERSIONS: &str = "provider-versions";
-pub const KIND_SUMS: &str = "provider-sums";
-pub const KIND_DOWNLOAD: &str = "provider-download";
-/// Prefix of provider packages' keys in the tarball index.
-pub const ARCHIVE_KEY_PREFIX: &str = "provider:";
+pub use crate::cache::records::{
+    KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD, KIND_PROVIDER_SUMS as KIND_SUMS,
+    KIND_PROVIDER_VERSIONS as KIND_VERSIONS, KIND_PUBLIC_MODULE_DOWNLOAD,
+    PROVIDER_KEY_PREFIX as ARCHIVE_KEY_PREFIX,
+};
 
 /// A registry's version list for one provider, or (`modules.v1` pass-through) the
 /// registry's answer for one module, as it sent it.
@@ -90,8 +93,6 @@ pub struct ModuleDownloadRecord {
     pub location: String,
     pub fetched_at: u64,
 }
-
-pub const KIND_MODULE_DOWNLOAD: &str = "public-module-download";
 
 /// A version's verified checksums, by platform.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -409,6 +410,37 @@ impl Providers {
             status,
             cache: CacheStatus::Miss,
         };
+        let platform = self.some_platform(p, version).await?;
+        let rec = self
+            .fetch_sums(p, version, &platform)
+            .await
+            .map_err(|e| match e {
+                Fetched::Up(e) => miss(e.status()),
+                Fetched::Refused => miss(StatusCode::BAD_GATEWAY),
+            })?;
+        let rec = Arc::new(rec);
+        let meta = self.cache.meta.clone();
+        let (k, r) = (key.clone(), rec.clone());
+        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_SUMS, &k, &*r)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
+            tracing::error!(provider = %p, version, "could not record provider checksums");
+        }
+        self.sums_front.insert(key, rec.clone());
+        Ok(Found {
+            value: rec,
+            cache: CacheStatus::Miss,
+            age: 0,
+        })
+    }
+
+    /// A platform the registry lists for `version`: any one's download answer names the
+    /// version's `SHA256SUMS` (linux_amd64 when listed). 404 when the version is not listed.
+    async fn some_platform(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+    ) -> Result<Platform, Failed> {
         let listing = self.versions(p).await?;
         // Not listed: known from the list alone, so the answer is as cached as the list.
         let unlisted = Failed {
@@ -421,36 +453,12 @@ impl Providers {
             .iter()
             .find(|v| v.version == version)
             .ok_or(unlisted)?;
-        // Any listed platform's download answer names the version's SHA256SUMS.
-        let platform = info
-            .platforms
+        info.platforms
             .iter()
             .find(|pl| pl.os == "linux" && pl.arch == "amd64")
             .or(info.platforms.first())
             .and_then(|pl| Platform::parse(&format!("{}_{}", pl.os, pl.arch)))
-            .ok_or(unlisted)?;
-        let rec = self
-            .fetch_sums(p, version, &platform)
-            .await
-            .map_err(|e| match e {
-                Fetched::Up(e) => miss(e.status()),
-                Fetched::Refused => miss(StatusCode::BAD_GATEWAY),
-            })?;
-        let rec = Arc::new(rec);
-        let meta = self.cache.meta.clone();
-        let r = rec.clone();
-        let k = key.clone();
-        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_SUMS, &k, &*r)).await;
-        if !matches!(stored, Ok(Ok(()))) {
-            metrics::CACHE_WRITE_ERRORS.inc();
-            tracing::error!(provider = %p, version, "could not record provider checksums");
-        }
-        self.sums_front.insert(key, rec.clone());
-        Ok(Found {
-            value: rec,
-            cache: CacheStatus::Miss,
-            age: 0,
-        })
+            .ok_or(unlisted)
     }
 
     /// Download answer, `SHA256SUMS`, its signature: verified, or refused (and counted).
@@ -489,33 +497,14 @@ impl Providers {
         };
         let sums = verify::parse_sums(&doc).map_err(refuse)?;
         verify::expected_sha(&sums, &answer.filename, Some(&answer.shasum)).map_err(refuse)?;
-        let archives: BTreeMap<String, Package> = sums
-            .iter()
-            .filter_map(|(file, sha)| {
-                let platform = verify::platform_of(file, &p.name, version)?;
-                Some((
-                    platform,
-                    Package {
-                        filename: file.clone(),
-                        sha256: verify::to_hex(sha),
-                    },
-                ))
-            })
-            .collect();
+        let archives = packages(&sums, &p.name, version);
         if archives.is_empty() {
             return Err(refuse(Refusal::NotListed));
         }
         // Verified: now the exact bytes may be kept.
-        let keep = |b: bytes::Bytes| async move {
-            self.cache
-                .put_small(b)
-                .await
-                .map(|h| h.to_hex().to_string())
-                .ok()
-        };
-        let document = keep(doc).await;
+        let document = self.keep(doc).await;
         let signature = match signature {
-            Some(s) => keep(s).await,
+            Some(s) => self.keep(s).await,
             None => None,
         };
         Ok(SumsRecord {
@@ -525,6 +514,15 @@ impl Providers {
             document,
             signature,
         })
+    }
+
+    /// Store verified bytes as a blob; its hash (hex), or None when the disk refused.
+    async fn keep(&self, bytes: bytes::Bytes) -> Option<String> {
+        self.cache
+            .put_small(bytes)
+            .await
+            .map(|h| h.to_hex().to_string())
+            .ok()
     }
 
     // ---------------------------------------------------------------------------------------
@@ -609,7 +607,7 @@ impl Providers {
         let meta = self.cache.meta.clone();
         let k = key.clone();
         let cached: Option<ModuleDownloadRecord> =
-            tokio::task::spawn_blocking(move || meta.get(KIND_MODULE_DOWNLOAD, &k))
+            tokio::task::spawn_blocking(move || meta.get(KIND_PUBLIC_MODULE_DOWNLOAD, &k))
                 .await
                 .ok()
                 .flatten();
@@ -638,7 +636,8 @@ impl Providers {
         let meta = self.cache.meta.clone();
         let r = rec.clone();
         let stored =
-            tokio::task::spawn_blocking(move || meta.put(KIND_MODULE_DOWNLOAD, &key, &r)).await;
+            tokio::task::spawn_blocking(move || meta.put(KIND_PUBLIC_MODULE_DOWNLOAD, &key, &r))
+                .await;
         if !matches!(stored, Ok(Ok(()))) {
             metrics::CACHE_WRITE_ERRORS.inc();
         }
@@ -733,6 +732,24 @@ impl Providers {
         });
         Ok(Source { end, body })
     }
+}
+
+/// The packages a verified `SHA256SUMS` lists for this provider and version, by platform.
+fn packages(
+    sums: &BTreeMap<String, verify::Sha>,
+    name: &str,
+    version: &str,
+) -> BTreeMap<String, Package> {
+    sums.iter()
+        .filter_map(|(file, sha)| {
+            let platform = verify::platform_of(file, name, version)?;
+            let pkg = Package {
+                filename: file.clone(),
+                sha256: verify::to_hex(sha),
+            };
+            Some((platform, pkg))
+        })
+        .collect()
 }
 
 /// Why checksums could not be had.

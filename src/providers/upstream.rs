@@ -220,7 +220,7 @@ impl Registries {
             .https_only(true)
             .no_proxy();
         if let Some(path) = &config.upstream_ca {
-            for der in crate::upstream::load_pem_certs(path)? {
+            for der in crate::pem::certs(path)? {
                 let cert = reqwest::Certificate::from_der(&der).map_err(|e| e.to_string())?;
                 builder = builder.add_root_certificate(cert);
             }

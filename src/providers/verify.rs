@@ -267,6 +267,16 @@ mod tests {
     }
 
     #[test]
+    fn every_refusal_is_exported_from_the_first_scrape() {
+        for r in Refusal::ALL {
+            assert!(
+                crate::metrics::PROVIDER_VERIFICATION_RESULTS.contains(&r.label()),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
     fn no_keys_is_its_own_refusal() {
         assert_eq!(
             check_signature(b"doc", b"sig", &[]),

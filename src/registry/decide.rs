@@ -3,9 +3,9 @@
 //! the breaker, the clock).
 
 use super::ask::Failure;
-use super::{Registry, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use super::Registry;
 use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
-use crate::access::Grant;
+use crate::cache::records::{Grant, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
 use crate::routes::ModuleId;

@@ -11,12 +11,52 @@ use super::decide::{count, Fallback};
 use super::reply::{authorization, write_answer, write_download};
 use super::{gitlab_token, route_label, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind};
-use crate::cache::{tarball_key, unix_now};
+use crate::cache::records::tarball_key;
+use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
 use crate::token::Authority;
+
+/// One download-URL request, its parts resolved once.
+struct Request<'a> {
+    route: &'a ModuleRoute,
+    version: &'a str,
+    public: &'a PublicBase,
+    cred: Option<HeaderValue>,
+    identity: Identity,
+    path: String,
+}
+
+impl Request<'_> {
+    fn outcome(&self, cache: CacheStatus, upstream_status: Option<u16>) -> Outcome {
+        Outcome {
+            cache,
+            upstream_status,
+            identity: self.identity,
+        }
+    }
+
+    fn fallback(&self) -> Fallback<'_> {
+        Fallback::Version {
+            module: &self.route.module,
+            version: Some(self.version),
+        }
+    }
+
+    /// tfmirror's download URL for this caller.
+    fn url(&self, registry: &Registry) -> String {
+        let module = &self.route.module;
+        registry.x_terraform_get(
+            self.public,
+            module,
+            self.version,
+            self.identity,
+            self.cred.as_ref(),
+        )
+    }
+}
 
 impl Registry {
     /// A download URL whose token carries what any replica needs to fill the tarball: GitLab's
@@ -56,14 +96,16 @@ impl Registry {
     ) -> Result<Outcome> {
         let cred = authorization(session);
         let identity = self.secret.identify(cred.as_ref());
-        let module = &route.module;
-        let outcome = |cache, upstream_status| Outcome {
-            cache,
-            upstream_status,
+        let req = Request {
+            route,
+            version,
+            public,
+            cred,
             identity,
+            path: route.upstream_path(),
         };
+        let module = &route.module;
         let grant = self.auth.grant(identity, module).await;
-        let path = route.upstream_path();
         // The caller's "own answer" for a download: its grant, if its current listing shows
         // this version.
         let own = grant
@@ -74,81 +116,65 @@ impl Registry {
             unix_now(),
             Kind::Download,
             identity,
-            cred.is_some(),
+            req.cred.is_some(),
             module,
             grant.as_deref(),
             own,
-            &path,
+            &req.path,
         );
-        let fallback = Fallback::Version {
-            module,
-            version: Some(version),
-        };
-        let (action, _) = self.decide(&mut facts, &fallback).await;
+        let (action, _) = self.decide(&mut facts, &req.fallback()).await;
         count(action, identity, module, None);
         match action {
             Action::Fresh | Action::Revalidate => {
                 if let Some(g) = &grant {
-                    self.auth.remember_for_grant(identity, cred.as_ref(), g);
+                    self.auth.remember_for_grant(identity, req.cred.as_ref(), g);
                 }
-                let get = self.x_terraform_get(public, module, version, identity, cred.as_ref());
+                let get = req.url(self);
                 write_download(session, CacheStatus::Hit, get).await?;
-                return Ok(outcome(CacheStatus::Hit, None));
+                return Ok(req.outcome(CacheStatus::Hit, None));
             }
-            Action::Stale(_) => {
-                return self
-                    .stale_download(
-                        session,
-                        public,
-                        module,
-                        version,
-                        identity,
-                        cred.as_ref(),
-                        None,
-                    )
-                    .await;
-            }
+            Action::Stale(_) => return self.stale_download(session, &req, None).await,
             other => {
                 if let Some(cache) = self
-                    .answer_alike(session, other, identity, module, &path, None)
+                    .answer_alike(session, other, identity, module, &req.path, None)
                     .await?
                 {
-                    return Ok(outcome(cache, None));
+                    return Ok(req.outcome(cache, None));
                 }
             }
         }
+        self.download_from_gitlab(session, &req, facts).await
+    }
 
+    /// Ask GitLab, then decide again with what it did.
+    async fn download_from_gitlab(
+        self: &Arc<Self>,
+        session: &mut Session,
+        req: &Request<'_>,
+        mut facts: crate::access::policy::Facts,
+    ) -> Result<Outcome> {
+        let module = &req.route.module;
         let lesson = Lesson::Download {
             module: module.clone(),
-            version: version.to_string(),
-            path: path.clone(),
+            version: req.version.to_string(),
+            path: req.path.clone(),
         };
+        let label = route_label(req.route);
         let asked = self
             .ask(
-                identity,
-                &path,
-                cred.clone(),
+                req.identity,
+                &req.path,
+                req.cred.clone(),
                 lesson.clone(),
-                route_label(route),
+                label,
             )
             .await;
         facts.gitlab = asked.gitlab(&lesson);
-        let (action, _) = self.decide(&mut facts, &fallback).await;
-        count(action, identity, module, asked.failure());
+        let (action, _) = self.decide(&mut facts, &req.fallback()).await;
+        count(action, req.identity, module, asked.failure());
         let upstream_status = asked.upstream_status();
         match (action, asked) {
-            (Action::Stale(_), _) => {
-                self.stale_download(
-                    session,
-                    public,
-                    module,
-                    version,
-                    identity,
-                    cred.as_ref(),
-                    upstream_status,
-                )
-                .await
-            }
+            (Action::Stale(_), _) => self.stale_download(session, req, upstream_status).await,
             (Action::Relay, Asked::Answer { small, .. }) => {
                 let usable = small.status.is_success()
                     && small
@@ -158,9 +184,7 @@ impl Registry {
                         .and_then(gitlab_token)
                         .is_some();
                 if usable {
-                    let get =
-                        self.x_terraform_get(public, module, version, identity, cred.as_ref());
-                    write_download(session, CacheStatus::Miss, get).await?;
+                    write_download(session, CacheStatus::Miss, req.url(self)).await?;
                 } else if small.status.is_success() {
                     // A success without a usable download URL: nothing safe to hand out.
                     respond::registry_error(session, StatusCode::BAD_GATEWAY, CacheStatus::Miss)
@@ -168,36 +192,27 @@ impl Registry {
                 } else {
                     write_answer(session, &small, CacheStatus::Miss).await?;
                 }
-                Ok(outcome(CacheStatus::Miss, upstream_status))
+                Ok(req.outcome(CacheStatus::Miss, upstream_status))
             }
             (action, asked) => {
-                self.answer_failed(session, action, asked, identity, module, &path)
+                self.answer_failed(session, action, asked, req.identity, module, &req.path)
                     .await?;
-                Ok(outcome(CacheStatus::Miss, upstream_status))
+                Ok(req.outcome(CacheStatus::Miss, upstream_status))
             }
         }
     }
 
     /// A download URL handed out while GitLab fails. The caller's credential is kept for one
     /// grant lifetime: the URL may need a fill, and only GitLab, asked with it, allows that.
-    #[allow(clippy::too_many_arguments)]
     async fn stale_download(
         &self,
         session: &mut Session,
-        public: &PublicBase,
-        module: &ModuleId,
-        version: &str,
-        identity: Identity,
-        cred: Option<&HeaderValue>,
+        req: &Request<'_>,
         upstream_status: Option<u16>,
     ) -> Result<Outcome> {
-        self.auth.remember_for_stale(identity, cred);
-        let get = self.x_terraform_get(public, module, version, identity, cred);
-        write_download(session, CacheStatus::Stale, get).await?;
-        Ok(Outcome {
-            cache: CacheStatus::Stale,
-            upstream_status,
-            identity,
-        })
+        self.auth
+            .remember_for_stale(req.identity, req.cred.as_ref());
+        write_download(session, CacheStatus::Stale, req.url(self)).await?;
+        Ok(req.outcome(CacheStatus::Stale, upstream_status))
     }
 }

@@ -11,13 +11,12 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 
 use super::ask::gitlab_did;
-use super::{
-    gitlab_token, listed_versions, Lesson, Registry, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC,
-};
+use super::{gitlab_token, listed_versions, Lesson, Registry};
 use crate::access::policy::Gitlab;
-use crate::access::{BodyRef, Negative};
+use crate::access::Negative;
 use crate::cache::blobs::Hash;
-use crate::cache::{tarball_key, unix_now};
+use crate::cache::records::{tarball_key, BodyRef, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::clock::now as unix_now;
 use crate::fetch::Small;
 use crate::health::retry_after;
 use crate::identity::Identity;
@@ -56,6 +55,7 @@ impl Registry {
         }
     }
 
+    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     async fn learn_answer(
         &self,
         identity: Identity,

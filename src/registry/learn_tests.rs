@@ -7,9 +7,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
-use super::super::{Lesson, Registry, KIND_SHARED_PUBLIC};
+use super::super::{Lesson, Registry};
 use crate::access::policy::{self, Action, Kind, StaleSource};
-use crate::cache::{unix_now, Cache};
+use crate::cache::records::KIND_SHARED_PUBLIC;
+use crate::cache::Cache;
+use crate::clock::now as unix_now;
 use crate::config::Config;
 use crate::fetch::Small;
 use crate::health::Health;

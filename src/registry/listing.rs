@@ -13,11 +13,41 @@ use super::decide::{count, Fallback, Records};
 use super::reply::{authorization, write_answer, write_json, write_unavailable};
 use super::{route_label, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, StaleSource};
-use crate::access::BodyRef;
-use crate::cache::unix_now;
+use crate::cache::records::{BodyRef, Grant};
+use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::respond::CacheStatus;
 use crate::routes::ModuleRoute;
+
+/// One listing request, its facts gathered once.
+struct Request<'a> {
+    route: &'a ModuleRoute,
+    op: String,
+    cred: Option<HeaderValue>,
+    identity: Identity,
+    grant: Option<Arc<Grant>>,
+    /// The body this identity last received for this listing.
+    own: Option<BodyRef>,
+    path: String,
+    now: u64,
+}
+
+impl Request<'_> {
+    fn outcome(&self, cache: CacheStatus, upstream_status: Option<u16>) -> Outcome {
+        Outcome {
+            cache,
+            upstream_status,
+            identity: self.identity,
+        }
+    }
+
+    fn fallback(&self) -> Fallback<'_> {
+        Fallback::Listing {
+            module: &self.route.module,
+            op: &self.op,
+        }
+    }
+}
 
 impl Registry {
     pub(super) async fn listing(
@@ -30,133 +60,144 @@ impl Registry {
         let identity = self.secret.identify(cred.as_ref());
         let grant = self.auth.grant(identity, &route.module).await;
         let own = grant.as_ref().and_then(|g| g.bodies.get(&op).cloned());
-        let path = route.upstream_path();
-        let outcome = |cache, upstream_status| Outcome {
-            cache,
-            upstream_status,
+        let req = Request {
+            route,
+            op,
+            cred,
             identity,
+            grant,
+            own,
+            path: route.upstream_path(),
+            now: unix_now(),
         };
-        let now = unix_now();
         let mut facts = self.facts(
-            now,
+            req.now,
             Kind::Listing,
             identity,
-            cred.is_some(),
+            req.cred.is_some(),
             &route.module,
-            grant.as_deref(),
-            own.as_ref().map(|b| b.fetched_at),
-            &path,
+            req.grant.as_deref(),
+            req.own.as_ref().map(|b| b.fetched_at),
+            &req.path,
         );
-        let fallback = Fallback::Listing {
-            module: &route.module,
-            op: &op,
-        };
-        let (action, records) = self.decide(&mut facts, &fallback).await;
+        let (action, records) = self.decide(&mut facts, &req.fallback()).await;
         count(action, identity, &route.module, None);
+        if let Some(out) = self
+            .listing_without_asking(session, &req, action, &records)
+            .await?
+        {
+            return Ok(out);
+        }
+        self.listing_from_gitlab(session, &req, facts).await
+    }
+
+    /// Carry out a decision made before asking GitLab; `None` when GitLab must be asked.
+    async fn listing_without_asking(
+        self: &Arc<Self>,
+        session: &mut Session,
+        req: &Request<'_>,
+        action: Action,
+        records: &Records,
+    ) -> Result<Option<Outcome>> {
         match action {
             Action::Fresh | Action::Revalidate => {
-                let own = own
+                let own = req
+                    .own
                     .as_ref()
                     .expect("the policy serves an own answer only if there is one");
-                if let Some(body) = self.body(own).await {
-                    let age = now.saturating_sub(own.fetched_at);
-                    if let Some(g) = &grant {
-                        self.auth.remember_for_grant(identity, cred.as_ref(), g);
-                    }
-                    let status = if action == Action::Fresh {
-                        CacheStatus::Hit
-                    } else {
-                        self.refresh_in_background(identity, route, op.clone());
-                        CacheStatus::Updating
-                    };
-                    write_json(session, status, age, false, body).await?;
-                    return Ok(outcome(status, None));
+                // The body may be gone from the store (evicted): GitLab answers instead.
+                let Some(body) = self.body(own).await else {
+                    return Ok(None);
+                };
+                if let Some(g) = &req.grant {
+                    self.auth
+                        .remember_for_grant(req.identity, req.cred.as_ref(), g);
                 }
-                // The body is gone from the store (evicted): GitLab answers instead.
+                let status = if action == Action::Fresh {
+                    CacheStatus::Hit
+                } else {
+                    self.refresh_in_background(req.identity, req.route, req.op.clone());
+                    CacheStatus::Updating
+                };
+                let age = req.now.saturating_sub(own.fetched_at);
+                write_json(session, status, age, false, body).await?;
+                Ok(Some(req.outcome(status, None)))
             }
-            Action::Stale(source) => {
-                return self
-                    .serve_stale_listing(
-                        session,
-                        source,
-                        own.as_ref(),
-                        &records,
-                        identity,
-                        route,
-                        None,
-                    )
-                    .await;
-            }
-            other => {
-                if let Some(cache) = self
-                    .answer_alike(session, other, identity, &route.module, &path, None)
-                    .await?
-                {
-                    return Ok(outcome(cache, None));
-                }
-            }
+            Action::Stale(source) => self
+                .serve_stale_listing(session, req, source, records, None)
+                .await
+                .map(Some),
+            other => Ok(self
+                .answer_alike(
+                    session,
+                    other,
+                    req.identity,
+                    &req.route.module,
+                    &req.path,
+                    None,
+                )
+                .await?
+                .map(|cache| req.outcome(cache, None))),
         }
+    }
 
+    /// Ask GitLab, then decide again with what it did.
+    async fn listing_from_gitlab(
+        self: &Arc<Self>,
+        session: &mut Session,
+        req: &Request<'_>,
+        mut facts: crate::access::policy::Facts,
+    ) -> Result<Outcome> {
         let lesson = Lesson::Listing {
-            module: route.module.clone(),
-            op: op.clone(),
-            path: path.clone(),
-            previous: own.clone(),
+            module: req.route.module.clone(),
+            op: req.op.clone(),
+            path: req.path.clone(),
+            previous: req.own.clone(),
         };
+        let label = route_label(req.route);
         let asked = self
             .ask(
-                identity,
-                &path,
-                cred.clone(),
+                req.identity,
+                &req.path,
+                req.cred.clone(),
                 lesson.clone(),
-                route_label(route),
+                label,
             )
             .await;
         facts.gitlab = asked.gitlab(&lesson);
-        let (action, records) = self.decide(&mut facts, &fallback).await;
-        count(action, identity, &route.module, asked.failure());
+        let (action, records) = self.decide(&mut facts, &req.fallback()).await;
+        count(action, req.identity, &req.route.module, asked.failure());
+        let upstream = asked.upstream_status();
         match (action, asked) {
-            (Action::Stale(source), asked) => {
-                let upstream = asked.upstream_status();
-                self.serve_stale_listing(
-                    session,
-                    source,
-                    own.as_ref(),
-                    &records,
-                    identity,
-                    route,
-                    upstream,
-                )
-                .await
+            (Action::Stale(source), _) => {
+                self.serve_stale_listing(session, req, source, &records, upstream)
+                    .await
             }
             (Action::Relay, Asked::Answer { small, learned }) => {
                 write_answer(session, &small, learned).await?;
-                Ok(outcome(learned, Some(small.status.as_u16())))
+                Ok(req.outcome(learned, upstream))
             }
             (action, asked) => {
-                let upstream = asked.upstream_status();
-                self.answer_failed(session, action, asked, identity, &route.module, &path)
+                let (id, module) = (req.identity, &req.route.module);
+                self.answer_failed(session, action, asked, id, module, &req.path)
                     .await?;
-                Ok(outcome(CacheStatus::Miss, upstream))
+                Ok(req.outcome(CacheStatus::Miss, upstream))
             }
         }
     }
 
     /// Serve a stale listing body from `source`. When the body is gone from the store, the
     /// caller gets the same refusal as if nothing had been cached.
-    #[allow(clippy::too_many_arguments)]
     async fn serve_stale_listing(
         &self,
         session: &mut Session,
+        req: &Request<'_>,
         source: StaleSource,
-        own: Option<&BodyRef>,
         records: &Records,
-        identity: Identity,
-        route: &ModuleRoute,
         upstream_status: Option<u16>,
     ) -> Result<Outcome> {
         let body_ref = match records.of(source) {
-            None => own.cloned(),
+            None => req.own.clone(),
             Some(r) => Some(BodyRef {
                 digest: r.digest.clone(),
                 fetched_at: r.fetched_at,
@@ -177,15 +218,11 @@ impl Registry {
             None => {
                 let failure = self.failure_without_asking();
                 let why = crate::access::policy::Why::NothingCached;
-                write_unavailable(session, &route.module, why, failure).await?;
+                write_unavailable(session, &req.route.module, why, failure).await?;
                 CacheStatus::Miss
             }
         };
-        Ok(Outcome {
-            cache,
-            upstream_status,
-            identity,
-        })
+        Ok(req.outcome(cache, upstream_status))
     }
 
     /// Refresh a listing with the caller's remembered credential, in the background

@@ -29,16 +29,16 @@ use futures::{StreamExt, TryStreamExt};
 use http::StatusCode;
 use pingora::proxy::Session;
 use pingora::{Error, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::access::{Auth, BodyRef};
+use crate::access::Auth;
 use crate::cache::fill::{End, FillError, Source};
-use crate::cache::{unix_now, Cache};
+use crate::cache::records::BodyRef;
+use crate::cache::Cache;
+use crate::clock::now as unix_now;
 use crate::config::{CacheConfig, UnknownIdentity};
 use crate::fetch::Small;
 use crate::health::Health;
 use crate::identity::{Identity, Secret};
-use crate::metrics;
 use crate::respond::CacheStatus;
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
@@ -53,19 +53,6 @@ const OCTETS: &str = "application/octet-stream";
 const DISK_CHUNK: usize = 256 * 1024;
 
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
-
-/// Module-wide views of listings, for offline fallback: any authorized caller's last body,
-/// and the last body GitLab served to an anonymous caller (the module is then public).
-pub const KIND_SHARED: &str = "shared";
-pub const KIND_SHARED_PUBLIC: &str = "shared-public";
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SharedListing {
-    digest: String,
-    fetched_at: u64,
-    /// For a versions listing: the versions it shows.
-    versions: Vec<String>,
-}
 
 /// What an upstream answer can teach, per route.
 #[derive(Debug, Clone)]
@@ -193,32 +180,6 @@ impl Registry {
             ModuleOp::LatestDownload => return Ok(None),
         };
         Ok(Some(out))
-    }
-
-    /// Refresh the gauges that are read rather than counted (on each scrape).
-    pub fn update_gauges(&self, health: &Health) {
-        metrics::UPSTREAM_UP.set(i64::from(health.is_up()));
-        metrics::CACHE_BYTES
-            .with_label_values(&["memory"])
-            .set(self.cache.memory_bytes() as i64);
-        metrics::CACHE_BYTES
-            .with_label_values(&["disk"])
-            .set(self.cache.blobs.total_bytes() as i64);
-        metrics::CACHE_ENTRIES
-            .with_label_values(&["memory", "blob"])
-            .set(self.cache.memory_entries() as i64);
-        metrics::CACHE_ENTRIES
-            .with_label_values(&["disk", "blob"])
-            .set(self.cache.blobs.count() as i64);
-        metrics::CACHE_ENTRIES
-            .with_label_values(&["memory", "fill"])
-            .set(self.cache.fills.in_flight() as i64);
-        metrics::CACHE_EVICTIONS
-            .with_label_values(&["disk"])
-            .set(self.cache.blobs.evictions() as i64);
-        metrics::CACHE_EVICTIONS
-            .with_label_values(&["memory"])
-            .set(self.cache.memory_evictions() as i64);
     }
 
     /// An upload through tfmirror changes that module's listings: stop serving cached ones.

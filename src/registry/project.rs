@@ -22,10 +22,11 @@ use pingora::Result;
 use super::ask::Asked;
 use super::decide::{count, Fallback};
 use super::reply::{authorization, write_answer, write_download};
-use super::{source, Lesson, Outcome, Registry, SharedListing, KIND_SHARED};
+use super::{source, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, Why};
 use crate::cache::fill::{FillError, Opener};
-use crate::cache::{project_tarball_key, unix_now};
+use crate::cache::records::{project_tarball_key, SharedListing, KIND_SHARED};
+use crate::clock::now as unix_now;
 use crate::fetch;
 use crate::identity::Identity;
 use crate::respond::CacheStatus;
@@ -75,6 +76,13 @@ impl<'a> Project<'a> {
         }
     }
 
+    fn fallback(&self) -> Fallback<'_> {
+        Fallback::Version {
+            module: &self.module,
+            version: self.version.as_deref(),
+        }
+    }
+
     fn token_version(&self) -> &str {
         self.version.as_deref().unwrap_or(LATEST)
     }
@@ -86,6 +94,26 @@ impl<'a> Project<'a> {
             &self.route.system,
             version,
         )
+    }
+}
+
+/// Who asks, and how, for one project-route request.
+struct Call<'a> {
+    cred: Option<HeaderValue>,
+    identity: Identity,
+    terraform_get: bool,
+    public: &'a PublicBase,
+    /// GitLab's access check for this request: the path with `?terraform-get=1`.
+    check: String,
+}
+
+impl Call<'_> {
+    fn outcome(&self, cache: CacheStatus, upstream_status: Option<u16>) -> Outcome {
+        Outcome {
+            cache,
+            upstream_status,
+            identity: self.identity,
+        }
     }
 }
 
@@ -102,132 +130,155 @@ impl Registry {
         let cred = authorization(session);
         // The tarball GET behind a 204 tfmirror handed out: its token decides.
         if !terraform_get {
-            let token = query_token(session);
-            if let Ok(claims) =
-                self.tokens
-                    .open(token.as_deref(), &p.module, p.token_version(), unix_now())
-            {
-                // The credential sealed in the token lets any replica of a set fill it.
-                let identity = claims.identity;
-                let sealed = match claims.authority {
-                    Authority::Credential(c) => Some(c),
-                    _ => None,
-                };
-                let cred = cred.or(sealed).or_else(|| self.auth.credential(identity));
+            if let Some((identity, cred)) = self.project_token(session, &p, cred.clone()) {
                 return self
                     .project_tarball(session, &p, identity, cred, false)
                     .await;
             }
         }
-        let identity = self.secret.identify(cred.as_ref());
-        let outcome = |cache, upstream_status| Outcome {
-            cache,
-            upstream_status,
-            identity,
+        let c = Call {
+            identity: self.secret.identify(cred.as_ref()),
+            cred,
+            terraform_get,
+            public,
+            check: format!("{}?terraform-get=1", p.path()),
         };
-        let grant = self.auth.grant(identity, &p.module).await;
+        let grant = self.auth.grant(c.identity, &p.module).await;
         let own = grant
             .as_ref()
             .filter(|g| p.version.as_ref().is_none_or(|v| g.allows_version(v)))
             .map(|g| g.checked_at);
-        let check = format!("{}?terraform-get=1", p.path());
         let mut facts = self.facts(
             unix_now(),
             Kind::Download,
-            identity,
-            cred.is_some(),
+            c.identity,
+            c.cred.is_some(),
             &p.module,
             grant.as_deref(),
             own,
-            &check,
+            &c.check,
         );
-        let fallback = Fallback::Version {
-            module: &p.module,
-            version: p.version.as_deref(),
-        };
-        let (action, _) = self.decide(&mut facts, &fallback).await;
-        count(action, identity, &p.module, None);
+        let (action, _) = self.decide(&mut facts, &p.fallback()).await;
+        count(action, c.identity, &p.module, None);
         match action {
-            Action::Fresh | Action::Revalidate | Action::Stale(_) => {
-                let stale = matches!(action, Action::Stale(_));
-                if stale {
-                    self.auth.remember_for_stale(identity, cred.as_ref());
-                } else if let Some(g) = &grant {
-                    self.auth.remember_for_grant(identity, cred.as_ref(), g);
-                }
-                let cache = if stale {
-                    CacheStatus::Stale
-                } else {
-                    CacheStatus::Hit
-                };
-                if terraform_get {
-                    let get = self.project_terraform_get(public, &p, identity, cred.as_ref());
-                    write_download(session, cache, get).await?;
-                    return Ok(outcome(cache, None));
+            Action::Fresh | Action::Revalidate => {
+                if let Some(g) = &grant {
+                    self.auth.remember_for_grant(c.identity, c.cred.as_ref(), g);
                 }
                 return self
-                    .project_tarball(session, &p, identity, cred, stale)
+                    .project_allowed(session, &p, &c, CacheStatus::Hit, None)
+                    .await;
+            }
+            Action::Stale(_) => {
+                return self
+                    .project_allowed(session, &p, &c, CacheStatus::Stale, None)
                     .await;
             }
             other => {
                 if let Some(cache) = self
-                    .answer_alike(session, other, identity, &p.module, &check, None)
+                    .answer_alike(session, other, c.identity, &p.module, &c.check, None)
                     .await?
                 {
-                    return Ok(outcome(cache, None));
+                    return Ok(c.outcome(cache, None));
                 }
             }
         }
+        self.project_from_gitlab(session, &p, &c, facts).await
+    }
 
+    /// The identity (and credential to fill with) of a valid tfmirror token on the request.
+    fn project_token(
+        &self,
+        session: &Session,
+        p: &Project<'_>,
+        cred: Option<HeaderValue>,
+    ) -> Option<(Identity, Option<HeaderValue>)> {
+        let token = query_token(session);
+        let claims = self
+            .tokens
+            .open(token.as_deref(), &p.module, p.token_version(), unix_now())
+            .ok()?;
+        // The credential sealed in the token lets any replica of a set fill it.
+        let identity = claims.identity;
+        let sealed = match claims.authority {
+            Authority::Credential(c) => Some(c),
+            _ => None,
+        };
+        Some((
+            identity,
+            cred.or(sealed).or_else(|| self.auth.credential(identity)),
+        ))
+    }
+
+    /// Ask GitLab's `?terraform-get=1`, then decide again with what it did.
+    async fn project_from_gitlab(
+        self: &Arc<Self>,
+        session: &mut Session,
+        p: &Project<'_>,
+        c: &Call<'_>,
+        mut facts: crate::access::policy::Facts,
+    ) -> Result<Outcome> {
         let lesson = Lesson::ProjectCheck {
             module: p.module.clone(),
             version: p.version.clone(),
-            path: check.clone(),
+            path: c.check.clone(),
         };
         let asked = self
             .ask(
-                identity,
-                &check,
-                cred.clone(),
+                c.identity,
+                &c.check,
+                c.cred.clone(),
                 lesson.clone(),
                 "project_download",
             )
             .await;
         facts.gitlab = asked.gitlab(&lesson);
-        let (action, _) = self.decide(&mut facts, &fallback).await;
-        count(action, identity, &p.module, asked.failure());
-        let upstream_status = asked.upstream_status();
+        let (action, _) = self.decide(&mut facts, &p.fallback()).await;
+        count(action, c.identity, &p.module, asked.failure());
+        let upstream = asked.upstream_status();
         match (action, asked) {
             (Action::Stale(_), _) => {
-                self.auth.remember_for_stale(identity, cred.as_ref());
-                if terraform_get {
-                    let get = self.project_terraform_get(public, &p, identity, cred.as_ref());
-                    write_download(session, CacheStatus::Stale, get).await?;
-                    return Ok(outcome(CacheStatus::Stale, upstream_status));
-                }
-                self.project_tarball(session, &p, identity, cred, true)
+                self.project_allowed(session, p, c, CacheStatus::Stale, upstream)
                     .await
             }
             (Action::Relay, Asked::Answer { small, .. }) if small.status.is_success() => {
-                if terraform_get {
-                    let get = self.project_terraform_get(public, &p, identity, cred.as_ref());
-                    write_download(session, CacheStatus::Miss, get).await?;
-                    return Ok(outcome(CacheStatus::Miss, upstream_status));
-                }
-                self.project_tarball(session, &p, identity, cred, false)
+                self.project_allowed(session, p, c, CacheStatus::Miss, upstream)
                     .await
             }
             (Action::Relay, Asked::Answer { small, .. }) => {
                 // GitLab's refusal, as GitLab gave it: a private project is a 404, never a 403.
                 write_answer(session, &small, CacheStatus::Miss).await?;
-                Ok(outcome(CacheStatus::Miss, upstream_status))
+                Ok(c.outcome(CacheStatus::Miss, upstream))
             }
             (action, asked) => {
-                self.answer_failed(session, action, asked, identity, &p.module, &check)
+                self.answer_failed(session, action, asked, c.identity, &p.module, &c.check)
                     .await?;
-                Ok(outcome(CacheStatus::Miss, upstream_status))
+                Ok(c.outcome(CacheStatus::Miss, upstream))
             }
         }
+    }
+
+    /// The policy allowed this caller (`cache`: HIT from a fresh grant, STALE while GitLab
+    /// fails, MISS after GitLab's yes): tfmirror's 204 for `?terraform-get=1`, else the tarball.
+    async fn project_allowed(
+        self: &Arc<Self>,
+        session: &mut Session,
+        p: &Project<'_>,
+        c: &Call<'_>,
+        cache: CacheStatus,
+        upstream_status: Option<u16>,
+    ) -> Result<Outcome> {
+        let stale = cache == CacheStatus::Stale;
+        if stale {
+            self.auth.remember_for_stale(c.identity, c.cred.as_ref());
+        }
+        if c.terraform_get {
+            let get = self.project_terraform_get(c.public, p, c.identity, c.cred.as_ref());
+            write_download(session, cache, get).await?;
+            return Ok(c.outcome(cache, upstream_status));
+        }
+        self.project_tarball(session, p, c.identity, c.cred.clone(), stale)
+            .await
     }
 
     /// tfmirror's `X-Terraform-Get` for a project route: its own URL, with a token that lets

@@ -20,8 +20,6 @@ use std::fmt;
 use http::{Method, StatusCode};
 use semver::Version;
 
-use crate::routes::Reject;
-
 /// `registry.terraform.io/hashicorp/aws`, as Terraform writes provider source addresses.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ProviderId {
@@ -130,6 +128,20 @@ impl ProviderRoute {
     }
 }
 
+/// Why a path was refused; `routes` turns it into its `Reject` (kept apart so this leaf
+/// does not import `routes`, which names these routes). Messages are fixed strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub status: StatusCode,
+    pub message: &'static str,
+}
+
+impl Refused {
+    const fn new(status: StatusCode, message: &'static str) -> Refused {
+        Refused { status, message }
+    }
+}
+
 pub const MIRROR_PREFIX: &str = "/providers/mirror/";
 
 /// Longest hostname (DNS limit) and namespace/type accepted.
@@ -137,8 +149,8 @@ const MAX_HOST: usize = 253;
 const MAX_PART: usize = 64;
 
 /// Parse the decoded segments after `/providers/`.
-pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Reject> {
-    let not_found = Reject::new(StatusCode::NOT_FOUND, "404 Not Found");
+pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Refused> {
+    let not_found = Refused::new(StatusCode::NOT_FOUND, "404 Not Found");
     let (registry, host, ns, name, rest) = match segs {
         [kind, host, ns, name, rest @ ..] if kind == "mirror" => (false, host, ns, name, rest),
         [kind, host, v1, providers, ns, name, rest @ ..]
@@ -154,43 +166,24 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
         _ => return Err(not_found),
     };
     if !valid_host(host) {
-        return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
+        return Err(Refused::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
     }
     if !valid_part(ns) {
-        return Err(Reject::new(StatusCode::BAD_REQUEST, "namespace is invalid"));
+        return Err(Refused::new(
+            StatusCode::BAD_REQUEST,
+            "namespace is invalid",
+        ));
     }
     if !valid_part(name) {
-        return Err(Reject::new(StatusCode::BAD_REQUEST, "type is invalid"));
+        return Err(Refused::new(StatusCode::BAD_REQUEST, "type is invalid"));
     }
-    let bad_version = || Reject::new(StatusCode::BAD_REQUEST, "version is invalid");
-    let version = |v: &str| Version::parse(v).map_err(|_| bad_version());
-    let op = match (registry, rest) {
-        (false, [f]) if f == "index.json" => ProviderOp::Index,
-        (false, [f]) => {
-            let v = f.strip_suffix(".json").ok_or(not_found)?;
-            ProviderOp::Version(version(v)?)
-        }
-        (false, [v, f]) if f == "SHA256SUMS" => ProviderOp::Sums(version(v)?),
-        (false, [v, f]) if f == "SHA256SUMS.sig" => ProviderOp::SumsSignature(version(v)?),
-        (false, [v, f]) => {
-            let v = version(v)?;
-            let platform = f
-                .strip_suffix(".zip")
-                .and_then(Platform::parse)
-                .ok_or(Reject::new(StatusCode::NOT_FOUND, "404 Not Found"))?;
-            ProviderOp::Archive(v, platform)
-        }
-        (true, [f]) if f == "versions" => ProviderOp::RegistryVersions,
-        (true, [v, d, os, arch]) if d == "download" => {
-            let v = version(v)?;
-            let platform = Platform::parse(&format!("{os}_{arch}"))
-                .ok_or(Reject::new(StatusCode::NOT_FOUND, "404 Not Found"))?;
-            ProviderOp::RegistryDownload(v, platform)
-        }
-        _ => return Err(not_found),
+    let op = if registry {
+        registry_op(rest)?
+    } else {
+        mirror_op(rest)?
     };
     if !matches!(*method, Method::GET | Method::HEAD) {
-        return Err(Reject::new(
+        return Err(Refused::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "405 Method Not Allowed",
         ));
@@ -205,6 +198,46 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
     })
 }
 
+fn version(v: &str) -> Result<Version, Refused> {
+    Version::parse(v).map_err(|_| Refused::new(StatusCode::BAD_REQUEST, "version is invalid"))
+}
+
+fn not_found() -> Refused {
+    Refused::new(StatusCode::NOT_FOUND, "404 Not Found")
+}
+
+/// What follows `<hostname>/<namespace>/<type>/` in the mirror tree.
+fn mirror_op(rest: &[Cow<'_, str>]) -> Result<ProviderOp, Refused> {
+    Ok(match rest {
+        [f] if f == "index.json" => ProviderOp::Index,
+        [f] => ProviderOp::Version(version(f.strip_suffix(".json").ok_or(not_found())?)?),
+        [v, f] if f == "SHA256SUMS" => ProviderOp::Sums(version(v)?),
+        [v, f] if f == "SHA256SUMS.sig" => ProviderOp::SumsSignature(version(v)?),
+        [v, f] => {
+            let v = version(v)?;
+            let platform = f
+                .strip_suffix(".zip")
+                .and_then(Platform::parse)
+                .ok_or(not_found())?;
+            ProviderOp::Archive(v, platform)
+        }
+        _ => return Err(not_found()),
+    })
+}
+
+/// What follows `v1/providers/<namespace>/<type>/` in the registry protocol.
+fn registry_op(rest: &[Cow<'_, str>]) -> Result<ProviderOp, Refused> {
+    Ok(match rest {
+        [f] if f == "versions" => ProviderOp::RegistryVersions,
+        [v, d, os, arch] if d == "download" => {
+            let v = version(v)?;
+            let platform = Platform::parse(&format!("{os}_{arch}")).ok_or(not_found())?;
+            ProviderOp::RegistryDownload(v, platform)
+        }
+        _ => return Err(not_found()),
+    })
+}
+
 /// `/providers/registry/<host>/v1/modules/<namespace>/<name>/<system>/...`.
 fn parse_module(
     method: &Method,
@@ -213,12 +246,12 @@ fn parse_module(
     name: &str,
     system: &str,
     rest: &[Cow<'_, str>],
-) -> Result<ProviderRoute, Reject> {
+) -> Result<ProviderRoute, Refused> {
     if !valid_host(host) {
-        return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
+        return Err(Refused::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
     }
     if !valid_part(ns) || !valid_part(name) || !valid_part(system) {
-        return Err(Reject::new(
+        return Err(Refused::new(
             StatusCode::BAD_REQUEST,
             "module address is invalid",
         ));
@@ -228,12 +261,12 @@ fn parse_module(
         [v, d] if d == "download" => ProviderOp::ModuleDownload(
             system.to_string(),
             Version::parse(v)
-                .map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "version is invalid"))?,
+                .map_err(|_| Refused::new(StatusCode::BAD_REQUEST, "version is invalid"))?,
         ),
-        _ => return Err(Reject::new(StatusCode::NOT_FOUND, "404 Not Found")),
+        _ => return Err(Refused::new(StatusCode::NOT_FOUND, "404 Not Found")),
     };
     if !matches!(*method, Method::GET | Method::HEAD) {
-        return Err(Reject::new(
+        return Err(Refused::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "405 Method Not Allowed",
         ));

@@ -10,15 +10,17 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::access::{Grant, KIND_GRANT};
 use crate::cache::blobs::{BlobStore, Hash};
 use crate::cache::meta::MetaStore;
-use crate::cache::{unix_now, TarballEntry, KIND_TARBALL};
-use crate::registry::{KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::cache::records::{
+    grant_key_is_of, shared_key_is_of, tarball_key_is_of, Grant, SharedListing, TarballEntry,
+    KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC, KIND_TARBALL,
+};
+use crate::clock;
 
 /// Minimum age of an unreferenced blob before `gc` removes it.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(600);
@@ -65,7 +67,7 @@ impl Admin {
 
     /// Every cached tarball, sorted by key.
     pub fn ls(&self) -> io::Result<Vec<Row>> {
-        let now = unix_now();
+        let now = clock::now();
         let mut rows: Vec<Row> = self
             .meta
             .scan::<TarballEntry>(KIND_TARBALL)?
@@ -107,7 +109,7 @@ impl Admin {
     /// tarball records and their blobs, its listings, and every grant on it, so the next
     /// request goes to GitLab. Returns how many records went.
     pub fn purge(&self, spec: &str) -> io::Result<usize> {
-        if let Some(provider) = spec.strip_prefix(crate::providers::ARCHIVE_KEY_PREFIX) {
+        if let Some(provider) = spec.strip_prefix(super::records::PROVIDER_KEY_PREFIX) {
             return self.purge_provider(provider);
         }
         let (module, version) = match spec.split_once('@') {
@@ -122,10 +124,7 @@ impl Admin {
         }
         let mut removed = 0;
         let tarballs = self.meta.scan::<TarballEntry>(KIND_TARBALL)?;
-        let matches = |key: &str| match version {
-            Some(v) => key == format!("{module}@{v}"),
-            None => key.strip_prefix(module).is_some_and(|r| r.starts_with('@')),
-        };
+        let matches = |key: &str| tarball_key_is_of(key, module, version);
         let mut freed: Vec<String> = Vec::new();
         for (key, entry) in &tarballs {
             if matches(key) {
@@ -148,15 +147,16 @@ impl Admin {
         // Listings and grants are per module: drop them whether or not a version was named,
         // so that the next listing comes from GitLab.
         for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
-            for (key, _) in self.meta.scan::<serde_json::Value>(kind)? {
-                if key.starts_with(&format!("{module}/")) {
+            // Keys only: a record of any shape under this module goes.
+            for (key, _) in self.meta.scan::<serde::de::IgnoredAny>(kind)? {
+                if shared_key_is_of(&key, module) {
                     self.meta.remove(kind, &key);
                     removed += 1;
                 }
             }
         }
         for (key, _) in self.meta.scan::<Grant>(KIND_GRANT)? {
-            if key.ends_with(&format!("/{module}")) {
+            if grant_key_is_of(&key, module) {
                 self.meta.remove(KIND_GRANT, &key);
                 removed += 1;
             }
@@ -168,17 +168,11 @@ impl Admin {
     /// (`...@1.2.3`): its packages and their blobs, its verified checksums and download
     /// answers, and its version list, so the next request goes to the registry.
     fn purge_provider(&self, spec: &str) -> io::Result<usize> {
-        use crate::providers::{ARCHIVE_KEY_PREFIX, KIND_DOWNLOAD, KIND_SUMS, KIND_VERSIONS};
-        let (provider, version) = match spec.split_once('@') {
-            Some((p, v)) => (p, Some(v)),
-            None => (spec, None),
+        use super::records::{
+            KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD, KIND_PROVIDER_SUMS as KIND_SUMS,
+            KIND_PROVIDER_VERSIONS as KIND_VERSIONS, PROVIDER_KEY_PREFIX as ARCHIVE_KEY_PREFIX,
         };
-        if provider.split('/').count() != 3 || provider.split('/').any(str::is_empty) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "expected provider:HOST/NAMESPACE/TYPE[@version]",
-            ));
-        }
+        let (provider, version) = parse_provider_spec(spec)?;
         // Keys: `<provider>@<version>` (checksums), `<provider>@<version>/<os_arch>`
         // (packages, download answers).
         let of_it = |key: &str| match version {
@@ -242,9 +236,9 @@ impl Admin {
         grant_horizon: std::time::Duration,
     ) -> io::Result<(usize, usize, u64)> {
         let mut referenced: HashSet<String> = HashSet::new();
-        let expired = crate::access::grants::remove_expired(
+        let expired = crate::cache::records::remove_expired_grants(
             &self.meta,
-            crate::cache::unix_now(),
+            crate::clock::now(),
             grant_horizon.as_secs(),
         )?;
         let mut dangling = 0;
@@ -263,16 +257,14 @@ impl Admin {
             referenced.extend(g.bodies.into_values().map(|b| b.digest));
         }
         for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
-            for (_, v) in self.meta.scan::<serde_json::Value>(kind)? {
-                if let Some(d) = v["digest"].as_str() {
-                    referenced.insert(d.to_string());
-                }
+            for (_, s) in self.meta.scan::<SharedListing>(kind)? {
+                referenced.insert(s.digest);
             }
         }
         // Providers' signed checksum files, kept byte for byte.
         for (_, v) in self
             .meta
-            .scan::<serde_json::Value>(crate::providers::KIND_SUMS)?
+            .scan::<serde_json::Value>(super::records::KIND_PROVIDER_SUMS)?
         {
             for field in ["document", "signature"] {
                 if let Some(d) = v[field].as_str() {
@@ -285,8 +277,9 @@ impl Admin {
             let young = fs::metadata(&path)
                 .and_then(|m| m.modified())
                 .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_none_or(|age| age < ORPHAN_GRACE);
+                .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
+                .and_then(|m| clock::now().checked_sub(m.as_secs()))
+                .is_none_or(|age| age < ORPHAN_GRACE.as_secs());
             if !young && !referenced.contains(hash.to_hex().as_str()) {
                 self.blobs.remove(&hash);
                 orphans += 1;
@@ -309,6 +302,21 @@ fn hash_file(path: &Path) -> io::Result<Option<(Hash, u64)>> {
     Ok(Some((hasher.finalize(), len)))
 }
 
+/// `HOST/NAMESPACE/TYPE[@VERSION]` (after the `provider:` prefix).
+fn parse_provider_spec(spec: &str) -> io::Result<(&str, Option<&str>)> {
+    let (provider, version) = match spec.split_once('@') {
+        Some((p, v)) => (p, Some(v)),
+        None => (spec, None),
+    };
+    if provider.split('/').count() != 3 || provider.split('/').any(str::is_empty) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "expected provider:HOST/NAMESPACE/TYPE[@version]",
+        ));
+    }
+    Ok((provider, version))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,7 +326,7 @@ mod tests {
         TarballEntry {
             hash: h.to_hex().to_string(),
             size: bytes.len() as u64,
-            fetched_at: unix_now(),
+            fetched_at: clock::now(),
         }
     }
 
@@ -345,6 +353,15 @@ mod tests {
         let (dir, meta, blobs, a, b) = two_versions();
         meta.put(KIND_TARBALL, "infra/vpc-x/aws@1.0.0", &a).unwrap();
         meta.put(KIND_GRANT, "00ff/infra/vpc/aws", &Grant::default())
+            .unwrap();
+        let shared = SharedListing {
+            digest: a.hash.clone(),
+            fetched_at: 0,
+            versions: vec![],
+        };
+        meta.put(KIND_SHARED, "infra/vpc/aws/versions", &shared)
+            .unwrap();
+        meta.put(KIND_SHARED, "infra/vpc-x/aws/versions", &shared)
             .unwrap();
 
         let admin = Admin::open(dir.path()).unwrap();
@@ -376,6 +393,13 @@ mod tests {
         assert!(meta
             .get::<Grant>(KIND_GRANT, "00ff/infra/vpc/aws")
             .is_none());
+        let left: Vec<String> = meta
+            .scan::<SharedListing>(KIND_SHARED)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(left, ["infra/vpc-x/aws/versions"]);
         assert!(admin.purge("nonsense").is_err());
     }
 
@@ -397,25 +421,53 @@ mod tests {
     }
 
     #[test]
+    fn gc_keeps_blobs_that_shared_listings_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
+        let listed = blobs.put(b"a listing body").unwrap();
+        let orphan = blobs.put(b"nobody's").unwrap();
+        let shared = SharedListing {
+            digest: listed.to_hex().to_string(),
+            fetched_at: clock::now(),
+            versions: vec![],
+        };
+        meta.put(KIND_SHARED_PUBLIC, "infra/vpc/aws/latest", &shared)
+            .unwrap();
+        // Both blobs are past the grace period.
+        let old = UNIX_EPOCH + Duration::from_secs(clock::now()) - 2 * ORPHAN_GRACE;
+        for h in [&listed, &orphan] {
+            let f = fs::File::options().write(true).open(blobs.path(h)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+
+        let (_, orphans, _) = Admin::open(dir.path())
+            .unwrap()
+            .gc(u64::MAX, std::time::Duration::MAX)
+            .unwrap();
+        assert_eq!(orphans, 1);
+        assert!(blobs.path(&listed).exists());
+        assert!(!blobs.path(&orphan).exists());
+    }
+
+    #[test]
     fn gc_keeps_provider_checksum_files() {
-        let (dir, meta, blobs, _a, _b) = two_versions();
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
         let sums = blobs.put(b"signed sums").unwrap();
         let orphan = blobs.put(b"nobody's").unwrap();
         meta.put(
-            crate::providers::KIND_SUMS,
+            super::super::records::KIND_PROVIDER_SUMS,
             "r.io/h/x@1.0.0",
             &serde_json::json!({ "archives": {}, "signed_by": null, "fetched_at": 0,
                                  "document": sums.to_hex().to_string(), "signature": null }),
         )
         .unwrap();
-        let old = std::time::SystemTime::now() - ORPHAN_GRACE - Duration::from_secs(60);
+        let old = UNIX_EPOCH + Duration::from_secs(clock::now()) - 2 * ORPHAN_GRACE;
         for h in [&sums, &orphan] {
-            fs::File::options()
-                .write(true)
-                .open(blobs.path(h))
-                .unwrap()
-                .set_modified(old)
-                .unwrap();
+            let f = fs::File::options().write(true).open(blobs.path(h)).unwrap();
+            f.set_modified(old).unwrap();
         }
         let (_, orphans, _) = Admin::open(dir.path())
             .unwrap()

@@ -1,0 +1,354 @@
+//! Every record tfmirror keeps on disk: its kind (the directory under `meta/`), its schema,
+//! and how its key is built. One place, so that what is written, what is read back (by the
+//! server and by `tfmirror cache`) and what `purge` matches cannot drift apart.
+//!
+//! | kind | key | value | written by |
+//! |---|---|---|---|
+//! | [`KIND_TARBALL`] | [`tarball_key`], [`project_tarball_key`] | [`TarballEntry`] | a committed fill |
+//! | [`KIND_GRANT`] | [`grant_key`] | [`Grant`] | `access`, on each upstream answer |
+//! | [`KIND_SHARED`], [`KIND_SHARED_PUBLIC`] | `<module>/<listing op>` | [`SharedListing`] | `registry`, on each listing |
+//!
+//! Changing a field or a key format changes the on-disk format: existing caches must still
+//! load (new fields need `#[serde(default)]`).
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use super::blobs::Hash;
+use super::meta::MetaStore;
+use crate::identity::Identity;
+use crate::routes::{ModuleId, ModuleOp};
+
+pub const KIND_TARBALL: &str = "tarball";
+
+/// Provider mirror records (see `providers`): a registry's version list per provider (key
+/// `host/ns/type`; a public module's as `module:host/ns/name/system`), a version's verified
+/// checksums (`host/ns/type@version`), a platform's download answer
+/// (`host/ns/type@version/os_arch`), a public module version's source location.
+pub const KIND_PROVIDER_VERSIONS: &str = "provider-versions";
+pub const KIND_PROVIDER_SUMS: &str = "provider-sums";
+pub const KIND_PROVIDER_DOWNLOAD: &str = "provider-download";
+pub const KIND_PUBLIC_MODULE_DOWNLOAD: &str = "public-module-download";
+/// Prefix of provider packages' keys in the tarball index:
+/// `provider:host/ns/type@version/os_arch`.
+pub const PROVIDER_KEY_PREFIX: &str = "provider:";
+
+/// What the index knows about one module version's tarball.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TarballEntry {
+    /// blake3 of the bytes, hex.
+    pub hash: String,
+    pub size: u64,
+    /// Unix seconds of the upstream fetch.
+    pub fetched_at: u64,
+}
+
+impl TarballEntry {
+    pub fn hash(&self) -> Option<Hash> {
+        Hash::from_hex(&self.hash).ok()
+    }
+}
+
+/// Index key of a namespace-route tarball.
+pub fn tarball_key(module: &ModuleId, version: &str) -> String {
+    format!("{module}@{version}")
+}
+
+/// Index key of a project-route tarball. Its bytes share blobs with the namespace route's.
+pub fn project_tarball_key(project: &str, name: &str, system: &str, version: &str) -> String {
+    format!("project:{project}/{name}/{system}@{version}")
+}
+
+/// Is `key` a tarball key of `module` (as `tfmirror cache purge` names it:
+/// `namespace/name/system` or `project:<id>/name/system`), of `version` when one is given?
+pub fn tarball_key_is_of(key: &str, module: &str, version: Option<&str>) -> bool {
+    match version {
+        Some(v) => key.strip_prefix(module).and_then(|r| r.strip_prefix('@')) == Some(v),
+        None => key.strip_prefix(module).is_some_and(|r| r.starts_with('@')),
+    }
+}
+
+pub const KIND_GRANT: &str = "grant";
+
+/// A listing body as one identity received it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BodyRef {
+    /// blake3 of the body, hex: the blob that holds it.
+    pub digest: String,
+    /// Unix seconds of the upstream answer.
+    pub fetched_at: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Grant {
+    /// Unix seconds of the last upstream success for this identity and module.
+    pub checked_at: u64,
+    /// Listing op (`versions`, `latest`, `v/<version>`) -> body this identity received.
+    pub bodies: BTreeMap<String, BodyRef>,
+    /// Versions in this identity's last versions listing.
+    pub versions: Vec<String>,
+    /// Set when GitLab refused this identity (401/403): it then gets nothing from the cache,
+    /// online or offline, until GitLab says yes again.
+    #[serde(default)]
+    pub refused_at: Option<u64>,
+}
+
+pub fn grant_key(identity: Identity, module: &ModuleId) -> String {
+    format!("{}/{module}", identity.to_hex())
+}
+
+/// Is a grant record past any use at `now`? A grant serves fresh for `grant_ttl` and stale
+/// for `stale_if_error` more; a refusal stands as long as the grant it replaced could have.
+/// `horizon` is `grant_ttl + stale_if_error`, in seconds.
+pub fn grant_expired(g: &Grant, now: u64, horizon: u64) -> bool {
+    let last = g.checked_at.max(g.refused_at.unwrap_or(0));
+    now.saturating_sub(last) > horizon
+}
+
+/// Remove the grant records past `horizon` seconds (blocking). Returns how many.
+pub fn remove_expired_grants(meta: &MetaStore, now: u64, horizon: u64) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for (key, g) in meta.scan::<Grant>(KIND_GRANT)? {
+        if grant_expired(&g, now, horizon) {
+            meta.remove(KIND_GRANT, &key);
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Is `key` a grant key on `module` (any identity)?
+pub fn grant_key_is_of(key: &str, module: &str) -> bool {
+    key.strip_suffix(module).is_some_and(|r| r.ends_with('/'))
+}
+
+/// Which listing of a module a body is: the key of [`Grant::bodies`] and the last segment of
+/// a shared listing's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListingKey {
+    Versions,
+    Latest,
+    Version(Version),
+}
+
+impl ListingKey {
+    /// The listing a route asks for; `None` for routes that are not listings.
+    pub fn of(op: &ModuleOp) -> Option<ListingKey> {
+        match op {
+            ModuleOp::Versions => Some(ListingKey::Versions),
+            ModuleOp::Latest => Some(ListingKey::Latest),
+            ModuleOp::Version(v) => Some(ListingKey::Version(v.clone())),
+            ModuleOp::LatestDownload | ModuleOp::Download(_) | ModuleOp::File(_) => None,
+        }
+    }
+
+    /// The key as written on disk: `versions`, `latest`, `v/<version>`.
+    pub fn as_str(&self) -> Cow<'static, str> {
+        match self {
+            ListingKey::Versions => Cow::Borrowed("versions"),
+            ListingKey::Latest => Cow::Borrowed("latest"),
+            ListingKey::Version(v) => Cow::Owned(format!("v/{v}")),
+        }
+    }
+}
+
+impl fmt::Display for ListingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.as_str())
+    }
+}
+
+/// Module-wide views of listings, for offline fallback: any authorized caller's last body,
+/// and the last body GitLab served to an anonymous caller (the module is then public).
+pub const KIND_SHARED: &str = "shared";
+pub const KIND_SHARED_PUBLIC: &str = "shared-public";
+
+/// Key of a shared listing: `<module>/<listing>`.
+pub fn shared_key(module: &ModuleId, listing: &ListingKey) -> String {
+    format!("{module}/{listing}")
+}
+
+/// Is `key` a shared-listing key of `module`?
+pub fn shared_key_is_of(key: &str, module: &str) -> bool {
+    key.strip_prefix(module).is_some_and(|r| r.starts_with('/'))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SharedListing {
+    pub digest: String,
+    pub fetched_at: u64,
+    /// For a versions listing: the versions it shows.
+    pub versions: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vpc() -> ModuleId {
+        ModuleId {
+            namespace: "infra".into(),
+            name: "vpc".into(),
+            system: "aws".into(),
+        }
+    }
+
+    /// The on-disk form of every record, byte for byte: a cache written by an older tfmirror
+    /// must still load. A change here is a format change.
+    #[test]
+    fn records_keep_their_on_disk_form() {
+        let tarball = TarballEntry {
+            hash: "ab".into(),
+            size: 3,
+            fetched_at: 10,
+        };
+        let grant = Grant {
+            checked_at: 20,
+            bodies: BTreeMap::from([(
+                "versions".to_string(),
+                BodyRef {
+                    digest: "cd".into(),
+                    fetched_at: 21,
+                },
+            )]),
+            versions: vec!["1.0.0".into()],
+            refused_at: None,
+        };
+        let shared = SharedListing {
+            digest: "ef".into(),
+            fetched_at: 30,
+            versions: vec!["1.0.0".into()],
+        };
+        fn json<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v).unwrap()
+        }
+        assert_eq!(json(&tarball), r#"{"hash":"ab","size":3,"fetched_at":10}"#);
+        assert_eq!(
+            json(&grant),
+            r#"{"checked_at":20,"bodies":{"versions":{"digest":"cd","fetched_at":21}},"versions":["1.0.0"],"refused_at":null}"#
+        );
+        assert_eq!(
+            json(&shared),
+            r#"{"digest":"ef","fetched_at":30,"versions":["1.0.0"]}"#
+        );
+        // Grants written before `refused_at` existed still load.
+        let old: Grant =
+            serde_json::from_str(r#"{"checked_at":1,"bodies":{},"versions":[]}"#).unwrap();
+        assert_eq!(old.refused_at, None);
+        // The kinds name directories under meta/.
+        assert_eq!(
+            [KIND_TARBALL, KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC],
+            ["tarball", "grant", "shared", "shared-public"]
+        );
+    }
+
+    /// Each key format, and the matchers `purge` relies on, agree with each other.
+    #[test]
+    fn keys_and_their_matchers_agree() {
+        let v: Version = "1.2.3".parse().unwrap();
+        assert_eq!(tarball_key(&vpc(), "1.2.3"), "infra/vpc/aws@1.2.3");
+        assert!(tarball_key_is_of(
+            &tarball_key(&vpc(), "1.2.3"),
+            "infra/vpc/aws",
+            None
+        ));
+        assert!(tarball_key_is_of(
+            &tarball_key(&vpc(), "1.2.3"),
+            "infra/vpc/aws",
+            Some("1.2.3")
+        ));
+        assert!(!tarball_key_is_of(
+            "infra/vpc/aws@1.2.3",
+            "infra/vpc/aws",
+            Some("1.2")
+        ));
+        assert!(!tarball_key_is_of(
+            "infra/vpc-x/aws@1.2.3",
+            "infra/vpc",
+            None
+        ));
+        assert!(!tarball_key_is_of(
+            "infra/vpc/aws-x@1.2.3",
+            "infra/vpc/aws",
+            None
+        ));
+        let project = project_tarball_key("42", "vpc", "aws", "1.2.3");
+        assert_eq!(project, "project:42/vpc/aws@1.2.3");
+        assert!(tarball_key_is_of(
+            &project,
+            "project:42/vpc/aws",
+            Some("1.2.3")
+        ));
+
+        let id = Identity([0xab; 16]);
+        let grant = grant_key(id, &vpc());
+        assert_eq!(grant, format!("{}/infra/vpc/aws", "ab".repeat(16)));
+        assert!(grant_key_is_of(&grant, "infra/vpc/aws"));
+        assert!(!grant_key_is_of(&grant, "fra/vpc/aws"));
+        assert!(!grant_key_is_of(&grant, "infra/vpc/aw"));
+
+        let listings = [
+            (ListingKey::Versions, "versions"),
+            (ListingKey::Latest, "latest"),
+            (ListingKey::Version(v.clone()), "v/1.2.3"),
+        ];
+        for (key, written) in &listings {
+            assert_eq!(key.as_str(), *written);
+            assert_eq!(key.to_string(), *written);
+            let shared = shared_key(&vpc(), key);
+            assert_eq!(shared, format!("infra/vpc/aws/{written}"));
+            assert!(shared_key_is_of(&shared, "infra/vpc/aws"));
+            assert!(!shared_key_is_of(&shared, "infra/vpc/a"));
+        }
+        assert_eq!(
+            ListingKey::of(&ModuleOp::Version(v.clone())),
+            Some(ListingKey::Version(v.clone()))
+        );
+        assert_eq!(ListingKey::of(&ModuleOp::File(v)), None);
+    }
+
+    /// A record written through the store reads back through the store as the same value.
+    #[test]
+    fn records_round_trip_through_the_meta_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let shared = SharedListing {
+            digest: "ef".into(),
+            fetched_at: 30,
+            versions: vec![],
+        };
+        let key = shared_key(&vpc(), &ListingKey::Latest);
+        meta.put(KIND_SHARED, &key, &shared).unwrap();
+        let back: SharedListing = meta.get(KIND_SHARED, &key).unwrap();
+        assert_eq!(back.digest, "ef");
+        assert_eq!(back.fetched_at, 30);
+    }
+
+    #[test]
+    fn records_expire_after_the_stale_window() {
+        let g = |checked_at, refused_at| Grant {
+            checked_at,
+            refused_at,
+            ..Grant::default()
+        };
+        let horizon = 60 + 600;
+        let table = [
+            (g(1000, None), 1000 + horizon, false),
+            (g(1000, None), 1000 + horizon + 1, true),
+            (g(1000, Some(1500)), 1000 + horizon + 1, false),
+            (g(1000, Some(1500)), 1500 + horizon + 1, true),
+            (g(0, None), 10, false),
+        ];
+        for (grant, now, want) in table {
+            assert_eq!(
+                grant_expired(&grant, now, horizon),
+                want,
+                "{grant:?} at {now}"
+            );
+        }
+    }
+}
