@@ -39,7 +39,7 @@ struct Handles {
 }
 
 /// Label values are `&'static str`s, so their addresses identify them.
-type LabelKey = [usize; 4];
+type LabelKey = [usize; 5];
 
 thread_local! {
     /// Each thread's metric children by label set. `with_label_values` hashes the values and
@@ -49,19 +49,21 @@ thread_local! {
 }
 
 fn handles(
+    kind: &'static str,
     route: &'static str,
     method: &'static str,
     status: &'static str,
     cache: &'static str,
 ) -> Handles {
-    let key = [route, method, status, cache].map(|s| s.as_ptr() as usize);
+    let key = [kind, route, method, status, cache].map(|s| s.as_ptr() as usize);
     HANDLES.with(|h| {
         h.borrow_mut()
             .entry(key)
             .or_insert_with(|| Handles {
-                requests: metrics::REQUESTS.with_label_values(&[route, method, status, cache]),
+                requests: metrics::REQUESTS
+                    .with_label_values(&[kind, route, method, status, cache]),
                 duration: metrics::REQUEST_DURATION.with_label_values(&[route, cache]),
-                bytes: metrics::BYTES_SERVED.with_label_values(&[cache]),
+                bytes: metrics::BYTES_SERVED.with_label_values(&[kind, cache]),
             })
             .clone()
     })
@@ -71,16 +73,26 @@ fn handles(
 pub fn record(e: &Entry<'_>) {
     let route = e.route.map_or("rejected", Route::template);
     let cache = e.cache.map_or("NONE", CacheStatus::as_str);
-    let h = handles(route, method_label(e.method), status_label(e.status), cache);
+    let kind = e.route.map_or("other", Route::kind);
+    let h = handles(
+        kind,
+        route,
+        method_label(e.method),
+        status_label(e.status),
+        cache,
+    );
     h.requests.inc();
     h.duration.observe(e.elapsed.as_secs_f64());
     h.bytes.inc_by(e.bytes as u64);
-    let module = match e.route {
+    // A module's or a provider's coordinates (both plain path parts, validated).
+    let module: Option<&dyn std::fmt::Display> = match e.route {
         Some(Route::Module(m)) => Some(&m.module),
+        Some(Route::Provider(p)) => Some(&p.provider),
         _ => None,
     };
     let version = match e.route {
         Some(Route::Module(m)) => m.version(),
+        Some(Route::Provider(p)) => p.version(),
         _ => None,
     };
     tracing::info!(
@@ -196,7 +208,7 @@ mod tests {
             error: None,
         };
         let before = metrics::REQUESTS
-            .with_label_values(&["module_file", "GET", "200", "HIT"])
+            .with_label_values(&["module", "module_file", "GET", "200", "HIT"])
             .get();
         let got = lines(&[
             entry(Some(&route), 200, Some(CacheStatus::Hit)),
@@ -206,7 +218,7 @@ mod tests {
         ]);
         assert_eq!(
             metrics::REQUESTS
-                .with_label_values(&["module_file", "GET", "200", "HIT"])
+                .with_label_values(&["module", "module_file", "GET", "200", "HIT"])
                 .get()
                 - before,
             2,

@@ -53,6 +53,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub offline: OfflineConfig,
     pub limits: Limits,
+    pub providers: ProvidersConfig,
 }
 
 impl Default for Config {
@@ -76,6 +77,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             offline: OfflineConfig::default(),
             limits: Limits::default(),
+            providers: ProvidersConfig::default(),
         }
     }
 }
@@ -267,6 +269,73 @@ impl Default for Limits {
     }
 }
 
+/// The provider mirror (`/providers/mirror/`): which registries, and which packages to keep.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// Registry hostname (as in provider source addresses) -> base URL, https only; the
+    /// registry's service discovery runs against the base URL. Unset: registry.terraform.io
+    /// and registry.opentofu.org. A hostname not listed gets 404.
+    pub upstreams: Option<std::collections::BTreeMap<String, Url>>,
+    /// Hosts (`host`, `host:port` or `*.domain`) package downloads may also be fetched from,
+    /// besides the hosts named in the registry's download answer: redirect targets such as
+    /// GitHub's release asset hosts. Only https is ever fetched. Unset: GitHub's two asset hosts.
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Keep and serve packages of registries that publish no signing key, checked against
+    /// their `SHA256SUMS` only. Off: such packages are refused.
+    pub allow_unsigned: bool,
+}
+
+impl ProvidersConfig {
+    pub fn upstreams(&self) -> std::collections::BTreeMap<String, Url> {
+        self.upstreams.clone().unwrap_or_else(|| {
+            ["registry.terraform.io", "registry.opentofu.org"]
+                .into_iter()
+                .map(|h| {
+                    let url = Url::parse(&format!("https://{h}/")).expect("static URL");
+                    (h.to_string(), url)
+                })
+                .collect()
+        })
+    }
+
+    pub fn allowed_hosts(&self) -> Vec<String> {
+        self.allowed_hosts.clone().unwrap_or_else(|| {
+            vec![
+                "objects.githubusercontent.com".into(),
+                "release-assets.githubusercontent.com".into(),
+            ]
+        })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (host, url) in self.upstreams() {
+            // The hostname is a key the operator wrote; the URL is not echoed.
+            let key = format!("providers.upstreams.{host}");
+            if !crate::provider_routes::valid_host(&host) {
+                return Err(invalid(
+                    "providers.upstreams",
+                    "hostnames must be lowercase host[:port]",
+                ));
+            }
+            check_base_url(&key, &url)?;
+            if url.scheme() != "https" {
+                return Err(invalid(&key, "must be an https URL"));
+            }
+        }
+        for pattern in self.allowed_hosts() {
+            let bare = pattern.strip_prefix("*.").unwrap_or(&pattern);
+            if !crate::provider_routes::valid_host(bare) {
+                return Err(invalid(
+                    "providers.allowed_hosts",
+                    "entries must be lowercase host, host:port or *.domain",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Settings given as flags. Kept as strings so that the same validation, with the same key
 /// names in its messages, applies to flags, environment and file alike.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -357,6 +426,7 @@ impl Config {
         if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid("admin_token", "must be at least 16 characters"));
         }
+        self.providers.validate()?;
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
         }
@@ -530,6 +600,52 @@ mod tests {
         assert!(e.to_string().contains("listen"), "{e}");
         let e = load("upstream_ca: /nonexistent.pem\n", &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("upstream_ca"), "{e}");
+    }
+
+    #[test]
+    fn providers_section_is_validated_without_echoing_values() {
+        let c = load("", &Overrides::default()).unwrap();
+        assert_eq!(
+            c.providers.upstreams().keys().collect::<Vec<_>>(),
+            ["registry.opentofu.org", "registry.terraform.io"]
+        );
+        assert!(!c.providers.allow_unsigned);
+        // A configured map replaces the defaults.
+        let c = load(
+            "providers:\n  upstreams:\n    example.com: https://mirror.example.com/reg\n",
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.providers.upstreams().len(), 1);
+        let e = load(
+            "providers:\n  upstreams:\n    example.com: http://secret-host.internal/\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("providers.upstreams.example.com"), "{e}");
+        assert!(!e.contains("secret-host"), "{e}");
+        let e = load(
+            "providers:\n  upstreams:\n    Example.COM: https://x.example/\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("providers.upstreams"), "{e}");
+        let e = load(
+            "providers:\n  allowed_hosts: [\"bad host\"]\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("providers.allowed_hosts") && !e.contains("bad host"),
+            "{e}"
+        );
+        let e = load("providers:\n  alow_unsigned: true\n", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("alow_unsigned"), "{e}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! | | [`workers`] | one pingora service and `SO_REUSEPORT` socket per thread |
 //! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: facts in, I/O around [`access::policy`] |
+//! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
 //! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, timeouts |
 //! | | [`upstream_tls`] | TLS trust for the upstream: one verifier for both clients (a self-signed `upstream_ca` pinned) |
@@ -32,6 +33,7 @@
 //! | | [`identity`] | keyed hashes of credentials |
 //! | | [`secret`] | key material: the per-instance `secret.key`, or a set's shared key file; rotation |
 //! | | [`token`] | tfmirror's download tokens: sealed (AEAD) claims any replica of a set can open |
+//! | | [`provider_routes`] | `/providers/...` paths parsed into a typed route |
 //! | | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
 //! | | [`constraint`] | Terraform version constraints, for `warm` |
 //! | | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes; `X-Cache-Status` |
@@ -72,6 +74,8 @@ pub mod identity;
 pub mod logbuf;
 pub mod metrics;
 pub mod pem;
+pub mod provider_routes;
+pub mod providers;
 pub mod proxy;
 pub mod registry;
 pub mod respond;

@@ -125,6 +125,21 @@ struct WarmArgs {
     /// namespace/name/system, optionally @ a Terraform version constraint ("@~> 1.2").
     #[arg(value_name = "MODULE[@CONSTRAINT]")]
     modules: Vec<String>,
+    /// A provider to warm: HOST/NAMESPACE/TYPE, optionally @ a constraint
+    /// ("registry.terraform.io/hashicorp/aws@~> 5.0"); the newest matching version, as
+    /// `terraform init` selects. Repeatable.
+    #[arg(long = "provider", value_name = "PROVIDER[@CONSTRAINT]")]
+    providers: Vec<String>,
+    /// Warm every provider a dependency lock file (`.terraform.lock.hcl`) pins. Repeatable.
+    #[arg(long = "lock-file", value_name = "FILE")]
+    lock_files: Vec<PathBuf>,
+    /// Platforms whose provider packages to cache (os_arch). Repeatable.
+    #[arg(
+        long = "platform",
+        value_name = "OS_ARCH",
+        default_value = "linux_amd64"
+    )]
+    platforms: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -152,7 +167,8 @@ enum CacheAction {
     Ls,
     /// Recompute every tarball's blake3 hash; exit 1 and list the damaged entries if any.
     Verify,
-    /// Remove a module, or one version, with its listings and grants.
+    /// Remove a module, or one version, with its listings and grants; or a provider
+    /// (`provider:HOST/NAMESPACE/TYPE[@VERSION]`) with its checksums and version list.
     Purge {
         #[arg(value_name = "MODULE[@VERSION]")]
         module: String,
@@ -338,13 +354,99 @@ fn warm(args: WarmArgs) -> ExitCode {
             }
         }
     }
-    if wants.is_empty() {
+    let (provider_wants, platforms) = match provider_args(&args) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if wants.is_empty() && provider_wants.is_empty() {
         eprintln!(
-            "tfmirror: nothing to warm: name modules, or --from a directory with module blocks"
+            "tfmirror: nothing to warm: name modules or --provider, --from a directory with module blocks, or --lock-file"
         );
         return ExitCode::from(2);
     }
-    run_warm(&config, cred, wants)
+    let modules = if wants.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        run_warm(&config, cred, wants)
+    };
+    if provider_wants.is_empty() {
+        return modules;
+    }
+    let providers = warm_providers(&config, provider_wants, &platforms);
+    if modules == ExitCode::SUCCESS {
+        providers
+    } else {
+        modules
+    }
+}
+
+/// `--provider`, `--lock-file` and `--platform`, read and checked.
+type ProviderArgs = (
+    Vec<tfmirror::providers::warm::ProviderWant>,
+    Vec<tfmirror::provider_routes::Platform>,
+);
+
+fn provider_args(args: &WarmArgs) -> Result<ProviderArgs, String> {
+    let mut wants = Vec::new();
+    for p in &args.providers {
+        wants.push(tfmirror::providers::warm::parse_want(p)?);
+    }
+    for file in &args.lock_files {
+        let parsed = std::fs::read_to_string(file)
+            .map_err(|e| e.to_string())
+            .and_then(|t| tfmirror::providers::warm::wants_from_lock_file(&t));
+        wants.extend(parsed.map_err(|e| format!("{}: {e}", file.display()))?);
+    }
+    let platforms = args
+        .platforms
+        .iter()
+        .map(|p| {
+            tfmirror::provider_routes::Platform::parse(p)
+                .ok_or_else(|| format!("--platform {p}: expected OS_ARCH (linux_amd64)"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((wants, platforms))
+}
+
+fn warm_providers(
+    config: &Config,
+    wants: Vec<tfmirror::providers::warm::ProviderWant>,
+    platforms: &[tfmirror::provider_routes::Platform],
+) -> ExitCode {
+    let parts = match tfmirror::server::open(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("tfmirror: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let progress = Progress::new(wants.len());
+    let failures = runtime().block_on(async {
+        let mut failures = 0;
+        for w in &wants {
+            match parts.providers.warm(w, platforms).await {
+                Ok(v) => progress.line(format!("{}: cached {v}", w.provider)),
+                Err(e) => {
+                    failures += 1;
+                    progress.line(e);
+                }
+            }
+        }
+        failures
+    });
+    progress.finish();
+    if failures > 0 {
+        eprintln!(
+            "tfmirror: {failures} of {} providers could not be warmed",
+            wants.len()
+        );
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn sync(args: SyncArgs) -> ExitCode {

@@ -12,8 +12,8 @@ use prometheus::{
 pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tfmirror_requests_total",
-        "Requests answered, by route template, method, status and cache status.",
-        &["route", "method", "status", "cache"]
+        "Requests answered, by kind (module, provider, other), route template, method, status and cache status.",
+        &["kind", "route", "method", "status", "cache"]
     )
     .expect("metric")
 });
@@ -117,8 +117,8 @@ pub static UPSTREAM_UP: LazyLock<IntGauge> = LazyLock::new(|| {
 pub static BYTES_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tfmirror_bytes_served_total",
-        "Response body bytes sent to clients, by cache status.",
-        &["cache"]
+        "Response body bytes sent to clients, by kind (module, provider, other) and cache status.",
+        &["kind", "cache"]
     )
     .expect("metric")
 });
@@ -204,6 +204,15 @@ pub static CACHE_WRITABLE: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static PROVIDER_VERIFICATIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    register_int_counter_vec!(
+        "tfmirror_provider_verifications_total",
+        "Provider package checks, by result: signature_ok, unsigned_accepted, checksum_ok, or the reason a package was refused (never kept nor served).",
+        &["result"]
+    )
+    .expect("metric")
+});
+
 pub static REPUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_republished_total",
@@ -212,8 +221,22 @@ pub static REPUBLISHED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+/// Every `result` of `tfmirror_provider_verifications_total` (`providers::verify` checks
+/// that each of its refusals is here).
+pub const PROVIDER_VERIFICATION_RESULTS: [&str; 9] = [
+    "signature_ok",
+    "unsigned_accepted",
+    "checksum_ok",
+    "no_signing_keys",
+    "bad_key",
+    "bad_signature",
+    "not_listed",
+    "shasum_mismatch",
+    "checksum_mismatch",
+];
+
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 24] = [
+pub const FAMILIES: [&str; 25] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -238,6 +261,7 @@ pub const FAMILIES: [&str; 24] = [
     "tfmirror_grants_expired_total",
     "tfmirror_cache_writable",
     "tfmirror_republished_total",
+    "tfmirror_provider_verifications_total",
 ];
 
 /// Register every family at start. Unlabelled families are then exported (at zero) from the
@@ -272,6 +296,10 @@ pub fn init() {
     LazyLock::force(&REPUBLISHED);
     // Writable until a readiness probe finds otherwise.
     CACHE_WRITABLE.set(1);
+    // Every outcome from the first scrape, so a refusal shows as a rise from zero.
+    for result in PROVIDER_VERIFICATION_RESULTS {
+        PROVIDER_VERIFICATIONS.with_label_values(&[result]);
+    }
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.

@@ -67,6 +67,8 @@ pub struct Proxy {
     listen: String,
     /// `timeouts.client_stall`.
     client_stall: std::time::Duration,
+    /// The provider mirror (`/providers/`); absent, those routes are 404.
+    providers: Option<Arc<crate::providers::Providers>>,
 }
 
 /// Per-request state, filled in as the request moves through the hooks.
@@ -116,7 +118,13 @@ impl Proxy {
             cache_dir: config.cache_dir.clone(),
             listen: config.listen.to_string(),
             client_stall: config.timeouts.client_stall,
+            providers: None,
         }
+    }
+
+    pub fn with_providers(mut self, providers: Arc<crate::providers::Providers>) -> Self {
+        self.providers = Some(providers);
+        self
     }
 
     /// Where this client reaches tfmirror. `None` when the request's `Host` is unusable.
@@ -162,6 +170,14 @@ impl Proxy {
                 }
                 None => self.offline_refusal(session).await,
             },
+            Route::Provider(p) => {
+                let Some(providers) = &self.providers else {
+                    respond::error(session, StatusCode::NOT_FOUND).await?;
+                    return Ok(true);
+                };
+                ctx.cache = Some(providers.handle(session, p, &public).await?);
+                Ok(true)
+            }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
                 let terraform_get = terraform_get(session.req_header());
                 let out = self

@@ -21,6 +21,8 @@ use semver::Version;
 pub const MODULES_V1: &str = "/api/v4/packages/terraform/modules/v1/";
 const PROJECTS: &str = "/api/v4/projects/";
 const PROJECT_MODULES: &str = "packages/terraform/modules/";
+/// Root of tfmirror's provider mirror.
+const PROVIDERS: &str = "/providers/";
 
 /// Longest path accepted. GitLab's own limit on a request line is larger, but no registry
 /// path comes close to this and long paths are a cheap way to burn memory.
@@ -132,11 +134,24 @@ pub enum Route {
     Internal(Internal),
     Module(ModuleRoute),
     Project(ProjectRoute),
+    /// `/providers/...`: the provider mirror (see [`crate::providers`]).
+    Provider(crate::provider_routes::ProviderRoute),
     /// Any other path: forwarded unchanged.
     PassThrough,
 }
 
 impl Route {
+    /// What the route serves, as the `kind` label of request metrics: `module`, `provider`,
+    /// or `other` (discovery, `/-/...`, pass-through).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Route::Module(_) | Route::Project(_) => "module",
+            Route::Provider(p) if p.is_module() => "module",
+            Route::Provider(_) => "provider",
+            _ => "other",
+        }
+    }
+
     /// A fixed label for logs and metrics. Never contains request data.
     pub fn template(&self) -> &'static str {
         match self {
@@ -157,6 +172,7 @@ impl Route {
                 ProjectOp::Download { .. } => "project_download",
                 ProjectOp::Upload { .. } => "project_upload",
             },
+            Route::Provider(p) => p.template(),
             Route::PassThrough => "passthrough",
         }
     }
@@ -171,7 +187,7 @@ pub struct Reject {
 }
 
 impl Reject {
-    const fn new(status: StatusCode, message: &'static str) -> Self {
+    pub const fn new(status: StatusCode, message: &'static str) -> Self {
         Reject { status, message }
     }
     fn bad(message: &'static str) -> Self {
@@ -230,6 +246,11 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
     if path.starts_with(MODULES_V1) || path == MODULES_V1.trim_end_matches('/') {
         let skip = MODULES_V1[1..].split('/').count() - 1;
         return parse_module(method, &segments[skip..]).map(Route::Module);
+    }
+    if path.starts_with(PROVIDERS) {
+        return crate::provider_routes::parse(method, &segments[1..])
+            .map(Route::Provider)
+            .map_err(|r| Reject::new(r.status, r.message));
     }
     if let Some(rest) = path.strip_prefix(PROJECTS) {
         // `:id/packages/terraform/modules/...`

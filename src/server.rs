@@ -19,6 +19,7 @@ pub struct Parts {
     pub cache: Arc<Cache>,
     pub registry: Arc<Registry>,
     pub health: Arc<Health>,
+    pub providers: Arc<crate::providers::Providers>,
 }
 
 /// Open the cache directory and set up the upstream. Fails on anything that would only break
@@ -51,6 +52,7 @@ pub fn open(config: &Config) -> Result<Parts, String> {
         config.offline.enabled,
         config.offline.breaker_threshold,
     ));
+    let providers = Arc::new(crate::providers::Providers::new(config, cache.clone())?);
     let registry = Arc::new(Registry::new(
         upstream.clone(),
         cache.clone(),
@@ -63,6 +65,7 @@ pub fn open(config: &Config) -> Result<Parts, String> {
         cache,
         registry,
         health,
+        providers,
     })
 }
 
@@ -77,6 +80,7 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         cache,
         registry,
         health,
+        providers,
     } = open(config)?;
     crate::metrics::init();
     let horizon = (config.auth.grant_ttl + config.cache.stale_if_error).as_secs();
@@ -105,7 +109,8 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
             registry.clone(),
             health.clone(),
             config,
-        );
+        )
+        .with_providers(providers.clone());
         let app = crate::downstream::Guarded::new(
             pingora::proxy::http_proxy(&server.configuration, proxy),
             config.timeouts.client_idle,

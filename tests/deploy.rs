@@ -42,6 +42,37 @@ fn grafana_dashboard_queries_only_exported_families_and_covers_them_all() {
     assert!(missing.is_empty(), "families without a panel: {missing:?}");
 }
 
+#[test]
+fn grafana_dashboard_has_a_provider_row() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/grafana/tfmirror-dashboard.json"
+    );
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let panels = d["panels"].as_array().unwrap();
+    let row = panels
+        .iter()
+        .position(|p| p["type"] == "row" && p["title"] == "Providers")
+        .expect("a Providers row");
+    let exprs: Vec<&str> = panels[row + 1..]
+        .iter()
+        .take_while(|p| p["type"] != "row")
+        .flat_map(|p| p["targets"].as_array().unwrap())
+        .filter_map(|t| t["expr"].as_str())
+        .collect();
+    for want in [
+        "tfmirror_requests_total{kind=\"provider\"}",
+        "tfmirror_upstream_requests_total{route=~\"provider_.*\"}",
+        "tfmirror_provider_verifications_total",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(want)),
+            "no panel for {want}"
+        );
+    }
+}
+
 fn read(rel: &str) -> String {
     std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
 }

@@ -27,6 +27,8 @@ const LAYERS: &[(&str, u8, &str)] = &[
     // Writes GitLab-shaped responses; imports nothing from the crate, and the registry
     // writes through it, so it sits below the registry rather than in the edge.
     ("respond", 0, "leaf"),
+    // `/providers/...` paths, named by `routes`.
+    ("provider_routes", 0, "leaf"),
     ("rewrite", 0, "leaf"),
     ("routes", 0, "leaf"),
     ("tls", 0, "leaf"),
@@ -42,6 +44,9 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("access", 3, "access"),
     // L4: cache decisions for registry routes.
     ("registry", 4, "registry"),
+    // The provider mirror: its registries, verification and protocol answers; a peer of the
+    // module registry logic, on the store and upstream layers.
+    ("providers", 4, "registry"),
     // L5: pingora-facing.
     ("accesslog", 5, "edge"),
     ("downstream", 5, "edge"),

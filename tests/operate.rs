@@ -67,7 +67,7 @@ async fn metrics_and_access_log_carry_no_secrets() {
         assert!(body.contains(family), "missing {family}");
     }
     assert!(body.contains(
-        r#"tfmirror_requests_total{cache="HIT",method="HEAD",route="module_file",status="200"}"#
+        r#"tfmirror_requests_total{cache="HIT",kind="module",method="HEAD",route="module_file",status="200"}"#
     ));
     for secret in [ALICE, "token=", "infra", "vpc"] {
         assert!(!body.contains(secret), "{secret} leaked into metrics");

@@ -175,6 +175,9 @@ impl Admin {
     /// tarball records and their blobs, its listings, and every grant on it, so the next
     /// request goes to GitLab. Returns how many records went.
     pub fn purge(&self, spec: &str) -> io::Result<usize> {
+        if let Some(provider) = spec.strip_prefix(super::records::PROVIDER_KEY_PREFIX) {
+            return self.purge_provider(provider);
+        }
         let (module, version) = match spec.split_once('@') {
             Some((m, v)) => (m, Some(v)),
             None => (spec, None),
@@ -227,6 +230,68 @@ impl Admin {
         Ok(removed)
     }
 
+    /// Remove a provider (`provider:<host>/<namespace>/<type>`) or one version of it
+    /// (`...@1.2.3`): its packages and their blobs, its verified checksums and download
+    /// answers, and its version list, so the next request goes to the registry.
+    fn purge_provider(&self, spec: &str) -> io::Result<usize> {
+        use super::records::{
+            KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD, KIND_PROVIDER_SUMS as KIND_SUMS,
+            KIND_PROVIDER_VERSIONS as KIND_VERSIONS, PROVIDER_KEY_PREFIX as ARCHIVE_KEY_PREFIX,
+        };
+        let (provider, version) = parse_provider_spec(spec)?;
+        // Keys: `<provider>@<version>` (checksums), `<provider>@<version>/<os_arch>`
+        // (packages, download answers).
+        let of_it = |key: &str| match version {
+            Some(v) => {
+                let at = format!("{provider}@{v}");
+                key == at || key.starts_with(&format!("{at}/"))
+            }
+            None => key.starts_with(&format!("{provider}@")),
+        };
+        let mut removed = 0;
+        let tarballs = self.meta.scan::<TarballEntry>(KIND_TARBALL)?;
+        let mut freed = Vec::new();
+        for (key, entry) in &tarballs {
+            if key.strip_prefix(ARCHIVE_KEY_PREFIX).is_some_and(of_it) {
+                self.meta.remove(KIND_TARBALL, key);
+                freed.push(entry.hash.clone());
+                removed += 1;
+            }
+        }
+        let still: HashSet<&str> = tarballs
+            .iter()
+            .filter(|(k, _)| !k.strip_prefix(ARCHIVE_KEY_PREFIX).is_some_and(of_it))
+            .map(|(_, e)| e.hash.as_str())
+            .collect();
+        for kind in [KIND_SUMS, KIND_DOWNLOAD] {
+            for (key, v) in self.meta.scan::<serde_json::Value>(kind)? {
+                if of_it(&key) {
+                    for field in ["document", "signature"] {
+                        if let Some(h) = v[field].as_str() {
+                            freed.push(h.to_string());
+                        }
+                    }
+                    self.meta.remove(kind, &key);
+                    removed += 1;
+                }
+            }
+        }
+        for h in freed.iter().filter(|h| !still.contains(h.as_str())) {
+            if let Ok(hash) = Hash::from_hex(h) {
+                self.blobs.remove(&hash);
+            }
+        }
+        if self
+            .meta
+            .get::<serde_json::Value>(KIND_VERSIONS, provider)
+            .is_some()
+        {
+            self.meta.remove(KIND_VERSIONS, provider);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
     /// Remove grant records past `grant_horizon` (`auth.grant_ttl + cache.stale_if_error`),
     /// tarball records whose blob is gone, blobs nothing refers to, dead temp files, and
     /// least-recently-used blobs past `disk_size`. Returns (records removed, orphan blobs
@@ -262,6 +327,17 @@ impl Admin {
                 referenced.insert(s.digest);
             }
         }
+        // Providers' signed checksum files, kept byte for byte.
+        for (_, v) in self
+            .meta
+            .scan::<serde_json::Value>(super::records::KIND_PROVIDER_SUMS)?
+        {
+            for field in ["document", "signature"] {
+                if let Some(d) = v[field].as_str() {
+                    referenced.insert(d.to_string());
+                }
+            }
+        }
         let mut orphans = 0;
         for (hash, path) in self.blobs.list()? {
             let young = fs::metadata(&path)
@@ -290,6 +366,21 @@ fn hash_file(path: &Path) -> io::Result<Option<(Hash, u64)>> {
     let mut hasher = blake3::Hasher::new();
     let len = io::copy(&mut f, &mut hasher)?;
     Ok(Some((hasher.finalize(), len)))
+}
+
+/// `HOST/NAMESPACE/TYPE[@VERSION]` (after the `provider:` prefix).
+fn parse_provider_spec(spec: &str) -> io::Result<(&str, Option<&str>)> {
+    let (provider, version) = match spec.split_once('@') {
+        Some((p, v)) => (p, Some(v)),
+        None => (spec, None),
+    };
+    if provider.split('/').count() != 3 || provider.split('/').any(str::is_empty) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "expected provider:HOST/NAMESPACE/TYPE[@version]",
+        ));
+    }
+    Ok((provider, version))
 }
 
 #[cfg(test)]
@@ -424,6 +515,34 @@ mod tests {
             .unwrap();
         assert_eq!(orphans, 1);
         assert!(blobs.path(&listed).exists());
+        assert!(!blobs.path(&orphan).exists());
+    }
+
+    #[test]
+    fn gc_keeps_provider_checksum_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = MetaStore::open(dir.path()).unwrap();
+        let blobs = BlobStore::open(dir.path(), u64::MAX).unwrap();
+        let sums = blobs.put(b"signed sums").unwrap();
+        let orphan = blobs.put(b"nobody's").unwrap();
+        meta.put(
+            super::super::records::KIND_PROVIDER_SUMS,
+            "r.io/h/x@1.0.0",
+            &serde_json::json!({ "archives": {}, "signed_by": null, "fetched_at": 0,
+                                 "document": sums.to_hex().to_string(), "signature": null }),
+        )
+        .unwrap();
+        let old = UNIX_EPOCH + Duration::from_secs(clock::now()) - 2 * ORPHAN_GRACE;
+        for h in [&sums, &orphan] {
+            let f = fs::File::options().write(true).open(blobs.path(h)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        let (_, orphans, _) = Admin::open(dir.path())
+            .unwrap()
+            .gc(u64::MAX, std::time::Duration::MAX)
+            .unwrap();
+        assert_eq!(orphans, 1);
+        assert!(blobs.path(&sums).exists());
         assert!(!blobs.path(&orphan).exists());
     }
 }

@@ -26,6 +26,18 @@ use crate::routes::{ModuleId, ModuleOp};
 
 pub const KIND_TARBALL: &str = "tarball";
 
+/// Provider mirror records (see `providers`): a registry's version list per provider (key
+/// `host/ns/type`; a public module's as `module:host/ns/name/system`), a version's verified
+/// checksums (`host/ns/type@version`), a platform's download answer
+/// (`host/ns/type@version/os_arch`), a public module version's source location.
+pub const KIND_PROVIDER_VERSIONS: &str = "provider-versions";
+pub const KIND_PROVIDER_SUMS: &str = "provider-sums";
+pub const KIND_PROVIDER_DOWNLOAD: &str = "provider-download";
+pub const KIND_PUBLIC_MODULE_DOWNLOAD: &str = "public-module-download";
+/// Prefix of provider packages' keys in the tarball index:
+/// `provider:host/ns/type@version/os_arch`.
+pub const PROVIDER_KEY_PREFIX: &str = "provider:";
+
 /// What the index knows about one module version's tarball.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TarballEntry {

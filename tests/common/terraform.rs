@@ -110,6 +110,18 @@ impl Workspace {
         ws
     }
 
+    /// A workspace whose `main.tf` and CLI configuration are given whole (providers).
+    pub fn with_files(main_tf: &str, cli_config: &str) -> Workspace {
+        let ws = Workspace::with_cli_config(&[], cli_config);
+        std::fs::write(ws.dir.path().join("work/main.tf"), main_tf).unwrap();
+        ws
+    }
+
+    /// The dependency lock file `init` wrote, if any.
+    pub fn lock_file(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.path().join("work/.terraform.lock.hcl")).ok()
+    }
+
     /// Run `terraform init` with `token` as the registry credential (None: anonymous).
     pub async fn init(&self, token: Option<&str>) -> InitRun {
         self.init_env(token, &[]).await

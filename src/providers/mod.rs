@@ -1,0 +1,766 @@
+//! The provider mirror: Terraform providers, pulled through from their registries, verified
+//! before they are kept, and served with Terraform's provider network mirror protocol.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`route`] | `/providers/...` paths parsed into a typed route |
+//! | [`upstream`] | registry calls (discovery, `versions`, `download`), fetch rules, breakers |
+//! | [`verify`] | OpenPGP signature of `SHA256SUMS`, package checksums, `zh:` hashes |
+//! | [`freshness`] | what to do with a cached version list (pure) |
+//! | [`mirror`] | the network mirror protocol's answers, written to the client |
+//!
+//! This module holds the cache logic between them:
+//! - **version lists** (`provider-versions` records) follow `cache.listing_ttl`,
+//!   `stale_while_revalidate` and `stale_if_error`, with a breaker per registry;
+//! - **checksums** (`provider-sums` records): a version's `SHA256SUMS`, kept only once its
+//!   signature verified against the registry's signing keys. Immutable, like versions are;
+//! - **packages**: zips in the shared blob store (blake3-addressed, verified on read, LRU),
+//!   filled once however many clients ask, indexed as tarballs under
+//!   `provider:<host>/<ns>/<type>@<version>/<os>_<arch>` so `tfmirror cache ls/verify/gc`
+//!   cover them. A zip whose sha256 differs from the signed one fails its fill: it is neither
+//!   stored nor served whole.
+
+pub mod freshness;
+pub mod mirror;
+/// Provider paths (a leaf module of its own, so `routes` can name them).
+pub use crate::provider_routes as route;
+pub mod upstream;
+pub mod verify;
+pub mod warm;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::fill::{FillError, Opener, Source};
+use crate::cache::records::TarballEntry;
+use crate::cache::Cache;
+use crate::clock::now as unix_now;
+use crate::metrics;
+use crate::respond::CacheStatus;
+use freshness::{plan, Plan, Windows};
+use route::{Platform, ProviderId};
+use upstream::{Registries, UpError, VersionInfo};
+use verify::Refusal;
+
+pub use crate::cache::records::{
+    KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD, KIND_PROVIDER_SUMS as KIND_SUMS,
+    KIND_PROVIDER_VERSIONS as KIND_VERSIONS, KIND_PUBLIC_MODULE_DOWNLOAD,
+    PROVIDER_KEY_PREFIX as ARCHIVE_KEY_PREFIX,
+};
+
+/// A registry's version list for one provider, or (`modules.v1` pass-through) the
+/// registry's answer for one module, as it sent it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionsRecord {
+    pub versions: Vec<VersionInfo>,
+    pub fetched_at: u64,
+    #[serde(default)]
+    pub module_listing: Option<serde_json::Value>,
+}
+
+/// Which version list: a provider's, or a public registry module's.
+#[derive(Debug, Clone)]
+pub enum Listing {
+    Provider(ProviderId),
+    /// The module `namespace/name/system` of a registry host (`ProviderId.name` is the
+    /// module name).
+    Module(ProviderId, String),
+}
+
+impl Listing {
+    fn key(&self) -> String {
+        match self {
+            Listing::Provider(p) => p.to_string(),
+            Listing::Module(m, system) => format!("module:{m}/{system}"),
+        }
+    }
+
+    fn host(&self) -> &str {
+        match self {
+            Listing::Provider(p) | Listing::Module(p, _) => &p.host,
+        }
+    }
+}
+
+/// A module download answer of a public registry (`X-Terraform-Get`, resolved).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModuleDownloadRecord {
+    pub location: String,
+    pub fetched_at: u64,
+}
+
+/// A version's verified checksums, by platform.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SumsRecord {
+    /// `os_arch` -> package.
+    pub archives: BTreeMap<String, Package>,
+    /// Id of the key whose signature verified; None when accepted unsigned
+    /// (`providers.allow_unsigned`).
+    pub signed_by: Option<String>,
+    pub fetched_at: u64,
+    /// blake3 (hex) of the blobs holding `SHA256SUMS` and its signature, byte for byte, for
+    /// clients that verify them themselves (the registry protocol pass-through).
+    #[serde(default)]
+    pub document: Option<String>,
+    #[serde(default)]
+    pub signature: Option<String>,
+}
+
+/// A registry's download answer for one platform, as it sent it (its URLs are rewritten
+/// onto tfmirror when served). Recorded once the package it names checked out against the
+/// version's verified checksums.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadRecord {
+    pub answer: serde_json::Value,
+    pub fetched_at: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Package {
+    pub filename: String,
+    /// sha256 of the zip, hex, from the signed `SHA256SUMS`.
+    pub sha256: String,
+}
+
+/// A value found, and how.
+pub struct Found<T> {
+    pub value: T,
+    pub cache: CacheStatus,
+    /// Seconds since it was fetched upstream.
+    pub age: u64,
+}
+
+/// No value: the status to answer with, and the cache status to say.
+#[derive(Debug, Clone, Copy)]
+pub struct Failed {
+    pub status: StatusCode,
+    pub cache: CacheStatus,
+}
+
+pub fn archive_key(p: &ProviderId, version: &str, platform: &Platform) -> String {
+    format!("{ARCHIVE_KEY_PREFIX}{p}@{version}/{platform}")
+}
+
+/// Count a verification outcome, and log refusals (no URLs: coordinates and reason only).
+fn verification(p: &ProviderId, version: &str, result: Result<&'static str, Refusal>) {
+    let label = match result {
+        Ok(l) => l,
+        Err(r) => {
+            tracing::error!(
+                provider = %p,
+                version,
+                reason = r.label(),
+                "provider package refused: failed verification; nothing kept"
+            );
+            r.label()
+        }
+    };
+    metrics::PROVIDER_VERIFICATIONS
+        .with_label_values(&[label])
+        .inc();
+}
+
+pub struct Providers {
+    pub registries: Arc<Registries>,
+    pub cache: Arc<Cache>,
+    windows: Windows,
+    /// `offline.deadline`: how long a registry may take before it counts as failed (slow
+    /// is not down: below this, tfmirror waits whatever it has cached).
+    deadline: Duration,
+    allow_unsigned: bool,
+    /// Memory fronts of the records on disk, so hits read no file.
+    versions_front: moka::sync::Cache<String, Arc<VersionsRecord>>,
+    sums_front: moka::sync::Cache<String, Arc<SumsRecord>>,
+    /// One upstream exchange per key at a time; later callers find its result.
+    locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
+    refreshing: Mutex<HashSet<String>>,
+}
+
+impl Providers {
+    pub fn new(config: &crate::config::Config, cache: Arc<Cache>) -> Result<Providers, String> {
+        Ok(Providers {
+            registries: Arc::new(Registries::new(config)?),
+            cache,
+            windows: Windows {
+                ttl: config.cache.listing_ttl.as_secs(),
+                stale_while_revalidate: config.cache.stale_while_revalidate.as_secs(),
+                stale_if_error: config.cache.stale_if_error.as_secs(),
+            },
+            deadline: config.offline.deadline,
+            allow_unsigned: config.providers.allow_unsigned,
+            versions_front: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(30))
+                .build(),
+            // Short-lived like the tarball index front, so that `tfmirror cache purge` run
+            // beside a server takes effect.
+            sums_front: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(30))
+                .build(),
+            locks: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(Duration::from_secs(60))
+                .build(),
+            refreshing: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.get_with(key.to_string(), Default::default)
+    }
+
+    /// The status when the upstream may not be asked and nothing is cached.
+    fn unavailable(&self) -> Failed {
+        Failed {
+            status: if self.registries.is_offline() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_GATEWAY
+            },
+            cache: CacheStatus::Miss,
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Version lists
+
+    async fn load_versions(&self, key: &str) -> Option<Arc<VersionsRecord>> {
+        if let Some(r) = self.versions_front.get(key) {
+            return Some(r);
+        }
+        let meta = self.cache.meta.clone();
+        let k = key.to_string();
+        let rec: VersionsRecord = tokio::task::spawn_blocking(move || meta.get(KIND_VERSIONS, &k))
+            .await
+            .ok()
+            .flatten()?;
+        let rec = Arc::new(rec);
+        self.versions_front.insert(key.to_string(), rec.clone());
+        Some(rec)
+    }
+
+    /// The version list of `p`, from the cache or its registry (see [`freshness`]).
+    pub async fn versions(
+        self: &Arc<Self>,
+        p: &ProviderId,
+    ) -> Result<Found<Arc<VersionsRecord>>, Failed> {
+        self.listing(&Listing::Provider(p.clone())).await
+    }
+
+    /// A version list, from the cache or its registry (see [`freshness`]).
+    pub async fn listing(
+        self: &Arc<Self>,
+        l: &Listing,
+    ) -> Result<Found<Arc<VersionsRecord>>, Failed> {
+        let key = l.key();
+        let cached = self.load_versions(&key).await;
+        let now = unix_now();
+        let age = cached.as_ref().map(|r| now.saturating_sub(r.fetched_at));
+        let found = |value: &Option<Arc<VersionsRecord>>, cache| Found {
+            value: value.clone().expect("planned on a cached list"),
+            cache,
+            age: age.unwrap_or(0),
+        };
+        match plan(age, self.windows, self.registries.available(l.host())) {
+            Plan::Hit => Ok(found(&cached, CacheStatus::Hit)),
+            Plan::Updating => {
+                self.refresh_in_background(l);
+                Ok(found(&cached, CacheStatus::Updating))
+            }
+            Plan::Stale => {
+                metrics::STALE_SERVED.inc();
+                Ok(found(&cached, CacheStatus::Stale))
+            }
+            Plan::Unavailable => Err(self.unavailable()),
+            Plan::Ask { fallback } => {
+                let this = self.clone();
+                let lc = l.clone();
+                // A task of its own: when the deadline passes, the fetch still completes and
+                // refreshes the cache for the next caller.
+                let mut task = tokio::spawn(async move { this.fetch_listing(&lc).await });
+                let result = match tokio::time::timeout(self.deadline, &mut task).await {
+                    Ok(joined) => joined.unwrap_or(Err(UpError::Protocol("task failed"))),
+                    Err(_) => Err(UpError::Transport { timeout: true }),
+                };
+                match result {
+                    Ok(rec) => Ok(Found {
+                        value: rec,
+                        cache: CacheStatus::Miss,
+                        age: 0,
+                    }),
+                    Err(e) if fallback && e.is_outage() => {
+                        metrics::STALE_SERVED.inc();
+                        Ok(found(&cached, CacheStatus::Stale))
+                    }
+                    Err(e) => Err(Failed {
+                        status: e.status(),
+                        cache: CacheStatus::Miss,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Ask the registry (one exchange per provider at a time) and record the answer.
+    async fn fetch_listing(&self, l: &Listing) -> Result<Arc<VersionsRecord>, UpError> {
+        let key = l.key();
+        let lock = self.lock(&format!("versions:{key}"));
+        let started = unix_now();
+        let _g = lock.lock().await;
+        // Someone else fetched it while this call waited.
+        if let Some(r) = self.load_versions(&key).await {
+            if r.fetched_at >= started {
+                return Ok(r);
+            }
+        }
+        let rec = Arc::new(match l {
+            Listing::Provider(p) => VersionsRecord {
+                versions: self.registries.versions(p).await?,
+                fetched_at: unix_now(),
+                module_listing: None,
+            },
+            Listing::Module(m, system) => VersionsRecord {
+                versions: Vec::new(),
+                fetched_at: unix_now(),
+                module_listing: Some(self.registries.module_versions(m, system).await?),
+            },
+        });
+        let meta = self.cache.meta.clone();
+        let (k, r) = (key.clone(), rec.clone());
+        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_VERSIONS, &k, &*r)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
+            tracing::error!(listing = %key, "could not record a version list");
+        }
+        self.versions_front.insert(key, rec.clone());
+        Ok(rec)
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, l: &Listing) {
+        let key = l.key();
+        if !self
+            .refreshing
+            .lock()
+            .expect("refreshing lock")
+            .insert(key.clone())
+        {
+            return;
+        }
+        let this = self.clone();
+        let l = l.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.fetch_listing(&l).await {
+                tracing::warn!(listing = %key, error = ?e, "background refresh of a version list failed");
+            }
+            this.refreshing
+                .lock()
+                .expect("refreshing lock")
+                .remove(&key);
+        });
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Checksums
+
+    async fn load_sums(&self, key: &str) -> Option<Arc<SumsRecord>> {
+        if let Some(r) = self.sums_front.get(key) {
+            return Some(r);
+        }
+        let meta = self.cache.meta.clone();
+        let k = key.to_string();
+        let rec: SumsRecord = tokio::task::spawn_blocking(move || meta.get(KIND_SUMS, &k))
+            .await
+            .ok()
+            .flatten()?;
+        let rec = Arc::new(rec);
+        self.sums_front.insert(key.to_string(), rec.clone());
+        Some(rec)
+    }
+
+    /// The verified checksums of a version: cached, or fetched and verified now.
+    pub async fn sums(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+    ) -> Result<Found<Arc<SumsRecord>>, Failed> {
+        let key = format!("{p}@{version}");
+        let hit = |r: Arc<SumsRecord>| Found {
+            age: unix_now().saturating_sub(r.fetched_at),
+            value: r,
+            cache: CacheStatus::Hit,
+        };
+        if let Some(r) = self.load_sums(&key).await {
+            return Ok(hit(r));
+        }
+        if !self.registries.available(&p.host) {
+            return Err(self.unavailable());
+        }
+        let lock = self.lock(&format!("sums:{key}"));
+        let _g = lock.lock().await;
+        if let Some(r) = self.load_sums(&key).await {
+            return Ok(hit(r));
+        }
+        let miss = |status| Failed {
+            status,
+            cache: CacheStatus::Miss,
+        };
+        let platform = self.some_platform(p, version).await?;
+        let rec = self
+            .fetch_sums(p, version, &platform)
+            .await
+            .map_err(|e| match e {
+                Fetched::Up(e) => miss(e.status()),
+                Fetched::Refused => miss(StatusCode::BAD_GATEWAY),
+            })?;
+        let rec = Arc::new(rec);
+        let meta = self.cache.meta.clone();
+        let (k, r) = (key.clone(), rec.clone());
+        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_SUMS, &k, &*r)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
+            tracing::error!(provider = %p, version, "could not record provider checksums");
+        }
+        self.sums_front.insert(key, rec.clone());
+        Ok(Found {
+            value: rec,
+            cache: CacheStatus::Miss,
+            age: 0,
+        })
+    }
+
+    /// A platform the registry lists for `version`: any one's download answer names the
+    /// version's `SHA256SUMS` (linux_amd64 when listed). 404 when the version is not listed.
+    async fn some_platform(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+    ) -> Result<Platform, Failed> {
+        let listing = self.versions(p).await?;
+        // Not listed: known from the list alone, so the answer is as cached as the list.
+        let unlisted = Failed {
+            status: StatusCode::NOT_FOUND,
+            cache: listing.cache,
+        };
+        let info = listing
+            .value
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or(unlisted)?;
+        info.platforms
+            .iter()
+            .find(|pl| pl.os == "linux" && pl.arch == "amd64")
+            .or(info.platforms.first())
+            .and_then(|pl| Platform::parse(&format!("{}_{}", pl.os, pl.arch)))
+            .ok_or(unlisted)
+    }
+
+    /// Download answer, `SHA256SUMS`, its signature: verified, or refused (and counted).
+    async fn fetch_sums(
+        &self,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+    ) -> Result<SumsRecord, Fetched> {
+        let answer = self.registries.download(p, version, platform).await?;
+        let doc = self
+            .registries
+            .named_file(p, &answer, &answer.shasums_url)
+            .await?;
+        let refuse = |r: Refusal| {
+            verification(p, version, Err(r));
+            Fetched::Refused
+        };
+        let mut signature = None;
+        let signed_by = if answer.keys.is_empty() {
+            if !self.allow_unsigned {
+                return Err(refuse(Refusal::NoSigningKeys));
+            }
+            tracing::warn!(provider = %p, version, "registry gave no signing key; accepted on checksums alone (providers.allow_unsigned)");
+            verification(p, version, Ok("unsigned_accepted"));
+            None
+        } else {
+            let sig = self
+                .registries
+                .named_file(p, &answer, &answer.shasums_signature_url)
+                .await?;
+            let id = verify::check_signature(&doc, &sig, &answer.keys).map_err(refuse)?;
+            verification(p, version, Ok("signature_ok"));
+            signature = Some(sig);
+            Some(id)
+        };
+        let sums = verify::parse_sums(&doc).map_err(refuse)?;
+        verify::expected_sha(&sums, &answer.filename, Some(&answer.shasum)).map_err(refuse)?;
+        let archives = packages(&sums, &p.name, version);
+        if archives.is_empty() {
+            return Err(refuse(Refusal::NotListed));
+        }
+        // Verified: now the exact bytes may be kept.
+        let document = self.keep(doc).await;
+        let signature = match signature {
+            Some(s) => self.keep(s).await,
+            None => None,
+        };
+        Ok(SumsRecord {
+            archives,
+            signed_by,
+            fetched_at: unix_now(),
+            document,
+            signature,
+        })
+    }
+
+    /// Store verified bytes as a blob; its hash (hex), or None when the disk refused.
+    async fn keep(&self, bytes: bytes::Bytes) -> Option<String> {
+        self.cache
+            .put_small(bytes)
+            .await
+            .map(|h| h.to_hex().to_string())
+            .ok()
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Download answers (registry protocol pass-through)
+
+    /// The registry's download answer for a platform: recorded, or fetched now and checked
+    /// against the version's verified checksums (which are fetched first if need be).
+    pub async fn download_answer(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+    ) -> Result<Found<DownloadRecord>, Failed> {
+        let key = format!("{p}@{version}/{platform}");
+        let meta = self.cache.meta.clone();
+        let k = key.clone();
+        let cached: Option<DownloadRecord> =
+            tokio::task::spawn_blocking(move || meta.get(KIND_DOWNLOAD, &k))
+                .await
+                .ok()
+                .flatten();
+        if let Some(r) = cached {
+            return Ok(Found {
+                age: unix_now().saturating_sub(r.fetched_at),
+                value: r,
+                cache: CacheStatus::Hit,
+            });
+        }
+        let sums = self.sums(p, version).await?.value;
+        let miss = |status| Failed {
+            status,
+            cache: CacheStatus::Miss,
+        };
+        let Some(pkg) = sums.archives.get(&platform.to_string()) else {
+            return Err(miss(StatusCode::NOT_FOUND));
+        };
+        if !self.registries.available(&p.host) {
+            return Err(self.unavailable());
+        }
+        let answer = self
+            .registries
+            .download(p, version, platform)
+            .await
+            .map_err(|e| miss(e.status()))?;
+        let expected = verify::parse_hex(&pkg.sha256).ok_or(miss(StatusCode::BAD_GATEWAY))?;
+        let signed = BTreeMap::from([(pkg.filename.clone(), expected)]);
+        if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
+            verification(p, version, Err(r));
+            return Err(miss(StatusCode::BAD_GATEWAY));
+        }
+        let rec = DownloadRecord {
+            answer: answer.raw,
+            fetched_at: unix_now(),
+        };
+        let meta = self.cache.meta.clone();
+        let r = rec.clone();
+        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_DOWNLOAD, &key, &r)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
+            tracing::error!(provider = %p, version, "could not record a download answer");
+        }
+        Ok(Found {
+            value: rec,
+            cache: CacheStatus::Miss,
+            age: 0,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Public registry modules (`modules.v1` pass-through)
+
+    /// Where a public module version's source is (`X-Terraform-Get`): recorded (versions are
+    /// immutable in a registry), or asked now. The bytes themselves are not cached: they
+    /// mostly live in git repositories Terraform clones itself.
+    pub async fn module_download(
+        self: &Arc<Self>,
+        m: &ProviderId,
+        system: &str,
+        version: &str,
+    ) -> Result<Found<ModuleDownloadRecord>, Failed> {
+        let key = format!("module:{m}/{system}@{version}");
+        let meta = self.cache.meta.clone();
+        let k = key.clone();
+        let cached: Option<ModuleDownloadRecord> =
+            tokio::task::spawn_blocking(move || meta.get(KIND_PUBLIC_MODULE_DOWNLOAD, &k))
+                .await
+                .ok()
+                .flatten();
+        if let Some(r) = cached {
+            return Ok(Found {
+                age: unix_now().saturating_sub(r.fetched_at),
+                value: r,
+                cache: CacheStatus::Hit,
+            });
+        }
+        if !self.registries.available(&m.host) {
+            return Err(self.unavailable());
+        }
+        let location = self
+            .registries
+            .module_download(m, system, version)
+            .await
+            .map_err(|e| Failed {
+                status: e.status(),
+                cache: CacheStatus::Miss,
+            })?;
+        let rec = ModuleDownloadRecord {
+            location,
+            fetched_at: unix_now(),
+        };
+        let meta = self.cache.meta.clone();
+        let r = rec.clone();
+        let stored =
+            tokio::task::spawn_blocking(move || meta.put(KIND_PUBLIC_MODULE_DOWNLOAD, &key, &r))
+                .await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
+        }
+        Ok(Found {
+            value: rec,
+            cache: CacheStatus::Miss,
+            age: 0,
+        })
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Packages
+
+    /// A committed package's index entry.
+    pub async fn cached_archive(&self, key: &str) -> Option<TarballEntry> {
+        self.cache.tarball(key).await
+    }
+
+    /// Join or start the fill of a package. Its bytes must hash to `pkg.sha256` (from the
+    /// verified checksums) or the fill fails and nothing is kept.
+    pub fn start_archive_fill(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+        pkg: &Package,
+    ) -> std::io::Result<(Arc<crate::cache::fill::Fill>, bool)> {
+        let key = archive_key(p, version, platform);
+        let meta = self.cache.meta.clone();
+        let index_key = key.clone();
+        let this = self.clone();
+        let (p, version, platform, pkg) = (
+            p.clone(),
+            version.to_string(),
+            platform.clone(),
+            pkg.clone(),
+        );
+        let (p2, v2) = (p.clone(), version.clone());
+        let open = move || -> Opener {
+            async move { this.open_archive(&p, &version, &platform, &pkg).await }.boxed()
+        };
+        self.cache
+            .fills
+            .join_or_start(&key, self.cache.blobs.clone(), open, move |hash, size| {
+                verification(&p2, &v2, Ok("checksum_ok"));
+                let entry = TarballEntry {
+                    hash: hash.to_hex().to_string(),
+                    size,
+                    fetched_at: unix_now(),
+                };
+                if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
+                    tracing::error!(error = %e, "could not index a provider package");
+                }
+            })
+    }
+
+    async fn open_archive(
+        &self,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+        pkg: &Package,
+    ) -> Result<Source, FillError> {
+        let up = |e: UpError| match e {
+            UpError::NotFound => FillError::Refused(StatusCode::NOT_FOUND),
+            UpError::Transport { timeout: true } => {
+                FillError::Upstream("provider registry timed out")
+            }
+            _ => FillError::Upstream("provider registry failed"),
+        };
+        let expected = verify::parse_hex(&pkg.sha256).ok_or(FillError::Disk)?;
+        let answer = self
+            .registries
+            .download(p, version, platform)
+            .await
+            .map_err(up)?;
+        // The registry's answer must describe the package the signed checksums list.
+        let signed = BTreeMap::from([(pkg.filename.clone(), expected)]);
+        if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
+            verification(p, version, Err(r));
+            return Err(FillError::Upstream("provider package failed verification"));
+        }
+        let resp = self.registries.open_package(p, &answer).await.map_err(up)?;
+        let end = crate::cache::fill::End::of(resp.version(), resp.headers());
+        let body = resp
+            .bytes_stream()
+            .map_err(|_| "upstream body failed")
+            .boxed();
+        let (pc, vc) = (p.clone(), version.to_string());
+        let body = verify::sha256_checked(body, expected, move || {
+            verification(&pc, &vc, Err(Refusal::ChecksumMismatch));
+        });
+        Ok(Source { end, body })
+    }
+}
+
+/// The packages a verified `SHA256SUMS` lists for this provider and version, by platform.
+fn packages(
+    sums: &BTreeMap<String, verify::Sha>,
+    name: &str,
+    version: &str,
+) -> BTreeMap<String, Package> {
+    sums.iter()
+        .filter_map(|(file, sha)| {
+            let platform = verify::platform_of(file, name, version)?;
+            let pkg = Package {
+                filename: file.clone(),
+                sha256: verify::to_hex(sha),
+            };
+            Some((platform, pkg))
+        })
+        .collect()
+}
+
+/// Why checksums could not be had.
+enum Fetched {
+    Up(UpError),
+    /// Failed verification (already counted and logged).
+    Refused,
+}
+
+impl From<UpError> for Fetched {
+    fn from(e: UpError) -> Self {
+        Fetched::Up(e)
+    }
+}

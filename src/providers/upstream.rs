@@ -1,0 +1,626 @@
+//! Talking to provider registries: service discovery, the provider registry protocol's
+//! `versions` and `download` calls, and fetching the files a download answer names.
+//!
+//! Where bytes may come from: a registry's download answer names the package, its
+//! `SHA256SUMS` and the signature, usually on another host than the registry (a release CDN,
+//! or GitHub, which redirects to its asset hosts). tfmirror fetches those URLs, and follows
+//! redirects, only over https and only to hosts the answer names or `providers.allowed_hosts`
+//! lists ([`may_fetch`]). No credential is ever sent with them. Registry calls themselves go
+//! to the configured base URL's discovered `providers.v1` root, https only.
+//!
+//! URLs can carry signatures (presigned CDN links): none is ever logged, and reqwest's errors
+//! are stripped of theirs ([`crate::fetch::upstream_error`]).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, StatusCode};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use super::route::{Platform, ProviderId};
+use crate::metrics;
+
+const MAX_REDIRECTS: usize = 5;
+/// How long a registry's discovered `providers.v1` root is reused.
+const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+/// How long an upstream stays skipped once its breaker opens.
+pub const BREAKER_OPEN: Duration = Duration::from_secs(5);
+
+/// Why an upstream call gave nothing usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpError {
+    /// The registry does not know this provider or version (404): relayed as 404.
+    NotFound,
+    /// The upstream answered with a failure status (5xx, 429, other 4xx).
+    Status(StatusCode),
+    /// Unreachable, reset, timed out.
+    Transport { timeout: bool },
+    /// An answer that breaks the protocol or tfmirror's fetch rules.
+    Protocol(&'static str),
+}
+
+impl UpError {
+    /// Does this count against the upstream's breaker (and allow stale answers)?
+    pub fn is_outage(&self) -> bool {
+        match self {
+            UpError::Transport { .. } => true,
+            UpError::Status(s) => s.is_server_error() || *s == StatusCode::TOO_MANY_REQUESTS,
+            _ => false,
+        }
+    }
+
+    /// The status a client gets for it.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpError::NotFound => StatusCode::NOT_FOUND,
+            UpError::Transport { timeout: true } => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    fn outcome(&self) -> &'static str {
+        match self {
+            UpError::NotFound => "4xx",
+            UpError::Status(s) if s.is_client_error() => "4xx",
+            UpError::Status(_) => "5xx",
+            UpError::Transport { timeout: true } => "timeout",
+            UpError::Transport { .. } => "error",
+            UpError::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// One version in a registry's `versions` answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub version: String,
+    #[serde(default)]
+    pub protocols: Vec<String>,
+    #[serde(default)]
+    pub platforms: Vec<PlatformInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlatformInfo {
+    pub os: String,
+    pub arch: String,
+}
+
+#[derive(Deserialize)]
+struct VersionsAnswer {
+    versions: Vec<VersionInfo>,
+}
+
+/// The registry's `:version/download/:os/:arch` answer, its URLs resolved.
+#[derive(Debug, Clone)]
+pub struct DownloadAnswer {
+    pub filename: String,
+    pub download_url: Url,
+    pub shasums_url: Url,
+    pub shasums_signature_url: Url,
+    pub shasum: String,
+    /// `signing_keys.gpg_public_keys[].ascii_armor`.
+    pub keys: Vec<String>,
+    /// The answer as the registry sent it, for the registry protocol pass-through.
+    pub raw: serde_json::Value,
+}
+
+impl DownloadAnswer {
+    /// The hosts this answer names: the only ones its files may come from (plus the
+    /// allowlist).
+    pub fn named_hosts(&self) -> Vec<String> {
+        [
+            &self.download_url,
+            &self.shasums_url,
+            &self.shasums_signature_url,
+        ]
+        .iter()
+        .filter_map(|u| authority(u))
+        .collect()
+    }
+}
+
+#[derive(Deserialize)]
+struct RawDownload {
+    filename: String,
+    download_url: String,
+    shasums_url: String,
+    shasums_signature_url: String,
+    shasum: String,
+    #[serde(default)]
+    signing_keys: RawKeys,
+}
+
+#[derive(Deserialize, Default)]
+struct RawKeys {
+    #[serde(default)]
+    gpg_public_keys: Vec<RawKey>,
+}
+
+#[derive(Deserialize)]
+struct RawKey {
+    ascii_armor: String,
+}
+
+/// `host` or `host:port` of a URL, as hosts are named in the fetch rules.
+pub fn authority(u: &Url) -> Option<String> {
+    let host = u.host_str()?.to_ascii_lowercase();
+    Some(match u.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
+}
+
+/// May tfmirror fetch `url`? Only https, and only from a host the registry's answer named or
+/// the operator allowed (`host`, `host:port`, or `*.domain` for any subdomain).
+pub fn may_fetch(url: &Url, named: &[String], allowed: &[String]) -> bool {
+    if url.scheme() != "https" || !url.username().is_empty() || url.password().is_some() {
+        return false;
+    }
+    let Some(auth) = authority(url) else {
+        return false;
+    };
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    named.contains(&auth)
+        || allowed.iter().any(|a| match a.strip_prefix("*.") {
+            Some(domain) => host.ends_with(&format!(".{domain}")) && url.port().is_none(),
+            None => *a == auth,
+        })
+}
+
+/// A per-upstream circuit breaker: consecutive outages open it for [`BREAKER_OPEN`], during
+/// which requests do not wait on that upstream (stale answers are served at once).
+#[derive(Debug, Default, Clone)]
+pub struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+}
+
+impl Breaker {
+    pub fn available(&self, now: Instant) -> bool {
+        self.open_until.is_none_or(|t| now >= t)
+    }
+
+    pub fn record(&mut self, outage: bool, threshold: u32, now: Instant) {
+        if !outage {
+            *self = Breaker::default();
+            return;
+        }
+        self.failures += 1;
+        if self.failures >= threshold {
+            self.open_until = Some(now + BREAKER_OPEN);
+        }
+    }
+}
+
+pub struct Registries {
+    bases: BTreeMap<String, Url>,
+    allowed: Vec<String>,
+    http: reqwest::Client,
+    discovered: moka::sync::Cache<String, Url>,
+    read_timeout: Duration,
+    max_small: usize,
+    breakers: Mutex<BTreeMap<String, Breaker>>,
+    threshold: u32,
+    offline: bool,
+}
+
+impl Registries {
+    pub fn new(config: &crate::config::Config) -> Result<Registries, String> {
+        let mut builder = reqwest::Client::builder()
+            .user_agent(concat!("tfmirror/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(config.timeouts.connect)
+            .read_timeout(config.timeouts.transfer)
+            .pool_idle_timeout(config.timeouts.idle)
+            // Redirects are followed by hand, each hop checked against the fetch rules.
+            .redirect(reqwest::redirect::Policy::none())
+            .https_only(true)
+            .no_proxy();
+        if let Some(path) = &config.upstream_ca {
+            for der in crate::pem::certs(path)? {
+                let cert = reqwest::Certificate::from_der(&der).map_err(|e| e.to_string())?;
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Registries {
+            bases: config.providers.upstreams(),
+            allowed: config.providers.allowed_hosts(),
+            http: builder.build().map_err(|e| e.to_string())?,
+            discovered: moka::sync::Cache::builder()
+                .max_capacity(1000)
+                .time_to_live(DISCOVERY_TTL)
+                .build(),
+            read_timeout: config.timeouts.read,
+            max_small: usize::try_from(config.limits.max_listing_size.as_u64())
+                .unwrap_or(usize::MAX),
+            breakers: Mutex::new(BTreeMap::new()),
+            threshold: config.offline.breaker_threshold.max(1),
+            offline: config.offline.enabled,
+        })
+    }
+
+    /// Is `host` a configured registry?
+    pub fn knows(&self, host: &str) -> bool {
+        self.bases.contains_key(host)
+    }
+
+    /// May calls go to `host` now? (Not in offline mode, breaker closed.)
+    pub fn available(&self, host: &str) -> bool {
+        !self.offline
+            && self
+                .breakers
+                .lock()
+                .expect("breakers lock")
+                .get(host)
+                .is_none_or(|b| b.available(Instant::now()))
+    }
+
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    fn record(&self, host: &str, result: &Result<(), UpError>) {
+        let outage = result.as_ref().err().is_some_and(UpError::is_outage);
+        let mut b = self.breakers.lock().expect("breakers lock");
+        let entry = b.entry(host.to_string()).or_default();
+        let was = entry.available(Instant::now());
+        entry.record(outage, self.threshold, Instant::now());
+        if was && !entry.available(Instant::now()) {
+            tracing::warn!(registry = host, "provider registry marked down");
+        }
+    }
+
+    /// The root of a registry service (`providers.v1`, `modules.v1`), from its discovery.
+    async fn service_root(&self, host: &str, service: &'static str) -> Result<Url, UpError> {
+        let cache_key = format!("{host} {service}");
+        if let Some(u) = self.discovered.get(&cache_key) {
+            return Ok(u);
+        }
+        let base = self.bases.get(host).ok_or(UpError::NotFound)?;
+        let well_known = base
+            .join("/.well-known/terraform.json")
+            .map_err(|_| UpError::Protocol("bad base URL"))?;
+        let body = self
+            .small(host, "provider_discovery", &well_known, &[])
+            .await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| UpError::Protocol("discovery not JSON"))?;
+        // A registry without the service has nothing of that kind: 404.
+        let root = v[service].as_str().ok_or(UpError::NotFound)?;
+        let mut root = well_known
+            .join(root)
+            .map_err(|_| UpError::Protocol("bad service URL in discovery"))?;
+        if root.scheme() != "https" {
+            return Err(UpError::Protocol("discovered service is not https"));
+        }
+        if !root.path().ends_with('/') {
+            root.set_path(&format!("{}/", root.path()));
+        }
+        self.discovered.insert(cache_key, root.clone());
+        Ok(root)
+    }
+
+    async fn providers_root(&self, host: &str) -> Result<Url, UpError> {
+        self.service_root(host, "providers.v1").await
+    }
+
+    /// `modules.v1` of a registry: `GET :namespace/:name/:system/versions`, the body as sent.
+    pub async fn module_versions(
+        &self,
+        p: &ProviderId,
+        system: &str,
+    ) -> Result<serde_json::Value, UpError> {
+        let root = self.service_root(&p.host, "modules.v1").await?;
+        let url = root
+            .join(&format!("{}/{}/{system}/versions", p.namespace, p.name))
+            .map_err(|_| UpError::Protocol("bad versions URL"))?;
+        let body = self
+            .small(&p.host, "public_module_versions", &url, &[])
+            .await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| UpError::Protocol("versions not JSON"))?;
+        if !v["modules"].is_array() {
+            return Err(UpError::Protocol("module versions answer has no modules"));
+        }
+        Ok(v)
+    }
+
+    /// `modules.v1`: `GET :namespace/:name/:system/:version/download`, its `X-Terraform-Get`
+    /// resolved against the answer's URL (as Terraform resolves it).
+    pub async fn module_download(
+        &self,
+        p: &ProviderId,
+        system: &str,
+        version: &str,
+    ) -> Result<String, UpError> {
+        let root = self.service_root(&p.host, "modules.v1").await?;
+        let url = root
+            .join(&format!(
+                "{}/{}/{system}/{version}/download",
+                p.namespace, p.name
+            ))
+            .map_err(|_| UpError::Protocol("bad download URL"))?;
+        let (headers, _) = self
+            .small_with_headers(&p.host, "public_module_download", &url)
+            .await?;
+        let get = headers
+            .get("x-terraform-get")
+            .and_then(|v| v.to_str().ok())
+            .ok_or(UpError::Protocol("download answer has no X-Terraform-Get"))?;
+        // go-getter forced sources (`git::https://...`) are not URLs to resolve.
+        if get.contains("::") {
+            return Ok(get.to_string());
+        }
+        url.join(get)
+            .map(|u| u.to_string())
+            .map_err(|_| UpError::Protocol("bad X-Terraform-Get"))
+    }
+
+    /// `GET :namespace/:type/versions`.
+    pub async fn versions(&self, p: &ProviderId) -> Result<Vec<VersionInfo>, UpError> {
+        let root = self.providers_root(&p.host).await?;
+        let url = root
+            .join(&format!("{}/{}/versions", p.namespace, p.name))
+            .map_err(|_| UpError::Protocol("bad versions URL"))?;
+        let body = self.small(&p.host, "provider_versions", &url, &[]).await?;
+        let a: VersionsAnswer =
+            serde_json::from_slice(&body).map_err(|_| UpError::Protocol("versions not JSON"))?;
+        // Versions Terraform could not select are of no use; dropping them keeps paths valid.
+        Ok(a.versions
+            .into_iter()
+            .filter(|v| semver::Version::parse(&v.version).is_ok())
+            .collect())
+    }
+
+    /// `GET :namespace/:type/:version/download/:os/:arch`, its URLs resolved against the
+    /// answer's own URL (as Terraform resolves them).
+    pub async fn download(
+        &self,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+    ) -> Result<DownloadAnswer, UpError> {
+        let root = self.providers_root(&p.host).await?;
+        let url = root
+            .join(&format!(
+                "{}/{}/{version}/download/{}/{}",
+                p.namespace, p.name, platform.os, platform.arch
+            ))
+            .map_err(|_| UpError::Protocol("bad download URL"))?;
+        let body = self.small(&p.host, "provider_download", &url, &[]).await?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| UpError::Protocol("download not JSON"))?;
+        let raw: RawDownload = serde_json::from_value(value.clone())
+            .map_err(|_| UpError::Protocol("download answer lacks fields"))?;
+        let resolve = |s: &str| {
+            url.join(s)
+                .map_err(|_| UpError::Protocol("bad URL in answer"))
+        };
+        Ok(DownloadAnswer {
+            filename: raw.filename,
+            download_url: resolve(&raw.download_url)?,
+            shasums_url: resolve(&raw.shasums_url)?,
+            shasums_signature_url: resolve(&raw.shasums_signature_url)?,
+            shasum: raw.shasum,
+            keys: raw
+                .signing_keys
+                .gpg_public_keys
+                .into_iter()
+                .map(|k| k.ascii_armor)
+                .collect(),
+            raw: value,
+        })
+    }
+
+    /// A small file a download answer names (`SHA256SUMS`, its signature), read whole.
+    pub async fn named_file(
+        &self,
+        p: &ProviderId,
+        answer: &DownloadAnswer,
+        url: &Url,
+    ) -> Result<Bytes, UpError> {
+        self.small(&p.host, "provider_shasums", url, &answer.named_hosts())
+            .await
+    }
+
+    /// GET a small answer whole. `named`: when not empty, the fetch rules apply (files named
+    /// by a download answer); registry calls go to the registry's own root.
+    async fn small(
+        &self,
+        host: &str,
+        label: &'static str,
+        url: &Url,
+        named: &[String],
+    ) -> Result<Bytes, UpError> {
+        self.exchange(host, label, url, named).await.map(|(_, b)| b)
+    }
+
+    /// A registry call whose headers matter (a module download's `X-Terraform-Get`).
+    async fn small_with_headers(
+        &self,
+        host: &str,
+        label: &'static str,
+        url: &Url,
+    ) -> Result<(http::HeaderMap, Bytes), UpError> {
+        self.exchange(host, label, url, &[]).await
+    }
+
+    async fn exchange(
+        &self,
+        host: &str,
+        label: &'static str,
+        url: &Url,
+        named: &[String],
+    ) -> Result<(http::HeaderMap, Bytes), UpError> {
+        let started = Instant::now();
+        let result = async {
+            let resp = self.get_following(url, named).await?;
+            let status = resp.status();
+            if status == StatusCode::NOT_FOUND {
+                return Err(UpError::NotFound);
+            }
+            if !status.is_success() {
+                return Err(UpError::Status(status));
+            }
+            let headers = resp.headers().clone();
+            Ok((headers, read_limited(resp, self.max_small).await?))
+        }
+        .await;
+        metrics::UPSTREAM_DURATION
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(_) => "2xx",
+            Err(e) => e.outcome(),
+        };
+        metrics::UPSTREAM_REQUESTS
+            .with_label_values(&[label, outcome])
+            .inc();
+        self.record(host, &result.as_ref().map(|_| ()).map_err(Clone::clone));
+        result
+    }
+
+    /// Open the package named by `answer` for streaming.
+    pub async fn open_package(
+        &self,
+        p: &ProviderId,
+        answer: &DownloadAnswer,
+    ) -> Result<reqwest::Response, UpError> {
+        let result = async {
+            let resp = self
+                .get_following(&answer.download_url, &answer.named_hosts())
+                .await?;
+            match resp.status() {
+                s if s.is_success() => Ok(resp),
+                StatusCode::NOT_FOUND => Err(UpError::NotFound),
+                s => Err(UpError::Status(s)),
+            }
+        }
+        .await;
+        let outcome = match &result {
+            Ok(_) => "2xx",
+            Err(e) => e.outcome(),
+        };
+        metrics::UPSTREAM_REQUESTS
+            .with_label_values(&["provider_archive", outcome])
+            .inc();
+        self.record(&p.host, &result.as_ref().map(|_| ()).map_err(Clone::clone));
+        result
+    }
+
+    /// GET `url`, following redirects by hand. With `named` empty the URL is a registry call
+    /// (https enforced by the client); otherwise every hop must pass [`may_fetch`]. The head
+    /// must come within `timeouts.read`.
+    async fn get_following(
+        &self,
+        url: &Url,
+        named: &[String],
+    ) -> Result<reqwest::Response, UpError> {
+        let mut url = url.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            if !named.is_empty() && !may_fetch(&url, named, &self.allowed) {
+                tracing::warn!(
+                    host = authority(&url).as_deref(),
+                    "refused to fetch a provider file from a host the registry did not name"
+                );
+                return Err(UpError::Protocol("host not allowed for provider downloads"));
+            }
+            let resp = tokio::time::timeout(self.read_timeout, self.http.get(url.clone()).send())
+                .await
+                .map_err(|_| UpError::Transport { timeout: true })?
+                .map_err(|e| {
+                    let timeout = e.is_timeout();
+                    tracing::warn!(error = %crate::fetch::upstream_error(e), "provider registry unreachable");
+                    UpError::Transport { timeout }
+                })?;
+            if resp.status().is_redirection() {
+                let next = resp
+                    .headers()
+                    .get(header::LOCATION)
+                    .and_then(|l| l.to_str().ok())
+                    .and_then(|l| url.join(l).ok())
+                    .ok_or(UpError::Protocol("redirect without a usable Location"))?;
+                // Registry calls may not be redirected to plain http either.
+                if next.scheme() != "https" {
+                    return Err(UpError::Protocol("redirect to plain http refused"));
+                }
+                url = next;
+                continue;
+            }
+            return Ok(resp);
+        }
+        Err(UpError::Protocol("too many redirects"))
+    }
+}
+
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, UpError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(UpError::Protocol(
+            "answer larger than limits.max_listing_size",
+        ));
+    }
+    let mut body = Vec::new();
+    loop {
+        let chunk = resp.chunk().await.map_err(|e| UpError::Transport {
+            timeout: e.is_timeout(),
+        })?;
+        let Some(chunk) = chunk else { break };
+        if body.len() + chunk.len() > limit {
+            return Err(UpError::Protocol(
+                "answer larger than limits.max_listing_size",
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fetch_rules() {
+        let named = vec![
+            "releases.example.com".to_string(),
+            "127.0.0.1:8443".to_string(),
+        ];
+        let allowed = vec![
+            "*.githubusercontent.com".to_string(),
+            "cdn.example.net".to_string(),
+        ];
+        let ok = |u: &str| may_fetch(&Url::parse(u).unwrap(), &named, &allowed);
+        assert!(ok("https://releases.example.com/p.zip"));
+        assert!(ok("https://RELEASES.example.com/p.zip"));
+        assert!(ok("https://127.0.0.1:8443/p.zip"));
+        assert!(ok("https://objects.githubusercontent.com/x?sig=1"));
+        assert!(ok("https://cdn.example.net/p.zip"));
+        assert!(!ok("http://releases.example.com/p.zip"), "plain http");
+        assert!(!ok("https://127.0.0.1:8444/p.zip"), "another port");
+        assert!(!ok("https://githubusercontent.com/x"), "the bare domain");
+        assert!(!ok("https://evil.example.com/p.zip"));
+        assert!(!ok("https://user:pw@releases.example.com/p.zip"));
+        assert!(!ok("https://169.254.169.254/latest/meta-data"));
+    }
+
+    #[test]
+    fn breaker_opens_after_threshold_and_closes_on_success() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        b.record(true, 2, t0);
+        assert!(b.available(t0));
+        b.record(true, 2, t0);
+        assert!(!b.available(t0));
+        assert!(b.available(t0 + BREAKER_OPEN));
+        b.record(false, 2, t0);
+        assert!(b.available(t0));
+        // A refusal (404) is an answer, not an outage.
+        assert!(!UpError::NotFound.is_outage());
+        assert!(UpError::Status(StatusCode::BAD_GATEWAY).is_outage());
+        assert!(UpError::Status(StatusCode::TOO_MANY_REQUESTS).is_outage());
+        assert!(UpError::Transport { timeout: false }.is_outage());
+    }
+}
