@@ -537,7 +537,11 @@ async fn cache_verify_reports_a_corrupt_listing_body() {
         text(&bad)
     );
     assert!(!text(&bad).contains(ALICE));
-    assert!(text(&ok).contains("1 listing bodies checked"), "{}", text(&ok));
+    assert!(
+        text(&ok).contains("1 listing bodies checked"),
+        "{}",
+        text(&ok)
+    );
 }
 
 /// `POST /-/admin/purge` removes through the running server's own store: its disk byte count

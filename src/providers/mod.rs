@@ -683,10 +683,14 @@ impl Providers {
             .fills
             .join_or_start(&key, self.cache.blobs.clone(), open, move |hash, size| {
                 verification(&p2, &v2, Ok("checksum_ok"));
+                // A provider package never changes under a version (it is verified against
+                // the registry's signed checksums), so it keeps no re-publish history.
                 let entry = TarballEntry {
                     hash: hash.to_hex().to_string(),
                     size,
                     fetched_at: unix_now(),
+                    fetched_at_ms: crate::clock::now_ms(),
+                    replaced: Vec::new(),
                 };
                 if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
                     tracing::error!(error = %e, "could not index a provider package");

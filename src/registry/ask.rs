@@ -103,7 +103,6 @@ impl Registry {
     /// With the breaker open, only one request at a time goes through (the probe); the rest
     /// fail at once. Past `offline.deadline` the caller gets `Failed(Deadline)`, and the
     /// answer, when it comes, is learned in the background.
-    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     pub(super) async fn ask(
         self: &Arc<Self>,
         identity: Identity,
@@ -145,45 +144,59 @@ impl Registry {
                     _ => Asked::Answer { small, learned },
                 }
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream registry call failed");
-                if is_unreachable(e.etype()) {
-                    self.health.record_failure(&self.upstream);
-                    let timed_out = matches!(
-                        e.etype(),
-                        ErrorType::ReadTimedout | ErrorType::ConnectTimedout
-                    );
-                    failed(if timed_out {
-                        Failure::Deadline
-                    } else {
-                        Failure::Unreachable
-                    })
-                } else {
-                    failed(Failure::Invalid(fetch::failure_status(&e)))
-                }
-            }
+            Ok(Err(e)) => self.failed_call(&e),
             Err(_) => {
                 // Slow past the deadline: failed for this caller, and for the breaker. The
                 // answer is still learned when it arrives. Later requests must not join this
                 // one (a black hole would hold them until `timeouts.read`): they start afresh.
                 self.health.record_failure(&self.upstream);
                 self.leave_inflight(identity, path, generation);
-                let this = self.clone();
-                tokio::spawn(async move {
-                    if let Ok(small) = fut.await {
-                        this.health.record_answer(small.status, &small.headers);
-                        this.learn(identity, cred.as_ref(), &lesson, &small).await;
-                        metrics::LATE_ANSWERS.inc();
-                        tracing::info!(
-                            identity = %identity.short(),
-                            status = small.status.as_u16(),
-                            "learned an upstream answer that came after the deadline"
-                        );
-                    }
-                });
+                self.learn_late(identity, cred, lesson, fut);
                 failed(Failure::Deadline)
             }
         }
+    }
+
+    /// A registry call that got no HTTP answer: breaker material when GitLab could not be
+    /// reached or did not answer; otherwise (an answer tfmirror will not take) not an outage.
+    fn failed_call(&self, e: &pingora::Error) -> Asked {
+        tracing::warn!(error = %e, "upstream registry call failed");
+        if !is_unreachable(e.etype()) {
+            return failed(Failure::Invalid(fetch::failure_status(e)));
+        }
+        self.health.record_failure(&self.upstream);
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::ConnectTimedout
+        );
+        failed(if timed_out {
+            Failure::Deadline
+        } else {
+            Failure::Unreachable
+        })
+    }
+
+    /// Learn GitLab's answer to a call whose caller stopped waiting at the deadline.
+    fn learn_late(
+        self: &Arc<Self>,
+        identity: Identity,
+        cred: Option<HeaderValue>,
+        lesson: Lesson,
+        fut: SharedFetch,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Ok(small) = fut.await {
+                this.health.record_answer(small.status, &small.headers);
+                this.learn(identity, cred.as_ref(), &lesson, &small).await;
+                metrics::LATE_ANSWERS.inc();
+                tracing::info!(
+                    identity = %identity.short(),
+                    status = small.status.as_u16(),
+                    "learned an upstream answer that came after the deadline"
+                );
+            }
+        });
     }
 
     /// GET a registry path upstream; concurrent identical requests of one identity share it.

@@ -56,7 +56,7 @@ impl Registry {
         }
     }
 
-    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
+    /// An answer that is neither a refusal nor a failure: what it teaches depends on the route.
     async fn learn_answer(
         &self,
         identity: Identity,
@@ -84,56 +84,68 @@ impl Registry {
                     self.learn_refusal(identity, module, path, small, false)
                         .await;
                 }
-                CacheStatus::Miss
             }
             Lesson::Download {
                 module,
                 version,
                 path,
             } => {
-                let jwt = small
-                    .headers
-                    .get("x-terraform-get")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(gitlab_token);
-                match (small.status.is_success(), jwt) {
-                    (true, Some(jwt)) => {
-                        metrics::decision(Decision::UpstreamAllowed);
-                        self.auth
-                            .remember_gitlab_jwt(identity, &tarball_key(module, version), jwt);
-                        let v = version.clone();
-                        self.auth
-                            .record_success(identity, cred, module, move |g| g.add_version(&v))
-                            .await;
-                    }
-                    (false, _) if small.status == StatusCode::NOT_FOUND => {
-                        self.auth.forget_version(identity, module, version).await;
-                        self.learn_refusal(identity, module, path, small, false)
-                            .await;
-                    }
-                    _ => {}
-                }
-                CacheStatus::Miss
+                self.learn_download(identity, cred, module, version, path, small)
+                    .await;
             }
             Lesson::ProjectCheck {
                 module, version, ..
-            } => {
-                if small.status.is_success() {
-                    metrics::decision(Decision::UpstreamAllowed);
-                    let v = version.clone();
-                    self.auth
-                        .record_success(identity, cred, module, move |g| {
-                            if let Some(v) = v {
-                                g.add_version(&v);
-                            }
-                        })
-                        .await;
-                    if let Some(v) = version {
-                        self.share_project_version(identity, module, v).await;
-                    }
+            } if small.status.is_success() => {
+                metrics::decision(Decision::UpstreamAllowed);
+                let v = version.clone();
+                self.auth
+                    .record_success(identity, cred, module, move |g| {
+                        if let Some(v) = v {
+                            g.add_version(&v);
+                        }
+                    })
+                    .await;
+                if let Some(v) = version {
+                    self.share_project_version(identity, module, v).await;
                 }
-                CacheStatus::Miss
             }
+            Lesson::ProjectCheck { .. } => {}
+        }
+        CacheStatus::Miss
+    }
+
+    /// A download URL GitLab answered: its JWT is kept for the fill and the version recorded;
+    /// a 404 means the version is gone.
+    async fn learn_download(
+        &self,
+        identity: Identity,
+        cred: Option<&HeaderValue>,
+        module: &ModuleId,
+        version: &str,
+        path: &str,
+        small: &Small,
+    ) {
+        let jwt = small
+            .headers
+            .get("x-terraform-get")
+            .and_then(|v| v.to_str().ok())
+            .and_then(gitlab_token);
+        match (small.status.is_success(), jwt) {
+            (true, Some(jwt)) => {
+                metrics::decision(Decision::UpstreamAllowed);
+                self.auth
+                    .remember_gitlab_jwt(identity, &tarball_key(module, version), jwt);
+                let v = version.to_string();
+                self.auth
+                    .record_success(identity, cred, module, move |g| g.add_version(&v))
+                    .await;
+            }
+            (false, _) if small.status == StatusCode::NOT_FOUND => {
+                self.auth.forget_version(identity, module, version).await;
+                self.learn_refusal(identity, module, path, small, false)
+                    .await;
+            }
+            _ => {}
         }
     }
 
