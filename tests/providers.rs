@@ -190,7 +190,10 @@ async fn network_mirror_protocol_serves_verified_packages() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(verified.contains("1 checked, 0 damaged"), "{verified}");
+    assert!(
+        verified.contains("1 checked,") && verified.contains(" 0 damaged,"),
+        "{verified}"
+    );
     // `cache purge provider:...@version` removes the package, its checksums and (as for
     // modules) the version list; the next requests go to the registry again.
     let mut m = s.m;
