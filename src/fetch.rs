@@ -5,6 +5,9 @@
 //!   follows such redirects itself, by hand, so it decides what each hop receives (credentials
 //!   go to the upstream's origin only) and clients never see a presigned URL.
 //!
+//! - [`Fetcher`]: the two as a trait, the one seam between the registry's decisions and the
+//!   network: [`Upstream`] is the real one, registry unit tests put a stub there.
+//!
 //! Secrets travel in these URLs (GitLab's JWT, presigned signatures). Nothing here logs a URL,
 //! and `reqwest` errors are stripped of theirs before they go anywhere.
 
@@ -16,6 +19,52 @@ use url::Url;
 use crate::upstream::Upstream;
 
 const MAX_REDIRECTS: usize = 5;
+
+/// How the registry reaches GitLab. Implemented by [`Upstream`]; a test stub answers from a
+/// script, so decisions and coalescing are tested without a process or a socket.
+#[async_trait::async_trait]
+pub trait Fetcher: Send + Sync + 'static {
+    /// GET a registry path with the caller's credential, read whole ([`registry`]).
+    async fn registry(&self, path_and_query: &str, auth: Option<&HeaderValue>) -> Result<Small>;
+    /// Follow a download to its bytes ([`open`]).
+    async fn open(
+        &self,
+        path_and_query: &str,
+        auth: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response>;
+    /// Any HTTP answer of the upstream, for the breaker's background probe: its status and
+    /// headers, `None` when nothing answered.
+    async fn probe(&self) -> Option<(StatusCode, HeaderMap)>;
+}
+
+#[async_trait::async_trait]
+impl Fetcher for Upstream {
+    async fn registry(&self, path_and_query: &str, auth: Option<&HeaderValue>) -> Result<Small> {
+        registry(self, path_and_query, auth).await
+    }
+
+    async fn open(
+        &self,
+        path_and_query: &str,
+        auth: Option<&HeaderValue>,
+    ) -> Result<reqwest::Response> {
+        open(self, path_and_query, auth).await
+    }
+
+    async fn probe(&self) -> Option<(StatusCode, HeaderMap)> {
+        let resp = self
+            .http
+            .get(self.url_for("/"))
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        Some((resp.status(), resp.headers().clone()))
+    }
+}
+
+/// How long the breaker's probe waits for an answer.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An upstream failure, as a pingora error that carries no URL.
 pub fn upstream_error(e: reqwest::Error) -> Box<Error> {

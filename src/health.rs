@@ -17,13 +17,12 @@ use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap};
 
-use crate::upstream::Upstream;
+use crate::fetch::Fetcher;
 
 const PROBE_FIRST: Duration = Duration::from_millis(200);
 /// At most this long between probes of a down GitLab: recovery is seen within it (plus
 /// the probe's own timeout); one request per 5 s costs a down GitLab nothing.
 const PROBE_MAX: Duration = Duration::from_secs(5);
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest `Retry-After` honoured: a bogus value must not silence the upstream for a day.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
@@ -114,7 +113,7 @@ impl Health {
 
     /// A connect error or a timeout. Enough of them in a row open the breaker and start the
     /// probe.
-    pub fn record_failure(self: &Arc<Self>, upstream: &Arc<Upstream>) {
+    pub fn record_failure(self: &Arc<Self>, upstream: &Arc<dyn Fetcher>) {
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= self.threshold && !self.down.swap(true, Ordering::AcqRel) {
             tracing::warn!(failures = n, "upstream marked down; serving from the cache");
@@ -122,7 +121,7 @@ impl Health {
         }
     }
 
-    fn start_probe(self: &Arc<Self>, upstream: Arc<Upstream>) {
+    fn start_probe(self: &Arc<Self>, upstream: Arc<dyn Fetcher>) {
         if self.offline || self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -131,14 +130,8 @@ impl Health {
             let mut wait = PROBE_FIRST;
             loop {
                 tokio::time::sleep(wait).await;
-                let probe = upstream
-                    .http
-                    .get(upstream.url_for("/"))
-                    .timeout(PROBE_TIMEOUT)
-                    .send()
-                    .await;
-                if let Ok(resp) = probe {
-                    me.record_answer(resp.status(), resp.headers());
+                if let Some((status, headers)) = upstream.probe().await {
+                    me.record_answer(status, &headers);
                     break;
                 }
                 wait = (wait * 2).min(PROBE_MAX);

@@ -179,11 +179,7 @@ impl Proxy {
                 Ok(true)
             }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
-                let terraform_get = terraform_get(session.req_header());
-                let out = self
-                    .registry
-                    .project_download(session, p, terraform_get, &public)
-                    .await?;
+                let out = self.registry.handle_project(session, p, &public).await?;
                 ctx.record(out);
                 Ok(true)
             }
@@ -236,11 +232,9 @@ impl Proxy {
             Internal::Metrics => {
                 crate::edge::gauges::update(&self.cache, &self.health);
                 let body = metrics::render();
-                let headers = [(
-                    header::CONTENT_TYPE,
-                    respond::HeaderValueLike::Static("text/plain; version=0.0.4"),
-                )];
-                respond::full(session, StatusCode::OK, &headers, body.into()).await
+                let reply = respond::Reply::full(StatusCode::OK, body)
+                    .with(header::CONTENT_TYPE, "text/plain; version=0.0.4");
+                respond::write(session, reply).await
             }
             Internal::AdminPurge => self.admin_purge(session).await,
         }
@@ -326,13 +320,6 @@ fn with_query(path: &str, req: &RequestHeader) -> String {
         Some(q) => format!("{path}?{q}"),
         None => path.to_string(),
     }
-}
-
-/// `?terraform-get=1` asks a project route for a 204 with `X-Terraform-Get` instead of bytes.
-fn terraform_get(req: &RequestHeader) -> bool {
-    req.uri.query().is_some_and(|q| {
-        url::form_urlencoded::parse(q.as_bytes()).any(|(k, v)| k == "terraform-get" && v == "1")
-    })
 }
 
 #[async_trait]

@@ -6,34 +6,249 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-/// Write a complete JSON response. `HEAD` gets the headers only.
-pub async fn json(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
-    json_with(session, status, body, None).await
+/// A response as a value: what to answer, decided before anything is written. Handlers
+/// build one; [`write`] alone turns it into bytes on the session, so every answer gets the
+/// same framing, HEAD handling and cut-on-error.
+pub struct Reply {
+    pub status: StatusCode,
+    /// A reason phrase other than the status's canonical one (Terraform prints only the
+    /// status line of a failed registry call, so tfmirror's 503s explain themselves there).
+    pub reason: Option<String>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub body: Body,
 }
 
-async fn json_with(
-    session: &mut Session,
-    status: StatusCode,
-    body: String,
-    cache: Option<CacheStatus>,
-) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(5))?;
-    if let Some(c) = cache {
-        h.insert_header(CACHE_STATUS, c.as_str())?;
+/// The body of a [`Reply`].
+pub enum Body {
+    /// Known whole: sent with `Content-Length` (omitted for 204 and 304).
+    Full(Bytes),
+    /// Streamed (a verified blob, a fill, a pass-through); `len` when known. An error from
+    /// the stream cuts the response, framed so that the client sees the cut ([`framing`]).
+    Stream {
+        len: Option<u64>,
+        chunks: BodyStream,
+    },
+}
+
+/// The chunks of a streamed body; an `Err` ends the response as broken.
+pub type BodyStream = futures::stream::BoxStream<'static, std::result::Result<Bytes, BodyCut>>;
+
+/// Why a streamed body stopped before its end (for the error the writer returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyCut(pub &'static str);
+
+impl Reply {
+    /// A complete answer with a body known whole.
+    pub fn full(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+        Reply {
+            status,
+            reason: None,
+            headers: Vec::new(),
+            body: Body::Full(body.into()),
+        }
     }
-    h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    h.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(h), head_only)
-        .await?;
-    if !head_only {
-        session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await?;
+
+    /// A streamed answer (status 200).
+    pub fn stream(len: Option<u64>, chunks: BodyStream) -> Reply {
+        Reply {
+            status: StatusCode::OK,
+            reason: None,
+            headers: Vec::new(),
+            body: Body::Stream { len, chunks },
+        }
+    }
+
+    /// A JSON answer tfmirror writes itself (never cached by clients: `no-store`).
+    pub fn json(status: StatusCode, body: String) -> Reply {
+        Reply::full(status, body)
+            .with(http::header::CONTENT_TYPE, JSON)
+            .with(http::header::CACHE_CONTROL, "no-store")
+    }
+
+    /// GitLab's error shape for `status`, e.g. `{"message":"502 Bad Gateway"}`.
+    pub fn error(status: StatusCode) -> Reply {
+        Reply::json(status, message_body(status))
+    }
+
+    /// A GitLab-shaped error for a registry route, saying what the cache did (every registry
+    /// answer carries `X-Cache-Status`, tfmirror's own refusals and 502s included).
+    pub fn registry_error(status: StatusCode, cache: CacheStatus) -> Reply {
+        Reply::error(status).cache(cache)
+    }
+
+    /// Add a header from a static value.
+    pub fn with(mut self, name: http::HeaderName, value: &'static str) -> Reply {
+        self.headers
+            .push((name, http::HeaderValue::from_static(value)));
+        self
+    }
+
+    /// Add a header value taken as is.
+    pub fn with_value(mut self, name: http::HeaderName, value: http::HeaderValue) -> Reply {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// Add a header from text; text that is no header value (never expected: callers build
+    /// it from validated parts) leaves the header out rather than fail the answer.
+    pub fn with_text(self, name: http::HeaderName, value: &str) -> Reply {
+        match http::HeaderValue::from_str(value) {
+            Ok(v) => self.with_value(name, v),
+            Err(_) => {
+                tracing::error!(header = %name, "dropped a header value that is not one");
+                self
+            }
+        }
+    }
+
+    /// `X-Cache-Status`.
+    pub fn cache(self, cache: CacheStatus) -> Reply {
+        self.with(CACHE_STATUS, cache.as_str())
+    }
+
+    /// Replace `X-Cache-Status` (a hit that the caller's standing makes stale).
+    pub fn restamp(mut self, cache: CacheStatus) -> Reply {
+        self.headers.retain(|(n, _)| n != CACHE_STATUS);
+        self.cache(cache)
+    }
+
+    /// A reason phrase of its own; non-printable characters become `?` so that the status
+    /// line can never break.
+    pub fn reason(mut self, reason: &str) -> Reply {
+        let clean = reason
+            .chars()
+            .map(|c| {
+                if c == ' ' || c.is_ascii_graphic() {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        self.reason = Some(clean);
+        self
+    }
+
+    /// The status and, for a body known whole, the body (for tests and logs).
+    pub fn full_body(&self) -> Option<&Bytes> {
+        match &self.body {
+            Body::Full(b) => Some(b),
+            Body::Stream { .. } => None,
+        }
+    }
+
+    /// The first value of header `name`, as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.as_str().eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| v.to_str().ok())
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = match &self.body {
+            Body::Full(b) => format!("{} bytes", b.len()),
+            Body::Stream { len, .. } => format!("stream of {len:?} bytes"),
+        };
+        f.debug_struct("Reply")
+            .field("status", &self.status)
+            .field("reason", &self.reason)
+            .field("headers", &self.headers)
+            .field("body", &body)
+            .finish()
+    }
+}
+
+const JSON: &str = "application/json";
+
+/// The one writer: a [`Reply`] as bytes on the session. HEAD gets the head only (a stream's
+/// unknown length is then not announced). A streamed body's error returns an error after
+/// the bytes so far, which cuts the connection or stream: with chunked or HTTP/2 framing the
+/// client sees a broken body, never a short one that looks whole.
+pub async fn write(session: &mut Session, reply: Reply) -> Result<()> {
+    let head_request = session.req_header().method == http::Method::HEAD;
+    let Reply {
+        status,
+        reason,
+        headers,
+        body,
+    } = reply;
+    let mut h = ResponseHeader::build(status, Some(headers.len() + 2))?;
+    if let Some(r) = &reason {
+        h.set_reason_phrase(Some(r))?;
+    }
+    for (name, value) in headers {
+        h.append_header(name, value)?;
+    }
+    match body {
+        Body::Full(bytes) => {
+            if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
+                h.insert_header(http::header::CONTENT_LENGTH, bytes.len())?;
+            }
+            let head_only = head_request || bytes.is_empty();
+            session
+                .write_response_header(Box::new(h), head_only)
+                .await?;
+            if !head_only {
+                session.write_response_body(Some(bytes), true).await?;
+            }
+            Ok(())
+        }
+        Body::Stream { len, chunks } => {
+            frame(session, &mut h, len, head_request)?;
+            session
+                .write_response_header(Box::new(h), head_request)
+                .await?;
+            if head_request {
+                return Ok(());
+            }
+            write_stream(session, chunks).await
+        }
+    }
+}
+
+/// Set the framing headers of a streamed body (see [`framing`]).
+fn frame(
+    session: &mut Session,
+    h: &mut ResponseHeader,
+    len: Option<u64>,
+    head: bool,
+) -> Result<()> {
+    match framing(session.req_header().version, len) {
+        Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, n)?,
+        Framing::Frames => {}
+        Framing::Chunked if !head => h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?,
+        Framing::Chunked => {}
+        Framing::Close => {
+            // Say `Connection: close` instead of keep-alive, and close after the body.
+            session.set_keepalive(None);
+            if !head {
+                crate::metrics::UNFRAMED_RESPONSES.inc();
+            }
+        }
     }
     Ok(())
+}
+
+/// Copy a stream to the session; its error becomes ours, which makes pingora cut.
+async fn write_stream(session: &mut Session, mut chunks: BodyStream) -> Result<()> {
+    use futures::StreamExt;
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(c) => session.write_response_body(Some(c), false).await?,
+            Err(BodyCut(why)) => {
+                return Err(pingora::Error::explain(pingora::ErrorType::ReadError, why).into_up())
+            }
+        }
+    }
+    session.write_response_body(Some(Bytes::new()), true).await
+}
+
+/// Write a complete JSON response. `HEAD` gets the headers only.
+pub async fn json(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
+    write(session, Reply::json(status, body)).await
 }
 
 /// GitLab's error shape for statuses it reports with `message`: `{"message":"502 Bad Gateway"}`.
@@ -48,17 +263,16 @@ pub fn message_body(status: StatusCode) -> String {
 
 /// A GitLab-shaped error response for `status`.
 pub async fn error(session: &mut Session, status: StatusCode) -> Result<()> {
-    json(session, status, message_body(status)).await
+    write(session, Reply::error(status)).await
 }
 
-/// A GitLab-shaped error for a registry route, saying what the cache did (every registry
-/// answer carries `X-Cache-Status`, tfmirror's own refusals and 502s included).
+/// A GitLab-shaped error for a registry route (see [`Reply::registry_error`]).
 pub async fn registry_error(
     session: &mut Session,
     status: StatusCode,
     cache: CacheStatus,
 ) -> Result<()> {
-    json_with(session, status, message_body(status), Some(cache)).await
+    write(session, Reply::registry_error(status, cache)).await
 }
 
 /// How a response body is delimited on the wire.
@@ -86,36 +300,6 @@ pub fn framing(version: http::Version, len: Option<u64>) -> Framing {
         (None, http::Version::HTTP_11) => Framing::Chunked,
         (None, _) => Framing::Close,
     }
-}
-
-/// Write the head of a tarball answer: status 200, `X-Cache-Status`, and framing that cannot
-/// make a cut body look whole. `len` is the body's length when known; `head_only` for HEAD
-/// (then an unknown length is simply not announced).
-pub async fn tarball_head(
-    session: &mut Session,
-    cache: CacheStatus,
-    len: Option<u64>,
-    head_only: bool,
-) -> Result<()> {
-    let mut h = ResponseHeader::build(StatusCode::OK, Some(4))?;
-    h.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
-    h.insert_header(CACHE_STATUS, cache.as_str())?;
-    match framing(session.req_header().version, len) {
-        Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, n)?,
-        Framing::Frames => {}
-        Framing::Chunked if !head_only => {
-            h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?
-        }
-        Framing::Chunked => {}
-        Framing::Close => {
-            // Say `Connection: close` instead of keep-alive, and close after the body.
-            session.set_keepalive(None);
-            if !head_only {
-                crate::metrics::UNFRAMED_RESPONSES.inc();
-            }
-        }
-    }
-    session.write_response_header(Box::new(h), head_only).await
 }
 
 /// The cache status header, like nginx's `$upstream_cache_status`.
@@ -148,50 +332,6 @@ impl CacheStatus {
             CacheStatus::Stale => "STALE",
             CacheStatus::Bypass => "BYPASS",
         }
-    }
-}
-
-/// Write a complete response: status, extra headers, body (omitted for HEAD).
-pub async fn full(
-    session: &mut Session,
-    status: StatusCode,
-    headers: &[(http::HeaderName, HeaderValueLike)],
-    body: Bytes,
-) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(headers.len() + 2))?;
-    for (name, value) in headers {
-        h.append_header(name.clone(), value.as_header()?)?;
-    }
-    if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
-        h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    }
-    let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
-    session
-        .write_response_header(Box::new(h), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
-}
-
-/// A header value given as text or as a ready value.
-pub enum HeaderValueLike {
-    Static(&'static str),
-    Owned(String),
-    Value(http::HeaderValue),
-}
-
-impl HeaderValueLike {
-    fn as_header(&self) -> Result<http::HeaderValue> {
-        let v = match self {
-            HeaderValueLike::Static(s) => http::HeaderValue::from_static(s),
-            HeaderValueLike::Owned(s) => http::HeaderValue::from_str(s).map_err(|_| {
-                pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "bad header value")
-            })?,
-            HeaderValueLike::Value(v) => v.clone(),
-        };
-        Ok(v)
     }
 }
 

@@ -23,7 +23,7 @@ use super::{archive_key, Failed, Found, Providers};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::FillError;
 use crate::metrics;
-use crate::respond::{self, CacheStatus, HeaderValueLike as V};
+use crate::respond::{self, CacheStatus, Reply};
 use crate::rewrite::PublicBase;
 
 const JSON: &str = "application/json";
@@ -187,11 +187,10 @@ impl Providers {
         } else {
             "text/plain; charset=utf-8"
         };
-        let headers = [
-            (header::CONTENT_TYPE, V::Static(content_type)),
-            (respond::CACHE_STATUS, V::Static(sums.cache.as_str())),
-        ];
-        respond::full(session, StatusCode::OK, &headers, bytes).await?;
+        let reply = Reply::full(StatusCode::OK, bytes)
+            .with(header::CONTENT_TYPE, content_type)
+            .cache(sums.cache);
+        respond::write(session, reply).await?;
         Ok(sums.cache)
     }
 
@@ -205,14 +204,11 @@ impl Providers {
     ) -> Result<CacheStatus> {
         match self.module_download(p, system, &v.to_string()).await {
             Ok(f) => {
-                let headers = [
-                    (
-                        http::HeaderName::from_static("x-terraform-get"),
-                        V::Owned(f.value.location),
-                    ),
-                    (respond::CACHE_STATUS, V::Static(f.cache.as_str())),
-                ];
-                respond::full(session, StatusCode::NO_CONTENT, &headers, Bytes::new()).await?;
+                let get = http::HeaderName::from_static("x-terraform-get");
+                let reply = Reply::full(StatusCode::NO_CONTENT, Bytes::new())
+                    .with_text(get, &f.value.location)
+                    .cache(f.cache);
+                respond::write(session, reply).await?;
                 Ok(f.cache)
             }
             Err(Failed { status, cache }) => {
@@ -419,24 +415,21 @@ async fn write_json(
     age: u64,
     body: String,
 ) -> Result<()> {
-    let mut headers = vec![
-        (header::CONTENT_TYPE, V::Static(JSON)),
-        (respond::CACHE_STATUS, V::Static(cache.as_str())),
-        (header::AGE, V::Owned(age.to_string())),
-    ];
+    let mut reply = Reply::full(StatusCode::OK, body)
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(cache)
+        .with_value(header::AGE, http::HeaderValue::from(age));
     if cache == CacheStatus::Stale {
-        headers.push((header::WARNING, V::Static(STALE_WARNING)));
+        reply = reply.with(header::WARNING, STALE_WARNING);
     }
-    respond::full(session, StatusCode::OK, &headers, Bytes::from(body)).await
+    respond::write(session, reply).await
 }
 
 async fn write_error(session: &mut Session, status: StatusCode, cache: CacheStatus) -> Result<()> {
-    let headers = [
-        (header::CONTENT_TYPE, V::Static(JSON)),
-        (respond::CACHE_STATUS, V::Static(cache.as_str())),
-    ];
-    let body = Bytes::from(respond::message_body(status));
-    respond::full(session, status, &headers, body).await
+    let reply = Reply::full(status, respond::message_body(status))
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(cache);
+    respond::write(session, reply).await
 }
 
 #[cfg(test)]

@@ -223,7 +223,7 @@ impl Registry {
         let (path, k) = (path.to_string(), key.clone());
         let fut = async move {
             let started = Instant::now();
-            let result = fetch::registry(&upstream, &path, cred.as_ref()).await;
+            let result = upstream.registry(&path, cred.as_ref()).await;
             metrics::UPSTREAM_DURATION
                 .with_label_values(&[label])
                 .observe(started.elapsed().as_secs_f64());

@@ -2,12 +2,13 @@
 //! The policy itself is pure; this is the I/O around it (grant records, module-wide records,
 //! the breaker, the clock).
 
-use super::ask::Failure;
-use super::Registry;
+use super::ask::{Asked, Failure};
+use super::{reply, Registry};
 use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
 use crate::cache::records::{Grant, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
+use crate::respond::{CacheStatus, Reply};
 use crate::routes::ModuleId;
 
 /// Which module-wide record could stand in for the caller's own answer.
@@ -173,54 +174,47 @@ impl Registry {
     /// Carry out the decisions that answer the same on every route: replay GitLab's recent
     /// refusal, hold back a rate-limited caller, refuse while GitLab fails. `None` for the
     /// others, which the route answers itself.
-    pub(super) async fn answer_alike(
+    pub(super) fn answer_alike(
         &self,
-        session: &mut pingora::proxy::Session,
         action: Action,
         identity: Identity,
         module: &ModuleId,
         path: &str,
         failure: Option<Failure>,
-    ) -> pingora::Result<Option<crate::respond::CacheStatus>> {
-        use super::reply::{write_held_back, write_negative, write_unavailable};
-        use crate::respond::CacheStatus;
+    ) -> Option<(Reply, CacheStatus)> {
         match action {
-            Action::Replay => match self.auth.negative(identity, path) {
-                Some(neg) => write_negative(session, &neg).await?,
-                // Expired between the decision and now: let GitLab answer.
-                None => return Ok(None),
-            },
+            // `None` when it expired between the decision and now: GitLab answers then.
+            Action::Replay => self
+                .auth
+                .negative(identity, path)
+                .map(|neg| (reply::negative(&neg), CacheStatus::Hit)),
             Action::HoldBack => {
                 let wait = self.auth.held(identity, module).unwrap_or_default();
-                write_held_back(session, module, wait).await?;
-                return Ok(Some(CacheStatus::Miss));
+                Some((reply::held_back(module, wait), CacheStatus::Miss))
             }
             Action::Refuse(why) => {
-                match failure.unwrap_or_else(|| self.failure_without_asking()) {
+                let reply = match failure.unwrap_or_else(|| self.failure_without_asking()) {
                     // Not an outage: tfmirror refused GitLab's answer; say so as before.
-                    Failure::Invalid(status) => crate::respond::error(session, status).await?,
-                    failure => write_unavailable(session, module, why, failure).await?,
-                }
-                return Ok(Some(CacheStatus::Miss));
+                    Failure::Invalid(status) => Reply::error(status),
+                    failure => reply::unavailable(module, why, failure),
+                };
+                Some((reply, CacheStatus::Miss))
             }
-            _ => return Ok(None),
+            _ => None,
         }
-        Ok(Some(crate::respond::CacheStatus::Hit))
     }
 
     /// GitLab was asked, and the policy has nothing to serve (`action` is a refusal, or a
     /// stale answer whose body is gone): relay GitLab's own 5xx if it sent one, else say
     /// why in tfmirror's words.
-    pub(super) async fn answer_failed(
+    pub(super) fn answer_failed(
         &self,
-        session: &mut pingora::proxy::Session,
         action: Action,
-        asked: super::ask::Asked,
+        asked: Asked,
         identity: Identity,
         module: &ModuleId,
         path: &str,
-    ) -> pingora::Result<()> {
-        use super::ask::Asked;
+    ) -> Reply {
         let action = match action {
             Action::Refuse(_) | Action::HoldBack | Action::Replay => action,
             _ => Action::Refuse(Why::NothingCached),
@@ -229,14 +223,17 @@ impl Registry {
             Asked::Failed {
                 answer: Some(small),
                 ..
-            } if matches!(action, Action::Refuse(_)) => {
-                super::reply::write_answer(session, &small, crate::respond::CacheStatus::Miss).await
-            }
-            asked => {
-                self.answer_alike(session, action, identity, module, path, asked.failure())
-                    .await?;
-                Ok(())
-            }
+            } if matches!(action, Action::Refuse(_)) => reply::answer(&small, CacheStatus::Miss),
+            asked => self
+                .answer_alike(action, identity, module, path, asked.failure())
+                // A replayed refusal that expired meanwhile: GitLab failed, nothing to serve.
+                .map_or_else(
+                    || {
+                        let failure = asked.failure().unwrap_or(Failure::Unreachable);
+                        reply::unavailable(module, Why::NothingCached, failure)
+                    },
+                    |(reply, _)| reply,
+                ),
         }
     }
 

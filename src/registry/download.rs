@@ -3,18 +3,16 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, StatusCode};
-use pingora::proxy::Session;
-use pingora::Result;
 
 use super::ask::Asked;
 use super::decide::{count, Fallback};
-use super::reply::{authorization, write_answer, write_download};
-use super::{gitlab_token, route_label, Lesson, Outcome, Registry};
+use super::reply;
+use super::{gitlab_token, route_label, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind};
 use crate::cache::records::tarball_key;
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
-use crate::respond::{self, CacheStatus};
+use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
 use crate::token::Authority;
@@ -89,12 +87,12 @@ impl Registry {
 
     pub(super) async fn download(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         route: &ModuleRoute,
         version: &str,
         public: &PublicBase,
-    ) -> Result<Outcome> {
-        let cred = authorization(session);
+    ) -> (Reply, Outcome) {
+        let cred = call.authorization.clone();
         let identity = self.secret.identify(cred.as_ref());
         let req = Request {
             route,
@@ -130,29 +128,27 @@ impl Registry {
                     self.auth.remember_for_grant(identity, req.cred.as_ref(), g);
                 }
                 let get = req.url(self);
-                write_download(session, CacheStatus::Hit, get).await?;
-                return Ok(req.outcome(CacheStatus::Hit, None));
+                let reply = reply::download(CacheStatus::Hit, &get);
+                return (reply, req.outcome(CacheStatus::Hit, None));
             }
-            Action::Stale(_) => return self.stale_download(session, &req, None).await,
+            Action::Stale(_) => return self.stale_download(&req, None),
             other => {
-                if let Some(cache) = self
-                    .answer_alike(session, other, identity, module, &req.path, None)
-                    .await?
+                if let Some((reply, cache)) =
+                    self.answer_alike(other, identity, module, &req.path, None)
                 {
-                    return Ok(req.outcome(cache, None));
+                    return (reply, req.outcome(cache, None));
                 }
             }
         }
-        self.download_from_gitlab(session, &req, facts).await
+        self.download_from_gitlab(&req, facts).await
     }
 
     /// Ask GitLab, then decide again with what it did.
     async fn download_from_gitlab(
         self: &Arc<Self>,
-        session: &mut Session,
         req: &Request<'_>,
         mut facts: crate::access::policy::Facts,
-    ) -> Result<Outcome> {
+    ) -> (Reply, Outcome) {
         let module = &req.route.module;
         let lesson = Lesson::Download {
             module: module.clone(),
@@ -174,7 +170,7 @@ impl Registry {
         count(action, req.identity, module, asked.failure());
         let upstream_status = asked.upstream_status();
         match (action, asked) {
-            (Action::Stale(_), _) => self.stale_download(session, req, upstream_status).await,
+            (Action::Stale(_), _) => self.stale_download(req, upstream_status),
             (Action::Relay, Asked::Answer { small, .. }) => {
                 let usable = small.status.is_success()
                     && small
@@ -183,36 +179,29 @@ impl Registry {
                         .and_then(|v| v.to_str().ok())
                         .and_then(gitlab_token)
                         .is_some();
-                if usable {
-                    write_download(session, CacheStatus::Miss, req.url(self)).await?;
+                let reply = if usable {
+                    reply::download(CacheStatus::Miss, &req.url(self))
                 } else if small.status.is_success() {
                     // A success without a usable download URL: nothing safe to hand out.
-                    respond::registry_error(session, StatusCode::BAD_GATEWAY, CacheStatus::Miss)
-                        .await?;
+                    Reply::registry_error(StatusCode::BAD_GATEWAY, CacheStatus::Miss)
                 } else {
-                    write_answer(session, &small, CacheStatus::Miss).await?;
-                }
-                Ok(req.outcome(CacheStatus::Miss, upstream_status))
+                    reply::answer(&small, CacheStatus::Miss)
+                };
+                (reply, req.outcome(CacheStatus::Miss, upstream_status))
             }
             (action, asked) => {
-                self.answer_failed(session, action, asked, req.identity, module, &req.path)
-                    .await?;
-                Ok(req.outcome(CacheStatus::Miss, upstream_status))
+                let reply = self.answer_failed(action, asked, req.identity, module, &req.path);
+                (reply, req.outcome(CacheStatus::Miss, upstream_status))
             }
         }
     }
 
     /// A download URL handed out while GitLab fails. The caller's credential is kept for one
     /// grant lifetime: the URL may need a fill, and only GitLab, asked with it, allows that.
-    async fn stale_download(
-        &self,
-        session: &mut Session,
-        req: &Request<'_>,
-        upstream_status: Option<u16>,
-    ) -> Result<Outcome> {
+    fn stale_download(&self, req: &Request<'_>, upstream_status: Option<u16>) -> (Reply, Outcome) {
         self.auth
             .remember_for_stale(req.identity, req.cred.as_ref());
-        write_download(session, CacheStatus::Stale, req.url(self)).await?;
-        Ok(req.outcome(CacheStatus::Stale, upstream_status))
+        let reply = reply::download(CacheStatus::Stale, &req.url(self));
+        (reply, req.outcome(CacheStatus::Stale, upstream_status))
     }
 }

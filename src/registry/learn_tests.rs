@@ -1,56 +1,21 @@
 //! What GitLab's answers teach, tested without a process or a network: a real cache in a
-//! temporary directory, a registry whose upstream is never called, answers built by hand,
-//! and the clock passed to the policy.
-
-use std::sync::Arc;
+//! temporary directory, a registry whose stub upstream is never called, answers built by
+//! hand, and the clock passed to the policy.
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 
-use super::super::{Lesson, Registry};
+use super::super::Lesson;
 use crate::access::policy::{self, Action, Kind, StaleSource};
 use crate::cache::records::KIND_SHARED_PUBLIC;
-use crate::cache::Cache;
 use crate::clock::now as unix_now;
-use crate::config::Config;
 use crate::fetch::Small;
-use crate::health::Health;
-use crate::identity::{Identity, Secret};
+use crate::identity::Identity;
+use crate::registry::testkit::fixture;
 use crate::routes::ModuleId;
-use crate::upstream::Upstream;
 
 const ALICE: Identity = Identity([1; 16]);
 const BOB: Identity = Identity([2; 16]);
-
-struct Fixture {
-    registry: Arc<Registry>,
-    health: Arc<Health>,
-    _dir: tempfile::TempDir,
-}
-
-fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let config = Config {
-        // Nothing listens there; no test below asks the upstream.
-        upstream: "http://127.0.0.1:9".parse().unwrap(),
-        cache_dir: dir.path().to_path_buf(),
-        ..Config::default()
-    };
-    let cache = Arc::new(Cache::open(dir.path(), 1 << 20, 1 << 24, &config.limits).expect("cache"));
-    let health = Arc::new(Health::new(false, 2));
-    let registry = Arc::new(Registry::new(
-        Arc::new(Upstream::new(&config).expect("upstream")),
-        cache,
-        Secret::from_master(&[7; 32]),
-        health.clone(),
-        &config,
-    ));
-    Fixture {
-        registry,
-        health,
-        _dir: dir,
-    }
-}
 
 fn module() -> ModuleId {
     ModuleId {

@@ -5,18 +5,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::HeaderValue;
-use pingora::proxy::Session;
-use pingora::Result;
 
 use super::ask::Asked;
 use super::decide::{count, Fallback, Records};
-use super::reply::{authorization, write_answer, write_json, write_unavailable};
-use super::{route_label, Lesson, Outcome, Registry};
+use super::reply;
+use super::{route_label, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, StaleSource};
 use crate::cache::records::{BodyRef, Grant};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
-use crate::respond::CacheStatus;
+use crate::respond::{CacheStatus, Reply};
 use crate::routes::ModuleRoute;
 
 /// One listing request, its facts gathered once.
@@ -52,11 +50,11 @@ impl Request<'_> {
 impl Registry {
     pub(super) async fn listing(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         route: &ModuleRoute,
         op: String,
-    ) -> Result<Outcome> {
-        let cred = authorization(session);
+    ) -> (Reply, Outcome) {
+        let cred = call.authorization.clone();
         let identity = self.secret.identify(cred.as_ref());
         let grant = self.auth.grant(identity, &route.module).await;
         let own = grant.as_ref().and_then(|g| g.bodies.get(&op).cloned());
@@ -82,23 +80,19 @@ impl Registry {
         );
         let (action, records) = self.decide(&mut facts, &req.fallback()).await;
         count(action, identity, &route.module, None);
-        if let Some(out) = self
-            .listing_without_asking(session, &req, action, &records)
-            .await?
-        {
-            return Ok(out);
+        if let Some(answered) = self.listing_without_asking(&req, action, &records).await {
+            return answered;
         }
-        self.listing_from_gitlab(session, &req, facts).await
+        self.listing_from_gitlab(&req, facts).await
     }
 
     /// Carry out a decision made before asking GitLab; `None` when GitLab must be asked.
     async fn listing_without_asking(
         self: &Arc<Self>,
-        session: &mut Session,
         req: &Request<'_>,
         action: Action,
         records: &Records,
-    ) -> Result<Option<Outcome>> {
+    ) -> Option<(Reply, Outcome)> {
         match action {
             Action::Fresh | Action::Revalidate => {
                 let own = req
@@ -106,9 +100,7 @@ impl Registry {
                     .as_ref()
                     .expect("the policy serves an own answer only if there is one");
                 // The body may be gone from the store (evicted): GitLab answers instead.
-                let Some(body) = self.body(own).await else {
-                    return Ok(None);
-                };
+                let body = self.body(own).await?;
                 if let Some(g) = &req.grant {
                     self.auth
                         .remember_for_grant(req.identity, req.cred.as_ref(), g);
@@ -120,34 +112,26 @@ impl Registry {
                     CacheStatus::Updating
                 };
                 let age = req.now.saturating_sub(own.fetched_at);
-                write_json(session, status, age, false, body).await?;
-                Ok(Some(req.outcome(status, None)))
+                Some((
+                    reply::json(status, age, false, body),
+                    req.outcome(status, None),
+                ))
             }
-            Action::Stale(source) => self
-                .serve_stale_listing(session, req, source, records, None)
-                .await
-                .map(Some),
-            other => Ok(self
-                .answer_alike(
-                    session,
-                    other,
-                    req.identity,
-                    &req.route.module,
-                    &req.path,
-                    None,
-                )
-                .await?
-                .map(|cache| req.outcome(cache, None))),
+            Action::Stale(source) => {
+                Some(self.serve_stale_listing(req, source, records, None).await)
+            }
+            other => self
+                .answer_alike(other, req.identity, &req.route.module, &req.path, None)
+                .map(|(reply, cache)| (reply, req.outcome(cache, None))),
         }
     }
 
     /// Ask GitLab, then decide again with what it did.
     async fn listing_from_gitlab(
         self: &Arc<Self>,
-        session: &mut Session,
         req: &Request<'_>,
         mut facts: crate::access::policy::Facts,
-    ) -> Result<Outcome> {
+    ) -> (Reply, Outcome) {
         let lesson = Lesson::Listing {
             module: req.route.module.clone(),
             op: req.op.clone(),
@@ -170,18 +154,17 @@ impl Registry {
         let upstream = asked.upstream_status();
         match (action, asked) {
             (Action::Stale(source), _) => {
-                self.serve_stale_listing(session, req, source, &records, upstream)
+                self.serve_stale_listing(req, source, &records, upstream)
                     .await
             }
-            (Action::Relay, Asked::Answer { small, learned }) => {
-                write_answer(session, &small, learned).await?;
-                Ok(req.outcome(learned, upstream))
-            }
+            (Action::Relay, Asked::Answer { small, learned }) => (
+                reply::answer(&small, learned),
+                req.outcome(learned, upstream),
+            ),
             (action, asked) => {
                 let (id, module) = (req.identity, &req.route.module);
-                self.answer_failed(session, action, asked, id, module, &req.path)
-                    .await?;
-                Ok(req.outcome(CacheStatus::Miss, upstream))
+                let reply = self.answer_failed(action, asked, id, module, &req.path);
+                (reply, req.outcome(CacheStatus::Miss, upstream))
             }
         }
     }
@@ -190,12 +173,11 @@ impl Registry {
     /// caller gets the same refusal as if nothing had been cached.
     async fn serve_stale_listing(
         &self,
-        session: &mut Session,
         req: &Request<'_>,
         source: StaleSource,
         records: &Records,
         upstream_status: Option<u16>,
-    ) -> Result<Outcome> {
+    ) -> (Reply, Outcome) {
         let body_ref = match records.of(source) {
             None => req.own.clone(),
             Some(r) => Some(BodyRef {
@@ -210,19 +192,20 @@ impl Registry {
                 .map(|b| (b, unix_now().saturating_sub(r.fetched_at))),
             None => None,
         };
-        let cache = match body {
-            Some((body, age)) => {
-                write_json(session, CacheStatus::Stale, age, true, body).await?;
-                CacheStatus::Stale
-            }
+        match body {
+            Some((body, age)) => (
+                reply::json(CacheStatus::Stale, age, true, body),
+                req.outcome(CacheStatus::Stale, upstream_status),
+            ),
             None => {
                 let failure = self.failure_without_asking();
                 let why = crate::access::policy::Why::NothingCached;
-                write_unavailable(session, &req.route.module, why, failure).await?;
-                CacheStatus::Miss
+                (
+                    reply::unavailable(&req.route.module, why, failure),
+                    req.outcome(CacheStatus::Miss, upstream_status),
+                )
             }
-        };
-        Ok(req.outcome(cache, upstream_status))
+        }
     }
 
     /// Refresh a listing with the caller's remembered credential, in the background

@@ -20,13 +20,18 @@ mod reply;
 mod tarball;
 mod warm;
 
+#[cfg(test)]
+mod answer_tests;
+#[cfg(test)]
+mod testkit;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
 use futures::{StreamExt, TryStreamExt};
-use http::StatusCode;
+use http::{HeaderValue, StatusCode};
 use pingora::proxy::Session;
 use pingora::{Error, Result};
 
@@ -36,14 +41,13 @@ use crate::cache::records::BodyRef;
 use crate::cache::Cache;
 use crate::clock::now as unix_now;
 use crate::config::{CacheConfig, UnknownIdentity};
-use crate::fetch::Small;
+use crate::fetch::{Fetcher, Small};
 use crate::health::Health;
 use crate::identity::{Identity, Secret};
-use crate::respond::CacheStatus;
+use crate::respond::{self, CacheStatus, Reply};
 use crate::rewrite::PublicBase;
-use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
+use crate::routes::{ModuleId, ModuleOp, ModuleRoute, ProjectRoute};
 use crate::token::Tokens;
-use crate::upstream::Upstream;
 
 const JSON: &str = "application/json";
 /// RFC 7234's warning for stale answers, as the issue asks, next to `X-Cache-Status: STALE`.
@@ -98,6 +102,40 @@ impl Lesson {
     }
 }
 
+/// What the registry reads of a request: the parts its decisions depend on, and nothing of
+/// pingora's session, so that every handler runs in a unit test without one.
+#[derive(Debug, Clone, Default)]
+pub struct Call {
+    /// `HEAD`: answered like GET without a body, and never starts a fill (Terraform sends
+    /// HEAD before GET, and the GET does the work).
+    pub head: bool,
+    /// The caller's credential (`Authorization`), as GitLab's registry routes take it.
+    pub authorization: Option<HeaderValue>,
+    /// The `token` query parameter: a tfmirror download token, on tarball routes.
+    pub token: Option<String>,
+    /// `?terraform-get=1` (go-getter's question on project routes).
+    pub terraform_get: bool,
+}
+
+impl Call {
+    pub fn of(req: &pingora::http::RequestHeader) -> Call {
+        let query = req.uri.query().unwrap_or_default();
+        let mut call = Call {
+            head: req.method == http::Method::HEAD,
+            authorization: req.headers.get(http::header::AUTHORIZATION).cloned(),
+            ..Call::default()
+        };
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match &*k {
+                "token" if call.token.is_none() => call.token = Some(v.into_owned()),
+                "terraform-get" => call.terraform_get |= v == "1",
+                _ => {}
+            }
+        }
+        call
+    }
+}
+
 /// What happened, for the access log and metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome {
@@ -107,7 +145,7 @@ pub struct Outcome {
 }
 
 pub struct Registry {
-    upstream: Arc<Upstream>,
+    upstream: Arc<dyn Fetcher>,
     pub cache: Arc<Cache>,
     pub auth: Auth,
     secret: Secret,
@@ -130,7 +168,7 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(
-        upstream: Arc<Upstream>,
+        upstream: Arc<dyn Fetcher>,
         cache: Arc<Cache>,
         secret: Secret,
         health: Arc<Health>,
@@ -168,18 +206,47 @@ impl Registry {
         route: &ModuleRoute,
         public: &PublicBase,
     ) -> Result<Option<Outcome>> {
-        let out = match &route.op {
-            ModuleOp::Versions => self.listing(session, route, "versions".into()).await?,
-            ModuleOp::Latest => self.listing(session, route, "latest".into()).await?,
-            ModuleOp::Version(v) => self.listing(session, route, format!("v/{v}")).await?,
-            ModuleOp::Download(v) => {
-                self.download(session, route, &v.to_string(), public)
-                    .await?
-            }
-            ModuleOp::File(v) => self.file(session, route, &v.to_string()).await?,
+        let call = Call::of(session.req_header());
+        let Some((reply, out)) = self.answer(&call, route, public).await? else {
+            return Ok(None);
+        };
+        respond::write(session, reply).await?;
+        Ok(Some(out))
+    }
+
+    /// The answer to a namespace route, as a value (`None`: the latest-download redirect,
+    /// left to the proxy). Errors only when the cache cannot be read.
+    pub async fn answer(
+        self: &Arc<Self>,
+        call: &Call,
+        route: &ModuleRoute,
+        public: &PublicBase,
+    ) -> Result<Option<(Reply, Outcome)>> {
+        let answered = match &route.op {
+            ModuleOp::Versions => self.listing(call, route, "versions".into()).await,
+            ModuleOp::Latest => self.listing(call, route, "latest".into()).await,
+            ModuleOp::Version(v) => self.listing(call, route, format!("v/{v}")).await,
+            ModuleOp::Download(v) => self.download(call, route, &v.to_string(), public).await,
+            ModuleOp::File(v) => self.file(call, route, &v.to_string()).await?,
             ModuleOp::LatestDownload => return Ok(None),
         };
-        Ok(Some(out))
+        Ok(Some(answered))
+    }
+
+    /// Answer a project route's download (`?terraform-get=1` or the tarball GET).
+    pub async fn handle_project(
+        self: &Arc<Self>,
+        session: &mut Session,
+        route: &ProjectRoute,
+        public: &PublicBase,
+    ) -> Result<Outcome> {
+        let call = Call::of(session.req_header());
+        let terraform_get = call.terraform_get;
+        let (reply, out) = self
+            .project_download(&call, route, terraform_get, public)
+            .await?;
+        respond::write(session, reply).await?;
+        Ok(out)
     }
 
     /// An upload through tfmirror changes that module's listings: stop serving cached ones.

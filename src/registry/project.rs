@@ -16,20 +16,18 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use http::{header, HeaderValue};
-use pingora::proxy::Session;
 use pingora::Result;
 
 use super::ask::Asked;
 use super::decide::{count, Fallback};
-use super::reply::{authorization, write_answer, write_download};
-use super::{source, Lesson, Outcome, Registry};
+use super::reply;
+use super::{source, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, Why};
 use crate::cache::fill::{FillError, Opener};
 use crate::cache::records::{project_tarball_key, SharedListing, KIND_SHARED};
 use crate::clock::now as unix_now;
-use crate::fetch;
 use crate::identity::Identity;
-use crate::respond::CacheStatus;
+use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ProjectOp, ProjectRoute};
 use crate::token::Authority;
@@ -98,7 +96,7 @@ impl<'a> Project<'a> {
 }
 
 /// Who asks, and how, for one project-route request.
-struct Call<'a> {
+struct Asker<'a> {
     cred: Option<HeaderValue>,
     identity: Identity,
     terraform_get: bool,
@@ -107,7 +105,7 @@ struct Call<'a> {
     check: String,
 }
 
-impl Call<'_> {
+impl Asker<'_> {
     fn outcome(&self, cache: CacheStatus, upstream_status: Option<u16>) -> Outcome {
         Outcome {
             cache,
@@ -121,22 +119,20 @@ impl Registry {
     /// `GET PP[/:version]`, with or without `?terraform-get=1`.
     pub async fn project_download(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         route: &ProjectRoute,
         terraform_get: bool,
         public: &PublicBase,
-    ) -> Result<Outcome> {
+    ) -> Result<(Reply, Outcome)> {
         let p = Project::new(route);
-        let cred = authorization(session);
+        let cred = call.authorization.clone();
         // The tarball GET behind a 204 tfmirror handed out: its token decides.
         if !terraform_get {
-            if let Some((identity, cred)) = self.project_token(session, &p, cred.clone()) {
-                return self
-                    .project_tarball(session, &p, identity, cred, false)
-                    .await;
+            if let Some((identity, cred)) = self.project_token(call, &p, cred.clone()) {
+                return self.project_tarball(call, &p, identity, cred, false).await;
             }
         }
-        let c = Call {
+        let c = Asker {
             identity: self.secret.identify(cred.as_ref()),
             cred,
             terraform_get,
@@ -166,37 +162,40 @@ impl Registry {
                     self.auth.remember_for_grant(c.identity, c.cred.as_ref(), g);
                 }
                 return self
-                    .project_allowed(session, &p, &c, CacheStatus::Hit, None)
+                    .project_allowed(call, &p, &c, CacheStatus::Hit, None)
                     .await;
             }
             Action::Stale(_) => {
                 return self
-                    .project_allowed(session, &p, &c, CacheStatus::Stale, None)
+                    .project_allowed(call, &p, &c, CacheStatus::Stale, None)
                     .await;
             }
             other => {
-                if let Some(cache) = self
-                    .answer_alike(session, other, c.identity, &p.module, &c.check, None)
-                    .await?
+                if let Some((reply, cache)) =
+                    self.answer_alike(other, c.identity, &p.module, &c.check, None)
                 {
-                    return Ok(c.outcome(cache, None));
+                    return Ok((reply, c.outcome(cache, None)));
                 }
             }
         }
-        self.project_from_gitlab(session, &p, &c, facts).await
+        self.project_from_gitlab(call, &p, &c, facts).await
     }
 
     /// The identity (and credential to fill with) of a valid tfmirror token on the request.
     fn project_token(
         &self,
-        session: &Session,
+        call: &Call,
         p: &Project<'_>,
         cred: Option<HeaderValue>,
     ) -> Option<(Identity, Option<HeaderValue>)> {
-        let token = query_token(session);
         let claims = self
             .tokens
-            .open(token.as_deref(), &p.module, p.token_version(), unix_now())
+            .open(
+                call.token.as_deref(),
+                &p.module,
+                p.token_version(),
+                unix_now(),
+            )
             .ok()?;
         // The credential sealed in the token lets any replica of a set fill it.
         let identity = claims.identity;
@@ -213,11 +212,11 @@ impl Registry {
     /// Ask GitLab's `?terraform-get=1`, then decide again with what it did.
     async fn project_from_gitlab(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         p: &Project<'_>,
-        c: &Call<'_>,
+        c: &Asker<'_>,
         mut facts: crate::access::policy::Facts,
-    ) -> Result<Outcome> {
+    ) -> Result<(Reply, Outcome)> {
         let lesson = Lesson::ProjectCheck {
             module: p.module.clone(),
             version: p.version.clone(),
@@ -238,22 +237,21 @@ impl Registry {
         let upstream = asked.upstream_status();
         match (action, asked) {
             (Action::Stale(_), _) => {
-                self.project_allowed(session, p, c, CacheStatus::Stale, upstream)
+                self.project_allowed(call, p, c, CacheStatus::Stale, upstream)
                     .await
             }
             (Action::Relay, Asked::Answer { small, .. }) if small.status.is_success() => {
-                self.project_allowed(session, p, c, CacheStatus::Miss, upstream)
+                self.project_allowed(call, p, c, CacheStatus::Miss, upstream)
                     .await
             }
             (Action::Relay, Asked::Answer { small, .. }) => {
                 // GitLab's refusal, as GitLab gave it: a private project is a 404, never a 403.
-                write_answer(session, &small, CacheStatus::Miss).await?;
-                Ok(c.outcome(CacheStatus::Miss, upstream))
+                let reply = reply::answer(&small, CacheStatus::Miss);
+                Ok((reply, c.outcome(CacheStatus::Miss, upstream)))
             }
             (action, asked) => {
-                self.answer_failed(session, action, asked, c.identity, &p.module, &c.check)
-                    .await?;
-                Ok(c.outcome(CacheStatus::Miss, upstream))
+                let reply = self.answer_failed(action, asked, c.identity, &p.module, &c.check);
+                Ok((reply, c.outcome(CacheStatus::Miss, upstream)))
             }
         }
     }
@@ -262,22 +260,22 @@ impl Registry {
     /// fails, MISS after GitLab's yes): tfmirror's 204 for `?terraform-get=1`, else the tarball.
     async fn project_allowed(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         p: &Project<'_>,
-        c: &Call<'_>,
+        c: &Asker<'_>,
         cache: CacheStatus,
         upstream_status: Option<u16>,
-    ) -> Result<Outcome> {
+    ) -> Result<(Reply, Outcome)> {
         let stale = cache == CacheStatus::Stale;
         if stale {
             self.auth.remember_for_stale(c.identity, c.cred.as_ref());
         }
         if c.terraform_get {
             let get = self.project_terraform_get(c.public, p, c.identity, c.cred.as_ref());
-            write_download(session, cache, get).await?;
-            return Ok(c.outcome(cache, upstream_status));
+            let reply = reply::download(cache, &get);
+            return Ok((reply, c.outcome(cache, upstream_status)));
         }
-        self.project_tarball(session, p, c.identity, c.cred.clone(), stale)
+        self.project_tarball(call, p, c.identity, c.cred.clone(), stale)
             .await
     }
 
@@ -312,36 +310,37 @@ impl Registry {
     /// from GitLab with `cred` (never while GitLab fails: `stale`).
     async fn project_tarball(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         p: &Project<'_>,
         identity: Identity,
         cred: Option<HeaderValue>,
         stale: bool,
-    ) -> Result<Outcome> {
+    ) -> Result<(Reply, Outcome)> {
         let (version, opened) = match &p.version {
             Some(v) => (v.clone(), None),
             None if stale => match self.last_latest(&p.module).await {
                 Some(v) => (v, None),
-                None => return self.project_unavailable(session, p, identity).await,
+                None => return Ok(self.project_unavailable(p, identity)),
             },
             None => match self.resolve_latest(p, cred.as_ref()).await {
                 Ok((v, resp)) => (v, Some(resp)),
-                Err(e) => return self.project_fill_error(session, identity, e).await,
+                Err(e) => return Ok(project_fill_error(identity, &e)),
             },
         };
         let key = p.key(&version);
-        let mut out = if stale {
+        let (mut reply, mut out) = if stale {
             // Offline, nothing can be filled: cached bytes or an error.
             let open = || async { Err(FillError::Upstream("upstream down")) }.boxed();
-            self.serve_tarball(session, &key, identity, open).await?
+            self.serve_tarball(call.head, &key, identity, open).await?
         } else {
             let open = self.project_opener(p, &version, cred, opened);
-            self.serve_tarball(session, &key, identity, open).await?
+            self.serve_tarball(call.head, &key, identity, open).await?
         };
         if stale && out.cache == CacheStatus::Hit {
             out.cache = CacheStatus::Stale;
+            reply = reply.restamp(CacheStatus::Stale);
         }
-        Ok(out)
+        Ok((reply, out))
     }
 
     /// Opens GitLab's tarball for a fill: the response already opened to resolve the latest
@@ -362,7 +361,7 @@ impl Registry {
             async move {
                 match first {
                     Some(resp) => source(Ok(resp)),
-                    None => source(fetch::open(&upstream, &path, cred.as_ref()).await),
+                    None => source(upstream.open(&path, cred.as_ref()).await),
                 }
             }
             .boxed()
@@ -375,7 +374,9 @@ impl Registry {
         p: &Project<'_>,
         cred: Option<&HeaderValue>,
     ) -> std::result::Result<(String, reqwest::Response), FillError> {
-        let resp = fetch::open(&self.upstream, &p.base, cred)
+        let resp = self
+            .upstream
+            .open(&p.base, cred)
             .await
             .map_err(|_| FillError::Upstream("upstream unreachable"))?;
         if !resp.status().is_success() {
@@ -410,44 +411,27 @@ impl Registry {
             .and_then(|r| r.versions.into_iter().next())
     }
 
-    async fn project_unavailable(
-        &self,
-        session: &mut Session,
-        p: &Project<'_>,
-        identity: Identity,
-    ) -> Result<Outcome> {
+    fn project_unavailable(&self, p: &Project<'_>, identity: Identity) -> (Reply, Outcome) {
         let failure = self.failure_without_asking();
-        super::reply::write_unavailable(session, &p.module, Why::NothingCached, failure).await?;
-        Ok(Outcome {
+        let reply = reply::unavailable(&p.module, Why::NothingCached, failure);
+        let out = Outcome {
             cache: CacheStatus::Miss,
             upstream_status: None,
             identity,
-        })
-    }
-
-    async fn project_fill_error(
-        &self,
-        session: &mut Session,
-        identity: Identity,
-        e: FillError,
-    ) -> Result<Outcome> {
-        let status = e.status();
-        crate::respond::registry_error(session, status, CacheStatus::Miss).await?;
-        Ok(Outcome {
-            cache: CacheStatus::Miss,
-            upstream_status: Some(status.as_u16()),
-            identity,
-        })
+        };
+        (reply, out)
     }
 }
 
-/// The `token` query parameter of a request, if any.
-fn query_token(session: &Session) -> Option<String> {
-    session.req_header().uri.query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v.into_owned())
-    })
+fn project_fill_error(identity: Identity, e: &FillError) -> (Reply, Outcome) {
+    let status = e.status();
+    let reply = Reply::registry_error(status, CacheStatus::Miss);
+    let out = Outcome {
+        cache: CacheStatus::Miss,
+        upstream_status: Some(status.as_u16()),
+        identity,
+    };
+    (reply, out)
 }
 
 /// `attachment; filename="vpc-aws-1.2.0.tgz"` -> `1.2.0`, for module `vpc`, system `aws`.

@@ -1,104 +1,79 @@
-//! Writing registry answers on the downstream session.
+//! The registry's answers as values ([`Reply`]), in GitLab's shapes. Nothing here writes:
+//! `crate::respond::write` does, once, for every handler.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
-use pingora::Result;
 
 use super::ask::Failure;
-use super::{JSON, STALE_WARNING};
+use super::{JSON, OCTETS, STALE_WARNING};
 use crate::access::policy::Why;
 use crate::access::Negative;
 use crate::fetch::Small;
-use crate::respond::{self, CacheStatus, HeaderValueLike as V};
+use crate::respond::{BodyStream, CacheStatus, Reply};
 use crate::routes::ModuleId;
 
 /// Relay an upstream answer read whole (refusals, errors, listings).
-pub(super) async fn write_answer(
-    session: &mut Session,
-    small: &Small,
-    cache: CacheStatus,
-) -> Result<()> {
+pub(super) fn answer(small: &Small, cache: CacheStatus) -> Reply {
     let ct = small
         .headers
         .get(header::CONTENT_TYPE)
         .cloned()
         .unwrap_or(HeaderValue::from_static(JSON));
-    let mut headers = vec![
-        (header::CONTENT_TYPE, V::Value(ct)),
-        (respond::CACHE_STATUS, V::Static(cache.as_str())),
-    ];
+    let mut reply = Reply::full(small.status, small.body.clone())
+        .with_value(header::CONTENT_TYPE, ct)
+        .cache(cache);
     for name in [header::WWW_AUTHENTICATE, header::RETRY_AFTER] {
         if let Some(v) = small.headers.get(&name) {
-            headers.push((name, V::Value(v.clone())));
+            reply = reply.with_value(name, v.clone());
         }
     }
-    respond::full(session, small.status, &headers, small.body.clone()).await
+    reply
 }
 
-pub(super) async fn write_json(
-    session: &mut Session,
-    cache: CacheStatus,
-    age: u64,
-    stale: bool,
-    body: Bytes,
-) -> Result<()> {
-    let mut headers = vec![
-        (header::CONTENT_TYPE, V::Static(JSON)),
-        (respond::CACHE_STATUS, V::Static(cache.as_str())),
-        (header::AGE, V::Owned(age.to_string())),
-    ];
+/// A listing body from the cache, `age` seconds old; `stale` when GitLab failed.
+pub(super) fn json(cache: CacheStatus, age: u64, stale: bool, body: Bytes) -> Reply {
+    let reply = Reply::full(StatusCode::OK, body)
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(cache)
+        .with_value(header::AGE, HeaderValue::from(age));
     if stale {
-        headers.push((header::WARNING, V::Static(STALE_WARNING)));
+        reply.with(header::WARNING, STALE_WARNING)
+    } else {
+        reply
     }
-    respond::full(session, StatusCode::OK, &headers, body).await
 }
 
-/// The head of a tarball answer; the length when it is known (see [`respond::tarball_head`]
-/// for the framing of an unknown one).
-pub(super) async fn write_tarball_head(
-    session: &mut Session,
-    cache: CacheStatus,
-    len: Option<u64>,
-    end: bool,
-) -> Result<()> {
-    respond::tarball_head(session, cache, len, end).await
+/// The head of a tarball answer and its body; `len` when it is known (see
+/// [`respond::framing`] for the framing of an unknown one).
+pub(super) fn tarball(cache: CacheStatus, len: Option<u64>, chunks: BodyStream) -> Reply {
+    Reply::stream(len, chunks)
+        .with(header::CONTENT_TYPE, OCTETS)
+        .cache(cache)
 }
 
-pub(super) async fn write_negative(session: &mut Session, neg: &Negative) -> Result<()> {
-    let mut headers = vec![
-        (header::CONTENT_TYPE, V::Static(JSON)),
-        (respond::CACHE_STATUS, V::Static("HIT")),
-    ];
-    if let Some(w) = &neg.www_authenticate {
-        headers.push((header::WWW_AUTHENTICATE, V::Value(w.clone())));
+/// A small tarball known whole (from the memory tier).
+pub(super) fn tarball_bytes(cache: CacheStatus, bytes: Bytes) -> Reply {
+    Reply::full(StatusCode::OK, bytes)
+        .with(header::CONTENT_TYPE, OCTETS)
+        .cache(cache)
+}
+
+/// GitLab's recent refusal of this caller, replayed.
+pub(super) fn negative(neg: &Negative) -> Reply {
+    let reply = Reply::full(neg.status, neg.body.clone())
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(CacheStatus::Hit);
+    match &neg.www_authenticate {
+        Some(w) => reply.with_value(header::WWW_AUTHENTICATE, w.clone()),
+        None => reply,
     }
-    respond::full(session, neg.status, &headers, neg.body.clone()).await
 }
 
-pub(super) async fn write_download(
-    session: &mut Session,
-    cache: CacheStatus,
-    get: String,
-) -> Result<()> {
-    let headers = [
-        (
-            http::HeaderName::from_static("x-terraform-get"),
-            V::Owned(get),
-        ),
-        (respond::CACHE_STATUS, V::Static(cache.as_str())),
-    ];
-    respond::full(session, StatusCode::NO_CONTENT, &headers, Bytes::new()).await
-}
-
-/// The caller's credential (`Authorization`), as GitLab's registry routes take it.
-pub(super) fn authorization(session: &Session) -> Option<HeaderValue> {
-    session
-        .req_header()
-        .headers
-        .get(header::AUTHORIZATION)
-        .cloned()
+/// A 204 whose `X-Terraform-Get` points at tfmirror.
+pub(super) fn download(cache: CacheStatus, get: &str) -> Reply {
+    Reply::full(StatusCode::NO_CONTENT, Bytes::new())
+        .with_text(http::HeaderName::from_static("x-terraform-get"), get)
+        .cache(cache)
 }
 
 /// Marks an answer tfmirror gave because GitLab failed: a tfmirror tier in front treats it as
@@ -109,12 +84,7 @@ pub const REFUSAL_MARKER: http::HeaderName = http::HeaderName::from_static("x-tf
 /// Terraform prints only the status line of a failed registry call, so the reason phrase
 /// carries the explanation; the JSON `message` says the same for curl and the logs. 503 is
 /// retried once by Terraform, which gives a GitLab that just came back a second chance.
-pub(super) async fn write_unavailable(
-    session: &mut Session,
-    module: &ModuleId,
-    why: Why,
-    failure: Failure,
-) -> Result<()> {
+pub(super) fn unavailable(module: &ModuleId, why: Why, failure: Failure) -> Reply {
     let reason = unavailable_reason(module, why, failure);
     let hint = match why {
         Why::UnknownDenied => "tfmirror has no earlier answer of GitLab for this credential and this module, and offline.unknown_identity does not let new identities read the cache; retry once GitLab is back",
@@ -122,25 +92,14 @@ pub(super) async fn write_unavailable(
         Why::NothingCached => "nothing recent enough is cached for this request; retry once GitLab is back",
     };
     let body = serde_json::json!({ "message": format!("503 {reason}"), "error": hint }).to_string();
-    let mut h = ResponseHeader::build(StatusCode::SERVICE_UNAVAILABLE, Some(5))?;
-    h.set_reason_phrase(Some(&reason))?;
-    h.insert_header(header::CONTENT_TYPE, JSON)?;
-    h.insert_header(header::CONTENT_LENGTH, body.len())?;
-    h.insert_header(respond::CACHE_STATUS, CacheStatus::Miss.as_str())?;
-    h.insert_header(REFUSAL_MARKER, "upstream-unavailable")?;
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(h), head_only)
-        .await?;
-    if !head_only {
-        session
-            .write_response_body(Some(Bytes::from(body)), true)
-            .await?;
-    }
-    Ok(())
+    Reply::full(StatusCode::SERVICE_UNAVAILABLE, body)
+        .reason(&reason)
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(CacheStatus::Miss)
+        .with(REFUSAL_MARKER, "upstream-unavailable")
 }
 
-/// The reason phrase of [`write_unavailable`]: printable ASCII only (module paths are
+/// The reason phrase of [`unavailable`]: printable ASCII only (module paths are
 /// validated route segments, but a reason phrase must never break the status line).
 pub(super) fn unavailable_reason(module: &ModuleId, why: Why, failure: Failure) -> String {
     let what = match failure {
@@ -163,27 +122,15 @@ pub(super) fn unavailable_reason(module: &ModuleId, why: Why, failure: Failure) 
 }
 
 /// This caller's own `Retry-After` from GitLab still runs: answer 429 without asking GitLab.
-pub(super) async fn write_held_back(
-    session: &mut Session,
-    module: &ModuleId,
-    wait: std::time::Duration,
-) -> Result<()> {
+pub(super) fn held_back(module: &ModuleId, wait: std::time::Duration) -> Reply {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let body = serde_json::json!({
         "message": "429 Too Many Requests",
         "error": format!("GitLab rate-limited this credential for {module}; retry after {secs} s"),
     })
     .to_string();
-    let headers = [
-        (header::CONTENT_TYPE, V::Static(JSON)),
-        (respond::CACHE_STATUS, V::Static(CacheStatus::Miss.as_str())),
-        (header::RETRY_AFTER, V::Owned(secs.max(1).to_string())),
-    ];
-    respond::full(
-        session,
-        StatusCode::TOO_MANY_REQUESTS,
-        &headers,
-        Bytes::from(body),
-    )
-    .await
+    Reply::full(StatusCode::TOO_MANY_REQUESTS, body)
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(CacheStatus::Miss)
+        .with_value(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))
 }

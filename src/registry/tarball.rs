@@ -4,51 +4,44 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use http::{header, Method, StatusCode};
-use pingora::proxy::Session;
+use http::StatusCode;
 use pingora::{Error, ErrorType, Result};
 
-use super::reply::write_tarball_head;
-use super::{gitlab_token, source, Outcome, Registry, DISK_CHUNK, OCTETS};
+use super::reply;
+use super::{gitlab_token, source, Call, Outcome, Registry, DISK_CHUNK};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{End, FillError, Source};
 use crate::cache::records::{tarball_key, TarballEntry, KIND_TARBALL};
 use crate::cache::{republish, Cache};
 use crate::clock::now as unix_now;
-use crate::fetch;
 use crate::identity::Identity;
 use crate::metrics;
-use crate::respond::{self, CacheStatus, HeaderValueLike as V};
+use crate::respond::{BodyCut, BodyStream, CacheStatus, Reply};
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
 use crate::token::Authority;
 
 impl Registry {
     pub(super) async fn file(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         route: &ModuleRoute,
         version: &str,
-    ) -> Result<Outcome> {
-        let token = session.req_header().uri.query().and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "token")
-                .map(|(_, v)| v.into_owned())
-        });
+    ) -> Result<(Reply, Outcome)> {
         let claims = self
             .tokens
-            .open(token.as_deref(), &route.module, version, unix_now());
+            .open(call.token.as_deref(), &route.module, version, unix_now());
         let (identity, authority) = match claims {
             Ok(c) => (c.identity, c.authority),
             Err(why) => {
                 tracing::info!(reason = ?why, "download token refused");
                 metrics::decision(metrics::Decision::TokenRefused);
-                respond::registry_error(session, StatusCode::UNAUTHORIZED, CacheStatus::Hit)
-                    .await?;
-                return Ok(Outcome {
+                let reply = Reply::registry_error(StatusCode::UNAUTHORIZED, CacheStatus::Hit);
+                let out = Outcome {
                     cache: CacheStatus::Hit,
                     upstream_status: None,
                     identity: Identity::ANONYMOUS,
-                });
+                };
+                return Ok((reply, out));
             }
         };
         let key = tarball_key(&route.module, version);
@@ -59,124 +52,119 @@ impl Registry {
             let authority = authority.clone();
             async move { this.open_tarball(identity, &authority, &module, &v).await }.boxed()
         };
-        self.serve_tarball(session, &key, identity, open).await
+        self.serve_tarball(call.head, &key, identity, open).await
     }
 
     /// Serve a tarball from the cache, or fill it with `open` (one fill per key). HEAD never
     /// starts a fill: Terraform sends HEAD before GET, and the GET does the work.
-    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     pub(super) async fn serve_tarball(
         &self,
-        session: &mut Session,
+        head: bool,
         key: &str,
         identity: Identity,
         open: impl Fn() -> crate::cache::fill::Opener,
-    ) -> Result<Outcome> {
-        let head = session.req_header().method == Method::HEAD;
+    ) -> Result<(Reply, Outcome)> {
         let outcome = |cache, upstream_status| Outcome {
             cache,
             upstream_status,
             identity,
         };
-        // Bytes to fall back on when a refill of a reappeared version cannot reach GitLab.
-        let mut earlier: Option<(Hash, u64)> = None;
-        if let Some(entry) = self.cache.tarball(key).await {
-            // A version seen coming back in a listing since these bytes were fetched may have
-            // been re-published: refill (the entry stays, for the fill to compare).
-            if republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
-                earlier = entry.hash().map(|h| (h, entry.size));
-            } else {
-                if let Some(hash) = entry.hash() {
-                    if self
-                        .serve_blob(session, key, hash, entry.size, head, CacheStatus::Hit)
-                        .await?
-                    {
-                        return Ok(outcome(CacheStatus::Hit, None));
-                    }
-                }
-                // The blob was evicted or corrupt: forget the entry and fill again.
-                self.cache.drop_tarball(key).await;
-            }
-        }
+        let earlier = match self.cached_tarball(key).await? {
+            Cached::Reply(reply) => return Ok((reply, outcome(CacheStatus::Hit, None))),
+            Cached::Refill(earlier) => earlier,
+            Cached::Nothing => None,
+        };
         if head {
             // The length is unknown until a GET fills it: say nothing rather than 0.
-            write_tarball_head(session, CacheStatus::Miss, None, true).await?;
-            return Ok(outcome(CacheStatus::Miss, None));
+            let reply = reply::tarball(CacheStatus::Miss, None, futures::stream::empty().boxed());
+            return Ok((reply, outcome(CacheStatus::Miss, None)));
         }
-
         let (fill, leader) = match self.start_fill(key, &open) {
             Ok(f) => f,
             Err(e) => {
                 // No temp file (disk full, read-only): serve without caching.
                 metrics::CACHE_WRITE_ERRORS.inc();
                 tracing::error!(error = %e, "cannot write to the cache; serving without caching");
-                return self.pass_through(session, identity, open()).await;
+                return Ok(self.pass_through(identity, open()).await);
             }
         };
         if !leader {
             metrics::COALESCED_WAITS.inc();
         }
-
-        let len = match fill.started().await {
-            Ok(len) => len,
+        match fill.started().await {
+            Ok(len) => {
+                let reply = reply::tarball(CacheStatus::Miss, len, fill_stream(fill.reader()));
+                Ok((reply, outcome(CacheStatus::Miss, Some(200))))
+            }
             Err(FillError::NoRoom) => {
                 metrics::CACHE_WRITE_ERRORS.inc();
                 tracing::error!(
                     "the cache disk has no room for this tarball; serving it without caching"
                 );
-                return self.pass_through(session, identity, open()).await;
+                Ok(self.pass_through(identity, open()).await)
             }
             Err(e) => {
-                let status = match e {
-                    FillError::Refused(s) => s,
-                    _ => StatusCode::BAD_GATEWAY,
-                };
-                // GitLab unreachable or failing while a reappeared version is checked: the
-                // bytes it had are served as stale, as listings are. A refusal (gone, denied)
-                // is relayed.
-                let unreachable = matches!(e, FillError::Upstream(_))
-                    || status.is_server_error()
-                    || status == StatusCode::TOO_MANY_REQUESTS;
-                if let (true, Some((hash, size))) = (unreachable, earlier) {
-                    if self
-                        .serve_blob(session, key, hash, size, false, CacheStatus::Stale)
-                        .await?
-                    {
-                        metrics::STALE_SERVED.inc();
-                        return Ok(outcome(CacheStatus::Stale, Some(status.as_u16())));
-                    }
-                }
-                respond::registry_error(session, status, CacheStatus::Miss).await?;
-                return Ok(outcome(CacheStatus::Miss, Some(status.as_u16())));
-            }
-        };
-        write_tarball_head(session, CacheStatus::Miss, len, false).await?;
-        let mut reader = fill.reader();
-        loop {
-            match reader.next().await {
-                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
-                Ok(None) => break,
-                // Cut the connection: the client must not take a partial body for a whole one.
-                Err(_) => {
-                    return Err(
-                        Error::explain(ErrorType::ReadError, "tarball fill failed").into_up()
-                    )
-                }
+                let (reply, cache, status) = self.fill_failed(key, e, earlier).await?;
+                Ok((reply, outcome(cache, Some(status.as_u16()))))
             }
         }
-        session
-            .write_response_body(Some(Bytes::new()), true)
-            .await?;
-        Ok(outcome(CacheStatus::Miss, Some(200)))
+    }
+
+    /// What the cache holds for `key`: an answer, bytes to check against a refill (a version
+    /// seen coming back in a listing since they were fetched may have been re-published),
+    /// or nothing usable (an evicted or corrupt blob's entry is forgotten).
+    async fn cached_tarball(&self, key: &str) -> Result<Cached> {
+        let Some(entry) = self.cache.tarball(key).await else {
+            return Ok(Cached::Nothing);
+        };
+        if republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
+            // The entry stays, for the fill to compare.
+            return Ok(Cached::Refill(entry.hash().map(|h| (h, entry.size))));
+        }
+        if let Some(hash) = entry.hash() {
+            if let Some(reply) = self
+                .blob_reply(key, hash, entry.size, CacheStatus::Hit)
+                .await?
+            {
+                return Ok(Cached::Reply(reply));
+            }
+        }
+        self.cache.drop_tarball(key).await;
+        Ok(Cached::Nothing)
+    }
+
+    /// A fill that could not start. GitLab unreachable or failing while a reappeared version
+    /// is checked: the bytes it had are served as stale, as listings are. A refusal (gone,
+    /// denied) is relayed.
+    async fn fill_failed(
+        &self,
+        key: &str,
+        e: FillError,
+        earlier: Option<(Hash, u64)>,
+    ) -> Result<(Reply, CacheStatus, StatusCode)> {
+        let status = match e {
+            FillError::Refused(s) => s,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        let unreachable = matches!(e, FillError::Upstream(_))
+            || status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        if let (true, Some((hash, size))) = (unreachable, earlier) {
+            if let Some(reply) = self.blob_reply(key, hash, size, CacheStatus::Stale).await? {
+                metrics::STALE_SERVED.inc();
+                return Ok((reply, CacheStatus::Stale, status));
+            }
+        }
+        let reply = Reply::registry_error(status, CacheStatus::Miss);
+        Ok((reply, CacheStatus::Miss, status))
     }
 
     /// Stream a tarball straight from the upstream, uncached (the cache cannot take it).
     pub(super) async fn pass_through(
         &self,
-        session: &mut Session,
         identity: Identity,
         opened: crate::cache::fill::Opener,
-    ) -> Result<Outcome> {
+    ) -> (Reply, Outcome) {
         let outcome = |upstream_status| Outcome {
             cache: CacheStatus::Bypass,
             upstream_status,
@@ -189,8 +177,8 @@ impl Registry {
                     FillError::Refused(s) => s,
                     _ => StatusCode::BAD_GATEWAY,
                 };
-                respond::registry_error(session, status, CacheStatus::Bypass).await?;
-                return Ok(outcome(Some(status.as_u16())));
+                let reply = Reply::registry_error(status, CacheStatus::Bypass);
+                return (reply, outcome(Some(status.as_u16())));
             }
         };
         if source.end == End::Close {
@@ -198,22 +186,15 @@ impl Registry {
                 .with_label_values(&["unframed"])
                 .inc();
         }
-        write_tarball_head(session, CacheStatus::Bypass, source.declared_len(), false).await?;
-        let mut body = source.body;
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(c) => session.write_response_body(Some(c), false).await?,
-                Err(_) => {
-                    return Err(
-                        Error::explain(ErrorType::ReadError, "upstream body failed").into_up()
-                    )
-                }
-            }
-        }
-        session
-            .write_response_body(Some(Bytes::new()), true)
-            .await?;
-        Ok(outcome(Some(200)))
+        let len = source.declared_len();
+        let chunks = source
+            .body
+            .map(|c| c.map_err(|_| BodyCut("upstream body failed")))
+            .boxed();
+        (
+            reply::tarball(CacheStatus::Bypass, len, chunks),
+            outcome(Some(200)),
+        )
     }
 
     /// Join or start the fill of a tarball; its commit indexes it under `key`.
@@ -287,10 +268,11 @@ impl Registry {
                     // The credential is no longer in memory (restart, or grant lifetime over).
                     (false, None) => return Err(FillError::Refused(StatusCode::UNAUTHORIZED)),
                 };
-                let small =
-                    fetch::registry(&self.upstream, &format!("{base}/download"), cred.as_ref())
-                        .await
-                        .map_err(|_| FillError::Upstream("download URL request failed"))?;
+                let small = self
+                    .upstream
+                    .registry(&format!("{base}/download"), cred.as_ref())
+                    .await
+                    .map_err(|_| FillError::Upstream("download URL request failed"))?;
                 if !small.status.is_success() {
                     return Err(FillError::Refused(small.status));
                 }
@@ -303,33 +285,23 @@ impl Registry {
             }
         };
         let path = format!("{base}/file?token={jwt}");
-        source(fetch::open(&self.upstream, &path, None).await)
+        source(self.upstream.open(&path, None).await)
     }
 
-    /// Serve a cached blob, verified. False when it is gone or corrupt (nothing was written).
-    /// Small blobs are verified whole before the first byte; large ones are streamed with the
-    /// last chunk held back until the hash checks out, so a corrupt blob never reaches a
-    /// client complete (the connection is cut instead).
-    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
-    pub(super) async fn serve_blob(
+    /// A cached blob as an answer, verified; `None` when it is gone or damaged (its length
+    /// is wrong). Small blobs come from the memory tier, verified whole; large ones stream
+    /// with the last chunk held back until the hash checks out, so a corrupt blob never
+    /// reaches a client complete (the stream fails, the writer cuts).
+    pub(super) async fn blob_reply(
         &self,
-        session: &mut Session,
         key: &str,
         hash: Hash,
         size: u64,
-        head: bool,
         status: CacheStatus,
-    ) -> Result<bool> {
+    ) -> Result<Option<Reply>> {
         if size <= self.cache.memory_max_object() {
-            let Some(bytes) = self.cache.get_small(hash).await.ok().flatten() else {
-                return Ok(false);
-            };
-            let headers = [
-                (header::CONTENT_TYPE, V::Static(OCTETS)),
-                (respond::CACHE_STATUS, V::Static(status.as_str())),
-            ];
-            respond::full(session, StatusCode::OK, &headers, bytes).await?;
-            return Ok(true);
+            let bytes = self.cache.get_small(hash).await.ok().flatten();
+            return Ok(bytes.map(|b| reply::tarball_bytes(status, b)));
         }
         let blobs = self.cache.blobs.clone();
         let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
@@ -337,7 +309,7 @@ impl Registry {
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
         let Some((file, len)) = opened else {
-            return Ok(false);
+            return Ok(None);
         };
         // The index says how long the blob is; a file of another length (truncated by a full
         // disk or by hand) is damaged, and is found out before a head that would announce
@@ -351,48 +323,100 @@ impl Registry {
             );
             self.cache.blobs.remove(&hash);
             self.cache.forget(&hash);
-            return Ok(false);
+            return Ok(None);
         }
-        write_tarball_head(session, status, Some(size), head).await?;
-        if head {
-            return Ok(true);
-        }
-        let file = Arc::new(file);
-        let mut hasher = blake3::Hasher::new();
-        let mut pending: Option<Bytes> = None;
-        let mut offset = 0u64;
-        loop {
-            let f = file.clone();
-            let chunk = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; DISK_CHUNK];
-                let n = f.read_at(&mut buf, offset)?;
-                buf.truncate(n);
-                Ok::<_, std::io::Error>(buf)
-            })
-            .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?;
-            if chunk.is_empty() {
-                break;
-            }
-            offset += chunk.len() as u64;
-            hasher.update(&chunk);
-            if let Some(p) = pending.replace(Bytes::from(chunk)) {
-                session.write_response_body(Some(p), false).await?;
-            }
-        }
-        if hasher.finalize() != hash || offset != len {
-            tracing::error!(blob = %hash.to_hex(), "corrupt tarball on disk: deleted, will refetch");
-            self.cache.blobs.remove(&hash);
-            self.cache.forget(&hash);
-            self.cache.drop_tarball(key).await;
-            return Error::e_explain(
-                ErrorType::InternalError,
-                "cached tarball failed verification",
-            );
-        }
-        session.write_response_body(pending, true).await?;
-        Ok(true)
+        let chunks = verified_stream(self.cache.clone(), key.to_string(), hash, file, len);
+        Ok(Some(reply::tarball(status, Some(size), chunks)))
     }
+}
+
+/// What [`Registry::cached_tarball`] found.
+enum Cached {
+    Reply(Reply),
+    Refill(Option<(Hash, u64)>),
+    Nothing,
+}
+
+/// The chunks of a fill as its readers see them; a failed fill fails the stream.
+fn fill_stream(reader: crate::cache::fill::FillReader) -> BodyStream {
+    futures::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        match reader.next().await {
+            Ok(Some(chunk)) => Some((Ok(chunk), Some(reader))),
+            Ok(None) => None,
+            Err(_) => Some((Err(BodyCut("tarball fill failed")), None)),
+        }
+    })
+    .boxed()
+}
+
+/// State of [`verified_stream`].
+struct Verifying {
+    cache: Arc<Cache>,
+    key: String,
+    hash: Hash,
+    file: Arc<std::fs::File>,
+    len: u64,
+    hasher: blake3::Hasher,
+    pending: Option<Bytes>,
+    offset: u64,
+}
+
+/// A blob read off the runtime, hashed as it goes; the last chunk comes out only once the
+/// hash matches. On a mismatch the blob is deleted and forgotten, and the stream fails.
+fn verified_stream(
+    cache: Arc<Cache>,
+    key: String,
+    hash: Hash,
+    file: std::fs::File,
+    len: u64,
+) -> BodyStream {
+    let state = Verifying {
+        cache,
+        key,
+        hash,
+        file: Arc::new(file),
+        len,
+        hasher: blake3::Hasher::new(),
+        pending: None,
+        offset: 0,
+    };
+    futures::stream::unfold(Some(state), |state| async move {
+        let mut s = state?;
+        loop {
+            let chunk = match read_chunk(s.file.clone(), s.offset).await {
+                Ok(c) => c,
+                Err(_) => return Some((Err(BodyCut("blob read failed")), None)),
+            };
+            if chunk.is_empty() {
+                if s.hasher.finalize() != s.hash || s.offset != s.len {
+                    tracing::error!(blob = %s.hash.to_hex(), "corrupt tarball on disk: deleted, will refetch");
+                    s.cache.blobs.remove(&s.hash);
+                    s.cache.forget(&s.hash);
+                    s.cache.drop_tarball(&s.key).await;
+                    return Some((Err(BodyCut("cached tarball failed verification")), None));
+                }
+                return s.pending.take().map(|last| (Ok(last), None));
+            }
+            s.offset += chunk.len() as u64;
+            s.hasher.update(&chunk);
+            if let Some(p) = s.pending.replace(Bytes::from(chunk)) {
+                return Some((Ok(p), Some(s)));
+            }
+        }
+    })
+    .boxed()
+}
+
+/// One chunk of a file at `offset`, read off the runtime.
+async fn read_chunk(file: Arc<std::fs::File>, offset: u64) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; DISK_CHUNK];
+        let n = file.read_at(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }

@@ -7,7 +7,6 @@ use http::{HeaderValue, StatusCode};
 
 use super::{gitlab_token, listed_versions, Registry};
 use crate::cache::records::tarball_key;
-use crate::fetch;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
 use crate::token::Authority;
 
@@ -28,7 +27,9 @@ impl Registry {
             op,
         };
         let path = route(ModuleOp::Versions).upstream_path();
-        let small = fetch::registry(&self.upstream, &path, cred.as_ref())
+        let small = self
+            .upstream
+            .registry(&path, cred.as_ref())
             .await
             .map_err(|e| format!("{module}: GitLab unreachable ({})", e.etype().as_str()))?;
         if small.status != StatusCode::OK {
@@ -52,13 +53,16 @@ impl Registry {
         let mut warmed = Vec::new();
         for version in wanted {
             let v = version.to_string();
-            let dl = fetch::registry(
-                &self.upstream,
-                &route(ModuleOp::Download(version)).upstream_path(),
-                cred.as_ref(),
-            )
-            .await
-            .map_err(|e| format!("{module}@{v}: GitLab unreachable ({})", e.etype().as_str()))?;
+            let dl = self
+                .upstream
+                .registry(
+                    &route(ModuleOp::Download(version)).upstream_path(),
+                    cred.as_ref(),
+                )
+                .await
+                .map_err(|e| {
+                    format!("{module}@{v}: GitLab unreachable ({})", e.etype().as_str())
+                })?;
             let jwt = dl
                 .headers
                 .get("x-terraform-get")
