@@ -97,8 +97,20 @@ pub async fn tarball_head(
     len: Option<u64>,
     head_only: bool,
 ) -> Result<()> {
+    stream_head(session, "application/octet-stream", cache, len, head_only).await
+}
+
+/// Write the head of a streamed answer of `content_type` (a tarball, a provider package):
+/// as [`tarball_head`].
+pub async fn stream_head(
+    session: &mut Session,
+    content_type: &'static str,
+    cache: CacheStatus,
+    len: Option<u64>,
+    head_only: bool,
+) -> Result<()> {
     let mut h = ResponseHeader::build(StatusCode::OK, Some(4))?;
-    h.insert_header(http::header::CONTENT_TYPE, "application/octet-stream")?;
+    h.insert_header(http::header::CONTENT_TYPE, content_type)?;
     h.insert_header(CACHE_STATUS, cache.as_str())?;
     match framing(session.req_header().version, len) {
         Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, n)?,
@@ -116,6 +128,25 @@ pub async fn tarball_head(
         }
     }
     session.write_response_header(Box::new(h), head_only).await
+}
+
+/// Write a streamed body after its head (see [`stream_head`]), then its end. An error item
+/// is turned into the request's error by `cut` and returned without ending the body:
+/// pingora then drops the connection, which the framing chosen by [`stream_head`] shows the
+/// client as an error (no terminal chunk, a reset stream, fewer bytes than announced).
+pub async fn stream_body<E>(
+    session: &mut Session,
+    mut body: impl futures::Stream<Item = std::result::Result<Bytes, E>> + Unpin,
+    cut: impl FnOnce(E) -> Box<pingora::Error>,
+) -> Result<()> {
+    use futures::StreamExt;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => session.write_response_body(Some(c), false).await?,
+            Err(e) => return Err(cut(e)),
+        }
+    }
+    session.write_response_body(Some(Bytes::new()), true).await
 }
 
 /// The cache status header, like nginx's `$upstream_cache_status`.

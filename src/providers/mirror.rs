@@ -21,7 +21,8 @@ use super::route::ProviderId;
 use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
 use super::{archive_key, Failed, Found, Providers};
 use crate::cache::blobs::Hash;
-use crate::cache::fill::FillError;
+use crate::cache::body::{hold_last, BodyError};
+use crate::cache::verified::VerifiedBlob;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, HeaderValueLike as V};
 use crate::rewrite::PublicBase;
@@ -29,7 +30,6 @@ use crate::rewrite::PublicBase;
 const JSON: &str = "application/json";
 const ZIP: &str = "application/zip";
 const STALE_WARNING: &str = "110 - \"Response is Stale\"";
-const DISK_CHUNK: usize = 256 * 1024;
 
 /// The `{"versions":{...}}` body of `index.json`.
 pub fn index_body(versions: &[super::upstream::VersionInfo]) -> String {
@@ -306,60 +306,19 @@ impl Providers {
             }
             return Ok(true);
         }
-        let blobs = self.cache.blobs.clone();
-        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
+        let opened = VerifiedBlob::open(&self.cache, key, hash, "provider package")
             .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        let Some((file, len)) = opened else {
+        let Some(blob) = opened else {
             return Ok(false);
         };
-        write_zip_head(session, CacheStatus::Hit, Some(len), head).await?;
+        write_zip_head(session, CacheStatus::Hit, Some(blob.len()), head).await?;
         if head {
             return Ok(true);
         }
-        let file = Arc::new(file);
-        let mut hasher = blake3::Hasher::new();
-        let mut pending: Option<Bytes> = None;
-        let mut offset = 0u64;
-        loop {
-            let chunk = read_chunk(file.clone(), offset).await?;
-            if chunk.is_empty() {
-                break;
-            }
-            offset += chunk.len() as u64;
-            hasher.update(&chunk);
-            if let Some(p) = pending.replace(Bytes::from(chunk)) {
-                session.write_response_body(Some(p), false).await?;
-            }
-        }
-        if hasher.finalize() != hash || offset != len {
-            tracing::error!(blob = %hash.to_hex(), "corrupt provider package on disk: deleted, will refetch");
-            self.cache.blobs.remove(&hash);
-            self.cache.forget(&hash);
-            self.cache.drop_tarball(key).await;
-            return Error::e_explain(
-                ErrorType::InternalError,
-                "cached package failed verification",
-            );
-        }
-        session.write_response_body(pending, true).await?;
+        respond::stream_body(session, blob.into_body(), cut).await?;
         Ok(true)
     }
-}
-
-/// Up to `DISK_CHUNK` bytes of a blob file from `offset` (empty at its end).
-async fn read_chunk(file: Arc<std::fs::File>, offset: u64) -> Result<Vec<u8>> {
-    tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; DISK_CHUNK];
-        let n = file.read_at(&mut buf, offset)?;
-        buf.truncate(n);
-        Ok::<_, std::io::Error>(buf)
-    })
-    .await
-    .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
-    .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))
 }
 
 /// Stream a fill to the client. The last chunk is held back until the fill is committed,
@@ -368,34 +327,24 @@ async fn read_chunk(file: Arc<std::fs::File>, offset: u64) -> Result<Vec<u8>> {
 async fn serve_fill(session: &mut Session, fill: &crate::cache::fill::Fill) -> Result<()> {
     let len = match fill.started().await {
         Ok(len) => len,
-        Err(e) => {
-            let status = match e {
-                FillError::Refused(s) => s,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            return write_error(session, status, CacheStatus::Miss).await;
-        }
+        Err(e) => return write_error(session, e.status(), CacheStatus::Miss).await,
     };
     write_zip_head(session, CacheStatus::Miss, len, false).await?;
-    let mut reader = fill.reader();
-    let mut pending: Option<Bytes> = None;
-    loop {
-        match reader.next().await {
-            Ok(Some(chunk)) => {
-                if let Some(p) = pending.replace(chunk) {
-                    session.write_response_body(Some(p), false).await?;
-                }
-            }
-            Ok(None) => break,
-            Err(_) => {
-                return Err(
-                    Error::explain(ErrorType::ReadError, "provider package fill failed").into_up(),
-                )
-            }
+    respond::stream_body(session, hold_last(fill.body()), cut).await
+}
+
+/// The request's error when a package body stops short; pingora then cuts the response.
+fn cut(e: BodyError) -> Box<Error> {
+    match e {
+        BodyError::Corrupt => Error::explain(
+            ErrorType::InternalError,
+            "cached package failed verification",
+        ),
+        BodyError::Read(e) => Error::because(ErrorType::InternalError, "blob read", e),
+        BodyError::Fill(_) => {
+            Error::explain(ErrorType::ReadError, "provider package fill failed").into_up()
         }
     }
-    session.write_response_body(pending, true).await?;
-    Ok(())
 }
 
 async fn write_zip_head(

@@ -2,17 +2,18 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use http::{header, Method, StatusCode};
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
 use super::reply::write_tarball_head;
-use super::{gitlab_token, source, Outcome, Registry, DISK_CHUNK, OCTETS};
+use super::{gitlab_token, source, Outcome, Registry, OCTETS};
 use crate::cache::blobs::Hash;
+use crate::cache::body::BodyError;
 use crate::cache::fill::{End, FillError, Source};
 use crate::cache::records::{tarball_key, TarballEntry, KIND_TARBALL};
+use crate::cache::verified::VerifiedBlob;
 use crate::cache::{republish, Cache};
 use crate::clock::now as unix_now;
 use crate::fetch;
@@ -64,7 +65,6 @@ impl Registry {
 
     /// Serve a tarball from the cache, or fill it with `open` (one fill per key). HEAD never
     /// starts a fill: Terraform sends HEAD before GET, and the GET does the work.
-    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     pub(super) async fn serve_tarball(
         &self,
         session: &mut Session,
@@ -78,26 +78,10 @@ impl Registry {
             upstream_status,
             identity,
         };
-        // Bytes to fall back on when a refill of a reappeared version cannot reach GitLab.
-        let mut earlier: Option<(Hash, u64)> = None;
-        if let Some(entry) = self.cache.tarball(key).await {
-            // A version seen coming back in a listing since these bytes were fetched may have
-            // been re-published: refill (the entry stays, for the fill to compare).
-            if republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
-                earlier = entry.hash().map(|h| (h, entry.size));
-            } else {
-                if let Some(hash) = entry.hash() {
-                    if self
-                        .serve_blob(session, key, hash, entry.size, head, CacheStatus::Hit)
-                        .await?
-                    {
-                        return Ok(outcome(CacheStatus::Hit, None));
-                    }
-                }
-                // The blob was evicted or corrupt: forget the entry and fill again.
-                self.cache.drop_tarball(key).await;
-            }
-        }
+        let earlier = match self.serve_cached(session, key, head).await? {
+            Cached::Served => return Ok(outcome(CacheStatus::Hit, None)),
+            Cached::Missed { earlier } => earlier,
+        };
         if head {
             // The length is unknown until a GET fills it: say nothing rather than 0.
             write_tarball_head(session, CacheStatus::Miss, None, true).await?;
@@ -127,47 +111,66 @@ impl Registry {
                 return self.pass_through(session, identity, open()).await;
             }
             Err(e) => {
-                let status = match e {
-                    FillError::Refused(s) => s,
-                    _ => StatusCode::BAD_GATEWAY,
-                };
-                // GitLab unreachable or failing while a reappeared version is checked: the
-                // bytes it had are served as stale, as listings are. A refusal (gone, denied)
-                // is relayed.
-                let unreachable = matches!(e, FillError::Upstream(_))
-                    || status.is_server_error()
-                    || status == StatusCode::TOO_MANY_REQUESTS;
-                if let (true, Some((hash, size))) = (unreachable, earlier) {
-                    if self
-                        .serve_blob(session, key, hash, size, false, CacheStatus::Stale)
-                        .await?
-                    {
-                        metrics::STALE_SERVED.inc();
-                        return Ok(outcome(CacheStatus::Stale, Some(status.as_u16())));
-                    }
-                }
-                respond::registry_error(session, status, CacheStatus::Miss).await?;
-                return Ok(outcome(CacheStatus::Miss, Some(status.as_u16())));
+                let (cache, status) = self.fill_failed(session, key, &e, earlier).await?;
+                return Ok(outcome(cache, Some(status.as_u16())));
             }
         };
         write_tarball_head(session, CacheStatus::Miss, len, false).await?;
-        let mut reader = fill.reader();
-        loop {
-            match reader.next().await {
-                Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
-                Ok(None) => break,
-                // Cut the connection: the client must not take a partial body for a whole one.
-                Err(_) => {
-                    return Err(
-                        Error::explain(ErrorType::ReadError, "tarball fill failed").into_up()
-                    )
-                }
+        // An error cuts the connection: the client must not take a partial body for a whole.
+        respond::stream_body(session, fill.body(), cut).await?;
+        Ok(outcome(CacheStatus::Miss, Some(200)))
+    }
+
+    /// Serve `key` from the cache when its bytes are there and still current. A blob that
+    /// was evicted or corrupt is forgotten, to be filled again.
+    async fn serve_cached(&self, session: &mut Session, key: &str, head: bool) -> Result<Cached> {
+        let Some(entry) = self.cache.tarball(key).await else {
+            return Ok(Cached::Missed { earlier: None });
+        };
+        // A version seen coming back in a listing since these bytes were fetched may have
+        // been re-published: refill (the entry stays, for the fill to compare).
+        if republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
+            let earlier = entry.hash().map(|h| (h, entry.size));
+            return Ok(Cached::Missed { earlier });
+        }
+        if let Some(hash) = entry.hash() {
+            if self
+                .serve_blob(session, key, hash, entry.size, head, CacheStatus::Hit)
+                .await?
+            {
+                return Ok(Cached::Served);
             }
         }
-        session
-            .write_response_body(Some(Bytes::new()), true)
-            .await?;
-        Ok(outcome(CacheStatus::Miss, Some(200)))
+        // The blob was evicted or corrupt: forget the entry and fill again.
+        self.cache.drop_tarball(key).await;
+        Ok(Cached::Missed { earlier: None })
+    }
+
+    /// Answer a fill that failed before its body: GitLab unreachable or failing while a
+    /// reappeared version is checked serves the `earlier` bytes as stale, as listings are;
+    /// a refusal (gone, denied) is relayed. Returns what the cache did and GitLab's status.
+    async fn fill_failed(
+        &self,
+        session: &mut Session,
+        key: &str,
+        e: &FillError,
+        earlier: Option<(Hash, u64)>,
+    ) -> Result<(CacheStatus, StatusCode)> {
+        let status = e.status();
+        let unreachable = matches!(e, FillError::Upstream(_))
+            || status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS;
+        if let (true, Some((hash, size))) = (unreachable, earlier) {
+            if self
+                .serve_blob(session, key, hash, size, false, CacheStatus::Stale)
+                .await?
+            {
+                metrics::STALE_SERVED.inc();
+                return Ok((CacheStatus::Stale, status));
+            }
+        }
+        respond::registry_error(session, status, CacheStatus::Miss).await?;
+        Ok((CacheStatus::Miss, status))
     }
 
     /// Stream a tarball straight from the upstream, uncached (the cache cannot take it).
@@ -199,20 +202,10 @@ impl Registry {
                 .inc();
         }
         write_tarball_head(session, CacheStatus::Bypass, source.declared_len(), false).await?;
-        let mut body = source.body;
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(c) => session.write_response_body(Some(c), false).await?,
-                Err(_) => {
-                    return Err(
-                        Error::explain(ErrorType::ReadError, "upstream body failed").into_up()
-                    )
-                }
-            }
-        }
-        session
-            .write_response_body(Some(Bytes::new()), true)
-            .await?;
+        respond::stream_body(session, source.body, |_| {
+            Error::explain(ErrorType::ReadError, "upstream body failed").into_up()
+        })
+        .await?;
         Ok(outcome(Some(200)))
     }
 
@@ -310,7 +303,6 @@ impl Registry {
     /// Small blobs are verified whole before the first byte; large ones are streamed with the
     /// last chunk held back until the hash checks out, so a corrupt blob never reaches a
     /// client complete (the connection is cut instead).
-    #[allow(clippy::too_many_lines)] // TODO(issue 15): split with the policy rewrite
     pub(super) async fn serve_blob(
         &self,
         session: &mut Session,
@@ -331,68 +323,40 @@ impl Registry {
             respond::full(session, StatusCode::OK, &headers, bytes).await?;
             return Ok(true);
         }
-        let blobs = self.cache.blobs.clone();
-        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
+        let opened = VerifiedBlob::open(&self.cache, key, hash, "tarball")
             .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        let Some((file, len)) = opened else {
+        // The index says how long the blob is: a file of another length is found out (and
+        // deleted) before a head that would announce its wrong length goes out.
+        let Some(blob) = opened.and_then(|b| b.with_len(size)) else {
             return Ok(false);
         };
-        // The index says how long the blob is; a file of another length (truncated by a full
-        // disk or by hand) is damaged, and is found out before a head that would announce
-        // its wrong length goes out.
-        if len != size {
-            tracing::error!(
-                blob = %hash.to_hex(),
-                on_disk = len,
-                indexed = size,
-                "tarball on disk has the wrong length: deleted, will refetch"
-            );
-            self.cache.blobs.remove(&hash);
-            self.cache.forget(&hash);
-            return Ok(false);
-        }
         write_tarball_head(session, status, Some(size), head).await?;
         if head {
             return Ok(true);
         }
-        let file = Arc::new(file);
-        let mut hasher = blake3::Hasher::new();
-        let mut pending: Option<Bytes> = None;
-        let mut offset = 0u64;
-        loop {
-            let f = file.clone();
-            let chunk = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                let mut buf = vec![0u8; DISK_CHUNK];
-                let n = f.read_at(&mut buf, offset)?;
-                buf.truncate(n);
-                Ok::<_, std::io::Error>(buf)
-            })
-            .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?;
-            if chunk.is_empty() {
-                break;
-            }
-            offset += chunk.len() as u64;
-            hasher.update(&chunk);
-            if let Some(p) = pending.replace(Bytes::from(chunk)) {
-                session.write_response_body(Some(p), false).await?;
-            }
-        }
-        if hasher.finalize() != hash || offset != len {
-            tracing::error!(blob = %hash.to_hex(), "corrupt tarball on disk: deleted, will refetch");
-            self.cache.blobs.remove(&hash);
-            self.cache.forget(&hash);
-            self.cache.drop_tarball(key).await;
-            return Error::e_explain(
-                ErrorType::InternalError,
-                "cached tarball failed verification",
-            );
-        }
-        session.write_response_body(pending, true).await?;
+        respond::stream_body(session, blob.into_body(), cut).await?;
         Ok(true)
+    }
+}
+
+/// Where a tarball request stands after the cache was looked at.
+enum Cached {
+    /// Answered from the cache.
+    Served,
+    /// To be filled; `earlier` are bytes to fall back on when a refill of a reappeared
+    /// version cannot reach GitLab.
+    Missed { earlier: Option<(Hash, u64)> },
+}
+
+/// The request's error when a tarball body stops short; pingora then cuts the response.
+fn cut(e: BodyError) -> Box<Error> {
+    match e {
+        BodyError::Corrupt => Error::explain(
+            ErrorType::InternalError,
+            "cached tarball failed verification",
+        ),
+        BodyError::Read(e) => Error::because(ErrorType::InternalError, "blob read", e),
+        BodyError::Fill(_) => Error::explain(ErrorType::ReadError, "tarball fill failed").into_up(),
     }
 }
