@@ -133,7 +133,8 @@ pub async fn stream_head(
 /// Write a streamed body after its head (see [`stream_head`]), then its end. An error item
 /// is turned into the request's error by `cut` and returned without ending the body:
 /// pingora then drops the connection, which the framing chosen by [`stream_head`] shows the
-/// client as an error (no terminal chunk, a reset stream, fewer bytes than announced).
+/// client as an error (fewer bytes than announced, no terminal chunk, a reset stream). Only
+/// an HTTP/1.0 client of a body of unknown length cannot tell ([`Framing::Close`], counted).
 pub async fn stream_body<E>(
     session: &mut Session,
     mut body: impl futures::Stream<Item = std::result::Result<Bytes, E>> + Unpin,

@@ -325,6 +325,62 @@ async fn a_tampered_zip_is_refused_and_nothing_is_kept() {
     assert_eq!(s.reg.hits(&s.zip_path("1.0.0", "linux_amd64")), 2);
 }
 
+/// A registry that sends packages without a length: the answer cannot announce one either,
+/// so it must be framed (chunked) for a package that fails verification to show as cut,
+/// never as a short body that looks whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsized_package_that_fails_verification_arrives_cut() {
+    let s = Setup::new("").await;
+    s.reg.add_provider_sized(
+        NS,
+        TYPE,
+        &["1.0.0"],
+        &["linux_amd64", "darwin_arm64"],
+        3 << 20,
+    );
+    assert_eq!(s.json("1.0.0.json").await.0, 200);
+    let zip = s.reg.zip(NS, TYPE, "1.0.0", "linux_amd64");
+    s.reg.set_faults(Faults {
+        tampered_zip: true,
+        unsized_zip: true,
+        ..Faults::default()
+    });
+    let r = client()
+        .get(s.url("1.0.0/linux_amd64.zip"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the head goes out before the end is known");
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    match r.bytes().await {
+        Err(_) => {}
+        Ok(b) => panic!(
+            "a tampered package arrived as a whole body of {} bytes (of {})",
+            b.len(),
+            zip.len()
+        ),
+    }
+
+    // Unsized and intact: served whole, chunked, and kept.
+    s.reg.set_faults(Faults {
+        unsized_zip: true,
+        ..Faults::default()
+    });
+    let r = client()
+        .get(s.url("1.0.0/linux_amd64.zip"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["transfer-encoding"], "chunked");
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.bytes().await.unwrap(), zip);
+    s.wait_cached("1.0.0/linux_amd64.zip").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_signature_is_refused_and_nothing_is_kept() {
     let s = Setup::new("").await;

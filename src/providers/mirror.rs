@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
-use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
@@ -347,19 +346,16 @@ fn cut(e: BodyError) -> Box<Error> {
     }
 }
 
+/// The head of a package answer. An unknown length is framed so that a cut shows (see
+/// [`respond::stream_head`]): without a length, pingora would delimit the body by closing
+/// the connection, and a package cut for failing verification would look whole.
 async fn write_zip_head(
     session: &mut Session,
     cache: CacheStatus,
     len: Option<u64>,
     end: bool,
 ) -> Result<()> {
-    let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
-    h.insert_header(header::CONTENT_TYPE, ZIP)?;
-    h.insert_header(respond::CACHE_STATUS, cache.as_str())?;
-    if let Some(len) = len {
-        h.insert_header(header::CONTENT_LENGTH, len)?;
-    }
-    session.write_response_header(Box::new(h), end).await
+    respond::stream_head(session, ZIP, cache, len, end).await
 }
 
 async fn write_json(
