@@ -27,7 +27,7 @@
 //! | | [`upstream_tls`] | TLS trust for the upstream: one verifier for both clients (a self-signed `upstream_ca` pinned) |
 //! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects) |
 //! | | [`health`] | circuit breaker and probe: is the upstream reachable? |
-//! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs, coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |
+//! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs streamed verified ([`cache::verified`]), coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |
 //! | L0 leaves | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
 //! | | [`routes`] | parse a request once into a typed [`routes::Route`]; refuse what can never be valid |
 //! | | [`identity`] | keyed hashes of credentials |

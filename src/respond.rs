@@ -30,12 +30,12 @@ pub enum Body {
     },
 }
 
-/// The chunks of a streamed body; an `Err` ends the response as broken.
+/// The chunks of a streamed body; an `Err` is its last item, and ends the response as
+/// broken (why, for the logs).
 pub type BodyStream = futures::stream::BoxStream<'static, std::result::Result<Bytes, BodyCut>>;
 
-/// Why a streamed body stopped before its end (for the error the writer returns).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BodyCut(pub &'static str);
+/// Why a streamed body stopped before its end.
+pub type BodyCut = Box<dyn std::error::Error + Send + Sync>;
 
 impl Reply {
     /// A complete answer with a body known whole.
@@ -238,8 +238,9 @@ async fn write_stream(session: &mut Session, mut chunks: BodyStream) -> Result<(
     while let Some(chunk) = chunks.next().await {
         match chunk {
             Ok(c) => session.write_response_body(Some(c), false).await?,
-            Err(BodyCut(why)) => {
-                return Err(pingora::Error::explain(pingora::ErrorType::ReadError, why).into_up())
+            Err(why) => {
+                let e = pingora::Error::because(pingora::ErrorType::ReadError, "body cut", why);
+                return Err(e.into_up());
             }
         }
     }

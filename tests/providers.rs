@@ -40,6 +40,22 @@ impl Setup {
         Setup { pki, reg, m }
     }
 
+    /// A setup whose version 1.0.0 has packages of 3 MiB (large enough that a body goes out
+    /// in many writes, as real packages do), its checksums verified and recorded first, from
+    /// the untampered registry.
+    async fn with_large_package() -> Setup {
+        let s = Setup::new("").await;
+        s.reg.add_provider_sized(
+            NS,
+            TYPE,
+            &["1.0.0"],
+            &["linux_amd64", "darwin_arm64"],
+            3 << 20,
+        );
+        assert_eq!(s.json("1.0.0.json").await.0, 200);
+        s
+    }
+
     fn url(&self, rest: &str) -> String {
         format!(
             "{}/providers/mirror/{HOST}/{NS}/{TYPE}/{rest}",
@@ -51,8 +67,13 @@ impl Setup {
         FakeRegistry::zip_path(NS, TYPE, version, platform)
     }
 
+    /// A GET's response, its body unread.
+    async fn send(&self, rest: &str) -> reqwest::Response {
+        client().get(self.url(rest)).send().await.unwrap()
+    }
+
     async fn get(&self, rest: &str) -> (u16, String, bytes::Bytes) {
-        let r = client().get(self.url(rest)).send().await.unwrap();
+        let r = self.send(rest).await;
         let status = r.status().as_u16();
         let cache = r
             .headers()
@@ -285,26 +306,12 @@ async fn twenty_parallel_gets_cost_one_upstream_fetch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_zip_is_refused_and_nothing_is_kept() {
-    let s = Setup::new("").await;
-    // Large enough that the body goes out in many writes, as real packages do.
-    s.reg.add_provider_sized(
-        NS,
-        TYPE,
-        &["1.0.0"],
-        &["linux_amd64", "darwin_arm64"],
-        3 << 20,
-    );
-    // Checksums verified and recorded first, from the untampered registry.
-    assert_eq!(s.json("1.0.0.json").await.0, 200);
+    let s = Setup::with_large_package().await;
     s.reg.set_faults(Faults {
         tampered_zip: true,
         ..Faults::default()
     });
-    let r = client()
-        .get(s.url("1.0.0/linux_amd64.zip"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.send("1.0.0/linux_amd64.zip").await;
     let zip = s.reg.zip(NS, TYPE, "1.0.0", "linux_amd64");
     // The head went out before the end was known; the body is cut, never whole.
     if let Ok(b) = r.bytes().await {
@@ -323,6 +330,46 @@ async fn a_tampered_zip_is_refused_and_nothing_is_kept() {
     assert_eq!((status, cache.as_str()), (200, "MISS"));
     assert_eq!(body, zip);
     assert_eq!(s.reg.hits(&s.zip_path("1.0.0", "linux_amd64")), 2);
+}
+
+/// A registry that sends packages without a length: the answer cannot announce one either,
+/// so it must be framed (chunked) for a package that fails verification to show as cut,
+/// never as a short body that looks whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsized_package_that_fails_verification_arrives_cut() {
+    let s = Setup::with_large_package().await;
+    let zip = s.reg.zip(NS, TYPE, "1.0.0", "linux_amd64");
+    s.reg.set_faults(Faults {
+        tampered_zip: true,
+        unsized_zip: true,
+        ..Faults::default()
+    });
+    let r = s.send("1.0.0/linux_amd64.zip").await;
+    assert_eq!(r.status(), 200, "the head goes out before the end is known");
+    assert!(
+        r.headers().get("content-length").is_none(),
+        "{:?}",
+        r.headers()
+    );
+    match r.bytes().await {
+        Err(_) => {}
+        Ok(b) => panic!(
+            "a tampered package arrived as a whole body of {} bytes (of {})",
+            b.len(),
+            zip.len()
+        ),
+    }
+
+    // Unsized and intact: served whole, chunked, and kept.
+    s.reg.set_faults(Faults {
+        unsized_zip: true,
+        ..Faults::default()
+    });
+    let r = s.send("1.0.0/linux_amd64.zip").await;
+    assert_eq!(r.headers()["transfer-encoding"], "chunked");
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(r.bytes().await.unwrap(), zip);
+    s.wait_cached("1.0.0/linux_amd64.zip").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,11 +433,7 @@ async fn no_signing_keys_is_refused_unless_allowed() {
         tampered_zip: true,
         ..Faults::default()
     });
-    let r = client()
-        .get(s.url("1.0.0/darwin_arm64.zip"))
-        .send()
-        .await
-        .unwrap();
+    let r = s.send("1.0.0/darwin_arm64.zip").await;
     let whole = s.reg.zip(NS, TYPE, "1.0.0", "darwin_arm64").len();
     if let Ok(b) = r.bytes().await {
         assert!(b.len() < whole);

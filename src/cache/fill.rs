@@ -24,11 +24,13 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use http::StatusCode;
 use tokio::sync::watch;
 
 use super::archive::{Checker, Verdict};
 use super::blobs::{BlobStore, Hash};
+use super::body::{Body, BodyError};
 
 /// Largest read handed to one client at a time.
 const READ_CHUNK: u64 = 256 * 1024;
@@ -299,7 +301,6 @@ async fn write_body(
     file: &Arc<File>,
     prefix: &Mutex<Vec<Bytes>>,
 ) -> Result<(Hash, u64, Verdict), FillError> {
-    use futures::StreamExt;
     let mut hasher = blake3::Hasher::new();
     let mut checker = Some(Checker::default());
     let mut written = 0u64;
@@ -440,8 +441,24 @@ impl Fill {
         }
     }
 
+    /// The body as it lands, for one client: it ends once the fill is committed (or
+    /// complete but too large to keep), and with [`BodyError::Fill`] when the fill fails, so
+    /// a cut upstream body is never an end. Wrap it in [`super::body::hold_last`] where the
+    /// commit is what verifies the bytes.
+    pub fn body(&self) -> Body {
+        futures::stream::unfold(Some(self.reader()), |state| async move {
+            let mut reader = state?;
+            match reader.next().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(reader))),
+                Ok(None) => None,
+                Err(e) => Some((Err(BodyError::Fill(e)), None)),
+            }
+        })
+        .boxed()
+    }
+
     /// A reader positioned at the start of the body.
-    pub fn reader(&self) -> FillReader {
+    fn reader(&self) -> FillReader {
         FillReader {
             file: self.file.clone(),
             state: self.state.clone(),
@@ -452,7 +469,8 @@ impl Fill {
     }
 }
 
-pub struct FillReader {
+/// One client's position in a fill's body (see [`Fill::body`]).
+struct FillReader {
     file: Arc<File>,
     state: watch::Receiver<State>,
     prefix: Arc<Mutex<Vec<Bytes>>>,
@@ -463,7 +481,7 @@ pub struct FillReader {
 
 impl FillReader {
     /// The next bytes of the body as soon as they are on disk; `None` at the verified end.
-    pub async fn next(&mut self) -> Result<Option<Bytes>, FillError> {
+    async fn next(&mut self) -> Result<Option<Bytes>, FillError> {
         loop {
             let available = match &*self.state.borrow_and_update() {
                 State::Connecting => 0,
@@ -511,7 +529,7 @@ impl FillReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::{FutureExt, StreamExt};
+    use futures::FutureExt;
     use http::{HeaderMap, HeaderValue, Version};
 
     fn head(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -4,6 +4,8 @@
 //! - [`blobs`]: content-addressed files, atomic writes, verification, eviction.
 //! - [`meta`]: small JSON records (tarball index, grants), atomic, lazily read.
 //! - [`fill`]: coalesced upstream fills streamed to every waiter.
+//! - [`verified`]: large blobs streamed from disk, checked against their hash as they go.
+//! - [`body`]: what those two stream to a client: chunks whose end means verified bytes.
 //! - [`records`]: every record kind on disk, its schema and its key.
 //! - [`admin`]: `tfmirror cache ls|verify|purge|gc` and the purge endpoint, on a directory.
 //! - [`republish`]: versions GitLab re-published with other bytes, noticed and refilled.
@@ -16,12 +18,14 @@
 pub mod admin;
 pub mod archive;
 pub mod blobs;
+pub mod body;
 pub mod fill;
 pub mod meta;
 pub mod private;
 pub mod records;
 pub mod republish;
 pub mod temp;
+pub mod verified;
 
 use std::io;
 use std::sync::Arc;

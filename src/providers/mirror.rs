@@ -12,8 +12,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http::{header, Method, StatusCode};
-use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
@@ -21,7 +21,8 @@ use super::route::ProviderId;
 use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
 use super::{archive_key, Failed, Found, Providers};
 use crate::cache::blobs::Hash;
-use crate::cache::fill::FillError;
+use crate::cache::body::{hold_last, Body};
+use crate::cache::verified::VerifiedBlob;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, Reply};
 use crate::rewrite::PublicBase;
@@ -29,7 +30,6 @@ use crate::rewrite::PublicBase;
 const JSON: &str = "application/json";
 const ZIP: &str = "application/zip";
 const STALE_WARNING: &str = "110 - \"Response is Stale\"";
-const DISK_CHUNK: usize = 256 * 1024;
 
 /// The `{"versions":{...}}` body of `index.json`.
 pub fn index_body(versions: &[super::upstream::VersionInfo]) -> String {
@@ -231,17 +231,16 @@ impl Providers {
         let head = session.req_header().method == Method::HEAD;
         if let Some(entry) = self.cached_archive(&key).await {
             if let Some(hash) = entry.hash() {
-                if self
-                    .serve_blob(session, &key, hash, entry.size, head)
-                    .await?
-                {
+                if self.serve_blob(session, &key, hash, entry.size).await? {
                     return Ok(CacheStatus::Hit);
                 }
             }
             self.cache.drop_tarball(&key).await;
         }
         if head {
-            write_zip_head(session, CacheStatus::Miss, None, true).await?;
+            // The length is unknown until a GET fills it: say nothing rather than 0.
+            let empty = futures::stream::empty().boxed();
+            respond::write(session, zip(CacheStatus::Miss, None, empty)).await?;
             return Ok(CacheStatus::Miss);
         }
         let sums = match self.sums(p, &version).await {
@@ -290,72 +289,27 @@ impl Providers {
         key: &str,
         hash: Hash,
         size: u64,
-        head: bool,
     ) -> Result<bool> {
         if size <= self.cache.memory_max_object() {
             let Some(bytes) = self.cache.get_small(hash).await.ok().flatten() else {
                 return Ok(false);
             };
-            write_zip_head(session, CacheStatus::Hit, Some(bytes.len() as u64), head).await?;
-            if !head {
-                session.write_response_body(Some(bytes), true).await?;
-            }
+            let reply = Reply::full(StatusCode::OK, bytes)
+                .with(header::CONTENT_TYPE, ZIP)
+                .cache(CacheStatus::Hit);
+            respond::write(session, reply).await?;
             return Ok(true);
         }
-        let blobs = self.cache.blobs.clone();
-        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
+        let opened = VerifiedBlob::open(&self.cache, key, hash, "provider package")
             .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        let Some((file, len)) = opened else {
+        let Some(blob) = opened else {
             return Ok(false);
         };
-        write_zip_head(session, CacheStatus::Hit, Some(len), head).await?;
-        if head {
-            return Ok(true);
-        }
-        let file = Arc::new(file);
-        let mut hasher = blake3::Hasher::new();
-        let mut pending: Option<Bytes> = None;
-        let mut offset = 0u64;
-        loop {
-            let chunk = read_chunk(file.clone(), offset).await?;
-            if chunk.is_empty() {
-                break;
-            }
-            offset += chunk.len() as u64;
-            hasher.update(&chunk);
-            if let Some(p) = pending.replace(Bytes::from(chunk)) {
-                session.write_response_body(Some(p), false).await?;
-            }
-        }
-        if hasher.finalize() != hash || offset != len {
-            tracing::error!(blob = %hash.to_hex(), "corrupt provider package on disk: deleted, will refetch");
-            self.cache.blobs.remove(&hash);
-            self.cache.forget(&hash);
-            self.cache.drop_tarball(key).await;
-            return Error::e_explain(
-                ErrorType::InternalError,
-                "cached package failed verification",
-            );
-        }
-        session.write_response_body(pending, true).await?;
+        let len = Some(blob.len());
+        respond::write(session, zip(CacheStatus::Hit, len, blob.into_body())).await?;
         Ok(true)
     }
-}
-
-/// Up to `DISK_CHUNK` bytes of a blob file from `offset` (empty at its end).
-async fn read_chunk(file: Arc<std::fs::File>, offset: u64) -> Result<Vec<u8>> {
-    tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; DISK_CHUNK];
-        let n = file.read_at(&mut buf, offset)?;
-        buf.truncate(n);
-        Ok::<_, std::io::Error>(buf)
-    })
-    .await
-    .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))?
-    .map_err(|e| Error::because(ErrorType::InternalError, "blob read", e))
 }
 
 /// Stream a fill to the client. The last chunk is held back until the fill is committed,
@@ -364,49 +318,19 @@ async fn read_chunk(file: Arc<std::fs::File>, offset: u64) -> Result<Vec<u8>> {
 async fn serve_fill(session: &mut Session, fill: &crate::cache::fill::Fill) -> Result<()> {
     let len = match fill.started().await {
         Ok(len) => len,
-        Err(e) => {
-            let status = match e {
-                FillError::Refused(s) => s,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            return write_error(session, status, CacheStatus::Miss).await;
-        }
+        Err(e) => return write_error(session, e.status(), CacheStatus::Miss).await,
     };
-    write_zip_head(session, CacheStatus::Miss, len, false).await?;
-    let mut reader = fill.reader();
-    let mut pending: Option<Bytes> = None;
-    loop {
-        match reader.next().await {
-            Ok(Some(chunk)) => {
-                if let Some(p) = pending.replace(chunk) {
-                    session.write_response_body(Some(p), false).await?;
-                }
-            }
-            Ok(None) => break,
-            Err(_) => {
-                return Err(
-                    Error::explain(ErrorType::ReadError, "provider package fill failed").into_up(),
-                )
-            }
-        }
-    }
-    session.write_response_body(pending, true).await?;
-    Ok(())
+    respond::write(session, zip(CacheStatus::Miss, len, hold_last(fill.body()))).await
 }
 
-async fn write_zip_head(
-    session: &mut Session,
-    cache: CacheStatus,
-    len: Option<u64>,
-    end: bool,
-) -> Result<()> {
-    let mut h = ResponseHeader::build(StatusCode::OK, Some(3))?;
-    h.insert_header(header::CONTENT_TYPE, ZIP)?;
-    h.insert_header(respond::CACHE_STATUS, cache.as_str())?;
-    if let Some(len) = len {
-        h.insert_header(header::CONTENT_LENGTH, len)?;
-    }
-    session.write_response_header(Box::new(h), end).await
+/// A package answer streamed from the store or its fill; the writer frames an unknown
+/// length so that a cut shows (without it, pingora would delimit the body by closing the
+/// connection, and a package cut for failing verification would look whole).
+fn zip(cache: CacheStatus, len: Option<u64>, body: Body) -> Reply {
+    let chunks = body.map(|c| c.map_err(Into::into)).boxed();
+    Reply::stream(len, chunks)
+        .with(header::CONTENT_TYPE, ZIP)
+        .cache(cache)
 }
 
 async fn write_json(

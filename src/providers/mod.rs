@@ -215,6 +215,53 @@ impl Providers {
         self.locks.get_with(key.to_string(), Default::default)
     }
 
+    /// A record of `kind` from disk, read off the runtime.
+    async fn read_record<T>(&self, kind: &'static str, key: &str) -> Option<T>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let meta = self.cache.meta.clone();
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || meta.get(kind, &k))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// A record behind a memory front: from the front, else from disk (then put in front),
+    /// so that hits read no file.
+    async fn load_fronted<T>(
+        &self,
+        front: &moka::sync::Cache<String, Arc<T>>,
+        kind: &'static str,
+        key: &str,
+    ) -> Option<Arc<T>>
+    where
+        T: serde::de::DeserializeOwned + Send + Sync + 'static,
+    {
+        if let Some(r) = front.get(key) {
+            return Some(r);
+        }
+        let rec = Arc::new(self.read_record::<T>(kind, key).await?);
+        front.insert(key.to_string(), rec.clone());
+        Some(rec)
+    }
+
+    /// Record `value` on disk, off the runtime. A failure is counted and logged, and the
+    /// answer is served all the same: it is asked for again next time.
+    async fn write_record<T>(&self, kind: &'static str, key: &str, value: Arc<T>)
+    where
+        T: Serialize + Send + Sync + 'static,
+    {
+        let meta = self.cache.meta.clone();
+        let k = key.to_string();
+        let stored = tokio::task::spawn_blocking(move || meta.put(kind, &k, &*value)).await;
+        if !matches!(stored, Ok(Ok(()))) {
+            metrics::CACHE_WRITE_ERRORS.inc();
+            tracing::error!(kind, record = %key, "could not record a provider mirror answer");
+        }
+    }
+
     /// The status when the upstream may not be asked and nothing is cached.
     fn unavailable(&self) -> Failed {
         Failed {
@@ -231,18 +278,8 @@ impl Providers {
     // Version lists
 
     async fn load_versions(&self, key: &str) -> Option<Arc<VersionsRecord>> {
-        if let Some(r) = self.versions_front.get(key) {
-            return Some(r);
-        }
-        let meta = self.cache.meta.clone();
-        let k = key.to_string();
-        let rec: VersionsRecord = tokio::task::spawn_blocking(move || meta.get(KIND_VERSIONS, &k))
+        self.load_fronted(&self.versions_front, KIND_VERSIONS, key)
             .await
-            .ok()
-            .flatten()?;
-        let rec = Arc::new(rec);
-        self.versions_front.insert(key.to_string(), rec.clone());
-        Some(rec)
     }
 
     /// The version list of `p`, from the cache or its registry (see [`freshness`]).
@@ -331,13 +368,7 @@ impl Providers {
                 module_listing: Some(self.registries.module_versions(m, system).await?),
             },
         });
-        let meta = self.cache.meta.clone();
-        let (k, r) = (key.clone(), rec.clone());
-        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_VERSIONS, &k, &*r)).await;
-        if !matches!(stored, Ok(Ok(()))) {
-            metrics::CACHE_WRITE_ERRORS.inc();
-            tracing::error!(listing = %key, "could not record a version list");
-        }
+        self.write_record(KIND_VERSIONS, &key, rec.clone()).await;
         self.versions_front.insert(key, rec.clone());
         Ok(rec)
     }
@@ -369,18 +400,7 @@ impl Providers {
     // Checksums
 
     async fn load_sums(&self, key: &str) -> Option<Arc<SumsRecord>> {
-        if let Some(r) = self.sums_front.get(key) {
-            return Some(r);
-        }
-        let meta = self.cache.meta.clone();
-        let k = key.to_string();
-        let rec: SumsRecord = tokio::task::spawn_blocking(move || meta.get(KIND_SUMS, &k))
-            .await
-            .ok()
-            .flatten()?;
-        let rec = Arc::new(rec);
-        self.sums_front.insert(key.to_string(), rec.clone());
-        Some(rec)
+        self.load_fronted(&self.sums_front, KIND_SUMS, key).await
     }
 
     /// The verified checksums of a version: cached, or fetched and verified now.
@@ -414,18 +434,9 @@ impl Providers {
         let rec = self
             .fetch_sums(p, version, &platform)
             .await
-            .map_err(|e| match e {
-                Fetched::Up(e) => miss(e.status()),
-                Fetched::Refused => miss(StatusCode::BAD_GATEWAY),
-            })?;
+            .map_err(|e| miss(e.status()))?;
         let rec = Arc::new(rec);
-        let meta = self.cache.meta.clone();
-        let (k, r) = (key.clone(), rec.clone());
-        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_SUMS, &k, &*r)).await;
-        if !matches!(stored, Ok(Ok(()))) {
-            metrics::CACHE_WRITE_ERRORS.inc();
-            tracing::error!(provider = %p, version, "could not record provider checksums");
-        }
+        self.write_record(KIND_SUMS, &key, rec.clone()).await;
         self.sums_front.insert(key, rec.clone());
         Ok(Found {
             value: rec,
@@ -537,14 +548,10 @@ impl Providers {
         platform: &Platform,
     ) -> Result<Found<DownloadRecord>, Failed> {
         let key = format!("{p}@{version}/{platform}");
-        let meta = self.cache.meta.clone();
-        let k = key.clone();
-        let cached: Option<DownloadRecord> =
-            tokio::task::spawn_blocking(move || meta.get(KIND_DOWNLOAD, &k))
-                .await
-                .ok()
-                .flatten();
-        if let Some(r) = cached {
+        if let Some(r) = self
+            .read_record::<DownloadRecord>(KIND_DOWNLOAD, &key)
+            .await
+        {
             return Ok(Found {
                 age: unix_now().saturating_sub(r.fetched_at),
                 value: r,
@@ -563,27 +570,15 @@ impl Providers {
             return Err(self.unavailable());
         }
         let answer = self
-            .registries
-            .download(p, version, platform)
+            .checked_answer(p, version, platform, pkg)
             .await
             .map_err(|e| miss(e.status()))?;
-        let expected = verify::parse_hex(&pkg.sha256).ok_or(miss(StatusCode::BAD_GATEWAY))?;
-        let signed = BTreeMap::from([(pkg.filename.clone(), expected)]);
-        if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
-            verification(p, version, Err(r));
-            return Err(miss(StatusCode::BAD_GATEWAY));
-        }
         let rec = DownloadRecord {
             answer: answer.raw,
             fetched_at: unix_now(),
         };
-        let meta = self.cache.meta.clone();
-        let r = rec.clone();
-        let stored = tokio::task::spawn_blocking(move || meta.put(KIND_DOWNLOAD, &key, &r)).await;
-        if !matches!(stored, Ok(Ok(()))) {
-            metrics::CACHE_WRITE_ERRORS.inc();
-            tracing::error!(provider = %p, version, "could not record a download answer");
-        }
+        self.write_record(KIND_DOWNLOAD, &key, Arc::new(rec.clone()))
+            .await;
         Ok(Found {
             value: rec,
             cache: CacheStatus::Miss,
@@ -604,14 +599,8 @@ impl Providers {
         version: &str,
     ) -> Result<Found<ModuleDownloadRecord>, Failed> {
         let key = format!("module:{m}/{system}@{version}");
-        let meta = self.cache.meta.clone();
-        let k = key.clone();
-        let cached: Option<ModuleDownloadRecord> =
-            tokio::task::spawn_blocking(move || meta.get(KIND_PUBLIC_MODULE_DOWNLOAD, &k))
-                .await
-                .ok()
-                .flatten();
-        if let Some(r) = cached {
+        let cached = self.read_record::<ModuleDownloadRecord>(KIND_PUBLIC_MODULE_DOWNLOAD, &key);
+        if let Some(r) = cached.await {
             return Ok(Found {
                 age: unix_now().saturating_sub(r.fetched_at),
                 value: r,
@@ -633,14 +622,8 @@ impl Providers {
             location,
             fetched_at: unix_now(),
         };
-        let meta = self.cache.meta.clone();
-        let r = rec.clone();
-        let stored =
-            tokio::task::spawn_blocking(move || meta.put(KIND_PUBLIC_MODULE_DOWNLOAD, &key, &r))
-                .await;
-        if !matches!(stored, Ok(Ok(()))) {
-            metrics::CACHE_WRITE_ERRORS.inc();
-        }
+        self.write_record(KIND_PUBLIC_MODULE_DOWNLOAD, &key, Arc::new(rec.clone()))
+            .await;
         Ok(Found {
             value: rec,
             cache: CacheStatus::Miss,
@@ -698,6 +681,26 @@ impl Providers {
             })
     }
 
+    /// The registry's download answer for `pkg`, checked against the version's verified
+    /// checksums: it must name the package they list, with their sha256. A mismatch is
+    /// counted and refused.
+    async fn checked_answer(
+        &self,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+        pkg: &Package,
+    ) -> Result<upstream::DownloadAnswer, Fetched> {
+        let expected = verify::parse_hex(&pkg.sha256).ok_or(Fetched::Refused)?;
+        let answer = self.registries.download(p, version, platform).await?;
+        let signed = BTreeMap::from([(pkg.filename.clone(), expected)]);
+        if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
+            verification(p, version, Err(r));
+            return Err(Fetched::Refused);
+        }
+        Ok(answer)
+    }
+
     async fn open_archive(
         &self,
         p: &ProviderId,
@@ -714,16 +717,12 @@ impl Providers {
         };
         let expected = verify::parse_hex(&pkg.sha256).ok_or(FillError::Disk)?;
         let answer = self
-            .registries
-            .download(p, version, platform)
+            .checked_answer(p, version, platform, pkg)
             .await
-            .map_err(up)?;
-        // The registry's answer must describe the package the signed checksums list.
-        let signed = BTreeMap::from([(pkg.filename.clone(), expected)]);
-        if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
-            verification(p, version, Err(r));
-            return Err(FillError::Upstream("provider package failed verification"));
-        }
+            .map_err(|e| match e {
+                Fetched::Up(e) => up(e),
+                Fetched::Refused => FillError::Upstream("provider package failed verification"),
+            })?;
         let resp = self.registries.open_package(p, &answer).await.map_err(up)?;
         let end = crate::cache::fill::End::of(resp.version(), resp.headers());
         let body = resp
@@ -761,6 +760,16 @@ enum Fetched {
     Up(UpError),
     /// Failed verification (already counted and logged).
     Refused,
+}
+
+impl Fetched {
+    /// The status to answer: the registry's failure, else a 502.
+    fn status(&self) -> StatusCode {
+        match self {
+            Fetched::Up(e) => e.status(),
+            Fetched::Refused => StatusCode::BAD_GATEWAY,
+        }
+    }
 }
 
 impl From<UpError> for Fetched {

@@ -53,8 +53,6 @@ const JSON: &str = "application/json";
 /// RFC 7234's warning for stale answers, as the issue asks, next to `X-Cache-Status: STALE`.
 const STALE_WARNING: &str = "110 - \"Response is Stale\"";
 const OCTETS: &str = "application/octet-stream";
-/// Chunk size for streaming large blobs from disk.
-const DISK_CHUNK: usize = 256 * 1024;
 
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
 

@@ -2,21 +2,21 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use http::StatusCode;
 use pingora::{Error, ErrorType, Result};
 
 use super::reply;
-use super::{gitlab_token, source, Call, Outcome, Registry, DISK_CHUNK};
+use super::{gitlab_token, source, Call, Outcome, Registry};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{End, FillError, Source};
 use crate::cache::records::{tarball_key, TarballEntry, KIND_TARBALL};
+use crate::cache::verified::VerifiedBlob;
 use crate::cache::{republish, Cache};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::metrics;
-use crate::respond::{BodyCut, BodyStream, CacheStatus, Reply};
+use crate::respond::{BodyCut, CacheStatus, Reply};
 use crate::routes::{ModuleId, ModuleRoute, MODULES_V1};
 use crate::token::Authority;
 
@@ -93,7 +93,8 @@ impl Registry {
         }
         match fill.started().await {
             Ok(len) => {
-                let reply = reply::tarball(CacheStatus::Miss, len, fill_stream(fill.reader()));
+                let chunks = fill.body().map(|c| c.map_err(Into::into)).boxed();
+                let reply = reply::tarball(CacheStatus::Miss, len, chunks);
                 Ok((reply, outcome(CacheStatus::Miss, Some(200))))
             }
             Err(FillError::NoRoom) => {
@@ -189,7 +190,7 @@ impl Registry {
         let len = source.declared_len();
         let chunks = source
             .body
-            .map(|c| c.map_err(|_| BodyCut("upstream body failed")))
+            .map(|c| c.map_err(|why| BodyCut::from(format!("upstream body failed: {why}"))))
             .boxed();
         (
             reply::tarball(CacheStatus::Bypass, len, chunks),
@@ -303,29 +304,15 @@ impl Registry {
             let bytes = self.cache.get_small(hash).await.ok().flatten();
             return Ok(bytes.map(|b| reply::tarball_bytes(status, b)));
         }
-        let blobs = self.cache.blobs.clone();
-        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
+        let opened = VerifiedBlob::open(&self.cache, key, hash, "tarball")
             .await
-            .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        let Some((file, len)) = opened else {
+        // The index says how long the blob is: a file of another length is found out (and
+        // deleted) before a head that would announce its wrong length goes out.
+        let Some(blob) = opened.and_then(|b| b.with_len(size)) else {
             return Ok(None);
         };
-        // The index says how long the blob is; a file of another length (truncated by a full
-        // disk or by hand) is damaged, and is found out before a head that would announce
-        // its wrong length goes out.
-        if len != size {
-            tracing::error!(
-                blob = %hash.to_hex(),
-                on_disk = len,
-                indexed = size,
-                "tarball on disk has the wrong length: deleted, will refetch"
-            );
-            self.cache.blobs.remove(&hash);
-            self.cache.forget(&hash);
-            return Ok(None);
-        }
-        let chunks = verified_stream(self.cache.clone(), key.to_string(), hash, file, len);
+        let chunks = blob.into_body().map(|c| c.map_err(Into::into)).boxed();
         Ok(Some(reply::tarball(status, Some(size), chunks)))
     }
 }
@@ -335,88 +322,4 @@ enum Cached {
     Reply(Reply),
     Refill(Option<(Hash, u64)>),
     Nothing,
-}
-
-/// The chunks of a fill as its readers see them; a failed fill fails the stream.
-fn fill_stream(reader: crate::cache::fill::FillReader) -> BodyStream {
-    futures::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        match reader.next().await {
-            Ok(Some(chunk)) => Some((Ok(chunk), Some(reader))),
-            Ok(None) => None,
-            Err(_) => Some((Err(BodyCut("tarball fill failed")), None)),
-        }
-    })
-    .boxed()
-}
-
-/// State of [`verified_stream`].
-struct Verifying {
-    cache: Arc<Cache>,
-    key: String,
-    hash: Hash,
-    file: Arc<std::fs::File>,
-    len: u64,
-    hasher: blake3::Hasher,
-    pending: Option<Bytes>,
-    offset: u64,
-}
-
-/// A blob read off the runtime, hashed as it goes; the last chunk comes out only once the
-/// hash matches. On a mismatch the blob is deleted and forgotten, and the stream fails.
-fn verified_stream(
-    cache: Arc<Cache>,
-    key: String,
-    hash: Hash,
-    file: std::fs::File,
-    len: u64,
-) -> BodyStream {
-    let state = Verifying {
-        cache,
-        key,
-        hash,
-        file: Arc::new(file),
-        len,
-        hasher: blake3::Hasher::new(),
-        pending: None,
-        offset: 0,
-    };
-    futures::stream::unfold(Some(state), |state| async move {
-        let mut s = state?;
-        loop {
-            let chunk = match read_chunk(s.file.clone(), s.offset).await {
-                Ok(c) => c,
-                Err(_) => return Some((Err(BodyCut("blob read failed")), None)),
-            };
-            if chunk.is_empty() {
-                if s.hasher.finalize() != s.hash || s.offset != s.len {
-                    tracing::error!(blob = %s.hash.to_hex(), "corrupt tarball on disk: deleted, will refetch");
-                    s.cache.blobs.remove(&s.hash);
-                    s.cache.forget(&s.hash);
-                    s.cache.drop_tarball(&s.key).await;
-                    return Some((Err(BodyCut("cached tarball failed verification")), None));
-                }
-                return s.pending.take().map(|last| (Ok(last), None));
-            }
-            s.offset += chunk.len() as u64;
-            s.hasher.update(&chunk);
-            if let Some(p) = s.pending.replace(Bytes::from(chunk)) {
-                return Some((Ok(p), Some(s)));
-            }
-        }
-    })
-    .boxed()
-}
-
-/// One chunk of a file at `offset`, read off the runtime.
-async fn read_chunk(file: Arc<std::fs::File>, offset: u64) -> std::io::Result<Vec<u8>> {
-    tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; DISK_CHUNK];
-        let n = file.read_at(&mut buf, offset)?;
-        buf.truncate(n);
-        Ok(buf)
-    })
-    .await
-    .map_err(std::io::Error::other)?
 }

@@ -8,7 +8,8 @@
 //! - `SHA256SUMS` is signed (detached, binary) with an OpenPGP key generated for the test run
 //!   with rpgp; the answer's `signing_keys` carries its armored public half.
 //! - Faults: latency, 500s, down (connections refused), a tampered zip (bytes differ from the
-//!   signed sums), a bad signature (made by another key), no signing keys.
+//!   signed sums), an unsized zip (no `Content-Length`), a bad signature (made by another
+//!   key), no signing keys.
 //! - `modules.v1` too: version lists and download answers whose `X-Terraform-Get` names a
 //!   tarball on the release host.
 //! - Every request is counted by path. Connections are not kept alive, so a fault applies to
@@ -47,6 +48,8 @@ pub struct Faults {
     pub down: bool,
     /// Zips are served with a flipped byte; `SHA256SUMS` still lists the original.
     pub tampered_zip: bool,
+    /// Zips are streamed without a `Content-Length` (chunked), in paced pieces.
+    pub unsized_zip: bool,
     /// `SHA256SUMS.sig` is made by another key than the one the registry names.
     pub bad_signature: bool,
     /// The download answer names no signing key.
@@ -529,7 +532,26 @@ async fn release_file(
         let mid = zip.len() / 2;
         zip[mid] ^= 0xff;
     }
+    if faults.unsized_zip {
+        return unsized_body(zip);
+    }
     ([(axum::http::header::CONTENT_TYPE, "application/zip")], zip).into_response()
+}
+
+/// `bytes` as a body of unknown length, in pieces a little apart, as a registry that
+/// generates or proxies its packages sends them: whoever reads it learns its end only there.
+fn unsized_body(bytes: Vec<u8>) -> Response {
+    use futures::StreamExt;
+    let pieces: Vec<Bytes> = bytes.chunks(64 << 10).map(Bytes::copy_from_slice).collect();
+    let stream = futures::stream::iter(pieces).then(|p| async move {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok::<_, std::io::Error>(p)
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/zip")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn module_versions(

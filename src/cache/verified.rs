@@ -1,0 +1,329 @@
+//! A blob read back from disk and checked against its blake3 address as it streams.
+//!
+//! Large blobs are never held in memory whole, so they cannot be verified before the first
+//! byte goes out. Instead the hash runs beside the reads and the last chunk is held back
+//! ([`hold_last`]) until it matched: a blob damaged on disk (a flipped bit, a truncation)
+//! never reaches a client complete. The damaged blob is deleted, with the record that names
+//! it, so the next request fills it again. Reads run on the blocking pool, a chunk at a time.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::blobs::Hash;
+use super::body::{hold_last, Body, BodyError};
+use super::Cache;
+
+/// Largest read handed to a client at a time.
+const DISK_CHUNK: usize = 256 * 1024;
+
+/// An open blob, to be streamed verified ([`VerifiedBlob::into_body`]).
+pub struct VerifiedBlob {
+    cache: Arc<Cache>,
+    /// The record (tarball index key) that names the blob, dropped with it when corrupt.
+    key: String,
+    hash: Hash,
+    file: Arc<File>,
+    len: u64,
+    /// What the blob is, for the log: "tarball", "provider package".
+    what: &'static str,
+}
+
+impl VerifiedBlob {
+    /// Open the blob `hash`, named by the record `key`. `None` when it is not on disk.
+    pub async fn open(
+        cache: &Arc<Cache>,
+        key: &str,
+        hash: Hash,
+        what: &'static str,
+    ) -> io::Result<Option<VerifiedBlob>> {
+        let blobs = cache.blobs.clone();
+        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(opened.map(|(file, len)| VerifiedBlob {
+            cache: cache.clone(),
+            key: key.to_string(),
+            hash,
+            file: Arc::new(file),
+            len,
+            what,
+        }))
+    }
+
+    /// The blob's length on disk, as opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the blob is empty on disk.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The blob, if it is `indexed` bytes long. A file of another length (truncated by a
+    /// full disk or by hand) is damaged, and is found out before a head that would announce
+    /// its wrong length goes out: it is deleted (its record is the caller's to drop).
+    pub fn with_len(self, indexed: u64) -> Option<VerifiedBlob> {
+        if self.len == indexed {
+            return Some(self);
+        }
+        tracing::error!(
+            blob = %self.hash.to_hex(),
+            on_disk = self.len,
+            indexed,
+            "{} on disk has the wrong length: deleted, will refetch",
+            self.what
+        );
+        self.discard();
+        None
+    }
+
+    /// The blob's chunks, verified: the last one comes only once the whole blob hashed to
+    /// its address; otherwise the body ends with [`BodyError::Corrupt`], the blob and its
+    /// record already deleted.
+    pub fn into_body(self) -> Body {
+        let reading = Reading {
+            blob: self,
+            hasher: blake3::Hasher::new(),
+            offset: 0,
+        };
+        let chunks = futures::stream::unfold(Some(reading), |state| async move {
+            let mut reading = state?;
+            match reading.step().await {
+                Ok(Some(chunk)) => Some((Ok(chunk), Some(reading))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        hold_last(chunks.boxed())
+    }
+
+    /// Delete the blob from disk and from the memory tier.
+    fn discard(&self) {
+        self.cache.blobs.remove(&self.hash);
+        self.cache.forget(&self.hash);
+    }
+}
+
+/// A blob part-way read.
+struct Reading {
+    blob: VerifiedBlob,
+    hasher: blake3::Hasher,
+    offset: u64,
+}
+
+impl Reading {
+    /// The next chunk; `None` at the end of a blob that checked out.
+    async fn step(&mut self) -> Result<Option<Bytes>, BodyError> {
+        let chunk = read_chunk(self.blob.file.clone(), self.offset).await?;
+        if chunk.is_empty() {
+            return self.finish().await.map(|()| None);
+        }
+        self.offset += chunk.len() as u64;
+        self.hasher.update(&chunk);
+        Ok(Some(Bytes::from(chunk)))
+    }
+
+    /// At the end of the file: does what was read hash to the blob's address, and is it as
+    /// long as the file was when opened? If not, delete the blob and its record.
+    async fn finish(&mut self) -> Result<(), BodyError> {
+        let blob = &self.blob;
+        if self.hasher.finalize() == blob.hash && self.offset == blob.len {
+            return Ok(());
+        }
+        tracing::error!(
+            blob = %blob.hash.to_hex(),
+            "corrupt {} on disk: deleted, will refetch",
+            blob.what
+        );
+        blob.discard();
+        blob.cache.drop_tarball(&blob.key).await;
+        Err(BodyError::Corrupt)
+    }
+}
+
+/// Up to `DISK_CHUNK` bytes of a blob file from `offset` (empty at its end).
+async fn read_chunk(file: Arc<File>, offset: u64) -> Result<Vec<u8>, BodyError> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; DISK_CHUNK];
+        let n = file.read_at(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    })
+    .await
+    .map_err(|e| BodyError::Read(io::Error::other(e)))?
+    .map_err(BodyError::Read)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::records::{TarballEntry, KIND_TARBALL};
+
+    const KEY: &str = "infra/vpc/aws@1.0.0";
+
+    struct Store {
+        _dir: tempfile::TempDir,
+        cache: Arc<Cache>,
+    }
+
+    fn store() -> Store {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = crate::config::Limits::default();
+        let cache = Arc::new(Cache::open(dir.path(), 1 << 20, 1 << 30, &limits).unwrap());
+        Store { _dir: dir, cache }
+    }
+
+    /// `n` bytes that differ from chunk to chunk.
+    fn bytes(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7919 % 251) as u8).collect()
+    }
+
+    /// Store `data` as a blob, indexed under `KEY`.
+    fn put(s: &Store, data: &[u8]) -> Hash {
+        let hash = s.cache.blobs.put(data).unwrap();
+        let entry = TarballEntry {
+            hash: hash.to_hex().to_string(),
+            size: data.len() as u64,
+            fetched_at: 0,
+            fetched_at_ms: 0,
+            replaced: Vec::new(),
+        };
+        Cache::index_tarball_blocking(&s.cache.meta, KEY, &entry).unwrap();
+        hash
+    }
+
+    /// Every item of the blob's body: the chunks, then the error if there is one.
+    async fn stream(s: &Store, hash: Hash) -> (Vec<Bytes>, Option<BodyError>) {
+        let blob = VerifiedBlob::open(&s.cache, KEY, hash, "tarball")
+            .await
+            .unwrap()
+            .expect("the blob is on disk");
+        let mut body = blob.into_body();
+        let mut chunks = Vec::new();
+        while let Some(item) = body.next().await {
+            match item {
+                Ok(c) => chunks.push(c),
+                Err(e) => {
+                    assert!(body.next().await.is_none(), "nothing follows an error");
+                    return (chunks, Some(e));
+                }
+            }
+        }
+        (chunks, None)
+    }
+
+    fn gone(s: &Store, hash: Hash) -> bool {
+        let indexed: Option<TarballEntry> = s.cache.meta.get(KIND_TARBALL, KEY);
+        !s.cache.blobs.path(&hash).exists() && indexed.is_none()
+    }
+
+    #[tokio::test]
+    async fn a_good_blob_streams_whole_in_chunks() {
+        for n in [1, DISK_CHUNK, 3 * DISK_CHUNK + 17] {
+            let s = store();
+            let data = bytes(n);
+            let hash = put(&s, &data);
+            let (chunks, err) = stream(&s, hash).await;
+            assert!(err.is_none(), "{n}: {err:?}");
+            assert_eq!(chunks.len(), n.div_ceil(DISK_CHUNK), "{n}");
+            assert_eq!(chunks.concat(), data, "{n}");
+            assert!(!gone(&s, hash), "a good blob is kept");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_blob_is_an_empty_body() {
+        let s = store();
+        let hash = put(&s, b"");
+        let (chunks, err) = stream(&s, hash).await;
+        assert!(chunks.is_empty() && err.is_none(), "{chunks:?} {err:?}");
+        assert!(!gone(&s, hash));
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_fails_before_the_last_chunk_and_is_deleted() {
+        let s = store();
+        let data = bytes(3 * DISK_CHUNK + 17);
+        let hash = put(&s, &data);
+        let path = s.cache.blobs.path(&hash);
+        let mut on_disk = std::fs::read(&path).unwrap();
+        // In the last chunk: the only chunk that the check can still hold back.
+        let at = on_disk.len() - 5;
+        on_disk[at] ^= 0xff;
+        std::fs::write(&path, on_disk).unwrap();
+
+        let (chunks, err) = stream(&s, hash).await;
+        assert!(matches!(err, Some(BodyError::Corrupt)), "{err:?}");
+        assert_eq!(chunks.len(), 3, "the last chunk is never released");
+        assert_eq!(chunks.concat(), data[..3 * DISK_CHUNK]);
+        assert!(gone(&s, hash), "the blob and its record are deleted");
+    }
+
+    #[tokio::test]
+    async fn a_truncated_blob_fails_and_is_deleted() {
+        let s = store();
+        let data = bytes(2 * DISK_CHUNK + 100);
+        let hash = put(&s, &data);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.cache.blobs.path(&hash))
+            .unwrap();
+        file.set_len(2 * DISK_CHUNK as u64).unwrap();
+
+        let (chunks, err) = stream(&s, hash).await;
+        assert!(matches!(err, Some(BodyError::Corrupt)), "{err:?}");
+        assert!(
+            chunks.concat().len() < 2 * DISK_CHUNK,
+            "held back: {chunks:?}"
+        );
+        assert!(gone(&s, hash));
+    }
+
+    #[tokio::test]
+    async fn a_blob_truncated_while_it_streams_fails_and_is_deleted() {
+        let s = store();
+        let data = bytes(2 * DISK_CHUNK + 100);
+        let hash = put(&s, &data);
+        let blob = VerifiedBlob::open(&s.cache, KEY, hash, "tarball")
+            .await
+            .unwrap()
+            .unwrap();
+        let mut body = blob.into_body();
+        assert_eq!(body.next().await.unwrap().unwrap(), data[..DISK_CHUNK]);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(s.cache.blobs.path(&hash))
+            .unwrap()
+            .set_len(DISK_CHUNK as u64 + 1)
+            .unwrap();
+        let rest: Vec<_> = body.collect().await;
+        assert!(
+            matches!(rest.as_slice(), [Err(BodyError::Corrupt)]),
+            "{rest:?}"
+        );
+        assert!(gone(&s, hash));
+    }
+
+    #[tokio::test]
+    async fn a_blob_of_another_length_than_indexed_is_deleted_before_any_byte() {
+        let s = store();
+        let hash = put(&s, &bytes(1000));
+        let blob = VerifiedBlob::open(&s.cache, KEY, hash, "tarball")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(blob.len(), 1000);
+        assert!(blob.with_len(999).is_none());
+        assert!(!s.cache.blobs.path(&hash).exists());
+        assert!(VerifiedBlob::open(&s.cache, KEY, hash, "tarball")
+            .await
+            .unwrap()
+            .is_none());
+    }
+}
