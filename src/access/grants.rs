@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
 use crate::cache::meta::MetaStore;
-use crate::cache::records::{grant_key, Grant, KIND_GRANT};
+use crate::cache::records::{grant_key, version_listing, Grant, KIND_GRANT};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::routes::ModuleId;
@@ -44,7 +44,7 @@ impl Grant {
     /// no longer shows (see `Grant::set_versions`), so a deleted version is not allowed.
     pub fn allows_version(&self, version: &str) -> bool {
         self.versions.iter().any(|v| v == version)
-            || self.bodies.contains_key(&format!("v/{version}"))
+            || self.bodies.contains_key(&version_listing(version))
     }
 }
 
@@ -239,7 +239,7 @@ impl Auth {
         }
         let mut g = (*g).clone();
         g.versions.retain(|v| v != version);
-        g.bodies.remove(&format!("v/{version}"));
+        g.bodies.remove(&version_listing(version));
         self.store(identity, module, g).await;
     }
 

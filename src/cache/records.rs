@@ -194,9 +194,14 @@ impl ListingKey {
         match self {
             ListingKey::Versions => Cow::Borrowed("versions"),
             ListingKey::Latest => Cow::Borrowed("latest"),
-            ListingKey::Version(v) => Cow::Owned(format!("v/{v}")),
+            ListingKey::Version(v) => Cow::Owned(version_listing(&v.to_string())),
         }
     }
+}
+
+/// The [`ListingKey`] of a version given as text (grants keep versions as GitLab wrote them).
+pub fn version_listing(version: &str) -> String {
+    format!("v/{version}")
 }
 
 impl fmt::Display for ListingKey {
@@ -210,8 +215,8 @@ impl fmt::Display for ListingKey {
 pub const KIND_SHARED: &str = "shared";
 pub const KIND_SHARED_PUBLIC: &str = "shared-public";
 
-/// Key of a shared listing: `<module>/<listing>`.
-pub fn shared_key(module: &ModuleId, listing: &ListingKey) -> String {
+/// Key of a shared listing: `<module>/<listing>` (a [`ListingKey`], or its text).
+pub fn shared_key(module: &ModuleId, listing: impl fmt::Display) -> String {
     format!("{module}/{listing}")
 }
 

@@ -5,7 +5,7 @@
 use super::ask::{Asked, Failure};
 use super::{reply, Registry};
 use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
-use crate::cache::records::{Grant, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::cache::records::{Grant, ListingKey, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
 use crate::respond::{CacheStatus, Reply};
@@ -14,7 +14,10 @@ use crate::routes::ModuleId;
 /// Which module-wide record could stand in for the caller's own answer.
 pub(super) enum Fallback<'a> {
     /// A listing body (`op`) as GitLab served it anonymously or to anyone authorized.
-    Listing { module: &'a ModuleId, op: &'a str },
+    Listing {
+        module: &'a ModuleId,
+        op: &'a ListingKey,
+    },
     /// A version that a module-wide versions listing showed.
     Version {
         module: &'a ModuleId,
@@ -121,7 +124,7 @@ impl Registry {
     async fn records(&self, fallback: &Fallback<'_>) -> Records {
         let (module, op, version) = match fallback {
             Fallback::Listing { module, op } => (*module, *op, None),
-            Fallback::Version { module, version } => (*module, "versions", *version),
+            Fallback::Version { module, version } => (*module, &ListingKey::Versions, *version),
         };
         let shows = |r: &SharedListing| version.is_none_or(|v| r.versions.iter().any(|x| x == v));
         Records {

@@ -15,7 +15,10 @@ use super::{gitlab_token, listed_versions, Lesson, Registry};
 use crate::access::policy::Gitlab;
 use crate::access::Negative;
 use crate::cache::blobs::Hash;
-use crate::cache::records::{tarball_key, BodyRef, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::cache::records::{
+    shared_key, tarball_key, version_listing, BodyRef, ListingKey, SharedListing, KIND_SHARED,
+    KIND_SHARED_PUBLIC,
+};
 use crate::cache::republish;
 use crate::clock::now as unix_now;
 use crate::fetch::Small;
@@ -78,8 +81,9 @@ impl Registry {
                 }
                 if small.status == StatusCode::NOT_FOUND {
                     // A version's metadata GitLab no longer has: the version is gone.
-                    if let Some(v) = op.strip_prefix("v/") {
-                        self.auth.forget_version(identity, module, v).await;
+                    if let ListingKey::Version(v) = op {
+                        let v = v.to_string();
+                        self.auth.forget_version(identity, module, &v).await;
                     }
                     self.learn_refusal(identity, module, path, small, false)
                         .await;
@@ -157,7 +161,7 @@ impl Registry {
         identity: Identity,
         cred: Option<&HeaderValue>,
         module: &ModuleId,
-        op: &str,
+        op: &ListingKey,
         body: &Bytes,
         previous: Option<&BodyRef>,
     ) -> CacheStatus {
@@ -170,7 +174,7 @@ impl Registry {
             }
         };
         let unchanged = previous.is_some_and(|p| p.digest == digest);
-        let versions = (op == "versions").then(|| listed_versions(body));
+        let versions = (*op == ListingKey::Versions).then(|| listed_versions(body));
         if let Some(now) = &versions {
             self.note_reappeared(module, now).await;
         }
@@ -180,7 +184,7 @@ impl Registry {
             versions: versions.clone().unwrap_or_default(),
         };
         self.record_shared(identity, module, op, shared).await;
-        let op = op.to_string();
+        let op = op.as_str().into_owned();
         self.auth
             .record_success(identity, cred, module, move |g| {
                 g.bodies.insert(
@@ -206,7 +210,9 @@ impl Registry {
     /// deleted and uploaded again with other bytes: their cached tarballs are refilled before
     /// they are served again (see `cache::republish`).
     async fn note_reappeared(&self, module: &ModuleId, now: &[String]) {
-        let previous = self.shared(KIND_SHARED, module, "versions").await;
+        let previous = self
+            .shared(KIND_SHARED, module, &ListingKey::Versions)
+            .await;
         let back = republish::reappeared(previous.as_ref().map(|p| &p.versions[..]), now);
         if back.is_empty() {
             return;
@@ -234,11 +240,11 @@ impl Registry {
         &self,
         identity: Identity,
         module: &ModuleId,
-        op: &str,
+        op: &ListingKey,
         shared: SharedListing,
     ) {
         let meta = self.cache.meta.clone();
-        let key = format!("{module}/{op}");
+        let key = shared_key(module, op);
         let public = identity.is_anonymous();
         let _ = tokio::task::spawn_blocking(move || {
             if public {
@@ -253,7 +259,7 @@ impl Registry {
     /// through `?terraform-get=1`, kept as a versions record of the project's module key.
     async fn share_project_version(&self, identity: Identity, module: &ModuleId, version: &str) {
         let mut record = self
-            .shared(KIND_SHARED, module, "versions")
+            .shared(KIND_SHARED, module, &ListingKey::Versions)
             .await
             .unwrap_or_else(|| SharedListing {
                 digest: String::new(),
@@ -264,7 +270,7 @@ impl Registry {
             record.versions.push(version.to_string());
         }
         record.fetched_at = unix_now();
-        self.record_shared(identity, module, "versions", record)
+        self.record_shared(identity, module, &ListingKey::Versions, record)
             .await;
     }
 
@@ -301,18 +307,23 @@ impl Registry {
     /// The module turned private: nothing of it is served as public any more.
     async fn drop_public(&self, module: &ModuleId) {
         let versions = self
-            .shared(KIND_SHARED_PUBLIC, module, "versions")
+            .shared(KIND_SHARED_PUBLIC, module, &ListingKey::Versions)
             .await
             .map(|r| r.versions)
             .unwrap_or_default();
         let meta = self.cache.meta.clone();
-        let prefix = module.to_string();
+        let keys: Vec<String> = [ListingKey::Versions, ListingKey::Latest]
+            .iter()
+            .map(|op| shared_key(module, op))
+            .chain(
+                versions
+                    .iter()
+                    .map(|v| shared_key(module, version_listing(v))),
+            )
+            .collect();
         let _ = tokio::task::spawn_blocking(move || {
-            for op in ["versions".to_string(), "latest".to_string()]
-                .into_iter()
-                .chain(versions.into_iter().map(|v| format!("v/{v}")))
-            {
-                meta.remove(KIND_SHARED_PUBLIC, &format!("{prefix}/{op}"));
+            for key in keys {
+                meta.remove(KIND_SHARED_PUBLIC, &key);
             }
         })
         .await;
@@ -323,10 +334,10 @@ impl Registry {
         &self,
         kind: &'static str,
         module: &ModuleId,
-        op: &str,
+        op: &ListingKey,
     ) -> Option<SharedListing> {
         let meta = self.cache.meta.clone();
-        let key = format!("{module}/{op}");
+        let key = shared_key(module, op);
         tokio::task::spawn_blocking(move || meta.get(kind, &key))
             .await
             .ok()

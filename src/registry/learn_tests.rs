@@ -7,7 +7,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 
 use super::super::Lesson;
 use crate::access::policy::{self, Action, Kind, StaleSource};
-use crate::cache::records::KIND_SHARED_PUBLIC;
+use crate::cache::records::{ListingKey, KIND_SHARED_PUBLIC};
 use crate::clock::now as unix_now;
 use crate::fetch::Small;
 use crate::identity::Identity;
@@ -38,10 +38,15 @@ fn small(status: StatusCode, headers: &[(header::HeaderName, &'static str)], bod
 }
 
 fn listing(op: &str) -> Lesson {
+    let op = match op {
+        "versions" => ListingKey::Versions,
+        "latest" => ListingKey::Latest,
+        v => ListingKey::Version(v.strip_prefix("v/").unwrap().parse().unwrap()),
+    };
     Lesson::Listing {
         module: module(),
-        op: op.into(),
         path: format!("/x/{op}"),
+        op,
         previous: None,
     }
 }
@@ -74,7 +79,7 @@ async fn a_refusal_revokes_and_an_anonymous_one_ends_public_status() {
         .await;
     r.learn(ALICE, None, &listing("versions"), &ok).await;
     assert!(r
-        .shared(KIND_SHARED_PUBLIC, &module(), "versions")
+        .shared(KIND_SHARED_PUBLIC, &module(), &ListingKey::Versions)
         .await
         .is_some());
 
@@ -92,7 +97,7 @@ async fn a_refusal_revokes_and_an_anonymous_one_ends_public_status() {
     )
     .await;
     assert!(
-        r.shared(KIND_SHARED_PUBLIC, &module(), "versions")
+        r.shared(KIND_SHARED_PUBLIC, &module(), &ListingKey::Versions)
             .await
             .is_none(),
         "a module GitLab refuses to anonymous callers is not public any more"

@@ -11,7 +11,7 @@ use super::decide::{count, Fallback, Records};
 use super::reply;
 use super::{route_label, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, StaleSource};
-use crate::cache::records::{BodyRef, Grant};
+use crate::cache::records::{BodyRef, Grant, ListingKey};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::respond::{CacheStatus, Reply};
@@ -20,7 +20,7 @@ use crate::routes::ModuleRoute;
 /// One listing request, its facts gathered once.
 struct Request<'a> {
     route: &'a ModuleRoute,
-    op: String,
+    op: ListingKey,
     cred: Option<HeaderValue>,
     identity: Identity,
     grant: Option<Arc<Grant>>,
@@ -52,12 +52,14 @@ impl Registry {
         self: &Arc<Self>,
         call: &Call,
         route: &ModuleRoute,
-        op: String,
+        op: ListingKey,
     ) -> (Reply, Outcome) {
         let cred = call.authorization.clone();
         let identity = self.secret.identify(cred.as_ref());
         let grant = self.auth.grant(identity, &route.module).await;
-        let own = grant.as_ref().and_then(|g| g.bodies.get(&op).cloned());
+        let own = grant
+            .as_ref()
+            .and_then(|g| g.bodies.get(&*op.as_str()).cloned());
         let req = Request {
             route,
             op,
@@ -214,7 +216,7 @@ impl Registry {
         self: &Arc<Self>,
         identity: Identity,
         route: &ModuleRoute,
-        op: String,
+        op: ListingKey,
     ) {
         let cred: Option<HeaderValue> = self.auth.credential(identity);
         let path = route.upstream_path();
@@ -235,7 +237,7 @@ impl Registry {
                 .auth
                 .grant(identity, &module)
                 .await
-                .and_then(|g| g.bodies.get(&op).cloned());
+                .and_then(|g| g.bodies.get(&*op.as_str()).cloned());
             let lesson = Lesson::Listing {
                 module,
                 op,

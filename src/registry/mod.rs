@@ -37,7 +37,7 @@ use pingora::{Error, Result};
 
 use crate::access::Auth;
 use crate::cache::fill::{End, FillError, Source};
-use crate::cache::records::BodyRef;
+use crate::cache::records::{BodyRef, ListingKey};
 use crate::cache::Cache;
 use crate::clock::now as unix_now;
 use crate::config::{CacheConfig, UnknownIdentity};
@@ -59,11 +59,10 @@ type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Erro
 /// What an upstream answer can teach, per route.
 #[derive(Debug, Clone)]
 pub(super) enum Lesson {
-    /// A listing (`op`: `versions`, `latest`, `v/<version>`); `previous` is the body this
-    /// identity had, to tell MISS from REVALIDATED.
+    /// A listing; `previous` is the body this identity had, to tell MISS from REVALIDATED.
     Listing {
         module: ModuleId,
-        op: String,
+        op: ListingKey,
         path: String,
         previous: Option<BodyRef>,
     },
@@ -221,9 +220,12 @@ impl Registry {
         public: &PublicBase,
     ) -> Result<Option<(Reply, Outcome)>> {
         let answered = match &route.op {
-            ModuleOp::Versions => self.listing(call, route, "versions".into()).await,
-            ModuleOp::Latest => self.listing(call, route, "latest".into()).await,
-            ModuleOp::Version(v) => self.listing(call, route, format!("v/{v}")).await,
+            ModuleOp::Versions => self.listing(call, route, ListingKey::Versions).await,
+            ModuleOp::Latest => self.listing(call, route, ListingKey::Latest).await,
+            ModuleOp::Version(v) => {
+                let key = ListingKey::Version(v.clone());
+                self.listing(call, route, key).await
+            }
             ModuleOp::Download(v) => self.download(call, route, &v.to_string(), public).await,
             ModuleOp::File(v) => self.file(call, route, &v.to_string()).await?,
             ModuleOp::LatestDownload => return Ok(None),

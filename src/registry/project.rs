@@ -24,7 +24,9 @@ use super::reply;
 use super::{source, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, Why};
 use crate::cache::fill::{FillError, Opener};
-use crate::cache::records::{project_tarball_key, SharedListing, KIND_SHARED};
+use crate::cache::records::{
+    project_tarball_key, shared_key, ListingKey, SharedListing, KIND_SHARED,
+};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::respond::{CacheStatus, Reply};
@@ -396,7 +398,7 @@ impl Registry {
 
     async fn remember_latest(&self, module: &ModuleId, version: &str) {
         let meta = self.cache.meta.clone();
-        let key = format!("{module}/latest");
+        let key = shared_key(module, &ListingKey::Latest);
         let record = SharedListing {
             digest: String::new(),
             fetched_at: unix_now(),
@@ -406,7 +408,7 @@ impl Registry {
     }
 
     async fn last_latest(&self, module: &ModuleId) -> Option<String> {
-        self.shared(KIND_SHARED, module, "latest")
+        self.shared(KIND_SHARED, module, &ListingKey::Latest)
             .await
             .and_then(|r| r.versions.into_iter().next())
     }

@@ -6,7 +6,7 @@ use futures::FutureExt;
 use http::{HeaderValue, StatusCode};
 
 use super::{gitlab_token, listed_versions, Registry};
-use crate::cache::records::tarball_key;
+use crate::cache::records::{tarball_key, ListingKey};
 use crate::identity::Identity;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
 use crate::token::Authority;
@@ -57,8 +57,15 @@ impl Registry {
         if small.status != StatusCode::OK {
             return Err(format!("{module}: GitLab answered {}", small.status));
         }
-        self.absorb_listing(identity, cred, module, "versions", &small.body, None)
-            .await;
+        self.absorb_listing(
+            identity,
+            cred,
+            module,
+            &ListingKey::Versions,
+            &small.body,
+            None,
+        )
+        .await;
         let mut wanted: Vec<semver::Version> = listed_versions(&small.body)
             .iter()
             .filter_map(|v| semver::Version::parse(v).ok())
