@@ -256,3 +256,43 @@ impl ContainsStr for bytes::Bytes {
         String::from_utf8_lossy(self).contains(needle)
     }
 }
+
+#[tokio::test]
+async fn a_project_tarball_served_on_a_stale_grant_says_stale() {
+    let f = fixture_with(|c| {
+        c.auth.grant_ttl = Duration::from_secs(1);
+        c.offline.breaker_threshold = 100;
+    });
+    let base = "/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.0.0";
+    let check = format!("{base}?terraform-get=1");
+    let get = format!("{base}?archive=tgz");
+    let allowed = Step::status(StatusCode::NO_CONTENT, "")
+        .header(http::HeaderName::from_static("x-terraform-get"), &get);
+    f.stub.on(&check, ALICE, &[allowed, Step::Refused]);
+    f.stub.on(base, ALICE, &[Step::ok("tarball bytes")]);
+
+    let mut question = call(ALICE);
+    question.terraform_get = true;
+    let (reply, _) = f.ask_project(&question, "1.0.0").await;
+    assert_eq!(reply.status, StatusCode::NO_CONTENT);
+    let (reply, out) = f.ask_project(&call(ALICE), "1.0.0").await;
+    assert_eq!(
+        (reply.status, out.cache),
+        (StatusCode::OK, CacheStatus::Miss),
+        "filled"
+    );
+    drop(reply);
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the grant expires
+
+    // GitLab is down now: Alice's expired grant lets her have the cached bytes, stale.
+    let (reply, out) = f.ask_project(&call(ALICE), "1.0.0").await;
+    assert_eq!(
+        (reply.status, out.cache),
+        (StatusCode::OK, CacheStatus::Stale)
+    );
+    assert_eq!(
+        reply.header("x-cache-status"),
+        Some("STALE"),
+        "the header says what the log says"
+    );
+}

@@ -139,7 +139,9 @@ impl Fetcher for Stub {
 
     async fn open(&self, path: &str, auth: Option<&HeaderValue>) -> Result<reqwest::Response> {
         self.opens.fetch_add(1, Ordering::SeqCst);
-        let (status, headers, body) = play(self.next(path, auth)).await?;
+        let (status, mut headers, body) = play(self.next(path, auth)).await?;
+        // Framed, as GitLab frames it: an unframed body is never kept.
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         let mut resp = http::Response::new(body);
         *resp.status_mut() = status;
         *resp.headers_mut() = headers;
@@ -219,5 +221,25 @@ impl Fixture {
             .await
             .expect("no cache error")
             .expect("a registry answer")
+    }
+}
+
+/// The project route of module `vpc/aws` in project 1, at `version`.
+pub(crate) fn project_route(version: &str) -> crate::routes::ProjectRoute {
+    let path = format!("/api/v4/projects/1/packages/terraform/modules/vpc/aws/{version}");
+    match crate::routes::parse(&Method::GET, &path) {
+        Ok(Route::Project(p)) => p,
+        other => panic!("{path} is no project route: {other:?}"),
+    }
+}
+
+impl Fixture {
+    /// Ask the registry a project route, as the edge does, without writing.
+    pub(crate) async fn ask_project(&self, call: &Call, version: &str) -> (Reply, Outcome) {
+        let route = project_route(version);
+        self.registry
+            .project_download(call, &route, call.terraform_get, &self.public)
+            .await
+            .expect("no cache error")
     }
 }
