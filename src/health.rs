@@ -142,7 +142,7 @@ impl Health {
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored), capped at
-/// [`MAX_RETRY_AFTER`].
+/// `MAX_RETRY_AFTER` (300 s).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let secs: u64 = headers
         .get(header::RETRY_AFTER)?

@@ -20,12 +20,12 @@
 //! | | [`accesslog`] | the access log line and request metrics of each request |
 //! | | [`workers`] | one pingora service and `SO_REUSEPORT` socket per thread |
 //! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
-//! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: facts in, I/O around [`access::policy`] |
+//! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: a [`registry::Call`] in, a [`respond::Reply`] out, I/O around [`access::policy`] |
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
 //! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, timeouts |
 //! | | [`upstream_tls`] | TLS trust for the upstream: one verifier for both clients (a self-signed `upstream_ca` pinned) |
-//! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects) |
+//! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects); [`fetch::Fetcher`], the seam a test stub fills |
 //! | | [`health`] | circuit breaker and probe: is the upstream reachable? |
 //! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs streamed verified ([`cache::verified`]), coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |
 //! | L0 leaves | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
@@ -36,7 +36,7 @@
 //! | | [`provider_routes`] | `/providers/...` paths parsed into a typed route |
 //! | | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
 //! | | [`constraint`] | Terraform version constraints, for `warm` |
-//! | | [`respond`] | responses tfmirror writes itself, in GitLab's JSON shapes; `X-Cache-Status` |
+//! | | [`respond`] | answers as values ([`respond::Reply`]) and the one writer that puts them on the wire ([`respond::write`]); GitLab's JSON shapes; `X-Cache-Status` |
 //! | | [`metrics`] | Prometheus families and their labels; imports nothing from the crate |
 //! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |
 //! | | [`pem`] | certificate and key files |

@@ -7,7 +7,7 @@ use pingora::proxy::Session;
 use pingora::Result;
 
 /// A response as a value: what to answer, decided before anything is written. Handlers
-/// build one; [`write`] alone turns it into bytes on the session, so every answer gets the
+/// build one; [`write()`] alone turns it into bytes on the session, so every answer gets the
 /// same framing, HEAD handling and cut-on-error.
 pub struct Reply {
     pub status: StatusCode,

@@ -6,7 +6,7 @@
 //!    against one of the registry's `signing_keys.gpg_public_keys`;
 //! 2. the zip's file name is listed in that document, with the sha256 the registry's download
 //!    answer gives as `shasum`;
-//! 3. the zip's bytes hash to that sha256 ([`Sha256Check`], while they stream).
+//! 3. the zip's bytes hash to that sha256 ([`sha256_checked`], while they stream).
 //!
 //! Signatures are checked with rpgp (`pgp`, pure Rust), never by hand.
 
