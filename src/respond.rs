@@ -129,7 +129,7 @@ impl Reply {
         self
     }
 
-    /// The status and, for a body known whole, the body (for tests and logs).
+    /// The body, when it is known whole (for tests; a stream is not read here).
     pub fn full_body(&self) -> Option<&Bytes> {
         match &self.body {
             Body::Full(b) => Some(b),
