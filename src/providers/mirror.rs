@@ -11,25 +11,21 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures::StreamExt;
-use http::{header, Method, StatusCode};
+use http::StatusCode;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
+use super::reply;
 use super::route::ProviderId;
 use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
-use super::{archive_key, Failed, Found, Providers};
+use super::{archive_key, Failed, Providers};
 use crate::cache::blobs::Hash;
-use crate::cache::body::{hold_last, Body};
+use crate::cache::body::hold_last;
 use crate::cache::verified::VerifiedBlob;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, Reply};
 use crate::rewrite::PublicBase;
-
-const JSON: &str = "application/json";
-const ZIP: &str = "application/zip";
-const STALE_WARNING: &str = "110 - \"Response is Stale\"";
 
 /// The `{"versions":{...}}` body of `index.json`.
 pub fn index_body(versions: &[super::upstream::VersionInfo]) -> String {
@@ -69,21 +65,20 @@ pub fn rewrite_download(mut answer: serde_json::Value, base: &str, platform: &Pl
     answer.to_string()
 }
 
-/// Write a found value as JSON (its body made by `body`), or the failure's status. Returns
-/// what the cache did.
-async fn json_or_error<T>(
-    session: &mut Session,
-    found: std::result::Result<Found<T>, Failed>,
-    body: impl FnOnce(T) -> String,
-) -> Result<CacheStatus> {
-    match found {
-        Ok(f) => {
-            write_json(session, f.cache, f.age, body(f.value)).await?;
-            Ok(f.cache)
-        }
-        Err(Failed { status, cache }) => {
-            write_error(session, status, cache).await?;
-            Ok(cache)
+/// What the provider mirror reads of a request: whether it is a HEAD, and nothing else of
+/// pingora's session (no credential: registries are asked anonymously), so that every answer
+/// is decided in a unit test without one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Call {
+    /// `HEAD`: answered like GET without a body, and never starts a package fill (Terraform's
+    /// HEAD is answered from what is cached; the GET does the work).
+    pub head: bool,
+}
+
+impl Call {
+    pub fn of(req: &pingora::http::RequestHeader) -> Call {
+        Call {
+            head: req.method == http::Method::HEAD,
         }
     }
 }
@@ -96,34 +91,38 @@ impl Providers {
         route: &ProviderRoute,
         public: &PublicBase,
     ) -> Result<CacheStatus> {
+        let call = Call::of(session.req_header());
+        let (reply, cache) = self.answer(&call, route, public).await?;
+        respond::write(session, reply).await?;
+        Ok(cache)
+    }
+
+    /// The answer to a provider route, as a value, with what the cache did. Errors only when
+    /// a committed package cannot be opened.
+    pub async fn answer(
+        self: &Arc<Self>,
+        call: &Call,
+        route: &ProviderRoute,
+        public: &PublicBase,
+    ) -> Result<(Reply, CacheStatus)> {
         let p = &route.provider;
         if !self.registries.knows(&p.host) {
-            write_error(session, StatusCode::NOT_FOUND, CacheStatus::Bypass).await?;
-            return Ok(CacheStatus::Bypass);
+            return Ok(reply::failed(Failed {
+                status: StatusCode::NOT_FOUND,
+                cache: CacheStatus::Bypass,
+            }));
         }
-        match &route.op {
-            ProviderOp::Index => {
-                let found = self.versions(p).await;
-                json_or_error(session, found, |r| index_body(&r.versions)).await
-            }
+        let answered = match &route.op {
+            ProviderOp::Index => reply::found(self.versions(p).await, |r| index_body(&r.versions)),
             ProviderOp::Version(v) => {
                 let version = v.to_string();
                 let found = self.sums(p, &version).await;
-                json_or_error(session, found, |r| version_body(&version, &r)).await
+                reply::found(found, |r| version_body(&version, &r))
             }
-            ProviderOp::Sums(v) => self.serve_sums_file(session, p, v, false).await,
-            ProviderOp::SumsSignature(v) => self.serve_sums_file(session, p, v, true).await,
+            ProviderOp::Sums(v) => self.serve_sums_file(p, v, false).await,
+            ProviderOp::SumsSignature(v) => self.serve_sums_file(p, v, true).await,
             ProviderOp::RegistryVersions => {
-                let found = self.versions(p).await;
-                json_or_error(session, found, |r| {
-                    serde_json::json!({
-                        "id": format!("{}/{}", p.namespace, p.name),
-                        "versions": r.versions,
-                        "warnings": null,
-                    })
-                    .to_string()
-                })
-                .await
+                reply::found(self.versions(p).await, |r| registry_versions_body(p, &r))
             }
             ProviderOp::RegistryDownload(v, platform) => {
                 let version = v.to_string();
@@ -132,40 +131,30 @@ impl Providers {
                     public.origin, public.prefix
                 );
                 let found = self.download_answer(p, &version, platform).await;
-                json_or_error(session, found, |r| {
-                    rewrite_download(r.answer, &base, platform)
-                })
-                .await
+                reply::found(found, |r| rewrite_download(r.answer, &base, platform))
             }
             ProviderOp::ModuleVersions(system) => {
                 let listing = super::Listing::Module(p.clone(), system.clone());
-                let found = self.listing(&listing).await;
-                json_or_error(session, found, |r| {
+                reply::found(self.listing(&listing).await, |r| {
                     r.module_listing.clone().unwrap_or_default().to_string()
                 })
-                .await
             }
-            ProviderOp::ModuleDownload(system, v) => {
-                self.serve_module_download(session, p, system, v).await
-            }
-            ProviderOp::Archive(v, platform) => self.serve_archive(session, p, v, platform).await,
-        }
+            ProviderOp::ModuleDownload(system, v) => self.serve_module_download(p, system, v).await,
+            ProviderOp::Archive(v, platform) => self.serve_archive(call, p, v, platform).await?,
+        };
+        Ok(answered)
     }
 
     /// `SHA256SUMS` or its signature, the exact bytes that were verified.
     async fn serve_sums_file(
         self: &Arc<Self>,
-        session: &mut Session,
         p: &ProviderId,
         v: &semver::Version,
         sig: bool,
-    ) -> Result<CacheStatus> {
+    ) -> (Reply, CacheStatus) {
         let sums = match self.sums(p, &v.to_string()).await {
             Ok(f) => f,
-            Err(Failed { status, cache }) => {
-                write_error(session, status, cache).await?;
-                return Ok(cache);
-            }
+            Err(f) => return reply::failed(f),
         };
         let blob = if sig {
             &sums.value.signature
@@ -179,181 +168,119 @@ impl Providers {
         let Some(bytes) = bytes else {
             // Unsigned (allowed) versions have no signature; a lost blob is a 404 until the
             // checksums are purged and fetched again.
-            write_error(session, StatusCode::NOT_FOUND, sums.cache).await?;
-            return Ok(sums.cache);
+            return reply::failed(Failed {
+                status: StatusCode::NOT_FOUND,
+                cache: sums.cache,
+            });
         };
-        let content_type = if sig {
-            "application/octet-stream"
-        } else {
-            "text/plain; charset=utf-8"
-        };
-        let reply = Reply::full(StatusCode::OK, bytes)
-            .with(header::CONTENT_TYPE, content_type)
-            .cache(sums.cache);
-        respond::write(session, reply).await?;
-        Ok(sums.cache)
+        (reply::sums_file(sums.cache, bytes, sig), sums.cache)
     }
 
     /// A public module's download answer: 204 with `X-Terraform-Get`.
     async fn serve_module_download(
         self: &Arc<Self>,
-        session: &mut Session,
         p: &ProviderId,
         system: &str,
         v: &semver::Version,
-    ) -> Result<CacheStatus> {
+    ) -> (Reply, CacheStatus) {
         match self.module_download(p, system, &v.to_string()).await {
-            Ok(f) => {
-                let get = http::HeaderName::from_static("x-terraform-get");
-                let reply = Reply::full(StatusCode::NO_CONTENT, Bytes::new())
-                    .with_text(get, &f.value.location)
-                    .cache(f.cache);
-                respond::write(session, reply).await?;
-                Ok(f.cache)
-            }
-            Err(Failed { status, cache }) => {
-                write_error(session, status, cache).await?;
-                Ok(cache)
-            }
+            Ok(f) => (reply::module_download(f.cache, &f.value.location), f.cache),
+            Err(f) => reply::failed(f),
         }
     }
 
-    /// A package: from the blob store, or from its (single) fill.
+    /// A package: from the blob store, or from its (single) fill. A HEAD never starts one.
     async fn serve_archive(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         p: &ProviderId,
         v: &semver::Version,
         platform: &Platform,
-    ) -> Result<CacheStatus> {
+    ) -> Result<(Reply, CacheStatus)> {
         let version = v.to_string();
         let key = archive_key(p, &version, platform);
-        let head = session.req_header().method == Method::HEAD;
         if let Some(entry) = self.cached_archive(&key).await {
             if let Some(hash) = entry.hash() {
-                if self.serve_blob(session, &key, hash, entry.size).await? {
-                    return Ok(CacheStatus::Hit);
+                if let Some(hit) = self.serve_blob(&key, hash, entry.size).await? {
+                    return Ok((hit, CacheStatus::Hit));
                 }
             }
             self.cache.drop_tarball(&key).await;
         }
-        if head {
+        if call.head {
             // The length is unknown until a GET fills it: say nothing rather than 0.
             let empty = futures::stream::empty().boxed();
-            respond::write(session, zip(CacheStatus::Miss, None, empty)).await?;
-            return Ok(CacheStatus::Miss);
+            return Ok((
+                reply::zip(CacheStatus::Miss, None, empty),
+                CacheStatus::Miss,
+            ));
         }
         let sums = match self.sums(p, &version).await {
             Ok(f) => f.value,
-            Err(Failed { status, cache }) => {
-                write_error(session, status, cache).await?;
-                return Ok(cache);
-            }
+            Err(f) => return Ok(reply::failed(f)),
         };
-        let failed = match sums.archives.get(&platform.to_string()) {
-            None => Some((StatusCode::NOT_FOUND, CacheStatus::Miss)),
-            Some(_) if !self.registries.available(&p.host) => {
-                let f = self.unavailable();
-                Some((f.status, f.cache))
-            }
-            Some(pkg) => match self.start_archive_fill(p, &version, platform, pkg) {
-                Ok((fill, leader)) => {
-                    if !leader {
-                        metrics::COALESCED_WAITS.inc();
-                    }
-                    serve_fill(session, &fill).await?;
-                    None
-                }
-                Err(e) => {
-                    metrics::CACHE_WRITE_ERRORS.inc();
-                    tracing::error!(error = %e, "cannot write to the cache; provider package not served");
-                    Some((StatusCode::SERVICE_UNAVAILABLE, CacheStatus::Miss))
-                }
-            },
+        let Some(pkg) = sums.archives.get(&platform.to_string()) else {
+            return Ok(reply::failed(Failed {
+                status: StatusCode::NOT_FOUND,
+                cache: CacheStatus::Miss,
+            }));
         };
-        match failed {
-            Some((status, cache)) => {
-                write_error(session, status, cache).await?;
-                Ok(cache)
-            }
-            None => Ok(CacheStatus::Miss),
+        if !self.registries.available(&p.host) {
+            return Ok(reply::failed(self.unavailable()));
         }
+        let failed = match self.start_archive_fill(p, &version, platform, pkg) {
+            Ok((fill, leader)) => {
+                if !leader {
+                    metrics::COALESCED_WAITS.inc();
+                }
+                return Ok((serve_fill(&fill).await, CacheStatus::Miss));
+            }
+            Err(e) => e,
+        };
+        metrics::CACHE_WRITE_ERRORS.inc();
+        tracing::error!(error = %failed, "cannot write to the cache; provider package not served");
+        Ok(reply::failed(Failed {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            cache: CacheStatus::Miss,
+        }))
     }
 
-    /// Serve a committed package, verified as it is read. False when it is gone or corrupt
-    /// before the first byte (nothing written). Large blobs are streamed with the last chunk
-    /// held back until the hash checks out: a corrupt blob never reaches a client whole.
-    async fn serve_blob(
-        &self,
-        session: &mut Session,
-        key: &str,
-        hash: Hash,
-        size: u64,
-    ) -> Result<bool> {
+    /// A committed package, verified as it is read. None when it is gone or corrupt before
+    /// the first byte. Large blobs are streamed with the last chunk held back until the hash
+    /// checks out: a corrupt blob never reaches a client whole.
+    async fn serve_blob(&self, key: &str, hash: Hash, size: u64) -> Result<Option<Reply>> {
         if size <= self.cache.memory_max_object() {
-            let Some(bytes) = self.cache.get_small(hash).await.ok().flatten() else {
-                return Ok(false);
-            };
-            let reply = Reply::full(StatusCode::OK, bytes)
-                .with(header::CONTENT_TYPE, ZIP)
-                .cache(CacheStatus::Hit);
-            respond::write(session, reply).await?;
-            return Ok(true);
+            let bytes = self.cache.get_small(hash).await.ok().flatten();
+            return Ok(bytes.map(|b| reply::zip_bytes(CacheStatus::Hit, b)));
         }
         let opened = VerifiedBlob::open(&self.cache, key, hash, "provider package")
             .await
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        let Some(blob) = opened else {
-            return Ok(false);
-        };
-        let len = Some(blob.len());
-        respond::write(session, zip(CacheStatus::Hit, len, blob.into_body())).await?;
-        Ok(true)
+        Ok(opened.map(|blob| {
+            let len = Some(blob.len());
+            reply::zip(CacheStatus::Hit, len, blob.into_body())
+        }))
     }
 }
 
-/// Stream a fill to the client. The last chunk is held back until the fill is committed,
+/// The registry protocol's `versions` answer for `p`.
+fn registry_versions_body(p: &ProviderId, r: &super::VersionsRecord) -> String {
+    serde_json::json!({
+        "id": format!("{}/{}", p.namespace, p.name),
+        "versions": r.versions,
+        "warnings": null,
+    })
+    .to_string()
+}
+
+/// A fill as the client's answer. The last chunk is held back until the fill is committed,
 /// which happens only once the zip's sha256 matched the signed one: a package that fails
 /// verification is cut short, never delivered whole.
-async fn serve_fill(session: &mut Session, fill: &crate::cache::fill::Fill) -> Result<()> {
-    let len = match fill.started().await {
-        Ok(len) => len,
-        Err(e) => return write_error(session, e.status(), CacheStatus::Miss).await,
-    };
-    respond::write(session, zip(CacheStatus::Miss, len, hold_last(fill.body()))).await
-}
-
-/// A package answer streamed from the store or its fill; the writer frames an unknown
-/// length so that a cut shows (without it, pingora would delimit the body by closing the
-/// connection, and a package cut for failing verification would look whole).
-fn zip(cache: CacheStatus, len: Option<u64>, body: Body) -> Reply {
-    let chunks = body.map(|c| c.map_err(Into::into)).boxed();
-    Reply::stream(len, chunks)
-        .with(header::CONTENT_TYPE, ZIP)
-        .cache(cache)
-}
-
-async fn write_json(
-    session: &mut Session,
-    cache: CacheStatus,
-    age: u64,
-    body: String,
-) -> Result<()> {
-    let mut reply = Reply::full(StatusCode::OK, body)
-        .with(header::CONTENT_TYPE, JSON)
-        .cache(cache)
-        .with_value(header::AGE, http::HeaderValue::from(age));
-    if cache == CacheStatus::Stale {
-        reply = reply.with(header::WARNING, STALE_WARNING);
+async fn serve_fill(fill: &crate::cache::fill::Fill) -> Reply {
+    match fill.started().await {
+        Ok(len) => reply::zip(CacheStatus::Miss, len, hold_last(fill.body())),
+        Err(e) => reply::error(e.status(), CacheStatus::Miss),
     }
-    respond::write(session, reply).await
-}
-
-async fn write_error(session: &mut Session, status: StatusCode, cache: CacheStatus) -> Result<()> {
-    let reply = Reply::full(status, respond::message_body(status))
-        .with(header::CONTENT_TYPE, JSON)
-        .cache(cache);
-    respond::write(session, reply).await
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! | [`upstream`] | registry calls (discovery, `versions`, `download`), fetch rules, breakers |
 //! | [`verify`] | OpenPGP signature of `SHA256SUMS`, package checksums, `zh:` hashes |
 //! | [`freshness`] | what to do with a cached version list (pure) |
-//! | [`mirror`] | the network mirror protocol's answers, written to the client |
+//! | [`mirror`] | the answers to provider routes (network mirror and registry protocols), decided as values |
+//! | `reply` | those answers' shapes ([`crate::respond::Reply`]); `respond::write` alone writes them |
 //!
 //! This module holds the cache logic between them:
 //! - **version lists** (`provider-versions` records) follow `cache.listing_ttl`,
@@ -22,6 +23,7 @@
 
 pub mod freshness;
 pub mod mirror;
+mod reply;
 /// Provider paths (a leaf module of its own, so `routes` can name them).
 pub use crate::provider_routes as route;
 pub mod upstream;

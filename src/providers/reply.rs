@@ -1,0 +1,90 @@
+//! The provider mirror's answers as values ([`Reply`]), in the shapes the network mirror and
+//! registry protocols take. Nothing here writes: `crate::respond::write` does, once, for
+//! every provider route.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{header, HeaderValue, StatusCode};
+
+use super::{Failed, Found};
+use crate::cache::body::Body;
+use crate::respond::{self, CacheStatus, Reply};
+
+const JSON: &str = "application/json";
+const ZIP: &str = "application/zip";
+/// RFC 7234's warning for stale answers, next to `X-Cache-Status: STALE`.
+const STALE_WARNING: &str = "110 - \"Response is Stale\"";
+
+/// A found value as JSON (its body made by `body`), or the failure's error; with what the
+/// cache did.
+pub(super) fn found<T>(
+    found: Result<Found<T>, Failed>,
+    body: impl FnOnce(T) -> String,
+) -> (Reply, CacheStatus) {
+    match found {
+        Ok(f) => (json(f.cache, f.age, body(f.value)), f.cache),
+        Err(f) => failed(f),
+    }
+}
+
+/// A failure's error answer, with what the cache did.
+pub(super) fn failed(Failed { status, cache }: Failed) -> (Reply, CacheStatus) {
+    (error(status, cache), cache)
+}
+
+/// A JSON body from the cache or the registry, `age` seconds old; a stale one says so.
+pub(super) fn json(cache: CacheStatus, age: u64, body: String) -> Reply {
+    let reply = Reply::full(StatusCode::OK, body)
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(cache)
+        .with_value(header::AGE, HeaderValue::from(age));
+    if cache == CacheStatus::Stale {
+        reply.with(header::WARNING, STALE_WARNING)
+    } else {
+        reply
+    }
+}
+
+/// The registry's error shape for `status` (`{"message":"502 Bad Gateway"}`). Without the
+/// `Cache-Control: no-store` of [`Reply::error`]: no provider answer carries one.
+pub(super) fn error(status: StatusCode, cache: CacheStatus) -> Reply {
+    Reply::full(status, respond::message_body(status))
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(cache)
+}
+
+/// `SHA256SUMS` (text) or its signature (octets), the exact bytes that were verified.
+pub(super) fn sums_file(cache: CacheStatus, bytes: Bytes, signature: bool) -> Reply {
+    let content_type = if signature {
+        "application/octet-stream"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    Reply::full(StatusCode::OK, bytes)
+        .with(header::CONTENT_TYPE, content_type)
+        .cache(cache)
+}
+
+/// A public module's download answer: 204 whose `X-Terraform-Get` is `location`.
+pub(super) fn module_download(cache: CacheStatus, location: &str) -> Reply {
+    Reply::full(StatusCode::NO_CONTENT, Bytes::new())
+        .with_text(http::HeaderName::from_static("x-terraform-get"), location)
+        .cache(cache)
+}
+
+/// A small package known whole (from the memory tier or a small blob).
+pub(super) fn zip_bytes(cache: CacheStatus, bytes: Bytes) -> Reply {
+    Reply::full(StatusCode::OK, bytes)
+        .with(header::CONTENT_TYPE, ZIP)
+        .cache(cache)
+}
+
+/// A package answer streamed from the store or its fill; the writer frames an unknown
+/// length so that a cut shows (without it, pingora would delimit the body by closing the
+/// connection, and a package cut for failing verification would look whole).
+pub(super) fn zip(cache: CacheStatus, len: Option<u64>, body: Body) -> Reply {
+    let chunks = body.map(|c| c.map_err(Into::into)).boxed();
+    Reply::stream(len, chunks)
+        .with(header::CONTENT_TYPE, ZIP)
+        .cache(cache)
+}
