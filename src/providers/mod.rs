@@ -30,6 +30,11 @@ pub mod upstream;
 pub mod verify;
 pub mod warm;
 
+#[cfg(test)]
+mod answer_tests;
+#[cfg(test)]
+mod testkit;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -184,9 +189,33 @@ pub struct Providers {
 }
 
 impl Providers {
+    /// The provider mirror of `config`, its registries reached over https.
     pub fn new(config: &crate::config::Config, cache: Arc<Cache>) -> Result<Providers, String> {
-        Ok(Providers {
-            registries: Arc::new(Registries::new(config)?),
+        Ok(Providers::with_registries(
+            config,
+            cache,
+            Registries::new(config)?,
+        ))
+    }
+
+    /// The provider mirror of `config`, its registries reached through `transport` (a stub,
+    /// in unit tests).
+    pub fn with_transport(
+        config: &crate::config::Config,
+        cache: Arc<Cache>,
+        transport: Arc<dyn upstream::Transport>,
+    ) -> Providers {
+        let registries = Registries::with_transport(config, transport);
+        Providers::with_registries(config, cache, registries)
+    }
+
+    fn with_registries(
+        config: &crate::config::Config,
+        cache: Arc<Cache>,
+        registries: Registries,
+    ) -> Providers {
+        Providers {
+            registries: Arc::new(registries),
             cache,
             windows: Windows {
                 ttl: config.cache.listing_ttl.as_secs(),
@@ -210,7 +239,7 @@ impl Providers {
                 .time_to_idle(Duration::from_secs(60))
                 .build(),
             refreshing: Mutex::new(HashSet::new()),
-        })
+        }
     }
 
     fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -10,9 +10,13 @@
 //!
 //! URLs can carry signatures (presigned CDN links): none is ever logged, and reqwest's errors
 //! are stripped of theirs ([`crate::fetch::upstream_error`]).
+//!
+//! Every GET goes through a [`Transport`], the one seam between the mirror and the network
+//! (as [`crate::fetch::Fetcher`] is for GitLab): the real one is an https client, unit tests
+//! put a stub there; discovery, fetch rules, redirects and breakers run above it either way.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -196,20 +200,25 @@ impl Breaker {
     }
 }
 
-pub struct Registries {
-    bases: BTreeMap<String, Url>,
-    allowed: Vec<String>,
-    http: reqwest::Client,
-    discovered: moka::sync::Cache<String, Url>,
-    read_timeout: Duration,
-    max_small: usize,
-    breakers: Mutex<BTreeMap<String, Breaker>>,
-    threshold: u32,
-    offline: bool,
+/// How tfmirror reaches provider registries and the files their answers name: one GET, no
+/// redirect followed (each hop is checked against the fetch rules by the caller). The real
+/// one is an https client ([`Registries::new`]); provider unit tests put a stub there, so
+/// the mirror's decisions (stale lists, refusals, fills) are tested without a process.
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// GET `url` once; the response as soon as its head is in.
+    async fn get(&self, url: &Url) -> Result<reqwest::Response, UpError>;
 }
 
-impl Registries {
-    pub fn new(config: &crate::config::Config) -> Result<Registries, String> {
+/// The https client: no proxy, no credential, redirects left to the caller, the head within
+/// `timeouts.read`.
+struct Http {
+    client: reqwest::Client,
+    read_timeout: Duration,
+}
+
+impl Http {
+    fn new(config: &crate::config::Config) -> Result<Http, String> {
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("tfmirror/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.timeouts.connect)
@@ -225,21 +234,63 @@ impl Registries {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        Ok(Registries {
+        Ok(Http {
+            client: builder.build().map_err(|e| e.to_string())?,
+            read_timeout: config.timeouts.read,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for Http {
+    async fn get(&self, url: &Url) -> Result<reqwest::Response, UpError> {
+        tokio::time::timeout(self.read_timeout, self.client.get(url.clone()).send())
+            .await
+            .map_err(|_| UpError::Transport { timeout: true })?
+            .map_err(|e| {
+                let timeout = e.is_timeout();
+                tracing::warn!(error = %crate::fetch::upstream_error(e), "provider registry unreachable");
+                UpError::Transport { timeout }
+            })
+    }
+}
+
+pub struct Registries {
+    bases: BTreeMap<String, Url>,
+    allowed: Vec<String>,
+    http: Arc<dyn Transport>,
+    discovered: moka::sync::Cache<String, Url>,
+    max_small: usize,
+    breakers: Mutex<BTreeMap<String, Breaker>>,
+    threshold: u32,
+    offline: bool,
+}
+
+impl Registries {
+    /// The registries of `config`, reached over https.
+    pub fn new(config: &crate::config::Config) -> Result<Registries, String> {
+        Ok(Registries::with_transport(
+            config,
+            Arc::new(Http::new(config)?),
+        ))
+    }
+
+    /// The registries of `config`, reached through `http`.
+    pub fn with_transport(config: &crate::config::Config, http: Arc<dyn Transport>) -> Registries {
+        Registries {
             bases: config.providers.upstreams(),
             allowed: config.providers.allowed_hosts(),
-            http: builder.build().map_err(|e| e.to_string())?,
+            http,
             discovered: moka::sync::Cache::builder()
                 .max_capacity(1000)
                 .time_to_live(DISCOVERY_TTL)
                 .build(),
-            read_timeout: config.timeouts.read,
             max_small: usize::try_from(config.limits.max_listing_size.as_u64())
                 .unwrap_or(usize::MAX),
             breakers: Mutex::new(BTreeMap::new()),
             threshold: config.offline.breaker_threshold.max(1),
             offline: config.offline.enabled,
-        })
+        }
     }
 
     /// Is `host` a configured registry?
@@ -512,8 +563,8 @@ impl Registries {
     }
 
     /// GET `url`, following redirects by hand. With `named` empty the URL is a registry call
-    /// (https enforced by the client); otherwise every hop must pass [`may_fetch`]. The head
-    /// must come within `timeouts.read`.
+    /// (https enforced by the client); otherwise every hop must pass [`may_fetch`]. Each hop
+    /// is one [`Transport::get`] (the https client's head must come within `timeouts.read`).
     async fn get_following(
         &self,
         url: &Url,
@@ -528,14 +579,7 @@ impl Registries {
                 );
                 return Err(UpError::Protocol("host not allowed for provider downloads"));
             }
-            let resp = tokio::time::timeout(self.read_timeout, self.http.get(url.clone()).send())
-                .await
-                .map_err(|_| UpError::Transport { timeout: true })?
-                .map_err(|e| {
-                    let timeout = e.is_timeout();
-                    tracing::warn!(error = %crate::fetch::upstream_error(e), "provider registry unreachable");
-                    UpError::Transport { timeout }
-                })?;
+            let resp = self.http.get(&url).await?;
             if resp.status().is_redirection() {
                 let next = resp
                     .headers()
