@@ -81,7 +81,7 @@ async fn slow_below_the_deadline_is_waited_for_not_served_stale() {
     let slow = Step::ok(newer).after(Duration::from_millis(400));
     f.stub.on(&path, ALICE, &[Step::ok(VERSIONS), slow]);
     f.ask(&call(ALICE), "versions").await;
-    tokio::time::sleep(Duration::from_millis(2100)).await; // the grant expires
+    crate::clock::advance(Duration::from_secs(2)); // the grant expires
 
     let (reply, out) = f.ask(&call(ALICE), "versions").await;
     assert_eq!(
@@ -110,7 +110,7 @@ async fn past_the_deadline_stale_is_served_and_the_late_refusal_still_revokes() 
         &[Step::ok(VERSIONS), late_refusal, Step::Refused],
     );
     f.ask(&call(ALICE), "versions").await;
-    tokio::time::sleep(Duration::from_millis(2100)).await; // the grant expires
+    crate::clock::advance(Duration::from_secs(2)); // the grant expires
 
     let (reply, out) = f.ask(&call(ALICE), "versions").await;
     assert_eq!(out.cache, CacheStatus::Stale, "GitLab missed the deadline");
@@ -261,6 +261,7 @@ impl ContainsStr for bytes::Bytes {
 async fn a_project_tarball_served_on_a_stale_grant_says_stale() {
     let f = fixture_with(|c| {
         c.auth.grant_ttl = Duration::from_secs(1);
+        c.cache.stale_while_revalidate = Duration::ZERO;
         c.offline.breaker_threshold = 100;
     });
     let base = "/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.0.0";
@@ -281,8 +282,8 @@ async fn a_project_tarball_served_on_a_stale_grant_says_stale() {
         (StatusCode::OK, CacheStatus::Miss),
         "filled"
     );
-    drop(reply);
-    tokio::time::sleep(Duration::from_millis(2100)).await; // the grant expires
+    assert_eq!(body_of(reply).await, "tarball bytes");
+    crate::clock::advance(Duration::from_secs(2)); // the grant expires
 
     // GitLab is down now: Alice's expired grant lets her have the cached bytes, stale.
     let (reply, out) = f.ask_project(&call(ALICE), "1.0.0").await;
@@ -295,4 +296,16 @@ async fn a_project_tarball_served_on_a_stale_grant_says_stale() {
         Some("STALE"),
         "the header says what the log says"
     );
+}
+
+/// A reply's body, read to its end (a fill's reader ends once the fill is committed).
+async fn body_of(reply: crate::respond::Reply) -> String {
+    use futures::StreamExt;
+    match reply.body {
+        Body::Full(b) => String::from_utf8_lossy(&b).into_owned(),
+        Body::Stream { chunks, .. } => {
+            let parts: Vec<_> = chunks.map(|c| c.expect("a whole body")).collect().await;
+            String::from_utf8_lossy(&parts.concat()).into_owned()
+        }
+    }
 }
