@@ -1,15 +1,21 @@
 //! Micro-benchmarks of the per-request work on the cache-hit path, and the heap
 //! allocations each step makes (a counting global allocator; printed first).
-//! Run: `cargo bench --bench hot_path`.
+//! Run: `cargo bench --bench hot_path`; `cargo bench --bench hot_path -- allocations` prints
+//! the allocation table only (no benchmark is named so).
+
+#[path = "../tests/common/fake_gitlab.rs"]
+mod fake_gitlab;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, Criterion};
 use http::{header, HeaderValue, Method, StatusCode};
+use pingora::apps::ServerApp;
 use pingora::http::ResponseHeader;
 use tfmirror::accesslog::{self, Entry};
 use tfmirror::cache::Cache;
@@ -18,6 +24,7 @@ use tfmirror::respond::CacheStatus;
 use tfmirror::rewrite::{PublicBase, Rewriter};
 use tfmirror::routes::{self, ModuleId};
 use tfmirror::token::Tokens;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn parse(c: &mut Criterion) {
     let file = "/api/v4/packages/terraform/modules/v1/infra/vpc/aws/1.10.0/file";
@@ -153,10 +160,13 @@ fn access_entry(route: &routes::Route) -> Entry<'_> {
     }
 }
 
+/// The subscriber `tfmirror serve` installs at its default level (`main.rs`
+/// `init_logging`), writing into a per-thread buffer whose sink discards.
 fn install_log_subscriber() {
     let buffer = tfmirror::logbuf::LogBuffer::new(std::io::sink(), 64 << 10);
     tracing_subscriber::fmt()
         .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info,tfmirror=info"))
         .with_current_span(false)
         .with_writer(buffer)
         .init();
@@ -173,8 +183,101 @@ fn access_log(c: &mut Criterion) {
     });
 }
 
-/// Allocations per step of a cached listing hit that tfmirror's own code makes (pingora's
-/// request parsing and response writing not included).
+const BENCH_TOKEN: &str = "glpat-bench-000000000000";
+const HIT_REQUEST: &[u8] =
+    b"GET /api/v4/packages/terraform/modules/v1/bench/listing/aws/versions HTTP/1.1\r\n\
+Host: 127.0.0.1:8080\r\nAuthorization: Bearer glpat-bench-000000000000\r\nUser-Agent: wrk\r\n\r\n";
+
+/// Send one request on a keep-alive connection and read its whole answer (head and a
+/// `Content-Length` body) into `buf`; returns its length.
+async fn exchange(client: &mut tokio::io::DuplexStream, buf: &mut [u8]) -> usize {
+    client.write_all(HIT_REQUEST).await.unwrap();
+    let mut got = 0;
+    loop {
+        let n = client.read(&mut buf[got..]).await.unwrap();
+        assert!(n > 0, "tfmirror closed the connection");
+        got += n;
+        let Some(end) = buf[..got].windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..end]).unwrap();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(": ")?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.parse().unwrap())
+            })
+            .unwrap_or(0);
+        if got >= end + 4 + len {
+            return got;
+        }
+    }
+}
+
+/// Allocations per cached listing hit through the whole server, in process: pingora's
+/// request parsing and response writing, tfmirror's hooks and the access line, on one
+/// keep-alive connection (a tokio duplex pipe instead of a socket). Returns the count and
+/// the head of the last answer.
+fn whole_hit_allocations() -> (f64, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let gl = fake_gitlab::FakeGitlab::start().await;
+        gl.set_record_headers(false);
+        gl.add_token(BENCH_TOKEN, "bench");
+        gl.add_group("bench", false, &[BENCH_TOKEN]);
+        gl.add_module("bench", 1, "listing", "aws", &["1.0.0", "1.1.0", "1.2.0"]);
+        let dir = tempfile::tempdir().unwrap();
+        let config = tfmirror::config::Config {
+            upstream: url::Url::parse(&gl.url()).unwrap(),
+            cache_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let parts = tfmirror::server::open(&config).unwrap();
+        tfmirror::metrics::init();
+        let proxy = tfmirror::proxy::Proxy::new(
+            parts.upstream.clone(),
+            parts.cache.clone(),
+            parts.registry.clone(),
+            parts.health.clone(),
+            &config,
+        )
+        .with_providers(parts.providers.clone());
+        let conf = Arc::new(pingora::server::configuration::ServerConf::default());
+        let app = Arc::new(tfmirror::downstream::Guarded::new(
+            pingora::proxy::http_proxy(&conf, proxy),
+            config.timeouts.client_idle,
+        ));
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move { app.process_new(Box::new(server), &shutdown).await });
+        let mut buf = vec![0u8; 1 << 16];
+        // The first is a miss (GitLab asked); the warm-up fills every per-thread cache.
+        for _ in 0..100 {
+            exchange(&mut client, &mut buf).await;
+        }
+        let before = ALLOCATIONS.load(Ordering::Relaxed);
+        let mut n = 0;
+        for _ in 0..1000 {
+            n = exchange(&mut client, &mut buf).await;
+        }
+        let per_hit = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 1000.0;
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(answer.contains("x-cache-status: HIT"), "{answer}");
+        let head = answer
+            .split("\r\n\r\n")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        (per_hit, head)
+    })
+}
+
+/// Allocations per step of a cached listing hit that tfmirror's own code makes, then the
+/// whole hit through pingora.
 fn allocation_table() {
     let versions = "/api/v4/packages/terraform/modules/v1/infra/vpc/aws/versions";
     let secret = Secret::from_master(&[7; 32]);
@@ -216,7 +319,23 @@ fn allocation_table() {
     for (step, n) in rows {
         println!("| {step} | {n:.1} |");
     }
-    println!("| total | {:.1} |\n", rows.iter().map(|r| r.1).sum::<f64>());
+    println!(
+        "| total of these steps | {:.1} |",
+        rows.iter().map(|r| r.1).sum::<f64>()
+    );
+    let (whole, head) = whole_hit_allocations();
+    println!(
+        "| whole hit through pingora, in process, log level info (access line) | {whole:.1} |"
+    );
+    // As `--log-level error`: the access line is filtered out.
+    let quiet = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("error,tfmirror=error"))
+        .with_writer(std::io::sink)
+        .finish();
+    let (whole, _) = tracing::subscriber::with_default(quiet, whole_hit_allocations);
+    println!("| whole hit through pingora, in process, log level error | {whole:.1} |\n");
+    println!("its response head:\n{head}\n");
 }
 
 criterion_group!(
