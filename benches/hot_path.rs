@@ -161,9 +161,11 @@ fn access_entry(route: &routes::Route) -> Entry<'_> {
 }
 
 /// The subscriber `tfmirror serve` installs at its default level (`main.rs`
-/// `init_logging`), writing into a per-thread buffer whose sink discards.
+/// `init_logging`), writing into a per-thread buffer whose sink discards; access lines are
+/// formatted by `accesslog` into the same buffer.
 fn install_log_subscriber() {
     let buffer = tfmirror::logbuf::LogBuffer::new(std::io::sink(), 64 << 10);
+    accesslog::set_output(buffer.clone());
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info,tfmirror=info"))

@@ -53,3 +53,13 @@ pub fn advance(by: std::time::Duration) {
     let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
     SHIFT_MS.with(|s| s.set(s.get().saturating_add(ms)));
 }
+
+/// Unix microseconds now: the timestamp of log lines formatted by tfmirror itself (the access
+/// line), at the precision tracing's own timestamps have. Never moved by `advance`: log
+/// lines carry the real time, as tracing's own lines do.
+#[allow(clippy::disallowed_methods)] // the one wall-clock read (see the module docs)
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}

@@ -1,6 +1,8 @@
 //! Buffered log output: per-thread buffers, flushed by size or by a timer.
 //!
-//! The access log writes one JSON line per request. Written straight to stderr, that is one
+//! The access log writes one JSON line per request (formatted by `accesslog` and handed over
+//! with [`LogBuffer::write_line`]; every other line comes through tracing's
+//! [`MakeWriter`]). Written straight to stderr, that is one
 //! `write(2)` per request; handed to a writer thread (`tracing-appender`'s non-blocking
 //! writer), it is a channel send that wakes that thread, a `futex` per request when the
 //! thread sleeps. Here each thread appends its lines to its own buffer (an uncontended lock:
@@ -126,6 +128,13 @@ impl LogBuffer {
             sink: Mutex::new(Box::new(sink)),
             slots: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Append one whole line (newline included) from the current thread, as an `info` line:
+    /// it waits for the size limit or the timer. For lines formatted without tracing (the
+    /// access line, see `accesslog`); they keep their order with this thread's tracing lines.
+    pub fn write_line(&self, line: &[u8]) {
+        self.0.append(line, false);
     }
 
     /// Write every thread's pending lines out now.

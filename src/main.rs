@@ -622,7 +622,9 @@ fn cache_verify(admin: &tfmirror::cache::admin::Admin) -> std::io::Result<ExitCo
 /// headers (`Authorization`) and URLs (JWTs, presigned links) in their debug records.
 ///
 /// `buffered` (the server): lines go through per-thread buffers (`logbuf`), so the access
-/// log costs no syscall per request. The one-shot commands write each line at once.
+/// log costs no syscall per request, and the access line is formatted by `accesslog` itself
+/// into the same buffer (the filter still decides whether it is written). The one-shot
+/// commands write each line at once.
 fn init_logging(level: LogLevel, buffered: bool) {
     let others = match level {
         LogLevel::Debug | LogLevel::Trace => LogLevel::Info,
@@ -635,7 +637,9 @@ fn init_logging(level: LogLevel, buffered: bool) {
         .with_env_filter(filter)
         .with_current_span(false);
     if buffered {
-        builder.with_writer(tfmirror::logbuf::stderr()).init();
+        let buffer = tfmirror::logbuf::stderr();
+        tfmirror::accesslog::set_output(buffer.clone());
+        builder.with_writer(buffer).init();
     } else {
         builder.with_writer(std::io::stderr).init();
     }
