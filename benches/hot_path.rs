@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{criterion_group, Criterion};
-use http::{header, HeaderValue, Method, StatusCode};
+use http::{HeaderValue, Method};
 use pingora::apps::ServerApp;
 use pingora::http::ResponseHeader;
 use tfmirror::accesslog::{self, Entry};
@@ -132,16 +132,11 @@ fn allocations<R>(mut f: impl FnMut() -> R) -> f64 {
     (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 1000.0
 }
 
-/// The response head of a cached listing hit, as `registry::reply::write_json` builds it.
-fn listing_head(age: u64, len: usize) -> Box<ResponseHeader> {
-    let mut h = ResponseHeader::build(StatusCode::OK, Some(5)).unwrap();
-    h.append_header(header::CONTENT_TYPE, "application/json")
-        .unwrap();
-    h.append_header("x-cache-status", CacheStatus::Hit.as_str())
-        .unwrap();
-    h.append_header(header::AGE, age.to_string()).unwrap();
-    h.insert_header(header::CONTENT_LENGTH, len).unwrap();
-    Box::new(h)
+/// The answer to a cached listing hit (`registry::reply::json`) and the head `respond::write`
+/// makes of it.
+fn listing_head(age: u64, body: &Bytes) -> Box<ResponseHeader> {
+    let reply = tfmirror::registry::cached_listing(CacheStatus::Hit, age, false, body.clone());
+    tfmirror::respond::head(reply).unwrap().0
 }
 
 /// The access line and metrics of a cached listing hit, through the production log
@@ -177,11 +172,12 @@ fn install_log_subscriber() {
 fn access_log(c: &mut Criterion) {
     let versions = "/api/v4/packages/terraform/modules/v1/infra/vpc/aws/versions";
     let route = routes::parse(&Method::GET, versions).unwrap();
+    let listing = Bytes::from(vec![b'{'; 180]);
     c.bench_function("access line + metrics (cached listing hit)", |b| {
         b.iter(|| accesslog::record(black_box(&access_entry(&route))))
     });
     c.bench_function("response head of a cached listing", |b| {
-        b.iter(|| listing_head(black_box(12), 180))
+        b.iter(|| listing_head(black_box(12), &listing))
     });
 }
 
@@ -294,6 +290,7 @@ fn allocation_table() {
         .block_on(cache.put_small(Bytes::from(vec![b'{'; 180])))
         .unwrap();
     let route = routes::parse(&Method::GET, versions).unwrap();
+    let listing = Bytes::from(vec![b'{'; 180]);
     let rows: [(&str, f64); 5] = [
         (
             "routes::parse (versions)",
@@ -308,8 +305,8 @@ fn allocation_table() {
             allocations(|| rt.block_on(cache.get_small(hash)).unwrap()),
         ),
         (
-            "response head (4 headers, boxed)",
-            allocations(|| listing_head(12, 180)),
+            "answer and response head (registry::cached_listing, respond::head)",
+            allocations(|| listing_head(12, &listing)),
         ),
         (
             "access line + metrics",

@@ -169,6 +169,31 @@ const JSON: &str = "application/json";
 /// client sees a broken body, never a short one that looks whole.
 pub async fn write(session: &mut Session, reply: Reply) -> Result<()> {
     let head_request = session.req_header().method == http::Method::HEAD;
+    let (mut h, body) = head(reply)?;
+    match body {
+        Body::Full(bytes) => {
+            let head_only = head_request || bytes.is_empty();
+            session.write_response_header(h, head_only).await?;
+            if !head_only {
+                session.write_response_body(Some(bytes), true).await?;
+            }
+            Ok(())
+        }
+        Body::Stream { len, chunks } => {
+            frame(session, &mut h, len, head_request)?;
+            session.write_response_header(h, head_request).await?;
+            if head_request {
+                return Ok(());
+            }
+            write_stream(session, chunks).await
+        }
+    }
+}
+
+/// The head [`write()`] sends for `reply`, but for a streamed body's framing (which depends on
+/// the request), and the body: status, reason, headers in order, then `Content-Length` of a
+/// body known whole (none on 204 and 304).
+pub fn head(reply: Reply) -> Result<(Box<ResponseHeader>, Body)> {
     let Reply {
         status,
         reason,
@@ -182,31 +207,12 @@ pub async fn write(session: &mut Session, reply: Reply) -> Result<()> {
     for (name, value) in headers {
         h.append_header(name, value)?;
     }
-    match body {
-        Body::Full(bytes) => {
-            if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
-                h.insert_header(http::header::CONTENT_LENGTH, bytes.len())?;
-            }
-            let head_only = head_request || bytes.is_empty();
-            session
-                .write_response_header(Box::new(h), head_only)
-                .await?;
-            if !head_only {
-                session.write_response_body(Some(bytes), true).await?;
-            }
-            Ok(())
-        }
-        Body::Stream { len, chunks } => {
-            frame(session, &mut h, len, head_request)?;
-            session
-                .write_response_header(Box::new(h), head_request)
-                .await?;
-            if head_request {
-                return Ok(());
-            }
-            write_stream(session, chunks).await
+    if let Body::Full(bytes) = &body {
+        if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
+            h.insert_header(http::header::CONTENT_LENGTH, bytes.len())?;
         }
     }
+    Ok((Box::new(h), body))
 }
 
 /// Set the framing headers of a streamed body (see [`framing`]).

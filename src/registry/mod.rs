@@ -20,6 +20,8 @@ mod reply;
 mod tarball;
 mod warm;
 
+pub use reply::json as cached_listing;
+
 #[cfg(test)]
 mod answer_tests;
 #[cfg(test)]

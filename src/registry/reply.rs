@@ -30,8 +30,9 @@ pub(super) fn answer(small: &Small, cache: CacheStatus) -> Reply {
     reply
 }
 
-/// A listing body from the cache, `age` seconds old; `stale` when GitLab failed.
-pub(super) fn json(cache: CacheStatus, age: u64, stale: bool, body: Bytes) -> Reply {
+/// A listing body from the cache, `age` seconds old; `stale` when GitLab failed: the answer
+/// of every cached listing hit.
+pub fn json(cache: CacheStatus, age: u64, stale: bool, body: Bytes) -> Reply {
     let reply = Reply::full(StatusCode::OK, body)
         .with(header::CONTENT_TYPE, JSON)
         .cache(cache)
