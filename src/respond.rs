@@ -209,10 +209,85 @@ pub fn head(reply: Reply) -> Result<(Box<ResponseHeader>, Body)> {
     }
     if let Body::Full(bytes) = &body {
         if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
-            h.insert_header(http::header::CONTENT_LENGTH, bytes.len())?;
+            h.insert_header(http::header::CONTENT_LENGTH, decimal(bytes.len() as u64))?;
         }
     }
     Ok((Box::new(h), body))
+}
+
+/// Numbers below this have their decimal text in [`SMALL_DECIMALS`].
+const SMALL: u64 = 10_000;
+
+/// The decimal text of 0 to 9999 back to back, "0123456789101112…9999": header values
+/// point into it. Built at compile time.
+static SMALL_DECIMALS: [u8; 38_890] = small_decimals();
+
+const fn small_decimals() -> [u8; 38_890] {
+    let mut out = [0u8; 38_890];
+    let (mut n, mut at) = (0, 0);
+    while n < SMALL {
+        let (start, end) = small_span(n);
+        let mut i = end;
+        let mut rest = n;
+        while i > start {
+            i -= 1;
+            out[i] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        at += end - start;
+        n += 1;
+    }
+    assert!(at == out.len());
+    out
+}
+
+/// Where `n` (below [`SMALL`]) is in [`SMALL_DECIMALS`]: the numbers of one width follow
+/// those of the width before.
+const fn small_span(n: u64) -> (usize, usize) {
+    let (first, width, offset) = match n {
+        0..=9 => (0, 1, 0),
+        10..=99 => (10, 2, 10),
+        100..=999 => (100, 3, 190),
+        _ => (1000, 4, 2890),
+    };
+    let start = offset + (n - first) as usize * width;
+    (start, start + width)
+}
+
+/// A number as a header value (`Age`, `Content-Length`). `HeaderValue::from(n)` costs two
+/// allocations (a buffer, then shrinking it); below 10,000 (listing ages in seconds, most
+/// listing lengths) this costs none, and one above.
+pub fn decimal(n: u64) -> http::HeaderValue {
+    if n < SMALL {
+        let (start, end) = small_span(n);
+        if let Ok(text) = std::str::from_utf8(&SMALL_DECIMALS[start..end]) {
+            return http::HeaderValue::from_static(text);
+        }
+    }
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut rest = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    // Exactly sized: no second allocation to shrink it.
+    http::HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&digits[i..]))
+        .unwrap_or_else(|_| http::HeaderValue::from(n))
+}
+
+/// Write a head made by [`head`] and its body (omitted for HEAD, and when empty).
+pub async fn send(session: &mut Session, head: Box<ResponseHeader>, body: Bytes) -> Result<()> {
+    let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
+    session.write_response_header(head, head_only).await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
 }
 
 /// Set the framing headers of a streamed body (see [`framing`]).
@@ -223,7 +298,7 @@ fn frame(
     head: bool,
 ) -> Result<()> {
     match framing(session.req_header().version, len) {
-        Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, n)?,
+        Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, decimal(n))?,
         Framing::Frames => {}
         Framing::Chunked if !head => h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?,
         Framing::Chunked => {}
@@ -346,6 +421,13 @@ impl CacheStatus {
 mod tests {
     use super::*;
     use http::Version;
+
+    #[test]
+    fn decimal_header_values_are_the_numbers() {
+        for n in (0..20_000).chain([99_999, 100_000, 1 << 40, u64::MAX]) {
+            assert_eq!(decimal(n), http::HeaderValue::from(n), "{n}");
+        }
+    }
 
     #[test]
     fn framing_never_leaves_the_end_to_a_close_on_http_1_1() {

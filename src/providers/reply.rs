@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use http::{header, HeaderValue, StatusCode};
+use http::{header, StatusCode};
 
 use super::{Failed, Found};
 use crate::cache::body::Body;
@@ -37,7 +37,7 @@ pub(super) fn json(cache: CacheStatus, age: u64, body: String) -> Reply {
     let reply = Reply::full(StatusCode::OK, body)
         .with(header::CONTENT_TYPE, JSON)
         .cache(cache)
-        .with_value(header::AGE, HeaderValue::from(age));
+        .with_value(header::AGE, respond::decimal(age));
     if cache == CacheStatus::Stale {
         reply.with(header::WARNING, STALE_WARNING)
     } else {

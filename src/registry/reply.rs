@@ -9,7 +9,7 @@ use super::{JSON, OCTETS, STALE_WARNING};
 use crate::access::policy::Why;
 use crate::access::Negative;
 use crate::fetch::Small;
-use crate::respond::{BodyStream, CacheStatus, Reply};
+use crate::respond::{self, BodyStream, CacheStatus, Reply};
 use crate::routes::ModuleId;
 
 /// Relay an upstream answer read whole (refusals, errors, listings).
@@ -36,7 +36,7 @@ pub fn json(cache: CacheStatus, age: u64, stale: bool, body: Bytes) -> Reply {
     let reply = Reply::full(StatusCode::OK, body)
         .with(header::CONTENT_TYPE, JSON)
         .cache(cache)
-        .with_value(header::AGE, HeaderValue::from(age));
+        .with_value(header::AGE, respond::decimal(age));
     if stale {
         reply.with(header::WARNING, STALE_WARNING)
     } else {
