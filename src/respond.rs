@@ -190,6 +190,20 @@ pub async fn write(session: &mut Session, reply: Reply) -> Result<()> {
     }
 }
 
+/// A head for tfmirror's own answers, without pingora's case map (`build_no_case`).
+///
+/// The case map keeps each header name as it was given, to write it back so; it costs two
+/// allocations per head, plus a shared copy of every name pingora has no titled form for.
+/// Names here are only ever [`http::HeaderName`]s ([`Reply::headers`]), which are lowercase,
+/// and pingora writes such a name the same way with or without the map: its titled form if
+/// it has one (`Content-Type`), otherwise as it is (`x-cache-status`).
+/// `tests::heads_write_the_same_names_without_the_case_map` checks that for every name used
+/// here, and `tests/operate.rs` pins the names on the wire. A `&str` name in another case
+/// would lose its case here: give names as `HeaderName`s.
+fn new_head(status: StatusCode, size_hint: usize) -> Result<ResponseHeader> {
+    ResponseHeader::build_no_case(status, Some(size_hint))
+}
+
 /// The head [`write()`] sends for `reply`, but for a streamed body's framing (which depends on
 /// the request), and the body: status, reason, headers in order, then `Content-Length` of a
 /// body known whole (none on 204 and 304).
@@ -200,7 +214,7 @@ pub fn head(reply: Reply) -> Result<(Box<ResponseHeader>, Body)> {
         headers,
         body,
     } = reply;
-    let mut h = ResponseHeader::build(status, Some(headers.len() + 2))?;
+    let mut h = new_head(status, headers.len() + 2)?;
     if let Some(r) = &reason {
         h.set_reason_phrase(Some(r))?;
     }
@@ -421,6 +435,46 @@ impl CacheStatus {
 mod tests {
     use super::*;
     use http::Version;
+
+    /// Every name tfmirror's own heads carry (and those pingora adds: `Date`, `Connection`)
+    /// goes on the wire in the same case with and without the case map.
+    #[test]
+    fn heads_write_the_same_names_without_the_case_map() {
+        use http::header;
+        let names = [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::CACHE_CONTROL,
+            header::AGE,
+            header::WARNING,
+            header::WWW_AUTHENTICATE,
+            header::RETRY_AFTER,
+            header::TRANSFER_ENCODING,
+            header::LOCATION,
+            header::ETAG,
+            header::LAST_MODIFIED,
+            header::CONTENT_ENCODING,
+            header::DATE,
+            header::CONNECTION,
+            header::SERVER,
+            CACHE_STATUS,
+            http::HeaderName::from_static("x-terraform-get"),
+            http::HeaderName::from_static("x-tfmirror-refusal"),
+        ];
+        let wire = |mut h: ResponseHeader| {
+            for name in &names {
+                h.append_header(name.clone(), "v").unwrap();
+            }
+            let mut out = Vec::new();
+            h.header_to_h1_wire(&mut out);
+            String::from_utf8(out).unwrap()
+        };
+        let with_map = wire(ResponseHeader::build(StatusCode::OK, None).unwrap());
+        let without = wire(new_head(StatusCode::OK, 0).unwrap());
+        assert_eq!(without, with_map);
+        assert!(with_map.starts_with("Content-Type: v\r\nContent-Length: v\r\n"));
+        assert!(with_map.contains("\r\nx-cache-status: v\r\n"));
+    }
 
     #[test]
     fn decimal_header_values_are_the_numbers() {

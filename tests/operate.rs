@@ -398,6 +398,80 @@ async fn cached_hits_make_no_write_syscalls() {
     assert_eq!(hits, 201, "{logs}");
 }
 
+/// The header names of a raw HTTP/1 answer, as they were on the wire (case included).
+fn header_names(raw: &str) -> Vec<&str> {
+    let head = raw.split("\r\n\r\n").next().unwrap();
+    head.lines()
+        .skip(1)
+        .map(|l| l.split_once(':').map_or(l, |(name, _)| name))
+        .collect()
+}
+
+/// Header names keep their case on the wire for every kind of head tfmirror writes itself
+/// (`respond::write`: a body known whole, a stream, a JSON answer): some clients and tools
+/// compare names case-sensitively. Pins the bytes the case-preserving heads wrote, now that
+/// they are built without pingora's case map.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_keep_their_header_names_on_the_wire() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let get = |path: String| {
+        let addr = m.addr;
+        async move {
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ALICE}\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            common::raw(addr, req.as_bytes()).await
+        }
+    };
+    let listing = format!("{V1}/infra/vpc/aws/versions");
+    let (status, miss) = get(listing.clone()).await;
+    assert_eq!(status, 200, "{miss}");
+    let relayed = [
+        "Content-Type",
+        "x-cache-status",
+        "Content-Length",
+        "Date",
+        "Connection",
+    ];
+    assert_eq!(header_names(&miss), relayed, "{miss}");
+    let (_, hit) = get(listing).await;
+    assert!(hit.contains("x-cache-status: HIT\r\n"), "{hit}");
+    let cached = [
+        "Content-Type",
+        "x-cache-status",
+        "Age",
+        "Content-Length",
+        "Date",
+        "Connection",
+    ];
+    assert_eq!(header_names(&hit), cached, "{hit}");
+    let (status, health) = get("/-/health".into()).await;
+    assert_eq!(status, 200, "{health}");
+    let json = [
+        "Content-Type",
+        "Cache-Control",
+        "Content-Length",
+        "Date",
+        "Connection",
+    ];
+    assert_eq!(header_names(&health), json, "{health}");
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    let (status, tarball) = get(file.trim_start_matches(&m.url()).to_string()).await;
+    assert_eq!(status, 200);
+    assert!(tarball.contains("x-cache-status: HIT\r\n"));
+    let blob = [
+        "Content-Type",
+        "x-cache-status",
+        "Content-Length",
+        "Date",
+        "Connection",
+    ];
+    assert_eq!(header_names(&tarball), blob);
+}
+
 /// A graceful upgrade hands every per-thread listening socket over: requests on new
 /// connections (each hashed by the kernel to one of the sockets) keep succeeding through the
 /// handover and after the old process stopped accepting.
