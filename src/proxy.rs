@@ -149,10 +149,14 @@ impl Proxy {
     }
 
     /// The decision for a parsed route. `Ok(true)`: the response is written.
-    async fn serve_locally(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let route = ctx.route.clone().expect("route parsed before");
-        let public = ctx.public.clone().expect("public base set before");
-        match &route {
+    async fn serve_locally(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        public: &PublicBase,
+    ) -> Result<bool> {
+        match route {
             Route::Discovery => {
                 let body =
                     serde_json::json!({ "modules.v1": format!("{}{MODULES_V1}", public.prefix) });
@@ -163,7 +167,7 @@ impl Proxy {
                 self.serve_internal(session, *which).await?;
                 Ok(true)
             }
-            Route::Module(m) => match self.registry.handle(session, m, &public).await? {
+            Route::Module(m) => match self.registry.handle(session, m, public).await? {
                 Some(out) => {
                     ctx.record(out);
                     Ok(true)
@@ -175,11 +179,11 @@ impl Proxy {
                     respond::error(session, StatusCode::NOT_FOUND).await?;
                     return Ok(true);
                 };
-                ctx.cache = Some(providers.handle(session, p, &public).await?);
+                ctx.cache = Some(providers.handle(session, p, public).await?);
                 Ok(true)
             }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
-                let out = self.registry.handle_project(session, p, &public).await?;
+                let out = self.registry.handle_project(session, p, public).await?;
                 ctx.record(out);
                 Ok(true)
             }
@@ -382,9 +386,12 @@ impl ProxyHttp for Proxy {
             respond::json(session, StatusCode::BAD_REQUEST, body).await?;
             return Ok(true);
         };
+        // Into the context only afterwards: lent meanwhile, not cloned (a route owns its
+        // module's strings). Whatever the outcome, the later hooks and the log find them.
+        let served = self.serve_locally(session, ctx, &route, &public).await;
         ctx.route = Some(route);
         ctx.public = Some(public);
-        self.serve_locally(session, ctx).await
+        served
     }
 
     /// Registry calls get the short timeout profile; anything that may stream a large body
