@@ -42,13 +42,18 @@ impl Identity {
     }
 
     pub fn to_hex(self) -> String {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut s = String::with_capacity(32);
-        for b in self.0 {
-            s.push(HEX[usize::from(b >> 4)] as char);
-            s.push(HEX[usize::from(b & 15)] as char);
-        }
+        self.push_hex(&mut s);
         s
+    }
+
+    /// Append the 32 hex digits of [`to_hex`](Self::to_hex) to `out`.
+    pub fn push_hex(self, out: &mut String) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for b in self.0 {
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
     }
 
     pub fn from_hex(s: &str) -> Option<Identity> {

@@ -48,6 +48,34 @@ impl fmt::Display for ModuleId {
     }
 }
 
+impl ModuleId {
+    /// `namespace/name/system`, as `to_string` writes it, in one allocation of the exact size
+    /// (`to_string` grows its buffer two or three times): for keys built on every request.
+    pub fn path(&self) -> String {
+        let mut out = String::with_capacity(self.path_len());
+        self.push_path(&mut out);
+        out
+    }
+
+    /// The length of [`path`](Self::path).
+    pub fn path_len(&self) -> usize {
+        self.namespace.len() + self.name.len() + self.system.len() + 2
+    }
+
+    /// Append [`path`](Self::path) to `out`.
+    pub fn push_path(&self, out: &mut String) {
+        for (i, part) in [&self.namespace, &self.name, &self.system]
+            .into_iter()
+            .enumerate()
+        {
+            if i > 0 {
+                out.push('/');
+            }
+            out.push_str(part);
+        }
+    }
+}
+
 /// The six namespace routes of GitLab's module registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModuleOp {
@@ -424,6 +452,8 @@ mod tests {
         assert_eq!(f.op, ModuleOp::File(v));
         assert_eq!(f.upstream_path(), format!("{p}/1.10.0/file"));
         assert_eq!(f.module.to_string(), "grp/vpc/aws");
+        assert_eq!(f.module.path(), "grp/vpc/aws");
+        assert_eq!(f.module.path().capacity(), f.module.path_len());
     }
 
     #[test]

@@ -219,12 +219,12 @@ impl Auth {
     /// `wait`, capped at [`MAX_HOLD`].
     pub fn hold(&self, identity: Identity, module: &ModuleId, wait: Duration) {
         let until = std::time::Instant::now() + wait.min(MAX_HOLD);
-        self.held.insert((identity, module.to_string()), until);
+        self.held.insert((identity, module.path()), until);
     }
 
     /// What is left of this caller's `Retry-After` for this module, if any.
     pub fn held(&self, identity: Identity, module: &ModuleId) -> Option<Duration> {
-        let until = self.held.get(&(identity, module.to_string()))?;
+        let until = self.held.get(&(identity, module.path()))?;
         until.checked_duration_since(std::time::Instant::now())
     }
 

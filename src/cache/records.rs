@@ -141,7 +141,12 @@ pub struct Grant {
 }
 
 pub fn grant_key(identity: Identity, module: &ModuleId) -> String {
-    format!("{}/{module}", identity.to_hex())
+    // Built at its exact size: this runs on every registry request.
+    let mut key = String::with_capacity(32 + 1 + module.path_len());
+    identity.push_hex(&mut key);
+    key.push('/');
+    module.push_path(&mut key);
+    key
 }
 
 /// Is a grant record past any use at `now`? A grant serves fresh for `grant_ttl` and stale
