@@ -29,11 +29,7 @@ struct Request<'a> {
 
 impl Request<'_> {
     fn outcome(&self, cache: CacheStatus, upstream_status: Option<u16>) -> Outcome {
-        Outcome {
-            cache,
-            upstream_status,
-            identity: self.identity,
-        }
+        Outcome::new(self.identity, cache, upstream_status)
     }
 
     fn fallback(&self) -> Fallback<'_> {

@@ -143,6 +143,20 @@ pub struct Outcome {
     pub identity: Identity,
 }
 
+impl Outcome {
+    pub(super) fn new(
+        identity: Identity,
+        cache: CacheStatus,
+        upstream_status: Option<u16>,
+    ) -> Outcome {
+        Outcome {
+            cache,
+            upstream_status,
+            identity,
+        }
+    }
+}
+
 pub struct Registry {
     upstream: Arc<dyn Fetcher>,
     pub cache: Arc<Cache>,

@@ -109,11 +109,7 @@ struct Asker<'a> {
 
 impl Asker<'_> {
     fn outcome(&self, cache: CacheStatus, upstream_status: Option<u16>) -> Outcome {
-        Outcome {
-            cache,
-            upstream_status,
-            identity: self.identity,
-        }
+        Outcome::new(self.identity, cache, upstream_status)
     }
 }
 
@@ -416,23 +412,14 @@ impl Registry {
     fn project_unavailable(&self, p: &Project<'_>, identity: Identity) -> (Reply, Outcome) {
         let failure = self.failure_without_asking();
         let reply = reply::unavailable(&p.module, Why::NothingCached, failure);
-        let out = Outcome {
-            cache: CacheStatus::Miss,
-            upstream_status: None,
-            identity,
-        };
-        (reply, out)
+        (reply, Outcome::new(identity, CacheStatus::Miss, None))
     }
 }
 
 fn project_fill_error(identity: Identity, e: &FillError) -> (Reply, Outcome) {
     let status = e.status();
     let reply = Reply::registry_error(status, CacheStatus::Miss);
-    let out = Outcome {
-        cache: CacheStatus::Miss,
-        upstream_status: Some(status.as_u16()),
-        identity,
-    };
+    let out = Outcome::new(identity, CacheStatus::Miss, Some(status.as_u16()));
     (reply, out)
 }
 

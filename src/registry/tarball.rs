@@ -36,11 +36,7 @@ impl Registry {
                 tracing::info!(reason = ?why, "download token refused");
                 metrics::decision(metrics::Decision::TokenRefused);
                 let reply = Reply::registry_error(StatusCode::UNAUTHORIZED, CacheStatus::Hit);
-                let out = Outcome {
-                    cache: CacheStatus::Hit,
-                    upstream_status: None,
-                    identity: Identity::ANONYMOUS,
-                };
+                let out = Outcome::new(Identity::ANONYMOUS, CacheStatus::Hit, None);
                 return Ok((reply, out));
             }
         };
@@ -64,11 +60,7 @@ impl Registry {
         identity: Identity,
         open: impl Fn() -> crate::cache::fill::Opener,
     ) -> Result<(Reply, Outcome)> {
-        let outcome = |cache, upstream_status| Outcome {
-            cache,
-            upstream_status,
-            identity,
-        };
+        let outcome = |cache, upstream_status| Outcome::new(identity, cache, upstream_status);
         let earlier = match self.cached_tarball(key).await? {
             Cached::Reply(reply) => return Ok((reply, outcome(CacheStatus::Hit, None))),
             Cached::Refill(earlier) => earlier,
@@ -166,11 +158,8 @@ impl Registry {
         identity: Identity,
         opened: crate::cache::fill::Opener,
     ) -> (Reply, Outcome) {
-        let outcome = |upstream_status| Outcome {
-            cache: CacheStatus::Bypass,
-            upstream_status,
-            identity,
-        };
+        let outcome =
+            |upstream_status| Outcome::new(identity, CacheStatus::Bypass, upstream_status);
         let source = match opened.await {
             Ok(s) => s,
             Err(e) => {
