@@ -58,22 +58,22 @@
 #![forbid(unsafe_code)]
 #![warn(clippy::too_many_lines)]
 
-pub mod access;
+pub(crate) mod access;
 pub mod accesslog;
 pub mod cache;
 pub mod clock;
 pub mod config;
-pub mod constraint;
+pub(crate) mod constraint;
 pub mod downstream;
-pub mod edge;
-pub mod fetch;
+pub(crate) mod edge;
+pub(crate) mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod health;
+pub(crate) mod health;
 pub mod identity;
 pub mod logbuf;
 pub mod metrics;
-pub mod pem;
+pub(crate) mod pem;
 pub mod provider_routes;
 pub mod providers;
 pub mod proxy;
@@ -86,6 +86,6 @@ pub mod server;
 pub mod sync;
 pub mod tls;
 pub mod token;
-pub mod upstream;
-pub mod upstream_tls;
-pub mod workers;
+pub(crate) mod upstream;
+pub(crate) mod upstream_tls;
+pub(crate) mod workers;

@@ -274,11 +274,7 @@ impl Proxy {
             return respond::json(session, StatusCode::BAD_REQUEST, body).await;
         };
         // Through this server's own stores, so its byte accounting follows the removal.
-        let admin = crate::cache::admin::Admin::with_stores(
-            &self.cache_dir,
-            self.cache.meta.clone(),
-            self.cache.blobs.clone(),
-        );
+        let admin = self.cache.admin(&self.cache_dir);
         let s = spec.clone();
         let purged = tokio::task::spawn_blocking(move || admin.purge(&s))
             .await

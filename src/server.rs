@@ -84,7 +84,7 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
     } = open(config)?;
     crate::metrics::init();
     let horizon = (config.auth.grant_ttl + config.cache.stale_if_error).as_secs();
-    start_housekeeping(&cache, horizon);
+    cache.start_housekeeping(horizon, GRANT_GC_EVERY);
 
     let opt = Opt {
         upgrade,
@@ -129,35 +129,6 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         server.add_service(metrics);
     }
     Ok(server)
-}
-
-/// Off the request path, so serving starts at once whatever the cache holds: rebuild disk
-/// usage and the record count, then remove grant records past `horizon` seconds now and then.
-fn start_housekeeping(cache: &Cache, horizon: u64) {
-    let blobs = cache.blobs.clone();
-    let meta = cache.meta.clone();
-    std::thread::spawn(move || {
-        if let Err(e) = blobs.scan() {
-            tracing::warn!(error = %e, "cache scan failed");
-        }
-        if let Err(e) = meta.recount() {
-            tracing::warn!(error = %e, "cache record count failed");
-        }
-        // Grant records past any use are removed now and then, so the record count follows
-        // the callers actually served, whatever else called.
-        loop {
-            match crate::cache::records::remove_expired_grants(&meta, crate::clock::now(), horizon)
-            {
-                Ok(0) => {}
-                Ok(n) => {
-                    crate::metrics::GRANTS_EXPIRED.inc_by(n as u64);
-                    tracing::info!(records = n, "removed expired grant records");
-                }
-                Err(e) => tracing::warn!(error = %e, "grant record gc failed"),
-            }
-            std::thread::sleep(GRANT_GC_EVERY);
-        }
-    });
 }
 
 fn server_conf(config: &Config) -> ServerConf {

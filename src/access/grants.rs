@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
-use crate::cache::meta::MetaStore;
+use crate::cache::meta::Records;
 use crate::cache::records::{grant_key, version_listing, Grant, KIND_GRANT};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
@@ -76,7 +76,7 @@ pub struct Negative {
 }
 
 pub struct Auth {
-    meta: Arc<MetaStore>,
+    records: Records,
     grants: moka::sync::Cache<String, Arc<Grant>>,
     /// Credential and the instant its grant expires: never kept past that.
     creds: moka::sync::Cache<Identity, (HeaderValue, std::time::Instant)>,
@@ -93,9 +93,9 @@ pub struct Auth {
 pub const MAX_HOLD: Duration = Duration::from_secs(300);
 
 impl Auth {
-    pub fn new(meta: Arc<MetaStore>, grant_ttl: Duration, negative_ttl: Duration) -> Auth {
+    pub fn new(records: Records, grant_ttl: Duration, negative_ttl: Duration) -> Auth {
         Auth {
-            meta,
+            records,
             // Re-read from disk now and then, so `tfmirror cache purge` reaches a running server.
             grants: moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -136,12 +136,7 @@ impl Auth {
         if let Some(g) = self.refusals.get(&key) {
             return Some(g);
         }
-        let meta = self.meta.clone();
-        let k = key.clone();
-        let g: Grant = tokio::task::spawn_blocking(move || meta.get(KIND_GRANT, &k))
-            .await
-            .ok()
-            .flatten()?;
+        let g: Grant = self.records.get(KIND_GRANT, key.clone()).await?;
         let g = Arc::new(g);
         self.grants.insert(key, g.clone());
         Some(g)
@@ -174,9 +169,7 @@ impl Auth {
         self.refusals.invalidate(&key);
         let g = Arc::new(g);
         self.grants.insert(key.clone(), g.clone());
-        let meta = self.meta.clone();
-        let written = tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*g)).await;
-        if !matches!(written, Ok(Ok(()))) {
+        if self.records.put(KIND_GRANT, key, g).await.is_err() {
             tracing::warn!("could not persist a grant; it stays in memory");
         }
     }
@@ -195,17 +188,11 @@ impl Auth {
         match refusal_goes_to(before.as_deref()) {
             RefusalTo::Disk => {
                 self.grants.insert(key.clone(), refused.clone());
-                let meta = self.meta.clone();
-                let written =
-                    tokio::task::spawn_blocking(move || meta.put(KIND_GRANT, &key, &*refused))
-                        .await;
-                if !matches!(written, Ok(Ok(()))) {
+                if self.records.put(KIND_GRANT, key, refused).await.is_err() {
                     // Without it, a restart could serve the old grant's answers again: drop
                     // the grant's record at least.
-                    let meta = self.meta.clone();
                     let key = grant_key(identity, module);
-                    let _ =
-                        tokio::task::spawn_blocking(move || meta.remove(KIND_GRANT, &key)).await;
+                    self.records.remove(KIND_GRANT, vec![key]).await;
                     tracing::warn!("could not persist a refusal; the grant record was removed");
                 }
             }
@@ -338,6 +325,7 @@ pub fn refusal_goes_to(before: Option<&Grant>) -> RefusalTo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::meta::MetaStore;
 
     #[test]
     fn refusals_reach_the_disk_only_over_a_grant() {
@@ -370,7 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
         let auth = Auth::new(
-            meta.clone(),
+            Records::new(meta.clone()),
             Duration::from_secs(60),
             Duration::from_secs(5),
         );
@@ -407,7 +395,7 @@ mod tests {
         let cred = HeaderValue::from_static("Bearer secret-token");
         {
             let auth = Auth::new(
-                meta.clone(),
+                Records::new(meta.clone()),
                 Duration::from_secs(60),
                 Duration::from_secs(5),
             );
@@ -418,7 +406,11 @@ mod tests {
             assert_eq!(auth.credential(id), Some(cred.clone()));
         }
         // A new instance (a restart) finds the grant on disk, but no credential.
-        let auth = Auth::new(meta, Duration::from_secs(60), Duration::from_secs(5));
+        let auth = Auth::new(
+            Records::new(meta),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        );
         let g = auth.grant(id, &module()).await.unwrap();
         assert!(g.is_fresh(Duration::from_secs(60)));
         assert!(g.allows_version("1.0.0"));

@@ -75,7 +75,11 @@ impl Admin {
     /// Administration through a running server's own stores (the purge endpoint): what it
     /// removes leaves that server's byte accounting and record count right, which a second
     /// store opened on the same directory would not.
-    pub fn with_stores(cache_dir: &Path, meta: Arc<MetaStore>, blobs: Arc<BlobStore>) -> Admin {
+    pub(super) fn with_stores(
+        cache_dir: &Path,
+        meta: Arc<MetaStore>,
+        blobs: Arc<BlobStore>,
+    ) -> Admin {
         Admin {
             dir: cache_dir.to_path_buf(),
             meta,

@@ -157,7 +157,8 @@ impl Checker {
     }
 }
 
-/// The verdict on a whole body (tests, `cache verify`).
+/// The verdict on a whole body.
+#[cfg(test)]
 pub fn check(body: &[u8]) -> Verdict {
     let mut c = Checker::default();
     c.feed(body);

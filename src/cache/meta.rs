@@ -9,6 +9,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -162,6 +163,51 @@ impl MetaStore {
     }
 }
 
+/// The records, for code on the async runtime: every read and write runs on the blocking
+/// pool, so a slow disk never stalls the connections of a runtime thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Records(Arc<MetaStore>);
+
+impl Records {
+    pub fn new(meta: Arc<MetaStore>) -> Records {
+        Records(meta)
+    }
+
+    /// The record, or None when absent, unreadable, or the blocking pool is gone.
+    pub async fn get<T>(&self, kind: &'static str, key: String) -> Option<T>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        let meta = self.0.clone();
+        tokio::task::spawn_blocking(move || meta.get(kind, &key))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Write a record (atomically, see [`MetaStore::put`]).
+    pub async fn put<T>(&self, kind: &'static str, key: String, value: T) -> io::Result<()>
+    where
+        T: Serialize + Send + 'static,
+    {
+        let meta = self.0.clone();
+        tokio::task::spawn_blocking(move || meta.put(kind, &key, &value))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Remove records of one kind; absent ones are no error.
+    pub async fn remove(&self, kind: &'static str, keys: Vec<String>) {
+        let meta = self.0.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for key in keys {
+                meta.remove(kind, &key);
+            }
+        })
+        .await;
+    }
+}
+
 type Entries = Box<dyn Iterator<Item = io::Result<fs::DirEntry>>>;
 
 fn read_dir_or_empty(p: &Path) -> io::Result<Entries> {
@@ -175,6 +221,31 @@ fn read_dir_or_empty(p: &Path) -> io::Result<Entries> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The async handle reads what it wrote, refuses past the cap like the store, and a
+    /// removal of several keys leaves the count right.
+    #[tokio::test]
+    async fn the_async_handle_is_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(MetaStore::open(dir.path()).unwrap());
+        m.set_cap(2);
+        let r = Records::new(m.clone());
+        r.put("grant", "a".into(), Arc::new(vec![1u8, 2]))
+            .await
+            .unwrap();
+        r.put("grant", "b".into(), vec![3u8]).await.unwrap();
+        assert_eq!(
+            r.get::<Vec<u8>>("grant", "a".into()).await,
+            Some(vec![1, 2])
+        );
+        assert_eq!(m.get::<Vec<u8>>("grant", "b"), Some(vec![3]));
+        let full = r.put("grant", "c".into(), 0u8).await.unwrap_err();
+        assert_eq!(full.kind(), io::ErrorKind::StorageFull);
+        r.remove("grant", vec!["a".into(), "b".into(), "absent".into()])
+            .await;
+        assert_eq!(m.count(), 0);
+        assert_eq!(r.get::<Vec<u8>>("grant", "a".into()).await, None);
+    }
 
     #[test]
     fn records_are_counted_and_capped() {

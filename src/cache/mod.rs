@@ -16,16 +16,16 @@
 //! stored once per digest whoever received them (see `access` for who may see which).
 
 pub mod admin;
-pub mod archive;
-pub mod blobs;
-pub mod body;
-pub mod fill;
-pub mod meta;
-pub mod private;
-pub mod records;
-pub mod republish;
-pub mod temp;
-pub mod verified;
+pub(crate) mod archive;
+pub(crate) mod blobs;
+pub(crate) mod body;
+pub(crate) mod fill;
+pub(crate) mod meta;
+pub(crate) mod private;
+pub(crate) mod records;
+pub(crate) mod republish;
+pub(crate) mod temp;
+pub(crate) mod verified;
 
 use std::io;
 use std::sync::Arc;
@@ -34,13 +34,16 @@ use bytes::Bytes;
 
 use blobs::{BlobStore, Hash};
 use fill::Fills;
-use meta::MetaStore;
+use meta::{MetaStore, Records};
 use records::{TarballEntry, KIND_TARBALL};
 
+/// The store. Its parts are private: the layers above read and write it through the methods
+/// below (and [`Records`] for typed records), so every key and schema stays in
+/// [`records`] and every blocking call stays off the runtime.
 pub struct Cache {
-    pub blobs: Arc<BlobStore>,
-    pub meta: Arc<MetaStore>,
-    pub fills: Arc<Fills>,
+    blobs: Arc<BlobStore>,
+    meta: Arc<MetaStore>,
+    fills: Arc<Fills>,
     memory: moka::sync::Cache<Hash, Bytes>,
     memory_evictions: Arc<std::sync::atomic::AtomicU64>,
     /// Front for the tarball index on disk: the `/file` hit path must not read a file per
@@ -49,7 +52,7 @@ pub struct Cache {
     /// Larger blobs are streamed from disk and never held in memory whole.
     memory_max_object: u64,
     /// Versions seen reappearing in a listing (their cached bytes are refilled once).
-    pub reappeared: Arc<republish::Reappeared>,
+    reappeared: Arc<republish::Reappeared>,
 }
 
 impl Cache {
@@ -183,18 +186,111 @@ impl Cache {
         Some(entry)
     }
 
-    /// Record a committed tarball (blocking: called from the fill's commit step).
-    pub fn index_tarball_blocking(
-        meta: &MetaStore,
+    /// Join or start the fill of the tarball indexed under `key`, opened by `open`. Once its
+    /// blob is in place, `entry` makes the index entry from the previous one (if any), the
+    /// hash and the size; it is written to disk and to the memory front, on the blocking
+    /// pool, before the fill's readers are told it is done.
+    pub fn fill_tarball(
+        &self,
         key: &str,
-        entry: &TarballEntry,
-    ) -> io::Result<()> {
-        meta.put(KIND_TARBALL, key, entry)
+        open: impl FnOnce() -> fill::Opener,
+        entry: impl FnOnce(Option<TarballEntry>, Hash, u64) -> TarballEntry + Send + 'static,
+    ) -> io::Result<(Arc<fill::Fill>, bool)> {
+        let meta = self.meta.clone();
+        let front = self.index.clone();
+        let index_key = key.to_string();
+        let commit = move |hash, size| {
+            let e = entry(meta.get(KIND_TARBALL, &index_key), hash, size);
+            if let Err(err) = meta.put(KIND_TARBALL, &index_key, &e) {
+                tracing::error!(error = %err, "could not index a tarball");
+            }
+            front.insert(index_key, e);
+        };
+        self.fills
+            .join_or_start(key, self.blobs.clone(), open, commit)
     }
 
-    /// The in-memory index front, for a fill's commit step to update.
-    pub fn index_front(&self) -> moka::sync::Cache<String, TarballEntry> {
-        self.index.clone()
+    /// The typed records on disk (grants, listings, provider answers).
+    pub fn records(&self) -> Records {
+        Records::new(self.meta.clone())
+    }
+
+    /// When (milliseconds) the version of tarball index `key` was last seen reappearing in a
+    /// listing (see [`republish`]).
+    pub fn reappeared_since(&self, key: &str) -> Option<u64> {
+        self.reappeared.since(key)
+    }
+
+    /// Versions (ids from [`records::version_id`]'s form) a listing shows again, as of now.
+    pub async fn note_reappeared(&self, ids: Vec<String>) {
+        let (meta, reappeared) = (self.meta.clone(), self.reappeared.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            let now = crate::clock::now_ms();
+            for id in ids {
+                reappeared.note(&meta, &id, now);
+            }
+        })
+        .await;
+    }
+
+    /// Whether the blob is on disk (a `stat`: for warm-up and sync, not the hit path).
+    pub fn has_blob(&self, hash: &Hash) -> bool {
+        self.blobs.path(hash).exists()
+    }
+
+    /// Bytes of blobs on disk, as counted.
+    pub fn disk_bytes(&self) -> u64 {
+        self.blobs.total_bytes()
+    }
+
+    /// Blobs on disk, as counted.
+    pub fn disk_blobs(&self) -> usize {
+        self.blobs.count()
+    }
+
+    /// Blobs evicted from disk since start.
+    pub fn disk_evictions(&self) -> u64 {
+        self.blobs.evictions()
+    }
+
+    /// Fills under way.
+    pub fn fills_in_flight(&self) -> usize {
+        self.fills.in_flight()
+    }
+
+    /// `tfmirror cache` administration through this store, so that what a purge removes
+    /// leaves its byte accounting and record count right.
+    pub fn admin(&self, cache_dir: &std::path::Path) -> admin::Admin {
+        admin::Admin::with_stores(cache_dir, self.meta.clone(), self.blobs.clone())
+    }
+
+    /// Off the request path, so serving starts at once whatever the cache holds: rebuild
+    /// disk usage and the record count, then remove grant records past `horizon` seconds
+    /// every `every`.
+    pub fn start_housekeeping(&self, horizon: u64, every: std::time::Duration) {
+        let blobs = self.blobs.clone();
+        let meta = self.meta.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = blobs.scan() {
+                tracing::warn!(error = %e, "cache scan failed");
+            }
+            if let Err(e) = meta.recount() {
+                tracing::warn!(error = %e, "cache record count failed");
+            }
+            // Grant records past any use are removed now and then, so the record count
+            // follows the callers actually served, whatever else called.
+            loop {
+                match records::remove_expired_grants(&meta, crate::clock::now(), horizon) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        crate::metrics::GRANTS_EXPIRED.inc_by(n as u64);
+                        tracing::info!(records = n, "removed expired grant records");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "grant record gc failed"),
+                }
+                std::thread::sleep(every);
+            }
+        });
     }
 
     /// Forget the in-memory index front (after a purge on disk).

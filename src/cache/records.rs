@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use super::blobs::Hash;
 use super::meta::MetaStore;
 use crate::identity::Identity;
-use crate::routes::{ModuleId, ModuleOp};
+use crate::routes::ModuleId;
 
 pub const KIND_TARBALL: &str = "tarball";
 
@@ -184,16 +184,6 @@ pub enum ListingKey {
 }
 
 impl ListingKey {
-    /// The listing a route asks for; `None` for routes that are not listings.
-    pub fn of(op: &ModuleOp) -> Option<ListingKey> {
-        match op {
-            ModuleOp::Versions => Some(ListingKey::Versions),
-            ModuleOp::Latest => Some(ListingKey::Latest),
-            ModuleOp::Version(v) => Some(ListingKey::Version(v.clone())),
-            ModuleOp::LatestDownload | ModuleOp::Download(_) | ModuleOp::File(_) => None,
-        }
-    }
-
     /// The key as written on disk: `versions`, `latest`, `v/<version>`.
     pub fn as_str(&self) -> Cow<'static, str> {
         match self {
@@ -401,11 +391,6 @@ mod tests {
             assert!(shared_key_is_of(&shared, "infra/vpc/aws"));
             assert!(!shared_key_is_of(&shared, "infra/vpc/a"));
         }
-        assert_eq!(
-            ListingKey::of(&ModuleOp::Version(v.clone())),
-            Some(ListingKey::Version(v.clone()))
-        );
-        assert_eq!(ListingKey::of(&ModuleOp::File(v)), None);
     }
 
     /// A record written through the store reads back through the store as the same value.

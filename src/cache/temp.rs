@@ -68,6 +68,7 @@ impl Run {
         self.dir.join(format!("{n}{tag}.part"))
     }
 
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -60,11 +60,6 @@ impl VerifiedBlob {
         self.len
     }
 
-    /// Whether the blob is empty on disk.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The blob, if it is `indexed` bytes long. A file of another length (truncated by a
     /// full disk or by hand) is damaged, and is found out before a head that would announce
     /// its wrong length goes out: it is deleted (its record is the caller's to drop).
@@ -194,7 +189,7 @@ mod tests {
             fetched_at_ms: 0,
             replaced: Vec::new(),
         };
-        Cache::index_tarball_blocking(&s.cache.meta, KEY, &entry).unwrap();
+        s.cache.meta.put(KIND_TARBALL, KEY, &entry).unwrap();
         hash
     }
 

@@ -13,19 +13,19 @@ pub fn update(cache: &Cache, health: &Health) {
         .set(cache.memory_bytes() as i64);
     metrics::CACHE_BYTES
         .with_label_values(&["disk"])
-        .set(cache.blobs.total_bytes() as i64);
+        .set(cache.disk_bytes() as i64);
     metrics::CACHE_ENTRIES
         .with_label_values(&["memory", "blob"])
         .set(cache.memory_entries() as i64);
     metrics::CACHE_ENTRIES
         .with_label_values(&["disk", "blob"])
-        .set(cache.blobs.count() as i64);
+        .set(cache.disk_blobs() as i64);
     metrics::CACHE_ENTRIES
         .with_label_values(&["memory", "fill"])
-        .set(cache.fills.in_flight() as i64);
+        .set(cache.fills_in_flight() as i64);
     metrics::CACHE_EVICTIONS
         .with_label_values(&["disk"])
-        .set(cache.blobs.evictions() as i64);
+        .set(cache.disk_evictions() as i64);
     metrics::CACHE_EVICTIONS
         .with_label_values(&["memory"])
         .set(cache.memory_evictions() as i64);

@@ -35,8 +35,9 @@ async fn a_cached_list_is_served_stale_while_the_registry_fails_then_not_asked()
     let key = super::testkit::route("index.json").provider.to_string();
     f.providers
         .cache
-        .meta
-        .put(KIND_VERSIONS, &key, &old)
+        .records()
+        .put(KIND_VERSIONS, key.clone(), old)
+        .await
         .unwrap();
     let failing = Step::Answer(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
     f.stub.on(&versions_url(), &[failing]);

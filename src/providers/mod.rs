@@ -251,12 +251,7 @@ impl Providers {
     where
         T: serde::de::DeserializeOwned + Send + 'static,
     {
-        let meta = self.cache.meta.clone();
-        let k = key.to_string();
-        tokio::task::spawn_blocking(move || meta.get(kind, &k))
-            .await
-            .ok()
-            .flatten()
+        self.cache.records().get(kind, key.to_string()).await
     }
 
     /// A record behind a memory front: from the front, else from disk (then put in front),
@@ -284,10 +279,8 @@ impl Providers {
     where
         T: Serialize + Send + Sync + 'static,
     {
-        let meta = self.cache.meta.clone();
-        let k = key.to_string();
-        let stored = tokio::task::spawn_blocking(move || meta.put(kind, &k, &*value)).await;
-        if !matches!(stored, Ok(Ok(()))) {
+        let stored = self.cache.records().put(kind, key.to_string(), value).await;
+        if stored.is_err() {
             metrics::CACHE_WRITE_ERRORS.inc();
             tracing::error!(kind, record = %key, "could not record a provider mirror answer");
         }
@@ -680,8 +673,6 @@ impl Providers {
         pkg: &Package,
     ) -> std::io::Result<(Arc<crate::cache::fill::Fill>, bool)> {
         let key = archive_key(p, version, platform);
-        let meta = self.cache.meta.clone();
-        let index_key = key.clone();
         let this = self.clone();
         let (p, version, platform, pkg) = (
             p.clone(),
@@ -694,20 +685,16 @@ impl Providers {
             async move { this.open_archive(&p, &version, &platform, &pkg).await }.boxed()
         };
         self.cache
-            .fills
-            .join_or_start(&key, self.cache.blobs.clone(), open, move |hash, size| {
+            .fill_tarball(&key, open, move |_previous, hash, size| {
                 verification(&p2, &v2, Ok("checksum_ok"));
-                // A provider package never changes under a version (it is verified against
-                // the registry's signed checksums), so it keeps no re-publish history.
-                let entry = TarballEntry {
+                // A provider package never changes under a version (it is verified against the
+                // registry's signed checksums), so it keeps no re-publish history.
+                TarballEntry {
                     hash: hash.to_hex().to_string(),
                     size,
                     fetched_at: unix_now(),
                     fetched_at_ms: crate::clock::now_ms(),
                     replaced: Vec::new(),
-                };
-                if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
-                    tracing::error!(error = %e, "could not index a provider package");
                 }
             })
     }

@@ -104,7 +104,7 @@ impl Providers {
                 .ok_or_else(|| format!("{p} {version}: not published for {platform}"))?;
             let key = super::archive_key(p, &version, platform);
             let cached = match self.cached_archive(&key).await.and_then(|e| e.hash()) {
-                Some(h) => self.cache.blobs.path(&h).exists(),
+                Some(h) => self.cache.has_blob(&h),
                 None => false,
             };
             if cached {

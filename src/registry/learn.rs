@@ -217,7 +217,6 @@ impl Registry {
         if back.is_empty() {
             return;
         }
-        let (meta, reappeared) = (self.cache.meta.clone(), self.cache.reappeared.clone());
         let ids: Vec<String> = back
             .iter()
             .map(|v| format!("{}/{}@{v}", module.name, module.system))
@@ -225,13 +224,7 @@ impl Registry {
         for v in &back {
             tracing::info!(%module, version = %v, "version listed again: cached bytes will be checked");
         }
-        let _ = tokio::task::spawn_blocking(move || {
-            let now = crate::clock::now_ms();
-            for id in ids {
-                reappeared.note(&meta, &id, now);
-            }
-        })
-        .await;
+        self.cache.note_reappeared(ids).await;
     }
 
     /// Keep the module-wide view of a listing: for offline fallback by policy, and, when
@@ -243,16 +236,20 @@ impl Registry {
         op: &ListingKey,
         shared: SharedListing,
     ) {
-        let meta = self.cache.meta.clone();
         let key = shared_key(module, op);
-        let public = identity.is_anonymous();
-        let _ = tokio::task::spawn_blocking(move || {
-            if public {
-                meta.put(KIND_SHARED_PUBLIC, &key, &shared)?;
-            }
-            meta.put(KIND_SHARED, &key, &shared)
-        })
-        .await;
+        let records = self.cache.records();
+        let shared = std::sync::Arc::new(shared);
+        // The public copy first: a failure there leaves the module-wide one unwritten, never
+        // a public record without its module-wide twin.
+        if identity.is_anonymous()
+            && records
+                .put(KIND_SHARED_PUBLIC, key.clone(), shared.clone())
+                .await
+                .is_err()
+        {
+            return;
+        }
+        let _ = records.put(KIND_SHARED, key, shared).await;
     }
 
     /// A project route has no listing: its module-wide view is the versions GitLab allowed
@@ -311,7 +308,6 @@ impl Registry {
             .await
             .map(|r| r.versions)
             .unwrap_or_default();
-        let meta = self.cache.meta.clone();
         let keys: Vec<String> = [ListingKey::Versions, ListingKey::Latest]
             .iter()
             .map(|op| shared_key(module, op))
@@ -321,12 +317,7 @@ impl Registry {
                     .map(|v| shared_key(module, version_listing(v))),
             )
             .collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for key in keys {
-                meta.remove(KIND_SHARED_PUBLIC, &key);
-            }
-        })
-        .await;
+        self.cache.records().remove(KIND_SHARED_PUBLIC, keys).await;
         tracing::info!(module = %module, "GitLab refused an anonymous caller: the module is no longer served as public");
     }
 
@@ -336,12 +327,7 @@ impl Registry {
         module: &ModuleId,
         op: &ListingKey,
     ) -> Option<SharedListing> {
-        let meta = self.cache.meta.clone();
-        let key = shared_key(module, op);
-        tokio::task::spawn_blocking(move || meta.get(kind, &key))
-            .await
-            .ok()
-            .flatten()
+        self.cache.records().get(kind, shared_key(module, op)).await
     }
 
     pub(super) async fn body(&self, r: &BodyRef) -> Option<Bytes> {

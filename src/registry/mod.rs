@@ -188,11 +188,7 @@ impl Registry {
         cfg: &crate::config::Config,
     ) -> Registry {
         Registry {
-            auth: Auth::new(
-                cache.meta.clone(),
-                cfg.auth.grant_ttl,
-                cfg.auth.negative_ttl,
-            ),
+            auth: Auth::new(cache.records(), cfg.auth.grant_ttl, cfg.auth.negative_ttl),
             tokens: Tokens::from_secret(&secret, cfg.auth.token_ttl),
             upstream,
             cache,

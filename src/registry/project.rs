@@ -393,14 +393,13 @@ impl Registry {
     }
 
     async fn remember_latest(&self, module: &ModuleId, version: &str) {
-        let meta = self.cache.meta.clone();
         let key = shared_key(module, &ListingKey::Latest);
         let record = SharedListing {
             digest: String::new(),
             fetched_at: unix_now(),
             versions: vec![version.to_string()],
         };
-        let _ = tokio::task::spawn_blocking(move || meta.put(KIND_SHARED, &key, &record)).await;
+        let _ = self.cache.records().put(KIND_SHARED, key, record).await;
     }
 
     async fn last_latest(&self, module: &ModuleId) -> Option<String> {

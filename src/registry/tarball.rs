@@ -10,9 +10,9 @@ use super::reply;
 use super::{gitlab_token, source, Call, Outcome, Registry};
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{End, FillError, Source};
-use crate::cache::records::{tarball_key, TarballEntry, KIND_TARBALL};
+use crate::cache::records::tarball_key;
+use crate::cache::republish;
 use crate::cache::verified::VerifiedBlob;
-use crate::cache::{republish, Cache};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::metrics;
@@ -110,7 +110,7 @@ impl Registry {
         let Some(entry) = self.cache.tarball(key).await else {
             return Ok(Cached::Nothing);
         };
-        if republish::needs_refill(&entry, self.cache.reappeared.since(key)) {
+        if republish::needs_refill(&entry, self.cache.reappeared_since(key)) {
             // The entry stays, for the fill to compare.
             return Ok(Cached::Refill(entry.hash().map(|h| (h, entry.size))));
         }
@@ -193,13 +193,9 @@ impl Registry {
         key: &str,
         open: impl FnOnce() -> crate::cache::fill::Opener,
     ) -> std::io::Result<(Arc<crate::cache::fill::Fill>, bool)> {
-        let meta = self.cache.meta.clone();
-        let front = self.cache.index_front();
         let index_key = key.to_string();
         self.cache
-            .fills
-            .join_or_start(key, self.cache.blobs.clone(), open, move |hash, size| {
-                let previous: Option<TarballEntry> = meta.get(KIND_TARBALL, &index_key);
+            .fill_tarball(key, open, move |previous, hash, size| {
                 let (entry, change) = republish::after_fill(
                     previous.as_ref(),
                     hash.to_hex().to_string(),
@@ -215,10 +211,7 @@ impl Registry {
                         "re-published: GitLab now serves other bytes for this version"
                     );
                 }
-                if let Err(e) = Cache::index_tarball_blocking(&meta, &index_key, &entry) {
-                    tracing::error!(error = %e, "could not index a tarball");
-                }
-                front.insert(index_key.clone(), entry);
+                entry
             })
     }
 

@@ -112,7 +112,7 @@ impl Registry {
             })
             .await;
         let cached = match self.cache.tarball(&key).await.and_then(|e| e.hash()) {
-            Some(h) => self.cache.blobs.path(&h).exists(),
+            Some(h) => self.cache.has_blob(&h),
             None => false,
         };
         if !cached {
