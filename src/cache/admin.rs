@@ -239,8 +239,9 @@ impl Admin {
     /// answers, and its version list, so the next request goes to the registry.
     fn purge_provider(&self, spec: &str) -> io::Result<usize> {
         use super::records::{
-            KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD, KIND_PROVIDER_SUMS as KIND_SUMS,
-            KIND_PROVIDER_VERSIONS as KIND_VERSIONS, PROVIDER_KEY_PREFIX as ARCHIVE_KEY_PREFIX,
+            DownloadRecord, SumsRecord, VersionsRecord, KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD,
+            KIND_PROVIDER_SUMS as KIND_SUMS, KIND_PROVIDER_VERSIONS as KIND_VERSIONS,
+            PROVIDER_KEY_PREFIX as ARCHIVE_KEY_PREFIX,
         };
         let (provider, version) = parse_provider_spec(spec)?;
         // Keys: `<provider>@<version>` (checksums), `<provider>@<version>/<os_arch>`
@@ -267,17 +268,18 @@ impl Admin {
             .filter(|(k, _)| !k.strip_prefix(ARCHIVE_KEY_PREFIX).is_some_and(of_it))
             .map(|(_, e)| e.hash.as_str())
             .collect();
-        for kind in [KIND_SUMS, KIND_DOWNLOAD] {
-            for (key, v) in self.meta.scan::<serde_json::Value>(kind)? {
-                if of_it(&key) {
-                    for field in ["document", "signature"] {
-                        if let Some(h) = v[field].as_str() {
-                            freed.push(h.to_string());
-                        }
-                    }
-                    self.meta.remove(kind, &key);
-                    removed += 1;
-                }
+        for (key, sums) in self.meta.scan::<SumsRecord>(KIND_SUMS)? {
+            if of_it(&key) {
+                // The signed checksum files, kept byte for byte.
+                freed.extend(sums.document.into_iter().chain(sums.signature));
+                self.meta.remove(KIND_SUMS, &key);
+                removed += 1;
+            }
+        }
+        for (key, _) in self.meta.scan::<DownloadRecord>(KIND_DOWNLOAD)? {
+            if of_it(&key) {
+                self.meta.remove(KIND_DOWNLOAD, &key);
+                removed += 1;
             }
         }
         for h in freed.iter().filter(|h| !still.contains(h.as_str())) {
@@ -287,7 +289,7 @@ impl Admin {
         }
         if self
             .meta
-            .get::<serde_json::Value>(KIND_VERSIONS, provider)
+            .get::<VersionsRecord>(KIND_VERSIONS, provider)
             .is_some()
         {
             self.meta.remove(KIND_VERSIONS, provider);
@@ -332,15 +334,11 @@ impl Admin {
             }
         }
         // Providers' signed checksum files, kept byte for byte.
-        for (_, v) in self
+        for (_, sums) in self
             .meta
-            .scan::<serde_json::Value>(super::records::KIND_PROVIDER_SUMS)?
+            .scan::<super::records::SumsRecord>(super::records::KIND_PROVIDER_SUMS)?
         {
-            for field in ["document", "signature"] {
-                if let Some(d) = v[field].as_str() {
-                    referenced.insert(d.to_string());
-                }
-            }
+            referenced.extend(sums.document.into_iter().chain(sums.signature));
         }
         let mut orphans = 0;
         for (hash, path) in self.blobs.list()? {

@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use http::StatusCode;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::cache::fill::{FillError, Opener, Source};
 use crate::cache::records::TarballEntry;
@@ -51,24 +51,16 @@ use crate::metrics;
 use crate::respond::CacheStatus;
 use freshness::{plan, Plan, Windows};
 use route::{Platform, ProviderId};
-use upstream::{Registries, UpError, VersionInfo};
+use upstream::{Registries, UpError};
 use verify::Refusal;
 
+use crate::cache::records;
 pub use crate::cache::records::{
-    KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD, KIND_PROVIDER_SUMS as KIND_SUMS,
+    provider_archive_key as archive_key, DownloadRecord, ModuleDownloadRecord, Package, SumsRecord,
+    VersionsRecord, KIND_PROVIDER_DOWNLOAD as KIND_DOWNLOAD, KIND_PROVIDER_SUMS as KIND_SUMS,
     KIND_PROVIDER_VERSIONS as KIND_VERSIONS, KIND_PUBLIC_MODULE_DOWNLOAD,
     PROVIDER_KEY_PREFIX as ARCHIVE_KEY_PREFIX,
 };
-
-/// A registry's version list for one provider, or (`modules.v1` pass-through) the
-/// registry's answer for one module, as it sent it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VersionsRecord {
-    pub versions: Vec<VersionInfo>,
-    pub fetched_at: u64,
-    #[serde(default)]
-    pub module_listing: Option<serde_json::Value>,
-}
 
 /// Which version list: a provider's, or a public registry module's.
 #[derive(Debug, Clone)]
@@ -82,8 +74,8 @@ pub enum Listing {
 impl Listing {
     fn key(&self) -> String {
         match self {
-            Listing::Provider(p) => p.to_string(),
-            Listing::Module(m, system) => format!("module:{m}/{system}"),
+            Listing::Provider(p) => records::provider_versions_key(p),
+            Listing::Module(m, system) => records::registry_module_versions_key(m, system),
         }
     }
 
@@ -92,46 +84,6 @@ impl Listing {
             Listing::Provider(p) | Listing::Module(p, _) => &p.host,
         }
     }
-}
-
-/// A module download answer of a public registry (`X-Terraform-Get`, resolved).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModuleDownloadRecord {
-    pub location: String,
-    pub fetched_at: u64,
-}
-
-/// A version's verified checksums, by platform.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SumsRecord {
-    /// `os_arch` -> package.
-    pub archives: BTreeMap<String, Package>,
-    /// Id of the key whose signature verified; None when accepted unsigned
-    /// (`providers.allow_unsigned`).
-    pub signed_by: Option<String>,
-    pub fetched_at: u64,
-    /// blake3 (hex) of the blobs holding `SHA256SUMS` and its signature, byte for byte, for
-    /// clients that verify them themselves (the registry protocol pass-through).
-    #[serde(default)]
-    pub document: Option<String>,
-    #[serde(default)]
-    pub signature: Option<String>,
-}
-
-/// A registry's download answer for one platform, as it sent it (its URLs are rewritten
-/// onto tfmirror when served). Recorded once the package it names checked out against the
-/// version's verified checksums.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DownloadRecord {
-    pub answer: serde_json::Value,
-    pub fetched_at: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Package {
-    pub filename: String,
-    /// sha256 of the zip, hex, from the signed `SHA256SUMS`.
-    pub sha256: String,
 }
 
 /// A value found, and how.
@@ -147,10 +99,6 @@ pub struct Found<T> {
 pub struct Failed {
     pub status: StatusCode,
     pub cache: CacheStatus,
-}
-
-pub fn archive_key(p: &ProviderId, version: &str, platform: &Platform) -> String {
-    format!("{ARCHIVE_KEY_PREFIX}{p}@{version}/{platform}")
 }
 
 /// Count a verification outcome, and log refusals (no URLs: coordinates and reason only).
@@ -433,7 +381,7 @@ impl Providers {
         p: &ProviderId,
         version: &str,
     ) -> Result<Found<Arc<SumsRecord>>, Failed> {
-        let key = format!("{p}@{version}");
+        let key = records::provider_sums_key(p, version);
         let hit = |r: Arc<SumsRecord>| Found {
             age: unix_now().saturating_sub(r.fetched_at),
             value: r,
@@ -571,7 +519,7 @@ impl Providers {
         version: &str,
         platform: &Platform,
     ) -> Result<Found<DownloadRecord>, Failed> {
-        let key = format!("{p}@{version}/{platform}");
+        let key = records::provider_download_key(p, version, platform);
         if let Some(r) = self
             .read_record::<DownloadRecord>(KIND_DOWNLOAD, &key)
             .await
@@ -622,7 +570,7 @@ impl Providers {
         system: &str,
         version: &str,
     ) -> Result<Found<ModuleDownloadRecord>, Failed> {
-        let key = format!("module:{m}/{system}@{version}");
+        let key = records::public_module_download_key(m, system, version);
         let cached = self.read_record::<ModuleDownloadRecord>(KIND_PUBLIC_MODULE_DOWNLOAD, &key);
         if let Some(r) = cached.await {
             return Ok(Found {

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use url::Url;
 
 use super::route::{Platform, ProviderId};
@@ -77,21 +77,7 @@ impl UpError {
     }
 }
 
-/// One version in a registry's `versions` answer.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct VersionInfo {
-    pub version: String,
-    #[serde(default)]
-    pub protocols: Vec<String>,
-    #[serde(default)]
-    pub platforms: Vec<PlatformInfo>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PlatformInfo {
-    pub os: String,
-    pub arch: String,
-}
+pub use crate::cache::records::{PlatformInfo, VersionInfo};
 
 #[derive(Deserialize)]
 struct VersionsAnswer {

@@ -8,6 +8,11 @@
 //! | [`KIND_GRANT`] | [`grant_key`] | [`Grant`] | `access`, on each upstream answer |
 //! | [`KIND_SHARED`], [`KIND_SHARED_PUBLIC`] | `<module>/<listing op>` | [`SharedListing`] | `registry`, on each listing |
 //! | [`KIND_REAPPEARED`] | [`version_id`] | [`Reappeared`] | `registry`, when a listing shows a version again |
+//! | [`KIND_PROVIDER_VERSIONS`] | [`provider_versions_key`], [`registry_module_versions_key`] | [`VersionsRecord`] | `providers`, on each version list |
+//! | [`KIND_PROVIDER_SUMS`] | [`provider_sums_key`] | [`SumsRecord`] | `providers`, once checksums verify |
+//! | [`KIND_PROVIDER_DOWNLOAD`] | [`provider_download_key`] | [`DownloadRecord`] | `providers`, once a package checks out |
+//! | [`KIND_PUBLIC_MODULE_DOWNLOAD`] | [`public_module_download_key`] | [`ModuleDownloadRecord`] | `providers`, on a public module's download |
+//! | [`KIND_TARBALL`] (providers) | [`provider_archive_key`] | [`TarballEntry`] | a provider package's committed fill |
 //!
 //! Changing a field or a key format changes the on-disk format: existing caches must still
 //! load (new fields need `#[serde(default)]`).
@@ -18,6 +23,13 @@ use std::fmt;
 
 use semver::Version;
 use serde::{Deserialize, Serialize};
+
+mod providers;
+pub use providers::{
+    provider_archive_key, provider_download_key, provider_sums_key, provider_versions_key,
+    public_module_download_key, registry_module_versions_key, DownloadRecord, ModuleDownloadRecord,
+    Package, PlatformInfo, SumsRecord, VersionInfo, VersionsRecord,
+};
 
 use super::blobs::Hash;
 use super::meta::MetaStore;
