@@ -19,7 +19,7 @@ use crate::cache::records::{
     shared_key, tarball_key, version_listing, BodyRef, ListingKey, SharedListing, KIND_SHARED,
     KIND_SHARED_PUBLIC,
 };
-use crate::cache::republish;
+use crate::cache::{records, republish};
 use crate::clock::now as unix_now;
 use crate::fetch::Small;
 use crate::health::retry_after;
@@ -219,7 +219,7 @@ impl Registry {
         }
         let ids: Vec<String> = back
             .iter()
-            .map(|v| format!("{}/{}@{v}", module.name, module.system))
+            .map(|v| records::module_version_id(module, v))
             .collect();
         for v in &back {
             tracing::info!(%module, version = %v, "version listed again: cached bytes will be checked");

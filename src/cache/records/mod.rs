@@ -92,6 +92,12 @@ pub struct Reappeared {
     pub at_ms: u64,
 }
 
+/// The id of one version of `module` in [`KIND_REAPPEARED`]: `name/system@version`, what
+/// [`version_id`] finds in each of its tarball keys.
+pub fn module_version_id(module: &ModuleId, version: &str) -> String {
+    format!("{}/{}@{version}", module.name, module.system)
+}
+
 /// `name/system@version` of a tarball index key (`ns/name/system@v` or
 /// `project:P/name/system@v`): what namespace and project routes of one module share.
 pub fn version_id(key: &str) -> Option<&str> {
@@ -349,6 +355,12 @@ mod tests {
     #[test]
     fn keys_and_their_matchers_agree() {
         let v: Version = "1.2.3".parse().unwrap();
+        // A reappeared version's id is what both of its tarball keys name.
+        let id = module_version_id(&vpc(), "1.2.3");
+        assert_eq!(id, "vpc/aws@1.2.3");
+        assert_eq!(version_id(&tarball_key(&vpc(), "1.2.3")), Some(id.as_str()));
+        let project = project_tarball_key("7", "vpc", "aws", "1.2.3");
+        assert_eq!(version_id(&project), Some(id.as_str()));
         assert_eq!(tarball_key(&vpc(), "1.2.3"), "infra/vpc/aws@1.2.3");
         assert!(tarball_key_is_of(
             &tarball_key(&vpc(), "1.2.3"),
