@@ -251,10 +251,12 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
     // Decode and check every segment once, whatever the route: no `.`/`..`, no NUL or control
     // bytes, no backslashes, in raw or encoded form. Encoded slashes are kept inside their
     // segment (GitLab uses them for project paths) but checked component by component.
-    let segments: Vec<Cow<'_, str>> = path[1..]
-        .split('/')
-        .map(decode_segment)
-        .collect::<Result<_, _>>()?;
+    // Sized up front: one allocation rather than a few regrowths.
+    let mut segments: Vec<Cow<'_, str>> =
+        Vec::with_capacity(path.bytes().filter(|&b| b == b'/').count());
+    for raw in path[1..].split('/') {
+        segments.push(decode_segment(raw)?);
+    }
 
     if path == "/.well-known/terraform.json" {
         return match *method {
@@ -296,9 +298,15 @@ fn decode_segment(raw: &str) -> Result<Cow<'_, str>, Reject> {
     if raw.len() > MAX_RAW_SEGMENT_LEN {
         return Err(Reject::bad("path segment is too long"));
     }
-    let decoded = percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| Reject::bad("path is not valid UTF-8"))?;
+    // Without a `%` there is nothing to decode, and `raw` is already text: the decoder's pass
+    // and its UTF-8 check would give it back unchanged.
+    let decoded = if raw.contains('%') {
+        percent_decode_str(raw)
+            .decode_utf8()
+            .map_err(|_| Reject::bad("path is not valid UTF-8"))?
+    } else {
+        Cow::Borrowed(raw)
+    };
     if decoded
         .chars()
         .any(|c| c.is_control() || c == '\\' || c == '\u{0}')

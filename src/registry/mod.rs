@@ -27,6 +27,7 @@ mod answer_tests;
 #[cfg(test)]
 mod testkit;
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -124,14 +125,31 @@ impl Call {
             authorization: req.headers.get(http::header::AUTHORIZATION).cloned(),
             ..Call::default()
         };
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match &*k {
-                "token" if call.token.is_none() => call.token = Some(v.into_owned()),
-                "terraform-get" => call.terraform_get |= v == "1",
-                _ => {}
-            }
-        }
+        each_query_pair(query, |k, v| match k {
+            "token" if call.token.is_none() => call.token = Some(v.into_owned()),
+            "terraform-get" => call.terraform_get |= v == "1",
+            _ => {}
+        });
         call
+    }
+}
+
+/// Each pair of a query, as `url::form_urlencoded::parse` gives them. A query with nothing
+/// to decode (no `%`, no `+`: tfmirror's tokens are base64url) is split as it is: the
+/// decoder would make three byte-by-byte passes over every value (for `+`, for `%`, for
+/// UTF-8) only to hand it back unchanged, about 0.7 us per `/file` hit on a 400-character
+/// token.
+fn each_query_pair<'q>(query: &'q str, mut f: impl FnMut(&str, Cow<'q, str>)) {
+    if query.contains('%') || query.contains('+') {
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            f(&k, v);
+        }
+        return;
+    }
+    // form_urlencoded's own split: empty pieces skipped, the name up to the first `=`.
+    for piece in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = piece.split_once('=').unwrap_or((piece, ""));
+        f(k, Cow::Borrowed(v));
     }
 }
 
@@ -339,6 +357,28 @@ mod tests {
             Some(String::new())
         );
         assert_eq!(gitlab_token("/x/file"), None);
+    }
+
+    #[test]
+    fn query_pairs_are_form_urlencodeds_pairs() {
+        for q in [
+            "",
+            "token=abc-_09&archive=tgz",
+            "token=abc&token=def",
+            "&&token=&=x&terraform-get=1&flag&a=b=c&",
+            "token=a%2Fb&archive=tgz",
+            "token=a+b",
+            "t%6Fken=x",
+            "token=%ff%fe",
+            "token=\u{e9}t\u{e9}",
+        ] {
+            let mut ours = Vec::new();
+            each_query_pair(q, |k, v| ours.push((k.to_string(), v.into_owned())));
+            let theirs: Vec<_> = url::form_urlencoded::parse(q.as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            assert_eq!(ours, theirs, "{q}");
+        }
     }
 
     #[test]
