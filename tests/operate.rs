@@ -472,6 +472,68 @@ async fn answers_keep_their_header_names_on_the_wire() {
     assert_eq!(header_names(&tarball), blob);
 }
 
+/// A tarball from the memory tier leaves in two writes, its first KiB with the head
+/// (`respond::write_full_body`). Whatever its size, the framing stays `Content-Length` and the
+/// connection stays usable: GET, HEAD and GET again on one kept-alive connection, each answer
+/// read by its announced length, then a last request whose answer must come next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tarball_bodies_keep_their_framing_on_a_kept_alive_connection() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let gl = gitlab().await;
+    let sizes = [1, 1000, 2048, 2049, 3000, 64 << 10, 300 << 10];
+    let versions: Vec<String> = (0..sizes.len()).map(|i| format!("3.0.{i}")).collect();
+    let names: Vec<&str> = versions.iter().map(String::as_str).collect();
+    gl.add_module("infra", 3, "sized", "aws", &names);
+    for (v, &size) in versions.iter().zip(&sizes) {
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+        gl.set_tarball_raw("infra", "sized", "aws", v, bytes.into());
+    }
+    let m = Mirror::start(&gl.url()).await;
+    let deadline = Duration::from_secs(10);
+    for (v, &size) in versions.iter().zip(&sizes) {
+        let file = m.file_url("infra/sized/aws", v, ALICE).await;
+        warm(&file).await;
+        let path = file.trim_start_matches(&m.url()).to_string();
+        let want = gl.tarball("infra", "sized", "aws", v);
+        let conn = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+        let mut conn = BufReader::new(conn);
+        for method in ["GET", "HEAD", "GET"] {
+            let req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n\r\n", m.addr);
+            conn.get_mut().write_all(req.as_bytes()).await.unwrap();
+            let mut head = String::new();
+            while !head.ends_with("\r\n\r\n") {
+                let read = conn.read_line(&mut head);
+                let n = tokio::time::timeout(deadline, read).await.unwrap().unwrap();
+                assert!(n > 0, "{size} bytes, {method}: closed after {head:?}");
+            }
+            assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+            assert!(head.contains("x-cache-status: HIT\r\n"), "{head}");
+            assert!(!head.to_ascii_lowercase().contains("transfer-encoding"));
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|n| n.parse::<usize>().ok());
+            assert_eq!(len, Some(size), "{method} {head}");
+            if method == "GET" {
+                let mut body = vec![0; size];
+                let read = conn.read_exact(&mut body);
+                tokio::time::timeout(deadline, read).await.unwrap().unwrap();
+                assert!(body == want, "{size} bytes: the body differs");
+            }
+        }
+        // Nothing was left over on the connection: the next bytes are the next answer.
+        let last = "GET /-/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        conn.get_mut().write_all(last.as_bytes()).await.unwrap();
+        let mut rest = Vec::new();
+        let read = conn.read_to_end(&mut rest);
+        tokio::time::timeout(deadline, read).await.unwrap().unwrap();
+        assert!(
+            rest.starts_with(b"HTTP/1.1 200 "),
+            "{size} bytes: left over"
+        );
+    }
+}
+
 /// A graceful upgrade hands every per-thread listening socket over: requests on new
 /// connections (each hashed by the kernel to one of the sockets) keep succeeding through the
 /// handover and after the old process stopped accepting.
