@@ -326,6 +326,12 @@ fn with_query(path: &str, req: &RequestHeader) -> String {
 impl ProxyHttp for Proxy {
     type CTX = RequestCtx;
 
+    /// Called once, when the service is built. No downstream modules: pingora's default adds
+    /// a response-compression module that is disabled (level 0) yet built for every request
+    /// and run on every response head and body chunk. tfmirror relays bodies as they are
+    /// (tarballs are gzip already; GitLab's own `Content-Encoding` passes through).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             started: Instant::now(),
