@@ -303,7 +303,7 @@ pub fn init() {
 }
 
 /// Access decisions, as `auth_decisions_total{decision}` labels.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// A fresh grant: served from the cache.
     Granted,
@@ -330,6 +330,20 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// In declaration order: `ALL[d as usize] == d`.
+    const ALL: [Decision; 10] = [
+        Decision::Granted,
+        Decision::UpstreamAllowed,
+        Decision::UpstreamRefused,
+        Decision::StaleGrant,
+        Decision::StalePublic,
+        Decision::UnknownAuthenticated,
+        Decision::UnknownAnyone,
+        Decision::UnknownDenied,
+        Decision::OfflineRefused,
+        Decision::TokenRefused,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Decision::Granted => "granted",
@@ -346,8 +360,17 @@ impl Decision {
     }
 }
 
+/// Every decision's counter, resolved once: counted on every hit, a label lookup (a lock
+/// and a hash) per request would show in its profile.
+static DECISION_COUNTERS: LazyLock<Vec<IntCounter>> = LazyLock::new(|| {
+    Decision::ALL
+        .iter()
+        .map(|d| AUTH_DECISIONS.with_label_values(&[d.label()]))
+        .collect()
+});
+
 pub fn decision(d: Decision) {
-    AUTH_DECISIONS.with_label_values(&[d.label()]).inc();
+    DECISION_COUNTERS[d as usize].inc();
 }
 
 /// The text exposition of every registered family.
@@ -355,4 +378,24 @@ pub fn render() -> String {
     let mut out = Vec::new();
     let _ = TextEncoder::new().encode(&prometheus::gather(), &mut out);
     String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The resolved counters are indexed by the enum's discriminant: `ALL` must list every
+    /// variant in declaration order, or a decision would be counted under another's label.
+    #[test]
+    fn each_decision_counts_under_its_own_label() {
+        for (i, d) in Decision::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i, "{d:?}");
+            assert_eq!(Decision::ALL[*d as usize], *d);
+            let before = AUTH_DECISIONS.with_label_values(&[d.label()]).get();
+            decision(*d);
+            let after = AUTH_DECISIONS.with_label_values(&[d.label()]).get();
+            // Other tests may count too, never less.
+            assert!(after > before, "{d:?}");
+        }
+    }
 }

@@ -22,6 +22,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 
+use super::horizon::Horizon;
 use crate::cache::meta::Records;
 use crate::cache::records::{grant_key, version_listing, Grant, KIND_GRANT};
 use crate::clock::now as unix_now;
@@ -86,6 +87,10 @@ pub struct Auth {
     jwts: moka::sync::Cache<(Identity, String), String>,
     /// (identity, module) -> end of the `Retry-After` GitLab gave that caller with a 429.
     held: moka::sync::Cache<(Identity, String), std::time::Instant>,
+    /// Past these, `negative` and `held` hold nothing: the hit path skips their lookups.
+    negative_horizon: Horizon,
+    held_horizon: Horizon,
+    negative_ttl: Duration,
     pub grant_ttl: Duration,
 }
 
@@ -122,6 +127,9 @@ impl Auth {
                 .max_capacity(100_000)
                 .time_to_live(MAX_HOLD)
                 .build(),
+            negative_horizon: Horizon::default(),
+            held_horizon: Horizon::default(),
+            negative_ttl,
             grant_ttl,
         }
     }
@@ -206,13 +214,18 @@ impl Auth {
     /// `wait`, capped at [`MAX_HOLD`].
     pub fn hold(&self, identity: Identity, module: &ModuleId, wait: Duration) {
         let until = std::time::Instant::now() + wait.min(MAX_HOLD);
+        self.held_horizon.extend_to(until);
         self.held.insert((identity, module.path()), until);
     }
 
     /// What is left of this caller's `Retry-After` for this module, if any.
     pub fn held(&self, identity: Identity, module: &ModuleId) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        if self.held_horizon.passed(now) {
+            return None;
+        }
         let until = self.held.get(&(identity, module.path()))?;
-        until.checked_duration_since(std::time::Instant::now())
+        until.checked_duration_since(now)
     }
 
     /// GitLab no longer has `version` for this identity (its listing dropped it, or it answered
@@ -288,10 +301,15 @@ impl Auth {
     }
 
     pub fn negative(&self, identity: Identity, path: &str) -> Option<Negative> {
+        if self.negative_horizon.passed(std::time::Instant::now()) {
+            return None;
+        }
         self.negative.get(&(identity, path.to_string()))
     }
 
     pub fn remember_negative(&self, identity: Identity, path: &str, n: Negative) {
+        self.negative_horizon
+            .extend_to(std::time::Instant::now() + self.negative_ttl);
         self.negative.insert((identity, path.to_string()), n);
     }
 

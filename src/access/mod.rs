@@ -2,6 +2,7 @@
 //! `policy` decides, from those facts alone, what a request gets.
 
 pub mod grants;
+pub mod horizon;
 pub mod policy;
 
 pub use grants::{Auth, Negative};

@@ -195,6 +195,9 @@ pub struct Registry {
     refreshing: Mutex<HashSet<String>>,
     /// (name, system) -> unix seconds of the last upload through tfmirror.
     uploads: moka::sync::Cache<(String, String), u64>,
+    /// The latest time in `uploads` (unix seconds): a listing fetched after it cannot have
+    /// been invalidated, and the hit path skips the lookup.
+    latest_upload: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -222,6 +225,7 @@ impl Registry {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
+            latest_upload: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -281,11 +285,22 @@ impl Registry {
 
     /// An upload through tfmirror changes that module's listings: stop serving cached ones.
     pub fn invalidate_uploads_of(&self, name: &str, system: &str) {
+        let now = unix_now();
+        self.latest_upload
+            .fetch_max(now, std::sync::atomic::Ordering::AcqRel);
         self.uploads
-            .insert((name.to_string(), system.to_string()), unix_now());
+            .insert((name.to_string(), system.to_string()), now);
     }
 
     fn invalidated(&self, module: &ModuleId, fetched_at: u64) -> bool {
+        // Every entry's time is at most the latest.
+        if self
+            .latest_upload
+            .load(std::sync::atomic::Ordering::Acquire)
+            < fetched_at
+        {
+            return false;
+        }
         self.uploads
             .get(&(module.name.clone(), module.system.clone()))
             .is_some_and(|at| at >= fetched_at)
