@@ -59,6 +59,10 @@ impl<A> Guarded<A> {
     }
 }
 
+/// How long a connection accepted before a graceful shutdown has to send its request before
+/// the shutdown closes it (see `http_cleanup`). Shorter than pingora's grace period.
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
 #[async_trait]
 impl<A> HttpServerApp for Guarded<A>
 where
@@ -106,8 +110,17 @@ where
         Some(&self.options)
     }
 
+    /// Graceful shutdown (a terminate or an upgrade), once the accept loops have stopped.
+    ///
+    /// The proxy's cleanup wakes every connection still waiting for a request head, which
+    /// then closes without an answer. That includes a connection accepted a moment before
+    /// whose first request is on its way: its client sees the connection closed, and on a
+    /// new connection no client retries (one request in ~12,000 failed that way in
+    /// `graceful_upgrade_loses_no_request`). So the cleanup waits [`FIRST_REQUEST_GRACE`]
+    /// first: a request that arrives meanwhile is read and answered. The process stays up
+    /// for pingora's grace period (5 s) after this starts, so the wait costs nothing.
     async fn http_cleanup(&self) {
-        // Graceful shutdown: the proxy wakes its keep-alive readers so they close.
+        tokio::time::sleep(FIRST_REQUEST_GRACE).await;
         self.inner.http_cleanup().await
     }
 

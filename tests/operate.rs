@@ -620,6 +620,39 @@ async fn graceful_upgrade_loses_no_request() {
     let _ = new.wait();
 }
 
+/// A connection accepted just before a graceful shutdown, whose request comes a moment after
+/// it, is answered: pingora's cleanup used to close every connection still waiting for a
+/// request head at once, and a client on a new connection does not retry (the rare failure
+/// of `graceful_upgrade_loses_no_request`).
+#[tokio::test]
+async fn a_request_just_after_a_graceful_shutdown_began_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let mut conn = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    // Accepted by tfmirror (an idle server accepts at once), no request yet.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let term = Command::new("kill")
+        .args(["-TERM", &m.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    // The accept loops stop at once; the request comes half a second later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.write_all(
+        b"GET /.well-known/terraform.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        matches!(read, Ok(Ok(_))) && answer.starts_with("HTTP/1.1 200"),
+        "the connection closed without an answer: {read:?} {answer:?}"
+    );
+}
+
 /// A secret put in the wrong `TFMIRROR_*` variable stops tfmirror with a message that names
 /// the setting and never shows the value (it would land in logs).
 #[test]
