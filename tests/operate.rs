@@ -578,20 +578,22 @@ async fn graceful_upgrade_loses_no_request() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The new process takes the sockets over; the old one is told to hand them off.
     let cache = m.cache_dir().join("cache");
-    let mut new = Command::new(env!("CARGO_BIN_EXE_tfmirror"))
-        .args([
-            "serve",
-            "--upgrade",
-            "--listen",
-            &m.addr.to_string(),
-            "--upstream",
-            &gl.url(),
-        ])
-        .args(["--cache-dir", cache.to_str().unwrap()])
-        .args(["--config", cfg.to_str().unwrap()])
-        .stderr(std::fs::File::create(m.cache_dir().join("new.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let _new = common::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+            .args([
+                "serve",
+                "--upgrade",
+                "--listen",
+                &m.addr.to_string(),
+                "--upstream",
+                &gl.url(),
+            ])
+            .args(["--cache-dir", cache.to_str().unwrap()])
+            .args(["--config", cfg.to_str().unwrap()])
+            .stderr(std::fs::File::create(m.cache_dir().join("new.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let quit = Command::new("kill")
         .args(["-QUIT", &m.pid().to_string()])
@@ -616,8 +618,6 @@ async fn graceful_upgrade_loses_no_request() {
         assert_eq!(r.status(), 200);
     }
     assert_eq!(common::listening_sockets(m.addr.port()), 3);
-    let _ = new.kill();
-    let _ = new.wait();
 }
 
 /// A connection accepted just before a graceful shutdown, whose request comes a moment after

@@ -240,6 +240,17 @@ impl Drop for Mirror {
     }
 }
 
+/// A child process killed (and reaped) when the test ends, also when it fails: a failed
+/// assertion must not leave a tfmirror running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Listening TCP sockets on `port` (IPv4), from the kernel's table: one per thread with
 /// tfmirror's `SO_REUSEPORT` listeners.
 pub fn listening_sockets(port: u16) -> usize {
