@@ -239,8 +239,8 @@ impl Registry {
         let key = shared_key(module, op);
         let records = self.cache.records();
         let shared = std::sync::Arc::new(shared);
-        // The public copy first: a failure there leaves the module-wide one unwritten, never
-        // a public record without its module-wide twin.
+        // The public copy first; when it cannot be written (a full disk, the record cap),
+        // the module-wide one is not tried either.
         if identity.is_anonymous()
             && records
                 .put(KIND_SHARED_PUBLIC, key.clone(), shared.clone())
