@@ -478,10 +478,12 @@ impl ProxyHttp for Proxy {
                 self.registry.invalidate_uploads_of(&p.name, &p.system);
             }
         }
+        // Whatever is proxied bypasses the cache, and says so (every answer carries
+        // X-Cache-Status); the access line records it for registry routes.
         if matches!(ctx.route, Some(Route::Module(_) | Route::Project(_))) {
             ctx.cache = Some(CacheStatus::Bypass);
-            resp.insert_header(respond::CACHE_STATUS, CacheStatus::Bypass.as_str())?;
         }
+        resp.insert_header(respond::CACHE_STATUS, CacheStatus::Bypass.as_str())?;
         let Some(public) = &ctx.public else {
             return Ok(());
         };

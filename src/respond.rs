@@ -253,8 +253,15 @@ pub fn head(reply: Reply) -> Result<(Box<ResponseHeader>, Body)> {
     if let Some(r) = &reason {
         h.set_reason_phrase(Some(r))?;
     }
+    let mut said_cache_status = false;
     for (name, value) in headers {
+        said_cache_status |= name == CACHE_STATUS;
         h.append_header(name, value)?;
+    }
+    // Every answer says how the cache took part; tfmirror's own answers that are no cache
+    // decision (discovery, the local endpoints, refusals before any lookup) bypass it.
+    if !said_cache_status {
+        h.append_header(CACHE_STATUS, CacheStatus::Bypass.as_str())?;
     }
     if let Body::Full(bytes) = &body {
         if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {

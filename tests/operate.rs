@@ -452,6 +452,7 @@ async fn answers_keep_their_header_names_on_the_wire() {
     let json = [
         "Content-Type",
         "Cache-Control",
+        "x-cache-status",
         "Content-Length",
         "Date",
         "Connection",
@@ -470,6 +471,38 @@ async fn answers_keep_their_header_names_on_the_wire() {
         "Connection",
     ];
     assert_eq!(header_names(&tarball), blob);
+}
+
+/// Every answer says how the cache took part, also those that are no cache decision:
+/// discovery, the local endpoints, a bad request, and whatever is passed through to GitLab.
+#[tokio::test]
+async fn every_answer_says_its_cache_status() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    for path in [
+        "/.well-known/terraform.json",
+        "/-/health",
+        "/-/readiness",
+        "/-/metrics",
+        "/api/v4/version",
+        "/api/v4/packages/terraform/modules/v1/infra/vpc/aws/not-a-version/download",
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, answer) = common::raw(m.addr, req.as_bytes()).await;
+        let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+        let said = head
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .find(|(n, _)| n.eq_ignore_ascii_case("x-cache-status"))
+            .map(|(_, v)| v);
+        assert!(
+            said.is_some(),
+            "{path} answered {status} without X-Cache-Status: {head}"
+        );
+        if path.starts_with("/.well-known") || path.starts_with("/-/") {
+            assert_eq!(said, Some("BYPASS"), "{path}");
+        }
+    }
 }
 
 /// A tarball from the memory tier leaves in two writes, its first KiB with the head
