@@ -258,18 +258,27 @@ mod tests {
         }
     }
 
+    /// A tarball entry with an empty history and no milliseconds: the form of older
+    /// releases, unchanged.
+    fn older_form_tarball() -> TarballEntry {
+        TarballEntry {
+            hash: "ab".into(),
+            size: 3,
+            fetched_at: 10,
+            fetched_at_ms: 0,
+            replaced: Vec::new(),
+        }
+    }
+
+    fn json<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap()
+    }
+
     /// The on-disk form of every record, byte for byte: a cache written by an older tfmirror
     /// must still load. A change here is a format change.
     #[test]
     fn records_keep_their_on_disk_form() {
-        let tarball = TarballEntry {
-            hash: "ab".into(),
-            size: 3,
-            fetched_at: 10,
-            // Empty history and no milliseconds: the form of older releases, unchanged.
-            fetched_at_ms: 0,
-            replaced: Vec::new(),
-        };
+        let tarball = older_form_tarball();
         let grant = Grant {
             checked_at: 20,
             bodies: BTreeMap::from([(
@@ -287,9 +296,6 @@ mod tests {
             fetched_at: 30,
             versions: vec!["1.0.0".into()],
         };
-        fn json<T: Serialize>(v: &T) -> String {
-            serde_json::to_string(v).unwrap()
-        }
         assert_eq!(json(&tarball), r#"{"hash":"ab","size":3,"fetched_at":10}"#);
         assert_eq!(
             json(&grant),
@@ -319,16 +325,7 @@ mod tests {
     /// A re-published version's entry (milliseconds, earlier bytes) and a reappearance record.
     #[test]
     fn republish_records_keep_their_on_disk_form() {
-        let tarball = TarballEntry {
-            hash: "ab".into(),
-            size: 3,
-            fetched_at: 10,
-            fetched_at_ms: 0,
-            replaced: Vec::new(),
-        };
-        fn json<T: Serialize>(v: &T) -> String {
-            serde_json::to_string(v).unwrap()
-        }
+        let tarball = older_form_tarball();
         // A re-published version's entry: milliseconds and the earlier bytes.
         let republished = TarballEntry {
             fetched_at_ms: 10_500,
