@@ -6,7 +6,7 @@
 #[path = "../tests/common/fake_gitlab.rs"]
 mod fake_gitlab;
 
-use std::alloc::{GlobalAlloc, Layout, System};
+use std::alloc::{GlobalAlloc, Layout};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -97,23 +97,24 @@ fn cache_lookup(c: &mut Criterion) {
     });
 }
 
-/// Counts every allocation and reallocation, to report allocations per step.
+/// Counts every allocation and reallocation, to report allocations per step. It forwards to
+/// mimalloc, the allocator the `tfmirror` binary uses, so that the timings are the server's.
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
-// SAFETY: forwards to the system allocator unchanged; only counts.
+// SAFETY: forwards to mimalloc unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.alloc(layout)
+        mimalloc::MiMalloc.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
+        mimalloc::MiMalloc.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        System.realloc(ptr, layout, new)
+        mimalloc::MiMalloc.realloc(ptr, layout, new)
     }
 }
 
