@@ -17,7 +17,7 @@
 //! to refresh or fill on the caller's behalf (GitLab, asked with them, decides).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
@@ -80,13 +80,13 @@ pub struct Auth {
     records: Records,
     grants: moka::sync::Cache<String, Arc<Grant>>,
     /// Credential and the instant its grant expires: never kept past that.
-    creds: moka::sync::Cache<Identity, (HeaderValue, std::time::Instant)>,
+    creds: moka::sync::Cache<Identity, (HeaderValue, Instant)>,
     negative: moka::sync::Cache<(Identity, String), Negative>,
     /// Refusals of identities that never had a grant: memory only, bounded in count.
     refusals: moka::sync::Cache<String, Arc<Grant>>,
     jwts: moka::sync::Cache<(Identity, String), String>,
     /// (identity, module) -> end of the `Retry-After` GitLab gave that caller with a 429.
-    held: moka::sync::Cache<(Identity, String), std::time::Instant>,
+    held: moka::sync::Cache<(Identity, String), Instant>,
     /// Past these, `negative` and `held` hold nothing: the hit path skips their lookups.
     negative_horizon: Horizon,
     held_horizon: Horizon,
@@ -213,14 +213,13 @@ impl Auth {
     /// GitLab answered this identity 429 for this module: hold it (and only it) back for
     /// `wait`, capped at [`MAX_HOLD`].
     pub fn hold(&self, identity: Identity, module: &ModuleId, wait: Duration) {
-        let until = std::time::Instant::now() + wait.min(MAX_HOLD);
+        let until = Instant::now() + wait.min(MAX_HOLD);
         self.held_horizon.extend_to(until);
         self.held.insert((identity, module.path()), until);
     }
 
-    /// What is left of this caller's `Retry-After` for this module, if any.
-    pub fn held(&self, identity: Identity, module: &ModuleId) -> Option<Duration> {
-        let now = std::time::Instant::now();
+    /// What is left at `now` of this caller's `Retry-After` for this module, if any.
+    pub fn held(&self, identity: Identity, module: &ModuleId, now: Instant) -> Option<Duration> {
         if self.held_horizon.passed(now) {
             return None;
         }
@@ -256,28 +255,27 @@ impl Auth {
     }
 
     /// The credential this identity presented, while its grant lifetime lasts.
-    pub fn credential(&self, identity: Identity) -> Option<HeaderValue> {
+    pub fn credential(&self, identity: Identity, now: Instant) -> Option<HeaderValue> {
         self.creds
             .get(&identity)
-            .filter(|(_, until)| std::time::Instant::now() < *until)
+            .filter(|(_, until)| now < *until)
             .map(|(c, _)| c)
     }
 
     /// Keep the credential of a request served under a fresh grant, until that grant expires,
     /// so a refill (say, after a restart emptied memory) can ask GitLab on the caller's behalf.
+    ///
+    /// `remembered` is what [`Auth::credential`] gave at the start of the request: this runs
+    /// on every cache hit, and a second lookup would cost as much as the first.
     pub fn remember_for_grant(
         &self,
         identity: Identity,
         credential: Option<&HeaderValue>,
+        remembered: Option<&HeaderValue>,
         grant: &Grant,
     ) {
         let Some(c) = credential else { return };
-        // Already remembered: nothing to do (this runs on every cache hit).
-        if self
-            .creds
-            .get(&identity)
-            .is_some_and(|(known, _)| known == c)
-        {
+        if remembered == Some(c) {
             return;
         }
         let age = Duration::from_secs(unix_now().saturating_sub(grant.checked_at));
@@ -296,12 +294,12 @@ impl Auth {
     }
 
     fn remember_credential(&self, identity: Identity, credential: &HeaderValue, for_: Duration) {
-        let until = std::time::Instant::now() + for_;
+        let until = Instant::now() + for_;
         self.creds.insert(identity, (credential.clone(), until));
     }
 
-    pub fn negative(&self, identity: Identity, path: &str) -> Option<Negative> {
-        if self.negative_horizon.passed(std::time::Instant::now()) {
+    pub fn negative(&self, identity: Identity, path: &str, now: Instant) -> Option<Negative> {
+        if self.negative_horizon.passed(now) {
             return None;
         }
         self.negative.get(&(identity, path.to_string()))
@@ -309,7 +307,7 @@ impl Auth {
 
     pub fn remember_negative(&self, identity: Identity, path: &str, n: Negative) {
         self.negative_horizon
-            .extend_to(std::time::Instant::now() + self.negative_ttl);
+            .extend_to(Instant::now() + self.negative_ttl);
         self.negative.insert((identity, path.to_string()), n);
     }
 
@@ -421,7 +419,7 @@ mod tests {
                 g.versions = vec!["1.0.0".into()]
             })
             .await;
-            assert_eq!(auth.credential(id), Some(cred.clone()));
+            assert_eq!(auth.credential(id, Instant::now()), Some(cred.clone()));
         }
         // A new instance (a restart) finds the grant on disk, but no credential.
         let auth = Auth::new(
@@ -433,7 +431,7 @@ mod tests {
         assert!(g.is_fresh(Duration::from_secs(60)));
         assert!(g.allows_version("1.0.0"));
         assert!(!g.allows_version("2.0.0"));
-        assert_eq!(auth.credential(id), None);
+        assert_eq!(auth.credential(id, Instant::now()), None);
         auth.revoke(id, &module()).await;
         let g = auth.grant(id, &module()).await.unwrap();
         assert!(g.refused_at.is_some());

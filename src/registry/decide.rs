@@ -2,6 +2,10 @@
 //! The policy itself is pure; this is the I/O around it (grant records, module-wide records,
 //! the breaker, the clock).
 
+use std::time::Instant;
+
+use http::HeaderValue;
+
 use super::ask::{Asked, Failure};
 use super::{reply, Registry};
 use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
@@ -65,6 +69,10 @@ impl Registry {
 
     /// The facts of a request before GitLab is asked. `own` is when the caller's own answer
     /// for this route was fetched, if it has one.
+    ///
+    /// Also returns the credential remembered for `identity`, for
+    /// [`crate::access::grants::Auth::remember_for_grant`]: looked up once per request, as are
+    /// the clock and each of the caller's in-memory records.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn facts(
         &self,
@@ -76,8 +84,10 @@ impl Registry {
         grant: Option<&Grant>,
         own: Option<u64>,
         path: &str,
-    ) -> Facts {
-        Facts {
+    ) -> (Facts, Option<HeaderValue>) {
+        let at = Instant::now();
+        let remembered = self.auth.credential(identity, at);
+        let facts = Facts {
             now,
             kind,
             standing: policy::standing(
@@ -91,13 +101,14 @@ impl Registry {
             shared: None,
             has_credential,
             invalidated: own.is_some_and(|at| self.invalidated(module, at)),
-            can_refresh: identity.is_anonymous() || self.auth.credential(identity).is_some(),
-            recently_refused: self.auth.negative(identity, path).is_some(),
-            held_back: self.auth.held(identity, module).is_some(),
+            can_refresh: identity.is_anonymous() || remembered.is_some(),
+            recently_refused: self.auth.negative(identity, path, at).is_some(),
+            held_back: self.auth.held(identity, module, at).is_some(),
             breaker: self.breaker(),
             gitlab: Gitlab::NotAsked,
             unknown_identity: self.unknown_identity,
-        }
+        };
+        (facts, remembered)
     }
 
     /// Decide, reading the module-wide records only when the answer can depend on them
@@ -189,10 +200,13 @@ impl Registry {
             // `None` when it expired between the decision and now: GitLab answers then.
             Action::Replay => self
                 .auth
-                .negative(identity, path)
+                .negative(identity, path, Instant::now())
                 .map(|neg| (reply::negative(&neg), CacheStatus::Hit)),
             Action::HoldBack => {
-                let wait = self.auth.held(identity, module).unwrap_or_default();
+                let wait = self
+                    .auth
+                    .held(identity, module, Instant::now())
+                    .unwrap_or_default();
                 Some((reply::held_back(module, wait), CacheStatus::Miss))
             }
             Action::Refuse(why) => {

@@ -106,7 +106,7 @@ impl Registry {
             .as_ref()
             .filter(|g| g.allows_version(version))
             .map(|g| g.checked_at);
-        let mut facts = self.facts(
+        let (mut facts, remembered) = self.facts(
             unix_now(),
             Kind::Download,
             identity,
@@ -121,7 +121,12 @@ impl Registry {
         match action {
             Action::Fresh | Action::Revalidate => {
                 if let Some(g) = &grant {
-                    self.auth.remember_for_grant(identity, req.cred.as_ref(), g);
+                    self.auth.remember_for_grant(
+                        identity,
+                        req.cred.as_ref(),
+                        remembered.as_ref(),
+                        g,
+                    );
                 }
                 let get = req.url(self);
                 let reply = reply::download(CacheStatus::Hit, &get);

@@ -64,9 +64,10 @@ async fn a_429_holds_back_only_the_caller_that_got_it() {
         "{}",
     );
     r.learn(BOB, None, &listing("versions"), &answer).await;
-    let held = r.auth.held(BOB, &module()).expect("Bob is held back");
+    let now = std::time::Instant::now();
+    let held = r.auth.held(BOB, &module(), now).expect("Bob is held back");
     assert!(held.as_secs() >= 29 && held.as_secs() <= 30, "{held:?}");
-    assert!(r.auth.held(ALICE, &module()).is_none(), "Alice is not");
+    assert!(r.auth.held(ALICE, &module(), now).is_none(), "Alice is not");
     assert!(!f.health.unavailable(), "nor is anyone else");
 }
 
@@ -217,7 +218,7 @@ async fn facts_follow_the_clock_passed_in() {
     let at = g.bodies["versions"].fetched_at;
     let w = r.windows();
     let decide = |now: u64| {
-        let facts = r.facts(
+        let (facts, _) = r.facts(
             now,
             Kind::Listing,
             ALICE,
@@ -233,7 +234,7 @@ async fn facts_follow_the_clock_passed_in() {
     // Past grant_ttl (60 s by default), GitLab is asked again; past the stale window, the
     // identity is a stranger.
     assert_eq!(decide(at + 61), Action::Ask);
-    let mut failed = r.facts(
+    let (mut failed, _) = r.facts(
         at + 61,
         Kind::Listing,
         ALICE,
@@ -246,7 +247,7 @@ async fn facts_follow_the_clock_passed_in() {
     failed.gitlab = policy::Gitlab::Failed;
     assert_eq!(policy::decide(&failed, &w), Action::Stale(StaleSource::Own));
     let far = unix_now() + 30 * 24 * 3600;
-    let mut old = r.facts(
+    let (mut old, _) = r.facts(
         far,
         Kind::Listing,
         ALICE,

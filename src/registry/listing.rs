@@ -2,6 +2,7 @@
 //! [`crate::access::policy`]; this file gathers the facts and carries the decision out.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -66,7 +67,7 @@ impl Registry {
             path: route.upstream_path(),
             now: unix_now(),
         };
-        let mut facts = self.facts(
+        let (mut facts, remembered) = self.facts(
             req.now,
             Kind::Listing,
             identity,
@@ -78,7 +79,10 @@ impl Registry {
         );
         let (action, records) = self.decide(&mut facts, &req.fallback()).await;
         count(action, identity, &route.module, None);
-        if let Some(answered) = self.listing_without_asking(&req, action, &records).await {
+        if let Some(answered) = self
+            .listing_without_asking(&req, action, &records, remembered.as_ref())
+            .await
+        {
             return answered;
         }
         self.listing_from_gitlab(&req, facts).await
@@ -90,6 +94,7 @@ impl Registry {
         req: &Request<'_>,
         action: Action,
         records: &Records,
+        remembered: Option<&HeaderValue>,
     ) -> Option<(Reply, Outcome)> {
         match action {
             Action::Fresh | Action::Revalidate => {
@@ -101,7 +106,7 @@ impl Registry {
                 let body = self.body(own).await?;
                 if let Some(g) = &req.grant {
                     self.auth
-                        .remember_for_grant(req.identity, req.cred.as_ref(), g);
+                        .remember_for_grant(req.identity, req.cred.as_ref(), remembered, g);
                 }
                 let status = if action == Action::Fresh {
                     CacheStatus::Hit
@@ -214,7 +219,7 @@ impl Registry {
         route: &ModuleRoute,
         op: ListingKey,
     ) {
-        let cred: Option<HeaderValue> = self.auth.credential(identity);
+        let cred: Option<HeaderValue> = self.auth.credential(identity, Instant::now());
         let path = route.upstream_path();
         let key = format!("{}{path}", identity.to_hex());
         if !self

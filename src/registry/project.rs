@@ -13,6 +13,7 @@
 //! keys the cache by it; the last version resolved is kept for the offline fallback.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use futures::FutureExt;
 use http::{header, HeaderValue};
@@ -142,7 +143,7 @@ impl Registry {
             .as_ref()
             .filter(|g| p.version.as_ref().is_none_or(|v| g.allows_version(v)))
             .map(|g| g.checked_at);
-        let mut facts = self.facts(
+        let (mut facts, remembered) = self.facts(
             unix_now(),
             Kind::Download,
             c.identity,
@@ -157,7 +158,9 @@ impl Registry {
         match action {
             Action::Fresh | Action::Revalidate => {
                 if let Some(g) = &grant {
-                    self.auth.remember_for_grant(c.identity, c.cred.as_ref(), g);
+                    let (id, cred) = (c.identity, c.cred.as_ref());
+                    self.auth
+                        .remember_for_grant(id, cred, remembered.as_ref(), g);
                 }
                 return self
                     .project_allowed(call, &p, &c, CacheStatus::Hit, None)
@@ -203,7 +206,8 @@ impl Registry {
         };
         Some((
             identity,
-            cred.or(sealed).or_else(|| self.auth.credential(identity)),
+            cred.or(sealed)
+                .or_else(|| self.auth.credential(identity, Instant::now())),
         ))
     }
 

@@ -1,6 +1,7 @@
 //! Tarballs: token check, cached blobs verified as they stream, coalesced fills, pass-through.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::{FutureExt, StreamExt};
 use http::StatusCode;
@@ -244,7 +245,7 @@ impl Registry {
                 };
                 let cred = match (
                     identity.is_anonymous(),
-                    sealed_cred.or_else(|| self.auth.credential(identity)),
+                    sealed_cred.or_else(|| self.auth.credential(identity, Instant::now())),
                 ) {
                     (true, _) => None,
                     (false, Some(c)) => Some(c),
