@@ -103,16 +103,29 @@ impl ModuleRoute {
     /// The canonical upstream path (without the upstream's relative URL root), rebuilt from the
     /// validated parts rather than copied from the request.
     pub fn upstream_path(&self) -> String {
-        let m = &self.module;
-        let base = format!("{MODULES_V1}{}/{}/{}", m.namespace, m.name, m.system);
+        // Built in one buffer: a listing hit asks for it on every request.
+        let mut out = String::with_capacity(MODULES_V1.len() + self.module.path_len() + 32);
+        out.push_str(MODULES_V1);
+        self.module.push_path(&mut out);
+        let version = |out: &mut String, v: &Version| {
+            use std::fmt::Write as _;
+            let _ = write!(out, "/{v}");
+        };
         match &self.op {
-            ModuleOp::Versions => format!("{base}/versions"),
-            ModuleOp::Latest => base,
-            ModuleOp::Version(v) => format!("{base}/{v}"),
-            ModuleOp::LatestDownload => format!("{base}/download"),
-            ModuleOp::Download(v) => format!("{base}/{v}/download"),
-            ModuleOp::File(v) => format!("{base}/{v}/file"),
+            ModuleOp::Versions => out.push_str("/versions"),
+            ModuleOp::Latest => {}
+            ModuleOp::Version(v) => version(&mut out, v),
+            ModuleOp::LatestDownload => out.push_str("/download"),
+            ModuleOp::Download(v) => {
+                version(&mut out, v);
+                out.push_str("/download");
+            }
+            ModuleOp::File(v) => {
+                version(&mut out, v);
+                out.push_str("/file");
+            }
         }
+        out
     }
 
     pub fn version(&self) -> Option<&Version> {
@@ -298,6 +311,25 @@ fn decode_segment(raw: &str) -> Result<Cow<'_, str>, Reject> {
     if raw.len() > MAX_RAW_SEGMENT_LEN {
         return Err(Reject::bad("path segment is too long"));
     }
+    // One pass over the bytes: most segments are plain ASCII with no `%` and no `.`, and then
+    // there is nothing to decode, no multi-byte character to check and no dot segment. A raw
+    // control byte or backslash is refused here as the checks below would refuse it.
+    let mut plain = true;
+    for &b in raw.as_bytes() {
+        match b {
+            0..=0x1f | 0x7f | b'\\' => return Err(forbidden()),
+            b'%' | b'.' | 0x80.. => plain = false,
+            _ => {}
+        }
+    }
+    if plain {
+        return Ok(Cow::Borrowed(raw));
+    }
+    decode_segment_fully(raw)
+}
+
+/// [`decode_segment`]'s checks done in full: decode, then look at every character.
+fn decode_segment_fully(raw: &str) -> Result<Cow<'_, str>, Reject> {
     // Without a `%` there is nothing to decode, and `raw` is already text: the decoder's pass
     // and its UTF-8 check would give it back unchanged.
     let decoded = if raw.contains('%') {
@@ -311,12 +343,16 @@ fn decode_segment(raw: &str) -> Result<Cow<'_, str>, Reject> {
         .chars()
         .any(|c| c.is_control() || c == '\\' || c == '\u{0}')
     {
-        return Err(Reject::bad("path contains forbidden characters"));
+        return Err(forbidden());
     }
     if decoded.split('/').any(|c| c == "." || c == "..") {
         return Err(Reject::bad("path contains dot segments"));
     }
     Ok(decoded)
+}
+
+fn forbidden() -> Reject {
+    Reject::bad("path contains forbidden characters")
 }
 
 /// GitLab's `package_name_regex` for each part: word characters, dots and dashes.
@@ -462,6 +498,76 @@ mod tests {
         assert_eq!(f.module.to_string(), "grp/vpc/aws");
         assert_eq!(f.module.path(), "grp/vpc/aws");
         assert_eq!(f.module.path().capacity(), f.module.path_len());
+    }
+
+    #[test]
+    fn every_module_route_is_rebuilt_as_it_was_asked() {
+        let p = "/api/v4/packages/terraform/modules/v1/grp/vpc/aws";
+        for tail in [
+            "",
+            "/versions",
+            "/download",
+            "/1.10.0",
+            "/1.10.0-rc.1+build.5",
+            "/1.10.0/download",
+            "/2.0.0/file",
+        ] {
+            let asked = format!("{p}{tail}");
+            let m = module(&asked);
+            assert_eq!(m.upstream_path(), asked);
+        }
+    }
+
+    /// The one-pass check takes a shortcut for plain segments; on any segment it must decide
+    /// exactly as the full decode and checks do.
+    #[test]
+    fn the_quick_segment_check_agrees_with_the_full_one() {
+        let mut cases: Vec<String> = [
+            "",
+            ".",
+            "..",
+            "...",
+            ".a",
+            "a.",
+            "a..b",
+            "%2e",
+            "%2E%2e",
+            "%2e.",
+            "a%2fb",
+            "a%2f..",
+            "%2f.%2f",
+            "a\\b",
+            "a%5cb",
+            "a%00b",
+            "a%7fb",
+            "a%c2%85b",
+            "a%c2%a0b",
+            "\u{85}",
+            "é",
+            "a%ff",
+            "%",
+            "%zz",
+            "a+b",
+            "~user",
+            "1.0.0",
+            "glpat-abc_DEF",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // Every single byte that can stand in a `&str` path, alone and between letters.
+        for b in (0u8..0x80)
+            .map(char::from)
+            .chain(['\u{80}', '\u{9f}', '\u{a0}', '\u{2028}'])
+        {
+            cases.push(b.to_string());
+            cases.push(format!("ab{b}cd"));
+        }
+        for raw in &cases {
+            let quick = decode_segment(raw).map_err(|r| r.message);
+            let full = decode_segment_fully(raw).map_err(|r| r.message);
+            assert_eq!(quick, full, "{raw:?}");
+        }
     }
 
     #[test]
