@@ -41,7 +41,6 @@ pub struct Entry<'a> {
 }
 
 /// The metric children of one label set.
-#[derive(Clone)]
 struct Handles {
     requests: IntCounter,
     duration: Histogram,
@@ -72,25 +71,21 @@ pub fn set_output(buffer: LogBuffer) {
     let _ = OUTPUT.set(buffer);
 }
 
-fn handles(
-    kind: &'static str,
-    route: &'static str,
-    method: &'static str,
-    status: &'static str,
-    cache: &'static str,
-) -> Handles {
-    let key = [kind, route, method, status, cache].map(|s| s.as_ptr() as usize);
+/// Count one request under its label set, through this thread's handles for it.
+fn count(labels: [&'static str; 5], e: &Entry<'_>) {
+    let [kind, route, method, status, cache] = labels;
+    let key = labels.map(|s| s.as_ptr() as usize);
     HANDLES.with(|h| {
-        h.borrow_mut()
-            .entry(key)
-            .or_insert_with(|| Handles {
-                requests: metrics::REQUESTS
-                    .with_label_values(&[kind, route, method, status, cache]),
-                duration: metrics::REQUEST_DURATION.with_label_values(&[route, cache]),
-                bytes: metrics::BYTES_SERVED.with_label_values(&[kind, cache]),
-            })
-            .clone()
-    })
+        let mut h = h.borrow_mut();
+        let h = h.entry(key).or_insert_with(|| Handles {
+            requests: metrics::REQUESTS.with_label_values(&[kind, route, method, status, cache]),
+            duration: metrics::REQUEST_DURATION.with_label_values(&[route, cache]),
+            bytes: metrics::BYTES_SERVED.with_label_values(&[kind, cache]),
+        });
+        h.requests.inc();
+        h.duration.observe(e.elapsed.as_secs_f64());
+        h.bytes.inc_by(e.bytes as u64);
+    });
 }
 
 /// Count the request and write its access line (`info`, target `tfmirror::access`).
@@ -98,16 +93,16 @@ pub fn record(e: &Entry<'_>) {
     let route = e.route.map_or("rejected", Route::template);
     let cache = e.cache.map_or("NONE", CacheStatus::as_str);
     let kind = e.route.map_or("other", Route::kind);
-    let h = handles(
-        kind,
-        route,
-        method_label(e.method),
-        status_label(e.status),
-        cache,
+    count(
+        [
+            kind,
+            route,
+            method_label(e.method),
+            status_label(e.status),
+            cache,
+        ],
+        e,
     );
-    h.requests.inc();
-    h.duration.observe(e.elapsed.as_secs_f64());
-    h.bytes.inc_by(e.bytes as u64);
     access_line(OUTPUT.get(), e);
 }
 

@@ -98,14 +98,15 @@ impl Shared {
     fn append(self: &Arc<Self>, line: &[u8], urgent: bool) {
         let appended = LOCAL.try_with(|local| {
             let mut local = local.borrow_mut();
-            let slot = match local.0.iter().find(|(id, _)| *id == self.id) {
-                Some((_, s)) => s.clone(),
+            // Borrowed, not cloned: no reference count to touch on every line.
+            let at = match local.0.iter().position(|(id, _)| *id == self.id) {
+                Some(at) => at,
                 None => {
-                    let s = self.slot();
-                    local.0.push((self.id, s.clone()));
-                    s
+                    local.0.push((self.id, self.slot()));
+                    local.0.len() - 1
                 }
             };
+            let slot = &local.0[at].1;
             let mut pending = slot.pending.lock().unwrap_or_else(|e| e.into_inner());
             pending.extend_from_slice(line);
             if urgent || pending.len() >= self.limit {
