@@ -98,23 +98,23 @@ fn cache_lookup(c: &mut Criterion) {
 }
 
 /// Counts every allocation and reallocation, to report allocations per step. It forwards to
-/// mimalloc, the allocator the `tfmirror` binary uses, so that the timings are the server's.
+/// jemalloc, the allocator the `tfmirror` binary uses, so that the timings are the server's.
 struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
-// SAFETY: forwards to mimalloc unchanged; only counts.
+// SAFETY: forwards to jemalloc unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        mimalloc::MiMalloc.alloc(layout)
+        tikv_jemallocator::Jemalloc.alloc(layout)
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        mimalloc::MiMalloc.dealloc(ptr, layout)
+        tikv_jemallocator::Jemalloc.dealloc(ptr, layout)
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
-        mimalloc::MiMalloc.realloc(ptr, layout, new)
+        tikv_jemallocator::Jemalloc.realloc(ptr, layout, new)
     }
 }
 
