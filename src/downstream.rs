@@ -74,11 +74,13 @@ where
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        // Pingora's own per-read idle timer (60 s by default, and the value a reused
-        // connection inherits). One second past ours, so that ours fires first and every
-        // close is counted the same way.
+        // Pingora's keep-alive setting times each read of a head (60 s by default, and
+        // the value a reused connection inherits). The deadline below already bounds the
+        // whole head, and a second timer per request cost a registration, a clock read and a
+        // wake-up list entry on every hit: `Some(0)` keeps the connection reusable with no
+        // timer of pingora's. Ours closes every slow or silent connection, counted the same way.
         if !*shutdown.borrow() {
-            session.set_keepalive(Some(self.idle.as_secs() + 1));
+            session.set_keepalive(Some(0));
         }
         let head = Arc::new(AtomicBool::new(false));
         let request = HEAD.scope(head.clone(), self.inner.process_new_http(session, shutdown));
