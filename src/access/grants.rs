@@ -403,6 +403,40 @@ mod tests {
         }
     }
 
+    /// A credential is kept until its grant expires. When the caller comes back under a new
+    /// grant with the same credential, it is kept again: the hit path passes what it found
+    /// (nothing, once expired), and an expired entry that moka still holds must not count as
+    /// "already remembered" (it did, when `remember_for_grant` looked the entry up itself).
+    #[test]
+    fn an_expired_credential_is_kept_again_under_a_new_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = Arc::new(MetaStore::open(dir.path()).unwrap());
+        let auth = Auth::new(
+            Records::new(meta),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        );
+        let id = Identity([4; 16]);
+        let cred = HeaderValue::from_static("Bearer same-token");
+        let old = Grant {
+            checked_at: unix_now() - 59,
+            ..Grant::default()
+        };
+        auth.remember_for_grant(id, Some(&cred), None, &old);
+        let now = Instant::now();
+        assert_eq!(auth.credential(id, now), Some(cred.clone()));
+        // Past the old grant's end (one second left of 60), the credential is gone.
+        let later = now + Duration::from_secs(3);
+        let found = auth.credential(id, later);
+        assert_eq!(found, None);
+        let fresh = Grant {
+            checked_at: unix_now(),
+            ..Grant::default()
+        };
+        auth.remember_for_grant(id, Some(&cred), found.as_ref(), &fresh);
+        assert_eq!(auth.credential(id, later), Some(cred));
+    }
+
     #[tokio::test]
     async fn grants_persist_and_revoke() {
         let dir = tempfile::tempdir().unwrap();
