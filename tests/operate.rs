@@ -628,11 +628,7 @@ async fn graceful_upgrade_loses_no_request() {
             .unwrap(),
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let quit = Command::new("kill")
-        .args(["-QUIT", &m.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(quit.success());
+    assert!(m.signal("QUIT"));
     let (ok, failed) = load.await.unwrap();
     assert!(
         failed.is_empty(),
@@ -665,11 +661,7 @@ async fn a_request_just_after_a_graceful_shutdown_began_is_answered() {
     let mut conn = tokio::net::TcpStream::connect(m.addr).await.unwrap();
     // Accepted by tfmirror (an idle server accepts at once), no request yet.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let term = Command::new("kill")
-        .args(["-TERM", &m.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    assert!(m.signal("TERM"));
     // The accept loops stop at once; the request comes half a second later.
     tokio::time::sleep(Duration::from_millis(500)).await;
     conn.write_all(

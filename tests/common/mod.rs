@@ -122,6 +122,14 @@ impl Mirror {
         self.child.id()
     }
 
+    /// Send `signal` (`"TERM"`, `"QUIT"`, ...) to the server process; true if it was sent.
+    pub fn signal(&self, signal: &str) -> bool {
+        std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     pub fn cache_dir(&self) -> &std::path::Path {
         self.dir.path()
     }
