@@ -264,12 +264,7 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
     // Decode and check every segment once, whatever the route: no `.`/`..`, no NUL or control
     // bytes, no backslashes, in raw or encoded form. Encoded slashes are kept inside their
     // segment (GitLab uses them for project paths) but checked component by component.
-    // Sized up front: one allocation rather than a few regrowths.
-    let mut segments: Vec<Cow<'_, str>> =
-        Vec::with_capacity(path.bytes().filter(|&b| b == b'/').count());
-    for raw in path[1..].split('/') {
-        segments.push(decode_segment(raw)?);
-    }
+    let segments = split_segments(path)?;
 
     if path == "/.well-known/terraform.json" {
         return match *method {
@@ -307,20 +302,45 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
     Ok(Route::PassThrough)
 }
 
-fn decode_segment(raw: &str) -> Result<Cow<'_, str>, Reject> {
-    if raw.len() > MAX_RAW_SEGMENT_LEN {
-        return Err(Reject::bad("path segment is too long"));
-    }
-    // One pass over the bytes: most segments are plain ASCII with no `%` and no `.`, and then
-    // there is nothing to decode, no multi-byte character to check and no dot segment. A raw
-    // control byte or backslash is refused here as the checks below would refuse it.
-    let mut plain = true;
-    for &b in raw.as_bytes() {
+/// The path's segments (after the leading `/`), each decoded and checked by
+/// [`decode_segment`], in one pass over the bytes that finds the slashes and classifies each
+/// segment at once (a `str::split` per segment cost a `memchr` set-up each: about 2% of a
+/// cached hit).
+fn split_segments(path: &str) -> Result<Vec<Cow<'_, str>>, Reject> {
+    // A listing path has 11 segments: room for them, and most others, in one allocation.
+    let mut segments = Vec::with_capacity(16);
+    let bytes = path.as_bytes();
+    let (mut start, mut plain) = (1, true);
+    for i in 1..=bytes.len() {
+        let b = bytes.get(i).copied().unwrap_or(b'/');
         match b {
-            0..=0x1f | 0x7f | b'\\' => return Err(forbidden()),
+            b'/' => {
+                segments.push(decode_segment(&path[start..i], plain)?);
+                (start, plain) = (i + 1, true);
+            }
+            // Refused here as `decode_segment_fully` would refuse them, unless the whole
+            // segment is too long: that is said first, as for any segment.
+            0..=0x1f | 0x7f | b'\\' => {
+                let end = bytes[i..]
+                    .iter()
+                    .position(|&b| b == b'/')
+                    .map_or(bytes.len(), |n| i + n);
+                decode_segment(&path[start..end], false)?;
+                return Err(forbidden());
+            }
             b'%' | b'.' | 0x80.. => plain = false,
             _ => {}
         }
+    }
+    Ok(segments)
+}
+
+/// One raw segment, decoded and checked. `plain`: the caller saw no `%`, no `.`, no byte
+/// over 0x7f and no control byte or backslash in it (most segments): then there is nothing
+/// to decode, no multi-byte character to check and no dot segment.
+fn decode_segment(raw: &str, plain: bool) -> Result<Cow<'_, str>, Reject> {
+    if raw.len() > MAX_RAW_SEGMENT_LEN {
+        return Err(Reject::bad("path segment is too long"));
     }
     if plain {
         return Ok(Cow::Borrowed(raw));
@@ -563,10 +583,51 @@ mod tests {
             cases.push(b.to_string());
             cases.push(format!("ab{b}cd"));
         }
-        for raw in &cases {
-            let quick = decode_segment(raw).map_err(|r| r.message);
-            let full = decode_segment_fully(raw).map_err(|r| r.message);
+        for raw in cases.iter().filter(|r| !r.contains('/')) {
+            let path = format!("/{raw}");
+            let quick = split_segments(&path).map_err(|r| r.message);
+            let full = decode_segment_fully(raw)
+                .map(|s| vec![s])
+                .map_err(|r| r.message);
             assert_eq!(quick, full, "{raw:?}");
+        }
+    }
+
+    /// The one-pass split gives the segments, and the first refusal, that splitting at every
+    /// `/` and checking each segment in full gives, long segments included.
+    #[test]
+    fn the_one_pass_split_agrees_with_split_then_check() {
+        let long = "a".repeat(MAX_RAW_SEGMENT_LEN + 1);
+        let paths = [
+            "/".to_string(),
+            "//".to_string(),
+            "/a//b/".to_string(),
+            "/api/v4/packages/terraform/modules/v1/grp/vpc/aws/versions".to_string(),
+            "/api/v4/projects/grp%2Fsub/packages".to_string(),
+            "/a/%2e%2e/b".to_string(),
+            "/a/b\\c/d".to_string(),
+            "/a/../b".to_string(),
+            "/a/b%00/c".to_string(),
+            format!("/{long}"),
+            format!("/x/{long}\\/y"),
+            format!("/x/\u{1}{long}/y"),
+            format!("/x/ok/{long}%00"),
+            format!("/x\u{7f}/{long}"),
+            format!("/é/{long}"),
+        ];
+        for path in &paths {
+            let reference: Result<Vec<_>, &str> = path[1..]
+                .split('/')
+                .map(|raw| {
+                    if raw.len() > MAX_RAW_SEGMENT_LEN {
+                        Err("path segment is too long")
+                    } else {
+                        decode_segment_fully(raw).map_err(|r| r.message)
+                    }
+                })
+                .collect();
+            let quick = split_segments(path).map_err(|r| r.message);
+            assert_eq!(quick, reference, "{path:?}");
         }
     }
 
