@@ -655,6 +655,119 @@ async fn idle_and_slow_clients_are_cut_off_without_delaying_others() {
     assert_eq!(m.health().await, 200);
 }
 
+/// Read one HTTP/1.1 answer with a `Content-Length` from `s`, `pause` after every MiB of body:
+/// (its head, its body length).
+async fn read_answer(s: &mut tokio::net::TcpStream, pause: Duration) -> (String, usize) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).await.unwrap(),
+            1,
+            "closed before the head ended"
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
+        .expect("a Content-Length")
+        .trim()
+        .parse()
+        .unwrap();
+    let (mut got, mut buf) = (0, vec![0u8; 64 << 10]);
+    while got < len {
+        let n = s.read(&mut buf[..(len - got).min(64 << 10)]).await.unwrap();
+        assert!(n > 0, "closed mid-body");
+        if (got + n) >> 20 != got >> 20 {
+            tokio::time::sleep(pause).await;
+        }
+        got += n;
+    }
+    (head, got)
+}
+
+/// How long until tfmirror closes `s`, which sends nothing more (at most 10 s).
+async fn closed_after(s: &mut tokio::net::TcpStream) -> Duration {
+    let quiet = std::time::Instant::now();
+    let mut b = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b)).await;
+    assert!(
+        matches!(r, Ok(Ok(0)) | Ok(Err(_))),
+        "still open, or sent more: {r:?}"
+    );
+    quiet.elapsed()
+}
+
+/// Each request on a kept-alive connection gets its own head deadline, `client_idle` from the
+/// moment the previous answer went out: a second request just before the first deadline is
+/// answered, and the connection then closes `client_idle` after that answer. A request that
+/// outlasts `client_idle` (a slow download) does not shorten the next head's time either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_on_a_connection_gets_a_fresh_head_deadline() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let gl = gitlab().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 48 << 20);
+    let m = Mirror::start_with_config(
+        &gl.url(),
+        "timeouts:\n  client_idle: 2s\n  client_stall: 2s\n",
+    )
+    .await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    warm(&file).await;
+    let path = file.strip_prefix(&m.url()).unwrap().to_string();
+    let health = b"GET /-/health HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // Two quick requests, the second 1.5 s after the first: the deadline moved with it.
+    let mut s = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    s.write_all(health).await.unwrap();
+    let (head, _) = read_answer(&mut s, Duration::ZERO).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    tokio::time::sleep(IDLE * 3 / 4).await;
+    s.write_all(health).await.unwrap();
+    let (head, _) = read_answer(&mut s, Duration::ZERO).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let after = closed_after(&mut s).await;
+    assert!(
+        after >= IDLE - Duration::from_millis(100) && after < IDLE + Duration::from_secs(2),
+        "closed {after:?} after the second answer"
+    );
+
+    // A download that outlasts `client_idle`, then at once a request: the deadline that came
+    // and went during the download does not cut the next head short.
+    let mut s = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (head, got) = read_answer(&mut s, Duration::from_millis(70)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(
+        got,
+        gl.tarball("infra", "vpc", "aws", "1.0.0").len(),
+        "{head}"
+    );
+    // The server is done when the rest fits in the socket buffers (a few MiB on loopback):
+    // reading 48 MiB at about 14 MiB/s keeps it writing for well over `client_idle`.
+    assert!(
+        started.elapsed() > IDLE + Duration::from_secs(1),
+        "the download was not slow enough to tell"
+    );
+    s.write_all(health).await.unwrap();
+    let (head, _) = read_answer(&mut s, Duration::ZERO).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let after = closed_after(&mut s).await;
+    assert!(
+        after >= IDLE - Duration::from_millis(100) && after < IDLE + Duration::from_secs(2),
+        "closed {after:?} after the answer that followed the download"
+    );
+}
+
 /// A download URL handed out from a stale grant while GitLab fails must lead to a fill once
 /// GitLab answers again: the credential presented with the stale download is kept (in
 /// memory) for that fill, and GitLab decides it.
