@@ -43,7 +43,7 @@ fn parse(c: &mut Criterion) {
 
 fn rewrite(c: &mut Criterion) {
     let rw = Rewriter::new(&url::Url::parse("https://gitlab.example.com/gitlab").unwrap());
-    let public = PublicBase::from_request("http", "127.0.0.1:8080");
+    let public = PublicBase::from_request("http", "127.0.0.1:8080".parse().unwrap());
     let relative = "/gitlab/api/v4/packages/terraform/modules/v1/infra/vpc/aws/1.0.0/file?token=eyJhbGciOi.x.y&archive=tgz";
     let absolute = "https://gitlab.example.com/gitlab/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.0.0?archive=tgz";
     c.bench_function("rewrite root-relative", |b| {

@@ -39,7 +39,7 @@ pub fn rewrite(data: &[u8]) {
     };
     let upstream = url::Url::parse("https://gitlab.example.com/gitlab").expect("static URL");
     let rw = Rewriter::new(&upstream);
-    let public = PublicBase::from_request("http", "127.0.0.1:8080");
+    let public = PublicBase::from_request("http", "127.0.0.1:8080".parse().unwrap());
     if let Some(out) = rw.rewrite(value, &public) {
         if let Ok(u) = url::Url::parse(&out) {
             assert_ne!(u.origin(), upstream.origin(), "{value} -> {out}");

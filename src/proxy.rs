@@ -145,7 +145,7 @@ impl Proxy {
         if authority.as_str().contains('@') {
             return None;
         }
-        Some(PublicBase::from_request(self.scheme, authority.as_str()))
+        Some(PublicBase::from_request(self.scheme, authority))
     }
 
     /// The decision for a parsed route. `Ok(true)`: the response is written.
@@ -159,7 +159,7 @@ impl Proxy {
         match route {
             Route::Discovery => {
                 let body =
-                    serde_json::json!({ "modules.v1": format!("{}{MODULES_V1}", public.prefix) });
+                    serde_json::json!({ "modules.v1": format!("{}{MODULES_V1}", public.prefix()) });
                 respond::json(session, StatusCode::OK, body.to_string()).await?;
                 Ok(true)
             }

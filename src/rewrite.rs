@@ -11,32 +11,65 @@
 //! Values may carry GitLab's download JWT in their query: this module never logs them and
 //! callers must not either.
 
+use std::fmt;
+use std::sync::Arc;
+
+use http::uri::Authority;
 use url::Url;
 
 /// Where clients reach tfmirror: `scheme://authority` plus an optional path prefix.
+///
+/// Made for every request that has no configured `public_url` (from its `Host`), so it is
+/// cheap to make: the parts are kept, and joined only where a URL is written (downloads and
+/// rewrites; a listing hit never needs one). A configured one is shared, not copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublicBase {
-    /// `scheme://host[:port]`, no trailing slash.
-    pub origin: String,
-    /// Empty, or a path prefix such as `/mirror`, no trailing slash.
-    pub prefix: String,
+pub enum PublicBase {
+    /// A configured `public_url`: (origin, prefix).
+    Configured(Arc<(String, String)>),
+    /// The request's own scheme and `Host`: no path prefix.
+    Request {
+        scheme: &'static str,
+        authority: Authority,
+    },
 }
 
 impl PublicBase {
     /// From a configured `public_url`.
     pub fn from_url(url: &Url) -> Self {
-        PublicBase {
-            origin: url.origin().ascii_serialization(),
-            prefix: url.path().trim_end_matches('/').to_string(),
-        }
+        PublicBase::Configured(Arc::new((
+            url.origin().ascii_serialization(),
+            url.path().trim_end_matches('/').to_string(),
+        )))
     }
 
-    /// From the request itself, when no `public_url` is configured. `host` must already be a
-    /// validated authority.
-    pub fn from_request(scheme: &str, host: &str) -> Self {
-        PublicBase {
-            origin: format!("{scheme}://{host}"),
-            prefix: String::new(),
+    /// From the request itself, when no `public_url` is configured. The authority must not
+    /// carry user information (the caller refuses one with `@`).
+    pub fn from_request(scheme: &'static str, authority: Authority) -> Self {
+        PublicBase::Request { scheme, authority }
+    }
+
+    /// `scheme://host[:port]`, no trailing slash.
+    pub fn origin(&self) -> Origin<'_> {
+        Origin(self)
+    }
+
+    /// Empty, or a path prefix such as `/mirror`, no trailing slash.
+    pub fn prefix(&self) -> &str {
+        match self {
+            PublicBase::Configured(c) => &c.1,
+            PublicBase::Request { .. } => "",
+        }
+    }
+}
+
+/// A [`PublicBase`]'s origin, written out where a URL is built.
+pub struct Origin<'a>(&'a PublicBase);
+
+impl fmt::Display for Origin<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            PublicBase::Configured(c) => f.write_str(&c.0),
+            PublicBase::Request { scheme, authority } => write!(f, "{scheme}://{authority}"),
         }
     }
 }
@@ -66,7 +99,7 @@ impl Rewriter {
     pub fn rewrite(&self, value: &str, public: &PublicBase) -> Option<String> {
         if value.starts_with('/') && !value.starts_with("//") {
             let rest = self.strip_upstream_prefix(value)?;
-            let out = format!("{}{}", public.prefix, rest);
+            let out = format!("{}{}", public.prefix(), rest);
             return (out != value).then_some(out);
         }
         let absolute = if value.starts_with("//") {
@@ -79,7 +112,7 @@ impl Rewriter {
             return None;
         }
         let rest = self.strip_upstream_prefix(absolute.path())?;
-        let mut out = format!("{}{}{}", public.origin, public.prefix, rest);
+        let mut out = format!("{}{}{}", public.origin(), public.prefix(), rest);
         if let Some(q) = absolute.query() {
             out.push('?');
             out.push_str(q);
@@ -104,7 +137,7 @@ mod tests {
     }
 
     fn local() -> PublicBase {
-        PublicBase::from_request("http", "127.0.0.1:8080")
+        PublicBase::from_request("http", "127.0.0.1:8080".parse().unwrap())
     }
 
     const FILE: &str =

@@ -147,7 +147,7 @@ async fn an_unknown_registry_is_404_and_never_asked() {
     let f = fixture_with(|_| {});
     let mut route = super::testkit::route("index.json");
     route.provider.host = "elsewhere.example".into();
-    let public = crate::rewrite::PublicBase::from_request("http", "tfmirror.test");
+    let public = crate::rewrite::PublicBase::from_request("http", "tfmirror.test".parse().unwrap());
     let providers = Arc::clone(&f.providers);
     let (reply, cache) = providers.answer(&GET, &route, &public).await.unwrap();
     assert_eq!(

@@ -128,7 +128,8 @@ impl Providers {
                 let version = v.to_string();
                 let base = format!(
                     "{}{}{MIRROR_PREFIX}{p}/{version}",
-                    public.origin, public.prefix
+                    public.origin(),
+                    public.prefix()
                 );
                 let found = self.download_answer(p, &version, platform).await;
                 reply::found(found, |r| rewrite_download(r.answer, &base, platform))

@@ -189,7 +189,7 @@ pub(crate) fn route(tail: &str) -> ProviderRoute {
 impl Fixture {
     /// Ask the mirror, as the edge does, without writing.
     pub(crate) async fn ask(&self, call: Call, tail: &str) -> (Reply, CacheStatus) {
-        let public = PublicBase::from_request("http", "tfmirror.test");
+        let public = PublicBase::from_request("http", "tfmirror.test".parse().unwrap());
         self.providers
             .answer(&call, &route(tail), &public)
             .await

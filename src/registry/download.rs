@@ -77,7 +77,10 @@ impl Registry {
             .seal(module, version, identity, &authority, unix_now());
         format!(
             "{}{MODULES_V1}{}/{}/{}/{version}/file?token={token}&archive=tgz",
-            public.prefix, module.namespace, module.name, module.system
+            public.prefix(),
+            module.namespace,
+            module.name,
+            module.system
         )
     }
 

@@ -302,8 +302,8 @@ impl Registry {
         // Absolute, as GitLab's own is on project routes.
         format!(
             "{}{}{}?token={token}&archive=tgz",
-            public.origin,
-            public.prefix,
+            public.origin(),
+            public.prefix(),
             p.path()
         )
     }

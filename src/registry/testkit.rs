@@ -187,7 +187,7 @@ pub(crate) fn fixture_with(tune: impl FnOnce(&mut Config)) -> Fixture {
         registry,
         health,
         stub,
-        public: PublicBase::from_request("http", "tfmirror.test"),
+        public: PublicBase::from_request("http", "tfmirror.test".parse().unwrap()),
         _dir: dir,
     }
 }
