@@ -24,6 +24,16 @@ const PROJECT_MODULES: &str = "packages/terraform/modules/";
 /// Root of tfmirror's provider mirror.
 const PROVIDERS: &str = "/providers/";
 
+/// The number of path segments `prefix` (`/a/b/`) takes: its slashes but the first.
+const fn segments_in(prefix: &str) -> usize {
+    let (bytes, mut i, mut n) = (prefix.as_bytes(), 1, 0);
+    while i < bytes.len() {
+        n += (bytes[i] == b'/') as usize;
+        i += 1;
+    }
+    n
+}
+
 /// Longest path accepted. GitLab's own limit on a request line is larger, but no registry
 /// path comes close to this and long paths are a cheap way to burn memory.
 pub const MAX_PATH_LEN: usize = 2048;
@@ -281,9 +291,9 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
             _ => Err(Reject::not_found()),
         };
     }
-    if path.starts_with(MODULES_V1) || path == MODULES_V1.trim_end_matches('/') {
-        let skip = MODULES_V1[1..].split('/').count() - 1;
-        return parse_module(method, &segments[skip..]).map(Route::Module);
+    if path.starts_with(MODULES_V1) || path == &MODULES_V1[..MODULES_V1.len() - 1] {
+        const SKIP: usize = segments_in(MODULES_V1);
+        return parse_module(method, &segments[SKIP..]).map(Route::Module);
     }
     if path.starts_with(PROVIDERS) {
         return crate::provider_routes::parse(method, &segments[1..])
@@ -294,8 +304,8 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
         // `:id/packages/terraform/modules/...`
         if let Some((_, after)) = rest.split_once('/') {
             if after.starts_with(PROJECT_MODULES) {
-                let skip = PROJECTS[1..].split('/').count() - 1;
-                return parse_project(method, &segments[skip..]).map(Route::Project);
+                const SKIP: usize = segments_in(PROJECTS);
+                return parse_project(method, &segments[SKIP..]).map(Route::Project);
             }
         }
     }
@@ -591,6 +601,15 @@ mod tests {
                 .map_err(|r| r.message);
             assert_eq!(quick, full, "{raw:?}");
         }
+    }
+
+    #[test]
+    fn route_prefixes_are_counted_in_segments() {
+        assert_eq!(
+            segments_in(MODULES_V1),
+            MODULES_V1[1..].split('/').count() - 1
+        );
+        assert_eq!(segments_in(PROJECTS), PROJECTS[1..].split('/').count() - 1);
     }
 
     /// The one-pass split gives the segments, and the first refusal, that splitting at every
