@@ -57,11 +57,7 @@ fn rewrite(c: &mut Criterion) {
 fn tokens_and_identity(c: &mut Criterion) {
     let secret = Secret::from_master(&[7; 32]);
     let tokens = Tokens::new(*secret.token_key(), Duration::from_secs(600));
-    let module = ModuleId {
-        namespace: "infra".into(),
-        name: "vpc".into(),
-        system: "aws".into(),
-    };
+    let module = ModuleId::new("infra", "vpc", "aws");
     let id = Identity([9; 16]);
     let token = tokens.mint(&module, "1.10.0", id);
     c.bench_function("token mint", |b| {

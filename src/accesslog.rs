@@ -380,11 +380,7 @@ mod tests {
     fn hostile_text_cannot_break_the_line() {
         let nasty = "a\"b\\c\nd\re\tf\u{1}g\u{7f}h\u{2028}é\"}{\"status\":1";
         let route = Route::Module(crate::routes::ModuleRoute {
-            module: crate::routes::ModuleId {
-                namespace: nasty.into(),
-                name: "n".into(),
-                system: "s".into(),
-            },
+            module: crate::routes::ModuleId::new(nasty, "n", "s"),
             op: crate::routes::ModuleOp::Versions,
         });
         let e = Entry {

@@ -53,11 +53,7 @@ pub fn token(data: &[u8]) {
         return;
     };
     let tokens = Tokens::new([7; 32], Duration::from_secs(600));
-    let module = ModuleId {
-        namespace: "infra".into(),
-        name: "vpc".into(),
-        system: "aws".into(),
-    };
+    let module = ModuleId::new("infra", "vpc", "aws");
     assert!(tokens.verify(Some(token), &module, "1.0.0").is_err());
 }
 

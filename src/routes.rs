@@ -45,44 +45,78 @@ const MAX_SEGMENT_LEN: usize = 255;
 const MAX_NAME_LEN: usize = 64;
 
 /// A module as the namespace routes address it: `namespace/name/system`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// Kept as that one string, with where its parts start: one allocation per request rather
+/// than three, and the path that keys, labels and log lines use is there as it is.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ModuleId {
-    pub namespace: String,
-    pub name: String,
-    pub system: String,
-}
-
-impl fmt::Display for ModuleId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.namespace, self.name, self.system)
-    }
+    path: String,
+    /// Where `name` and `system` start in `path`.
+    name_at: usize,
+    system_at: usize,
 }
 
 impl ModuleId {
-    /// `namespace/name/system`, as `to_string` writes it, in one allocation of the exact size
-    /// (`to_string` grows its buffer two or three times): for keys built on every request.
+    /// The module `namespace/name/system`. The parts are not checked here: routes come from
+    /// [`parse`], which checks them.
+    pub fn new(namespace: &str, name: &str, system: &str) -> ModuleId {
+        let mut path = String::with_capacity(namespace.len() + name.len() + system.len() + 2);
+        path.push_str(namespace);
+        path.push('/');
+        let name_at = path.len();
+        path.push_str(name);
+        path.push('/');
+        let system_at = path.len();
+        path.push_str(system);
+        ModuleId {
+            path,
+            name_at,
+            system_at,
+        }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.path[..self.name_at - 1]
+    }
+
+    pub fn name(&self) -> &str {
+        &self.path[self.name_at..self.system_at - 1]
+    }
+
+    pub fn system(&self) -> &str {
+        &self.path[self.system_at..]
+    }
+
+    /// `namespace/name/system`.
+    pub fn as_str(&self) -> &str {
+        &self.path
+    }
+
+    /// `namespace/name/system`, owned (for keys).
     pub fn path(&self) -> String {
-        let mut out = String::with_capacity(self.path_len());
-        self.push_path(&mut out);
-        out
+        self.path.clone()
     }
 
     /// The length of [`path`](Self::path).
     pub fn path_len(&self) -> usize {
-        self.namespace.len() + self.name.len() + self.system.len() + 2
+        self.path.len()
     }
 
     /// Append [`path`](Self::path) to `out`.
     pub fn push_path(&self, out: &mut String) {
-        for (i, part) in [&self.namespace, &self.name, &self.system]
-            .into_iter()
-            .enumerate()
-        {
-            if i > 0 {
-                out.push('/');
-            }
-            out.push_str(part);
-        }
+        out.push_str(&self.path);
+    }
+}
+
+impl fmt::Display for ModuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.path)
+    }
+}
+
+impl fmt::Debug for ModuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ModuleId({})", self.path)
     }
 }
 
@@ -432,11 +466,7 @@ fn parse_module(method: &Method, segs: &[Cow<'_, str>]) -> Result<ModuleRoute, R
     };
     read_only(method)?;
     Ok(ModuleRoute {
-        module: ModuleId {
-            namespace: ns.to_string(),
-            name: name.to_string(),
-            system: system.to_string(),
-        },
+        module: ModuleId::new(ns, name, system),
         op,
     })
 }
@@ -663,7 +693,7 @@ mod tests {
     #[test]
     fn encoded_parts_are_decoded_then_rebuilt() {
         let m = module("/api/v4/packages/terraform/modules/v1/gr%70/vpc/aws/versions");
-        assert_eq!(m.module.namespace, "grp");
+        assert_eq!(m.module.namespace(), "grp");
         assert_eq!(
             m.upstream_path(),
             "/api/v4/packages/terraform/modules/v1/grp/vpc/aws/versions"
@@ -711,7 +741,7 @@ mod tests {
     fn dots_inside_names_round_trip() {
         let p = "/api/v4/packages/terraform/modules/v1/infra/vpc.x/aw10r..i1sle/versions";
         let m = module(p);
-        assert_eq!(m.module.system, "aw10r..i1sle");
+        assert_eq!(m.module.system(), "aw10r..i1sle");
         assert_eq!(m.upstream_path(), p);
         assert!(get("/api/v4/packages/terraform/modules/v1/infra/../aws/versions").is_err());
     }

@@ -126,9 +126,9 @@ fn cipher(token_key: &[u8; 32]) -> XChaCha20Poly1305 {
 fn aad(module: &ModuleId, version: &str) -> Vec<u8> {
     let mut a = AAD_DOMAIN.to_vec();
     for field in [
-        module.namespace.as_bytes(),
-        module.name.as_bytes(),
-        module.system.as_bytes(),
+        module.namespace().as_bytes(),
+        module.name().as_bytes(),
+        module.system().as_bytes(),
         version.as_bytes(),
     ] {
         a.extend_from_slice(&(field.len() as u64).to_le_bytes());
@@ -266,11 +266,7 @@ mod tests {
     use super::*;
 
     fn module(name: &str) -> ModuleId {
-        ModuleId {
-            namespace: "infra".into(),
-            name: name.into(),
-            system: "aws".into(),
-        }
+        ModuleId::new("infra", name, "aws")
     }
 
     const NOW: u64 = 1_800_000_000;
@@ -357,16 +353,8 @@ mod tests {
             Err(Invalid::BadMac)
         );
         // Length-prefixed path fields: moving a character between fields is another path.
-        let a = ModuleId {
-            namespace: "ab".into(),
-            name: "c".into(),
-            system: "d".into(),
-        };
-        let b = ModuleId {
-            namespace: "a".into(),
-            name: "bc".into(),
-            system: "d".into(),
-        };
+        let a = ModuleId::new("ab", "c", "d");
+        let b = ModuleId::new("a", "bc", "d");
         let tok = t.seal(&a, "1.0.0", id, &Authority::None, NOW);
         assert_eq!(t.open(Some(&tok), &b, "1.0.0", NOW), Err(Invalid::BadMac));
     }

@@ -396,11 +396,7 @@ mod tests {
     }
 
     fn module() -> ModuleId {
-        ModuleId {
-            namespace: "infra".into(),
-            name: "vpc".into(),
-            system: "aws".into(),
-        }
+        ModuleId::new("infra", "vpc", "aws")
     }
 
     /// A credential is kept until its grant expires. When the caller comes back under a new

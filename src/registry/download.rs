@@ -78,9 +78,9 @@ impl Registry {
         format!(
             "{}{MODULES_V1}{}/{}/{}/{version}/file?token={token}&archive=tgz",
             public.prefix(),
-            module.namespace,
-            module.name,
-            module.system
+            module.namespace(),
+            module.name(),
+            module.system()
         )
     }
 

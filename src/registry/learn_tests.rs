@@ -18,11 +18,7 @@ const ALICE: Identity = Identity([1; 16]);
 const BOB: Identity = Identity([2; 16]);
 
 fn module() -> ModuleId {
-    ModuleId {
-        namespace: "infra".into(),
-        name: "vpc".into(),
-        system: "aws".into(),
-    }
+    ModuleId::new("infra", "vpc", "aws")
 }
 
 fn small(status: StatusCode, headers: &[(header::HeaderName, &'static str)], body: &str) -> Small {
@@ -168,11 +164,7 @@ async fn a_listing_without_a_version_forgets_it_and_so_does_a_404() {
 async fn a_project_checks_404_is_a_refusal() {
     let f = fixture();
     let r = &f.registry;
-    let project = ModuleId {
-        namespace: "project:1".into(),
-        name: "vpc".into(),
-        system: "aws".into(),
-    };
+    let project = ModuleId::new("project:1", "vpc", "aws");
     let check = |version: &str| Lesson::ProjectCheck {
         module: project.clone(),
         version: Some(version.into()),

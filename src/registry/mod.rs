@@ -302,7 +302,7 @@ impl Registry {
             return false;
         }
         self.uploads
-            .get(&(module.name.clone(), module.system.clone()))
+            .get(&(module.name().to_string(), module.system().to_string()))
             .is_some_and(|at| at >= fetched_at)
     }
 }

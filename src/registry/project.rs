@@ -54,11 +54,11 @@ impl<'a> Project<'a> {
         let project = route.project.replace('/', "%2F");
         Project {
             route,
-            module: ModuleId {
-                namespace: format!("project:{}", route.project),
-                name: route.name.clone(),
-                system: route.system.clone(),
-            },
+            module: ModuleId::new(
+                &format!("project:{}", route.project),
+                &route.name,
+                &route.system,
+            ),
             base: format!(
                 "/api/v4/projects/{project}/packages/terraform/modules/{}/{}",
                 route.name, route.system

@@ -230,7 +230,9 @@ impl Registry {
         let tarball = format!("{module}@{version}");
         let base = format!(
             "{MODULES_V1}{}/{}/{}/{version}",
-            module.namespace, module.name, module.system
+            module.namespace(),
+            module.name(),
+            module.system()
         );
         let sealed_jwt = match authority {
             Authority::GitLabJwt(j) => Some(j.clone()),

@@ -95,7 +95,7 @@ pub struct Reappeared {
 /// The id of one version of `module` in [`KIND_REAPPEARED`]: `name/system@version`, what
 /// [`version_id`] finds in each of its tarball keys.
 pub fn module_version_id(module: &ModuleId, version: &str) -> String {
-    format!("{}/{}@{version}", module.name, module.system)
+    format!("{}/{}@{version}", module.name(), module.system())
 }
 
 /// `name/system@version` of a tarball index key (`ns/name/system@v` or
@@ -251,11 +251,7 @@ mod tests {
     use super::*;
 
     fn vpc() -> ModuleId {
-        ModuleId {
-            namespace: "infra".into(),
-            name: "vpc".into(),
-            system: "aws".into(),
-        }
+        ModuleId::new("infra", "vpc", "aws")
     }
 
     /// A tarball entry with an empty history and no milliseconds: the form of older
