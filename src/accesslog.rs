@@ -55,9 +55,6 @@ thread_local! {
     /// takes the family's lock on every call; a thread-local copy of the handle costs
     /// neither (the counters themselves are shared atomics).
     static HANDLES: RefCell<HashMap<LabelKey, Handles>> = RefCell::new(HashMap::new());
-    /// Each thread's access line, formatted here and copied into the log buffer: reused, so
-    /// a line costs no allocation once it has grown to the longest line.
-    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Where access lines go when tfmirror formats them itself.
@@ -113,9 +110,9 @@ fn access_line(output: Option<&LogBuffer>, e: &Entry<'_>) {
         return;
     }
     // A module's or a provider's coordinates (both plain path parts, validated).
-    let module: Option<&dyn std::fmt::Display> = match e.route {
-        Some(Route::Module(m)) => Some(&m.module),
-        Some(Route::Provider(p)) => Some(&p.provider),
+    let module = match e.route {
+        Some(Route::Module(m)) => Some(line::Text::Str(m.module.as_str())),
+        Some(Route::Provider(p)) => Some(line::Text::Display(&p.provider)),
         _ => None,
     };
     let version = match e.route {
@@ -124,7 +121,7 @@ fn access_line(output: Option<&LogBuffer>, e: &Entry<'_>) {
         _ => None,
     };
     let fields = line::Fields {
-        method: e.method,
+        method: e.method.as_str(),
         route: e.route.map_or("rejected", Route::template),
         module,
         version: version.map(|v| v as &dyn std::fmt::Display),
@@ -139,18 +136,7 @@ fn access_line(output: Option<&LogBuffer>, e: &Entry<'_>) {
     match output {
         Some(buffer) => {
             let micros = crate::clock::now_micros();
-            let written = LINE.try_with(|l| {
-                let mut l = l.borrow_mut();
-                l.clear();
-                line::write(&mut l, micros, &fields);
-                buffer.write_line(&l);
-            });
-            if written.is_err() {
-                // The thread is ending and its line buffer is gone.
-                let mut l = Vec::new();
-                line::write(&mut l, micros, &fields);
-                buffer.write_line(&l);
-            }
+            buffer.write_line_with(|out| line::write(out, micros, &fields));
         }
         None => through_tracing(&fields),
     }

@@ -96,6 +96,12 @@ impl Shared {
 
     /// Append one formatted line from the current thread.
     fn append(self: &Arc<Self>, line: &[u8], urgent: bool) {
+        self.append_with(|pending| pending.extend_from_slice(line), urgent);
+    }
+
+    /// Append what `write` writes (one or more whole lines) to the current thread's buffer.
+    fn append_with(self: &Arc<Self>, write: impl FnOnce(&mut Vec<u8>), urgent: bool) {
+        let mut write = Some(write);
         let appended = LOCAL.try_with(|local| {
             let mut local = local.borrow_mut();
             // Borrowed, not cloned: no reference count to touch on every line.
@@ -108,14 +114,18 @@ impl Shared {
             };
             let slot = &local.0[at].1;
             let mut pending = slot.pending.lock().unwrap_or_else(|e| e.into_inner());
-            pending.extend_from_slice(line);
+            if let Some(write) = write.take() {
+                write(&mut pending);
+            }
             if urgent || pending.len() >= self.limit {
                 self.write_out(&mut pending);
             }
         });
-        if appended.is_err() {
+        if let (Err(_), Some(write)) = (appended, write) {
             // The thread is ending and its buffer is gone: write through.
-            self.write_out(&mut line.to_vec());
+            let mut line = Vec::new();
+            write(&mut line);
+            self.write_out(&mut line);
         }
     }
 }
@@ -136,6 +146,12 @@ impl LogBuffer {
     /// access line, see `accesslog`); they keep their order with this thread's tracing lines.
     pub fn write_line(&self, line: &[u8]) {
         self.0.append(line, false);
+    }
+
+    /// Like [`write_line`](Self::write_line), with the line written by `write` straight into
+    /// this thread's buffer: no copy of it on the way. `write` must write whole lines.
+    pub fn write_line_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.0.append_with(write, false);
     }
 
     /// Write every thread's pending lines out now.

@@ -19,9 +19,9 @@ pub(super) const TARGET: &str = "tfmirror::access";
 /// What one access line says, in the order its keys are written. `None` fields are left out,
 /// as tracing leaves out an empty `Option`.
 pub(super) struct Fields<'a> {
-    pub method: &'a dyn Display,
+    pub method: &'a str,
     pub route: &'static str,
-    pub module: Option<&'a dyn Display>,
+    pub module: Option<Text<'a>>,
     pub version: Option<&'a dyn Display>,
     pub status: u16,
     pub upstream_status: Option<u16>,
@@ -32,17 +32,41 @@ pub(super) struct Fields<'a> {
     pub error: Option<&'a str>,
 }
 
+/// A field's value: text as it is, or a value that displays itself (a provider's address, a
+/// version), escaped as it is written.
+#[derive(Clone, Copy)]
+pub(super) enum Text<'a> {
+    Str(&'a str),
+    Display(&'a dyn Display),
+}
+
+impl Display for Text<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Text::Str(s) => f.write_str(s),
+            Text::Display(d) => d.fmt(f),
+        }
+    }
+}
+
 /// Append the line (with its newline) for an event at `micros` (unix microseconds).
 pub(super) fn write(out: &mut Vec<u8>, micros: u64, f: &Fields<'_>) {
     out.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(out, micros);
     out.extend_from_slice(b"\",\"level\":\"INFO\",\"fields\":{\"method\":");
-    display(out, f.method);
+    string(out, f.method);
     out.extend_from_slice(b",\"route\":");
     string(out, f.route);
-    if let Some(m) = f.module {
-        out.extend_from_slice(b",\"module\":");
-        display(out, m);
+    match f.module {
+        Some(Text::Str(m)) => {
+            out.extend_from_slice(b",\"module\":");
+            string(out, m);
+        }
+        Some(Text::Display(m)) => {
+            out.extend_from_slice(b",\"module\":");
+            display(out, m);
+        }
+        None => {}
     }
     if let Some(v) = f.version {
         out.extend_from_slice(b",\"version\":");
@@ -81,8 +105,20 @@ fn json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     let _ = serde_json::to_writer(&mut *out, value);
 }
 
+/// `s` as a JSON string. Most values here (methods, route templates, module paths, cache
+/// statuses, hex) have nothing to escape: those are copied as they are, without serde_json's
+/// per-call set-up; anything else is escaped by serde_json.
 fn string(out: &mut Vec<u8>, s: &str) {
-    json(out, s);
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        json(out, s);
+    }
 }
 
 fn number(out: &mut Vec<u8>, n: u64) {
@@ -155,6 +191,31 @@ mod tests {
         let mut out = Vec::new();
         timestamp(&mut out, micros);
         String::from_utf8(out).unwrap()
+    }
+
+    /// Strings copied as they are and strings escaped by serde_json come out as serde_json
+    /// writes them.
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        let cases = [
+            "",
+            "GET",
+            "infra/vpc/aws",
+            "module_versions",
+            "a\"b",
+            "a\\b",
+            "tab\there",
+            "\u{7f}",
+            "\u{1f}",
+            " ~",
+            "é",
+            "\u{2028}",
+        ];
+        for s in cases {
+            let mut out = Vec::new();
+            string(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     #[test]
