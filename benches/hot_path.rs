@@ -148,6 +148,7 @@ fn access_entry(route: &routes::Route) -> Entry<'_> {
         identity: Some(Identity([9; 16])),
         bytes: 180,
         elapsed: Duration::from_micros(150),
+        at: std::time::Instant::now(),
         error: None,
     }
 }

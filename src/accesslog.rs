@@ -37,6 +37,8 @@ pub struct Entry<'a> {
     /// Response body bytes sent.
     pub bytes: usize,
     pub elapsed: Duration,
+    /// When the request ended (the line's timestamp).
+    pub at: std::time::Instant,
     pub error: Option<&'a str>,
 }
 
@@ -135,7 +137,7 @@ fn access_line(output: Option<&LogBuffer>, e: &Entry<'_>) {
     };
     match output {
         Some(buffer) => {
-            let micros = crate::clock::now_micros();
+            let micros = crate::clock::unix_micros_at(e.at);
             buffer.write_line_with(|out| line::write(out, micros, &fields));
         }
         None => through_tracing(&fields),
@@ -289,6 +291,7 @@ mod tests {
             identity: None,
             bytes: 0,
             elapsed: Duration::ZERO,
+            at: std::time::Instant::now(),
             error: None,
         }
     }
@@ -314,6 +317,7 @@ mod tests {
                 identity: Some(Identity([0x0f; 16])),
                 bytes: 1 << 40,
                 elapsed: Duration::from_nanos(1_234_567),
+                at: std::time::Instant::now(),
                 error: Some("ConnectTimedout"),
                 ..entry(&Method::GET, Some(&module))
             },
@@ -321,17 +325,20 @@ mod tests {
                 cache: Some(CacheStatus::Hit),
                 identity: Some(Identity::ANONYMOUS),
                 elapsed: Duration::from_secs(3),
+                at: std::time::Instant::now(),
                 ..entry(&Method::HEAD, Some(&listing))
             },
             Entry {
                 status: 0,
                 cache: Some(CacheStatus::Updating),
                 elapsed: Duration::from_nanos(1),
+                at: std::time::Instant::now(),
                 ..entry(&Method::GET, Some(&provider))
             },
             Entry {
                 status: 400,
                 elapsed: Duration::from_secs(86_400 * 365),
+                at: std::time::Instant::now(),
                 ..entry(&purge, None)
             },
             entry(&Method::DELETE, None),
@@ -416,6 +423,7 @@ mod tests {
             identity: Some(Identity([0xab; 16])),
             bytes: 10,
             elapsed: Duration::from_millis(3),
+            at: std::time::Instant::now(),
             error: None,
         };
         let before = metrics::REQUESTS

@@ -10,7 +10,8 @@
 //! included, so every `now` it causes sees the same shift. moka's own expiry follows the real
 //! clock, which is why the time rules live in code that reads `now` here.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::cell::Cell;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Unix seconds now (0 if the system clock is set before 1970).
 #[allow(clippy::disallowed_methods)] // the one wall-clock read (see the module docs)
@@ -62,4 +63,67 @@ pub fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// How long a thread's pairing of the two clocks is used before the wall clock is read again.
+const WALL_REREAD: Duration = Duration::from_secs(1);
+
+thread_local! {
+    /// (an instant, the unix microseconds at it): see [`unix_micros_at`].
+    static PAIRED: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
+}
+
+/// Unix microseconds at `at`, a recent instant the caller read anyway (the end of a request):
+/// from a per-thread pairing of the monotonic clock with the wall clock, made again once it is
+/// [`WALL_REREAD`] old. So a log line costs no wall-clock read of its own, and a step of the
+/// system clock shows in the lines within a second (nginx caches its time per event-loop
+/// turn for the same reason).
+pub fn unix_micros_at(at: Instant) -> u64 {
+    let (base, base_micros) = PAIRED.with(|p| match p.get() {
+        Some((base, micros)) if at >= base && at - base < WALL_REREAD => (base, micros),
+        _ => {
+            let pair = (Instant::now(), now_micros());
+            p.set(Some(pair));
+            pair
+        }
+    });
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    match at.checked_duration_since(base) {
+        Some(after) => base_micros.saturating_add(micros(after)),
+        // `at` was read just before the pairing was made.
+        None => base_micros.saturating_sub(micros(base - at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Instants just read, a moment old, and older than the pairing all map to the wall
+    /// clock's time at them, within the time the reads themselves take.
+    #[test]
+    fn instants_map_to_the_wall_clock() {
+        let slack = 2_000; // µs, for a descheduled test thread
+        for _ in 0..3 {
+            let before = now_micros();
+            let at = Instant::now();
+            let after = now_micros();
+            let mapped = unix_micros_at(at);
+            assert!(
+                mapped + slack >= before && mapped <= after + slack,
+                "{before} {mapped} {after}"
+            );
+            std::thread::sleep(Duration::from_millis(400));
+        }
+        // An instant from before the pairing was last made.
+        let old = Instant::now();
+        std::thread::sleep(WALL_REREAD + Duration::from_millis(50));
+        let now = Instant::now();
+        let mapped_now = unix_micros_at(now);
+        let mapped_old = unix_micros_at(old);
+        let apart = mapped_now - mapped_old;
+        let real = u64::try_from((now - old).as_micros()).unwrap();
+        assert!(apart.abs_diff(real) < slack, "{apart} vs {real}");
+        assert!(mapped_now.abs_diff(now_micros()) < slack);
+    }
 }

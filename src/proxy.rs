@@ -555,6 +555,7 @@ impl ProxyHttp for Proxy {
 
     /// Runs last, for every request: the access log and request metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let at = Instant::now();
         crate::accesslog::record(&crate::accesslog::Entry {
             method: &session.req_header().method,
             route: ctx.route.as_ref(),
@@ -563,7 +564,8 @@ impl ProxyHttp for Proxy {
             cache: ctx.cache,
             identity: ctx.identity,
             bytes: session.body_bytes_sent(),
-            elapsed: ctx.started.elapsed(),
+            elapsed: at.saturating_duration_since(ctx.started),
+            at,
             error: e.map(|e| e.etype().as_str()),
         });
     }
