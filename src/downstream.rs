@@ -18,7 +18,7 @@
 //! as the wrapper, so no channel or lock is needed.
 //!
 //! One timer per connection, not per request: the deadline is a single tokio `Sleep` made at
-//! accept and moved forward as each request begins. Moving a pending timer later is one atomic
+//! accept and moved forward each time a response has gone out. Moving a pending timer later is one atomic
 //! write in tokio (the wheel entry is only re-filed when its old time comes), where a new
 //! timer per request cost a wheel insert and removal, the request future's set-up and a move
 //! of pingora's session into it: about 2.7% of the CPU of a cached hit under load.
