@@ -56,7 +56,8 @@ thread_local! {
     /// Each thread's metric children by label set. `with_label_values` hashes the values and
     /// takes the family's lock on every call; a thread-local copy of the handle costs
     /// neither (the counters themselves are shared atomics).
-    static HANDLES: RefCell<HashMap<LabelKey, Handles>> = RefCell::new(HashMap::new());
+    static HANDLES: RefCell<HashMap<LabelKey, Handles, foldhash::fast::RandomState>> =
+        RefCell::new(HashMap::default());
 }
 
 /// Where access lines go when tfmirror formats them itself.

@@ -78,9 +78,12 @@ pub struct Negative {
 
 pub struct Auth {
     records: Records,
-    grants: moka::sync::Cache<String, Arc<Grant>>,
+    /// The two caches every registry hit reads use foldhash, not SipHash: their keys are an
+    /// identity (a keyed hash) and that identity with a module path, and foldhash's per-process
+    /// seed keeps a flood of chosen keys from landing in one bucket.
+    grants: moka::sync::Cache<String, Arc<Grant>, foldhash::fast::RandomState>,
     /// Credential and the instant its grant expires: never kept past that.
-    creds: moka::sync::Cache<Identity, (HeaderValue, Instant)>,
+    creds: moka::sync::Cache<Identity, (HeaderValue, Instant), foldhash::fast::RandomState>,
     negative: moka::sync::Cache<(Identity, String), Negative>,
     /// Refusals of identities that never had a grant: memory only, bounded in count.
     refusals: moka::sync::Cache<String, Arc<Grant>>,
@@ -106,11 +109,11 @@ impl Auth {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(30))
                 .support_invalidation_closures()
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             creds: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(grant_ttl)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             refusals: moka::sync::Cache::builder()
                 .max_capacity(MAX_MEMORY_REFUSALS)
                 .support_invalidation_closures()

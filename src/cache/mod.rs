@@ -44,7 +44,8 @@ pub struct Cache {
     blobs: Arc<BlobStore>,
     meta: Arc<MetaStore>,
     fills: Arc<Fills>,
-    memory: moka::sync::Cache<Hash, Bytes>,
+    /// Read on every hit: foldhash, not SipHash (the keys are content hashes).
+    memory: moka::sync::Cache<Hash, Bytes, foldhash::fast::RandomState>,
     memory_evictions: Arc<std::sync::atomic::AtomicU64>,
     /// Front for the tarball index on disk: the `/file` hit path must not read a file per
     /// request. Short-lived, so that `tfmirror cache purge` run beside a server takes effect.
@@ -72,7 +73,7 @@ impl Cache {
                     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             })
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let meta = Arc::new(MetaStore::open(cache_dir)?);
         meta.set_cap(limits.max_records);
         let reappeared = Arc::new(republish::Reappeared::load(&meta));
