@@ -65,6 +65,33 @@ pub fn now_micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// One reading of the clock for a request's decisions: the wall clock in unix seconds, as
+/// [`now`] says it, and the monotonic instant the caller's in-memory records are timed by.
+/// Read once: the wall-clock seconds come from the instant through [`unix_micros_at`].
+#[derive(Debug, Clone, Copy)]
+pub struct Moment {
+    pub unix: u64,
+    pub at: Instant,
+}
+
+impl Moment {
+    pub fn now() -> Moment {
+        let at = Instant::now();
+        Moment {
+            unix: unix_micros_at(at) / 1_000_000 + shift_ms() / 1000,
+            at,
+        }
+    }
+
+    /// A moment at unix second `unix` (a test's chosen time), with the instant now.
+    pub fn at_unix(unix: u64) -> Moment {
+        Moment {
+            unix,
+            at: Instant::now(),
+        }
+    }
+}
+
 /// How long a thread's pairing of the two clocks is used before the wall clock is read again.
 const WALL_REREAD: Duration = Duration::from_secs(1);
 
@@ -101,6 +128,17 @@ mod tests {
 
     /// Instants just read, a moment old, and older than the pairing all map to the wall
     /// clock's time at them, within the time the reads themselves take.
+    /// A moment's seconds are what `now` says, including a test's shift.
+    #[test]
+    fn a_moment_is_now() {
+        let before = now();
+        let m = Moment::now();
+        assert!(m.unix >= before && m.unix <= now(), "{} {before}", m.unix);
+        advance(Duration::from_secs(100));
+        let m = Moment::now();
+        assert!(m.unix >= before + 100 && m.unix <= now());
+    }
+
     #[test]
     fn instants_map_to_the_wall_clock() {
         let slack = 2_000; // µs, for a descheduled test thread

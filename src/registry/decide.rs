@@ -10,6 +10,7 @@ use super::ask::{Asked, Failure};
 use super::{reply, Registry};
 use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
 use crate::cache::records::{Grant, ListingKey, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::clock::Moment;
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
 use crate::respond::{CacheStatus, Reply};
@@ -76,7 +77,7 @@ impl Registry {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn facts(
         &self,
-        now: u64,
+        moment: Moment,
         kind: Kind,
         identity: Identity,
         has_credential: bool,
@@ -85,7 +86,7 @@ impl Registry {
         own: Option<u64>,
         path: &str,
     ) -> (Facts, Option<HeaderValue>) {
-        let at = Instant::now();
+        let (now, at) = (moment.unix, moment.at);
         let remembered = self.auth.credential(identity, at);
         let facts = Facts {
             now,

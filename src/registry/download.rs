@@ -11,6 +11,7 @@ use super::{gitlab_token, route_label, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind};
 use crate::cache::records::tarball_key;
 use crate::clock::now as unix_now;
+use crate::clock::Moment;
 use crate::identity::Identity;
 use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
@@ -110,7 +111,7 @@ impl Registry {
             .filter(|g| g.allows_version(version))
             .map(|g| g.checked_at);
         let (mut facts, remembered) = self.facts(
-            unix_now(),
+            Moment::now(),
             Kind::Download,
             identity,
             req.cred.is_some(),

@@ -9,6 +9,7 @@ use super::super::Lesson;
 use crate::access::policy::{self, Action, Kind, StaleSource};
 use crate::cache::records::{ListingKey, KIND_SHARED_PUBLIC};
 use crate::clock::now as unix_now;
+use crate::clock::Moment;
 use crate::fetch::Small;
 use crate::identity::Identity;
 use crate::registry::testkit::fixture;
@@ -211,7 +212,7 @@ async fn facts_follow_the_clock_passed_in() {
     let w = r.windows();
     let decide = |now: u64| {
         let (facts, _) = r.facts(
-            now,
+            Moment::at_unix(now),
             Kind::Listing,
             ALICE,
             true,
@@ -227,7 +228,7 @@ async fn facts_follow_the_clock_passed_in() {
     // identity is a stranger.
     assert_eq!(decide(at + 61), Action::Ask);
     let (mut failed, _) = r.facts(
-        at + 61,
+        Moment::at_unix(at + 61),
         Kind::Listing,
         ALICE,
         true,
@@ -240,7 +241,7 @@ async fn facts_follow_the_clock_passed_in() {
     assert_eq!(policy::decide(&failed, &w), Action::Stale(StaleSource::Own));
     let far = unix_now() + 30 * 24 * 3600;
     let (mut old, _) = r.facts(
-        far,
+        Moment::at_unix(far),
         Kind::Listing,
         ALICE,
         true,

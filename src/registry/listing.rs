@@ -14,6 +14,7 @@ use super::{route_label, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind, StaleSource};
 use crate::cache::records::{BodyRef, Grant, ListingKey};
 use crate::clock::now as unix_now;
+use crate::clock::Moment;
 use crate::identity::Identity;
 use crate::respond::{CacheStatus, Reply};
 use crate::routes::ModuleRoute;
@@ -51,6 +52,7 @@ impl Registry {
         route: &ModuleRoute,
         op: ListingKey,
     ) -> (Reply, Outcome) {
+        let moment = Moment::now();
         let cred = call.authorization.clone();
         let identity = self.secret.identify(cred.as_ref());
         let grant = self.auth.grant(identity, &route.module).await;
@@ -65,10 +67,10 @@ impl Registry {
             grant,
             own,
             path: route.upstream_path(),
-            now: unix_now(),
+            now: moment.unix,
         };
         let (mut facts, remembered) = self.facts(
-            req.now,
+            moment,
             Kind::Listing,
             identity,
             req.cred.is_some(),

@@ -29,6 +29,7 @@ use crate::cache::records::{
     project_tarball_key, shared_key, ListingKey, SharedListing, KIND_SHARED,
 };
 use crate::clock::now as unix_now;
+use crate::clock::Moment;
 use crate::identity::Identity;
 use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
@@ -144,7 +145,7 @@ impl Registry {
             .filter(|g| p.version.as_ref().is_none_or(|v| g.allows_version(v)))
             .map(|g| g.checked_at);
         let (mut facts, remembered) = self.facts(
-            unix_now(),
+            Moment::now(),
             Kind::Download,
             c.identity,
             c.cred.is_some(),
