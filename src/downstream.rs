@@ -29,13 +29,14 @@
 //! own loop unchanged: their requests arrive as streams with their heads already read, and
 //! pingora closes an idle HTTP/2 connection itself (`h2_idle_timeout`).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ServerApp};
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::tls::ALPN;
 use pingora::protocols::Stream;
@@ -147,9 +148,10 @@ where
                 session.set_keepalive(Some(0));
             }
             head.store(false, Ordering::Relaxed);
-            let reused = self
-                .request(session, shutdown, head, deadline.as_mut())
-                .await?;
+            // The session goes straight into pingora's (boxed) request future: it is large,
+            // and each move of it is a copy.
+            let request = self.inner.process_new_http(session, shutdown);
+            let reused = head_in_time(request, head, deadline.as_mut()).await?;
             let (stream, settings) = reused.consume();
             session = ServerSession::new_http1(stream);
             if let Some(settings) = settings {
@@ -159,32 +161,32 @@ where
             deadline.as_mut().reset(Instant::now() + self.idle);
         }
     }
+}
 
-    /// One request, closed without an answer if its head is not in by `deadline`. Once the
-    /// head is in, the deadline no longer applies to this request.
-    async fn request(
-        &self,
-        session: ServerSession,
-        shutdown: &ShutdownWatch,
-        head: &AtomicBool,
-        mut deadline: Pin<&mut Sleep>,
-    ) -> Option<pingora::apps::ReusedHttpStream> {
-        let mut request = self.inner.process_new_http(session, shutdown);
-        let mut armed = true;
-        loop {
-            tokio::select! {
-                // The request first: a head and its answer ready at the deadline still go out.
-                biased;
-                reused = &mut request => return reused,
-                () = &mut deadline, if armed => {
-                    if !head.load(Ordering::Relaxed) {
-                        // Dropping the request future drops the socket: the client sees the
-                        // connection closed, as with nginx's client_header_timeout.
-                        metrics::CLIENT_TIMEOUTS.inc();
-                        return None;
-                    }
-                    armed = false;
+/// Run `request`, or close its connection without an answer if its head is not in by
+/// `deadline`. Once the head is in, the deadline no longer applies to this request.
+async fn head_in_time<F>(
+    mut request: F,
+    head: &AtomicBool,
+    mut deadline: Pin<&mut Sleep>,
+) -> F::Output
+where
+    F: Future<Output = Option<ReusedHttpStream>> + Unpin,
+{
+    let mut armed = true;
+    loop {
+        tokio::select! {
+            // The request first: a head and its answer ready at the deadline still go out.
+            biased;
+            reused = &mut request => return reused,
+            () = &mut deadline, if armed => {
+                if !head.load(Ordering::Relaxed) {
+                    // Dropping the request future drops the socket: the client sees the
+                    // connection closed, as with nginx's client_header_timeout.
+                    metrics::CLIENT_TIMEOUTS.inc();
+                    return None;
                 }
+                armed = false;
             }
         }
     }
