@@ -534,12 +534,12 @@ async fn listings_over_the_size_limit_are_refused() {
     assert_eq!(r.headers()["x-cache-status"], "MISS");
 }
 
-/// `timeouts.client_idle` and `timeouts.client_stall`: 400 idle or trickling (slowloris)
-/// connections are closed at the deadline and do not hold real clients up, a reader that
-/// stops reading is dropped, and a slow but moving download is not.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_and_slow_clients_are_cut_off_without_delaying_others() {
-    const IDLE: Duration = Duration::from_secs(2);
+/// `timeouts.client_idle` (and `client_stall`) of [`short_client_timeouts`].
+const IDLE: Duration = Duration::from_secs(2);
+
+/// A mirror with `client_idle` and `client_stall` of [`IDLE`], its GitLab, and the download
+/// URL of a 48 MiB tarball it holds.
+async fn short_client_timeouts() -> (FakeGitlab, Mirror, String) {
     let gl = gitlab().await;
     gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 48 << 20);
     let m = Mirror::start_with_config(
@@ -549,6 +549,15 @@ async fn idle_and_slow_clients_are_cut_off_without_delaying_others() {
     .await;
     let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
     warm(&file).await;
+    (gl, m, file)
+}
+
+/// `timeouts.client_idle` and `timeouts.client_stall`: 400 idle or trickling (slowloris)
+/// connections are closed at the deadline and do not hold real clients up, a reader that
+/// stops reading is dropped, and a slow but moving download is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_clients_are_cut_off_without_delaying_others() {
+    let (gl, m, file) = short_client_timeouts().await;
     let whole = gl.tarball("infra", "vpc", "aws", "1.0.0");
 
     // 300 connections that never send a byte, 100 that send a head one byte at a time.
@@ -704,39 +713,37 @@ async fn closed_after(s: &mut tokio::net::TcpStream) -> Duration {
     quiet.elapsed()
 }
 
+const HEALTH: &[u8] = b"GET /-/health HTTP/1.1\r\nHost: x\r\n\r\n";
+
+/// Ask for `/-/health` on `s`, get a 200, then see `s` closed about [`IDLE`] after that
+/// answer (`after`: which answer, for the failure message).
+async fn health_then_closed_at_idle(s: &mut tokio::net::TcpStream, after: &str) {
+    s.write_all(HEALTH).await.unwrap();
+    let (head, _) = read_answer(s, Duration::ZERO).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let closed = closed_after(s).await;
+    assert!(
+        closed >= IDLE - Duration::from_millis(100) && closed < IDLE + Duration::from_secs(2),
+        "closed {closed:?} after {after}"
+    );
+}
+
 /// Each request on a kept-alive connection gets its own head deadline, `client_idle` from the
 /// moment the previous answer went out: a second request just before the first deadline is
 /// answered, and the connection then closes `client_idle` after that answer. A request that
 /// outlasts `client_idle` (a slow download) does not shorten the next head's time either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_on_a_connection_gets_a_fresh_head_deadline() {
-    const IDLE: Duration = Duration::from_secs(2);
-    let gl = gitlab().await;
-    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 48 << 20);
-    let m = Mirror::start_with_config(
-        &gl.url(),
-        "timeouts:\n  client_idle: 2s\n  client_stall: 2s\n",
-    )
-    .await;
-    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
-    warm(&file).await;
+    let (gl, m, file) = short_client_timeouts().await;
     let path = file.strip_prefix(&m.url()).unwrap().to_string();
-    let health = b"GET /-/health HTTP/1.1\r\nHost: x\r\n\r\n";
 
     // Two quick requests, the second 1.5 s after the first: the deadline moved with it.
     let mut s = tokio::net::TcpStream::connect(m.addr).await.unwrap();
-    s.write_all(health).await.unwrap();
+    s.write_all(HEALTH).await.unwrap();
     let (head, _) = read_answer(&mut s, Duration::ZERO).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     tokio::time::sleep(IDLE * 3 / 4).await;
-    s.write_all(health).await.unwrap();
-    let (head, _) = read_answer(&mut s, Duration::ZERO).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let after = closed_after(&mut s).await;
-    assert!(
-        after >= IDLE - Duration::from_millis(100) && after < IDLE + Duration::from_secs(2),
-        "closed {after:?} after the second answer"
-    );
+    health_then_closed_at_idle(&mut s, "the second answer").await;
 
     // A download that outlasts `client_idle`, then at once a request: the deadline that came
     // and went during the download does not cut the next head short.
@@ -758,14 +765,7 @@ async fn every_request_on_a_connection_gets_a_fresh_head_deadline() {
         started.elapsed() > IDLE + Duration::from_secs(1),
         "the download was not slow enough to tell"
     );
-    s.write_all(health).await.unwrap();
-    let (head, _) = read_answer(&mut s, Duration::ZERO).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let after = closed_after(&mut s).await;
-    assert!(
-        after >= IDLE - Duration::from_millis(100) && after < IDLE + Duration::from_secs(2),
-        "closed {after:?} after the answer that followed the download"
-    );
+    health_then_closed_at_idle(&mut s, "the answer that followed the download").await;
 }
 
 /// A download URL handed out from a stale grant while GitLab fails must lead to a fill once
