@@ -68,8 +68,9 @@ impl Registry {
         }
     }
 
-    /// The facts of a request before GitLab is asked. `own` is when the caller's own answer
-    /// for this route was fetched, if it has one.
+    /// The facts of a request before GitLab is asked, as of `moment` (the request's one clock
+    /// reading). `own` is when the caller's own answer for this route was fetched, if it has
+    /// one.
     ///
     /// Also returns the credential remembered for `identity`, for
     /// [`crate::access::grants::Auth::remember_for_grant`]: looked up once per request, as are
