@@ -1,7 +1,8 @@
 //! The wall clock, read in one place: unix seconds.
 //!
 //! Decisions take the time as a parameter (`now: u64`), so they can be table-tested; only the
-//! code that performs I/O calls [`now`]. `.clippy.toml` forbids `SystemTime::now` (and
+//! code that performs I/O calls [`now`], or [`Moment::now`] where a request needs the wall
+//! clock and a monotonic instant both (one clock read, the seconds derived from the instant). `.clippy.toml` forbids `SystemTime::now` (and
 //! `SystemTime::elapsed`, which reads it) everywhere else. Monotonic `Instant`s, for
 //! timeouts and durations, are not the wall clock and stay allowed.
 //!
@@ -84,6 +85,7 @@ impl Moment {
     }
 
     /// A moment at unix second `unix` (a test's chosen time), with the instant now.
+    #[cfg(test)]
     pub fn at_unix(unix: u64) -> Moment {
         Moment {
             unix,
@@ -126,8 +128,6 @@ pub fn unix_micros_at(at: Instant) -> u64 {
 mod tests {
     use super::*;
 
-    /// Instants just read, a moment old, and older than the pairing all map to the wall
-    /// clock's time at them, within the time the reads themselves take.
     /// A moment's seconds are what `now` says, including a test's shift.
     #[test]
     fn a_moment_is_now() {
@@ -139,6 +139,8 @@ mod tests {
         assert!(m.unix >= before + 100 && m.unix <= now());
     }
 
+    /// Instants just read, a moment old, and older than the pairing all map to the wall
+    /// clock's time at them, within the time the reads themselves take.
     #[test]
     fn instants_map_to_the_wall_clock() {
         let slack = 2_000; // µs, for a descheduled test thread

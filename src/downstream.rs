@@ -92,11 +92,11 @@ where
     ) -> Option<Stream> {
         let options = self.inner.server_options();
         let h2c_or_custom = options.is_some_and(|o| o.h2c || o.force_custom);
-        let h1 = !matches!(
+        let h2_or_custom_alpn = matches!(
             stream.selected_alpn_proto(),
             Some(ALPN::H2 | ALPN::Custom(_))
         );
-        if h2c_or_custom || !h1 {
+        if h2c_or_custom || h2_or_custom_alpn {
             return self.inner.process_new(stream, shutdown).await;
         }
         let head = Arc::new(AtomicBool::new(false));
