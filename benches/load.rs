@@ -382,6 +382,31 @@ fn syscalls_per_request(pids: &[u32], url: &str, auth: bool, out: &Path) -> Vec<
 }
 
 /// CPU time (user + system, clock ticks) of each of `pid`'s threads named `prefix*`.
+/// `tfmirror_client_connections` of each proxy thread, from tfmirror's `/-/metrics` at
+/// `url` (plain HTTP), e.g. "tfmirror-0 4, tfmirror-1 4".
+fn open_connections(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut conn = std::net::TcpStream::connect(host).unwrap();
+    write!(
+        conn,
+        "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    let threads: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("tfmirror_client_connections{thread=\""))
+        .filter_map(|l| {
+            let (thread, n) = l.split_once("\"} ")?;
+            Some(format!("{thread} {n}"))
+        })
+        .collect();
+    threads.join(", ")
+}
+
 fn thread_cpu(pid: u32, prefix: &str) -> Vec<(String, u64)> {
     let mut v: Vec<(String, u64)> = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|d| d.flatten().collect::<Vec<_>>())
@@ -655,11 +680,33 @@ async fn main() {
             syscall_table(&mut report, label, &t_calls, &n_calls);
         }
 
-        // How the connections spread over tfmirror's threads: each one's share of the CPU
-        // during a wrk -t2 -c64 run of (a).
+        // How the connections spread over tfmirror's threads: each thread's open
+        // connections in the middle of a wrk run (-t1 -c8, as for the syscalls, then -t2
+        // -c64), and each one's share of the CPU during the second run, of (a).
+        let spread = |conns: u32| {
+            let metrics = format!("{tl}/-/metrics");
+            let probe = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(2));
+                open_connections(&metrics)
+            });
+            let w = wrk_with(
+                &format!("{tl}{listing}"),
+                true,
+                conns.min(2),
+                conns,
+                WRK_SECONDS,
+            );
+            (w, probe.join().unwrap())
+        };
+        let (_, at8) = spread(8);
         let before = thread_cpu(tfm_logs.0.id(), "tfmirror-");
-        wrk(&format!("{tl}{listing}"), true);
+        let (_, at64) = spread(64);
         let after = thread_cpu(tfm_logs.0.id(), "tfmirror-");
+        writeln!(
+            report,
+            "\ntfmirror's open connections per proxy thread mid-run: wrk -t1 -c8: {at8}; wrk -t2 -c64: {at64}"
+        )
+        .unwrap();
         let used: Vec<(String, u64)> = after
             .iter()
             .map(|(name, t)| {

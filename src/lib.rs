@@ -18,7 +18,7 @@
 //! | L5 edge | [`proxy`] | the pingora hooks: parse, then answer locally, from the registry, or proxy |
 //! | | [`edge`] | gauges read at scrape time; `/-/metrics` on its own listener |
 //! | | [`accesslog`] | the access log line and request metrics of each request |
-//! | | [`workers`] | one pingora service and `SO_REUSEPORT` socket per thread |
+//! | | [`workers`] | one pingora service, `SO_REUSEPORT` socket and accept loop per thread; new connections to the least busy thread |
 //! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: a [`registry::Call`] in, a [`respond::Reply`] out, I/O around [`access::policy`] |
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
@@ -55,7 +55,9 @@
 //! Tokens, GitLab's download JWTs and `X-Terraform-Get` query strings are never logged: log
 //! lines carry route templates (see [`routes::Route::template`]), never paths or queries.
 
-#![forbid(unsafe_code)]
+// Denied, with one audited exception: `workers::Group::listener` takes over a listening
+// socket from pingora's table, which holds raw descriptors (see its SAFETY note).
+#![deny(unsafe_code)]
 #![warn(clippy::too_many_lines)]
 
 pub(crate) mod access;

@@ -131,6 +131,15 @@ pub static CLIENT_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static CLIENT_CONNECTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    register_int_gauge_vec!(
+        "tfmirror_client_connections",
+        "Open client connections, by the proxy thread serving them (new ones go to the thread with the fewest).",
+        &["thread"]
+    )
+    .expect("metric")
+});
+
 pub static LATE_ANSWERS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_late_answers_absorbed_total",
@@ -236,7 +245,7 @@ pub const PROVIDER_VERIFICATION_RESULTS: [&str; 9] = [
 ];
 
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 25] = [
+pub const FAMILIES: [&str; 26] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -251,6 +260,7 @@ pub const FAMILIES: [&str; 25] = [
     "tfmirror_bytes_served_total",
     "tfmirror_cache_write_errors_total",
     "tfmirror_client_timeouts_total",
+    "tfmirror_client_connections",
     "tfmirror_late_answers_absorbed_total",
     "tfmirror_rate_limited_callers_total",
     "tfmirror_temp_leftovers_removed_total",

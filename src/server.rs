@@ -116,7 +116,13 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
             config.timeouts.client_idle,
         );
         let tls = resolver.as_ref().map(tls_settings).transpose()?;
-        server.add_service(crate::workers::Worker::new(group.clone(), i, app, tls));
+        server.add_service(crate::workers::Worker::new(
+            group.clone(),
+            i,
+            app,
+            tls,
+            config.timeouts.client_idle,
+        ));
     }
 
     if let Some(addr) = config.metrics_listen {
@@ -144,6 +150,14 @@ fn server_conf(config: &Config) -> ServerConf {
         // an upgrading process finds its predecessor's socket.
         pid_file: state("tfmirror.pid"),
         upgrade_sock: state("tfmirror-upgrade.sock"),
+        // pingora's own timeouts (body reads and writes under `client_stall`, upstream
+        // connects) otherwise run on `pingora_timeout`'s wheel, whose thread sleeps 10 ms at
+        // a time for ever once the first one is set: 100 wake-ups a second on an idle
+        // server, and a syscall per cached hit in `strace` at 8 connections. With 0, every
+        // timeout of a second or more goes to the worker's tokio timers, which fire from its
+        // own `epoll_wait`. Only a `timeouts` setting under a second still starts that
+        // thread (pingora sets no shorter timeout of its own on tfmirror's paths).
+        fast_timeout_to_tokio_threshold_seconds: Some(0),
         grace_period_seconds: Some(5),
         graceful_shutdown_timeout_seconds: Some(10),
         ..ServerConf::default()

@@ -356,3 +356,60 @@ async fn renewed_certificates_are_served_without_a_restart() {
         .unwrap();
     assert_eq!(r.status(), 200, "and it verifies against its CA");
 }
+
+/// A client that opens a TLS connection and never completes the handshake (silent, or a
+/// ClientHello cut short) is closed at `timeouts.client_idle`, the same bound as a request
+/// head, and the listener keeps serving others meanwhile. Before, pingora's fixed 60 s
+/// handshake timeout held such connections whatever the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_closed_at_client_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let gl = gitlab().await;
+    let cfg = std::env::temp_dir().join(format!("tfmirror-tls-idle-{}.yaml", common::free_port()));
+    std::fs::write(&cfg, "timeouts:\n  client_idle: 2s\n").unwrap();
+    let m = Mirror::start_with(
+        &gl.url(),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--tls-cert",
+            &pki.path("cert.pem"),
+            "--tls-key",
+            &pki.path("key.pem"),
+        ],
+    )
+    .await;
+    let start = std::time::Instant::now();
+    let silent = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    // The first bytes of a TLS record carrying a ClientHello, and no more.
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    // Others are served meanwhile (the certificate is another test's concern).
+    let insecure = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let r = insecure
+        .get(format!("{}/-/health", m.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for mut s in [silent, partial] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        let closed = start.elapsed();
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "still open after {closed:?}: {read:?}"
+        );
+        assert!(
+            closed >= Duration::from_millis(1900) && closed < Duration::from_secs(5),
+            "closed after {closed:?}"
+        );
+    }
+}

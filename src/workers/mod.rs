@@ -12,30 +12,34 @@
 //! N threads; each needs its own socket, or all N accept loops wait on one socket and every
 //! new connection wakes all of them.
 //!
-//! The other way out, moving an accepted stream to the runtime that will run it, is not
-//! open: the stream is registered inside pingora's accept loop, before tfmirror sees it.
+//! Each thread runs tfmirror's own accept loop ([`accept`]), not pingora's: pingora's loop
+//! registers an accepted socket with its reactor before the app sees it, so the connection
+//! could not move to another thread afterwards. Ours decides first, and registers the socket
+//! only on the thread that serves it.
 //!
 //! The kernel spreads new connections over the sockets of a `SO_REUSEPORT` group by a hash of
-//! the connection's addresses, so N sockets each get about 1/N of the connections (64 wrk
-//! connections over 2 threads: 29 to 35 each, see BENCHMARKS.md). A connection stays on its
-//! thread for its whole life, as with nginx's workers.
+//! the connection's addresses. Over a few long-lived connections that is far from even (12
+//! connections over 3 threads came out 1/7/5 and 5/7/1 in a test), so a thread that accepts
+//! a connection while another holds fewer hands it over ([`balance`]): one wake-up of that
+//! thread per connection, none per request. A connection then stays on its thread for its
+//! whole life, as with nginx's workers. `tfmirror_client_connections` shows the spread.
 //!
 //! Sockets and graceful upgrades: pingora keys listening sockets by their address string,
 //! both when it reuses one (two services on the same string share a socket) and when a new
-//! process takes the sockets over (`--upgrade`). So tfmirror binds the sockets itself, before
-//! pingora builds its listeners, and files them in pingora's table under distinct keys: the
-//! listen address for the first, `ADDR#i` for the others. An upgrading process finds each
+//! process takes the sockets over (`--upgrade`). So tfmirror binds the sockets itself and files
+//! them in pingora's table, which pingora hands to an upgrading process, under distinct keys:
+//! the listen address for the first, `ADDR#i` for the others. An upgrading process finds each
 //! key and uses the inherited socket; keys it does not find (more threads than before) are
 //! bound and join the group. An inherited socket without `SO_REUSEPORT` (a predecessor built
-//! before this module) cannot be joined: every thread then accepts from that one socket,
-//! which still keeps each connection on its accepting thread.
+//! before this module) cannot be joined: every thread then accepts from that one socket, and
+//! the balance still evens the threads out.
 //!
 //! `SO_REUSEPORT` would let a second tfmirror on the same port silently share its traffic, so
 //! a fresh start first checks that the address is free with a plain bind.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,8 +47,14 @@ use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::{ListenFds, ShutdownWatch};
-use pingora::services::listening::Service;
 use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+
+mod accept;
+mod balance;
+mod conn;
+
+use balance::Balance;
 
 /// pingora's own listen backlog.
 const BACKLOG: i32 = 65535;
@@ -66,6 +76,8 @@ pub fn socket_key(addr: SocketAddr, i: usize) -> String {
 pub struct Group {
     addr: SocketAddr,
     threads: usize,
+    /// Each worker's open connections, and the way to hand it one.
+    balance: Arc<Balance>,
     /// `Some(keys)` once resolved: the key each worker listens on.
     resolved: Mutex<Option<Vec<String>>>,
 }
@@ -75,6 +87,7 @@ impl Group {
         Arc::new(Group {
             addr,
             threads,
+            balance: Balance::new(threads),
             resolved: Mutex::new(None),
         })
     }
@@ -86,6 +99,31 @@ impl Group {
             *resolved = Some(self.bind_all(fds, BIND_TRIES)?);
         }
         Ok(resolved.as_ref().expect("just resolved")[i].clone())
+    }
+
+    /// Worker `i`'s listening socket, on its thread's reactor. A worker owns the socket filed
+    /// under its own key (closed when it stops accepting, as pingora's listeners are); where
+    /// all workers share one inherited socket, the others accept from a duplicate of it.
+    #[allow(unsafe_code)]
+    fn listener(&self, fds: &ListenFds, i: usize) -> io::Result<TcpListener> {
+        let key = self.key_for(fds, i)?;
+        let raw = *fds.lock().get(&key).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, "no listening socket was filed")
+        })?;
+        // SAFETY: the descriptor is open: the group bound it, or pingora received it from
+        // the previous process, and filed it. Nothing in the process closes or owns it but
+        // the worker whose key it is, which takes it over here, once (a service starts
+        // once); workers sharing it (an inherited socket without SO_REUSEPORT) only borrow
+        // it for as long as it takes to duplicate it. pingora itself only sends the number
+        // to an upgrading process, before any worker stops.
+        let owned = if key == socket_key(self.addr, i) {
+            unsafe { OwnedFd::from_raw_fd(raw) }
+        } else {
+            unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned()?
+        };
+        let std = std::net::TcpListener::from(owned);
+        std.set_nonblocking(true)?;
+        TcpListener::from_std(std)
     }
 
     /// Adopt the sockets `fds` holds under the group's keys, bind the missing ones; returns
@@ -153,25 +191,35 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
-/// One thread of the proxy: a pingora listening service with `threads: 1` on its own socket.
+/// One thread of the proxy: a pingora service with `threads: 1`, accepting on its own
+/// socket with tfmirror's accept loop ([`accept`]).
 pub struct Worker<A> {
     name: String,
     index: usize,
     group: Arc<Group>,
     tls: Option<TlsSettings>,
-    inner: Service<A>,
+    app: Option<A>,
+    /// The TLS handshake's time limit.
+    handshake: Duration,
 }
 
 impl<A> Worker<A> {
-    /// Worker `index` of `group`, serving `app`; TLS when `tls` is given.
-    pub fn new(group: Arc<Group>, index: usize, app: A, tls: Option<TlsSettings>) -> Worker<A> {
-        let name = format!("tfmirror-{index}");
+    /// Worker `index` of `group`, serving `app`; TLS when `tls` is given, its handshake
+    /// bounded by `handshake`.
+    pub fn new(
+        group: Arc<Group>,
+        index: usize,
+        app: A,
+        tls: Option<TlsSettings>,
+        handshake: Duration,
+    ) -> Worker<A> {
         Worker {
-            inner: Service::new(name.clone(), app),
-            name,
+            name: format!("tfmirror-{index}"),
             index,
             group,
             tls,
+            app: Some(app),
+            handshake,
         }
     }
 }
@@ -182,29 +230,30 @@ impl<A: ServerApp + Send + Sync + 'static> pingora::services::Service for Worker
         &mut self,
         fds: Option<ListenFds>,
         shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
+        _listeners_per_fd: usize,
     ) {
         // pingora always passes its table on Unix.
         let fds = fds.expect("pingora passes its listening sockets");
-        let key = match self.group.key_for(&fds, self.index) {
-            Ok(k) => k,
+        let listener = match self.group.listener(&fds, self.index) {
+            Ok(l) => l,
             Err(e) => {
                 tracing::error!(listen = %self.group.addr, error = %e, "cannot listen");
                 crate::logbuf::flush();
                 std::process::exit(1);
             }
         };
-        match self.tls.take() {
-            Some(tls) => self.inner.add_tls_with_settings(&key, None, tls),
-            None => self.inner.add_tcp(&key),
-        }
-        pingora::services::Service::start_service(
-            &mut self.inner,
-            Some(fds),
+        let app = Arc::new(self.app.take().expect("a service starts once"));
+        let serving = Arc::new(accept::Serving {
+            index: self.index,
+            app: app.clone(),
+            tls: self.tls.take().map(|t| Arc::new(t.build())),
+            balance: self.group.balance.clone(),
+            handshake: self.handshake,
             shutdown,
-            listeners_per_fd,
-        )
-        .await
+        });
+        accept::run(listener, serving).await;
+        // As pingora's listening service ends.
+        app.cleanup().await;
     }
 
     fn name(&self) -> &str {
