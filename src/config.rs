@@ -123,7 +123,8 @@ pub struct Timeouts {
     #[serde(with = "humantime_serde")]
     pub idle: Duration,
     /// A client must deliver a whole request head within this long of connecting or of its
-    /// previous response; silent and trickling (slowloris) connections are closed.
+    /// previous response, and finish a TLS handshake within this long of connecting; silent
+    /// and trickling (slowloris) connections are closed.
     #[serde(with = "humantime_serde")]
     pub client_idle: Duration,
     /// A client request or response body that makes no progress for this long is dropped.

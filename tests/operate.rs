@@ -465,14 +465,7 @@ async fn long_lived_connections_spread_evenly_over_the_threads() {
         open.push(s);
     }
     // The metrics request's own connection counts too: 13 in all.
-    let text = client()
-        .get(format!("{}/-/metrics", m.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = m.metrics_text().await;
     let counts: Vec<i64> = text
         .lines()
         .filter(|l| l.starts_with("tfmirror_client_connections{"))

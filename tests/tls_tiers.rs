@@ -388,12 +388,8 @@ async fn a_stalled_tls_handshake_is_closed_at_client_idle() {
         .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
         .await
         .unwrap();
-    // Others are served meanwhile (the certificate is another test's concern).
-    let insecure = reqwest::Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
-    let r = insecure
+    // Others are served meanwhile.
+    let r = common::insecure_client()
         .get(format!("{}/-/health", m.url()))
         .send()
         .await

@@ -99,26 +99,29 @@ where
 {
     let own = serving.index;
     let to = serving.balance.choose(own);
-    let live = serving.balance.enter(to);
-    if to != own {
-        // Off this thread's reactor, onto the other's when it arrives there.
-        match tcp.into_std() {
-            Ok(socket) => match serving.balance.send(to, Handoff { socket, peer, live }) {
-                Ok(()) => return,
-                // That thread stopped meanwhile: serve it here after all.
-                Err(h) => match TcpStream::from_std(h.socket) {
-                    Ok(tcp) => {
-                        let live = serving.balance.enter(own);
-                        tokio::spawn(serve(tcp, peer, live, serving.clone()));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "cannot serve a connection"),
-                },
-            },
-            Err(e) => tracing::warn!(error = %e, "cannot hand a connection over"),
-        }
+    if to == own {
+        tokio::spawn(serve(
+            tcp,
+            peer,
+            serving.balance.enter(own),
+            serving.clone(),
+        ));
         return;
     }
-    tokio::spawn(serve(tcp, peer, live, serving.clone()));
+    // Off this thread's reactor, onto the other's when it arrives there.
+    let socket = match tcp.into_std() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot hand a connection over");
+            return;
+        }
+    };
+    let live = serving.balance.enter(to);
+    if let Err(h) = serving.balance.send(to, Handoff { socket, peer, live }) {
+        // That thread stopped meanwhile: serve it here after all.
+        let live = serving.balance.enter(own);
+        take_over(Handoff { live, ..h }, serving);
+    }
 }
 
 /// One connection, on the thread that serves it: pingora's buffers, TLS, then the app.

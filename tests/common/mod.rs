@@ -20,6 +20,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A client that takes any server certificate, for tests where the certificate is not the
+/// point (other tests check it).
+pub fn insecure_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+}
+
 /// A tfmirror binary running as its own process, as users run it.
 pub struct Mirror {
     child: Child,
@@ -92,21 +101,22 @@ impl Mirror {
         self.restart().await;
     }
 
-    /// Sum of a counter family's samples whose labels contain `filter`, from `/-/metrics`.
-    pub async fn metric(&self, family: &str, filter: &str) -> f64 {
+    /// The text of `/-/metrics`.
+    pub async fn metrics_text(&self) -> String {
         // Metrics only: an HTTPS listener's certificate is checked by the tests that care.
-        let client = reqwest::Client::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .unwrap();
-        let text = client
+        insecure_client()
             .get(format!("{}/-/metrics", self.url()))
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Sum of a counter family's samples whose labels contain `filter`, from `/-/metrics`.
+    pub async fn metric(&self, family: &str, filter: &str) -> f64 {
+        let text = self.metrics_text().await;
         text.lines()
             .filter(|l| l.starts_with(family) && l.contains(filter))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
@@ -137,10 +147,7 @@ impl Mirror {
     async fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         // Only liveness is checked here; TLS tests check certificates themselves.
-        let client = reqwest::Client::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .unwrap();
+        let client = insecure_client();
         while Instant::now() < deadline {
             if let Ok(r) = client.get(format!("{}/-/health", self.url())).send().await {
                 if r.status() == 200 {
