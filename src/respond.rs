@@ -185,7 +185,8 @@ pub async fn write(session: &mut Session, reply: Reply) -> Result<()> {
             let head_only = head_request || bytes.is_empty();
             session.write_response_header(h, head_only).await?;
             if !head_only {
-                write_full_body(session, bytes).await?;
+                // With its head in one write: see `workers::conn`.
+                session.write_response_body(Some(bytes), true).await?;
             }
             Ok(())
         }
@@ -198,31 +199,6 @@ pub async fn write(session: &mut Session, reply: Reply) -> Result<()> {
             write_stream(session, chunks).await
         }
     }
-}
-
-/// The first bytes of a body known whole go out with the head: see [`write_full_body`].
-const LEAD: usize = 1024;
-
-/// Write a body known whole after its head, its first [`LEAD`] bytes in one packet with the
-/// head.
-///
-/// Pingora keeps the head in the connection's write buffer (1460 bytes,
-/// `DEFAULT_L4_WRITE_BUFFER_SIZE`) and, given a body larger than what is left there, sends
-/// the head alone (a packet of its own: TCP_NODELAY), then the body. Written as a first
-/// [`LEAD`] bytes, which join the head in the buffer (heads of tfmirror's answers are about
-/// 200 bytes), then the rest, a 64 KiB tarball goes out on loopback as 2 segments (1.2 KiB,
-/// 63 KiB) instead of 3 (the head, 64 KiB less the 53 bytes past the loopback MSS, those
-/// 53): the receiver's stack takes one segment fewer, and the client wakes once less. Still
-/// two `sendto`s; a head over 436 bytes costs a third.
-async fn write_full_body(session: &mut Session, bytes: Bytes) -> Result<()> {
-    if bytes.len() <= 2 * LEAD {
-        return session.write_response_body(Some(bytes), true).await;
-    }
-    let rest = bytes.slice(LEAD..);
-    session
-        .write_response_body(Some(bytes.slice(..LEAD)), false)
-        .await?;
-    session.write_response_body(Some(rest), true).await
 }
 
 /// A head for tfmirror's own answers, without pingora's case map (`build_no_case`).
@@ -341,7 +317,7 @@ pub async fn send(session: &mut Session, head: Box<ResponseHeader>, body: Bytes)
     let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
     session.write_response_header(head, head_only).await?;
     if !head_only {
-        write_full_body(session, body).await?;
+        session.write_response_body(Some(body), true).await?;
     }
     Ok(())
 }

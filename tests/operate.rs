@@ -594,8 +594,8 @@ async fn every_answer_says_its_cache_status() {
     }
 }
 
-/// A tarball from the memory tier leaves in two writes, its first KiB with the head
-/// (`respond::write_full_body`). Whatever its size, the framing stays `Content-Length` and the
+/// A tarball from the memory tier leaves in one write with its head (`workers::conn`'s
+/// coalescing buffer). Whatever its size, the framing stays `Content-Length` and the
 /// connection stays usable: GET, HEAD and GET again on one kept-alive connection, each answer
 /// read by its announced length, then a last request whose answer must come next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

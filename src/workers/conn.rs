@@ -5,11 +5,16 @@
 //! `sendto`. That set-up is private to pingora, and the stream it builds from a bare tokio
 //! socket has neither buffer. [`Conn`] adds the same two buffers, of pingora's default sizes,
 //! in the same order, around that stream, and passes pingora's digests through.
+//!
+//! One difference: when a write does not fit in what is left of the write buffer, pingora's
+//! buffer (tokio's `BufWriter`) sends what it holds, then the write: two syscalls for every
+//! answer whose body is larger than a segment, the head being in the buffer. [`Coalescing`]
+//! sends both in one `writev`.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,13 +27,13 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufStream, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
 /// An accepted TCP connection, buffered as pingora's listeners buffer theirs.
 #[derive(Debug)]
 pub struct Conn {
-    inner: BufStream<L4Stream>,
+    inner: BufReader<Coalescing<L4Stream>>,
 }
 
 impl Conn {
@@ -41,16 +46,16 @@ impl Conn {
         let _ = digest.peer_addr.set(Some(PeerAddr::Inet(peer)));
         l4.set_socket_digest(digest);
         Ok(Conn {
-            inner: BufStream::with_capacity(
-                DEFAULT_L4_READ_BUFFER_SIZE,
-                DEFAULT_L4_WRITE_BUFFER_SIZE,
-                l4,
-            ),
+            inner: BufReader::with_capacity(DEFAULT_L4_READ_BUFFER_SIZE, Coalescing::new(l4)),
         })
     }
 
     fn l4(&self) -> &L4Stream {
-        self.inner.get_ref()
+        &self.inner.get_ref().inner
+    }
+
+    fn l4_mut(&mut self) -> &mut L4Stream {
+        &mut self.inner.get_mut().inner
     }
 }
 
@@ -142,7 +147,7 @@ impl GetProxyDigest for Conn {
     }
 
     fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.get_mut().set_proxy_digest(digest)
+        self.l4_mut().set_proxy_digest(digest)
     }
 }
 
@@ -152,6 +157,247 @@ impl GetSocketDigest for Conn {
     }
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.inner.get_mut().set_socket_digest(digest)
+        self.l4_mut().set_socket_digest(digest)
+    }
+}
+
+/// A write buffer of one segment ([`DEFAULT_L4_WRITE_BUFFER_SIZE`]) that sends what it holds
+/// together with a write that does not fit, in one vectored write. Reads pass through.
+#[derive(Debug)]
+pub struct Coalescing<S> {
+    inner: S,
+    buf: Vec<u8>,
+}
+
+impl<S> Coalescing<S> {
+    pub fn new(inner: S) -> Coalescing<S> {
+        Coalescing {
+            inner,
+            buf: Vec::with_capacity(DEFAULT_L4_WRITE_BUFFER_SIZE),
+        }
+    }
+
+    fn fits(&self, len: usize) -> bool {
+        self.buf.len() + len <= DEFAULT_L4_WRITE_BUFFER_SIZE
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Coalescing<S> {
+    /// Send everything the buffer holds.
+    fn poll_empty(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.buf.is_empty() {
+            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.buf.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalescing<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalescing<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if this.fits(data.len()) {
+            this.buf.extend_from_slice(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        // What the buffer holds goes first, in the same syscall as (the start of) `data`.
+        while !this.buf.is_empty() {
+            let both = [io::IoSlice::new(&this.buf), io::IoSlice::new(data)];
+            let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, &both))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n < this.buf.len() {
+                this.buf.drain(..n);
+                continue;
+            }
+            let of_data = n - this.buf.len();
+            this.buf.clear();
+            if of_data > 0 {
+                return Poll::Ready(Ok(of_data));
+            }
+        }
+        if this.fits(data.len()) {
+            this.buf.extend_from_slice(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if this.fits(len) {
+            for b in bufs {
+                this.buf.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
+        ready!(this.poll_empty(cx))?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_empty(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_empty(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that records each write call, takes at most `max` bytes per call, and is not
+    /// ready on every `pending_every`-th call (0: always ready).
+    #[derive(Default)]
+    struct Socket {
+        calls: Vec<usize>,
+        out: Vec<u8>,
+        max: usize,
+        pending_every: usize,
+        polls: usize,
+    }
+
+    impl Socket {
+        fn take(
+            &mut self,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.polls += 1;
+            if self.pending_every > 0 && self.polls % self.pending_every == 0 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let mut room = self.max;
+            for b in bufs {
+                let n = b.len().min(room);
+                self.out.extend_from_slice(&b[..n]);
+                room -= n;
+            }
+            let n = self.max - room;
+            self.calls.push(n);
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().take(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().take(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn bytes(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    /// Writes `parts` (each `write_all`, as pingora writes a head and body chunks), then
+    /// flushes; returns the socket.
+    async fn send(parts: &[Vec<u8>], max: usize, pending_every: usize) -> Socket {
+        let socket = Socket {
+            max,
+            pending_every,
+            ..Socket::default()
+        };
+        let mut c = Coalescing::new(socket);
+        for p in parts {
+            c.write_all(p).await.unwrap();
+        }
+        c.flush().await.unwrap();
+        c.inner
+    }
+
+    #[tokio::test]
+    async fn a_head_and_a_large_body_leave_in_one_write() {
+        let (head, body) = (bytes(200, 1), bytes(64 << 10, 2));
+        let s = send(&[head.clone(), body.clone()], usize::MAX, 0).await;
+        assert_eq!(s.calls, vec![200 + (64 << 10)], "one write for both");
+        assert_eq!(s.out, [head, body].concat());
+        // Small pieces wait in the buffer for the flush: one write.
+        let parts = [bytes(200, 3), bytes(300, 4), bytes(900, 5)];
+        let s = send(&parts, usize::MAX, 0).await;
+        assert_eq!(s.calls, vec![1400]);
+        assert_eq!(s.out, parts.concat());
+    }
+
+    #[tokio::test]
+    async fn short_writes_and_a_busy_socket_keep_every_byte_in_order() {
+        let parts = [
+            bytes(200, 1),
+            bytes(5000, 2),
+            bytes(10, 3),
+            bytes(1460, 4),
+            bytes(1, 5),
+            bytes(70_000, 6),
+            bytes(300, 7),
+        ];
+        for max in [1, 7, 150, 199, 200, 201, 1460, 4096, usize::MAX] {
+            for pending_every in [0, 2, 3] {
+                let s = send(&parts, max, pending_every).await;
+                assert_eq!(
+                    s.out,
+                    parts.concat(),
+                    "max {max}, pending every {pending_every}"
+                );
+            }
+        }
     }
 }
