@@ -34,6 +34,15 @@ fn tfmirror(args: &[&str]) -> Output {
     cmd.output().expect("run tfmirror")
 }
 
+/// Alice's request for the `infra/vpc/aws` versions listing.
+async fn alices_listing(c: &reqwest::Client, m: &Mirror) -> reqwest::Response {
+    c.get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
+        .header("authorization", common::bearer(ALICE))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -419,12 +428,7 @@ async fn no_thread_ticks_after_misses_hits_and_downloads() {
     let m = Mirror::start(&gl.url()).await;
     let c = client();
     for _ in 0..2 {
-        let r = c
-            .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
-            .header("authorization", common::bearer(ALICE))
-            .send()
-            .await
-            .unwrap();
+        let r = alices_listing(&c, &m).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
         let file = m.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
@@ -796,12 +800,7 @@ fn config_errors_name_the_setting_never_the_value() {
 async fn cache_verify_reports_a_corrupt_listing_body() {
     let gl = gitlab().await;
     let m = Mirror::start(&gl.url()).await;
-    let r = client()
-        .get(format!("{}{V1}/infra/vpc/aws/versions", m.url()))
-        .header("authorization", common::bearer(ALICE))
-        .send()
-        .await
-        .unwrap();
+    let r = alices_listing(&client(), &m).await;
     assert_eq!(r.status(), 200);
     let body = r.bytes().await.unwrap();
     let dir = m.cache_dir().join("cache");

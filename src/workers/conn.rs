@@ -213,32 +213,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalescing<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        if this.fits(data.len()) {
-            this.buf.extend_from_slice(data);
-            return Poll::Ready(Ok(data.len()));
-        }
-        // What the buffer holds goes first, in the same syscall as (the start of) `data`.
-        while !this.buf.is_empty() {
+        loop {
+            if this.fits(data.len()) {
+                this.buf.extend_from_slice(data);
+                return Poll::Ready(Ok(data.len()));
+            }
+            if this.buf.is_empty() {
+                return Pin::new(&mut this.inner).poll_write(cx, data);
+            }
+            // What the buffer holds goes first, in the same syscall as (the start of) `data`.
             let both = [io::IoSlice::new(&this.buf), io::IoSlice::new(data)];
             let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, &both))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            if n < this.buf.len() {
-                this.buf.drain(..n);
-                continue;
-            }
-            let of_data = n - this.buf.len();
-            this.buf.clear();
-            if of_data > 0 {
-                return Poll::Ready(Ok(of_data));
+            let held = this.buf.len();
+            this.buf.drain(..n.min(held));
+            if n > held {
+                return Poll::Ready(Ok(n - held));
             }
         }
-        if this.fits(data.len()) {
-            this.buf.extend_from_slice(data);
-            return Poll::Ready(Ok(data.len()));
-        }
-        Pin::new(&mut this.inner).poll_write(cx, data)
     }
 
     fn poll_write_vectored(
