@@ -448,6 +448,10 @@ impl Config {
                 return Err(invalid(key, "must be greater than zero"));
             }
         }
+        // A download token is a bearer capability: bounded, like GitLab's own 5-minute JWT.
+        if self.auth.token_ttl > crate::token::MAX_TTL {
+            return Err(invalid("auth.token_ttl", "must be at most 1 day"));
+        }
         Ok(())
     }
 }

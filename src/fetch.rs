@@ -32,9 +32,9 @@ pub trait Fetcher: Send + Sync + 'static {
         path_and_query: &str,
         auth: Option<&HeaderValue>,
     ) -> Result<reqwest::Response>;
-    /// Any HTTP answer of the upstream, for the breaker's background probe: its status and
-    /// headers, `None` when nothing answered.
-    async fn probe(&self) -> Option<(StatusCode, HeaderMap)>;
+    /// Any HTTP answer of the upstream within `wait`, for the breaker's background probe: its
+    /// status and headers, `None` when nothing answered in time.
+    async fn probe(&self, wait: std::time::Duration) -> Option<(StatusCode, HeaderMap)>;
 }
 
 #[async_trait::async_trait]
@@ -51,20 +51,17 @@ impl Fetcher for Upstream {
         open(self, path_and_query, auth).await
     }
 
-    async fn probe(&self) -> Option<(StatusCode, HeaderMap)> {
+    async fn probe(&self, wait: std::time::Duration) -> Option<(StatusCode, HeaderMap)> {
         let resp = self
             .http
             .get(self.url_for("/"))
-            .timeout(PROBE_TIMEOUT)
+            .timeout(wait)
             .send()
             .await
             .ok()?;
         Some((resp.status(), resp.headers().clone()))
     }
 }
-
-/// How long the breaker's probe waits for an answer.
-const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// An upstream failure, as a pingora error that carries no URL.
 pub fn upstream_error(e: reqwest::Error) -> Box<Error> {
@@ -106,6 +103,28 @@ pub struct Small {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When its request was sent, unix milliseconds: what the answer says was true at some
+    /// point after this, never before (see `access::grants` on late answers). Stamped by the
+    /// registry's `ask`; 0 from the fetcher itself.
+    pub sent_ms: u64,
+}
+
+impl Small {
+    /// Is this a stale answer a tfmirror tier gave while GitLab failed (`X-Cache-Status:
+    /// STALE`, or RFC 7234's `Warning: 110`)? It stands in for GitLab's answer but proves
+    /// nothing about access now: relayed as stale, never learned as a grant.
+    pub fn is_stale(&self) -> bool {
+        let stale_status = self
+            .headers
+            .get("x-cache-status")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"STALE"));
+        let warning_110 = self
+            .headers
+            .get_all(header::WARNING)
+            .iter()
+            .any(|w| w.as_bytes().starts_with(b"110"));
+        stale_status || warning_110
+    }
 }
 
 /// GET a registry path with the caller's credential. Redirects are returned, not followed.
@@ -147,6 +166,7 @@ pub async fn registry(
         status,
         headers,
         body: Bytes::from(body),
+        sent_ms: 0,
     })
 }
 

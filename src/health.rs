@@ -3,7 +3,12 @@
 //! Consecutive connect errors or timeouts (`offline.breaker_threshold`) mark the upstream
 //! down. While it is down, registry calls do not wait on it: stale answers are served at once.
 //! A single probe task retries with exponential backoff and closes the breaker on the first
-//! answer of any kind. While it is open, one request at a time that has nothing stale to fall
+//! HTTP answer that says something about GitLab as a whole. It waits for that answer as long
+//! as a registry call does (`offline.deadline`): a GitLab that answers in 3 s is up, and the
+//! callers whose grants expired must be asked again (one of them may have been removed
+//! meanwhile); a shorter probe would leave them on stale answers for as long as GitLab stays
+//! slower than it. A 429 is an answer to one caller (here, tfmirror's own address): it says
+//! nothing of GitLab's health, so it neither closes the breaker nor counts as a failure. While it is open, one request at a time that has nothing stale to fall
 //! back on may go through as a probe ([`Health::claim_probe`]), so a new identity is served as
 //! soon as GitLab answers again. A 503 with `Retry-After` (GitLab down for everyone) holds
 //! requests back for that long. A 429 does not: it is GitLab's answer to one caller, held
@@ -29,6 +34,8 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 pub struct Health {
     offline: bool,
     threshold: u32,
+    /// How long the background probe waits for an answer (`offline.deadline`).
+    probe_wait: Duration,
     failures: AtomicU32,
     down: AtomicBool,
     probing: AtomicBool,
@@ -47,10 +54,11 @@ impl Drop for Probe {
 }
 
 impl Health {
-    pub fn new(offline: bool, threshold: u32) -> Health {
+    pub fn new(offline: bool, threshold: u32, probe_wait: Duration) -> Health {
         Health {
             offline,
             threshold,
+            probe_wait,
             failures: AtomicU32::new(0),
             down: AtomicBool::new(offline),
             probing: AtomicBool::new(false),
@@ -98,8 +106,11 @@ impl Health {
         Some(Probe(self.request_probe.clone()))
     }
 
-    /// The upstream answered (any HTTP status).
+    /// The upstream answered. Any status but a per-caller one (429) shows it is up.
     pub fn record_answer(&self, status: http::StatusCode, headers: &HeaderMap) {
+        if per_caller(status) {
+            return;
+        }
         self.failures.store(0, Ordering::Release);
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::info!("upstream is back");
@@ -130,15 +141,25 @@ impl Health {
             let mut wait = PROBE_FIRST;
             loop {
                 tokio::time::sleep(wait).await;
-                if let Some((status, headers)) = upstream.probe().await {
-                    me.record_answer(status, &headers);
-                    break;
+                match upstream.probe(me.probe_wait).await {
+                    Some((status, _)) if per_caller(status) => {}
+                    Some((status, headers)) => {
+                        me.record_answer(status, &headers);
+                        break;
+                    }
+                    None => {}
                 }
                 wait = (wait * 2).min(PROBE_MAX);
             }
             me.probing.store(false, Ordering::Release);
         });
     }
+}
+
+/// An answer GitLab gives one caller, not all: a rate limit. It proves GitLab's Rails runs,
+/// but what it says about access or health concerns that caller alone.
+fn per_caller(status: http::StatusCode) -> bool {
+    status == http::StatusCode::TOO_MANY_REQUESTS
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored), capped at
@@ -161,7 +182,7 @@ mod tests {
 
     #[test]
     fn an_upstream_wide_503_holds_requests_back_but_a_callers_429_does_not() {
-        let h = Health::new(false, 3);
+        let h = Health::new(false, 3, Duration::from_secs(7));
         assert!(!h.unavailable());
         let mut headers = HeaderMap::new();
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
@@ -177,20 +198,117 @@ mod tests {
 
     #[test]
     fn one_request_at_a_time_probes() {
-        let h = Health::new(false, 3);
+        let h = Health::new(false, 3, Duration::from_secs(7));
         let p = h.claim_probe().expect("first probe");
         assert!(h.claim_probe().is_none());
         drop(p);
         assert!(h.claim_probe().is_some());
         assert!(
-            Health::new(true, 3).claim_probe().is_none(),
+            Health::new(true, 3, Duration::from_secs(7))
+                .claim_probe()
+                .is_none(),
             "offline never probes"
         );
     }
 
+    /// A GitLab whose only answer to the probe takes `after`, with `status`.
+    struct SlowGitlab {
+        after: Duration,
+        status: StatusCode,
+        probes: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Fetcher for SlowGitlab {
+        async fn registry(
+            &self,
+            _: &str,
+            _: Option<&HeaderValue>,
+        ) -> pingora::Result<crate::fetch::Small> {
+            pingora::Error::e_explain(pingora::ErrorType::ConnectRefused, "not scripted")
+        }
+
+        async fn open(
+            &self,
+            _: &str,
+            _: Option<&HeaderValue>,
+        ) -> pingora::Result<reqwest::Response> {
+            pingora::Error::e_explain(pingora::ErrorType::ConnectRefused, "not scripted")
+        }
+
+        async fn probe(&self, wait: Duration) -> Option<(StatusCode, HeaderMap)> {
+            self.probes.fetch_add(1, Ordering::SeqCst);
+            tokio::time::timeout(wait, tokio::time::sleep(self.after))
+                .await
+                .ok()
+                .map(|()| (self.status, HeaderMap::new()))
+        }
+    }
+
+    async fn open_breaker_against(gitlab: SlowGitlab) -> (Arc<Health>, Arc<SlowGitlab>) {
+        let h = Arc::new(Health::new(false, 1, Duration::from_secs(7)));
+        let gitlab = Arc::new(gitlab);
+        let fetcher: Arc<dyn Fetcher> = gitlab.clone();
+        h.record_failure(&fetcher);
+        assert!(!h.is_up());
+        (h, gitlab)
+    }
+
+    /// Issue 26, item 2: after an outage, a GitLab answering in 3 s (under the 7 s deadline)
+    /// closes the breaker; the old probe gave up after 2 s and never closed it.
+    #[tokio::test(start_paused = true)]
+    async fn a_gitlab_slower_than_2s_but_within_the_deadline_closes_the_breaker() {
+        let (h, gitlab) = open_breaker_against(SlowGitlab {
+            after: Duration::from_secs(3),
+            status: StatusCode::OK,
+            probes: AtomicU32::new(0),
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(h.is_up(), "the first probe's 3 s answer closed the breaker");
+        assert_eq!(gitlab.probes.load(Ordering::SeqCst), 1);
+    }
+
+    /// A probe answered with a 429 (tfmirror's own address rate-limited) keeps probing: the
+    /// breaker stays open until an answer about GitLab itself.
+    #[tokio::test(start_paused = true)]
+    async fn a_429_to_the_probe_does_not_close_the_breaker() {
+        let (h, gitlab) = open_breaker_against(SlowGitlab {
+            after: Duration::from_millis(10),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            probes: AtomicU32::new(0),
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!h.is_up());
+        assert!(
+            gitlab.probes.load(Ordering::SeqCst) >= 3,
+            "it keeps probing"
+        );
+        // Nor does a request's 429.
+        h.record_answer(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new());
+        assert!(!h.is_up());
+        h.record_answer(StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new());
+        assert!(h.is_up(), "a 500 is GitLab's answer to everyone: it is up");
+    }
+
+    /// Past the deadline the probe gives up and tries again later.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_past_the_deadline_is_no_answer() {
+        let (h, gitlab) = open_breaker_against(SlowGitlab {
+            after: Duration::from_secs(8),
+            status: StatusCode::OK,
+            probes: AtomicU32::new(0),
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!h.is_up());
+        assert!(gitlab.probes.load(Ordering::SeqCst) >= 2);
+    }
+
     #[test]
     fn offline_mode_is_always_unavailable() {
-        let h = Health::new(true, 3);
+        let h = Health::new(true, 3, Duration::from_secs(7));
         assert!(h.unavailable());
         assert!(!h.is_up());
     }

@@ -51,6 +51,7 @@ pub fn open(config: &Config) -> Result<Parts, String> {
     let health = Arc::new(Health::new(
         config.offline.enabled,
         config.offline.breaker_threshold,
+        config.offline.deadline,
     ));
     let providers = Arc::new(crate::providers::Providers::new(config, cache.clone())?);
     let registry = Arc::new(Registry::new(

@@ -37,6 +37,11 @@ use crate::routes::ModuleId;
 
 /// The largest authority sealed into a token (GitLab's JWTs are a few hundred bytes).
 pub const MAX_AUTHORITY: usize = 2048;
+/// The longest `auth.token_ttl` allowed.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How far the clocks of the replicas of a set may disagree: a token whose expiry lies
+/// further ahead than `token_ttl` plus this was not minted under this configuration.
+pub const CLOCK_SKEW: u64 = 60;
 const NONCE: usize = 24;
 const TAG: usize = 16;
 const SEAL_CONTEXT: &str = "tfmirror 2026 download token v2 seal";
@@ -50,6 +55,9 @@ pub enum Invalid {
     /// Not sealed under any key in force, or tampered with, or for another path.
     BadMac,
     Expired,
+    /// Its expiry lies further ahead than `auth.token_ttl` allows (plus [`CLOCK_SKEW`]): a
+    /// token minted under an older, longer setting (or a longer-lived key) is not honoured.
+    TooLong,
 }
 
 /// What lets any replica fill the tarball behind a token. Its `Debug` shows the kind only.
@@ -238,11 +246,20 @@ impl Tokens {
         if expiry < now {
             return Err(Invalid::Expired);
         }
+        if expiry > now + self.ttl.as_secs() + CLOCK_SKEW {
+            return Err(Invalid::TooLong);
+        }
         Ok(Claims {
             identity: Identity(id),
             expiry,
             authority,
         })
+    }
+
+    /// When a token expiring at `expiry` was minted (unix seconds), under today's
+    /// `auth.token_ttl`: a refusal learned at or after it stops the token.
+    pub fn minted_at(&self, expiry: u64) -> u64 {
+        expiry.saturating_sub(self.ttl.as_secs())
     }
 
     /// A token without authority, valid from now (the minting replica fills from memory).
@@ -320,6 +337,19 @@ mod tests {
         assert_eq!(open(&tok, "vpc", "1.0.1", NOW), Err(Invalid::BadMac));
         assert_eq!(open(&tok, "vpc", "1.0.0", NOW + 601), Err(Invalid::Expired));
         assert_eq!(open(&tok, "vpc", "1.0.0", NOW + 600).map(|_| ()), Ok(()));
+        // Issue 26, item 12: a token whose expiry lies beyond the ttl (plus the clock skew
+        // between replicas) is refused: minted with a longer ttl, or by a clock far ahead.
+        let long = Tokens::new([7; 32], Duration::from_secs(7 * 24 * 3600));
+        let far = long.seal(&module("vpc"), "1.0.0", id, &Authority::None, NOW);
+        assert_eq!(open(&far, "vpc", "1.0.0", NOW), Err(Invalid::TooLong));
+        let ahead = t.seal(&module("vpc"), "1.0.0", id, &Authority::None, NOW + 61);
+        assert_eq!(open(&ahead, "vpc", "1.0.0", NOW), Err(Invalid::TooLong));
+        let skewed = t.seal(&module("vpc"), "1.0.0", id, &Authority::None, NOW + 60);
+        assert!(
+            open(&skewed, "vpc", "1.0.0", NOW).is_ok(),
+            "within the skew"
+        );
+        assert_eq!(t.minted_at(NOW + 600), NOW);
         assert_eq!(
             t.open(None, &module("vpc"), "1.0.0", NOW),
             Err(Invalid::Missing)

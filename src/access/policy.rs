@@ -23,8 +23,12 @@
 //! 4. Stale answers, in order: the identity's own last answer (its grant, expired or not,
 //!    within `auth.grant_ttl + cache.stale_if_error`); a module GitLab served anonymously
 //!    (public); then what any authorized caller received, if `offline.unknown_identity`
-//!    allows it for this caller. An identity GitLab refused gets nothing, ever, until GitLab
-//!    says yes again.
+//!    allows it for this caller *and the breaker says GitLab is down*: a caller whose own
+//!    request failed (a 5xx of its own, its deadline) while GitLab answers everyone else does
+//!    not read what others fetched. An identity GitLab refused gets nothing, ever, until
+//!    GitLab says yes again: GitLab's refusal is replayed to it (`Refuse(RefusedBefore)`),
+//!    whatever GitLab's state, so that a tfmirror tier in front reads it as the refusal it
+//!    is, never as an outage.
 //! 5. Nothing to serve: a clear refusal that says GitLab is unavailable (never mistaken for
 //!    GitLab's own refusal by a tfmirror tier in front).
 
@@ -138,7 +142,8 @@ pub enum StaleSource {
     Own,
     /// What GitLab served anonymously.
     Public,
-    /// What an authorized caller received; `offline.unknown_identity: anyone`.
+    /// What an authorized caller received; `offline.unknown_identity: anyone`, while the
+    /// breaker says GitLab is down.
     SharedAnyone,
     /// The same, to a caller with a credential; `offline.unknown_identity: authenticated`.
     SharedAuthenticated,
@@ -147,7 +152,8 @@ pub enum StaleSource {
 /// Why nothing can be served while GitLab fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Why {
-    /// GitLab refused this identity before; that stands until GitLab says yes.
+    /// GitLab refused this identity before; that stands until GitLab says yes, and its
+    /// refusal is what the identity gets.
     RefusedBefore,
     /// Never authorized, and `offline.unknown_identity` gives it nothing.
     UnknownDenied,
@@ -227,14 +233,18 @@ fn stale(f: &Facts, w: &Windows) -> Result<StaleSource, Why> {
     if within(f.public) {
         return Ok(StaleSource::Public);
     }
-    let source = match (f.unknown_identity, f.has_credential) {
-        (UnknownIdentity::Anyone, _) => StaleSource::SharedAnyone,
-        (UnknownIdentity::Authenticated, true) => StaleSource::SharedAuthenticated,
+    let shared = match (f.unknown_identity, f.has_credential) {
+        (UnknownIdentity::Anyone, _) => Some(StaleSource::SharedAnyone),
+        (UnknownIdentity::Authenticated, true) => Some(StaleSource::SharedAuthenticated),
+        _ => None,
+    };
+    // What others fetched, only while GitLab is down for everyone (rule 4).
+    let Some(source) = shared.filter(|_| f.breaker != Breaker::Up) else {
         // An identity GitLab authorized before is not "unknown": it just lacks this answer.
-        _ if matches!(f.standing, Standing::Fresh | Standing::Expired) => {
-            return Err(Why::NothingCached)
-        }
-        _ => return Err(Why::UnknownDenied),
+        return Err(match f.standing {
+            Standing::Fresh | Standing::Expired => Why::NothingCached,
+            _ => Why::UnknownDenied,
+        });
     };
     if within(f.shared) {
         Ok(source)

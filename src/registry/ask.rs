@@ -223,7 +223,12 @@ impl Registry {
         let (path, k) = (path.to_string(), key.clone());
         let fut = async move {
             let started = Instant::now();
-            let result = upstream.registry(&path, cred.as_ref()).await;
+            // What the answer says held at some point after this, never before.
+            let sent_ms = crate::clock::now_ms();
+            let result = upstream
+                .registry(&path, cred.as_ref())
+                .await
+                .map(|small| Small { sent_ms, ..small });
             metrics::UPSTREAM_DURATION
                 .with_label_values(&[label])
                 .observe(started.elapsed().as_secs_f64());

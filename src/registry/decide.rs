@@ -7,9 +7,11 @@ use std::time::Instant;
 use http::HeaderValue;
 
 use super::ask::{Asked, Failure};
-use super::{reply, Registry};
+use super::{reply, Lesson, Registry};
 use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
-use crate::cache::records::{Grant, ListingKey, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC};
+use crate::cache::records::{
+    Grant, ListingKey, Refusal, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC,
+};
 use crate::clock::Moment;
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
@@ -188,9 +190,10 @@ pub(super) fn count(
 
 impl Registry {
     /// Carry out the decisions that answer the same on every route: replay GitLab's recent
-    /// refusal, hold back a rate-limited caller, refuse while GitLab fails. `None` for the
-    /// others, which the route answers itself.
-    pub(super) fn answer_alike(
+    /// refusal, hold back a rate-limited caller, refuse while GitLab fails (a caller GitLab
+    /// refused gets that refusal again, never an outage). `None` for the others, which the
+    /// route answers itself.
+    pub(super) async fn answer_alike(
         &self,
         action: Action,
         identity: Identity,
@@ -199,6 +202,10 @@ impl Registry {
         failure: Option<Failure>,
     ) -> Option<(Reply, CacheStatus)> {
         match action {
+            Action::Refuse(Why::RefusedBefore) => Some((
+                self.replay_refusal(identity, module).await,
+                CacheStatus::Hit,
+            )),
             // `None` when it expired between the decision and now: GitLab answers then.
             Action::Replay => self
                 .auth
@@ -225,8 +232,9 @@ impl Registry {
 
     /// GitLab was asked, and the policy has nothing to serve (`action` is a refusal, or a
     /// stale answer whose body is gone): relay GitLab's own 5xx if it sent one, else say
-    /// why in tfmirror's words.
-    pub(super) fn answer_failed(
+    /// why in tfmirror's words. A caller GitLab refused before gets that refusal, never a
+    /// 5xx: a tier in front would read the 5xx as an outage and serve it a stale copy.
+    pub(super) async fn answer_failed(
         &self,
         action: Action,
         asked: Asked,
@@ -238,22 +246,40 @@ impl Registry {
             Action::Refuse(_) | Action::HoldBack | Action::Replay => action,
             _ => Action::Refuse(Why::NothingCached),
         };
+        let relay_5xx = matches!(action, Action::Refuse(why) if why != Why::RefusedBefore);
         match asked {
             Asked::Failed {
                 answer: Some(small),
                 ..
-            } if matches!(action, Action::Refuse(_)) => reply::answer(&small, CacheStatus::Miss),
-            asked => self
-                .answer_alike(action, identity, module, path, asked.failure())
-                // A replayed refusal that expired meanwhile: GitLab failed, nothing to serve.
-                .map_or_else(
-                    || {
-                        let failure = asked.failure().unwrap_or(Failure::Unreachable);
+            } if relay_5xx => reply::answer(&small, CacheStatus::Miss),
+            asked => {
+                let failure = asked.failure();
+                match self
+                    .answer_alike(action, identity, module, path, failure)
+                    .await
+                {
+                    Some((reply, _)) => reply,
+                    // A replayed refusal that expired meanwhile: GitLab failed, nothing to serve.
+                    None => {
+                        let failure = failure.unwrap_or(Failure::Unreachable);
                         reply::unavailable(module, Why::NothingCached, failure)
-                    },
-                    |(reply, _)| reply,
-                ),
+                    }
+                }
+            }
         }
+    }
+
+    /// GitLab's refusal of this identity for this module, as it was answered, replayed.
+    pub(super) async fn replay_refusal(&self, identity: Identity, module: &ModuleId) -> Reply {
+        let refusal = self.auth.refusal(identity, module).await;
+        reply::refused(&refusal.unwrap_or_else(Refusal::forbidden))
+    }
+
+    /// The facts once GitLab was asked: what it did, and the breaker as this answer (or its
+    /// absence) left it: a request whose failure opened it sees GitLab down.
+    pub(super) fn after_asking(&self, facts: &mut Facts, asked: &Asked, lesson: &Lesson) {
+        facts.gitlab = asked.gitlab(lesson);
+        facts.breaker = self.breaker();
     }
 
     /// Why GitLab was not asked, when the policy refused before asking.

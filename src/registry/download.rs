@@ -7,7 +7,7 @@ use http::{HeaderValue, StatusCode};
 use super::ask::Asked;
 use super::decide::{count, Fallback};
 use super::reply;
-use super::{gitlab_token, route_label, Call, Lesson, Outcome, Registry};
+use super::{download_jwt, route_label, Call, Lesson, Outcome, Registry};
 use crate::access::policy::{Action, Kind};
 use crate::cache::records::tarball_key;
 use crate::clock::now as unix_now;
@@ -138,8 +138,9 @@ impl Registry {
             }
             Action::Stale(_) => return self.stale_download(&req, None),
             other => {
-                if let Some((reply, cache)) =
-                    self.answer_alike(other, identity, module, &req.path, None)
+                if let Some((reply, cache)) = self
+                    .answer_alike(other, identity, module, &req.path, None)
+                    .await
                 {
                     return (reply, req.outcome(cache, None));
                 }
@@ -170,32 +171,34 @@ impl Registry {
                 label,
             )
             .await;
-        facts.gitlab = asked.gitlab(&lesson);
+        self.after_asking(&mut facts, &asked, &lesson);
         let (action, _) = self.decide(&mut facts, &req.fallback()).await;
         count(action, req.identity, module, asked.failure());
         let upstream_status = asked.upstream_status();
         match (action, asked) {
             (Action::Stale(_), _) => self.stale_download(req, upstream_status),
-            (Action::Relay, Asked::Answer { small, .. }) => {
-                let usable = small.status.is_success()
-                    && small
-                        .headers
-                        .get("x-terraform-get")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(gitlab_token)
-                        .is_some();
+            (Action::Relay, Asked::Answer { small, learned }) => {
+                // A tier's stale answer stays stale (STALE, its Age); any other is a MISS.
+                let cache = match learned {
+                    CacheStatus::Stale => CacheStatus::Stale,
+                    _ => CacheStatus::Miss,
+                };
+                let usable = small.status.is_success() && download_jwt(&small).is_some();
                 let reply = if usable {
-                    reply::download(CacheStatus::Miss, &req.url(self))
+                    let reply = reply::download(cache, &req.url(self));
+                    reply::upstream_age(reply, &small)
                 } else if small.status.is_success() {
                     // A success without a usable download URL: nothing safe to hand out.
                     Reply::registry_error(StatusCode::BAD_GATEWAY, CacheStatus::Miss)
                 } else {
                     reply::answer(&small, CacheStatus::Miss)
                 };
-                (reply, req.outcome(CacheStatus::Miss, upstream_status))
+                (reply, req.outcome(cache, upstream_status))
             }
             (action, asked) => {
-                let reply = self.answer_failed(action, asked, req.identity, module, &req.path);
+                let reply = self
+                    .answer_failed(action, asked, req.identity, module, &req.path)
+                    .await;
                 (reply, req.outcome(CacheStatus::Miss, upstream_status))
             }
         }

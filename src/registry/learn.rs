@@ -11,13 +11,13 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 
 use super::ask::gitlab_did;
-use super::{gitlab_token, listed_versions, Lesson, Registry};
+use super::{download_jwt, listed_versions, Lesson, Registry};
 use crate::access::policy::Gitlab;
 use crate::access::Negative;
 use crate::cache::blobs::Hash;
 use crate::cache::records::{
-    shared_key, tarball_key, version_listing, BodyRef, ListingKey, SharedListing, KIND_SHARED,
-    KIND_SHARED_PUBLIC,
+    shared_key, tarball_key, version_listing, BodyRef, Grant, ListingKey, Refusal, SharedListing,
+    KIND_SHARED, KIND_SHARED_PUBLIC,
 };
 use crate::cache::{records, republish};
 use crate::clock::now as unix_now;
@@ -55,8 +55,38 @@ impl Registry {
                 CacheStatus::Miss
             }
             Gitlab::Failed | Gitlab::NotAsked => CacheStatus::Miss,
+            Gitlab::Answered if small.is_stale() => {
+                self.learn_stale(identity, lesson, small);
+                CacheStatus::Stale
+            }
             Gitlab::Answered => self.learn_answer(identity, cred, lesson, small).await,
         }
+    }
+
+    /// A tfmirror tier's stale answer (GitLab failed behind it): relayed as stale, and it
+    /// refreshes no grant, no listing and no module-wide record. A download URL's token is
+    /// still kept: it is what the tarball behind the relayed URL is filled with.
+    fn learn_stale(&self, identity: Identity, lesson: &Lesson, small: &Small) {
+        if let Lesson::Download {
+            module, version, ..
+        } = lesson
+        {
+            if let Some(jwt) = download_jwt(small) {
+                let key = tarball_key(module, version);
+                self.auth.remember_gitlab_jwt(identity, &key, jwt);
+            }
+        }
+    }
+
+    /// Is `version` of `module` in the versions GitLab last listed to an anonymous caller?
+    /// An identity GitLab allowed no more than that is as good as anonymous for the module.
+    async fn public_lists(&self, identity: Identity, module: &ModuleId, version: &str) -> bool {
+        if identity.is_anonymous() {
+            return false;
+        }
+        self.shared(KIND_SHARED_PUBLIC, module, &ListingKey::Versions)
+            .await
+            .is_some_and(|p| p.versions.iter().any(|v| v == version))
     }
 
     /// An answer that is neither a refusal nor a failure: what it teaches depends on the route.
@@ -75,8 +105,10 @@ impl Registry {
                 path,
             } => {
                 if small.status == StatusCode::OK {
+                    let previous = previous.as_ref();
+                    let sent_ms = small.sent_ms;
                     return self
-                        .absorb_listing(identity, cred, module, op, &small.body, previous.as_ref())
+                        .absorb_listing(identity, cred, module, op, &small.body, previous, sent_ms)
                         .await;
                 }
                 if small.status == StatusCode::NOT_FOUND {
@@ -101,13 +133,18 @@ impl Registry {
                 module, version, ..
             } if small.status.is_success() => {
                 metrics::decision(Decision::UpstreamAllowed);
+                let public_like = match version {
+                    Some(v) => self.public_lists(identity, module, v).await,
+                    None => false,
+                };
                 let v = version.clone();
+                let update = move |g: &mut Grant| {
+                    if let Some(v) = v {
+                        g.add_version(&v);
+                    }
+                };
                 self.auth
-                    .record_success(identity, cred, module, move |g| {
-                        if let Some(v) = v {
-                            g.add_version(&v);
-                        }
-                    })
+                    .record_success(identity, cred, module, small.sent_ms, public_like, update)
                     .await;
                 if let Some(v) = version {
                     self.share_project_version(identity, module, v).await;
@@ -129,19 +166,16 @@ impl Registry {
         path: &str,
         small: &Small,
     ) {
-        let jwt = small
-            .headers
-            .get("x-terraform-get")
-            .and_then(|v| v.to_str().ok())
-            .and_then(gitlab_token);
-        match (small.status.is_success(), jwt) {
+        match (small.status.is_success(), download_jwt(small)) {
             (true, Some(jwt)) => {
                 metrics::decision(Decision::UpstreamAllowed);
                 self.auth
                     .remember_gitlab_jwt(identity, &tarball_key(module, version), jwt);
+                let public_like = self.public_lists(identity, module, version).await;
                 let v = version.to_string();
+                let update = move |g: &mut Grant| g.add_version(&v);
                 self.auth
-                    .record_success(identity, cred, module, move |g| g.add_version(&v))
+                    .record_success(identity, cred, module, small.sent_ms, public_like, update)
                     .await;
             }
             (false, _) if small.status == StatusCode::NOT_FOUND => {
@@ -155,7 +189,12 @@ impl Registry {
 
     /// A 200 listing: keep the body, record the grant (and for a versions listing, exactly the
     /// versions it shows), and keep the module-wide view. MISS, or REVALIDATED when this
-    /// identity already had the same body.
+    /// identity already had the same body. `sent_ms`: when the request was sent.
+    ///
+    /// A body equal to the one GitLab last gave an anonymous caller teaches nothing an offline
+    /// fallback needs (the public record serves it): the grant stays in memory, so junk
+    /// credentials on a public module cost no disk.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn absorb_listing(
         &self,
         identity: Identity,
@@ -164,6 +203,7 @@ impl Registry {
         op: &ListingKey,
         body: &Bytes,
         previous: Option<&BodyRef>,
+        sent_ms: u64,
     ) -> CacheStatus {
         metrics::decision(Decision::UpstreamAllowed);
         let digest = match self.cache.put_small(body.clone()).await {
@@ -183,21 +223,27 @@ impl Registry {
             fetched_at: unix_now(),
             versions: versions.clone().unwrap_or_default(),
         };
+        let public_like = !identity.is_anonymous()
+            && self
+                .shared(KIND_SHARED_PUBLIC, module, op)
+                .await
+                .is_some_and(|p| p.digest == digest);
         self.record_shared(identity, module, op, shared).await;
         let op = op.as_str().into_owned();
+        let update = move |g: &mut Grant| {
+            g.bodies.insert(
+                op,
+                BodyRef {
+                    digest,
+                    fetched_at: sent_ms / 1000,
+                },
+            );
+            if let Some(v) = versions {
+                g.set_versions(v);
+            }
+        };
         self.auth
-            .record_success(identity, cred, module, move |g| {
-                g.bodies.insert(
-                    op,
-                    BodyRef {
-                        digest,
-                        fetched_at: unix_now(),
-                    },
-                );
-                if let Some(v) = versions {
-                    g.set_versions(v);
-                }
-            })
+            .record_success(identity, cred, module, sent_ms, public_like, update)
             .await;
         if unchanged {
             CacheStatus::Revalidated
@@ -283,9 +329,11 @@ impl Registry {
         small: &Small,
         revoke: bool,
     ) {
+        let www_authenticate = small.headers.get(header::WWW_AUTHENTICATE);
         if revoke {
             metrics::decision(Decision::UpstreamRefused);
-            self.auth.revoke(identity, module).await;
+            let refusal = Refusal::of(small.status, www_authenticate, &small.body);
+            self.auth.revoke(identity, module, refusal).await;
             if identity.is_anonymous() {
                 self.drop_public(module).await;
             }
@@ -295,7 +343,7 @@ impl Registry {
             path,
             Negative {
                 status: small.status,
-                www_authenticate: small.headers.get(header::WWW_AUTHENTICATE).cloned(),
+                www_authenticate: www_authenticate.cloned(),
                 body: small.body.clone(),
             },
         );

@@ -31,6 +31,7 @@ fn small(status: StatusCode, headers: &[(header::HeaderName, &'static str)], bod
         status,
         headers: h,
         body: Bytes::from(body.to_string()),
+        sent_ms: crate::clock::now_ms(),
     }
 }
 

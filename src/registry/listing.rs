@@ -2,7 +2,6 @@
 //! [`crate::access::policy`]; this file gathers the facts and carries the decision out.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -113,7 +112,8 @@ impl Registry {
                 let status = if action == Action::Fresh {
                     CacheStatus::Hit
                 } else {
-                    self.refresh_in_background(req.identity, req.route, req.op.clone());
+                    let cred = req.cred.clone();
+                    self.refresh_in_background(req.identity, cred, req.route, req.op.clone());
                     CacheStatus::Updating
                 };
                 let age = req.now.saturating_sub(own.fetched_at);
@@ -127,6 +127,7 @@ impl Registry {
             }
             other => self
                 .answer_alike(other, req.identity, &req.route.module, &req.path, None)
+                .await
                 .map(|(reply, cache)| (reply, req.outcome(cache, None))),
         }
     }
@@ -153,7 +154,7 @@ impl Registry {
                 label,
             )
             .await;
-        facts.gitlab = asked.gitlab(&lesson);
+        self.after_asking(&mut facts, &asked, &lesson);
         let (action, records) = self.decide(&mut facts, &req.fallback()).await;
         count(action, req.identity, &req.route.module, asked.failure());
         let upstream = asked.upstream_status();
@@ -168,7 +169,9 @@ impl Registry {
             ),
             (action, asked) => {
                 let (id, module) = (req.identity, &req.route.module);
-                let reply = self.answer_failed(action, asked, id, module, &req.path);
+                let reply = self
+                    .answer_failed(action, asked, id, module, &req.path)
+                    .await;
                 (reply, req.outcome(CacheStatus::Miss, upstream))
             }
         }
@@ -213,15 +216,21 @@ impl Registry {
         }
     }
 
-    /// Refresh a listing with the caller's remembered credential, in the background
-    /// (stale-while-revalidate). One refresh per (identity, path) at a time.
-    fn refresh_in_background(
+    /// Refresh a listing in the background (stale-while-revalidate) with `cred`, the
+    /// credential of the request that found the listing stale: never one looked up again (it
+    /// may have been evicted meanwhile, and asking without one would have GitLab's 401
+    /// revoke the caller). No credential, no refresh, unless the caller is anonymous. One
+    /// refresh per (identity, path) at a time.
+    pub(super) fn refresh_in_background(
         self: &Arc<Self>,
         identity: Identity,
+        cred: Option<HeaderValue>,
         route: &ModuleRoute,
         op: ListingKey,
     ) {
-        let cred: Option<HeaderValue> = self.auth.credential(identity, Instant::now());
+        if cred.is_none() && !identity.is_anonymous() {
+            return;
+        }
         let path = route.upstream_path();
         let key = format!("{}{path}", identity.to_hex());
         if !self

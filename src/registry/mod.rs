@@ -25,6 +25,8 @@ pub use reply::json as cached_listing;
 #[cfg(test)]
 mod answer_tests;
 #[cfg(test)]
+mod bad_day_tests;
+#[cfg(test)]
 mod testkit;
 
 use std::borrow::Cow;
@@ -56,6 +58,7 @@ const JSON: &str = "application/json";
 /// RFC 7234's warning for stale answers, as the issue asks, next to `X-Cache-Status: STALE`.
 const STALE_WARNING: &str = "110 - \"Response is Stale\"";
 const OCTETS: &str = "application/octet-stream";
+const TERRAFORM_GET: http::HeaderName = http::HeaderName::from_static("x-terraform-get");
 
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
 
@@ -333,6 +336,15 @@ fn listed_versions(body: &[u8]) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// GitLab's download JWT in a download answer's `X-Terraform-Get` (raw, as sent).
+fn download_jwt(small: &Small) -> Option<String> {
+    small
+        .headers
+        .get(TERRAFORM_GET)
+        .and_then(|v| v.to_str().ok())
+        .and_then(gitlab_token)
 }
 
 /// The raw `token` parameter of GitLab's `X-Terraform-Get` (kept encoded, as sent).

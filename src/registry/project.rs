@@ -23,7 +23,7 @@ use super::ask::Asked;
 use super::decide::{count, Fallback};
 use super::reply;
 use super::{source, Call, Lesson, Outcome, Registry};
-use crate::access::policy::{Action, Kind, Why};
+use crate::access::policy::{Action, Breaker, Kind, Why};
 use crate::cache::fill::{FillError, Opener};
 use crate::cache::records::{
     project_tarball_key, shared_key, ListingKey, SharedListing, KIND_SHARED,
@@ -126,10 +126,9 @@ impl Registry {
     ) -> Result<(Reply, Outcome)> {
         let p = Project::new(route);
         let cred = call.authorization.clone();
-        // The tarball GET behind a 204 tfmirror handed out: its token decides.
         if !terraform_get {
-            if let Some((identity, cred)) = self.project_token(call, &p, cred.clone()) {
-                return self.project_tarball(call, &p, identity, cred, false).await;
+            if let Some(answered) = self.project_by_token(call, &p, cred.clone()).await {
+                return answered;
             }
         }
         let c = Asker {
@@ -173,8 +172,9 @@ impl Registry {
                     .await;
             }
             other => {
-                if let Some((reply, cache)) =
-                    self.answer_alike(other, c.identity, &p.module, &c.check, None)
+                if let Some((reply, cache)) = self
+                    .answer_alike(other, c.identity, &p.module, &c.check, None)
+                    .await
                 {
                     return Ok((reply, c.outcome(cache, None)));
                 }
@@ -183,13 +183,29 @@ impl Registry {
         self.project_from_gitlab(call, &p, &c, facts).await
     }
 
-    /// The identity (and credential to fill with) of a valid tfmirror token on the request.
+    /// The tarball GET behind a 204 tfmirror handed out: its token decides (unless GitLab
+    /// refused its identity since it was minted). `None` without a valid token.
+    async fn project_by_token(
+        self: &Arc<Self>,
+        call: &Call,
+        p: &Project<'_>,
+        cred: Option<HeaderValue>,
+    ) -> Option<Result<(Reply, Outcome)>> {
+        let (identity, cred, expiry) = self.project_token(call, p, cred)?;
+        if let Some(refused) = self.refused_since_mint(identity, &p.module, expiry).await {
+            return Some(Ok(refused));
+        }
+        Some(self.project_tarball(call, p, identity, cred, false).await)
+    }
+
+    /// The identity (and credential to fill with) of a valid tfmirror token on the request,
+    /// and the token's expiry.
     fn project_token(
         &self,
         call: &Call,
         p: &Project<'_>,
         cred: Option<HeaderValue>,
-    ) -> Option<(Identity, Option<HeaderValue>)> {
+    ) -> Option<(Identity, Option<HeaderValue>, u64)> {
         let claims = self
             .tokens
             .open(
@@ -209,6 +225,7 @@ impl Registry {
             identity,
             cred.or(sealed)
                 .or_else(|| self.auth.credential(identity, Instant::now())),
+            claims.expiry,
         ))
     }
 
@@ -234,7 +251,7 @@ impl Registry {
                 "project_download",
             )
             .await;
-        facts.gitlab = asked.gitlab(&lesson);
+        self.after_asking(&mut facts, &asked, &lesson);
         let (action, _) = self.decide(&mut facts, &p.fallback()).await;
         count(action, c.identity, &p.module, asked.failure());
         let upstream = asked.upstream_status();
@@ -243,9 +260,14 @@ impl Registry {
                 self.project_allowed(call, p, c, CacheStatus::Stale, upstream)
                     .await
             }
-            (Action::Relay, Asked::Answer { small, .. }) if small.status.is_success() => {
-                self.project_allowed(call, p, c, CacheStatus::Miss, upstream)
-                    .await
+            (Action::Relay, Asked::Answer { small, learned }) if small.status.is_success() => {
+                // A tier's stale answer stays stale; its own Age is not carried over here (the
+                // 204 or the tarball is tfmirror's own answer).
+                let cache = match learned {
+                    CacheStatus::Stale => CacheStatus::Stale,
+                    _ => CacheStatus::Miss,
+                };
+                self.project_allowed(call, p, c, cache, upstream).await
             }
             (Action::Relay, Asked::Answer { small, .. }) => {
                 // GitLab's refusal, as GitLab gave it: a private project is a 404, never a 403.
@@ -253,7 +275,9 @@ impl Registry {
                 Ok((reply, c.outcome(CacheStatus::Miss, upstream)))
             }
             (action, asked) => {
-                let reply = self.answer_failed(action, asked, c.identity, &p.module, &c.check);
+                let reply = self
+                    .answer_failed(action, asked, c.identity, &p.module, &c.check)
+                    .await;
                 Ok((reply, c.outcome(CacheStatus::Miss, upstream)))
             }
         }
@@ -319,31 +343,29 @@ impl Registry {
         cred: Option<HeaderValue>,
         stale: bool,
     ) -> Result<(Reply, Outcome)> {
-        let (version, opened) = match &p.version {
-            Some(v) => (v.clone(), None),
-            None if stale => match self.last_latest(&p.module).await {
-                Some(v) => (v, None),
-                None => return Ok(self.project_unavailable(p, identity)),
-            },
-            None => match self.resolve_latest(p, cred.as_ref()).await {
-                Ok((v, resp)) => (v, Some(resp)),
+        let (version, opened, stale) = match &p.version {
+            Some(v) => (Some(v.clone()), None, stale),
+            None => match self.latest_version(p, cred.as_ref(), stale).await {
+                Ok(latest) => latest,
                 Err(e) => return Ok(project_fill_error(identity, &e)),
             },
         };
-        let key = p.key(&version);
-        let (mut reply, mut out) = if stale {
-            // Offline, nothing can be filled: cached bytes or an error.
-            let open = || async { Err(FillError::Upstream("upstream down")) }.boxed();
-            self.serve_tarball(call.head, &key, identity, open).await?
-        } else {
-            let open = self.project_opener(p, &version, cred, opened);
-            self.serve_tarball(call.head, &key, identity, open).await?
+        let Some(version) = version else {
+            return Ok(self.project_unavailable(p, identity));
         };
-        if stale && out.cache == CacheStatus::Hit {
-            out.cache = CacheStatus::Stale;
-            reply = reply.restamp(CacheStatus::Stale);
+        let key = p.key(&version);
+        if !stale {
+            let open = self.project_opener(p, &version, cred, opened);
+            return self.serve_tarball(call.head, &key, identity, open).await;
         }
-        Ok((reply, out))
+        // GitLab fails: nothing can be filled, cached bytes or a clear 503.
+        let open = || async { Err(FillError::Upstream("upstream down")) }.boxed();
+        let (reply, mut out) = self.serve_tarball(call.head, &key, identity, open).await?;
+        if out.cache != CacheStatus::Hit {
+            return Ok(self.project_unavailable(p, identity));
+        }
+        out.cache = CacheStatus::Stale;
+        Ok((reply.restamp(CacheStatus::Stale), out))
     }
 
     /// Opens GitLab's tarball for a fill: the response already opened to resolve the latest
@@ -369,6 +391,27 @@ impl Registry {
             }
             .boxed()
         }
+    }
+
+    /// The version behind the unversioned (latest) source, the response already opened to
+    /// learn it, and whether it is the stale one: while GitLab fails or cannot be asked
+    /// (`stale`, the breaker, or GitLab unreachable or failing now), the last version
+    /// resolved, served from the cache only (`None` when there is none). GitLab's refusal,
+    /// or its 429, is the caller's answer.
+    async fn latest_version(
+        &self,
+        p: &Project<'_>,
+        cred: Option<&HeaderValue>,
+        stale: bool,
+    ) -> std::result::Result<(Option<String>, Option<reqwest::Response>, bool), FillError> {
+        if !stale && self.breaker() == Breaker::Up {
+            match self.resolve_latest(p, cred).await {
+                Ok((v, resp)) => return Ok((Some(v), Some(resp), false)),
+                Err(e) if !fill_outage(&e) => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok((self.last_latest(&p.module).await, None, true))
     }
 
     /// Ask GitLab for the latest tarball and read its version from the file name.
@@ -417,6 +460,15 @@ impl Registry {
         let failure = self.failure_without_asking();
         let reply = reply::unavailable(&p.module, Why::NothingCached, failure);
         (reply, Outcome::new(identity, CacheStatus::Miss, None))
+    }
+}
+
+/// Did a fill fail because GitLab is unreachable or failing (not for this caller alone)?
+fn fill_outage(e: &FillError) -> bool {
+    match e {
+        FillError::Upstream(_) => true,
+        FillError::Refused(s) => s.is_server_error(),
+        _ => false,
     }
 }
 

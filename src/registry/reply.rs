@@ -5,29 +5,75 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 
 use super::ask::Failure;
-use super::{JSON, OCTETS, STALE_WARNING};
+use super::{JSON, OCTETS, STALE_WARNING, TERRAFORM_GET};
 use crate::access::policy::Why;
 use crate::access::Negative;
+use crate::cache::records::Refusal;
 use crate::fetch::Small;
 use crate::respond::{self, BodyStream, CacheStatus, Reply};
 use crate::routes::ModuleId;
 
-/// Relay an upstream answer read whole (refusals, errors, listings).
+/// Relay an upstream answer read whole (refusals, errors, listings). A tfmirror tier's stale
+/// answer (`cache` STALE) stays one: its `Warning` and `Age` go with it.
 pub(super) fn answer(small: &Small, cache: CacheStatus) -> Reply {
     let ct = small
         .headers
         .get(header::CONTENT_TYPE)
         .cloned()
         .unwrap_or(HeaderValue::from_static(JSON));
-    let mut reply = Reply::full(small.status, small.body.clone())
+    let reply = Reply::full(small.status, small.body.clone())
         .with_value(header::CONTENT_TYPE, ct)
         .cache(cache);
-    for name in [header::WWW_AUTHENTICATE, header::RETRY_AFTER] {
-        if let Some(v) = small.headers.get(&name) {
-            reply = reply.with_value(name, v.clone());
+    let reply = relay_headers(
+        reply,
+        small,
+        &[header::WWW_AUTHENTICATE, header::RETRY_AFTER],
+    );
+    if cache == CacheStatus::Stale {
+        stale_relayed(reply, small)
+    } else {
+        reply
+    }
+}
+
+fn relay_headers(mut reply: Reply, small: &Small, names: &[header::HeaderName]) -> Reply {
+    for name in names {
+        if let Some(v) = small.headers.get(name) {
+            reply = reply.with_value(name.clone(), v.clone());
         }
     }
     reply
+}
+
+/// The upstream's `Age` of an answer relayed as it came (this tier adds none of its own:
+/// the answer was not kept here).
+pub(super) fn upstream_age(reply: Reply, small: &Small) -> Reply {
+    relay_headers(reply, small, &[header::AGE])
+}
+
+/// The marks of a stale answer relayed from a tfmirror tier: its `Age` and `Warning: 110`.
+fn stale_relayed(reply: Reply, small: &Small) -> Reply {
+    let reply = upstream_age(reply, small);
+    if small.headers.contains_key(header::WARNING) {
+        relay_headers(reply, small, &[header::WARNING])
+    } else {
+        reply.with(header::WARNING, STALE_WARNING)
+    }
+}
+
+/// GitLab's refusal of this caller, as GitLab gave it, replayed without asking GitLab: while
+/// it fails, or cannot be asked. Marked `refused`, so that a tier in front reads it as
+/// GitLab's own refusal (it is one) and never as an outage.
+pub(super) fn refused(r: &Refusal) -> Reply {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FORBIDDEN);
+    let reply = Reply::full(status, r.body.clone())
+        .with(header::CONTENT_TYPE, JSON)
+        .cache(CacheStatus::Hit)
+        .with(REFUSAL_MARKER, "refused");
+    match &r.www_authenticate {
+        Some(w) => reply.with_text(header::WWW_AUTHENTICATE, w),
+        None => reply,
+    }
 }
 
 /// A listing body from the cache, `age` seconds old; `stale` when GitLab failed: the answer
@@ -59,7 +105,7 @@ pub(super) fn tarball_bytes(cache: CacheStatus, bytes: Bytes) -> Reply {
         .cache(cache)
 }
 
-/// GitLab's recent refusal of this caller, replayed.
+/// GitLab's recent refusal (or "not found") of this caller, replayed.
 pub(super) fn negative(neg: &Negative) -> Reply {
     let reply = Reply::full(neg.status, neg.body.clone())
         .with(header::CONTENT_TYPE, JSON)
@@ -70,15 +116,22 @@ pub(super) fn negative(neg: &Negative) -> Reply {
     }
 }
 
-/// A 204 whose `X-Terraform-Get` points at tfmirror.
+/// A 204 whose `X-Terraform-Get` points at tfmirror (with `Warning: 110` when STALE).
 pub(super) fn download(cache: CacheStatus, get: &str) -> Reply {
-    Reply::full(StatusCode::NO_CONTENT, Bytes::new())
-        .with_text(http::HeaderName::from_static("x-terraform-get"), get)
-        .cache(cache)
+    let reply = Reply::full(StatusCode::NO_CONTENT, Bytes::new())
+        .with_text(TERRAFORM_GET, get)
+        .cache(cache);
+    if cache == CacheStatus::Stale {
+        reply.with(header::WARNING, STALE_WARNING)
+    } else {
+        reply
+    }
 }
 
-/// Marks an answer tfmirror gave because GitLab failed: a tfmirror tier in front treats it as
-/// a failure of its upstream, never as GitLab's refusal (it must not revoke on it).
+/// Marks an answer tfmirror gave without GitLab's word on it. `upstream-unavailable`: GitLab
+/// failed and nothing may be served; a tfmirror tier in front treats it as a failure of its
+/// upstream, never as GitLab's refusal (it must not revoke on it). `refused`: GitLab's own
+/// refusal of this caller, replayed ([`refused`]).
 pub const REFUSAL_MARKER: http::HeaderName = http::HeaderName::from_static("x-tfmirror-refusal");
 
 /// GitLab failed and nothing may be served: a 503 that says why where the user sees it.

@@ -32,7 +32,15 @@ impl Registry {
             .tokens
             .open(call.token.as_deref(), &route.module, version, unix_now());
         let (identity, authority) = match claims {
-            Ok(c) => (c.identity, c.authority),
+            Ok(c) => {
+                if let Some(refused) = self
+                    .refused_since_mint(c.identity, &route.module, c.expiry)
+                    .await
+                {
+                    return Ok(refused);
+                }
+                (c.identity, c.authority)
+            }
             Err(why) => {
                 tracing::info!(reason = ?why, "download token refused");
                 metrics::decision(metrics::Decision::TokenRefused);
@@ -50,6 +58,23 @@ impl Registry {
             async move { this.open_tarball(identity, &authority, &module, &v).await }.boxed()
         };
         self.serve_tarball(call.head, &key, identity, open).await
+    }
+
+    /// GitLab's refusal, when GitLab refused `identity` for `module` after the token expiring
+    /// at `expiry` was minted: the token dies with the access it stood for, instead of
+    /// living out its `auth.token_ttl`.
+    pub(super) async fn refused_since_mint(
+        &self,
+        identity: Identity,
+        module: &ModuleId,
+        expiry: u64,
+    ) -> Option<(Reply, Outcome)> {
+        let minted = self.tokens.minted_at(expiry);
+        let refusal = self.auth.refused_since(identity, module, minted).await?;
+        tracing::info!(identity = %identity.short(), module = %module, "download token of an identity GitLab refused since: refused");
+        metrics::decision(metrics::Decision::TokenRefused);
+        let out = Outcome::new(identity, CacheStatus::Hit, None);
+        Some((reply::refused(&refusal), out))
     }
 
     /// Serve a tarball from the cache, or fill it with `open` (one fill per key). HEAD never

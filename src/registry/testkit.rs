@@ -134,6 +134,7 @@ impl Fetcher for Stub {
             status,
             headers,
             body,
+            sent_ms: 0,
         })
     }
 
@@ -148,7 +149,7 @@ impl Fetcher for Stub {
         Ok(reqwest::Response::from(resp))
     }
 
-    async fn probe(&self) -> Option<(StatusCode, HeaderMap)> {
+    async fn probe(&self, _: Duration) -> Option<(StatusCode, HeaderMap)> {
         None
     }
 }
@@ -174,6 +175,7 @@ pub(crate) fn fixture_with(tune: impl FnOnce(&mut Config)) -> Fixture {
     let health = Arc::new(Health::new(
         config.offline.enabled,
         config.offline.breaker_threshold,
+        config.offline.deadline,
     ));
     let stub = Arc::new(Stub::default());
     let registry = Arc::new(Registry::new(
@@ -224,9 +226,14 @@ impl Fixture {
     }
 }
 
-/// The project route of module `vpc/aws` in project 1, at `version`.
+/// The project route of module `vpc/aws` in project 1, at `version` (`""`: the unversioned,
+/// latest source).
 pub(crate) fn project_route(version: &str) -> crate::routes::ProjectRoute {
-    let path = format!("/api/v4/projects/1/packages/terraform/modules/vpc/aws/{version}");
+    let base = "/api/v4/projects/1/packages/terraform/modules/vpc/aws";
+    let path = match version {
+        "" => base.to_string(),
+        v => format!("{base}/{v}"),
+    };
     match crate::routes::parse(&Method::GET, &path) {
         Ok(Route::Project(p)) => p,
         other => panic!("{path} is no project route: {other:?}"),
@@ -241,5 +248,24 @@ impl Fixture {
             .project_download(call, &route, call.terraform_get, &self.public)
             .await
             .expect("no cache error")
+    }
+}
+
+impl Fixture {
+    /// How many records of `kind` are on disk.
+    pub(crate) fn records_on_disk(&self, kind: &str) -> usize {
+        fn count(dir: &std::path::Path) -> usize {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => count(&e.path()),
+                    _ => 1,
+                })
+                .sum()
+        }
+        count(&self._dir.path().join("meta").join(kind))
     }
 }

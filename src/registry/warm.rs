@@ -5,7 +5,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use http::{HeaderValue, StatusCode};
 
-use super::{gitlab_token, listed_versions, Registry};
+use super::{download_jwt, listed_versions, Registry};
 use crate::cache::records::{tarball_key, ListingKey};
 use crate::identity::Identity;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
@@ -49,6 +49,7 @@ impl Registry {
             op: ModuleOp::Versions,
         }
         .upstream_path();
+        let sent_ms = crate::clock::now_ms();
         let small = self
             .upstream
             .registry(&path, cred)
@@ -64,6 +65,7 @@ impl Registry {
             &ListingKey::Versions,
             &small.body,
             None,
+            sent_ms,
         )
         .await;
         let mut wanted: Vec<semver::Version> = listed_versions(&small.body)
@@ -90,26 +92,21 @@ impl Registry {
             op: ModuleOp::Download(version),
         }
         .upstream_path();
+        let sent_ms = crate::clock::now_ms();
         let dl =
             self.upstream.registry(&path, cred).await.map_err(|e| {
                 format!("{module}@{v}: GitLab unreachable ({})", e.etype().as_str())
             })?;
-        let jwt = dl
-            .headers
-            .get("x-terraform-get")
-            .and_then(|h| h.to_str().ok())
-            .and_then(gitlab_token)
+        let jwt = download_jwt(&dl)
             .filter(|_| dl.status.is_success())
             .ok_or_else(|| format!("{module}@{v}: GitLab answered {}", dl.status))?;
         let key = tarball_key(module, &v);
         self.auth.remember_gitlab_jwt(identity, &key, jwt);
         let recorded = v.clone();
+        // Warmed to be served while GitLab is down: kept on disk, whatever it is like.
+        let update = move |g: &mut crate::cache::records::Grant| g.add_version(&recorded);
         self.auth
-            .record_success(identity, cred, module, move |g| {
-                if !g.versions.contains(&recorded) {
-                    g.versions.push(recorded);
-                }
-            })
+            .record_success(identity, cred, module, sent_ms, false, update)
             .await;
         let cached = match self.cache.tarball(&key).await.and_then(|e| e.hash()) {
             Some(h) => self.cache.has_blob(&h),

@@ -76,10 +76,16 @@ const ROWS: &[Row] = &[
     ("unknown identity, public module, GitLab failed", |f| { f.standing = Standing::Unknown; f.own = None; f.public = Some(NOW - 50); f.gitlab = Gitlab::Failed }, Stale(Public)),
     ("unknown identity, public record too old", |f| { f.standing = Standing::Unknown; f.own = None; f.public = Some(TOO_OLD); f.gitlab = Gitlab::Failed }, Refuse(UnknownDenied)),
     ("unknown identity, policy deny", |f| { f.standing = Standing::Unknown; f.own = None; f.shared = Some(NOW); f.gitlab = Gitlab::Failed }, Refuse(UnknownDenied)),
-    ("unknown identity, policy authenticated, with credential", |f| { f.standing = Standing::Unknown; f.own = None; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Authenticated; f.gitlab = Gitlab::Failed }, Stale(SharedAuthenticated)),
-    ("unknown identity, policy authenticated, anonymous", |f| { f.standing = Standing::Unknown; f.own = None; f.has_credential = false; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Authenticated; f.gitlab = Gitlab::Failed }, Refuse(UnknownDenied)),
-    ("unknown identity, policy anyone, anonymous", |f| { f.standing = Standing::Unknown; f.own = None; f.has_credential = false; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Anyone; f.gitlab = Gitlab::Failed }, Stale(SharedAnyone)),
-    ("unknown identity, policy anyone, nothing cached", |f| { f.standing = Standing::Unknown; f.own = None; f.unknown_identity = UnknownIdentity::Anyone; f.gitlab = Gitlab::Failed }, Refuse(NothingCached)),
+    ("unknown identity, policy authenticated, with credential, GitLab down", |f| { f.standing = Standing::Unknown; f.own = None; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Authenticated; f.gitlab = Gitlab::Failed; f.breaker = Breaker::Open }, Stale(SharedAuthenticated)),
+    ("unknown identity, policy authenticated, anonymous", |f| { f.standing = Standing::Unknown; f.own = None; f.has_credential = false; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Authenticated; f.gitlab = Gitlab::Failed; f.breaker = Breaker::Open }, Refuse(UnknownDenied)),
+    ("unknown identity, policy anyone, anonymous, GitLab down", |f| { f.standing = Standing::Unknown; f.own = None; f.has_credential = false; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Anyone; f.gitlab = Gitlab::Failed; f.breaker = Breaker::Open }, Stale(SharedAnyone)),
+    ("unknown identity, policy anyone, nothing cached", |f| { f.standing = Standing::Unknown; f.own = None; f.unknown_identity = UnknownIdentity::Anyone; f.gitlab = Gitlab::Failed; f.breaker = Breaker::Open }, Refuse(NothingCached)),
+    // Only while GitLab is down for everyone: a caller whose own request failed (its own
+    // 5xx, its deadline) while the breaker says GitLab is up reads nothing others fetched.
+    ("unknown identity, policy authenticated, own request failed, GitLab up", |f| { f.standing = Standing::Unknown; f.own = None; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Authenticated; f.gitlab = Gitlab::Failed }, Refuse(UnknownDenied)),
+    ("unknown identity, policy anyone, own request failed, GitLab up", |f| { f.standing = Standing::Unknown; f.own = None; f.has_credential = false; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Anyone; f.gitlab = Gitlab::Failed }, Refuse(UnknownDenied)),
+    ("granted before, policy anyone, other's answer, own request failed, GitLab up", |f| { f.own = None; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Anyone; f.gitlab = Gitlab::Failed }, Refuse(NothingCached)),
+    ("unknown identity, public module, own request failed, GitLab up", |f| { f.standing = Standing::Unknown; f.own = None; f.public = Some(NOW); f.gitlab = Gitlab::Failed }, Stale(Public)),
     ("unknown identity, breaker open, public module", |f| { f.standing = Standing::Unknown; f.own = None; f.public = Some(NOW); f.breaker = Breaker::Open }, Stale(Public)),
     ("unknown identity, breaker open, deny: it probes", |f| { f.standing = Standing::Unknown; f.own = None; f.breaker = Breaker::Open }, Ask),
     ("unknown identity, offline mode, deny", |f| { f.standing = Standing::Unknown; f.own = None; f.breaker = Breaker::Offline }, Refuse(UnknownDenied)),
@@ -181,6 +187,9 @@ fn a_refused_identity_never_gets_a_stale_answer() {
                         !matches!(a, Stale(_) | Fresh | Revalidate),
                         "{f:?} -> {a:?}"
                     );
+                    // Whatever GitLab's state, it gets GitLab's refusal (or GitLab is asked
+                    // again), never "unavailable": a tier in front must not read an outage.
+                    assert!(matches!(a, Ask | Refuse(RefusedBefore)), "{f:?} -> {a:?}");
                 }
             }
         }
@@ -199,5 +208,33 @@ fn only_a_failure_opens_the_stale_path() {
             ..base()
         };
         assert_eq!(decide(&f, &W), Relay, "{gitlab:?}");
+    }
+}
+
+#[test]
+fn what_others_fetched_is_served_only_while_gitlab_is_down() {
+    // Exhaustive: with the breaker up, no stale answer comes from another caller's fetch.
+    for unknown in [UnknownIdentity::Authenticated, UnknownIdentity::Anyone] {
+        for standing in [Standing::Unknown, Standing::Expired, Standing::Fresh] {
+            for has_credential in [false, true] {
+                for breaker in [Breaker::Up, Breaker::Open, Breaker::Offline] {
+                    let f = Facts {
+                        standing,
+                        own: None,
+                        shared: Some(NOW),
+                        gitlab: Gitlab::Failed,
+                        breaker,
+                        unknown_identity: unknown,
+                        has_credential,
+                        ..base()
+                    };
+                    let a = decide(&f, &W);
+                    let shared = matches!(a, Stale(SharedAnyone | SharedAuthenticated));
+                    if breaker == Breaker::Up {
+                        assert!(!shared, "{f:?} -> {a:?}");
+                    }
+                }
+            }
+        }
     }
 }

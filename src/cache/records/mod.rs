@@ -156,6 +156,29 @@ pub struct Grant {
     /// online or offline, until GitLab says yes again.
     #[serde(default)]
     pub refused_at: Option<u64>,
+    /// The same in milliseconds (0 in records of older releases): a success to a request sent
+    /// in the same second as a refusal was learned is ordered against it (`access::grants`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused_at_ms: u64,
+    /// GitLab's refusal as it gave it, replayed to the identity whatever GitLab's state later
+    /// (a tfmirror tier in front must see GitLab's own refusal, never an outage). Absent in
+    /// refusals written by older releases: GitLab's plain 403 is replayed then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
+    /// Kept in memory only, never written: every answer GitLab gave this identity for the
+    /// module is the one it gives anonymous callers (see `access::grants`).
+    #[serde(skip)]
+    pub memory_only: bool,
+}
+
+/// A refusal of GitLab's (401, 403, or a project route's 404), as it was answered.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    /// GitLab's body (a short JSON message), as text.
+    pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub www_authenticate: Option<String>,
 }
 
 pub fn grant_key(identity: Identity, module: &ModuleId) -> String {
@@ -286,6 +309,20 @@ mod tests {
             )]),
             versions: vec!["1.0.0".into()],
             refused_at: None,
+            refused_at_ms: 0,
+            refusal: None,
+            memory_only: false,
+        };
+        let refused = Grant {
+            refused_at: Some(40),
+            refused_at_ms: 40_500,
+            refusal: Some(Refusal {
+                status: 401,
+                body: r#"{"message":"401 Unauthorized"}"#.into(),
+                www_authenticate: Some("Basic realm=\"GitLab Packages Registry\"".into()),
+            }),
+            memory_only: true,
+            ..Grant::default()
         };
         let shared = SharedListing {
             digest: "ef".into(),
@@ -300,6 +337,11 @@ mod tests {
         assert_eq!(
             json(&shared),
             r#"{"digest":"ef","fetched_at":30,"versions":["1.0.0"]}"#
+        );
+        // A refusal keeps GitLab's answer; `memory_only` is never written.
+        assert_eq!(
+            json(&refused),
+            r#"{"checked_at":0,"bodies":{},"versions":[],"refused_at":40,"refused_at_ms":40500,"refusal":{"status":401,"body":"{\"message\":\"401 Unauthorized\"}","www_authenticate":"Basic realm=\"GitLab Packages Registry\""}}"#
         );
         // Grants written before `refused_at` existed still load.
         let old: Grant =
