@@ -432,6 +432,43 @@ async fn a_leaf_given_as_upstream_ca_is_a_pin_that_signs_nothing() {
     );
 }
 
+/// Issue 26, item 15: a download GitLab redirected from https to plain http was followed; the
+/// tarball then travelled without integrity and was cached for every caller. Refused now
+/// (502, nothing fetched, nothing kept); an https object storage is followed, trusted through
+/// the CA given as `upstream_ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_redirected_from_https_to_plain_http_is_refused() {
+    let pki = Pki::new();
+    let gl = FakeGitlab::start_tls(&pki.cert_pem(), &pki.key_pem()).await;
+    publish(&gl);
+    gl.set_object_storage(true);
+    let m = Mirror::start_with(&gl.url(), &["--upstream-ca", &pki.path("ca.pem")]).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    for attempt in 1..=2 {
+        let r = client().get(&file).send().await.unwrap();
+        assert_eq!(r.status(), 502, "attempt {attempt}");
+        assert_eq!(gl.count("/file"), attempt, "nothing was kept");
+    }
+    assert_eq!(storage_hits(&gl), 0, "nothing went over plain http");
+    let logs = m.logs_with("https to plain http").await;
+    assert!(logs.contains("https to plain http"), "{logs}");
+    assert!(!logs.contains("X-Amz-Signature"), "{logs}");
+
+    let (cert, key) = (pki.cert_pem(), pki.key_pem());
+    let gl = FakeGitlab::start_tls_with_storage((&cert, &key), (&cert, &key)).await;
+    publish(&gl);
+    gl.set_object_storage(true);
+    let m = Mirror::start_with(&gl.url(), &["--upstream-ca", &pki.path("ca.pem")]).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", m.logs());
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+    assert_eq!(storage_hits(&gl), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_to_regional_to_gitlab() {
     let gl = gitlab().await;
