@@ -193,8 +193,14 @@ http {{
     Proc(child)
 }
 
+/// The bench's client (not tfmirror's: those are built in `upstream_tls`).
+#[allow(clippy::disallowed_methods)]
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
 async fn wait_up(url: &str) {
-    let c = reqwest::Client::new();
+    let c = client();
     for _ in 0..200 {
         if c.get(url).send().await.is_ok() {
             return;
@@ -206,7 +212,7 @@ async fn wait_up(url: &str) {
 
 /// The `/file` path a proxy hands out for a version (tfmirror: its token; nginx: GitLab's JWT).
 async fn file_path(base: &str, module: &str, version: &str) -> String {
-    let r = reqwest::Client::new()
+    let r = client()
         .get(format!("{base}{V1}/{module}/{version}/download"))
         .header("authorization", format!("Bearer {TOKEN}"))
         .send()
@@ -434,7 +440,7 @@ async fn burst(url: String, clients: usize) -> (Duration, Duration) {
         .map(|_| {
             let url = url.clone();
             tokio::spawn(async move {
-                let c = reqwest::Client::new();
+                let c = client();
                 let r = c.get(&url).send().await.unwrap();
                 assert_eq!(r.status(), 200);
                 r.bytes().await.unwrap();
@@ -458,7 +464,7 @@ async fn big_download(url: String, clients: usize, rss: impl Fn() -> u64) -> (u6
             let url = url.clone();
             tokio::spawn(async move {
                 use futures::StreamExt;
-                let r = reqwest::Client::new().get(&url).send().await.unwrap();
+                let r = client().get(&url).send().await.unwrap();
                 assert_eq!(r.status(), 200);
                 let mut n = 0usize;
                 let mut s = r.bytes_stream();
@@ -551,7 +557,7 @@ async fn main() {
 
     // (a) to (c): warm each cache once, then wrk.
     let listing = format!("{V1}/bench/listing/aws/versions");
-    let client = reqwest::Client::new();
+    let client = client();
     for base in [&t, &n, &tl, &nl] {
         let r = client
             .get(format!("{base}{listing}"))

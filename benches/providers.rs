@@ -130,6 +130,7 @@ http {{
     )
 }
 
+#[allow(clippy::disallowed_methods)] // the bench's client, not tfmirror's
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
@@ -208,7 +209,7 @@ async fn main() {
     let zip_len = reg.zip(NS, "huge", "1.0.0", "linux_amd64").len();
     let zip2_len = reg.zip(NS, "huge2", "1.0.0", "linux_amd64").len();
     let yaml = format!(
-        "upstream_ca: {}\ncache:\n  memory_size: 256MiB\nproviders:\n  upstreams:\n    {HOST}: {}\n",
+        "cache:\n  memory_size: 256MiB\nproviders:\n  upstream_ca: {}\n  upstreams:\n    {HOST}: {}\n",
         pki.path("ca.pem"),
         reg.url()
     );

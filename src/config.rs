@@ -25,7 +25,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Base URL of the upstream GitLab, optionally with a relative URL root (`/gitlab`).
     pub upstream: Url,
-    /// A PEM file of CA certificates trusted for the upstream, in addition to the system roots.
+    /// A PEM file of certificates trusted for GitLab and the hosts it redirects to, besides
+    /// the system roots: CA certificates as roots, others as pins for their own names only.
     pub upstream_ca: Option<PathBuf>,
     /// How clients reach tfmirror; used to rewrite absolute URLs. Unset: the request's own
     /// scheme and `Host`.
@@ -285,6 +286,9 @@ pub struct ProvidersConfig {
     /// Keep and serve packages of registries that publish no signing key, checked against
     /// their `SHA256SUMS` only. Off: such packages are refused.
     pub allow_unsigned: bool,
+    /// A PEM file of certificates trusted for provider registries and their download hosts,
+    /// besides the system roots, with `upstream_ca`'s rules. `upstream_ca` never applies here.
+    pub upstream_ca: Option<PathBuf>,
 }
 
 impl ProvidersConfig {
@@ -310,6 +314,9 @@ impl ProvidersConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(ca) = &self.upstream_ca {
+            crate::pem::certs(ca).map_err(|e| invalid("providers.upstream_ca", e))?;
+        }
         for (host, url) in self.upstreams() {
             // The hostname is a key the operator wrote; the URL is not echoed.
             let key = format!("providers.upstreams.{host}");
@@ -647,6 +654,16 @@ mod tests {
             e.contains("providers.allowed_hosts") && !e.contains("bad host"),
             "{e}"
         );
+        let e = load(
+            "providers:\n  upstream_ca: /nonexistent.pem\n",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("providers.upstream_ca") && !e.contains("nonexistent"),
+            "{e}"
+        );
         let e = load("providers:\n  alow_unsigned: true\n", &Overrides::default())
             .unwrap_err()
             .to_string();
@@ -697,7 +714,8 @@ mod tests {
             ("TFMIRROR_CACHE__DISK_SIZE", "cache.disk_size"), // bytesize
             ("TFMIRROR_OFFLINE__ENABLED", "offline.enabled"), // invalid type (bool)
             ("TFMIRROR_UPSTREAM_CA", "upstream_ca"), // a path that is no file
-            ("TFMIRROR_TLS_CERT", "tls_key"),    // needs its pair
+            ("TFMIRROR_PROVIDERS__UPSTREAM_CA", "providers.upstream_ca"),
+            ("TFMIRROR_TLS_CERT", "tls_key"), // needs its pair
         ] {
             figment::Jail::expect_with(|jail| {
                 jail.set_env(var, SECRET);

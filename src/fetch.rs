@@ -201,24 +201,8 @@ pub async fn open(
             })?
             .map_err(upstream_error)?;
         if resp.status().is_redirection() {
-            let next = resp
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .and_then(|l| url.join(l).ok())
-                .filter(|u| matches!(u.scheme(), "http" | "https"));
-            match next {
-                Some(next) => {
-                    url = next;
-                    continue;
-                }
-                None => {
-                    return Error::e_explain(
-                        ErrorType::HTTPStatus(502),
-                        "redirect without a usable Location",
-                    )
-                }
-            }
+            url = next_hop(&url, resp.headers())?;
+            continue;
         }
         if !on_upstream && !resp.status().is_success() {
             tracing::warn!(
@@ -233,4 +217,78 @@ pub async fn open(
         return Ok(resp);
     }
     Error::e_explain(ErrorType::HTTPStatus(502), "too many redirects")
+}
+
+/// Where a redirect from `url` leads. Refused: no usable `Location`, a scheme other than
+/// http(s), and a step down from https to plain http (a tarball over plain http travels
+/// without integrity and is then cached for every caller; the provider side fetches nothing
+/// but https either). Nothing here names a URL: they carry presigned signatures.
+fn next_hop(url: &Url, headers: &HeaderMap) -> Result<Url> {
+    let next = headers
+        .get(header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .and_then(|l| url.join(l).ok())
+        .filter(|u| matches!(u.scheme(), "http" | "https"));
+    match next {
+        Some(next) if url.scheme() == "https" && next.scheme() != "https" => {
+            tracing::warn!("refused a download redirect from https to plain http");
+            Error::e_explain(
+                ErrorType::HTTPStatus(502),
+                "the upstream redirected a download from https to plain http: refused",
+            )
+        }
+        Some(next) => Ok(next),
+        None => Error::e_explain(
+            ErrorType::HTTPStatus(502),
+            "redirect without a usable Location",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(from: &str, location: &str) -> std::result::Result<String, StatusCode> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::LOCATION, HeaderValue::from_str(location).unwrap());
+        next_hop(&Url::parse(from).unwrap(), &headers)
+            .map(|u| u.to_string())
+            .map_err(|e| failure_status(&e))
+    }
+
+    /// Issue 26, item 15: a download redirected from https to plain http was followed.
+    #[test]
+    fn a_redirect_never_steps_down_from_https_to_http() {
+        let refused = Err(StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            hop(
+                "https://gitlab.example/f",
+                "http://s3.example/b?X-Amz-Signature=s"
+            ),
+            refused
+        );
+        assert_eq!(
+            hop("https://gitlab.example/f", "ftp://s3.example/b"),
+            refused
+        );
+        assert_eq!(
+            hop("https://gitlab.example/f", "https://s3.example/b").as_deref(),
+            Ok("https://s3.example/b")
+        );
+        // A relative Location stays on the scheme it came from.
+        assert_eq!(
+            hop("https://gitlab.example/f", "/g").as_deref(),
+            Ok("https://gitlab.example/g")
+        );
+        // A plain-http GitLab may redirect anywhere http(s): nothing is lost that was had.
+        assert_eq!(
+            hop("http://gitlab.internal/f", "http://minio.internal/b").as_deref(),
+            Ok("http://minio.internal/b")
+        );
+        assert_eq!(
+            hop("http://gitlab.internal/f", "https://s3.example/b").as_deref(),
+            Ok("https://s3.example/b")
+        );
+    }
 }

@@ -24,7 +24,7 @@
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
 //! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, timeouts |
-//! | | [`upstream_tls`] | TLS trust for the upstream: one verifier for both clients (a self-signed `upstream_ca` pinned) |
+//! | | [`upstream_tls`] | TLS trust per upstream (CA certificates as roots, others pinned) and the one builder of upstream clients |
 //! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects); [`fetch::Fetcher`], the seam a test stub fills |
 //! | | [`health`] | circuit breaker and probe: is the upstream reachable? |
 //! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs streamed verified ([`cache::verified`]), coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |

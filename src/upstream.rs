@@ -1,8 +1,8 @@
 //! Everything about reaching the upstream GitLab: its address, TLS trust, timeouts and the two
 //! clients that talk to it.
 //!
-//! - TLS trust is one verifier for both clients ([`crate::upstream_tls`]): the system roots,
-//!   `upstream_ca`, and a self-signed certificate given as `upstream_ca` pinned.
+//! - TLS trust is one decision for both clients ([`crate::upstream_tls`]): the system roots,
+//!   `upstream_ca`'s CA certificates as roots, and every certificate of `upstream_ca` pinned.
 //! - Pingora's [`HttpPeer`] carries proxied requests (pass-through, uploads, registry calls).
 //!   `HttpPeer::new` resolves names with a *blocking* `to_socket_addrs()`, so tfmirror resolves
 //!   the upstream host itself with tokio's resolver (off the async workers), caches the answer
@@ -22,7 +22,7 @@ use pingora::{Error, ErrorType, OrErr, Result};
 use url::Url;
 
 use crate::config::{Config, Timeouts};
-use crate::upstream_tls::{self, TlsL4};
+use crate::upstream_tls::{self, Schemes, TlsL4, Trust};
 
 /// How long a DNS answer is used before it is refreshed in the background.
 const DNS_TTL: Duration = Duration::from_secs(30);
@@ -69,37 +69,25 @@ impl Upstream {
             .trim_end_matches(']')
             .to_string();
 
-        let extra_cas = match &config.upstream_ca {
-            Some(path) => crate::pem::certs(path)?,
-            None => Vec::new(),
-        };
+        let trust = Trust::gitlab(config)?;
+        if tls && trust.is_empty() {
+            return Err(
+                "no certificate to verify the upstream with: the system has no CA \
+                        certificates and `upstream_ca` is unset"
+                    .into(),
+            );
+        }
         let tls_l4 = if tls {
             Some(Arc::new(TlsL4::new(
-                &extra_cas,
+                &trust,
                 &bare_host,
                 config.timeouts.connect,
             )?))
         } else {
             None
         };
-
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("tfmirror/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.timeouts.connect)
-            .read_timeout(config.timeouts.transfer)
-            .pool_idle_timeout(config.timeouts.idle)
-            // `fetch` follows redirects by hand: it decides what each hop receives.
-            .redirect(reqwest::redirect::Policy::none())
-            // Only explicit configuration decides where tfmirror connects.
-            .no_proxy();
-        // The same trust as pingora's peers, also for redirects to object storage. A plain
-        // HTTP upstream on a host without system roots still starts (no HTTPS to verify).
-        match upstream_tls::client_config(&extra_cas, &[b"h2", b"http/1.1"]) {
-            Ok(tls_config) => builder = builder.use_preconfigured_tls(tls_config),
-            Err(_) if !tls && extra_cas.is_empty() => {}
-            Err(e) => return Err(e),
-        }
-        let http = builder.build().map_err(|e| e.to_string())?;
+        // The same trust as pingora's peers, also for redirects to object storage.
+        let http = upstream_tls::http_client(&trust, &config.timeouts, Schemes::Any)?;
 
         Ok(Upstream {
             prefix: url.path().trim_end_matches('/').to_string(),

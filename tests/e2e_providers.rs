@@ -34,7 +34,7 @@ impl Setup {
         std::fs::write(
             cfg.path(),
             format!(
-                "upstream_ca: {}\nproviders:\n  upstreams:\n    registry.terraform.io: {}\n",
+                "providers:\n  upstream_ca: {}\n  upstreams:\n    registry.terraform.io: {}\n",
                 pki.path("ca.pem"),
                 reg.url()
             ),

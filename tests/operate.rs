@@ -676,6 +676,7 @@ async fn graceful_upgrade_loses_no_request() {
     );
     let url = format!("{}/.well-known/terraform.json", m.url());
     // A new connection per request, so that every socket of the group is used.
+    #[allow(clippy::disallowed_methods)] // a test's client, not tfmirror's
     let fresh = || {
         reqwest::Client::builder()
             .pool_max_idle_per_host(0)
@@ -781,6 +782,7 @@ fn config_errors_name_the_setting_never_the_value() {
         ("TFMIRROR_TIMEOUTS__CONNECT", "timeouts.connect"),
         ("TFMIRROR_LISTEN", "listen"),
         ("TFMIRROR_UPSTREAM_CA", "upstream_ca"),
+        ("TFMIRROR_PROVIDERS__UPSTREAM_CA", "providers.upstream_ca"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_tfmirror"))

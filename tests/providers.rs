@@ -31,7 +31,7 @@ impl Setup {
             &["linux_amd64", "darwin_arm64"],
         );
         let yaml = format!(
-            "upstream_ca: {}\nproviders:\n  upstreams:\n    {HOST}: {}\n{extra_yaml}",
+            "providers:\n  upstream_ca: {}\n  upstreams:\n    {HOST}: {}\n{extra_yaml}",
             pki.path("ca.pem"),
             reg.url()
         );
@@ -521,7 +521,7 @@ async fn warm_providers_by_constraint_and_from_a_lock_file() {
     std::fs::write(
         cfg.path(),
         format!(
-            "upstream_ca: {}\nproviders:\n  upstreams:\n    {HOST}: {}\n",
+            "providers:\n  upstream_ca: {}\n  upstreams:\n    {HOST}: {}\n",
             s.pki.path("ca.pem"),
             s.reg.url()
         ),

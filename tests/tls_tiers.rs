@@ -1,12 +1,14 @@
 //! HTTPS and tiers: Terraform discovering tfmirror over HTTPS with no `host` override,
-//! upstream certificate verification, and an edge tfmirror chained to a regional one.
+//! upstream certificate verification (GitLab's `upstream_ca`, the provider registries'
+//! `providers.upstream_ca`, pins and roots), and an edge tfmirror chained to a regional one.
 
 mod common;
 
 use std::time::Duration;
 
 use common::fake_gitlab::{FakeGitlab, Fault};
-use common::pki::Pki;
+use common::fake_registry::FakeRegistry;
+use common::pki::{issue, Pki};
 use common::terraform::{Module, Workspace};
 use common::{bearer, client, Mirror, V1};
 
@@ -266,6 +268,207 @@ async fn a_self_signed_upstream_given_as_its_own_ca_is_trusted_on_every_path() {
     assert!(!logs.contains(ALICE));
 }
 
+const REGISTRY: &str = "registry.terraform.io";
+const NS: &str = "tfmirror-test";
+const TYPE: &str = "fakecloud";
+
+async fn registry(cert_pem: &str, key_pem: &str) -> FakeRegistry {
+    let reg = FakeRegistry::start(cert_pem, key_pem).await;
+    reg.add_provider(NS, TYPE, &["1.0.0"], &["linux_amd64"]);
+    reg
+}
+
+/// GitLab's group, token and module, on `gl`.
+fn publish(gl: &FakeGitlab) {
+    gl.add_token(ALICE, "alice");
+    gl.add_group("infra", false, &[ALICE]);
+    gl.add_module("infra", 1, "vpc", "aws", &["1.0.0", "1.1.0"]);
+}
+
+/// What the provider side answers through `m` for `host`: (index.json, 1.0.0.json, the zip).
+async fn provider_paths(m: &Mirror, host: &str) -> (u16, u16, Option<bytes::Bytes>) {
+    let base = format!("{}/providers/mirror/{host}/{NS}/{TYPE}", m.url());
+    let get = |rest: &str| client().get(format!("{base}/{rest}")).send();
+    let index = get("index.json").await.unwrap().status().as_u16();
+    let version = get("1.0.0.json").await.unwrap().status().as_u16();
+    let zip = get("1.0.0/linux_amd64.zip").await.unwrap();
+    let zip = match zip.status().as_u16() {
+        200 => Some(zip.bytes().await.unwrap()),
+        _ => None,
+    };
+    (index, version, zip)
+}
+
+/// Requests object storage received.
+fn storage_hits(gl: &FakeGitlab) -> usize {
+    gl.hits()
+        .iter()
+        .filter(|h| h.path.starts_with("/bucket/"))
+        .count()
+}
+
+/// A self-signed certificate that is its own CA works the same for GitLab (`upstream_ca`) and
+/// for a provider registry (`providers.upstream_ca`); each side trusts its own file only.
+/// Before, the provider client took the certificate as a root alone, and rustls refused it
+/// as `CaUsedAsEndEntity`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_self_signed_certificate_works_the_same_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), &["127.0.0.1", "localhost"]);
+    let pem = std::fs::read_to_string(&cert).unwrap();
+    let gl = FakeGitlab::start_tls(&pem, &key).await;
+    publish(&gl);
+    let reg = registry(&pem, &key).await;
+    let zip = reg.zip(NS, TYPE, "1.0.0", "linux_amd64");
+    let providers = |ca: &str| {
+        format!(
+            "providers:\n{ca}  upstreams:\n    {REGISTRY}: {}\n",
+            reg.url()
+        )
+    };
+
+    let yaml = format!(
+        "upstream_ca: {cert}\n{}",
+        providers(&format!("  upstream_ca: {cert}\n"))
+    );
+    let m = Mirror::start_with_config(&gl.url(), &yaml).await;
+    let (versions, pass, tarball) = every_upstream_path(&m).await;
+    assert_eq!(
+        (versions, pass, tarball.is_some()),
+        (200, 200, true),
+        "{}",
+        m.logs()
+    );
+    let (index, version, package) = provider_paths(&m, REGISTRY).await;
+    assert_eq!((index, version), (200, 200), "{}", m.logs());
+    assert_eq!(package.as_deref(), Some(&zip[..]));
+
+    // `upstream_ca` alone: GitLab only.
+    let yaml = format!("upstream_ca: {cert}\n{}", providers(""));
+    let m = Mirror::start_with_config(&gl.url(), &yaml).await;
+    let (versions, pass, _) = every_upstream_path(&m).await;
+    assert_eq!((versions, pass), (200, 200), "{}", m.logs());
+    assert_eq!(provider_paths(&m, REGISTRY).await, (502, 502, None));
+
+    // `providers.upstream_ca` alone: the registry only.
+    let yaml = providers(&format!("  upstream_ca: {cert}\n"));
+    let m = Mirror::start_with_config(&gl.url(), &yaml).await;
+    let (versions, pass, tarball) = every_upstream_path(&m).await;
+    assert_eq!((versions, pass, tarball), (503, 502, None));
+    let (index, version, package) = provider_paths(&m, REGISTRY).await;
+    assert_eq!((index, version, package.is_some()), (200, 200, true));
+}
+
+/// Issue 26, item 10: a leaf certificate given as `upstream_ca` (a pin for GitLab) was added to
+/// the root store, and WebPki ignores `basicConstraints` on trust anchors: whoever held its key
+/// (a stolen GitLab TLS key) could sign certificates that object storage, an impostor GitLab
+/// and provider registries were all trusted with. Now it is accepted as presented, for its own
+/// names, and signs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_given_as_upstream_ca_is_a_pin_that_signs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let corporate = issue(&[], true, None);
+    let leaf = issue(&["127.0.0.1"], false, Some(&corporate));
+    // Signed with the leaf's key, as its thief would.
+    let forged = issue(&["127.0.0.1"], false, Some(&leaf));
+    let pin = leaf.write(dir.path(), "gitlab.pem");
+    let gl = FakeGitlab::start_tls_with_storage(
+        (&leaf.pem(), &leaf.key_pem()),
+        (&forged.pem(), &forged.key_pem()),
+    )
+    .await;
+    publish(&gl);
+    let reg = registry(&forged.pem(), &forged.key_pem()).await;
+    let yaml = format!(
+        "upstream_ca: {pin}\nproviders:\n  upstreams:\n    {REGISTRY}: {}\n",
+        reg.url()
+    );
+    let m = Mirror::start_with_config(&gl.url(), &yaml).await;
+
+    // GitLab itself, presenting the pinned certificate: every path works.
+    let (versions, pass, tarball) = every_upstream_path(&m).await;
+    assert_eq!(
+        (versions, pass, tarball.is_some()),
+        (200, 200, true),
+        "{}",
+        m.logs()
+    );
+    // Object storage, presenting the forged certificate: refused, nothing reached it.
+    gl.set_object_storage(true);
+    let file = m.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 502, "object storage with a forged certificate");
+    assert_eq!(storage_hits(&gl), 0);
+    // A provider registry presenting it: refused (and `upstream_ca` is not the provider
+    // side's trust anyway), nothing reached it.
+    assert_eq!(provider_paths(&m, REGISTRY).await, (502, 502, None));
+    assert_eq!(reg.total_hits(), 0);
+
+    // An impostor GitLab presenting it: refused before any request, so no credential.
+    let impostor = FakeGitlab::start_tls(&forged.pem(), &forged.key_pem()).await;
+    publish(&impostor);
+    let m = Mirror::start_with(&impostor.url(), &["--upstream-ca", &pin]).await;
+    let (versions, pass, tarball) = every_upstream_path(&m).await;
+    assert_eq!((versions, pass, tarball), (503, 502, None));
+    assert!(impostor.hits().is_empty(), "{:?}", impostor.hits().len());
+
+    // The same rules on the provider side: the leaf pinned as `providers.upstream_ca` is
+    // trusted where it is presented, the certificate its key signed is not.
+    let genuine = registry(&leaf.pem(), &leaf.key_pem()).await;
+    let yaml = format!(
+        "providers:\n  upstream_ca: {pin}\n  upstreams:\n    {REGISTRY}: {}\n    registry.opentofu.org: {}\n",
+        reg.url(),
+        genuine.url()
+    );
+    let m = Mirror::start_with_config(&gl.url(), &yaml).await;
+    assert_eq!(provider_paths(&m, REGISTRY).await, (502, 502, None));
+    assert_eq!(reg.total_hits(), 0);
+    let (index, version, package) = provider_paths(&m, "registry.opentofu.org").await;
+    assert_eq!(
+        (index, version, package.is_some()),
+        (200, 200, true),
+        "{}",
+        m.logs()
+    );
+}
+
+/// Issue 26, item 15: a download GitLab redirected from https to plain http was followed; the
+/// tarball then travelled without integrity and was cached for every caller. Refused now
+/// (502, nothing fetched, nothing kept); an https object storage is followed, trusted through
+/// the CA given as `upstream_ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_redirected_from_https_to_plain_http_is_refused() {
+    let pki = Pki::new();
+    let gl = FakeGitlab::start_tls(&pki.cert_pem(), &pki.key_pem()).await;
+    publish(&gl);
+    gl.set_object_storage(true);
+    let m = Mirror::start_with(&gl.url(), &["--upstream-ca", &pki.path("ca.pem")]).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    for attempt in 1..=2 {
+        let r = client().get(&file).send().await.unwrap();
+        assert_eq!(r.status(), 502, "attempt {attempt}");
+        assert_eq!(gl.count("/file"), attempt, "nothing was kept");
+    }
+    assert_eq!(storage_hits(&gl), 0, "nothing went over plain http");
+    let logs = m.logs_with("https to plain http").await;
+    assert!(logs.contains("https to plain http"), "{logs}");
+    assert!(!logs.contains("X-Amz-Signature"), "{logs}");
+
+    let (cert, key) = (pki.cert_pem(), pki.key_pem());
+    let gl = FakeGitlab::start_tls_with_storage((&cert, &key), (&cert, &key)).await;
+    publish(&gl);
+    gl.set_object_storage(true);
+    let m = Mirror::start_with(&gl.url(), &["--upstream-ca", &pki.path("ca.pem")]).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", m.logs());
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.0.0")
+    );
+    assert_eq!(storage_hits(&gl), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_to_regional_to_gitlab() {
     let gl = gitlab().await;
@@ -329,6 +532,7 @@ async fn renewed_certificates_are_served_without_a_restart() {
         ],
     )
     .await;
+    #[allow(clippy::disallowed_methods)] // a test's client, not tfmirror's
     let served = || async {
         let c = reqwest::Client::builder()
             .danger_accept_invalid_certs(true)

@@ -205,23 +205,14 @@ struct Http {
 
 impl Http {
     fn new(config: &crate::config::Config) -> Result<Http, String> {
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("tfmirror/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.timeouts.connect)
-            .read_timeout(config.timeouts.transfer)
-            .pool_idle_timeout(config.timeouts.idle)
-            // Redirects are followed by hand, each hop checked against the fetch rules.
-            .redirect(reqwest::redirect::Policy::none())
-            .https_only(true)
-            .no_proxy();
-        if let Some(path) = &config.upstream_ca {
-            for der in crate::pem::certs(path)? {
-                let cert = reqwest::Certificate::from_der(&der).map_err(|e| e.to_string())?;
-                builder = builder.add_root_certificate(cert);
-            }
-        }
+        // `providers.upstream_ca`, never GitLab's `upstream_ca` (see `upstream_tls`).
+        let trust = crate::upstream_tls::Trust::providers(config)?;
         Ok(Http {
-            client: builder.build().map_err(|e| e.to_string())?,
+            client: crate::upstream_tls::http_client(
+                &trust,
+                &config.timeouts,
+                crate::upstream_tls::Schemes::HttpsOnly,
+            )?,
             read_timeout: config.timeouts.read,
         })
     }

@@ -7,7 +7,7 @@
 //!   order, as GitLab does.
 //! - `/file?token=<JWT>`: 401 on a bad or expired token; in object-storage mode, a 302 to a
 //!   presigned URL on a *second* listener (another origin) that refuses `HEAD`, as S3 does for
-//!   a URL signed for `GET`.
+//!   a URL signed for `GET`; plain http, or https with its own certificate.
 //! - Project routes with Basic auth (404 when the project is not visible), `?terraform-get=1`
 //!   with an absolute `X-Terraform-Get`, and `PUT .../file` uploads with `PRIVATE-TOKEN`,
 //!   `JOB-TOKEN` or `DEPLOY-TOKEN`.
@@ -138,28 +138,31 @@ impl FakeGitlab {
 
     /// A GitLab served under a relative URL root such as `/gitlab`.
     pub async fn start_with_prefix(prefix: &str) -> FakeGitlab {
-        Self::start_inner(prefix, None).await
+        Self::start_inner(prefix, None, None).await
     }
 
-    /// A GitLab over HTTPS with the given certificate chain and key (PEM).
+    /// A GitLab over HTTPS with the given certificate chain and key (PEM). Its object storage
+    /// stays plain http.
     pub async fn start_tls(cert_pem: &str, key_pem: &str) -> FakeGitlab {
-        use rustls_pki_types::pem::PemObject;
-        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        Self::start_inner("", Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))).await
+        Self::start_inner("", Some(acceptor(cert_pem, key_pem)), None).await
     }
 
-    async fn start_inner(prefix: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeGitlab {
+    /// A GitLab over HTTPS whose object storage is HTTPS too, each with its own certificate
+    /// chain and key (PEM).
+    pub async fn start_tls_with_storage(
+        (cert_pem, key_pem): (&str, &str),
+        (storage_cert_pem, storage_key_pem): (&str, &str),
+    ) -> FakeGitlab {
+        let gitlab = acceptor(cert_pem, key_pem);
+        let storage = acceptor(storage_cert_pem, storage_key_pem);
+        Self::start_inner("", Some(gitlab), Some(storage)).await
+    }
+
+    async fn start_inner(
+        prefix: &str,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        storage_tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> FakeGitlab {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let objects = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -181,7 +184,14 @@ impl FakeGitlab {
                 "{}://{addr}{prefix}",
                 if tls.is_some() { "https" } else { "http" }
             ),
-            objects_url: format!("http://{objects_addr}"),
+            objects_url: format!(
+                "{}://{objects_addr}",
+                if storage_tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
         });
         let app = if prefix.is_empty() {
             gitlab_router(inner.clone())
@@ -192,7 +202,13 @@ impl FakeGitlab {
         let storage = Router::new()
             .route("/bucket/{key}", get(object_get))
             .with_state(inner.clone());
-        tokio::spawn(accept_loop(objects, storage, inner.clone(), false, None));
+        tokio::spawn(accept_loop(
+            objects,
+            storage,
+            inner.clone(),
+            false,
+            storage_tls,
+        ));
         FakeGitlab {
             addr,
             objects_addr,
@@ -413,6 +429,24 @@ pub fn module_tarball(module: &str, version: &str, pad: usize) -> Bytes {
 
 // ---------------------------------------------------------------------------------------------
 // Serving
+
+/// A TLS acceptor for a certificate chain and key (PEM).
+fn acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
 
 async fn accept_loop(
     listener: TcpListener,

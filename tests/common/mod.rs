@@ -22,6 +22,7 @@ pub fn free_port() -> u16 {
 
 /// A client that takes any server certificate, for tests where the certificate is not the
 /// point (other tests check it).
+#[allow(clippy::disallowed_methods)] // a test's client, not tfmirror's
 pub fn insecure_client() -> reqwest::Client {
     reqwest::Client::builder()
         .danger_accept_invalid_certs(true)
@@ -294,6 +295,7 @@ pub fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// An HTTP client that shows redirects instead of following them.
+#[allow(clippy::disallowed_methods)] // a test's client, not tfmirror's
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

@@ -44,6 +44,7 @@ impl Pki {
     }
 
     /// An HTTPS client that trusts this CA only.
+    #[allow(clippy::disallowed_methods)] // a test's client, not tfmirror's
     pub fn client(&self) -> reqwest::Client {
         reqwest::Client::builder()
             .tls_built_in_root_certs(false)
@@ -51,4 +52,48 @@ impl Pki {
             .build()
             .unwrap()
     }
+}
+
+/// A certificate and its key, made by [`issue`].
+pub struct Issued {
+    pub cert: rcgen::Certificate,
+    pub key: rcgen::KeyPair,
+}
+
+impl Issued {
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// Write the certificate (PEM) to `dir/name`; its path.
+    pub fn write(&self, dir: &std::path::Path, name: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, self.pem()).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+}
+
+/// A certificate for `names`: a CA (`basicConstraints CA:TRUE`) or a leaf (`CA:FALSE`),
+/// self-signed or signed by `issuer`'s key.
+pub fn issue(names: &[&str], ca: bool, issuer: Option<&Issued>) -> Issued {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let key = KeyPair::generate().unwrap();
+    let mut p =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    p.is_ca = if ca {
+        IsCa::Ca(BasicConstraints::Unconstrained)
+    } else {
+        IsCa::ExplicitNoCa
+    };
+    let cn = names.first().copied().unwrap_or("tfmirror test CA");
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let cert = match issuer {
+        None => p.self_signed(&key).unwrap(),
+        Some(i) => p.signed_by(&key, &i.cert, &i.key).unwrap(),
+    };
+    Issued { cert, key }
 }
