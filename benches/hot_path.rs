@@ -256,6 +256,7 @@ impl HitServer {
             let app = Arc::new(tfmirror::downstream::Guarded::new(
                 pingora::proxy::http_proxy(&conf, proxy),
                 config.timeouts.client_idle,
+                config.timeouts.client_stall,
             ));
             let (client, server) = tokio::io::duplex(1 << 16);
             let (stop, shutdown) = tokio::sync::watch::channel(false);

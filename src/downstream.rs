@@ -25,9 +25,10 @@
 //!
 //! So [`Guarded`] takes over pingora's per-connection loop for HTTP/1 (the loop pingora's
 //! `ServerApp` impl for any `HttpServerApp` runs: a session per request on the reused stream,
-//! with the settings the previous request left). HTTP/2 and custom protocols go to pingora's
-//! own loop unchanged: their requests arrive as streams with their heads already read, and
-//! pingora closes an idle HTTP/2 connection itself (`h2_idle_timeout`).
+//! with the settings the previous request left). It takes over pingora's HTTP/2 loop too
+//! (TLS with ALPN `h2`), which bounds neither a preface nor a request body: see [`http2`]
+//! for the same limits there. h2c and custom protocols, which tfmirror does not enable, go
+//! to pingora's own loop unchanged.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::tls::ALPN;
 use pingora::protocols::Stream;
@@ -45,6 +46,10 @@ use pingora::server::ShutdownWatch;
 use tokio::time::{Instant, Sleep};
 
 use crate::metrics;
+
+pub mod http2;
+
+pub use http2::{request_body_awaited, request_body_read};
 
 tokio::task_local! {
     static HEAD: Arc<AtomicBool>;
@@ -56,21 +61,22 @@ pub fn head_received() {
     let _ = HEAD.try_with(|h| h.store(true, Ordering::Relaxed));
 }
 
-/// An HTTP proxy app with a deadline on every request head.
+/// An HTTP proxy app with a deadline on every request head (and, over HTTP/2, on every
+/// request body that stops).
 pub struct Guarded<A> {
     inner: Arc<A>,
     idle: Duration,
+    stall: Duration,
 }
 
 impl<SV: ProxyHttp> Guarded<HttpProxy<SV>> {
-    pub fn new(mut inner: HttpProxy<SV>, idle: Duration) -> Guarded<HttpProxy<SV>> {
-        let mut options = HttpServerOptions::default();
-        // HTTP/2 multiplexes requests on one connection; pingora closes an idle one itself.
-        options.h2_idle_timeout = Some(idle);
-        inner.server_options = Some(options);
+    /// `idle`: `timeouts.client_idle`; `stall`: `timeouts.client_stall` (HTTP/1 bodies get it
+    /// from the proxy's first hook, HTTP/2 bodies from [`http2`]).
+    pub fn new(inner: HttpProxy<SV>, idle: Duration, stall: Duration) -> Guarded<HttpProxy<SV>> {
         Guarded {
             inner: Arc::new(inner),
             idle,
+            stall,
         }
     }
 }
@@ -90,13 +96,18 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // As pingora's loop decides: HTTP/2 negotiated by ALPN wins over any option.
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let limits = http2::Limits {
+                idle: self.idle,
+                stall: self.stall,
+            };
+            http2::serve(&self.inner, stream, shutdown, limits).await;
+            return None;
+        }
         let options = self.inner.server_options();
         let h2c_or_custom = options.is_some_and(|o| o.h2c || o.force_custom);
-        let h2_or_custom_alpn = matches!(
-            stream.selected_alpn_proto(),
-            Some(ALPN::H2 | ALPN::Custom(_))
-        );
-        if h2c_or_custom || h2_or_custom_alpn {
+        if h2c_or_custom || matches!(stream.selected_alpn_proto(), Some(ALPN::Custom(_))) {
             return self.inner.process_new(stream, shutdown).await;
         }
         let head = Arc::new(AtomicBool::new(false));

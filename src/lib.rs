@@ -19,7 +19,7 @@
 //! | | [`edge`] | gauges read at scrape time; `/-/metrics` on its own listener |
 //! | | [`accesslog`] | the access log line and request metrics of each request |
 //! | | [`workers`] | one pingora service, `SO_REUSEPORT` socket and accept loop per thread; new connections to the least busy thread |
-//! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris) |
+//! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris); HTTP/2's connection loop, with the same deadline and a stall bound on request bodies |
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: a [`registry::Call`] in, a [`respond::Reply`] out, I/O around [`access::policy`] |
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |

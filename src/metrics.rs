@@ -126,7 +126,7 @@ pub static BYTES_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
 pub static CLIENT_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_client_timeouts_total",
-        "Client connections closed for not sending a request head within timeouts.client_idle (idle or slowloris)."
+        "Client connections closed for not sending a request head (HTTP/2: its preface or a new request) within timeouts.client_idle (idle or slowloris)."
     )
     .expect("metric")
 });

@@ -412,6 +412,20 @@ impl ProxyHttp for Proxy {
         self.upstream.peer(profile).await
     }
 
+    /// Each piece of a request body pingora forwards upstream: an HTTP/2 body that stops
+    /// moving is cut at `timeouts.client_stall` by `downstream::http2` (pingora applies the
+    /// read timeout set above to HTTP/1 only).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        crate::downstream::request_body_read(end_of_stream);
+        Ok(())
+    }
+
     /// Runs after the peer is chosen, before the request head goes upstream.
     async fn upstream_request_filter(
         &self,
@@ -419,6 +433,8 @@ impl ProxyHttp for Proxy {
         up: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // pingora reads the request body from here on: an HTTP/2 body's stall timer starts.
+        crate::downstream::request_body_awaited();
         // Registry routes go out rebuilt from their validated parts; the rest unchanged.
         let target = match &ctx.route {
             Some(Route::Module(m)) => with_query(&m.upstream_path(), up),

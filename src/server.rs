@@ -115,6 +115,7 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         let app = crate::downstream::Guarded::new(
             pingora::proxy::http_proxy(&server.configuration, proxy),
             config.timeouts.client_idle,
+            config.timeouts.client_stall,
         );
         let tls = resolver.as_ref().map(tls_settings).transpose()?;
         server.add_service(crate::workers::Worker::new(

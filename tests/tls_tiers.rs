@@ -613,3 +613,355 @@ async fn a_stalled_tls_handshake_is_closed_at_client_idle() {
         );
     }
 }
+
+// HTTP/2 over TLS under `timeouts.client_idle` and `timeouts.client_stall`: a connection that
+// negotiates h2 through ALPN is held to the same bounds as an HTTP/1.1 one.
+
+/// `timeouts.client_idle` and `timeouts.client_stall` of [`short_timeouts_over_tls`].
+const IDLE: Duration = Duration::from_secs(2);
+
+/// The client connection preface of HTTP/2 (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// An HTTPS tfmirror with `client_idle` and `client_stall` of [`IDLE`], its GitLab, and the
+/// PKI that signed its certificate (kept: the mirror reads the files).
+async fn short_timeouts_over_tls() -> (FakeGitlab, Mirror, Pki) {
+    let pki = Pki::new();
+    let gl = gitlab().await;
+    let cfg = pki.path("tfmirror.yaml");
+    std::fs::write(&cfg, "timeouts:\n  client_idle: 2s\n  client_stall: 2s\n").unwrap();
+    let m = Mirror::start_with(
+        &gl.url(),
+        &[
+            "--config",
+            &cfg,
+            "--tls-cert",
+            &pki.path("cert.pem"),
+            "--tls-key",
+            &pki.path("key.pem"),
+        ],
+    )
+    .await;
+    (gl, m, pki)
+}
+
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// A TLS connection to `m` that negotiated HTTP/2 through ALPN, nothing sent over it yet.
+async fn tls_h2(m: &Mirror, pki: &Pki) -> Tls {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls
+}
+
+/// How long after `since` tfmirror closed `s`, which sends nothing more (what tfmirror sends
+/// meanwhile, such as its HTTP/2 SETTINGS, is read and dropped). Fails if `s` is still open
+/// 10 s from now.
+async fn closed_after(s: &mut Tls, since: std::time::Instant, what: &str) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(give_up, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return since.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("{what}: still open {:?} on", since.elapsed()),
+        }
+    }
+}
+
+type H2Conn = tokio::task::JoinHandle<Result<(), h2::Error>>;
+
+/// An HTTP/2 client connection to `m`: its request handle, and the task driving it (which
+/// ends when the connection does).
+async fn h2_client(m: &Mirror, pki: &Pki) -> (h2::client::SendRequest<bytes::Bytes>, H2Conn) {
+    let (send, conn) = h2::client::handshake(tls_h2(m, pki).await).await.unwrap();
+    (send, tokio::spawn(conn))
+}
+
+/// A request for `path` on `m`, as an HTTP/2 client addresses it.
+fn h2_request(m: &Mirror, method: &str, path: &str) -> http::request::Builder {
+    http::Request::builder()
+        .method(method)
+        .uri(format!("https://127.0.0.1:{}{path}", m.addr.port()))
+}
+
+/// Send `req` (no body) on `send` and read the whole answer: its status and body length.
+async fn h2_ask(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    req: http::Request<()>,
+) -> Result<(u16, usize), h2::Error> {
+    let mut send = send.clone().ready().await?;
+    let (answer, _) = send.send_request(req, true)?;
+    let answer = answer.await?;
+    let status = answer.status().as_u16();
+    let mut body = answer.into_body();
+    let mut len = 0;
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk?;
+        len += chunk.len();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok((status, len))
+}
+
+/// `/-/health` on `send`: its status.
+async fn h2_health(m: &Mirror, send: &h2::client::SendRequest<bytes::Bytes>) -> u16 {
+    let req = h2_request(m, "GET", "/-/health").body(()).unwrap();
+    h2_ask(send, req).await.unwrap().0
+}
+
+/// A connection that negotiated HTTP/2 and then sends no preface, half of one, or the
+/// preface alone is closed at `timeouts.client_idle`, counted in
+/// `tfmirror_client_timeouts_total`, and others are served meanwhile. Before, pingora's h2
+/// handshake had no timeout: the first two were held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_without_its_preface_is_closed_at_client_idle() {
+    use tokio::io::AsyncWriteExt;
+    let (_gl, m, pki) = short_timeouts_over_tls().await;
+    let counted = m.metric("tfmirror_client_timeouts_total", "").await;
+    let mut held = Vec::new();
+    for (what, sent) in [
+        ("no preface", &PREFACE[..0]),
+        ("half a preface", &PREFACE[..12]),
+        ("the preface and no SETTINGS", PREFACE),
+    ] {
+        let mut s = tls_h2(&m, &pki).await;
+        s.write_all(sent).await.unwrap();
+        s.flush().await.unwrap();
+        held.push((what, s, std::time::Instant::now()));
+    }
+    // Others are served meanwhile, on HTTP/2.
+    let (send, _conn) = h2_client(&m, &pki).await;
+    assert_eq!(h2_health(&m, &send).await, 200);
+    for (what, mut s, since) in held {
+        let closed = closed_after(&mut s, since, what).await;
+        assert!(
+            closed >= IDLE - Duration::from_millis(100),
+            "{what}: closed {closed:?} after the TLS handshake, before client_idle"
+        );
+    }
+    let now = m.metric("tfmirror_client_timeouts_total", "").await;
+    assert!(now >= counted + 3.0, "counted {counted} then {now}");
+}
+
+/// An HTTP/2 upload whose body never comes is reset at `timeouts.client_stall`, while the
+/// same connection keeps serving other requests; a slow upload that keeps moving for longer
+/// than that is not cut. Before, nothing bounded an HTTP/2 request body: the stalled stream
+/// (and its upstream request) stayed open for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_request_body_that_stops_is_reset_at_client_stall() {
+    let (gl, m, pki) = short_timeouts_over_tls().await;
+    let (send, conn) = h2_client(&m, &pki).await;
+    let upload = |version: &str| {
+        let path = format!("/api/v4/projects/1/packages/terraform/modules/vpc/aws/{version}/file");
+        h2_request(&m, "PUT", &path)
+            .header("job-token", ALICE)
+            .body(())
+            .unwrap()
+    };
+
+    // The head of an upload, and no body.
+    let mut ready = send.clone().ready().await.unwrap();
+    let (answer, _body) = ready.send_request(upload("3.0.0"), false).unwrap();
+    let sent = std::time::Instant::now();
+    // The connection serves others meanwhile.
+    assert_eq!(h2_health(&m, &send).await, 200);
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("the stalled upload is still open after 10 s");
+    let reset = sent.elapsed();
+    let e = answer.expect_err("the stalled upload got an answer");
+    assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+    assert!(
+        reset >= IDLE - Duration::from_millis(100),
+        "reset {reset:?} after its head, before client_stall"
+    );
+    assert_eq!(h2_health(&m, &send).await, 200, "the connection lives on");
+    let logs = m.logs_with("request body stopped").await;
+    assert!(logs.contains("request body stopped"), "not logged: {logs}");
+    assert!(!logs.contains(ALICE), "the upload's token was logged");
+
+    // A slow upload, one piece every half client_stall, for twice client_stall: stored.
+    let payload = common::fake_gitlab::module_tarball("infra/vpc/aws", "3.0.1", 64 << 10);
+    let mut ready = send.clone().ready().await.unwrap();
+    let (answer, mut body) = ready.send_request(upload("3.0.1"), false).unwrap();
+    let pieces: Vec<_> = payload.chunks(payload.len() / 4 + 1).collect();
+    for piece in &pieces {
+        body.send_data(bytes::Bytes::copy_from_slice(piece), false)
+            .expect("the slow upload was cut");
+        tokio::time::sleep(IDLE / 2).await;
+    }
+    body.send_data(bytes::Bytes::new(), true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("no answer to the slow upload")
+        .expect("the slow upload was cut");
+    assert_eq!(answer.status(), 201);
+    assert_eq!(gl.tarball("infra", "vpc", "aws", "3.0.1"), payload);
+    assert!(!conn.is_finished());
+}
+
+/// An HTTP/2 download the client stops reading (it grants no more flow-control window) is
+/// reset at `timeouts.client_stall`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_download_that_stops_is_reset_at_client_stall() {
+    let (gl, m, pki) = short_timeouts_over_tls().await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 8 << 20);
+    let (send, _conn) = h2_client(&m, &pki).await;
+    let download = h2_request(&m, "GET", &format!("{V1}/infra/vpc/aws/1.0.0/download"))
+        .header("authorization", bearer(ALICE))
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (answer, _) = ready.send_request(download, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 204);
+    let file = answer.headers()["x-terraform-get"].to_str().unwrap();
+    let file = h2_request(&m, "GET", file).body(()).unwrap();
+
+    // Read what comes, but never give the window back: tfmirror's writes stall.
+    let mut ready = send.clone().ready().await.unwrap();
+    let (answer, _) = ready.send_request(file, true).unwrap();
+    let answer = answer.await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let mut body = answer.into_body();
+    let mut got = 0;
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match body.data().await {
+                Some(Ok(chunk)) => got += chunk.len(),
+                end => return end,
+            }
+        }
+    })
+    .await
+    .expect("a stalled download is still open after 10 s");
+    let e = end
+        .expect("the body ended")
+        .expect_err("the whole body came");
+    assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}");
+    assert!(got < 8 << 20, "got {got} bytes");
+}
+
+/// An HTTP/2 connection idle after its request is closed at `timeouts.client_idle`, however
+/// often the client pings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_at_client_idle() {
+    let (_gl, m, pki) = short_timeouts_over_tls().await;
+    let (send, mut conn) = h2::client::handshake(tls_h2(&m, &pki).await).await.unwrap();
+    let mut pings = conn.ping_pong().unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(h2_health(&m, &send).await, 200);
+    let served = std::time::Instant::now();
+    tokio::spawn(async move {
+        while pings.ping(h2::Ping::opaque()).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("an idle HTTP/2 connection is still open after 10 s")
+        .unwrap()
+        .ok();
+    let closed = served.elapsed();
+    assert!(
+        closed >= IDLE - Duration::from_millis(100),
+        "closed {closed:?} after its answer, before client_idle"
+    );
+}
+
+/// Many requests share one HTTP/2 connection; requests pingora refuses as malformed (here a
+/// `Host` that differs from `:authority`: a 400) are budgeted per connection, valid ones in
+/// between or not: the 32nd closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_streams_are_served_and_malformed_ones_budgeted_per_connection() {
+    let (_gl, m, pki) = short_timeouts_over_tls().await;
+    let (send, conn) = h2_client(&m, &pki).await;
+    let answers = futures::future::join_all((0..300).map(|_| h2_health(&m, &send))).await;
+    assert!(answers.iter().all(|&s| s == 200), "{answers:?}");
+
+    let malformed = || {
+        h2_request(&m, "GET", "/-/health")
+            .header("host", "elsewhere.example")
+            .body(())
+            .unwrap()
+    };
+    for i in 1..32 {
+        let (status, _) = h2_ask(&send, malformed()).await.unwrap();
+        assert_eq!(status, 400, "malformed request {i}");
+        assert_eq!(
+            h2_health(&m, &send).await,
+            200,
+            "after malformed request {i}"
+        );
+    }
+    // The 32nd: the connection is closed with it (its 400 may not make it out), and the
+    // next request, valid, is not served.
+    let _ = h2_ask(&send, malformed()).await;
+    let after = h2_request(&m, "GET", "/-/health").body(()).unwrap();
+    let after = h2_ask(&send, after).await;
+    assert!(
+        after.is_err(),
+        "served after 32 malformed requests: {after:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("still open after 32 malformed requests")
+        .unwrap()
+        .ok();
+}
+
+/// At a graceful shutdown an HTTP/2 connection gets its GOAWAY (no new request is taken),
+/// the request in flight on it (an upload whose body comes after the signal) is answered, and
+/// the connection then closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_drains_at_a_graceful_shutdown() {
+    let (gl, m, pki) = short_timeouts_over_tls().await;
+    let (send, conn) = h2_client(&m, &pki).await;
+    let path = "/api/v4/projects/1/packages/terraform/modules/vpc/aws/3.0.2/file";
+    let upload = h2_request(&m, "PUT", path)
+        .header("job-token", ALICE)
+        .body(())
+        .unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (answer, mut body) = ready.send_request(upload, false).unwrap();
+    // In flight: the same connection still answers meanwhile.
+    assert_eq!(h2_health(&m, &send).await, 200);
+    assert!(m.signal("TERM"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = h2_request(&m, "GET", "/-/health").body(()).unwrap();
+    let late = h2_ask(&send, late).await;
+    assert!(late.is_err(), "a new request after the GOAWAY: {late:?}");
+
+    let payload = common::fake_gitlab::module_tarball("infra/vpc/aws", "3.0.2", 0);
+    body.send_data(payload.clone(), true).unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("no answer to the upload in flight")
+        .expect("the upload in flight was cut");
+    assert_eq!(answer.status(), 201);
+    assert_eq!(gl.tarball("infra", "vpc", "aws", "3.0.2"), payload);
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("the connection is still open after the shutdown")
+        .unwrap()
+        .ok();
+}
