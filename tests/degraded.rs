@@ -202,6 +202,17 @@ async fn a_slow_gitlab_and_one_stale_holder_do_not_fail_the_fleet() {
     );
 }
 
+/// Fail registry calls until the breaker opens (GitLab must be failing).
+async fn open_breaker(m: &Mirror) {
+    for _ in 0..20 {
+        let _ = get(m, "infra/vpc/aws/versions", Some(CAROL)).await;
+        if m.metric("tfmirror_upstream_up", "").await == 0.0 {
+            return;
+        }
+    }
+    panic!("the breaker never opened");
+}
+
 fn project(m: &Mirror, version: Option<&str>) -> String {
     let v = version.map(|v| format!("/{v}")).unwrap_or_default();
     format!(
@@ -239,7 +250,9 @@ async fn project_routes_learn_gitlabs_404_as_a_refusal() {
         200,
         "a removed member got a cached project tarball"
     );
-    assert_eq!(r.status(), 500, "GitLab's own failure, relayed");
+    // GitLab's refusal, not its 500: a tier in front must not read an outage (issue 26).
+    assert_eq!(r.status(), 404, "GitLab's refusal, replayed");
+    assert_eq!(r.headers()["x-tfmirror-refusal"], "refused");
 }
 
 #[tokio::test]
@@ -262,7 +275,7 @@ async fn a_module_turned_private_is_no_longer_served_as_public() {
         401
     );
     gl.set_fault(Fault::Down);
-    for token in [Some(JOB), Some("glpat-never-seen-000000"), None] {
+    for token in [Some(JOB), Some("glpat-never-seen-000000")] {
         let r = get(&m, "opensource/labels/null/versions", token).await;
         assert_eq!(
             r.status(),
@@ -270,6 +283,10 @@ async fn a_module_turned_private_is_no_longer_served_as_public() {
             "{token:?} read a module that has turned private"
         );
     }
+    // The anonymous caller GitLab refused gets that refusal again (issue 26).
+    let r = get(&m, "opensource/labels/null/versions", None).await;
+    assert_eq!(r.status(), 401, "anonymous read a module that has turned private");
+    assert_eq!(r.headers()["x-tfmirror-refusal"], "refused");
 }
 
 #[tokio::test]
@@ -520,6 +537,9 @@ async fn what_a_fresh_ci_job_token_gets_while_gitlab_is_down() {
         .await;
         warm_alice(&m).await;
         gl.set_fault(Fault::Down);
+        // What others fetched is served only once the breaker says GitLab is down for
+        // everyone (a caller's own failure never opens it): a few failed calls open it.
+        open_breaker(&m).await;
         let job = get(&m, "infra/vpc/aws/versions", Some(JOB)).await.status();
         let anon = get(&m, "infra/vpc/aws/versions", None).await.status();
         let dl = get(&m, "infra/vpc/aws/1.1.0/download", Some(JOB))
@@ -537,4 +557,50 @@ async fn what_a_fresh_ci_job_token_gets_while_gitlab_is_down() {
         "FIGURES fresh job token, GitLab down: {}",
         figures.join("; ")
     );
+}
+
+/// Issue 26, item 1: tiers. A member is removed; the regional tier learns GitLab's refusal
+/// (through edge E2); then GitLab fails. Edge E1, which never saw the refusal and holds her
+/// stale copy, must refuse her too: the regional answers her with GitLab's refusal (never a
+/// 503 or GitLab's 5xx, which E1 read as an outage and answered from its stale copy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_the_regional_tier_learned_stops_every_edge_during_an_outage() {
+    let gl = gitlab().await;
+    let regional = Mirror::start_with_config(&gl.url(), SHORT).await;
+    let e1 = Mirror::start_with_config(&regional.url(), SHORT).await;
+    let e2 = Mirror::start_with_config(&regional.url(), SHORT).await;
+    warm_alice(&e1).await;
+    let check = format!("{}?terraform-get=1", project(&e1, Some("1.1.0")));
+    assert_eq!(project_get(&check, "alice", ALICE).await.status(), 204);
+    let file = e1.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
+
+    gl.revoke("infra", ALICE);
+    expire_grants().await;
+    let e2_check = format!("{}?terraform-get=1", project(&e2, Some("1.1.0")));
+    assert_eq!(get(&e2, "infra/vpc/aws/versions", Some(ALICE)).await.status(), 403);
+    assert_eq!(project_get(&e2_check, "alice", ALICE).await.status(), 404);
+
+    for fault in [Fault::Status(500), Fault::Down] {
+        gl.set_fault(fault.clone());
+        let r = get(&e1, "infra/vpc/aws/versions", Some(ALICE)).await;
+        assert_eq!(r.status(), 403, "{fault:?}: listing at E1 ({})", cache_status(&r));
+        let r = get(&e1, "infra/vpc/aws/1.1.0/download", Some(ALICE)).await;
+        assert_eq!(r.status(), 403, "{fault:?}: download URL at E1");
+        let r = project_get(&check, "alice", ALICE).await;
+        assert_eq!(r.status(), 404, "{fault:?}: project route at E1");
+        let r = client().get(&file).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{fault:?}: tarball behind an old token at E1");
+        // The regional says why, in the one header a tier reads.
+        let r = get(&regional, "infra/vpc/aws/versions", Some(ALICE)).await;
+        assert_eq!(r.status(), 403);
+        assert_eq!(r.headers()["x-tfmirror-refusal"], "refused");
+    }
+    // Bob, never refused, still gets his stale copy at E1 while GitLab is down.
+    gl.set_fault(Fault::None);
+    assert_eq!(get(&e1, "infra/vpc/aws/versions", Some(BOB)).await.status(), 200);
+    expire_grants().await;
+    gl.set_fault(Fault::Down);
+    let r = get(&e1, "infra/vpc/aws/versions", Some(BOB)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(cache_status(&r), "STALE");
 }
