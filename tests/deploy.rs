@@ -196,6 +196,14 @@ fn kubernetes_replicas_share_a_key_and_hash_on_the_module() {
     let secret = &secret_docs[0];
     assert_eq!(secret["kind"], "Secret");
     let pod = &kind("StatefulSet")["spec"]["template"]["spec"];
+    // The kubelet gives the Secret file to fsGroup; tfmirror accepts group read only for its
+    // effective group, which is runAsGroup.
+    let sc = &pod["securityContext"];
+    assert_eq!(
+        sc["runAsGroup"], sc["fsGroup"],
+        "the key file's group is tfmirror's"
+    );
+    assert!(sc["fsGroup"].as_u64().is_some());
     let volume = pod["volumes"]
         .as_sequence()
         .unwrap()

@@ -484,6 +484,44 @@ async fn serve_refuses_a_key_file_others_can_read() {
     assert_ne!(new.lines().nth(2), text.lines().nth(2), "token key new");
 }
 
+/// Group read of a set's key file is for tfmirror's effective group only (Kubernetes'
+/// `fsGroup`, equal to `runAsGroup`): the other members of a supplementary group are not
+/// tfmirror. `setpriv` (util-linux) runs `tfmirror secret rotate` with group 4242 both ways.
+#[test]
+fn a_key_file_a_supplementary_group_can_read_is_refused() {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if !nix::unistd::geteuid().is_root() || !setpriv.exists() {
+        eprintln!("SKIPPED: needs root and setpriv");
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let key = shared_key(keys.path());
+    std::os::unix::fs::chown(&key, Some(0), Some(4242)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let rotate_as = |egid: &str| {
+        Command::new(setpriv)
+            .args(["--reuid", "0", "--regid", egid, "--groups", "4242", "--"])
+            .arg(env!("CARGO_BIN_EXE_tfmirror"))
+            .args(["secret", "rotate"])
+            .arg(&key)
+            .output()
+            .unwrap()
+    };
+    let out = rotate_as("0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("group 4242") && err.contains("effective"),
+        "{err}"
+    );
+    let out = rotate_as("4242");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn round_robin_every_init_succeeds_on_a_cold_cache() {
     if !have(NGINX) {
