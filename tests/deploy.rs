@@ -204,6 +204,8 @@ fn kubernetes_replicas_share_a_key_and_hash_on_the_module() {
         "the key file's group is tfmirror's"
     );
     assert!(sc["fsGroup"].as_u64().is_some());
+    // Or the kubelet makes every file of the cache volume group-writable at each start.
+    assert_eq!(sc["fsGroupChangePolicy"], "OnRootMismatch");
     let volume = pod["volumes"]
         .as_sequence()
         .unwrap()
