@@ -71,7 +71,9 @@ pub type Sha = [u8; 32];
 ///
 /// So a package is served only against the entry Terraform itself would check it against
 /// when installing straight from the registry, and refused whenever Terraform would refuse it
-/// (its first line's checksum is not 64 hex digits, or no line names it).
+/// (its first line's checksum is not 64 hex digits, or no line names it). Terraform decodes a
+/// shorter hex string into a zero-padded sha256 that no real package has, and crashes on a
+/// longer one: both are refused here.
 ///
 /// (The `zh:` hashes Terraform records in a lock file after a signed install are a separate
 /// reading: every line's, or none if any line is not `<64 hex> <name>`. A network mirror's
