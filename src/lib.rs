@@ -41,6 +41,7 @@
 //! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |
 //! | | [`pem`] | certificate and key files |
 //! | | [`logbuf`] | per-thread log buffers, flushed by size or timer |
+//! | | [`logbridge`] | pingora's `log` records into tracing; a client's abort mid-head demoted to debug and counted |
 //! | | [`tls`] | TLS termination: the server certificate, reloaded when its files change |
 //! | | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //!
@@ -73,6 +74,7 @@ pub(crate) mod fetch;
 pub mod fuzzing;
 pub(crate) mod health;
 pub mod identity;
+pub mod logbridge;
 pub mod logbuf;
 pub mod metrics;
 pub(crate) mod pem;

@@ -625,7 +625,8 @@ fn cache_verify(admin: &tfmirror::cache::admin::Admin) -> std::io::Result<ExitCo
     })
 }
 
-/// JSON lines on stderr. Pingora's own `log` records are bridged into the same stream.
+/// JSON lines on stderr. Pingora's own `log` records are bridged into the same stream
+/// (`logbridge`: a client's abort mid-head is demoted to debug and counted).
 ///
 /// Only tfmirror's own targets go below `info`: pingora, hyper and reqwest dump request
 /// headers (`Authorization`) and URLs (JWTs, presigned links) in their debug records.
@@ -645,13 +646,16 @@ fn init_logging(level: LogLevel, buffered: bool) {
         .json()
         .with_env_filter(filter)
         .with_current_span(false);
-    if buffered {
+    let installed = if buffered {
         let buffer = tfmirror::logbuf::stderr();
         tfmirror::accesslog::set_output(buffer.clone());
-        builder.with_writer(buffer).init();
+        tracing::subscriber::set_global_default(builder.with_writer(buffer).finish())
     } else {
-        builder.with_writer(std::io::stderr).init();
-    }
+        tracing::subscriber::set_global_default(builder.with_writer(std::io::stderr).finish())
+    };
+    installed.expect("the only tracing subscriber");
+    // pingora's `log` records, through tfmirror's bridge (not tracing-subscriber's own).
+    tfmirror::logbridge::init().expect("the only `log` logger");
 }
 
 fn secret(args: SecretArgs) -> ExitCode {

@@ -131,6 +131,14 @@ pub static CLIENT_TIMEOUTS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static CLIENT_ABORTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_client_aborts_total",
+        "Client connections closed or reset by the client partway through a request head (pingora's 'Fail to proxy' line for each is demoted to debug)."
+    )
+    .expect("metric")
+});
+
 pub static CLIENT_CONNECTIONS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     register_int_gauge_vec!(
         "tfmirror_client_connections",
@@ -245,7 +253,7 @@ pub const PROVIDER_VERIFICATION_RESULTS: [&str; 9] = [
 ];
 
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 26] = [
+pub const FAMILIES: [&str; 27] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -260,6 +268,7 @@ pub const FAMILIES: [&str; 26] = [
     "tfmirror_bytes_served_total",
     "tfmirror_cache_write_errors_total",
     "tfmirror_client_timeouts_total",
+    "tfmirror_client_aborts_total",
     "tfmirror_client_connections",
     "tfmirror_late_answers_absorbed_total",
     "tfmirror_rate_limited_callers_total",
@@ -292,6 +301,7 @@ pub fn init() {
     LazyLock::force(&CACHE_WRITE_ERRORS);
     LazyLock::force(&BYTES_SERVED);
     LazyLock::force(&CLIENT_TIMEOUTS);
+    LazyLock::force(&CLIENT_ABORTS);
     LazyLock::force(&LATE_ANSWERS);
     LazyLock::force(&RATE_LIMITED);
     LazyLock::force(&TEMP_LEFTOVERS);

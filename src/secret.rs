@@ -22,14 +22,20 @@
 //! sealed keep verifying until they expire (one `auth.token_ttl`). Its identity key must be
 //! the current one, or grants would silently stop matching.
 //!
-//! Key files are refused when too short or open to others, checked on the file a symlink
-//! leads to (a Kubernetes Secret file is a symlink into `..data/`, mode 0644 by default).
+//! Key files are refused when too short, when both keys of tfmirror's form are the same, or
+//! when someone else may have read them: see [`keyfile`] for the owner and mode rules, checked
+//! on the open file (a Kubernetes Secret file is a symlink into `..data/`). A refused
+//! `secret.key` is neither used nor "repaired": it may have leaked.
+
+mod keyfile;
 
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+use keyfile::{Kind, ReadError};
 
 const INSTANCE_FILE: &str = "secret.key";
 const HEADER: &str = "tfmirror-secret v1";
@@ -89,37 +95,33 @@ impl Secret {
     }
 
     /// Load the per-instance secret from `cache_dir`, creating it on first start.
-    pub fn load_or_create(cache_dir: &Path) -> std::io::Result<Secret> {
+    pub fn load_or_create(cache_dir: &Path) -> Result<Secret, String> {
         let path = cache_dir.join(INSTANCE_FILE);
-        let raw = match fs::read(&path) {
-            Ok(raw) if raw.len() == 32 => raw,
-            Ok(_) => {
-                return Err(std::io::Error::other(format!(
-                    "{} is corrupt (expected 32 bytes)",
-                    path.display()
-                )))
+        let raw = match keyfile::read(&path, Kind::Instance) {
+            Err(ReadError::Missing) => {
+                create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                keyfile::read(&path, Kind::Instance)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(&path)?,
-            Err(e) => return Err(e),
+            read => read,
         };
-        let mode = fs::metadata(&path)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+        let raw = raw.map_err(|e| match e {
+            ReadError::Missing => format!("{}: vanished as it was made", path.display()),
+            ReadError::Refused(why) => why,
+        })?;
+        if raw.len() != 32 {
+            return Err(format!("{} is corrupt (expected 32 bytes)", path.display()));
         }
         Ok(Secret::from_master(&raw))
     }
 
-    /// Read a key file (either form), refusing one that is short or open to others.
+    /// Read a key file (either form), refusing one that is short or that someone else may
+    /// have read.
     pub fn read_file(path: &Path) -> Result<Secret, String> {
-        let shown = path.display();
-        // `metadata` follows symlinks: the mode that matters is the target's.
-        let meta = fs::metadata(path).map_err(|e| format!("{shown}: {e}"))?;
-        if !meta.is_file() {
-            return Err(format!("{shown} is not a file"));
-        }
-        check_mode(meta.mode(), meta.gid(), &own_groups()).map_err(|e| format!("{shown}: {e}"))?;
-        let raw = fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
-        parse(&raw).map_err(|e| format!("{shown}: {e}"))
+        let raw = keyfile::read(path, Kind::Shared).map_err(|e| match e {
+            ReadError::Missing => format!("{}: no such file", path.display()),
+            ReadError::Refused(why) => why,
+        })?;
+        parse(&raw).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Accept, besides this secret's own, the token key of `old` (the file before a rotation).
@@ -209,6 +211,9 @@ fn parse(raw: &[u8]) -> Result<Secret, String> {
         *slot = Some(unhex(value.trim()).ok_or_else(|| format!("`{name}` must be 64 hex digits"))?);
     }
     match (identity, token) {
+        (Some(i), Some(t)) if i == t => Err("its `identity` and `token` keys are the same: they \
+             must be independent (make a new file with `tfmirror secret generate`)"
+            .into()),
         (Some(identity_key), Some(token_key)) => Ok(Secret {
             identity_key,
             token_key,
@@ -216,44 +221,6 @@ fn parse(raw: &[u8]) -> Result<Secret, String> {
         }),
         _ => Err("needs both an `identity` and a `token` line".into()),
     }
-}
-
-/// May a key file with this mode and group be used by a process in `own_groups`?
-///
-/// Nothing for others, no group write. Group read only when the group is one of this process's
-/// own: Kubernetes gives Secret files to the pod's `fsGroup` with mode 0440 even when
-/// `defaultMode` says 0400 (and a non-root process could not read a root-owned 0400 file at
-/// all), while the members of that group are the pod's own containers.
-pub fn check_mode(mode: u32, gid: u32, own_groups: &[u32]) -> Result<(), String> {
-    let mode = mode & 0o777;
-    if mode & 0o007 != 0 {
-        return Err(format!(
-            "mode {mode:04o} lets others read it; use 0400 or 0600"
-        ));
-    }
-    if mode & 0o020 != 0 {
-        return Err(format!(
-            "mode {mode:04o} lets its group write it; use 0400 or 0600"
-        ));
-    }
-    if mode & 0o040 != 0 && !own_groups.contains(&gid) {
-        return Err(format!(
-            "mode {mode:04o} lets group {gid}, not one of tfmirror's, read it; use 0400 or 0600"
-        ));
-    }
-    Ok(())
-}
-
-/// This process's real, effective and supplementary groups.
-fn own_groups() -> Vec<u32> {
-    use nix::unistd::{getegid, getgid, getgroups};
-    let mut groups: Vec<u32> = getgroups()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|g| g.as_raw())
-        .collect();
-    groups.extend([getgid().as_raw(), getegid().as_raw()]);
-    groups
 }
 
 fn random_key() -> Result<[u8; 32], String> {
@@ -278,8 +245,8 @@ fn unhex(s: &str) -> Option<[u8; 32]> {
 }
 
 /// Write 32 random bytes with mode 0600, atomically: two processes starting at once (a
-/// graceful upgrade) must end up with the same secret.
-fn create(path: &Path) -> std::io::Result<Vec<u8>> {
+/// graceful upgrade) must end up with the same secret. The caller reads it back, checked.
+fn create(path: &Path) -> std::io::Result<()> {
     let raw = random_key().map_err(std::io::Error::other)?;
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
@@ -291,19 +258,16 @@ fn create(path: &Path) -> std::io::Result<Vec<u8>> {
         f.write_all(&raw)?;
         f.sync_all()?;
     }
-    // hard_link fails if another process won the race: then use theirs.
-    let won = fs::hard_link(&tmp, path).is_ok();
+    // hard_link fails if another process won the race: then theirs is read.
+    let _ = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
-    if won {
-        Ok(raw.to_vec())
-    } else {
-        fs::read(path)
-    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> std::path::PathBuf {
         let p = dir.join(name);
@@ -325,27 +289,59 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
+    /// A `secret.key` someone else could read is refused, and left as it is: it used to be
+    /// made 0600 and used, though it may have leaked.
     #[test]
-    fn modes() {
-        let own = [1000, 2000];
-        for (mode, gid, ok) in [
-            (0o400, 5, true),
-            (0o600, 5, true),
-            (0o100600, 5, true), // file-type bits are ignored
-            (0o440, 2000, true), // Kubernetes fsGroup: our own group
-            (0o440, 5, false),   // someone else's group
-            (0o460, 2000, false),
-            (0o404, 2000, false),
-            (0o644, 1000, false), // Kubernetes' default mode
-            (0o602, 1000, false),
-            (0o601, 1000, false),
-        ] {
-            assert_eq!(
-                check_mode(mode, gid, &own).is_ok(),
-                ok,
-                "{mode:o} gid {gid}"
-            );
+    fn an_instance_key_others_could_read_is_refused_not_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = Secret::load(dir.path(), None, None).unwrap();
+        let path = dir.path().join(INSTANCE_FILE);
+        for mode in [0o644, 0o640, 0o604] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let e = Secret::load(dir.path(), None, None).unwrap_err();
+            for part in ["`cache_dir`", "secret.key", "may have leaked", "chmod 600"] {
+                assert!(e.contains(part), "{mode:04o}, {part}: {e}");
+            }
+            let now = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(now, mode, "left as it was");
         }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(Secret::load(dir.path(), None, None).unwrap(), made);
+    }
+
+    /// As root (the test runner): files chowned to another user are refused; root's are not.
+    #[test]
+    fn key_files_owned_by_someone_else_are_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: chown needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        Secret::load(dir.path(), None, None).unwrap();
+        let shared = write(dir.path(), "set.key", &[7; 32], 0o400);
+        for path in [dir.path().join(INSTANCE_FILE), shared.clone()] {
+            std::os::unix::fs::chown(&path, Some(4321), None).unwrap();
+        }
+        let e = Secret::load(dir.path(), None, None).unwrap_err();
+        assert!(e.contains("uid 4321") && e.contains("chown"), "{e}");
+        let e = Secret::read_file(&shared).unwrap_err();
+        assert!(e.contains("uid 4321") && e.contains("chown"), "{e}");
+        std::os::unix::fs::chown(&shared, Some(0), None).unwrap();
+        assert_eq!(
+            Secret::read_file(&shared).unwrap(),
+            Secret::from_master(&[7; 32])
+        );
+    }
+
+    #[test]
+    fn a_key_file_whose_two_keys_are_equal_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = hex(&Secret::generate().unwrap().token_key);
+        let text = format!("{HEADER}\nidentity {key}\ntoken {key}\n");
+        let path = write(dir.path(), "set.key", text.as_bytes(), 0o600);
+        let e = Secret::read_file(&path).unwrap_err();
+        assert!(e.contains("the same") && e.contains("generate"), "{e}");
+        assert!(!e.contains(&key), "{e}");
     }
 
     #[test]

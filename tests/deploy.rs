@@ -196,6 +196,16 @@ fn kubernetes_replicas_share_a_key_and_hash_on_the_module() {
     let secret = &secret_docs[0];
     assert_eq!(secret["kind"], "Secret");
     let pod = &kind("StatefulSet")["spec"]["template"]["spec"];
+    // The kubelet gives the Secret file to fsGroup; tfmirror accepts group read only for its
+    // effective group, which is runAsGroup.
+    let sc = &pod["securityContext"];
+    assert_eq!(
+        sc["runAsGroup"], sc["fsGroup"],
+        "the key file's group is tfmirror's"
+    );
+    assert!(sc["fsGroup"].as_u64().is_some());
+    // Or the kubelet makes every file of the cache volume group-writable at each start.
+    assert_eq!(sc["fsGroupChangePolicy"], "OnRootMismatch");
     let volume = pod["volumes"]
         .as_sequence()
         .unwrap()
@@ -248,6 +258,55 @@ fn kubernetes_replicas_share_a_key_and_hash_on_the_module() {
         map_block(snippet[0]["data"]["http-snippet"].as_str().unwrap()),
         map_block(&read("deploy/nginx/tfmirror-module-key.conf"))
     );
+}
+
+/// Download URLs carry a bearer token in their query. ingress-nginx cannot run here, so its
+/// settings are checked as text: the access log format names no variable that holds the
+/// query (or a Referer, which may), and the error log, whose lines always hold the request
+/// line, takes only `emerg` (nothing a request causes). `tests/scale_out.rs` runs the same
+/// rules in Debian's nginx.
+#[test]
+fn ingress_nginx_logs_hold_no_query() {
+    let snippet = yaml_docs("deploy/kubernetes/ingress-nginx-snippet.yaml");
+    let data = &snippet[0]["data"];
+    let format = data["log-format-upstream"]
+        .as_str()
+        .expect("log-format-upstream");
+    let vars: Vec<&str> = format
+        .split('$')
+        .skip(1)
+        .map(|v| {
+            v.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next()
+                .unwrap()
+        })
+        .collect();
+    for v in &vars {
+        let query = [
+            "request",
+            "request_uri",
+            "args",
+            "query_string",
+            "http_referer",
+        ];
+        assert!(
+            !query.contains(v) && !v.starts_with("arg_"),
+            "log-format-upstream logs ${v}"
+        );
+    }
+    for wanted in [
+        "request_method",
+        "uri",
+        "status",
+        "upstream_status",
+        "upstream_addr",
+    ] {
+        assert!(
+            vars.contains(&wanted),
+            "log-format-upstream lacks ${wanted}"
+        );
+    }
+    assert_eq!(data["error-log-level"], "emerg");
 }
 
 #[test]

@@ -834,3 +834,102 @@ async fn a_fill_stuck_on_a_black_hole_gives_up_after_the_read_timeout() {
         gl.tarball("infra", "vpc", "aws", "1.0.0")
     );
 }
+
+/// Clients that reset (`SO_LINGER` 0) or close their connection partway through a request
+/// head. pingora-proxy logs an ERROR line for each, written at once ("Fail to proxy:
+/// Downstream ..."): a scan made thousands a second. tfmirror counts them instead
+/// (`tfmirror_client_aborts_total`) and writes no error line; a real proxy failure (the
+/// upstream refusing the connection) is still one.
+#[tokio::test]
+async fn clients_gone_mid_head_are_counted_not_logged_as_errors() {
+    const N: usize = 10;
+    let refusing = format!("http://127.0.0.1:{}", common::free_port());
+    let m = Mirror::start(&refusing).await;
+    for i in 0..2 * N {
+        let mut s = tokio::net::TcpStream::connect(m.addr).await.unwrap();
+        s.write_all(b"GET /-/health HTTP/1.1\r\nHost: t")
+            .await
+            .unwrap();
+        read_by_server(m.addr, s.local_addr().unwrap()).await;
+        if i % 2 == 0 {
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+        }
+        drop(s);
+    }
+    let mut counted = 0.0;
+    for _ in 0..100 {
+        counted = m.metric("tfmirror_client_aborts_total", "").await;
+        if counted >= (2 * N) as f64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logs = m.logs();
+    let errors: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains(r#""level":"ERROR""#))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{} error lines:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
+    assert!(!logs.contains("while reading request headers"), "{logs}");
+    assert_eq!(counted, (2 * N) as f64);
+
+    let r = client()
+        .get(format!("{}/api/v4/version", m.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let logs = m.logs_with("Upstream ConnectRefused").await;
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(r#""level":"ERROR""#) && l.contains("Upstream ConnectRefused")),
+        "{logs}"
+    );
+    assert_eq!(
+        m.metric("tfmirror_client_aborts_total", "").await,
+        (2 * N) as f64
+    );
+}
+
+/// Wait until the server end of the connection from `client` to `server` has read every
+/// byte sent: the client's send queue and the server's receive queue are both empty in the
+/// kernel's table (`/proc/net/tcp`), so what the client does next comes after the read.
+async fn read_by_server(server: std::net::SocketAddr, client: std::net::SocketAddr) {
+    let hex = |a: std::net::SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => {
+            format!("{:08X}:{:04X}", u32::from_le_bytes(ip.octets()), a.port())
+        }
+        std::net::IpAddr::V6(_) => panic!("IPv4 only"),
+    };
+    let (server, client) = (hex(server), hex(client));
+    // (local, remote) -> (send queue, receive queue)
+    let queues = |local: &str, remote: &str| {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table.lines().skip(1).find_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let (tx, rx) = cols.get(4)?.split_once(':')?;
+            (cols.get(1) == Some(&local) && cols.get(2) == Some(&remote)).then(|| {
+                (
+                    u64::from_str_radix(tx, 16).unwrap(),
+                    u64::from_str_radix(rx, 16).unwrap(),
+                )
+            })
+        })
+    };
+    for _ in 0..400 {
+        let sent = queues(&client, &server).is_some_and(|(tx, _)| tx == 0);
+        let read = queues(&server, &client).is_some_and(|(_, rx)| rx == 0);
+        if sent && read {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the server never read what {client} sent");
+}

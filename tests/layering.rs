@@ -21,6 +21,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("fuzzing", 0, "leaf"),
     ("identity", 0, "leaf"),
     ("logbuf", 0, "leaf"),
+    ("logbridge", 0, "leaf"),
     ("secret", 0, "leaf"),
     ("metrics", 0, "leaf"),
     ("pem", 0, "leaf"),

@@ -4,7 +4,8 @@
 //! Three replicas, each with its own cache directory, share one key file. What must hold:
 //! any replica verifies and fills any download token (round robin works on a cold cache);
 //! hashing on the module key fetches each tarball from GitLab once for the whole set; a
-//! replica killed mid-run loses nothing; refusals stand. Each test prints its figures
+//! replica killed mid-run loses nothing; refusals stand; no download token reaches a
+//! balancer's logs, even with a replica refusing connections. Each test prints its figures
 //! (`cargo test --test scale_out -- --nocapture`), which the README's "Scaling out" quotes.
 //!
 //! Without nginx or HAProxy the balancer tests say so and pass, except under CI (`CI` set),
@@ -147,15 +148,29 @@ struct Balancer {
 impl Balancer {
     /// Debian's nginx with `deploy/nginx/`, its addresses swapped for the test's.
     fn nginx(backends: &[SocketAddr], balance: Balance) -> Balancer {
+        Self::nginx_with(backends, balance, |site| site)
+    }
+
+    /// [`Balancer::nginx`], with `edit` applied to the shipped site first.
+    fn nginx_with(
+        backends: &[SocketAddr],
+        balance: Balance,
+        edit: impl FnOnce(String) -> String,
+    ) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path();
         let port = free_port();
-        let mut site = std::fs::read_to_string(repo("deploy/nginx/tfmirror.conf")).unwrap();
+        let mut site = edit(std::fs::read_to_string(repo("deploy/nginx/tfmirror.conf")).unwrap());
         site = swap(&site, "listen 80;", &format!("listen 127.0.0.1:{port};"));
         site = swap(
             &site,
             "access_log /var/log/nginx/tfmirror.log tfmirror;",
             &format!("access_log {}/access.log tfmirror;", p.display()),
+        );
+        // Every error log the site names writes where the tests read.
+        site = site.replace(
+            "/var/log/nginx/error.log",
+            &format!("{}/error.log", p.display()),
         );
         for (i, b) in backends.iter().enumerate() {
             site = swap(&site, &format!("10.0.0.1{i}:8080"), &b.to_string());
@@ -197,9 +212,14 @@ impl Balancer {
 
     /// Debian's HAProxy with `deploy/haproxy/tfmirror.cfg`, its addresses swapped.
     fn haproxy(backends: &[SocketAddr]) -> Balancer {
+        Self::haproxy_with(backends, |cfg| cfg)
+    }
+
+    /// [`Balancer::haproxy`], with `edit` applied to the shipped configuration first.
+    fn haproxy_with(backends: &[SocketAddr], edit: impl FnOnce(String) -> String) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let mut cfg = std::fs::read_to_string(repo("deploy/haproxy/tfmirror.cfg")).unwrap();
+        let mut cfg = edit(std::fs::read_to_string(repo("deploy/haproxy/tfmirror.cfg")).unwrap());
         cfg = swap(&cfg, "bind :80", &format!("bind 127.0.0.1:{port}"));
         for (i, b) in backends.iter().enumerate() {
             cfg = swap(&cfg, &format!("10.0.0.1{i}:8080"), &b.to_string());
@@ -240,6 +260,17 @@ impl Balancer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("balancer never answered:\n{}", self.logs());
+    }
+
+    /// Every file the balancer wrote (access and error logs, stderr), by name.
+    fn all_logs(&self) -> Vec<(String, String)> {
+        ["access.log", "error.log", "stderr.log"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default();
+                (f.to_string(), text)
+            })
+            .collect()
     }
 
     fn logs(&self) -> String {
@@ -482,6 +513,44 @@ async fn serve_refuses_a_key_file_others_can_read() {
     let new = String::from_utf8(out.stdout).unwrap();
     assert_eq!(new.lines().nth(1), text.lines().nth(1), "identity key kept");
     assert_ne!(new.lines().nth(2), text.lines().nth(2), "token key new");
+}
+
+/// Group read of a set's key file is for tfmirror's effective group only (Kubernetes'
+/// `fsGroup`, equal to `runAsGroup`): the other members of a supplementary group are not
+/// tfmirror. `setpriv` (util-linux) runs `tfmirror secret rotate` with group 4242 both ways.
+#[test]
+fn a_key_file_a_supplementary_group_can_read_is_refused() {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if !nix::unistd::geteuid().is_root() || !setpriv.exists() {
+        eprintln!("SKIPPED: needs root and setpriv");
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let key = shared_key(keys.path());
+    std::os::unix::fs::chown(&key, Some(0), Some(4242)).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let rotate_as = |egid: &str| {
+        Command::new(setpriv)
+            .args(["--reuid", "0", "--regid", egid, "--groups", "4242", "--"])
+            .arg(env!("CARGO_BIN_EXE_tfmirror"))
+            .args(["secret", "rotate"])
+            .arg(&key)
+            .output()
+            .unwrap()
+    };
+    let out = rotate_as("0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("group 4242") && err.contains("effective"),
+        "{err}"
+    );
+    let out = rotate_as("4242");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -783,4 +852,150 @@ async fn haproxy_balances_on_the_module_key() {
     let ws = Workspace::new(&lb.url(), &modules());
     assert_installed(&ws.init(Some(ALICE)).await, "haproxy, one replica killed");
     println!("FIGURE haproxy module hashing, 3 replicas: GitLab /file per tarball {per:?}");
+}
+
+/// Download tokens never reach a balancer's logs, access or error, with a replica down:
+/// nginx writes a failing request to its error log (request line and upstream URL, query
+/// included, in a format no setting changes), so the shipped site proxies requests with a
+/// query from a location whose error log takes nothing; HAProxy's log format has the path
+/// without the query.
+#[tokio::test]
+async fn balancer_logs_never_hold_a_download_token() {
+    if !have(NGINX) || !have(HAPROXY) {
+        return;
+    }
+    let gl = gitlab().await;
+    let keys = tempfile::tempdir().unwrap();
+    let key = shared_key(keys.path());
+    let mut set = Vec::new();
+    for _ in 0..2 {
+        set.push(Mirror::start_with(&gl.url(), &["--secret-file", key.to_str().unwrap()]).await);
+    }
+    // A replica that is down: nothing listens on its port, connections are refused.
+    let down: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let backends = [down, set[0].addr, set[1].addr];
+
+    // Round robin, the dead replica kept in the rotation (`max_fails=0`): every third
+    // request meets it first.
+    let mut lb = Balancer::nginx_with(&backends, Balance::RoundRobin, |site| {
+        swap(&site, "max_fails=1", "max_fails=0")
+    });
+    lb.wait_ready().await;
+    let urls = token_urls(&lb).await;
+    for url in &urls {
+        let mut met = false;
+        for _ in 0..6 {
+            let n = lb.access().len();
+            fetch_tarball(&gl, url).await;
+            let log = lb.access_after(n).await;
+            met = log[n..]
+                .iter()
+                .any(|a| a.upstreams.len() > 1 && a.upstreams[0] == down.to_string());
+            if met {
+                break;
+            }
+        }
+        assert!(
+            met,
+            "the dead replica was never tried for {url}:\n{:#?}",
+            lb.access()
+        );
+    }
+    assert_no_token(&lb, &urls, "nginx");
+    // Requests without a query still log their failures.
+    for _ in 0..6 {
+        client()
+            .get(format!("{}/-/health", lb.url()))
+            .send()
+            .await
+            .unwrap();
+        if lb.logs().contains("Connection refused") {
+            break;
+        }
+    }
+    assert!(lb.logs().contains("Connection refused"), "{}", lb.logs());
+    drop(lb);
+
+    // HAProxy, the same way: round robin, and no health checks to take the dead replica out,
+    // so requests meet its refused connections and are retried elsewhere.
+    let mut lb = Balancer::haproxy_with(&backends, |cfg| {
+        let cfg = swap(&cfg, "balance hash var(txn.module)", "balance roundrobin");
+        swap(&cfg, "default-server check inter 2s fall 2 rise 1", "")
+    });
+    lb.wait_ready().await;
+    let urls = token_urls(&lb).await;
+    for url in urls.iter().chain(&urls).chain(&urls) {
+        fetch_tarball(&gl, url).await;
+    }
+    // The last field (%rc) counts retries, "+1" when redispatched: the dead replica was met.
+    let access = lb.all_logs().remove(0).1;
+    assert!(
+        access.lines().any(|l| l.ends_with(" +1")),
+        "no request met the dead replica:\n{access}"
+    );
+    assert_no_token(&lb, &urls, "haproxy");
+}
+
+/// A namespace route's `/file?token=` URL and a project route's tarball URL with a token,
+/// both minted through `lb` for Alice, on `lb`.
+async fn token_urls(lb: &Balancer) -> Vec<String> {
+    let dl = client()
+        .get(format!("{}{V1}/infra/vpc/aws/1.2.0/download", lb.url()))
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dl.status(), 204);
+    let file = format!(
+        "{}{}",
+        lb.url(),
+        dl.headers()["x-terraform-get"].to_str().unwrap()
+    );
+    let project = "/api/v4/projects/10/packages/terraform/modules/vpc/aws/1.2.0";
+    let tg = client()
+        .get(format!("{}{project}?terraform-get=1", lb.url()))
+        .header("authorization", common::basic("alice", ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tg.status(), 204);
+    let get = tg.headers()["x-terraform-get"].to_str().unwrap();
+    let query = get.split_once('?').expect("a token").1;
+    let urls = vec![file, format!("{}{project}?{query}", lb.url())];
+    for url in &urls {
+        assert!(!token_of(url).is_empty(), "{url}");
+    }
+    urls
+}
+
+fn token_of(url: &str) -> &str {
+    url.split("token=")
+        .nth(1)
+        .unwrap_or("")
+        .split('&')
+        .next()
+        .unwrap_or("")
+}
+
+/// GET a tarball URL to its end: 200 and the module's bytes.
+async fn fetch_tarball(gl: &FakeGitlab, url: &str) {
+    let r = client().get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.2.0")
+    );
+}
+
+fn assert_no_token(lb: &Balancer, urls: &[String], which: &str) {
+    for (file, text) in lb.all_logs() {
+        for url in urls {
+            let leaks: Vec<&str> = text.lines().filter(|l| l.contains(token_of(url))).collect();
+            assert!(
+                leaks.is_empty(),
+                "{which} {file} holds a token:\n{}",
+                leaks.join("\n")
+            );
+        }
+    }
 }

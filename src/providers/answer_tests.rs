@@ -160,3 +160,90 @@ async fn an_unknown_registry_is_404_and_never_asked() {
     );
     assert_eq!(f.stub.total(), 0);
 }
+
+/// `SHA256SUMS` read as Terraform reads it (`matchingChecksumAuthentication`): split on `\n`,
+/// whitespace fields, the first line whose second field is the file name byte for byte. The
+/// package is served exactly when Terraform, installing from the registry, would accept it.
+#[tokio::test]
+async fn checksums_are_looked_up_as_terraform_looks_them_up() {
+    use super::testkit::ZIP_NAME as ZIP;
+    let sha = super::verify::to_hex(&super::verify::sha256(&zip()));
+    let other = super::verify::to_hex(&super::verify::sha256(b"other"));
+    let upper = sha.to_uppercase();
+    let rows: [(&str, String, bool); 10] = [
+        ("as sha256sum writes it", format!("{sha}  {ZIP}\n"), true),
+        (
+            "a comment line",
+            format!("# release 1.0.0\n{sha}  {ZIP}\n"),
+            true,
+        ),
+        (
+            "one-field and blank lines",
+            format!("\nREADME\n\n{sha}  {ZIP}\n"),
+            true,
+        ),
+        (
+            "the first of two lines",
+            format!("{sha}  {ZIP}\n{other}  {ZIP}\n"),
+            true,
+        ),
+        (
+            "not the second of two",
+            format!("{other}  {ZIP}\n{sha}  {ZIP}\n"),
+            false,
+        ),
+        ("a third field", format!("{sha}  {ZIP}  extra\n"), true),
+        ("`*` is part of the name", format!("{sha} *{ZIP}\n"), false),
+        (
+            "tabs, CRLF, upper case",
+            format!("{upper}\t{ZIP}\r\n"),
+            true,
+        ),
+        (
+            "a bad first line for the name",
+            format!("xyz  {ZIP}\n{sha}  {ZIP}\n"),
+            false,
+        ),
+        ("another file's line", format!("{sha}  {ZIP}.sig\n"), false),
+    ];
+    let mut wrong = Vec::new();
+    for (why, doc, served) in rows {
+        match (with_sums(doc).await, served) {
+            (Ok((hashes, package)), true) => {
+                assert_eq!(hashes, serde_json::json!([format!("zh:{sha}")]), "{why}");
+                assert_eq!(package, (zip().to_vec(), false), "{why}");
+            }
+            (Err(refused), false) => {
+                let (listing, package, fetched) = refused;
+                assert_eq!(listing, StatusCode::BAD_GATEWAY, "{why}");
+                assert_eq!(package, StatusCode::BAD_GATEWAY, "{why}");
+                assert_eq!(fetched, 0, "{why}: never fetched");
+            }
+            _ => wrong.push(why),
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "served or refused unlike Terraform: {wrong:?}"
+    );
+}
+
+/// The mirror of a registry whose `SHA256SUMS` is `doc`: the package's `hashes` in
+/// `1.0.0.json` and the package as read, or the statuses of both and how often the package
+/// was fetched.
+async fn with_sums(
+    doc: String,
+) -> Result<(serde_json::Value, (Vec<u8>, bool)), (StatusCode, StatusCode, usize)> {
+    let f = fixture_with(|c| c.providers.allow_unsigned = true);
+    publish(&f.stub, &zip(), &[]);
+    f.stub.on(&sums_url(), &[ok(doc)]);
+    f.stub.on(&zip_url(), &[ok(zip())]);
+    let (listing, _) = f.ask(GET, "1.0.0.json").await;
+    let (package, _) = f.ask(GET, "1.0.0/linux_amd64.zip").await;
+    if listing.status != StatusCode::OK || package.status != StatusCode::OK {
+        return Err((listing.status, package.status, f.stub.calls(&zip_url())));
+    }
+    let body: serde_json::Value = serde_json::from_slice(&read(listing).await.0).unwrap();
+    let hashes = body["archives"]["linux_amd64"]["hashes"].clone();
+    Ok((hashes, read(package).await))
+}

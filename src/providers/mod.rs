@@ -478,7 +478,7 @@ impl Providers {
             signature = Some(sig);
             Some(id)
         };
-        let sums = verify::parse_sums(&doc).map_err(refuse)?;
+        let sums = verify::Sums::parse(&doc);
         verify::expected_sha(&sums, &answer.filename, Some(&answer.shasum)).map_err(refuse)?;
         let archives = packages(&sums, &p.name, version);
         if archives.is_empty() {
@@ -659,7 +659,7 @@ impl Providers {
     ) -> Result<upstream::DownloadAnswer, Fetched> {
         let expected = verify::parse_hex(&pkg.sha256).ok_or(Fetched::Refused)?;
         let answer = self.registries.download(p, version, platform).await?;
-        let signed = BTreeMap::from([(pkg.filename.clone(), expected)]);
+        let signed = verify::Sums::from_iter([(pkg.filename.clone(), expected)]);
         if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
             verification(p, version, Err(r));
             return Err(Fetched::Refused);
@@ -704,17 +704,13 @@ impl Providers {
 }
 
 /// The packages a verified `SHA256SUMS` lists for this provider and version, by platform.
-fn packages(
-    sums: &BTreeMap<String, verify::Sha>,
-    name: &str,
-    version: &str,
-) -> BTreeMap<String, Package> {
-    sums.iter()
+fn packages(sums: &verify::Sums, name: &str, version: &str) -> BTreeMap<String, Package> {
+    sums.listed()
         .filter_map(|(file, sha)| {
             let platform = verify::platform_of(file, name, version)?;
             let pkg = Package {
-                filename: file.clone(),
-                sha256: verify::to_hex(sha),
+                filename: file.to_string(),
+                sha256: verify::to_hex(&sha),
             };
             Some((platform, pkg))
         })

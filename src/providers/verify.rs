@@ -61,36 +61,110 @@ impl Refusal {
 /// A sha256 digest.
 pub type Sha = [u8; 32];
 
-/// Parse a `SHA256SUMS` document (`<hex>  <file>` per line, as `sha256sum` writes it; a `*`
-/// before the name marks binary mode). Any malformed line rejects the whole document.
-pub fn parse_sums(doc: &[u8]) -> Result<BTreeMap<String, Sha>, Refusal> {
-    let text = std::str::from_utf8(doc).map_err(|_| Refusal::NotListed)?;
-    let mut out = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let (hex, name) = line
-            .split_once(char::is_whitespace)
-            .ok_or(Refusal::NotListed)?;
-        let name = name.trim_start().trim_start_matches('*');
-        let sha = parse_hex(hex).ok_or(Refusal::NotListed)?;
-        if name.is_empty() || name.contains('/') {
-            return Err(Refusal::NotListed);
-        }
-        out.insert(name.to_string(), sha);
-    }
-    if out.is_empty() {
-        return Err(Refusal::NotListed);
-    }
-    Ok(out)
+/// A `SHA256SUMS` document, read as Terraform reads it to find one package
+/// (`matchingChecksumAuthentication` in `internal/getproviders/package_authentication.go`):
+/// the bytes split on `\n`, each line split into whitespace-separated fields, and the
+/// **first** line whose second field is the file name, byte for byte, gives its checksum.
+/// A `*` before the name (`sha256sum -b`) is part of the name, so it matches nothing; lines
+/// with fewer than two fields (blank lines, comments of one word) and later lines for the
+/// same name are ignored; nothing else in the document makes it unreadable.
+///
+/// So a package is served only against the entry Terraform itself would check it against
+/// when installing straight from the registry, and refused whenever Terraform would refuse it
+/// (its first line's checksum is not 64 hex digits, or no line names it). Terraform decodes a
+/// shorter hex string into a zero-padded sha256 that no real package has, and crashes on a
+/// longer one: both are refused here.
+///
+/// (The `zh:` hashes Terraform records in a lock file after a signed install are a separate
+/// reading: every line's, or none if any line is not `<64 hex> <name>`. A network mirror's
+/// `hashes` never reach the lock file, so [`super::mirror`] lists each archive's own entry.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sums {
+    /// Each name the document lists, with its first line's checksum: `None` when that is not
+    /// a sha256 in hex (Terraform then refuses the file, whatever later lines say).
+    first: BTreeMap<String, Option<Sha>>,
 }
 
+impl Sums {
+    pub fn parse(doc: &[u8]) -> Sums {
+        let mut first = BTreeMap::new();
+        for line in doc.split(|&b| b == b'\n') {
+            let mut fields = fields(line);
+            let (Some(hex), Some(name)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            // A name that is not UTF-8 never equals a registry's file name (a JSON string).
+            let Ok(name) = std::str::from_utf8(name) else {
+                continue;
+            };
+            first
+                .entry(name.to_string())
+                .or_insert_with(|| std::str::from_utf8(hex).ok().and_then(parse_hex));
+        }
+        Sums { first }
+    }
+
+    /// The checksum Terraform checks `filename` against.
+    pub fn sha_of(&self, filename: &str) -> Result<Sha, Refusal> {
+        self.first
+            .get(filename)
+            .copied()
+            .flatten()
+            .ok_or(Refusal::NotListed)
+    }
+
+    /// Every name Terraform would find a checksum for, with that checksum.
+    pub fn listed(&self) -> impl Iterator<Item = (&str, Sha)> {
+        self.first
+            .iter()
+            .filter_map(|(name, sha)| Some((name.as_str(), (*sha)?)))
+    }
+}
+
+impl FromIterator<(String, Sha)> for Sums {
+    fn from_iter<I: IntoIterator<Item = (String, Sha)>>(entries: I) -> Sums {
+        Sums {
+            first: entries.into_iter().map(|(n, s)| (n, Some(s))).collect(),
+        }
+    }
+}
+
+/// The whitespace-separated fields of `line`, as Go's `bytes.Fields` splits them: at Unicode
+/// white space (which `char::is_whitespace` and Go's `unicode.IsSpace` agree on), with bytes
+/// that are not UTF-8 taken as part of a field.
+fn fields(line: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut spaces = Vec::new();
+    let mut at = 0;
+    for chunk in line.utf8_chunks() {
+        for (i, c) in chunk.valid().char_indices() {
+            if c.is_whitespace() {
+                spaces.push((at + i, at + i + c.len_utf8()));
+            }
+        }
+        at += chunk.valid().len() + chunk.invalid().len();
+    }
+    spaces.push((line.len(), line.len()));
+    let mut start = 0;
+    spaces.into_iter().filter_map(move |(from, to)| {
+        let field = &line[start..from];
+        start = to;
+        (!field.is_empty()).then_some(field)
+    })
+}
+
+/// A sha256 written as 64 hex digits, either case (as Go's `hex.Decode` reads them; nothing
+/// else, not even a sign).
 pub fn parse_hex(hex: &str) -> Option<Sha> {
-    if hex.len() != 64 {
+    let digits = hex.as_bytes();
+    if digits.len() != 64 {
         return None;
     }
+    let nibble = |b: u8| char::from(b).to_digit(16);
     let mut out = [0u8; 32];
-    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
+    for (byte, pair) in out.iter_mut().zip(digits.chunks(2)) {
+        let (hi, lo) = (nibble(pair[0])?, nibble(pair[1])?);
+        // Two nibbles: below 256.
+        *byte = (hi << 4 | lo) as u8;
     }
     Some(out)
 }
@@ -144,13 +218,13 @@ pub fn check_signature(
 
 /// The signed sha256 of `filename`, checked against the registry's own `shasum` claim.
 pub fn expected_sha(
-    sums: &BTreeMap<String, Sha>,
+    sums: &Sums,
     filename: &str,
     registry_shasum: Option<&str>,
 ) -> Result<Sha, Refusal> {
-    let sha = *sums.get(filename).ok_or(Refusal::NotListed)?;
+    let sha = sums.sha_of(filename)?;
     if let Some(claim) = registry_shasum {
-        if parse_hex(&claim.to_ascii_lowercase()) != Some(sha) {
+        if parse_hex(claim) != Some(sha) {
             return Err(Refusal::ShasumMismatch);
         }
     }
@@ -223,25 +297,86 @@ mod tests {
 
     const A: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
 
+    /// Which checksum Terraform's lookup finds for `p.zip` in `doc`, as hex.
+    fn looked_up(doc: &[u8]) -> Option<String> {
+        Sums::parse(doc).sha_of("p.zip").ok().map(|s| to_hex(&s))
+    }
+
     #[test]
-    fn sums_parse_as_sha256sum_writes_them() {
-        let doc = format!("{A}  terraform-provider-x_1.0.0_linux_amd64.zip\n{A} *terraform-provider-x_1.0.0_manifest.json\n");
-        let s = parse_sums(doc.as_bytes()).unwrap();
-        assert_eq!(s.len(), 2);
-        assert_eq!(s["terraform-provider-x_1.0.0_linux_amd64.zip"][0], 0xaa);
-        for bad in [
-            "",
-            "zz  a.zip\n",
-            &format!("{A}  a/../b.zip\n"),
-            &format!("{A}\n"),
+    fn the_first_line_naming_the_file_byte_for_byte_wins() {
+        let b = A.replace("aa", "bb");
+        for (doc, found) in [
+            (format!("{A}  p.zip\n"), Some(A)),
+            (format!("{A}  p.zip"), Some(A)),
+            (format!("{A}  p.zip\n{b}  p.zip\n"), Some(A)),
+            (format!("{b}  q.zip\n{A}  p.zip\n"), Some(A)),
+            // What Terraform ignores: lines with fewer than two fields, other names.
+            (format!("# comment\n\n   \nREADME\n{A}  p.zip\n"), Some(A)),
+            (format!("{A}  p.zip  third field\n"), Some(A)),
+            // Go's white space: tab, CR, VT, FF, NEL, NBSP.
+            (format!("{A}\tp.zip\r\n"), Some(A)),
+            (format!("\x0b{A}\x0cp.zip\n"), Some(A)),
+            (format!("{A}\u{85}p.zip\u{a0}\n"), Some(A)),
+            (format!("{}  p.zip\n", A.to_uppercase()), Some(A)),
+            // Not the name: `*` (binary mode) and case are part of it.
+            (format!("{A} *p.zip\n"), None),
+            (format!("{A}  P.zip\n"), None),
+            (format!("{A}  ./p.zip\n"), None),
+            // The first line for the name decides, even when it is unreadable.
+            (format!("zz  p.zip\n{A}  p.zip\n"), None),
+            (format!("{}  p.zip\n{A}  p.zip\n", &A[..62]), None),
+            (format!("{A}0  p.zip\n"), None),
+            ("p.zip\n".to_string(), None),
+            (String::new(), None),
         ] {
-            assert!(parse_sums(bad.as_bytes()).is_err(), "{bad:?}");
+            assert_eq!(looked_up(doc.as_bytes()).as_deref(), found, "{doc:?}");
+        }
+        // Bytes that are not UTF-8 belong to their field; they break nothing else.
+        let mut doc = b"\xff\xfe  x.zip\n".to_vec();
+        doc.extend(format!("{A}  p.zip\n").as_bytes());
+        assert_eq!(looked_up(&doc).as_deref(), Some(A));
+        let mut doc = format!("{A}  p.zip").into_bytes();
+        doc.push(0xff);
+        assert_eq!(looked_up(&doc), None);
+    }
+
+    #[test]
+    fn listed_names_are_those_terraform_finds_a_checksum_for() {
+        let b = A.replace("aa", "bb");
+        let doc = format!("{A}  p.zip\n{b}  p.zip\nbad  q.zip\n{b}  q.zip\n{b} *r.zip\n");
+        let listed: Vec<_> = Sums::parse(doc.as_bytes())
+            .listed()
+            .map(|(n, s)| (n.to_string(), to_hex(&s)))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("*r.zip".to_string(), b.clone()),
+                ("p.zip".to_string(), A.to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn hex_is_64_digits_and_nothing_else() {
+        assert_eq!(parse_hex(A).map(|s| s[0]), Some(0xaa));
+        assert_eq!(parse_hex(&A.to_uppercase()).map(|s| s[0]), Some(0xaa));
+        // `u8::from_str_radix` would take a sign: Go's hex.Decode does not.
+        for bad in [
+            format!("+a{}", &A[2..]),
+            format!("-0{}", &A[2..]),
+            format!(" a{}", &A[2..]),
+            A[..62].to_string(),
+            format!("{A}00"),
+            format!("é{}", &A[2..]),
+        ] {
+            assert_eq!(parse_hex(&bad), None, "{bad:?}");
         }
     }
 
     #[test]
     fn expected_sha_needs_listing_and_agreement() {
-        let s = parse_sums(format!("{A}  p.zip\n").as_bytes()).unwrap();
+        let s = Sums::parse(format!("{A}  p.zip\n").as_bytes());
         assert!(expected_sha(&s, "p.zip", Some(A)).is_ok());
         assert!(expected_sha(&s, "p.zip", Some(&A.to_uppercase())).is_ok());
         assert!(expected_sha(&s, "p.zip", None).is_ok());
@@ -249,6 +384,10 @@ mod tests {
         let other = A.replace("aa", "bb");
         assert_eq!(
             expected_sha(&s, "p.zip", Some(&other)),
+            Err(Refusal::ShasumMismatch)
+        );
+        assert_eq!(
+            expected_sha(&s, "p.zip", Some(&format!("+a{}", &A[2..]))),
             Err(Refusal::ShasumMismatch)
         );
     }
