@@ -41,7 +41,7 @@
 //! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |
 //! | | [`pem`] | certificate and key files |
 //! | | [`logbuf`] | per-thread log buffers, flushed by size or timer |
-//! | | [`tls`] | TLS termination: the server certificate, reloaded when its files change |
+//! | | [`tls`] | TLS termination: the server certificate, reloaded when its files change; the client pinned to it for `tfmirror health` |
 //! | | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //!
 //! ## Why pingora's proxy, but not pingora-cache
