@@ -25,8 +25,9 @@ skip() {
 command -v podman >/dev/null || skip "podman is not installed (make container-deps)"
 
 cargo build --release --locked --bin tfmirror
+# Into the build context (.dockerignore lets this one file in), wherever cargo builds.
 mkdir -p target/image
-strip -o target/image/tfmirror target/release/tfmirror
+strip -o target/image/tfmirror "${CARGO_TARGET_DIR:-target}/release/tfmirror"
 
 export CONTAINERS_CONF=$PWD/tests/container/containers.conf
 export CONTAINERS_CONF_OVERRIDE=$CONTAINERS_CONF
