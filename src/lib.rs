@@ -42,7 +42,7 @@
 //! | | [`pem`] | certificate and key files |
 //! | | [`logbuf`] | per-thread log buffers, flushed by size or timer |
 //! | | [`logbridge`] | pingora's `log` records into tracing; a client's abort mid-head demoted to debug and counted |
-//! | | [`tls`] | TLS termination: the server certificate, reloaded when its files change |
+//! | | [`tls`] | TLS termination: the server certificate, reloaded when its files change; the client pinned to it for `tfmirror health` |
 //! | | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //!
 //! ## Why pingora's proxy, but not pingora-cache

@@ -351,26 +351,145 @@ fn systemd_unit_is_hardened() {
     );
 }
 
-#[test]
-fn dockerfile_builds_in_stages_and_runs_unprivileged() {
-    let d = read("deploy/Dockerfile");
-    assert_eq!(d.lines().filter(|l| l.starts_with("FROM ")).count(), 2);
-    assert!(d.contains("cmake"), "the builder needs cmake for pingora");
-    assert!(d.contains("ca-certificates"));
-    assert!(d
+/// The Dockerfile's stages, each as its `FROM` line and the instructions that follow it.
+fn dockerfile_stages() -> Vec<(String, Vec<String>)> {
+    let text = read("deploy/Dockerfile");
+    // Continuation lines joined, comments dropped.
+    let joined = text
         .lines()
-        .any(|l| l.starts_with("USER ") && !l.contains("root")));
-    assert!(d.contains("VOLUME") && d.contains("HEALTHCHECK") && d.contains("/-/health"));
-    // Everything it copies exists in the repository.
-    for line in d
-        .lines()
-        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
-    {
-        let parts: Vec<&str> = line.split_whitespace().collect();
-        for src in &parts[1..parts.len() - 1] {
-            assert!(root(src).exists(), "COPY {src}: missing");
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("\\\n", " ");
+    let mut stages: Vec<(String, Vec<String>)> = Vec::new();
+    for line in joined.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line.starts_with("FROM ") {
+            stages.push((line.to_string(), Vec::new()));
+        } else if let Some((_, body)) = stages.last_mut() {
+            body.push(line.to_string());
         }
     }
+    stages
+}
+
+#[test]
+fn dockerfile_runtime_stage_needs_nothing_at_run_time() {
+    let stages = dockerfile_stages();
+    let (from, runtime) = stages.last().unwrap();
+    assert_eq!(from, "FROM ${BASE_IMAGE}");
+    let has = |prefix: &str| runtime.iter().filter(|l| l.starts_with(prefix)).count();
+    // No package manager, no shell step: the base may have neither.
+    assert_eq!(has("RUN "), 0, "{runtime:?}");
+    assert_eq!(has("USER 10001:10001"), 1, "a numeric non-root user");
+    assert!(runtime.contains(&"VOLUME [\"/var/cache/tfmirror\"]".to_string()));
+    let health = runtime
+        .iter()
+        .find(|l| l.starts_with("HEALTHCHECK "))
+        .unwrap();
+    assert!(
+        health.ends_with("CMD [\"/usr/local/bin/tfmirror\", \"health\"]"),
+        "the binary checks itself, no curl: {health}"
+    );
+    assert!(runtime.contains(&"ENTRYPOINT [\"/usr/local/bin/tfmirror\"]".to_string()));
+    // The CA roots and the binary come from the stages that have a shell.
+    assert!(runtime
+        .iter()
+        .any(|l| l.starts_with("COPY --from=layout") && l.contains("/etc/ssl/certs/")));
+    assert!(runtime
+        .iter()
+        .any(|l| l.starts_with("COPY --from=chosen /tfmirror /usr/local/bin/tfmirror")));
+    // The builder compiles with cmake (pingora's zlib-ng) and strips.
+    let (_, binary) = stages
+        .iter()
+        .find(|(f, _)| f.ends_with(" AS binary"))
+        .unwrap();
+    let steps = binary.join("\n");
+    assert!(
+        steps.contains("cmake") && steps.contains("strip "),
+        "{steps}"
+    );
+}
+
+#[test]
+fn dockerfile_copies_only_what_the_build_context_holds() {
+    let allowed: Vec<String> = read(".dockerignore")
+        .lines()
+        .filter_map(|l| l.strip_prefix('!'))
+        .map(str::to_string)
+        .collect();
+    for (_, body) in dockerfile_stages() {
+        for line in body
+            .iter()
+            .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+        {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            for src in parts[1..parts.len() - 1]
+                .iter()
+                .filter(|p| !p.starts_with("--") && !p.starts_with('$'))
+            {
+                assert!(root(src).exists(), "COPY {src}: missing");
+                assert!(
+                    allowed.iter().any(|a| a == src.trim_end_matches('/')),
+                    "COPY {src}: .dockerignore leaves it out of the build context"
+                );
+            }
+        }
+    }
+}
+
+/// The image's own configuration: it listens on the port the image exposes and the pod's
+/// container names, and caches in the volume.
+#[test]
+fn image_configuration_fits_the_image_and_the_pod() {
+    let c = tfmirror::config::Config::load(
+        Some(&root("deploy/container/tfmirror.yaml")),
+        &Default::default(),
+    )
+    .unwrap();
+    let stages = dockerfile_stages();
+    let runtime = &stages.last().unwrap().1;
+    assert!(runtime.contains(&format!("EXPOSE {}", c.listen.port())));
+    assert!(c.listen.ip().is_unspecified());
+    assert_eq!(c.cache_dir, Path::new("/var/cache/tfmirror"));
+    assert!(runtime
+        .contains(&"COPY deploy/container/tfmirror.yaml /etc/tfmirror/tfmirror.yaml".to_string()));
+    assert!(runtime.contains(&"ENV TFMIRROR_CONFIG=/etc/tfmirror/tfmirror.yaml".to_string()));
+    let docs = yaml_docs("deploy/kubernetes/tfmirror.yaml");
+    let sts = docs.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let container = &sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["ports"][0]["containerPort"].as_u64(),
+        Some(u64::from(c.listen.port()))
+    );
+}
+
+/// The pod's `args` follow the image's `ENTRYPOINT`: together, a command line tfmirror takes.
+#[test]
+fn kubernetes_args_are_a_command_for_the_image_entrypoint() {
+    let stages = dockerfile_stages();
+    let runtime = &stages.last().unwrap().1;
+    let entrypoint: Vec<String> = runtime
+        .iter()
+        .find_map(|l| l.strip_prefix("ENTRYPOINT "))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap();
+    let docs = yaml_docs("deploy/kubernetes/tfmirror.yaml");
+    let sts = docs.iter().find(|d| d["kind"] == "StatefulSet").unwrap();
+    let args: Vec<String> =
+        serde_yaml::from_value(sts["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+            .unwrap();
+    // The entrypoint's arguments, then the pod's, as the kubelet starts them.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(&entrypoint[1..])
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{entrypoint:?} + {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

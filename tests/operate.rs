@@ -860,3 +860,97 @@ async fn admin_purge_keeps_the_servers_byte_count_right() {
         "the purged bytes are no longer counted"
     );
 }
+
+/// A self-signed certificate for `name` (not 127.0.0.1), from no CA anyone trusts: its files.
+fn certificate(dir: &Path, name: &str, tag: &str) -> (String, String) {
+    let made = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    let cert = dir.join(format!("{tag}.crt"));
+    let key = dir.join(format!("{tag}.key"));
+    std::fs::write(&cert, made.cert.pem()).unwrap();
+    std::fs::write(&key, made.key_pair.serialize_pem()).unwrap();
+    (
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+    )
+}
+
+/// `tfmirror health`, the container image's health check: 0 when the configured listener
+/// answers `/-/health`, 1 for anything else (never 2, which Docker reserves); 127.0.0.1 for a
+/// listener on all addresses; over HTTPS, exactly the configured certificate is trusted,
+/// whatever names it carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_command_asks_the_configured_listener() {
+    let gl = gitlab().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path(), "tfmirror.example.com", "served");
+    let tls = Mirror::start_with(&gl.url(), &["--tls-cert", &cert, "--tls-key", &key]).await;
+    let plain = Mirror::start(&gl.url()).await;
+    let config = |name: &str, yaml: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, yaml).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let health = |config: &str| {
+        let out = tfmirror(&["health", "--config", config]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+
+    let pinned = config(
+        "tls.yaml",
+        format!(
+            "listen: \"{}\"\ntls_cert: \"{cert}\"\ntls_key: \"{key}\"\n",
+            tls.addr
+        ),
+    );
+    let (code, text) = health(&pinned);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("https://{}/-/health", tls.addr)),
+        "{text}"
+    );
+
+    // The file names another certificate than the listener serves.
+    let (other, other_key) = certificate(dir.path(), "tfmirror.example.com", "other");
+    let wrong = config(
+        "other.yaml",
+        format!(
+            "listen: \"{}\"\ntls_cert: \"{other}\"\ntls_key: \"{other_key}\"\n",
+            tls.addr
+        ),
+    );
+    let (code, text) = health(&wrong);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("another certificate"), "{text}");
+
+    // Listening on all addresses: asked at 127.0.0.1. The environment names the file too.
+    let all = config(
+        "all.yaml",
+        format!("listen: \"0.0.0.0:{}\"\n", plain.addr.port()),
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .arg("health")
+        .env("TFMIRROR_CONFIG", &all)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("http://127.0.0.1:{}/-/health", plain.addr.port())));
+
+    // Nothing listening, an error page, a broken configuration: unhealthy, exit 1.
+    let nothing = config(
+        "nothing.yaml",
+        format!("listen: \"127.0.0.1:{}\"\n", free_port()),
+    );
+    assert_eq!(health(&nothing).0, Some(1));
+    let missing = format!("{}/-/no-such-page", plain.url());
+    let out = tfmirror(&["health", "--url", &missing]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("answered 404"));
+    let broken = config("broken.yaml", "listen: nowhere\n".into());
+    assert_eq!(health(&broken).0, Some(1));
+}
