@@ -401,11 +401,7 @@ fn download(
     let task = tokio::spawn(async move {
         use futures::StreamExt;
         let mut started = Some(started);
-        let r = reqwest::Client::new()
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+        let r = client().get(&url).send().await.map_err(|e| e.to_string())?;
         assert_eq!(r.status(), 200);
         let mut body = Vec::new();
         let mut stream = r.bytes_stream();

@@ -285,7 +285,11 @@ async fn a_module_turned_private_is_no_longer_served_as_public() {
     }
     // The anonymous caller GitLab refused gets that refusal again (issue 26).
     let r = get(&m, "opensource/labels/null/versions", None).await;
-    assert_eq!(r.status(), 401, "anonymous read a module that has turned private");
+    assert_eq!(
+        r.status(),
+        401,
+        "anonymous read a module that has turned private"
+    );
     assert_eq!(r.headers()["x-tfmirror-refusal"], "refused");
 }
 
@@ -577,19 +581,33 @@ async fn a_refusal_the_regional_tier_learned_stops_every_edge_during_an_outage()
     gl.revoke("infra", ALICE);
     expire_grants().await;
     let e2_check = format!("{}?terraform-get=1", project(&e2, Some("1.1.0")));
-    assert_eq!(get(&e2, "infra/vpc/aws/versions", Some(ALICE)).await.status(), 403);
+    assert_eq!(
+        get(&e2, "infra/vpc/aws/versions", Some(ALICE))
+            .await
+            .status(),
+        403
+    );
     assert_eq!(project_get(&e2_check, "alice", ALICE).await.status(), 404);
 
     for fault in [Fault::Status(500), Fault::Down] {
         gl.set_fault(fault.clone());
         let r = get(&e1, "infra/vpc/aws/versions", Some(ALICE)).await;
-        assert_eq!(r.status(), 403, "{fault:?}: listing at E1 ({})", cache_status(&r));
+        assert_eq!(
+            r.status(),
+            403,
+            "{fault:?}: listing at E1 ({})",
+            cache_status(&r)
+        );
         let r = get(&e1, "infra/vpc/aws/1.1.0/download", Some(ALICE)).await;
         assert_eq!(r.status(), 403, "{fault:?}: download URL at E1");
         let r = project_get(&check, "alice", ALICE).await;
         assert_eq!(r.status(), 404, "{fault:?}: project route at E1");
         let r = client().get(&file).send().await.unwrap();
-        assert_eq!(r.status(), 403, "{fault:?}: tarball behind an old token at E1");
+        assert_eq!(
+            r.status(),
+            403,
+            "{fault:?}: tarball behind an old token at E1"
+        );
         // The regional says why, in the one header a tier reads.
         let r = get(&regional, "infra/vpc/aws/versions", Some(ALICE)).await;
         assert_eq!(r.status(), 403);
@@ -597,7 +615,10 @@ async fn a_refusal_the_regional_tier_learned_stops_every_edge_during_an_outage()
     }
     // Bob, never refused, still gets his stale copy at E1 while GitLab is down.
     gl.set_fault(Fault::None);
-    assert_eq!(get(&e1, "infra/vpc/aws/versions", Some(BOB)).await.status(), 200);
+    assert_eq!(
+        get(&e1, "infra/vpc/aws/versions", Some(BOB)).await.status(),
+        200
+    );
     expire_grants().await;
     gl.set_fault(Fault::Down);
     let r = get(&e1, "infra/vpc/aws/versions", Some(BOB)).await;
