@@ -205,6 +205,14 @@ pub static CACHE_RECORDS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static CACHE_RECORDS_EVICTED: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_cache_records_evicted_total",
+        "Records removed at limits.max_records to make room for a new one (the one nearest its expiry)."
+    )
+    .expect("metric")
+});
+
 pub static GRANTS_EXPIRED: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "tfmirror_grants_expired_total",
@@ -253,7 +261,7 @@ pub const PROVIDER_VERIFICATION_RESULTS: [&str; 9] = [
 ];
 
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 27] = [
+pub const FAMILIES: [&str; 28] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -277,6 +285,7 @@ pub const FAMILIES: [&str; 27] = [
     "tfmirror_unframed_responses_total",
     "tfmirror_cache_records",
     "tfmirror_cache_records_refused_total",
+    "tfmirror_cache_records_evicted_total",
     "tfmirror_grants_expired_total",
     "tfmirror_cache_writable",
     "tfmirror_republished_total",
@@ -312,6 +321,7 @@ pub fn init() {
     LazyLock::force(&UNFRAMED_RESPONSES);
     LazyLock::force(&CACHE_RECORDS);
     LazyLock::force(&CACHE_RECORDS_REFUSED);
+    LazyLock::force(&CACHE_RECORDS_EVICTED);
     LazyLock::force(&GRANTS_EXPIRED);
     LazyLock::force(&REPUBLISHED);
     // Writable until a readiness probe finds otherwise.

@@ -933,3 +933,60 @@ async fn read_by_server(server: std::net::SocketAddr, client: std::net::SocketAd
     }
     panic!("the server never read what {client} sent");
 }
+
+/// Issue 26, item 4: unique junk `Authorization` values GitLab answers as anonymous (an ignored
+/// scheme) on a public module leave no record on disk, and the memory they cost is bounded
+/// in bytes. The old code wrote one grant record per value (3,002 files for 3,000 requests)
+/// and kept each raw credential (up to 32 KiB) in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_identities_on_a_public_module_leave_nothing_on_disk() {
+    let gl = gitlab().await;
+    gl.add_group("opensource", true, &[]);
+    gl.add_module("opensource", 4, "labels", "null", &["0.1.0"]);
+    let m = Mirror::start(&gl.url()).await;
+    let url = format!("{}{V1}/opensource/labels/null/versions", m.url());
+    // An anonymous caller first: the module's public answer is known.
+    assert_eq!(client().get(&url).send().await.unwrap().status(), 200);
+    let grants = || count_files(&m.cache_dir().join("cache/meta/grant"));
+    let before = (grants(), common::rss_bytes(m.pid()));
+    assert_eq!(before.0, 1, "the anonymous caller's own grant");
+    let pad = "x".repeat(30 * 1024);
+    let junk: Vec<String> = (0..1_000).map(|i| format!("Negotiate {i}-{pad}")).collect();
+    let url = &url;
+    let answers = futures::future::join_all(junk.chunks(100).map(|chunk| async move {
+        let mut statuses = Vec::new();
+        for value in chunk {
+            let r = client()
+                .get(url)
+                .header("authorization", value)
+                .send()
+                .await;
+            statuses.push(r.unwrap().status().as_u16());
+        }
+        statuses
+    }))
+    .await;
+    assert!(answers.iter().flatten().all(|s| *s == 200), "{answers:?}");
+    let after = (grants(), common::rss_bytes(m.pid()));
+    assert_eq!(after.0, before.0, "no grant record per junk value");
+    println!(
+        "FIGURE 1,000 junk identities of 30 KiB: grant records {} -> {}, RSS {} -> {} MiB",
+        before.0,
+        after.0,
+        before.1 >> 20,
+        after.1 >> 20
+    );
+}
+
+fn count_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => count_files(&e.path()),
+            _ => 1,
+        })
+        .sum()
+}

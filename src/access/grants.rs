@@ -37,7 +37,7 @@ use http::{HeaderValue, StatusCode};
 
 use super::horizon::Horizon;
 use crate::cache::meta::Records;
-use crate::cache::records::{grant_key, version_listing, Grant, Refusal, KIND_GRANT};
+use crate::cache::records::{grant_expiry, grant_key, version_listing, Grant, Refusal, KIND_GRANT};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::routes::ModuleId;
@@ -179,6 +179,8 @@ pub struct Auth {
     refusal_floor: Arc<Mutex<u64>>,
     negative_ttl: Duration,
     pub grant_ttl: Duration,
+    /// `auth.grant_ttl + cache.stale_if_error`, seconds: when a grant record is past any use.
+    horizon: u64,
 }
 
 /// Longest `Retry-After` honoured for one caller: a bogus value must not shut it out for a day.
@@ -198,7 +200,12 @@ where
 }
 
 impl Auth {
-    pub fn new(records: Records, grant_ttl: Duration, negative_ttl: Duration) -> Auth {
+    pub fn new(
+        records: Records,
+        grant_ttl: Duration,
+        negative_ttl: Duration,
+        stale_if_error: Duration,
+    ) -> Auth {
         let floor = Arc::new(Mutex::new(unix_now()));
         let evicted = floor.clone();
         Auth {
@@ -240,7 +247,15 @@ impl Auth {
             refusal_floor: floor,
             negative_ttl,
             grant_ttl,
+            horizon: (grant_ttl + stale_if_error).as_secs(),
         }
+    }
+
+    /// Write a grant (or a refusal) with the time it is past any use: past
+    /// `limits.max_records`, the record nearest its expiry makes room for a new one.
+    async fn persist(&self, key: String, g: Arc<Grant>) -> std::io::Result<()> {
+        let expiry = grant_expiry(&g, self.horizon);
+        self.records.put_expiring(KIND_GRANT, key, g, expiry).await
     }
 
     /// The grant, from memory or disk. Expired grants are returned too: stale-if-error
@@ -304,7 +319,7 @@ impl Auth {
         }
         self.memory.invalidate(&key);
         self.grants.insert(key.clone(), g.clone());
-        if self.records.put(KIND_GRANT, key, g).await.is_err() {
+        if self.persist(key, g).await.is_err() {
             tracing::warn!("could not persist a grant; it stays in memory");
         }
     }
@@ -331,7 +346,7 @@ impl Auth {
                 let refused = Arc::new(refused);
                 self.memory.invalidate(&key);
                 self.grants.insert(key.clone(), refused.clone());
-                if self.records.put(KIND_GRANT, key, refused).await.is_err() {
+                if self.persist(key, refused).await.is_err() {
                     // Without it, a restart could serve the old grant's answers again: drop
                     // the grant's record at least.
                     let key = grant_key(identity, module);
@@ -531,6 +546,7 @@ mod tests {
             Records::new(meta.clone()),
             Duration::from_secs(60),
             Duration::from_secs(5),
+            Duration::from_secs(600),
         )
     }
 

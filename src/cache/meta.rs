@@ -5,11 +5,12 @@
 //! ever appears in a file name. Records are read lazily on first use, so start-up does not
 //! depend on how many there are.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -28,8 +29,51 @@ pub struct MetaStore {
     /// Records on disk, as far as this process knows (counted by [`MetaStore::recount`] at
     /// start, then kept up to date by its own writes and removals).
     count: AtomicU64,
-    /// New records past this many are refused (the caller keeps them in memory).
+    /// Past this many records, a new one first removes the record nearest its expiry; with
+    /// none known, it is refused (the caller keeps it in memory).
     cap: AtomicU64,
+    /// Records that expire (grants), nearest expiry first: what makes room at the cap.
+    expiring: Mutex<Expiring>,
+}
+
+/// The records known to expire, by expiry: those this process wrote, and those the
+/// periodic scan of grants found ([`MetaStore::note_expiry`]). Bounded: past
+/// [`MAX_EXPIRING`], the latest expiries are forgotten (they would be removed last anyway).
+#[derive(Default)]
+struct Expiring {
+    order: BTreeSet<(u64, String, String)>,
+    at: HashMap<(String, String), u64>,
+}
+
+/// How many expiring records are known at most, as candidates to make room.
+const MAX_EXPIRING: usize = 65_536;
+
+impl Expiring {
+    fn note(&mut self, kind: &str, key: &str, expiry: u64) {
+        let id = (kind.to_string(), key.to_string());
+        if let Some(old) = self.at.insert(id.clone(), expiry) {
+            self.order.remove(&(old, id.0.clone(), id.1.clone()));
+        }
+        self.order.insert((expiry, id.0, id.1));
+        if self.order.len() > MAX_EXPIRING {
+            if let Some((_, kind, key)) = self.order.pop_last() {
+                self.at.remove(&(kind, key));
+            }
+        }
+    }
+
+    fn forget(&mut self, kind: &str, key: &str) {
+        if let Some(old) = self.at.remove(&(kind.to_string(), key.to_string())) {
+            self.order.remove(&(old, kind.to_string(), key.to_string()));
+        }
+    }
+
+    /// The record nearest its expiry, taken out of the candidates.
+    fn nearest(&mut self) -> Option<(String, String)> {
+        let (_, kind, key) = self.order.pop_first()?;
+        self.at.remove(&(kind.clone(), key.clone()));
+        Some((kind, key))
+    }
 }
 
 impl MetaStore {
@@ -41,7 +85,31 @@ impl MetaStore {
             run: super::temp::Run::start(cache_dir)?,
             count: AtomicU64::new(0),
             cap: AtomicU64::new(u64::MAX),
+            expiring: Mutex::new(Expiring::default()),
         })
+    }
+
+    /// The record (`kind`, `key`) on disk expires at `expiry` (unix seconds): a candidate to
+    /// make room for a new record once the cap is reached.
+    pub fn note_expiry(&self, kind: &str, key: &str, expiry: u64) {
+        let mut e = self.expiring.lock().expect("expiring lock");
+        e.note(kind, key, expiry);
+    }
+
+    /// Remove the record nearest its expiry to make room for a new one. False when no
+    /// expiring record is known.
+    fn make_room(&self) -> bool {
+        loop {
+            let nearest = self.expiring.lock().expect("expiring lock").nearest();
+            let Some((kind, key)) = nearest else {
+                return false;
+            };
+            // Gone meanwhile (a purge, the grant scan): try the next.
+            if self.remove_file(&kind, &key) {
+                crate::metrics::CACHE_RECORDS_EVICTED.inc();
+                return true;
+            }
+        }
     }
 
     /// Refuse new records once `cap` are on disk (`limits.max_records`).
@@ -122,11 +190,24 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// Write a record that expires at `expiry` (unix seconds; see [`MetaStore::note_expiry`]).
+    pub fn put_expiring<T: Serialize>(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &T,
+        expiry: u64,
+    ) -> io::Result<()> {
+        self.put(kind, key, value)?;
+        self.note_expiry(kind, key, expiry);
+        Ok(())
+    }
+
     pub fn put<T: Serialize>(&self, kind: &str, key: &str, value: &T) -> io::Result<()> {
         let dest = self.path(kind, key);
         let dir = dest.parent().expect("sharded path has a parent");
         let new = !dest.exists();
-        if new && self.count() >= self.cap.load(Ordering::Relaxed) {
+        if new && self.count() >= self.cap.load(Ordering::Relaxed) && !self.make_room() {
             crate::metrics::CACHE_RECORDS_REFUSED.inc();
             return Err(io::Error::new(
                 io::ErrorKind::StorageFull,
@@ -157,9 +238,19 @@ impl MetaStore {
     }
 
     pub fn remove(&self, kind: &str, key: &str) {
-        if fs::remove_file(self.path(kind, key)).is_ok() {
+        self.expiring
+            .lock()
+            .expect("expiring lock")
+            .forget(kind, key);
+        self.remove_file(kind, key);
+    }
+
+    fn remove_file(&self, kind: &str, key: &str) -> bool {
+        let removed = fs::remove_file(self.path(kind, key)).is_ok();
+        if removed {
             self.counted(-1);
         }
+        removed
     }
 }
 
@@ -192,6 +283,24 @@ impl Records {
     {
         let meta = self.0.clone();
         tokio::task::spawn_blocking(move || meta.put(kind, &key, &value))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Write a record that expires at `expiry` (unix seconds): past the cap, the record nearest
+    /// its expiry makes room for a new one (see [`MetaStore::put_expiring`]).
+    pub async fn put_expiring<T>(
+        &self,
+        kind: &'static str,
+        key: String,
+        value: T,
+        expiry: u64,
+    ) -> io::Result<()>
+    where
+        T: Serialize + Send + 'static,
+    {
+        let meta = self.0.clone();
+        tokio::task::spawn_blocking(move || meta.put_expiring(kind, &key, &value, expiry))
             .await
             .map_err(io::Error::other)?
     }
@@ -264,6 +373,41 @@ mod tests {
         m.put("grant", "c", &4).unwrap();
         let again = MetaStore::open(dir.path()).unwrap();
         assert_eq!(again.recount().unwrap(), 2);
+    }
+
+    /// Issue 26, item 4: at the cap, a new record replaces the record nearest its expiry;
+    /// only with no expiring record known is it refused.
+    #[test]
+    fn past_the_cap_the_record_nearest_its_expiry_makes_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        m.set_cap(3);
+        m.put_expiring("grant", "late", &1, 3_000).unwrap();
+        m.put_expiring("grant", "soon", &2, 1_000).unwrap();
+        m.put("tarball", "index", &3).unwrap();
+        m.put_expiring("grant", "new", &4, 5_000).unwrap();
+        assert_eq!(m.count(), 3);
+        assert_eq!(m.get::<i32>("grant", "soon"), None, "nearest expiry went");
+        assert_eq!(m.get::<i32>("grant", "late"), Some(1));
+        assert_eq!(m.get::<i32>("tarball", "index"), Some(3));
+        // A rewrite moves a record's expiry: "late" is now the furthest.
+        m.put_expiring("grant", "late", &5, 9_000).unwrap();
+        m.put("tarball", "other", &6).unwrap();
+        assert_eq!(m.get::<i32>("grant", "new"), None);
+        assert_eq!(m.get::<i32>("grant", "late"), Some(5));
+        // A record removed meanwhile is skipped, and with nothing left to evict, refused.
+        m.remove("grant", "late");
+        m.put("tarball", "third", &7).unwrap();
+        let full = m.put("tarball", "fourth", &8).unwrap_err();
+        assert_eq!(full.kind(), io::ErrorKind::StorageFull);
+        // The scan of grants on disk makes them candidates too (after a restart).
+        let again = MetaStore::open(dir.path()).unwrap();
+        again.set_cap(3);
+        again.recount().unwrap();
+        again.put("grant", "scanned", &9).unwrap_err();
+        again.note_expiry("tarball", "other", 10);
+        again.put("grant", "scanned", &9).unwrap();
+        assert_eq!(again.get::<i32>("tarball", "other"), None);
     }
 
     #[test]

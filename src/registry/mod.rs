@@ -212,7 +212,12 @@ impl Registry {
         cfg: &crate::config::Config,
     ) -> Registry {
         Registry {
-            auth: Auth::new(cache.records(), cfg.auth.grant_ttl, cfg.auth.negative_ttl),
+            auth: Auth::new(
+                cache.records(),
+                cfg.auth.grant_ttl,
+                cfg.auth.negative_ttl,
+                cfg.cache.stale_if_error,
+            ),
             tokens: Tokens::from_secret(&secret, cfg.auth.token_ttl),
             upstream,
             cache,

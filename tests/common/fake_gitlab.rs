@@ -844,6 +844,9 @@ fn bearer(headers: &HeaderMap) -> Result<Caller, Response> {
     {
         None => Ok(Caller::Anonymous),
         Some(v) => match v.split_once(' ') {
+            // A scheme GitLab's token finders do not read (Kerberos' `Negotiate`): the
+            // request is anonymous, however long or unique its value.
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("negotiate") => Ok(Caller::Anonymous),
             Some((_, t)) if !t.is_empty() => Ok(Caller::Token(t.to_string())),
             _ => Err(unauthorized()),
         },

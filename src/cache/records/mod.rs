@@ -194,17 +194,25 @@ pub fn grant_key(identity: Identity, module: &ModuleId) -> String {
 /// for `stale_if_error` more; a refusal stands as long as the grant it replaced could have.
 /// `horizon` is `grant_ttl + stale_if_error`, in seconds.
 pub fn grant_expired(g: &Grant, now: u64, horizon: u64) -> bool {
-    let last = g.checked_at.max(g.refused_at.unwrap_or(0));
-    now.saturating_sub(last) > horizon
+    now > grant_expiry(g, horizon)
 }
 
-/// Remove the grant records past `horizon` seconds (blocking). Returns how many.
+/// When a grant record is past any use (unix seconds), `horizon` being
+/// `grant_ttl + stale_if_error`: see [`grant_expired`].
+pub fn grant_expiry(g: &Grant, horizon: u64) -> u64 {
+    g.checked_at.max(g.refused_at.unwrap_or(0)) + horizon
+}
+
+/// Remove the grant records past `horizon` seconds (blocking), and note when each other one
+/// expires (what makes room past `limits.max_records`). Returns how many were removed.
 pub fn remove_expired_grants(meta: &MetaStore, now: u64, horizon: u64) -> std::io::Result<usize> {
     let mut removed = 0;
     for (key, g) in meta.scan::<Grant>(KIND_GRANT)? {
         if grant_expired(&g, now, horizon) {
             meta.remove(KIND_GRANT, &key);
             removed += 1;
+        } else {
+            meta.note_expiry(KIND_GRANT, &key, grant_expiry(&g, horizon));
         }
     }
     Ok(removed)
