@@ -14,7 +14,7 @@
 //! |---|---|---|
 //! | L6 wiring, commands | [`server`] | assemble the pingora server from a [`config::Config`]; [`server::Parts`] for the commands |
 //! | | [`sync`] | module wish-lists for `warm`/`sync`: arguments, `.tf` files, a GitLab group |
-//! | | `main.rs` | the command line |
+//! | | [`cli`] | the command line, one file per command (`main.rs` only picks the allocator) |
 //! | L5 edge | [`proxy`] | the pingora hooks: parse, then answer locally, from the registry, or proxy |
 //! | | [`edge`] | gauges read at scrape time; `/-/metrics` on its own listener |
 //! | | [`accesslog`] | the access log line and request metrics of each request |
@@ -64,6 +64,7 @@
 pub(crate) mod access;
 pub mod accesslog;
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub(crate) mod constraint;

@@ -55,6 +55,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("proxy", 5, "edge"),
     ("workers", 5, "edge"),
     // L6: wiring and commands.
+    ("cli", 6, "top"),
     ("main", 6, "top"),
     ("server", 6, "top"),
     ("sync", 6, "top"),
