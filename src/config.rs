@@ -320,7 +320,7 @@ impl ProvidersConfig {
         for (host, url) in self.upstreams() {
             // The hostname is a key the operator wrote; the URL is not echoed.
             let key = format!("providers.upstreams.{host}");
-            if !crate::provider_routes::valid_host(&host) {
+            if !crate::routes::provider::valid_host(&host) {
                 return Err(invalid(
                     "providers.upstreams",
                     "hostnames must be lowercase host[:port]",
@@ -333,7 +333,7 @@ impl ProvidersConfig {
         }
         for pattern in self.allowed_hosts() {
             let bare = pattern.strip_prefix("*.").unwrap_or(&pattern);
-            if !crate::provider_routes::valid_host(bare) {
+            if !crate::routes::provider::valid_host(bare) {
                 return Err(invalid(
                     "providers.allowed_hosts",
                     "entries must be lowercase host, host:port or *.domain",

@@ -29,11 +29,10 @@
 //! | | [`health`] | circuit breaker and probe: is the upstream reachable? |
 //! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs streamed verified ([`cache::verified`]), coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |
 //! | L0 leaves | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
-//! | | [`routes`] | parse a request once into a typed [`routes::Route`]; refuse what can never be valid |
+//! | | [`routes`] | parse a request once into a typed [`routes::Route`] (module, project and provider routes: [`routes::provider`]); refuse what can never be valid |
 //! | | [`identity`] | keyed hashes of credentials |
 //! | | [`secret`] | key material: the per-instance `secret.key`, or a set's shared key file; rotation |
 //! | | [`token`] | tfmirror's download tokens: sealed (AEAD) claims any replica of a set can open |
-//! | | [`provider_routes`] | `/providers/...` paths parsed into a typed route |
 //! | | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
 //! | | [`constraint`] | Terraform version constraints, for `warm` |
 //! | | [`respond`] | answers as values ([`respond::Reply`]) and the one writer that puts them on the wire ([`respond::write`]); GitLab's JSON shapes; `X-Cache-Status` |
@@ -79,7 +78,6 @@ pub mod logbridge;
 pub mod logbuf;
 pub mod metrics;
 pub(crate) mod pem;
-pub mod provider_routes;
 pub mod providers;
 pub mod proxy;
 pub mod registry;

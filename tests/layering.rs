@@ -28,8 +28,6 @@ const LAYERS: &[(&str, u8, &str)] = &[
     // Writes GitLab-shaped responses; imports nothing from the crate, and the registry
     // writes through it, so it sits below the registry rather than in the edge.
     ("respond", 0, "leaf"),
-    // `/providers/...` paths, named by `routes`.
-    ("provider_routes", 0, "leaf"),
     ("rewrite", 0, "leaf"),
     ("routes", 0, "leaf"),
     ("tls", 0, "leaf"),

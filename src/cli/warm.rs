@@ -111,7 +111,7 @@ pub(super) fn warm(args: WarmArgs) -> ExitCode {
 /// `--provider`, `--lock-file` and `--platform`, read and checked.
 type ProviderArgs = (
     Vec<crate::providers::warm::ProviderWant>,
-    Vec<crate::provider_routes::Platform>,
+    Vec<crate::routes::provider::Platform>,
 );
 
 fn provider_args(args: &WarmArgs) -> Result<ProviderArgs, String> {
@@ -129,7 +129,7 @@ fn provider_args(args: &WarmArgs) -> Result<ProviderArgs, String> {
         .platforms
         .iter()
         .map(|p| {
-            crate::provider_routes::Platform::parse(p)
+            crate::routes::provider::Platform::parse(p)
                 .ok_or_else(|| format!("--platform {p}: expected OS_ARCH (linux_amd64)"))
         })
         .collect::<Result<_, _>>()?;
@@ -139,7 +139,7 @@ fn provider_args(args: &WarmArgs) -> Result<ProviderArgs, String> {
 fn warm_providers(
     config: &Config,
     wants: Vec<crate::providers::warm::ProviderWant>,
-    platforms: &[crate::provider_routes::Platform],
+    platforms: &[crate::routes::provider::Platform],
 ) -> ExitCode {
     let parts = match crate::server::open(config) {
         Ok(p) => p,

@@ -25,7 +25,7 @@ pub mod freshness;
 pub mod mirror;
 mod reply;
 /// Provider paths (a leaf module of its own, so `routes` can name them).
-pub use crate::provider_routes as route;
+pub use crate::routes::provider as route;
 pub mod upstream;
 pub mod verify;
 pub mod warm;

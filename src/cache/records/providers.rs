@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::PROVIDER_KEY_PREFIX;
-use crate::provider_routes::{Platform, ProviderId};
+use crate::routes::provider::{Platform, ProviderId};
 
 /// Key of a provider's version list: `host/ns/type`.
 pub fn provider_versions_key(p: &ProviderId) -> String {

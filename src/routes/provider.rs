@@ -18,6 +18,8 @@ use std::borrow::Cow;
 use std::fmt;
 
 use http::{Method, StatusCode};
+
+use super::Reject;
 use semver::Version;
 
 /// `registry.terraform.io/hashicorp/aws`, as Terraform writes provider source addresses.
@@ -128,20 +130,6 @@ impl ProviderRoute {
     }
 }
 
-/// Why a path was refused; `routes` turns it into its `Reject` (kept apart so this leaf
-/// does not import `routes`, which names these routes). Messages are fixed strings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused {
-    pub status: StatusCode,
-    pub message: &'static str,
-}
-
-impl Refused {
-    const fn new(status: StatusCode, message: &'static str) -> Refused {
-        Refused { status, message }
-    }
-}
-
 pub const MIRROR_PREFIX: &str = "/providers/mirror/";
 
 /// Longest hostname (DNS limit) and namespace/type accepted.
@@ -149,8 +137,8 @@ const MAX_HOST: usize = 253;
 const MAX_PART: usize = 64;
 
 /// Parse the decoded segments after `/providers/`.
-pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Refused> {
-    let not_found = Refused::new(StatusCode::NOT_FOUND, "404 Not Found");
+pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Reject> {
+    let not_found = Reject::new(StatusCode::NOT_FOUND, "404 Not Found");
     let (registry, host, ns, name, rest) = match segs {
         [kind, host, ns, name, rest @ ..] if kind == "mirror" => (false, host, ns, name, rest),
         [kind, host, v1, providers, ns, name, rest @ ..]
@@ -166,16 +154,16 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
         _ => return Err(not_found),
     };
     if !valid_host(host) {
-        return Err(Refused::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
     }
     if !valid_part(ns) {
-        return Err(Refused::new(
+        return Err(Reject::new(
             StatusCode::BAD_REQUEST,
             "namespace is invalid",
         ));
     }
     if !valid_part(name) {
-        return Err(Refused::new(StatusCode::BAD_REQUEST, "type is invalid"));
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "type is invalid"));
     }
     let op = if registry {
         registry_op(rest)?
@@ -183,7 +171,7 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
         mirror_op(rest)?
     };
     if !matches!(*method, Method::GET | Method::HEAD) {
-        return Err(Refused::new(
+        return Err(Reject::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "405 Method Not Allowed",
         ));
@@ -198,16 +186,16 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
     })
 }
 
-fn version(v: &str) -> Result<Version, Refused> {
-    Version::parse(v).map_err(|_| Refused::new(StatusCode::BAD_REQUEST, "version is invalid"))
+fn version(v: &str) -> Result<Version, Reject> {
+    Version::parse(v).map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "version is invalid"))
 }
 
-fn not_found() -> Refused {
-    Refused::new(StatusCode::NOT_FOUND, "404 Not Found")
+fn not_found() -> Reject {
+    Reject::new(StatusCode::NOT_FOUND, "404 Not Found")
 }
 
 /// What follows `<hostname>/<namespace>/<type>/` in the mirror tree.
-fn mirror_op(rest: &[Cow<'_, str>]) -> Result<ProviderOp, Refused> {
+fn mirror_op(rest: &[Cow<'_, str>]) -> Result<ProviderOp, Reject> {
     Ok(match rest {
         [f] if f == "index.json" => ProviderOp::Index,
         [f] => ProviderOp::Version(version(f.strip_suffix(".json").ok_or(not_found())?)?),
@@ -226,7 +214,7 @@ fn mirror_op(rest: &[Cow<'_, str>]) -> Result<ProviderOp, Refused> {
 }
 
 /// What follows `v1/providers/<namespace>/<type>/` in the registry protocol.
-fn registry_op(rest: &[Cow<'_, str>]) -> Result<ProviderOp, Refused> {
+fn registry_op(rest: &[Cow<'_, str>]) -> Result<ProviderOp, Reject> {
     Ok(match rest {
         [f] if f == "versions" => ProviderOp::RegistryVersions,
         [v, d, os, arch] if d == "download" => {
@@ -246,12 +234,12 @@ fn parse_module(
     name: &str,
     system: &str,
     rest: &[Cow<'_, str>],
-) -> Result<ProviderRoute, Refused> {
+) -> Result<ProviderRoute, Reject> {
     if !valid_host(host) {
-        return Err(Refused::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
     }
     if !valid_part(ns) || !valid_part(name) || !valid_part(system) {
-        return Err(Refused::new(
+        return Err(Reject::new(
             StatusCode::BAD_REQUEST,
             "module address is invalid",
         ));
@@ -261,12 +249,12 @@ fn parse_module(
         [v, d] if d == "download" => ProviderOp::ModuleDownload(
             system.to_string(),
             Version::parse(v)
-                .map_err(|_| Refused::new(StatusCode::BAD_REQUEST, "version is invalid"))?,
+                .map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "version is invalid"))?,
         ),
-        _ => return Err(Refused::new(StatusCode::NOT_FOUND, "404 Not Found")),
+        _ => return Err(Reject::new(StatusCode::NOT_FOUND, "404 Not Found")),
     };
     if !matches!(*method, Method::GET | Method::HEAD) {
-        return Err(Refused::new(
+        return Err(Reject::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "405 Method Not Allowed",
         ));
