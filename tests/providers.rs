@@ -44,7 +44,12 @@ impl Setup {
     /// in many writes, as real packages do), its checksums verified and recorded first, from
     /// the untampered registry.
     async fn with_large_package() -> Setup {
-        let s = Setup::new("").await;
+        Setup::with_large_package_and("").await
+    }
+
+    /// [`Setup::with_large_package`], with `extra_yaml` in the configuration.
+    async fn with_large_package_and(extra_yaml: &str) -> Setup {
+        let s = Setup::new(extra_yaml).await;
         s.reg.add_provider_sized(
             NS,
             TYPE,
@@ -630,4 +635,35 @@ async fn warm_providers_by_constraint_and_from_a_lock_file() {
         .await
         .unwrap();
     assert_eq!(r.status(), 502);
+}
+
+/// A package truncated on disk (a full disk, a hand edit) is found out before a head
+/// announces its indexed length: the same request fills it again and gets it whole, as a
+/// module tarball does (`tests/trust.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_zip_on_disk_is_refetched_on_the_same_request() {
+    // A small memory tier: the package is read back from disk.
+    let s = Setup::with_large_package_and("cache:\n  memory_size: 1MiB\n").await;
+    let zip = s.reg.zip(NS, TYPE, "1.0.0", "linux_amd64");
+    let (status, _, body) = s.get("1.0.0/linux_amd64.zip").await;
+    assert_eq!((status, body.len()), (200, zip.len()));
+    s.wait_cached("1.0.0/linux_amd64.zip").await;
+    let mut truncated = 0;
+    for shard in std::fs::read_dir(s.m.cache_dir().join("cache/blobs")).unwrap() {
+        for blob in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let blob = blob.unwrap().path();
+            let len = std::fs::metadata(&blob).unwrap().len();
+            if len == zip.len() as u64 {
+                let f = std::fs::File::options().write(true).open(&blob).unwrap();
+                f.set_len(len / 2).unwrap();
+                truncated += 1;
+            }
+        }
+    }
+    assert_eq!(truncated, 1);
+    let r = s.send("1.0.0/linux_amd64.zip").await;
+    assert_eq!(r.headers()["x-cache-status"], "MISS", "refilled at once");
+    let body = r.bytes().await.expect("a whole body, not a cut one");
+    assert_eq!(body, zip);
+    assert_eq!(s.reg.hits(&s.zip_path("1.0.0", "linux_amd64")), 2);
 }

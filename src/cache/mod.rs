@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub(crate) mod archive;
+pub(crate) mod artifact;
 pub(crate) mod blobs;
 pub(crate) mod body;
 pub(crate) mod fill;

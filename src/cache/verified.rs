@@ -55,11 +55,6 @@ impl VerifiedBlob {
         }))
     }
 
-    /// The blob's length on disk, as opened.
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
     /// The blob, if it is `indexed` bytes long. A file of another length (truncated by a
     /// full disk or by hand) is damaged, and is found out before a head that would announce
     /// its wrong length goes out: it is deleted (its record is the caller's to drop).
@@ -313,7 +308,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(blob.len(), 1000);
+        assert_eq!(blob.len, 1000);
         assert!(blob.with_len(999).is_none());
         assert!(!s.cache.blobs.path(&hash).exists());
         assert!(VerifiedBlob::open(&s.cache, KEY, hash, "tarball")

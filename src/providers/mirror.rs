@@ -22,7 +22,7 @@ use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
 use super::{archive_key, Failed, Providers};
 use crate::cache::blobs::Hash;
 use crate::cache::body::hold_last;
-use crate::cache::verified::VerifiedBlob;
+use crate::cache::artifact::Artifact;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, Reply};
 use crate::rewrite::PublicBase;
@@ -206,7 +206,7 @@ impl Providers {
                     return Ok((hit, CacheStatus::Hit));
                 }
             }
-            self.cache.drop_tarball(&key).await;
+            // Gone or damaged (`Cache::artifact` dropped its record): fill again, now.
         }
         if call.head {
             // The length is unknown until a GET fills it: say nothing rather than 0.
@@ -250,16 +250,14 @@ impl Providers {
     /// the first byte. Large blobs are streamed with the last chunk held back until the hash
     /// checks out: a corrupt blob never reaches a client whole.
     async fn serve_blob(&self, key: &str, hash: Hash, size: u64) -> Result<Option<Reply>> {
-        if size <= self.cache.memory_max_object() {
-            let bytes = self.cache.get_small(hash).await.ok().flatten();
-            return Ok(bytes.map(|b| reply::zip_bytes(CacheStatus::Hit, b)));
-        }
-        let opened = VerifiedBlob::open(&self.cache, key, hash, "provider package")
+        let found = self
+            .cache
+            .artifact(key, hash, size, "provider package")
             .await
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        Ok(opened.map(|blob| {
-            let len = Some(blob.len());
-            reply::zip(CacheStatus::Hit, len, blob.into_body())
+        Ok(found.map(|artifact| match artifact {
+            Artifact::Bytes(b) => reply::zip_bytes(CacheStatus::Hit, b),
+            Artifact::Stream { len, body } => reply::zip(CacheStatus::Hit, Some(len), body),
         }))
     }
 }

@@ -13,7 +13,7 @@ use crate::cache::blobs::Hash;
 use crate::cache::fill::{End, FillError, Source};
 use crate::cache::records::tarball_key;
 use crate::cache::republish;
-use crate::cache::verified::VerifiedBlob;
+use crate::cache::artifact::Artifact;
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::metrics;
@@ -148,7 +148,7 @@ impl Registry {
                 return Ok(Cached::Reply(reply));
             }
         }
-        self.cache.drop_tarball(key).await;
+        // Gone or damaged (`Cache::artifact` dropped its record): fill again, now.
         Ok(Cached::Nothing)
     }
 
@@ -310,20 +310,18 @@ impl Registry {
         size: u64,
         status: CacheStatus,
     ) -> Result<Option<Reply>> {
-        if size <= self.cache.memory_max_object() {
-            let bytes = self.cache.get_small(hash).await.ok().flatten();
-            return Ok(bytes.map(|b| reply::tarball_bytes(status, b)));
-        }
-        let opened = VerifiedBlob::open(&self.cache, key, hash, "tarball")
+        let found = self
+            .cache
+            .artifact(key, hash, size, "tarball")
             .await
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        // The index says how long the blob is: a file of another length is found out (and
-        // deleted) before a head that would announce its wrong length goes out.
-        let Some(blob) = opened.and_then(|b| b.with_len(size)) else {
-            return Ok(None);
-        };
-        let chunks = blob.into_body().map(|c| c.map_err(Into::into)).boxed();
-        Ok(Some(reply::tarball(status, Some(size), chunks)))
+        Ok(found.map(|artifact| match artifact {
+            Artifact::Bytes(b) => reply::tarball_bytes(status, b),
+            Artifact::Stream { len, body } => {
+                let chunks = body.map(|c| c.map_err(Into::into)).boxed();
+                reply::tarball(status, Some(len), chunks)
+            }
+        }))
     }
 }
 

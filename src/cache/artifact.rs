@@ -1,0 +1,72 @@
+//! One read path for a committed artifact, whatever wing stored it: a module tarball or a
+//! provider zip. Both answer from here, so a rule about reading a blob back (check its
+//! length against the index before a head announces it, memory tier first, verify as it
+//! streams, drop the record of a damaged blob) is written once and holds for both.
+//!
+//! The wings keep what differs: the content type, and (tarballs only) whether a version must
+//! be fetched again to detect a re-publish.
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::blobs::Hash;
+use super::body::Body;
+use super::verified::VerifiedBlob;
+use super::Cache;
+
+/// A committed artifact, ready to be answered with.
+pub enum Artifact {
+    /// A small one, whole (memory tier, or read from disk and verified before it is handed out).
+    Bytes(Bytes),
+    /// A large one, streamed from disk and verified as it goes: its last chunk is held back
+    /// until the whole blob hashed to its address. Its length on disk matched the index.
+    Stream { len: u64, body: Body },
+}
+
+impl Cache {
+    /// The artifact the record `key` names: blob `hash`, indexed as `size` bytes long.
+    ///
+    /// `None` when the blob is gone, or damaged in a way found before the first byte (absent,
+    /// of another length than the index says, failing its hash when small): the blob is
+    /// deleted and so is the record, so the caller can fill again on this same request
+    /// instead of announcing a length the bytes will not meet. `what` names the artifact in
+    /// the log ("tarball", "provider package").
+    pub async fn artifact(
+        self: &Arc<Self>,
+        key: &str,
+        hash: Hash,
+        size: u64,
+        what: &'static str,
+    ) -> io::Result<Option<Artifact>> {
+        let found = self.read_artifact(key, hash, size, what).await?;
+        if found.is_none() {
+            self.drop_tarball(key).await;
+        }
+        Ok(found)
+    }
+
+    async fn read_artifact(
+        self: &Arc<Self>,
+        key: &str,
+        hash: Hash,
+        size: u64,
+        what: &'static str,
+    ) -> io::Result<Option<Artifact>> {
+        if size <= self.memory_max_object() {
+            // Read whole and verified (`get_small`), so a wrong length is a miss here too.
+            let bytes = self.get_small(hash).await.ok().flatten();
+            return Ok(bytes
+                .filter(|b| b.len() as u64 == size)
+                .map(Artifact::Bytes));
+        }
+        let opened = VerifiedBlob::open(self, key, hash, what).await?;
+        // The index says how long the blob is: a file of another length (truncated by a full
+        // disk or by hand) is found out, and deleted, before a head announcing it goes out.
+        Ok(opened.and_then(|b| b.with_len(size)).map(|blob| Artifact::Stream {
+            len: size,
+            body: blob.into_body(),
+        }))
+    }
+}
