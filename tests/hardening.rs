@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::fake_gitlab::{FakeGitlab, Fault};
-use common::{bearer, client, raw, warm, Mirror, V1};
+use common::{bearer, client, raw, warm, Mirror, Tmpfs, V1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ALICE: &str = "glpat-alice-0000000000";
@@ -278,36 +278,6 @@ async fn objects_over_the_size_limit_are_served_not_kept() {
     assert_eq!(gl.count("/vpc/aws/1.0.0/file"), 2);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(temp_files(&m), 0);
-}
-
-/// A tmpfs mounted for a test, unmounted when dropped.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                at.to_str().unwrap(),
-            ])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        // CI runs as root; this test needs a real full disk, not a simulation.
-        assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -667,3 +667,42 @@ async fn a_truncated_zip_on_disk_is_refetched_on_the_same_request() {
     assert_eq!(body, zip);
     assert_eq!(s.reg.hits(&s.zip_path("1.0.0", "linux_amd64")), 2);
 }
+
+/// A package the cache disk cannot take is answered as a module tarball is: passed through
+/// (BYPASS), whole, never kept, and still checked against the signed sha256 as it streams:
+/// a tampered one arrives cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_passes_packages_through_verified() {
+    let mut s = Setup::with_large_package().await;
+    s.m.kill();
+    // The cache directory becomes a 2 MiB filesystem: the 3 MiB packages cannot be kept.
+    let cache = s.m.cache_dir().join("cache");
+    let _ = std::fs::remove_dir_all(&cache);
+    let _disk = common::Tmpfs::mount(&cache, "2m");
+    s.m.restart().await;
+    assert_eq!(s.json("1.0.0.json").await.0, 200);
+
+    let zip = s.reg.zip(NS, TYPE, "1.0.0", "linux_amd64");
+    let mut fetched = 0;
+    for _ in 0..2 {
+        let r = s.send("1.0.0/linux_amd64.zip").await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+        assert_eq!(r.bytes().await.unwrap(), zip);
+        let hits = s.reg.hits(&s.zip_path("1.0.0", "linux_amd64"));
+        assert!(hits > fetched, "never kept: every request fetches");
+        fetched = hits;
+    }
+    assert_eq!(common::temp_files(&cache), 0, "no partial file left");
+    assert!(s.m.metric("tfmirror_cache_write_errors_total", "").await >= 1.0);
+
+    s.reg.set_faults(Faults {
+        tampered_zip: true,
+        ..Faults::default()
+    });
+    let r = s.send("1.0.0/darwin_arm64.zip").await;
+    assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+    if let Ok(b) = r.bytes().await {
+        assert!(b.len() < zip.len(), "a tampered package was passed through whole");
+    }
+}

@@ -21,7 +21,8 @@ use super::route::ProviderId;
 use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
 use super::{archive_key, Failed, Providers};
 use crate::cache::blobs::Hash;
-use crate::cache::body::hold_last;
+use crate::cache::body::{hold_last, BodyError};
+use crate::cache::fill::FillError;
 use crate::cache::artifact::Artifact;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, Reply};
@@ -229,21 +230,58 @@ impl Providers {
         if !self.registries.available(&p.host) {
             return Ok(reply::failed(self.unavailable()));
         }
-        let failed = match self.start_archive_fill(p, &version, platform, pkg) {
+        match self.start_archive_fill(p, &version, platform, pkg) {
             Ok((fill, leader)) => {
                 if !leader {
                     metrics::COALESCED_WAITS.inc();
                 }
-                return Ok((serve_fill(&fill).await, CacheStatus::Miss));
+                match fill.started().await {
+                    Ok(len) => {
+                        let body = hold_last(fill.body());
+                        Ok((reply::zip(CacheStatus::Miss, len, body), CacheStatus::Miss))
+                    }
+                    Err(FillError::NoRoom) => {
+                        metrics::CACHE_WRITE_ERRORS.inc();
+                        tracing::error!("the cache disk has no room for this provider package; serving it without caching");
+                        Ok(self.pass_through(p, &version, platform, pkg).await)
+                    }
+                    Err(e) => Ok(reply::failed(Failed {
+                        status: e.status(),
+                        cache: CacheStatus::Miss,
+                    })),
+                }
             }
-            Err(e) => e,
-        };
-        metrics::CACHE_WRITE_ERRORS.inc();
-        tracing::error!(error = %failed, "cannot write to the cache; provider package not served");
-        Ok(reply::failed(Failed {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            cache: CacheStatus::Miss,
-        }))
+            Err(e) => {
+                // No temp file (disk full, read-only): serve without caching, as tarballs are.
+                metrics::CACHE_WRITE_ERRORS.inc();
+                tracing::error!(error = %e, "cannot write to the cache; serving the provider package without caching");
+                Ok(self.pass_through(p, &version, platform, pkg).await)
+            }
+        }
+    }
+
+    /// A package streamed straight from the registry, uncached (the cache cannot take it):
+    /// still checked against the signed sha256 as it streams, its last chunk held back until
+    /// that matched, so a package that fails arrives cut, never whole.
+    async fn pass_through(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+        platform: &Platform,
+        pkg: &super::Package,
+    ) -> (Reply, CacheStatus) {
+        match self.open_archive(p, version, platform, pkg).await {
+            Ok(source) => {
+                let len = source.declared_len();
+                let body = source.body.map(|c| c.map_err(body_failed)).boxed();
+                let reply = reply::zip(CacheStatus::Bypass, len, hold_last(body));
+                (reply, CacheStatus::Bypass)
+            }
+            Err(e) => reply::failed(Failed {
+                status: e.status(),
+                cache: CacheStatus::Bypass,
+            }),
+        }
     }
 
     /// A committed package, verified as it is read. None when it is gone or corrupt before
@@ -272,14 +310,9 @@ fn registry_versions_body(p: &ProviderId, r: &super::VersionsRecord) -> String {
     .to_string()
 }
 
-/// A fill as the client's answer. The last chunk is held back until the fill is committed,
-/// which happens only once the zip's sha256 matched the signed one: a package that fails
-/// verification is cut short, never delivered whole.
-async fn serve_fill(fill: &crate::cache::fill::Fill) -> Reply {
-    match fill.started().await {
-        Ok(len) => reply::zip(CacheStatus::Miss, len, hold_last(fill.body())),
-        Err(e) => reply::error(e.status(), CacheStatus::Miss),
-    }
+/// An upstream body's failure as a cut body: the client sees the cut, never a short body.
+fn body_failed(why: &'static str) -> BodyError {
+    BodyError::Fill(FillError::Upstream(why))
 }
 
 #[cfg(test)]
