@@ -37,6 +37,7 @@
 //! | | [`constraint`] | Terraform version constraints, for `warm` |
 //! | | [`respond`] | answers as values ([`respond::Reply`]) and the one writer that puts them on the wire ([`respond::write`]); GitLab's JSON shapes; `X-Cache-Status` |
 //! | | [`metrics`] | Prometheus families and their labels; imports nothing from the crate |
+//! | | [`windows`] | freshness windows (fresh, revalidate, stale-if-error): one boundary convention for module listings and provider lists |
 //! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |
 //! | | [`pem`] | certificate and key files |
 //! | | [`logbuf`] | per-thread log buffers, flushed by size or timer |
@@ -91,4 +92,5 @@ pub mod tls;
 pub mod token;
 pub(crate) mod upstream;
 pub(crate) mod upstream_tls;
+pub(crate) mod windows;
 pub(crate) mod workers;

@@ -32,6 +32,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     ("routes", 0, "leaf"),
     ("tls", 0, "leaf"),
     ("token", 0, "leaf"),
+    ("windows", 0, "leaf"),
     // L1: the store.
     ("cache", 1, "store"),
     // L2: the upstream.

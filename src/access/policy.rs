@@ -33,6 +33,7 @@
 //!    GitLab's own refusal by a tfmirror tier in front).
 
 use crate::config::UnknownIdentity;
+use crate::windows::Age;
 
 /// The time windows of the policy, in seconds.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +46,17 @@ pub struct Windows {
     pub revalidate: u64,
     /// `cache.stale_if_error`: past the ttls, served only while GitLab fails.
     pub stale_if_error: u64,
+}
+
+impl Windows {
+    /// The listing's freshness windows, read with the one convention of [`crate::windows`].
+    fn listing(&self) -> crate::windows::Windows {
+        crate::windows::Windows {
+            ttl: self.listing_ttl,
+            revalidate: self.revalidate,
+            stale_if_error: self.stale_if_error,
+        }
+    }
 }
 
 /// What kind of answer is being decided.
@@ -193,18 +205,13 @@ pub fn decide(f: &Facts, w: &Windows) -> Action {
 
 fn before_asking(f: &Facts, w: &Windows) -> Action {
     if let (Standing::Fresh, Some(at), false) = (f.standing, f.own, f.invalidated) {
-        let age = f.now.saturating_sub(at);
-        match f.kind {
-            Kind::Download => return Action::Fresh,
-            Kind::Listing if age < w.listing_ttl => return Action::Fresh,
-            Kind::Listing
-                if age < w.listing_ttl + w.revalidate
-                    && f.breaker == Breaker::Up
-                    && f.can_refresh =>
-            {
+        match (f.kind, w.listing().age(f.now.saturating_sub(at))) {
+            (Kind::Download, _) => return Action::Fresh,
+            (Kind::Listing, Age::Fresh) => return Action::Fresh,
+            (Kind::Listing, Age::Revalidate) if f.breaker == Breaker::Up && f.can_refresh => {
                 return Action::Revalidate
             }
-            Kind::Listing => {}
+            (Kind::Listing, _) => {}
         }
     }
     if f.recently_refused {
@@ -223,8 +230,9 @@ fn before_asking(f: &Facts, w: &Windows) -> Action {
 
 /// The stale answer this caller may have while GitLab fails, or why there is none.
 fn stale(f: &Facts, w: &Windows) -> Result<StaleSource, Why> {
-    let window = w.listing_ttl + w.stale_if_error;
-    let within = |at: Option<u64>| at.is_some_and(|at| f.now.saturating_sub(at) <= window);
+    let listing = w.listing();
+    let within =
+        |at: Option<u64>| at.is_some_and(|at| listing.serves_on_error(f.now.saturating_sub(at)));
     match f.standing {
         Standing::Refused => return Err(Why::RefusedBefore),
         Standing::Fresh | Standing::Expired if within(f.own) => return Ok(StaleSource::Own),

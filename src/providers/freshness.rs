@@ -19,12 +19,8 @@ pub enum Plan {
     Unavailable,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct Windows {
-    pub ttl: u64,
-    pub stale_while_revalidate: u64,
-    pub stale_if_error: u64,
-}
+pub use crate::windows::Windows;
+use crate::windows::Age;
 
 /// `age`: seconds since the cached list was fetched, None when there is none.
 pub fn plan(age: Option<u64>, w: Windows, upstream_available: bool) -> Plan {
@@ -35,21 +31,15 @@ pub fn plan(age: Option<u64>, w: Windows, upstream_available: bool) -> Plan {
             Plan::Unavailable
         };
     };
-    let usable_stale = age <= w.ttl.saturating_add(w.stale_if_error);
-    if age <= w.ttl {
-        Plan::Hit
-    } else if !upstream_available {
-        if usable_stale {
-            Plan::Stale
-        } else {
-            Plan::Unavailable
-        }
-    } else if age <= w.ttl.saturating_add(w.stale_while_revalidate) {
-        Plan::Updating
-    } else {
-        Plan::Ask {
+    let usable_stale = w.serves_on_error(age);
+    match (w.age(age), upstream_available) {
+        (Age::Fresh, _) => Plan::Hit,
+        (_, false) if usable_stale => Plan::Stale,
+        (_, false) => Plan::Unavailable,
+        (Age::Revalidate, true) => Plan::Updating,
+        (Age::Expired, true) => Plan::Ask {
             fallback: usable_stale,
-        }
+        },
     }
 }
 
@@ -61,21 +51,22 @@ mod tests {
     fn plans() {
         let w = Windows {
             ttl: 30,
-            stale_while_revalidate: 300,
+            revalidate: 300,
             stale_if_error: 3600,
         };
         for (age, up, want) in [
             (None, true, Plan::Ask { fallback: false }),
             (None, false, Plan::Unavailable),
             (Some(0), true, Plan::Hit),
-            (Some(30), false, Plan::Hit),
-            (Some(31), true, Plan::Updating),
-            (Some(330), true, Plan::Updating),
-            (Some(331), true, Plan::Ask { fallback: true }),
-            (Some(31), false, Plan::Stale),
-            (Some(3630), false, Plan::Stale),
-            (Some(3631), false, Plan::Unavailable),
-            (Some(3631), true, Plan::Ask { fallback: false }),
+            (Some(29), false, Plan::Hit),
+            // Exactly `ttl` old is past fresh, as a module listing is (`crate::windows`).
+            (Some(30), true, Plan::Updating),
+            (Some(30), false, Plan::Stale),
+            (Some(329), true, Plan::Updating),
+            (Some(330), true, Plan::Ask { fallback: true }),
+            (Some(3629), false, Plan::Stale),
+            (Some(3630), false, Plan::Unavailable),
+            (Some(3630), true, Plan::Ask { fallback: false }),
         ] {
             assert_eq!(plan(age, w, up), want, "age {age:?}, up {up}");
         }

@@ -167,7 +167,7 @@ impl Providers {
             cache,
             windows: Windows {
                 ttl: config.cache.listing_ttl.as_secs(),
-                stale_while_revalidate: config.cache.stale_while_revalidate.as_secs(),
+                revalidate: config.cache.stale_while_revalidate.as_secs(),
                 stale_if_error: config.cache.stale_if_error.as_secs(),
             },
             deadline: config.offline.deadline,

@@ -40,6 +40,11 @@ type Row = (&'static str, fn(&mut Facts), Action);
 const ROWS: &[Row] = &[
     // Fresh grants: the cache answers, GitLab is not asked.
     ("fresh listing within listing_ttl", |f| { f.standing = Standing::Fresh; f.own = Some(NOW - 10) }, Fresh),
+    // The window edges follow `crate::windows` (half-open), as provider lists do.
+    ("fresh listing exactly listing_ttl old", |f| { f.standing = Standing::Fresh; f.own = Some(NOW - 30) }, Revalidate),
+    ("fresh listing exactly at the revalidate edge", |f| { f.standing = Standing::Fresh; f.own = Some(NOW - 90) }, Ask),
+    ("own answer exactly at the stale_if_error edge, GitLab failed", |f| { f.own = Some(TOO_OLD + 1); f.gitlab = Gitlab::Failed }, Refuse(NothingCached)),
+    ("own answer just inside stale_if_error, GitLab failed", |f| { f.own = Some(TOO_OLD + 2); f.gitlab = Gitlab::Failed }, Stale(Own)),
     ("fresh listing past ttl, refreshable", |f| { f.standing = Standing::Fresh; f.own = Some(NOW - 40) }, Revalidate),
     ("fresh listing past ttl, no credential to refresh with", |f| { f.standing = Standing::Fresh; f.own = Some(NOW - 40); f.can_refresh = false }, Ask),
     ("fresh listing past ttl, breaker open", |f| { f.standing = Standing::Fresh; f.own = Some(NOW - 40); f.breaker = Breaker::Open }, Stale(Own)),
