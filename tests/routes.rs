@@ -607,3 +607,62 @@ async fn upstream_faults_become_gitlab_shaped_errors() {
         "recovers once GitLab does"
     );
 }
+
+/// The project route's `terraform-get` answer for `base` (versioned or not), as Terraform
+/// follows it: the tarball URL, with Alice's Basic credential.
+async fn project_get(c: &reqwest::Client, base: &str) -> reqwest::Response {
+    let tg = c
+        .get(format!("{base}?terraform-get=1"))
+        .header("authorization", basic("alice", ALICE))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tg.status(), 204);
+    let get = tg.headers()["x-terraform-get"].to_str().unwrap().to_string();
+    c.get(get.replace("&archive=tgz", ""))
+        .header("authorization", basic("alice", ALICE))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// GitLab keeps package files in object storage (GitLab.com does): the unversioned project
+/// route answers a redirect to a presigned URL, with no `Content-Disposition`. The version is
+/// read from the stored file's name once GitLab confirms it, and cached under it; where the
+/// name says nothing, the tarball is passed through uncached, as a direct init would get it.
+#[tokio::test]
+async fn project_latest_in_object_storage_is_served_and_cached_by_version() {
+    let gl = gitlab().await;
+    // Dashes in the name and the version: never split on `-`.
+    gl.add_module("infra", 7, "my-net", "aws", &["2.0.0", "2.1.0-rc-1"]);
+    gl.set_object_storage(true);
+    let m = Mirror::start(&gl.url()).await;
+    let c = client();
+    let base = format!(
+        "{}/api/v4/projects/7/packages/terraform/modules/my-net/aws",
+        m.url()
+    );
+    let want = gl.tarball("infra", "my-net", "aws", "2.1.0-rc-1");
+    for expect in ["MISS", "HIT"] {
+        let r = project_get(&c, &base).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache-status"], expect);
+        assert_eq!(r.bytes().await.unwrap(), want);
+    }
+    // Cached under its version: the versioned route is a hit too.
+    let r = project_get(&c, &format!("{base}/2.1.0-rc-1")).await;
+    assert_eq!(r.headers()["x-cache-status"], "HIT");
+
+    // Object storage URLs that name no file: never worse than direct, never cached.
+    gl.set_opaque_objects(true);
+    gl.add_module("infra", 7, "my-net", "aws", &["2.0.0", "2.1.0-rc-1", "2.2.0"]);
+    let want = gl.tarball("infra", "my-net", "aws", "2.2.0");
+    for _ in 0..2 {
+        let r = project_get(&c, &base).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-cache-status"], "BYPASS");
+        assert_eq!(r.bytes().await.unwrap(), want);
+    }
+    let r = project_get(&c, &format!("{base}/2.2.0")).await;
+    assert_eq!(r.headers()["x-cache-status"], "MISS", "the pass-through kept nothing");
+}

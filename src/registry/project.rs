@@ -346,7 +346,13 @@ impl Registry {
         let (version, opened, stale) = match &p.version {
             Some(v) => (Some(v.clone()), None, stale),
             None => match self.latest_version(p, cred.as_ref(), stale).await {
-                Ok(latest) => latest,
+                Ok(Latest::Resolved(v, resp)) => (Some(v), Some(resp), false),
+                Ok(Latest::Stale(v)) => (v, None, true),
+                Ok(Latest::Unlisted(resp)) => {
+                    // Served as a direct `terraform init` would get it, and kept nowhere.
+                    let opened = async move { source(Ok(resp)) }.boxed();
+                    return Ok(self.pass_through(identity, opened).await);
+                }
                 Err(e) => return Ok(project_fill_error(identity, &e)),
             },
         };
@@ -393,33 +399,34 @@ impl Registry {
         }
     }
 
-    /// The version behind the unversioned (latest) source, the response already opened to
-    /// learn it, and whether it is the stale one: while GitLab fails or cannot be asked
-    /// (`stale`, the breaker, or GitLab unreachable or failing now), the last version
-    /// resolved, served from the cache only (`None` when there is none). GitLab's refusal,
-    /// or its 429, is the caller's answer.
+    /// The version behind the unversioned (latest) source, with the response already opened
+    /// to learn it. While GitLab fails or cannot be asked (`stale`, the breaker, or GitLab
+    /// unreachable or failing now): the last version resolved, served from the cache only
+    /// (`None` when there is none). GitLab's refusal, or its 429, is the caller's answer.
     async fn latest_version(
         &self,
         p: &Project<'_>,
         cred: Option<&HeaderValue>,
         stale: bool,
-    ) -> std::result::Result<(Option<String>, Option<reqwest::Response>, bool), FillError> {
+    ) -> std::result::Result<Latest, FillError> {
         if !stale && self.breaker() == Breaker::Up {
             match self.resolve_latest(p, cred).await {
-                Ok((v, resp)) => return Ok((Some(v), Some(resp), false)),
+                Ok(latest) => return Ok(latest),
                 Err(e) if !fill_outage(&e) => return Err(e),
                 Err(_) => {}
             }
         }
-        Ok((self.last_latest(&p.module).await, None, true))
+        Ok(Latest::Stale(self.last_latest(&p.module).await))
     }
 
-    /// Ask GitLab for the latest tarball and read its version from the file name.
+    /// Ask GitLab for the latest tarball and learn its version: from the file name GitLab
+    /// serves it under (`Content-Disposition`, local storage), else from the object-storage
+    /// URL it redirected to, once GitLab confirmed it serves that version under that name.
     async fn resolve_latest(
         &self,
         p: &Project<'_>,
         cred: Option<&HeaderValue>,
-    ) -> std::result::Result<(String, reqwest::Response), FillError> {
+    ) -> std::result::Result<Latest, FillError> {
         let resp = self
             .upstream
             .open(&p.base, cred)
@@ -428,16 +435,56 @@ impl Registry {
         if !resp.status().is_success() {
             return Err(FillError::Refused(resp.status()));
         }
-        let version = resp
+        let (name, system) = (&p.route.name, &p.route.system);
+        let named = resp
             .headers()
             .get(header::CONTENT_DISPOSITION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|d| version_from_disposition(d, &p.route.name, &p.route.system))
-            .ok_or(FillError::Upstream(
-                "GitLab named no version for the latest tarball",
-            ))?;
+            .and_then(|d| version_from_disposition(d, name, system));
+        let version = match named {
+            Some(v) => v,
+            None => match self.stored_version(p, cred, resp.url()).await {
+                Some(v) => v,
+                None => {
+                    tracing::info!(module = %p.module, "the latest tarball's version is not known: passed through, not cached");
+                    return Ok(Latest::Unlisted(resp));
+                }
+            },
+        };
         self.remember_latest(&p.module, &version).await;
-        Ok((version, resp))
+        Ok(Latest::Resolved(version, resp))
+    }
+
+    /// The version of a tarball GitLab redirected to object storage (GitLab.com and most
+    /// large installs send no `Content-Disposition` then), read from the stored file name,
+    /// `<name>-<system>-<version>.tgz`, the redirect target's last path segment. Trusted only
+    /// once GitLab confirms it: the versioned request for it must redirect to a file of the
+    /// same name (a request that is not followed, so no tarball is read twice). Anything
+    /// else is `None`: the caller streams the tarball through uncached, never worse than a
+    /// direct `terraform init`.
+    async fn stored_version(
+        &self,
+        p: &Project<'_>,
+        cred: Option<&HeaderValue>,
+        served_from: &url::Url,
+    ) -> Option<String> {
+        let (name, system) = (&p.route.name, &p.route.system);
+        let file = last_segment(served_from)?;
+        let version = version_from_file_name(&file, name, system)?;
+        let check = self
+            .upstream
+            .registry(&format!("{}/{version}", p.base), cred)
+            .await
+            .ok()?;
+        let confirmed = check
+            .status
+            .is_redirection()
+            .then(|| check.headers.get(header::LOCATION)?.to_str().ok())
+            .flatten()
+            .and_then(|to| served_from.join(to).ok())
+            .and_then(|to| last_segment(&to))
+            .is_some_and(|f| f == file);
+        confirmed.then_some(version)
     }
 
     async fn remember_latest(&self, module: &ModuleId, version: &str) {
@@ -479,6 +526,16 @@ fn project_fill_error(identity: Identity, e: &FillError) -> (Reply, Outcome) {
     (reply, out)
 }
 
+/// What the unversioned (latest) source resolved to.
+enum Latest {
+    /// GitLab's latest version, with its tarball already opened.
+    Resolved(String, reqwest::Response),
+    /// GitLab's tarball, whose version could not be learned for sure: served, never cached.
+    Unlisted(reqwest::Response),
+    /// GitLab cannot be asked: the last version resolved, if any.
+    Stale(Option<String>),
+}
+
 /// `attachment; filename="vpc-aws-1.2.0.tgz"` -> `1.2.0`, for module `vpc`, system `aws`.
 fn version_from_disposition(disposition: &str, name: &str, system: &str) -> Option<String> {
     let file = disposition
@@ -486,10 +543,24 @@ fn version_from_disposition(disposition: &str, name: &str, system: &str) -> Opti
         .map(str::trim)
         .find_map(|p| p.strip_prefix("filename="))?
         .trim_matches('"');
+    version_from_file_name(file, name, system)
+}
+
+/// `vpc-aws-1.2.0.tgz` -> `1.2.0`, for module `vpc`, system `aws`: the known prefix and suffix
+/// stripped, never a split on `-` (names and versions contain dashes), and what remains a
+/// version.
+fn version_from_file_name(file: &str, name: &str, system: &str) -> Option<String> {
     let v = file
         .strip_prefix(&format!("{name}-{system}-"))?
         .strip_suffix(".tgz")?;
     semver::Version::parse(v).ok().map(|v| v.to_string())
+}
+
+/// A URL's last path segment, percent-decoded.
+fn last_segment(url: &url::Url) -> Option<String> {
+    let raw = url.path_segments()?.next_back()?;
+    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?;
+    Some(decoded.into_owned())
 }
 
 #[cfg(test)]
@@ -515,5 +586,22 @@ mod tests {
             None
         );
         assert_eq!(v("inline", "vpc", "aws"), None);
+    }
+
+    #[test]
+    fn the_version_of_a_stored_file_strips_the_known_prefix_only() {
+        use super::version_from_file_name as f;
+        assert_eq!(f("my-vpc-aws-1.2.0.tgz", "my-vpc", "aws").as_deref(), Some("1.2.0"));
+        assert_eq!(
+            f("my-vpc-aws-2.0.0-rc-1.tgz", "my-vpc", "aws").as_deref(),
+            Some("2.0.0-rc-1")
+        );
+        assert_eq!(f("vpc-aws-1.2.0.tgz", "my-vpc", "aws"), None);
+        assert_eq!(f("my-vpc-aws-1.2.0.zip", "my-vpc", "aws"), None);
+        assert_eq!(f("2f1c9a0e", "my-vpc", "aws"), None);
+        let url = url::Url::parse("https://s3.example/b/p/my-vpc-aws-1.2.0%2Bbuild.5.tgz?X-Amz-Signature=s").unwrap();
+        let file = super::last_segment(&url).unwrap();
+        assert_eq!(file, "my-vpc-aws-1.2.0+build.5.tgz");
+        assert_eq!(f(&file, "my-vpc", "aws").as_deref(), Some("1.2.0+build.5"));
     }
 }

@@ -108,6 +108,8 @@ pub struct Inner {
     hits: Mutex<Vec<Hit>>,
     fault: watch::Sender<Fault>,
     object_storage: Mutex<bool>,
+    /// Object storage URLs end in a key, not in the stored file's name.
+    opaque_objects: Mutex<bool>,
     record_headers: Mutex<bool>,
     jwt_ttl: Mutex<Duration>,
     /// Close keep-alive connections idle this long (nginx's `keepalive_timeout`).
@@ -173,6 +175,7 @@ impl FakeGitlab {
             hits: Mutex::new(Vec::new()),
             fault,
             object_storage: Mutex::new(false),
+            opaque_objects: Mutex::new(false),
             record_headers: Mutex::new(true),
             jwt_ttl: Mutex::new(Duration::from_secs(300)),
             keepalive: Mutex::new(None),
@@ -201,6 +204,7 @@ impl FakeGitlab {
         tokio::spawn(accept_loop(listener, app, inner.clone(), true, tls));
         let storage = Router::new()
             .route("/bucket/{key}", get(object_get))
+            .route("/bucket/{key}/{file}", get(object_file_get))
             .with_state(inner.clone());
         tokio::spawn(accept_loop(
             objects,
@@ -355,8 +359,17 @@ impl FakeGitlab {
         self.inner.fault.send_replace(fault);
     }
 
+    /// Package files in object storage: downloads answer 302 to a presigned URL, with no
+    /// `Content-Disposition`, whose last path segment is the stored file's name
+    /// (`<name>-<system>-<version>.tgz`), as GitLab's object storage uploader keeps it.
     pub fn set_object_storage(&self, on: bool) {
         *self.inner.object_storage.lock().unwrap() = on;
+    }
+
+    /// Object storage URLs that end in an opaque key instead of the file's name (a storage
+    /// set-up tfmirror cannot read a version from).
+    pub fn set_opaque_objects(&self, on: bool) {
+        *self.inner.opaque_objects.lock().unwrap() = on;
     }
 
     /// Close idle keep-alive connections after `idle`, as a GitLab whose nginx has a shorter
@@ -1093,8 +1106,13 @@ fn serve_tarball(inner: &Inner, ns: &str, name: &str, sys: &str, ver: &str) -> R
             .unwrap()
             .objects
             .insert(key.clone(), bytes);
+        let file = if *inner.opaque_objects.lock().unwrap() {
+            String::new()
+        } else {
+            format!("/{name}-{sys}-{ver}.tgz")
+        };
         let loc = format!(
-            "{}/bucket/{key}?X-Amz-Expires=300&X-Amz-Signature={sig}",
+            "{}/bucket/{key}{file}?X-Amz-Expires=300&X-Amz-Signature={sig}",
             inner.objects_url
         );
         return (StatusCode::FOUND, [(header::LOCATION, loc)]).into_response();
@@ -1116,6 +1134,16 @@ fn serve_tarball(inner: &Inner, ns: &str, name: &str, sys: &str, ver: &str) -> R
 struct SignedQuery {
     #[serde(rename = "X-Amz-Signature")]
     sig: Option<String>,
+}
+
+/// Object storage by key and file name: the name is part of the path, not of the signature.
+async fn object_file_get(
+    state: State<Arc<Inner>>,
+    method: Method,
+    Path((key, _file)): Path<(String, String)>,
+    query: Query<SignedQuery>,
+) -> Response {
+    object_get(state, method, Path(key), query).await
 }
 
 /// Object storage: a presigned GET. HEAD is refused (the signature covers the method).
