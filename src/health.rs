@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use http::{header, HeaderMap};
 
 use crate::fetch::Fetcher;
+use crate::upstream::breaker::{RateLimits, Seen, Verdict};
 
 const PROBE_FIRST: Duration = Duration::from_millis(200);
 /// At most this long between probes of a down GitLab: recovery is seen within it (plus
@@ -159,7 +160,7 @@ impl Health {
 /// An answer GitLab gives one caller, not all: a rate limit. It proves GitLab's Rails runs,
 /// but what it says about access or health concerns that caller alone.
 fn per_caller(status: http::StatusCode) -> bool {
-    status == http::StatusCode::TOO_MANY_REQUESTS
+    RateLimits::PerCaller.verdict(Seen::Answer(status)) == Verdict::Neutral
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored), capped at

@@ -12,6 +12,8 @@
 //!   GitLab may answer with a 302 to object storage on another host. Following that redirect
 //!   here keeps presigned URLs away from clients.
 
+pub mod breaker;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

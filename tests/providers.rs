@@ -706,3 +706,29 @@ async fn a_full_disk_passes_packages_through_verified() {
         assert!(b.len() < zip.len(), "a tampered package was passed through whole");
     }
 }
+
+/// A registry's 429 is the caller's own, as GitLab's is: relayed with its `Retry-After`,
+/// never an outage. It neither serves the stale list nor opens the registry's breaker, so
+/// the next caller, once the limit lifts, gets a fresh answer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registrys_429_is_relayed_and_is_no_outage() {
+    let s = Setup::new("cache:\n  listing_ttl: 1s\n  stale_while_revalidate: 0s\n").await;
+    assert_eq!(s.get("index.json").await.0, 200);
+    // Past listing_ttl (ages count in whole seconds).
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    s.reg.set_faults(Faults {
+        rate_limited: Some(30),
+        ..Faults::default()
+    });
+    for _ in 0..5 {
+        let r = s.send("index.json").await;
+        assert_eq!(r.status(), 429, "relayed, not served stale");
+        assert_eq!(r.headers()["retry-after"], "30");
+        assert_eq!(r.headers()["x-cache-status"], "MISS");
+    }
+    s.reg.set_faults(Faults::default());
+    let before = s.reg.total_hits();
+    let (status, cache, _) = s.get("index.json").await;
+    assert_eq!((status, cache.as_str()), (200, "MISS"), "the breaker stayed closed");
+    assert!(s.reg.total_hits() > before);
+}

@@ -108,10 +108,7 @@ impl Providers {
     ) -> Result<(Reply, CacheStatus)> {
         let p = &route.provider;
         if !self.registries.knows(&p.host) {
-            return Ok(reply::failed(Failed {
-                status: StatusCode::NOT_FOUND,
-                cache: CacheStatus::Bypass,
-            }));
+            return Ok(reply::failed(Failed::new(StatusCode::NOT_FOUND, CacheStatus::Bypass)));
         }
         let answered = match &route.op {
             ProviderOp::Index => reply::found(self.versions(p).await, |r| index_body(&r.versions)),
@@ -170,10 +167,7 @@ impl Providers {
         let Some(bytes) = bytes else {
             // Unsigned (allowed) versions have no signature; a lost blob is a 404 until the
             // checksums are purged and fetched again.
-            return reply::failed(Failed {
-                status: StatusCode::NOT_FOUND,
-                cache: sums.cache,
-            });
+            return reply::failed(Failed::new(StatusCode::NOT_FOUND, sums.cache));
         };
         (reply::sums_file(sums.cache, bytes, sig), sums.cache)
     }
@@ -222,10 +216,7 @@ impl Providers {
             Err(f) => return Ok(reply::failed(f)),
         };
         let Some(pkg) = sums.archives.get(&platform.to_string()) else {
-            return Ok(reply::failed(Failed {
-                status: StatusCode::NOT_FOUND,
-                cache: CacheStatus::Miss,
-            }));
+            return Ok(reply::failed(Failed::new(StatusCode::NOT_FOUND, CacheStatus::Miss)));
         };
         if !self.registries.available(&p.host) {
             return Ok(reply::failed(self.unavailable()));
@@ -245,10 +236,7 @@ impl Providers {
                         tracing::error!("the cache disk has no room for this provider package; serving it without caching");
                         Ok(self.pass_through(p, &version, platform, pkg).await)
                     }
-                    Err(e) => Ok(reply::failed(Failed {
-                        status: e.status(),
-                        cache: CacheStatus::Miss,
-                    })),
+                    Err(e) => Ok(reply::failed(Failed::new(e.status(), CacheStatus::Miss))),
                 }
             }
             Err(e) => {
@@ -277,10 +265,7 @@ impl Providers {
                 let reply = reply::zip(CacheStatus::Bypass, len, hold_last(body));
                 (reply, CacheStatus::Bypass)
             }
-            Err(e) => reply::failed(Failed {
-                status: e.status(),
-                cache: CacheStatus::Bypass,
-            }),
+            Err(e) => reply::failed(Failed::new(e.status(), CacheStatus::Bypass)),
         }
     }
 

@@ -99,6 +99,26 @@ pub struct Found<T> {
 pub struct Failed {
     pub status: StatusCode,
     pub cache: CacheStatus,
+    /// The registry's own `Retry-After` (seconds), relayed with its 429.
+    pub retry_after: Option<u64>,
+}
+
+impl Failed {
+    pub fn new(status: StatusCode, cache: CacheStatus) -> Failed {
+        Failed {
+            status,
+            cache,
+            retry_after: None,
+        }
+    }
+
+    /// The answer for an upstream failure: its status, and a 429's `Retry-After`.
+    pub fn up(e: &UpError, cache: CacheStatus) -> Failed {
+        Failed {
+            retry_after: e.retry_after(),
+            ..Failed::new(e.status(), cache)
+        }
+    }
 }
 
 /// Count a verification outcome, and log refusals (no URLs: coordinates and reason only).
@@ -236,14 +256,12 @@ impl Providers {
 
     /// The status when the upstream may not be asked and nothing is cached.
     fn unavailable(&self) -> Failed {
-        Failed {
-            status: if self.registries.is_offline() {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                StatusCode::BAD_GATEWAY
-            },
-            cache: CacheStatus::Miss,
-        }
+        let status = if self.registries.is_offline() {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::BAD_GATEWAY
+        };
+        Failed::new(status, CacheStatus::Miss)
     }
 
     // ---------------------------------------------------------------------------------------
@@ -303,14 +321,11 @@ impl Providers {
                         cache: CacheStatus::Miss,
                         age: 0,
                     }),
-                    Err(e) if fallback && e.is_outage() => {
+                    Err(e) if fallback && self.registries.is_outage(&e) => {
                         metrics::STALE_SERVED.inc();
                         Ok(found(&cached, CacheStatus::Stale))
                     }
-                    Err(e) => Err(Failed {
-                        status: e.status(),
-                        cache: CacheStatus::Miss,
-                    }),
+                    Err(e) => Err(Failed::up(&e, CacheStatus::Miss)),
                 }
             }
         }
@@ -398,15 +413,11 @@ impl Providers {
         if let Some(r) = self.load_sums(&key).await {
             return Ok(hit(r));
         }
-        let miss = |status| Failed {
-            status,
-            cache: CacheStatus::Miss,
-        };
         let platform = self.some_platform(p, version).await?;
         let rec = self
             .fetch_sums(p, version, &platform)
             .await
-            .map_err(|e| miss(e.status()))?;
+            .map_err(|e| e.failed(CacheStatus::Miss))?;
         let rec = Arc::new(rec);
         self.write_record(KIND_SUMS, &key, rec.clone()).await;
         self.sums_front.insert(key, rec.clone());
@@ -426,10 +437,7 @@ impl Providers {
     ) -> Result<Platform, Failed> {
         let listing = self.versions(p).await?;
         // Not listed: known from the list alone, so the answer is as cached as the list.
-        let unlisted = Failed {
-            status: StatusCode::NOT_FOUND,
-            cache: listing.cache,
-        };
+        let unlisted = Failed::new(StatusCode::NOT_FOUND, listing.cache);
         let info = listing
             .value
             .versions
@@ -531,10 +539,7 @@ impl Providers {
             });
         }
         let sums = self.sums(p, version).await?.value;
-        let miss = |status| Failed {
-            status,
-            cache: CacheStatus::Miss,
-        };
+        let miss = |status| Failed::new(status, CacheStatus::Miss);
         let Some(pkg) = sums.archives.get(&platform.to_string()) else {
             return Err(miss(StatusCode::NOT_FOUND));
         };
@@ -544,7 +549,7 @@ impl Providers {
         let answer = self
             .checked_answer(p, version, platform, pkg)
             .await
-            .map_err(|e| miss(e.status()))?;
+            .map_err(|e| e.failed(CacheStatus::Miss))?;
         let rec = DownloadRecord {
             answer: answer.raw,
             fetched_at: unix_now(),
@@ -586,10 +591,7 @@ impl Providers {
             .registries
             .module_download(m, system, version)
             .await
-            .map_err(|e| Failed {
-                status: e.status(),
-                cache: CacheStatus::Miss,
-            })?;
+            .map_err(|e| Failed::up(&e, CacheStatus::Miss))?;
         let rec = ModuleDownloadRecord {
             location,
             fetched_at: unix_now(),
@@ -676,6 +678,7 @@ impl Providers {
     ) -> Result<Source, FillError> {
         let up = |e: UpError| match e {
             UpError::NotFound => FillError::Refused(StatusCode::NOT_FOUND),
+            UpError::RateLimited { .. } => FillError::Refused(StatusCode::TOO_MANY_REQUESTS),
             UpError::Transport { timeout: true } => {
                 FillError::Upstream("provider registry timed out")
             }
@@ -725,11 +728,11 @@ enum Fetched {
 }
 
 impl Fetched {
-    /// The status to answer: the registry's failure, else a 502.
-    fn status(&self) -> StatusCode {
+    /// The answer: the registry's failure, else a 502.
+    fn failed(&self, cache: CacheStatus) -> Failed {
         match self {
-            Fetched::Up(e) => e.status(),
-            Fetched::Refused => StatusCode::BAD_GATEWAY,
+            Fetched::Up(e) => Failed::up(e, cache),
+            Fetched::Refused => Failed::new(StatusCode::BAD_GATEWAY, cache),
         }
     }
 }

@@ -28,8 +28,15 @@ pub(super) fn found<T>(
 }
 
 /// A failure's error answer, with what the cache did.
-pub(super) fn failed(Failed { status, cache }: Failed) -> (Reply, CacheStatus) {
-    (error(status, cache), cache)
+pub(super) fn failed(f: Failed) -> (Reply, CacheStatus) {
+    let reply = error(f.status, f.cache);
+    match f.retry_after {
+        Some(secs) => (
+            reply.with_value(header::RETRY_AFTER, respond::decimal(secs)),
+            f.cache,
+        ),
+        None => (reply, f.cache),
+    }
 }
 
 /// A JSON body from the cache or the registry, `age` seconds old; a stale one says so.

@@ -26,20 +26,21 @@ use url::Url;
 
 use super::route::{Platform, ProviderId};
 use crate::metrics;
+use crate::upstream::breaker::{Breaker, RateLimits, Seen, Verdict};
 
 const MAX_REDIRECTS: usize = 5;
 /// How long a registry's discovered `providers.v1` root is reused.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
-/// How long an upstream stays skipped once its breaker opens.
-pub const BREAKER_OPEN: Duration = Duration::from_secs(5);
 
 /// Why an upstream call gave nothing usable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpError {
     /// The registry does not know this provider or version (404): relayed as 404.
     NotFound,
-    /// The upstream answered with a failure status (5xx, 429, other 4xx).
+    /// The upstream answered with a failure status (5xx, other 4xx).
     Status(StatusCode),
+    /// The upstream rate-limits this caller (429): relayed with its `Retry-After` (seconds).
+    RateLimited { retry_after: Option<u64> },
     /// Unreachable, reset, timed out.
     Transport { timeout: bool },
     /// An answer that breaks the protocol or tfmirror's fetch rules.
@@ -47,27 +48,57 @@ pub enum UpError {
 }
 
 impl UpError {
-    /// Does this count against the upstream's breaker (and allow stale answers)?
-    pub fn is_outage(&self) -> bool {
+    /// What the upstream did, for its breaker ([`crate::upstream::breaker`]).
+    pub fn seen(&self) -> Option<Seen> {
         match self {
-            UpError::Transport { .. } => true,
-            UpError::Status(s) => s.is_server_error() || *s == StatusCode::TOO_MANY_REQUESTS,
-            _ => false,
+            UpError::Transport { .. } => Some(Seen::Nothing),
+            UpError::Status(s) => Some(Seen::Answer(*s)),
+            UpError::RateLimited { .. } => Some(Seen::Answer(StatusCode::TOO_MANY_REQUESTS)),
+            UpError::NotFound => Some(Seen::Answer(StatusCode::NOT_FOUND)),
+            // An answer that breaks the protocol: the upstream runs, and is wrong.
+            UpError::Protocol(_) => None,
         }
     }
 
-    /// The status a client gets for it.
+    /// Does this count against the upstream's breaker, and allow stale answers, under `rule`?
+    pub fn is_outage(&self, rule: RateLimits) -> bool {
+        self.seen()
+            .is_some_and(|seen| rule.verdict(seen) == Verdict::Outage)
+    }
+
+    /// The status a client gets for it: a 404 and a 429 are relayed, the rest is tfmirror's
+    /// own 502 (or 504 when the registry timed out).
     pub fn status(&self) -> StatusCode {
         match self {
             UpError::NotFound => StatusCode::NOT_FOUND,
+            UpError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             UpError::Transport { timeout: true } => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
 
+    /// A 429's `Retry-After`, in seconds, to relay.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            UpError::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A failure status from the registry, with its headers.
+    fn from_status(status: StatusCode, headers: &http::HeaderMap) -> UpError {
+        match status {
+            StatusCode::NOT_FOUND => UpError::NotFound,
+            StatusCode::TOO_MANY_REQUESTS => UpError::RateLimited {
+                retry_after: crate::health::retry_after(headers).map(|d| d.as_secs()),
+            },
+            s => UpError::Status(s),
+        }
+    }
+
     fn outcome(&self) -> &'static str {
         match self {
-            UpError::NotFound => "4xx",
+            UpError::NotFound | UpError::RateLimited { .. } => "4xx",
             UpError::Status(s) if s.is_client_error() => "4xx",
             UpError::Status(_) => "5xx",
             UpError::Transport { timeout: true } => "timeout",
@@ -161,31 +192,6 @@ pub fn may_fetch(url: &Url, named: &[String], allowed: &[String]) -> bool {
         })
 }
 
-/// A per-upstream circuit breaker: consecutive outages open it for [`BREAKER_OPEN`], during
-/// which requests do not wait on that upstream (stale answers are served at once).
-#[derive(Debug, Default, Clone)]
-pub struct Breaker {
-    failures: u32,
-    open_until: Option<Instant>,
-}
-
-impl Breaker {
-    pub fn available(&self, now: Instant) -> bool {
-        self.open_until.is_none_or(|t| now >= t)
-    }
-
-    pub fn record(&mut self, outage: bool, threshold: u32, now: Instant) {
-        if !outage {
-            *self = Breaker::default();
-            return;
-        }
-        self.failures += 1;
-        if self.failures >= threshold {
-            self.open_until = Some(now + BREAKER_OPEN);
-        }
-    }
-}
-
 /// How tfmirror reaches provider registries and the files their answers name: one GET, no
 /// redirect followed (each hop is checked against the fetch rules by the caller). The real
 /// one is an https client ([`Registries::new`]); provider unit tests put a stub there, so
@@ -239,6 +245,8 @@ pub struct Registries {
     discovered: moka::sync::Cache<String, Url>,
     max_small: usize,
     breakers: Mutex<BTreeMap<String, Breaker>>,
+    /// Whether a registry's 429 is an outage: by default it is its caller's own.
+    rate_limits: RateLimits,
     threshold: u32,
     offline: bool,
 }
@@ -266,6 +274,7 @@ impl Registries {
                 .unwrap_or(usize::MAX),
             breakers: Mutex::new(BTreeMap::new()),
             threshold: config.offline.breaker_threshold.max(1),
+            rate_limits: RateLimits::default(),
             offline: config.offline.enabled,
         }
     }
@@ -290,12 +299,22 @@ impl Registries {
         self.offline
     }
 
+    /// Does `e` count as an outage of its registry (and allow stale answers)?
+    pub fn is_outage(&self, e: &UpError) -> bool {
+        e.is_outage(self.rate_limits)
+    }
+
     fn record(&self, host: &str, result: &Result<(), UpError>) {
-        let outage = result.as_ref().err().is_some_and(UpError::is_outage);
+        let verdict = match result {
+            Ok(()) => Verdict::Up,
+            Err(e) => e
+                .seen()
+                .map_or(Verdict::Up, |seen| self.rate_limits.verdict(seen)),
+        };
         let mut b = self.breakers.lock().expect("breakers lock");
         let entry = b.entry(host.to_string()).or_default();
         let was = entry.available(Instant::now());
-        entry.record(outage, self.threshold, Instant::now());
+        entry.record(verdict, self.threshold, Instant::now());
         if was && !entry.available(Instant::now()) {
             tracing::warn!(registry = host, "provider registry marked down");
         }
@@ -487,11 +506,8 @@ impl Registries {
         let result = async {
             let resp = self.get_following(url, named).await?;
             let status = resp.status();
-            if status == StatusCode::NOT_FOUND {
-                return Err(UpError::NotFound);
-            }
             if !status.is_success() {
-                return Err(UpError::Status(status));
+                return Err(UpError::from_status(status, resp.headers()));
             }
             let headers = resp.headers().clone();
             Ok((headers, read_limited(resp, self.max_small).await?))
@@ -523,8 +539,7 @@ impl Registries {
                 .await?;
             match resp.status() {
                 s if s.is_success() => Ok(resp),
-                StatusCode::NOT_FOUND => Err(UpError::NotFound),
-                s => Err(UpError::Status(s)),
+                s => Err(UpError::from_status(s, resp.headers())),
             }
         }
         .await;
@@ -628,20 +643,17 @@ mod tests {
     }
 
     #[test]
-    fn breaker_opens_after_threshold_and_closes_on_success() {
-        let t0 = Instant::now();
-        let mut b = Breaker::default();
-        b.record(true, 2, t0);
-        assert!(b.available(t0));
-        b.record(true, 2, t0);
-        assert!(!b.available(t0));
-        assert!(b.available(t0 + BREAKER_OPEN));
-        b.record(false, 2, t0);
-        assert!(b.available(t0));
-        // A refusal (404) is an answer, not an outage.
-        assert!(!UpError::NotFound.is_outage());
-        assert!(UpError::Status(StatusCode::BAD_GATEWAY).is_outage());
-        assert!(UpError::Status(StatusCode::TOO_MANY_REQUESTS).is_outage());
-        assert!(UpError::Transport { timeout: false }.is_outage());
+    fn a_registrys_answers_under_the_default_rule() {
+        let rule = RateLimits::default();
+        assert!(!UpError::NotFound.is_outage(rule), "a refusal is an answer");
+        assert!(UpError::Status(StatusCode::BAD_GATEWAY).is_outage(rule));
+        assert!(UpError::Transport { timeout: false }.is_outage(rule));
+        let limited = UpError::RateLimited {
+            retry_after: Some(30),
+        };
+        assert!(!limited.is_outage(rule), "a 429 is the caller's own");
+        assert!(limited.is_outage(RateLimits::Outage));
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.retry_after(), Some(30));
     }
 }

@@ -44,6 +44,9 @@ pub struct Faults {
     pub latency: Duration,
     /// Every request answers 500.
     pub fail_500: bool,
+    /// Every request answers 429 with this `Retry-After` (seconds), as a registry
+    /// throttling tfmirror's address does.
+    pub rate_limited: Option<u64>,
     /// Connections are dropped at once (as a registry that is down).
     pub down: bool,
     /// Zips are served with a flipped byte; `SHA256SUMS` still lists the original.
@@ -385,12 +388,16 @@ async fn accept_loop(
     }
 }
 
-/// Count the request and apply latency and 500s. Some(response) ends the request.
+/// Count the request and apply latency, 429s and 500s. Some(response) ends the request.
 async fn enter(inner: &Inner, path: String) -> Option<Response> {
     *inner.hits.lock().unwrap().entry(path).or_default() += 1;
     let f = inner.faults.lock().unwrap().clone();
     if !f.latency.is_zero() {
         tokio::time::sleep(f.latency).await;
+    }
+    if let Some(secs) = f.rate_limited {
+        let headers = [(http::header::RETRY_AFTER, secs.to_string())];
+        return Some((StatusCode::TOO_MANY_REQUESTS, headers, "slow down").into_response());
     }
     f.fail_500
         .then(|| (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response())
