@@ -352,12 +352,37 @@ async fn write_stream(session: &mut Session, mut chunks: BodyStream) -> Result<(
         match chunk {
             Ok(c) => session.write_response_body(Some(c), false).await?,
             Err(why) => {
+                if framing(session.req_header().version, None) == Framing::Close {
+                    // The end of this body is the connection's close: only an abortive one
+                    // tells the client it was cut.
+                    reset_on_close(session);
+                }
                 let e = pingora::Error::because(pingora::ErrorType::ReadError, "body cut", why);
                 return Err(e.into_up());
             }
         }
     }
     session.write_response_body(Some(Bytes::new()), true).await
+}
+
+/// Make the client connection's close abortive (a TCP RST, `SO_LINGER` 0): where a body is
+/// delimited by the close (HTTP/1.0 and an unknown length), a cut must not end in the FIN
+/// that ends a whole body. Curl and Go report the reset as an error; a FIN they would take
+/// for the end.
+#[allow(unsafe_code)]
+fn reset_on_close(session: &Session) {
+    let Some(stream) = session.stream() else {
+        return;
+    };
+    // The stream's unique id is its socket's descriptor (pingora's l4 stream, and
+    // `workers::conn::Conn` which passes it through).
+    let fd = pingora::protocols::UniqueID::id(stream.as_ref());
+    // SAFETY: `fd` belongs to the stream `session` owns; the borrow of `session` keeps the
+    // stream, and so the descriptor, open for as long as the borrowed fd is used here.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    if let Err(e) = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO)) {
+        tracing::debug!(error = %e, "could not make the close abortive");
+    }
 }
 
 /// Write a complete JSON response. `HEAD` gets the headers only.

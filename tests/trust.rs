@@ -497,3 +497,41 @@ async fn expired_grant_records_are_removed() {
     assert_eq!(grant_files(), 0, "serve removed the expired grant at start");
     assert!(m.metric("tfmirror_grants_expired_total", "").await >= 1.0);
 }
+
+/// An HTTP/1.0 client cannot take chunked framing: its body ends with the connection. When
+/// GitLab cuts that body, the close is abortive (RST), which a client reports as an error,
+/// never the orderly close (FIN) that ends a whole body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_1_0_client_whose_body_is_cut_sees_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let file = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
+    let path = file.strip_prefix(&m.url()).unwrap().to_string();
+    let read_all = |cut: bool| {
+        let (path, addr) = (path.clone(), m.addr);
+        let gl = &gl;
+        async move {
+            gl.set_fault(Fault::Chunked { cut });
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => return (Ok(()), got),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => return (Err(e.kind()), got),
+                }
+            }
+        }
+    };
+    let (end, got) = read_all(true).await;
+    assert!(got.starts_with(b"HTTP/1.1 200"), "the head went out first");
+    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "a cut ends in a reset");
+    let (end, got) = read_all(false).await;
+    assert_eq!(end, Ok(()), "a whole body ends in an orderly close");
+    let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(same(&got[body_at..], &gl.tarball("infra", "vpc", "aws", "1.0.0")));
+}
