@@ -703,7 +703,10 @@ async fn a_full_disk_passes_packages_through_verified() {
     let r = s.send("1.0.0/darwin_arm64.zip").await;
     assert_eq!(r.headers()["x-cache-status"], "BYPASS");
     if let Ok(b) = r.bytes().await {
-        assert!(b.len() < zip.len(), "a tampered package was passed through whole");
+        assert!(
+            b.len() < zip.len(),
+            "a tampered package was passed through whole"
+        );
     }
 }
 
@@ -729,6 +732,64 @@ async fn a_registrys_429_is_relayed_and_is_no_outage() {
     s.reg.set_faults(Faults::default());
     let before = s.reg.total_hits();
     let (status, cache, _) = s.get("index.json").await;
-    assert_eq!((status, cache.as_str()), (200, "MISS"), "the breaker stayed closed");
+    assert_eq!(
+        (status, cache.as_str()),
+        (200, "MISS"),
+        "the breaker stayed closed"
+    );
     assert!(s.reg.total_hits() > before);
+}
+
+/// A cold package costs one download answer from the registry: the answer fetched with the
+/// checksums it is checked against serves the package's fill too. Through both protocols:
+/// the network mirror's zip, and the registry protocol's download answer then its package.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_package_costs_one_download_answer() {
+    let s = Setup::new("").await;
+    let answers = |s: &Setup, platform: &str| {
+        let (os, arch) = platform.split_once('_').unwrap();
+        s.reg.hits_matching(&format!("/1.1.0/download/{os}/{arch}"))
+    };
+    assert_eq!(s.get("index.json").await.0, 200);
+    // Not the platform the checksums would be fetched through by default.
+    let (status, _, body) = s.get("1.1.0/darwin_arm64.zip").await;
+    assert_eq!(status, 200);
+    assert_eq!(body, s.reg.zip(NS, TYPE, "1.1.0", "darwin_arm64"));
+    assert_eq!(
+        answers(&s, "darwin_arm64"),
+        1,
+        "one answer for the cold zip"
+    );
+    assert_eq!(answers(&s, "linux_amd64"), 0, "no other platform's answer");
+
+    // Its checksums known, another platform's cold zip costs its own answer, once.
+    let (status, _, _) = s.get("1.1.0/linux_amd64.zip").await;
+    assert_eq!(status, 200);
+    assert_eq!(answers(&s, "linux_amd64"), 1);
+
+    // The registry protocol: the download answer, then the package it points at.
+    let url = format!(
+        "{}/providers/registry/{HOST}/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64",
+        s.m.url()
+    );
+    let answer: serde_json::Value = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let zip = client()
+        .get(answer["download_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(zip.status(), 200);
+    assert_eq!(
+        zip.bytes().await.unwrap(),
+        s.reg.zip(NS, TYPE, "1.0.0", "linux_amd64")
+    );
+    let once = s.reg.hits_matching("/1.0.0/download/linux/amd64");
+    assert_eq!(once, 1, "one answer for the answer and its package");
 }

@@ -618,7 +618,10 @@ async fn project_get(c: &reqwest::Client, base: &str) -> reqwest::Response {
         .await
         .unwrap();
     assert_eq!(tg.status(), 204);
-    let get = tg.headers()["x-terraform-get"].to_str().unwrap().to_string();
+    let get = tg.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .to_string();
     c.get(get.replace("&archive=tgz", ""))
         .header("authorization", basic("alice", ALICE))
         .send()
@@ -655,7 +658,13 @@ async fn project_latest_in_object_storage_is_served_and_cached_by_version() {
 
     // Object storage URLs that name no file: never worse than direct, never cached.
     gl.set_opaque_objects(true);
-    gl.add_module("infra", 7, "my-net", "aws", &["2.0.0", "2.1.0-rc-1", "2.2.0"]);
+    gl.add_module(
+        "infra",
+        7,
+        "my-net",
+        "aws",
+        &["2.0.0", "2.1.0-rc-1", "2.2.0"],
+    );
     let want = gl.tarball("infra", "my-net", "aws", "2.2.0");
     for _ in 0..2 {
         let r = project_get(&c, &base).await;
@@ -664,5 +673,9 @@ async fn project_latest_in_object_storage_is_served_and_cached_by_version() {
         assert_eq!(r.bytes().await.unwrap(), want);
     }
     let r = project_get(&c, &format!("{base}/2.2.0")).await;
-    assert_eq!(r.headers()["x-cache-status"], "MISS", "the pass-through kept nothing");
+    assert_eq!(
+        r.headers()["x-cache-status"],
+        "MISS",
+        "the pass-through kept nothing"
+    );
 }

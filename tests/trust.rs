@@ -529,9 +529,16 @@ async fn an_http_1_0_client_whose_body_is_cut_sees_a_reset() {
     };
     let (end, got) = read_all(true).await;
     assert!(got.starts_with(b"HTTP/1.1 200"), "the head went out first");
-    assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset), "a cut ends in a reset");
+    assert_eq!(
+        end,
+        Err(std::io::ErrorKind::ConnectionReset),
+        "a cut ends in a reset"
+    );
     let (end, got) = read_all(false).await;
     assert_eq!(end, Ok(()), "a whole body ends in an orderly close");
     let body_at = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    assert!(same(&got[body_at..], &gl.tarball("infra", "vpc", "aws", "1.0.0")));
+    assert!(same(
+        &got[body_at..],
+        &gl.tarball("infra", "vpc", "aws", "1.0.0")
+    ));
 }

@@ -19,8 +19,8 @@ pub enum Plan {
     Unavailable,
 }
 
-pub use crate::windows::Windows;
 use crate::windows::Age;
+pub use crate::windows::Windows;
 
 /// `age`: seconds since the cached list was fetched, None when there is none.
 pub fn plan(age: Option<u64>, w: Windows, upstream_available: bool) -> Plan {

@@ -20,10 +20,10 @@ use super::reply;
 use super::route::ProviderId;
 use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
 use super::{archive_key, Failed, Providers};
+use crate::cache::artifact::Artifact;
 use crate::cache::blobs::Hash;
 use crate::cache::body::{hold_last, BodyError};
 use crate::cache::fill::FillError;
-use crate::cache::artifact::Artifact;
 use crate::metrics;
 use crate::respond::{self, CacheStatus, Reply};
 use crate::rewrite::PublicBase;
@@ -108,7 +108,10 @@ impl Providers {
     ) -> Result<(Reply, CacheStatus)> {
         let p = &route.provider;
         if !self.registries.knows(&p.host) {
-            return Ok(reply::failed(Failed::new(StatusCode::NOT_FOUND, CacheStatus::Bypass)));
+            return Ok(reply::failed(Failed::new(
+                StatusCode::NOT_FOUND,
+                CacheStatus::Bypass,
+            )));
         }
         let answered = match &route.op {
             ProviderOp::Index => reply::found(self.versions(p).await, |r| index_body(&r.versions)),
@@ -211,12 +214,15 @@ impl Providers {
                 CacheStatus::Miss,
             ));
         }
-        let sums = match self.sums(p, &version).await {
+        let sums = match self.sums_for(p, &version, Some(platform)).await {
             Ok(f) => f.value,
             Err(f) => return Ok(reply::failed(f)),
         };
         let Some(pkg) = sums.archives.get(&platform.to_string()) else {
-            return Ok(reply::failed(Failed::new(StatusCode::NOT_FOUND, CacheStatus::Miss)));
+            return Ok(reply::failed(Failed::new(
+                StatusCode::NOT_FOUND,
+                CacheStatus::Miss,
+            )));
         };
         if !self.registries.available(&p.host) {
             return Ok(reply::failed(self.unavailable()));

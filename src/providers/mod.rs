@@ -151,6 +151,11 @@ pub struct Providers {
     /// Memory fronts of the records on disk, so hits read no file.
     versions_front: moka::sync::Cache<String, Arc<VersionsRecord>>,
     sums_front: moka::sync::Cache<String, Arc<SumsRecord>>,
+    /// Download answers checked against their version's verified checksums, by
+    /// `provider_download_key`, for the minute in which a cold package is filled: the answer
+    /// fetched with the checksums serves that package's fill too (one answer per cold
+    /// package, not two or three). Short-lived: its URLs may be presigned.
+    answers: moka::sync::Cache<String, Arc<upstream::DownloadAnswer>>,
     /// One upstream exchange per key at a time; later callers find its result.
     locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
     refreshing: Mutex<HashSet<String>>,
@@ -198,6 +203,10 @@ impl Providers {
                 .build(),
             // Short-lived like the tarball index front, so that `tfmirror cache purge` run
             // beside a server takes effect.
+            answers: moka::sync::Cache::builder()
+                .max_capacity(1_000)
+                .time_to_live(Duration::from_secs(60))
+                .build(),
             sums_front: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(30))
@@ -396,6 +405,17 @@ impl Providers {
         p: &ProviderId,
         version: &str,
     ) -> Result<Found<Arc<SumsRecord>>, Failed> {
+        self.sums_for(p, version, None).await
+    }
+
+    /// [`Providers::sums`], fetched (when not recorded) through `platform`'s download answer
+    /// if the version lists that platform: the answer is then at hand for its package.
+    pub async fn sums_for(
+        self: &Arc<Self>,
+        p: &ProviderId,
+        version: &str,
+        platform: Option<&Platform>,
+    ) -> Result<Found<Arc<SumsRecord>>, Failed> {
         let key = records::provider_sums_key(p, version);
         let hit = |r: Arc<SumsRecord>| Found {
             age: unix_now().saturating_sub(r.fetched_at),
@@ -413,7 +433,7 @@ impl Providers {
         if let Some(r) = self.load_sums(&key).await {
             return Ok(hit(r));
         }
-        let platform = self.some_platform(p, version).await?;
+        let platform = self.some_platform(p, version, platform).await?;
         let rec = self
             .fetch_sums(p, version, &platform)
             .await
@@ -429,11 +449,13 @@ impl Providers {
     }
 
     /// A platform the registry lists for `version`: any one's download answer names the
-    /// version's `SHA256SUMS` (linux_amd64 when listed). 404 when the version is not listed.
+    /// version's `SHA256SUMS` (`wanted` when listed, else linux_amd64 when listed). 404 when
+    /// the version is not listed.
     async fn some_platform(
         self: &Arc<Self>,
         p: &ProviderId,
         version: &str,
+        wanted: Option<&Platform>,
     ) -> Result<Platform, Failed> {
         let listing = self.versions(p).await?;
         // Not listed: known from the list alone, so the answer is as cached as the list.
@@ -444,9 +466,14 @@ impl Providers {
             .iter()
             .find(|v| v.version == version)
             .ok_or(unlisted)?;
-        info.platforms
-            .iter()
-            .find(|pl| pl.os == "linux" && pl.arch == "amd64")
+        let find = |os: &str, arch: &str| {
+            info.platforms
+                .iter()
+                .find(|pl| pl.os == os && pl.arch == arch)
+        };
+        wanted
+            .and_then(|w| find(&w.os, &w.arch))
+            .or_else(|| find("linux", "amd64"))
             .or(info.platforms.first())
             .and_then(|pl| Platform::parse(&format!("{}_{}", pl.os, pl.arch)))
             .ok_or(unlisted)
@@ -492,7 +519,9 @@ impl Providers {
         if archives.is_empty() {
             return Err(refuse(Refusal::NotListed));
         }
-        // Verified: now the exact bytes may be kept.
+        // Verified: now the exact bytes may be kept, and the answer used for its package.
+        let key = records::provider_download_key(p, version, platform);
+        self.answers.insert(key, Arc::new(answer));
         let document = self.keep(doc).await;
         let signature = match signature {
             Some(s) => self.keep(s).await,
@@ -538,7 +567,7 @@ impl Providers {
                 cache: CacheStatus::Hit,
             });
         }
-        let sums = self.sums(p, version).await?.value;
+        let sums = self.sums_for(p, version, Some(platform)).await?.value;
         let miss = |status| Failed::new(status, CacheStatus::Miss);
         let Some(pkg) = sums.archives.get(&platform.to_string()) else {
             return Err(miss(StatusCode::NOT_FOUND));
@@ -551,7 +580,7 @@ impl Providers {
             .await
             .map_err(|e| e.failed(CacheStatus::Miss))?;
         let rec = DownloadRecord {
-            answer: answer.raw,
+            answer: answer.raw.clone(),
             fetched_at: unix_now(),
         };
         self.write_record(KIND_DOWNLOAD, &key, Arc::new(rec.clone()))
@@ -658,14 +687,20 @@ impl Providers {
         version: &str,
         platform: &Platform,
         pkg: &Package,
-    ) -> Result<upstream::DownloadAnswer, Fetched> {
+    ) -> Result<Arc<upstream::DownloadAnswer>, Fetched> {
         let expected = verify::parse_hex(&pkg.sha256).ok_or(Fetched::Refused)?;
-        let answer = self.registries.download(p, version, platform).await?;
+        let key = records::provider_download_key(p, version, platform);
+        let answer = match self.answers.get(&key) {
+            Some(a) => a,
+            None => Arc::new(self.registries.download(p, version, platform).await?),
+        };
         let signed = verify::Sums::from_iter([(pkg.filename.clone(), expected)]);
         if let Err(r) = verify::expected_sha(&signed, &answer.filename, Some(&answer.shasum)) {
+            self.answers.invalidate(&key);
             verification(p, version, Err(r));
             return Err(Fetched::Refused);
         }
+        self.answers.insert(key, answer.clone());
         Ok(answer)
     }
 

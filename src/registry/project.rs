@@ -559,7 +559,9 @@ fn version_from_file_name(file: &str, name: &str, system: &str) -> Option<String
 /// A URL's last path segment, percent-decoded.
 fn last_segment(url: &url::Url) -> Option<String> {
     let raw = url.path_segments()?.next_back()?;
-    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?;
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
     Some(decoded.into_owned())
 }
 
@@ -591,7 +593,10 @@ mod tests {
     #[test]
     fn the_version_of_a_stored_file_strips_the_known_prefix_only() {
         use super::version_from_file_name as f;
-        assert_eq!(f("my-vpc-aws-1.2.0.tgz", "my-vpc", "aws").as_deref(), Some("1.2.0"));
+        assert_eq!(
+            f("my-vpc-aws-1.2.0.tgz", "my-vpc", "aws").as_deref(),
+            Some("1.2.0")
+        );
         assert_eq!(
             f("my-vpc-aws-2.0.0-rc-1.tgz", "my-vpc", "aws").as_deref(),
             Some("2.0.0-rc-1")
@@ -599,7 +604,10 @@ mod tests {
         assert_eq!(f("vpc-aws-1.2.0.tgz", "my-vpc", "aws"), None);
         assert_eq!(f("my-vpc-aws-1.2.0.zip", "my-vpc", "aws"), None);
         assert_eq!(f("2f1c9a0e", "my-vpc", "aws"), None);
-        let url = url::Url::parse("https://s3.example/b/p/my-vpc-aws-1.2.0%2Bbuild.5.tgz?X-Amz-Signature=s").unwrap();
+        let url = url::Url::parse(
+            "https://s3.example/b/p/my-vpc-aws-1.2.0%2Bbuild.5.tgz?X-Amz-Signature=s",
+        )
+        .unwrap();
         let file = super::last_segment(&url).unwrap();
         assert_eq!(file, "my-vpc-aws-1.2.0+build.5.tgz");
         assert_eq!(f(&file, "my-vpc", "aws").as_deref(), Some("1.2.0+build.5"));
