@@ -179,7 +179,9 @@ impl Proxy {
                     respond::error(session, StatusCode::NOT_FOUND).await?;
                     return Ok(true);
                 };
-                ctx.cache = Some(providers.handle(session, p, public).await?);
+                let (cache, upstream_status) = providers.handle(session, p, public).await?;
+                ctx.cache = Some(cache);
+                ctx.upstream_status = upstream_status;
                 Ok(true)
             }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {

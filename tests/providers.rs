@@ -793,3 +793,44 @@ async fn a_cold_package_costs_one_download_answer() {
     let once = s.reg.hits_matching("/1.0.0/download/linux/amd64");
     assert_eq!(once, 1, "one answer for the answer and its package");
 }
+
+/// The access line of a provider request says what the registry answered for it, as a
+/// module request's does (`tests/operate.rs`): 200 when fetched, its 404, 429 or 500 when
+/// refused or failing, nothing when the cache answered alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_access_lines_carry_the_registrys_status() {
+    let s = Setup::new("").await;
+    let lines = |route: &'static str| {
+        let m = &s.m;
+        async move {
+            let needle = format!("\"route\":\"{route}\"");
+            m.logs_with(&needle)
+                .await
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["fields"].clone())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(s.get("index.json").await.0, 200);
+    assert_eq!(s.get("index.json").await.0, 200);
+    let index = lines("provider_index").await;
+    assert_eq!(index.len(), 2);
+    assert_eq!(index[0]["cache"], "MISS");
+    assert_eq!(index[0]["upstream_status"], 200);
+    assert_eq!(index[1]["cache"], "HIT");
+    assert!(index[1].get("upstream_status").is_none(), "{}", index[1]);
+
+    // A package fill, in a task of its own, still reports to its request.
+    assert_eq!(s.get("1.1.0/linux_amd64.zip").await.0, 200);
+    let zip = lines("provider_archive").await;
+    assert_eq!(zip[0]["upstream_status"], 200, "{}", zip[0]);
+
+    s.reg.set_faults(Faults {
+        fail_500: true,
+        ..Faults::default()
+    });
+    assert_eq!(s.get("1.0.0.json").await.0, 502);
+    let version = lines("provider_version").await;
+    assert_eq!(version[0]["upstream_status"], 500, "{}", version[0]);
+}

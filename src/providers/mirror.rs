@@ -85,17 +85,20 @@ impl Call {
 }
 
 impl Providers {
-    /// Answer a provider route. Returns what the cache did, for the access log.
+    /// Answer a provider route. Returns what the cache did and the last status a registry
+    /// answered for it, for the access log.
     pub async fn handle(
         self: &Arc<Self>,
         session: &mut Session,
         route: &ProviderRoute,
         public: &PublicBase,
-    ) -> Result<CacheStatus> {
+    ) -> Result<(CacheStatus, Option<u16>)> {
         let call = Call::of(session.req_header());
-        let (reply, cache) = self.answer(&call, route, public).await?;
+        let (answer, upstream_status) =
+            super::upstream::observed(self.answer(&call, route, public)).await;
+        let (reply, cache) = answer?;
         respond::write(session, reply).await?;
-        Ok(cache)
+        Ok((cache, upstream_status))
     }
 
     /// The answer to a provider route, as a value, with what the cache did. Errors only when

@@ -319,7 +319,8 @@ impl Providers {
                 let lc = l.clone();
                 // A task of its own: when the deadline passes, the fetch still completes and
                 // refreshes the cache for the next caller.
-                let mut task = tokio::spawn(async move { this.fetch_listing(&lc).await });
+                let fetch = async move { this.fetch_listing(&lc).await };
+                let mut task = tokio::spawn(upstream::carried(fetch));
                 let result = match tokio::time::timeout(self.deadline, &mut task).await {
                     Ok(joined) => joined.unwrap_or(Err(UpError::Protocol("task failed"))),
                     Err(_) => Err(UpError::Transport { timeout: true }),
@@ -661,7 +662,8 @@ impl Providers {
         );
         let (p2, v2) = (p.clone(), version.clone());
         let open = move || -> Opener {
-            async move { this.open_archive(&p, &version, &platform, &pkg).await }.boxed()
+            let open = async move { this.open_archive(&p, &version, &platform, &pkg).await };
+            upstream::carried(open).boxed()
         };
         self.cache
             .fill_tarball(&key, open, move |_previous, hash, size| {

@@ -16,6 +16,7 @@
 //! put a stub there; discovery, fetch rules, redirects and breakers run above it either way.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,6 +110,37 @@ impl UpError {
 }
 
 pub use crate::cache::records::{PlatformInfo, VersionInfo};
+
+tokio::task_local! {
+    /// The last status an upstream answered on behalf of the request being served, for its
+    /// access line ([`observed`]).
+    static ANSWERED: Arc<AtomicU16>;
+}
+
+/// Run `f`, a request's answer, and say the last status an upstream gave for it (`None`:
+/// no upstream was asked), as nginx's `$upstream_status` does.
+pub async fn observed<T>(f: impl std::future::Future<Output = T>) -> (T, Option<u16>) {
+    let seen = Arc::new(AtomicU16::new(0));
+    let out = ANSWERED.scope(seen.clone(), f).await;
+    let status = seen.load(Ordering::Relaxed);
+    (out, (status != 0).then_some(status))
+}
+
+/// `f`, to be spawned, still reporting to the request that made it (a task does not inherit
+/// its spawner's task-locals).
+pub fn carried<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
+    let seen = ANSWERED.try_with(Arc::clone).ok();
+    async move {
+        match seen {
+            Some(seen) => ANSWERED.scope(seen, f).await,
+            None => f.await,
+        }
+    }
+}
+
+fn answered(status: StatusCode) {
+    let _ = ANSWERED.try_with(|s| s.store(status.as_u16(), Ordering::Relaxed));
+}
 
 #[derive(Deserialize)]
 struct VersionsAnswer {
@@ -571,7 +603,18 @@ impl Registries {
                 );
                 return Err(UpError::Protocol("host not allowed for provider downloads"));
             }
-            let resp = self.http.get(&url).await?;
+            let resp = match self.http.get(&url).await {
+                Ok(r) => r,
+                Err(e) => {
+                    // As nginx's `$upstream_status`: asked, and no answer came.
+                    let none = match e {
+                        UpError::Transport { timeout: true } => StatusCode::GATEWAY_TIMEOUT,
+                        _ => StatusCode::BAD_GATEWAY,
+                    };
+                    answered(none);
+                    return Err(e);
+                }
+            };
             if resp.status().is_redirection() {
                 let next = resp
                     .headers()
@@ -586,6 +629,7 @@ impl Registries {
                 url = next;
                 continue;
             }
+            answered(resp.status());
             return Ok(resp);
         }
         Err(UpError::Protocol("too many redirects"))
