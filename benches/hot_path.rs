@@ -17,7 +17,7 @@ use criterion::{criterion_group, Criterion};
 use http::{HeaderValue, Method};
 use pingora::apps::ServerApp;
 use pingora::http::ResponseHeader;
-use tfmirror::accesslog::{self, Entry};
+use tfmirror::edge::accesslog::{self, Entry};
 use tfmirror::cache::Cache;
 use tfmirror::identity::{Identity, Secret};
 use tfmirror::respond::CacheStatus;
@@ -244,7 +244,7 @@ impl HitServer {
             };
             let parts = tfmirror::server::open(&config).unwrap();
             tfmirror::metrics::init();
-            let proxy = tfmirror::proxy::Proxy::new(
+            let proxy = tfmirror::edge::proxy::Proxy::new(
                 parts.upstream.clone(),
                 parts.cache.clone(),
                 parts.registry.clone(),
@@ -253,7 +253,7 @@ impl HitServer {
             )
             .with_providers(parts.providers.clone());
             let conf = Arc::new(pingora::server::configuration::ServerConf::default());
-            let app = Arc::new(tfmirror::downstream::Guarded::new(
+            let app = Arc::new(tfmirror::edge::downstream::Guarded::new(
                 pingora::proxy::http_proxy(&conf, proxy),
                 config.timeouts.client_idle,
                 config.timeouts.client_stall,

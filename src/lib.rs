@@ -15,11 +15,7 @@
 //! | L6 wiring, commands | [`server`] | assemble the pingora server from a [`config::Config`]; [`server::Parts`] for the commands |
 //! | | [`sync`] | module wish-lists for `warm`/`sync`: arguments, `.tf` files, a GitLab group |
 //! | | [`cli`] | the command line, one file per command (`main.rs` only picks the allocator) |
-//! | L5 edge | [`proxy`] | the pingora hooks: parse, then answer locally, from the registry, or proxy |
-//! | | [`edge`] | gauges read at scrape time; `/-/metrics` on its own listener |
-//! | | [`accesslog`] | the access log line and request metrics of each request |
-//! | | [`workers`] | one pingora service, `SO_REUSEPORT` socket and accept loop per thread; new connections to the least busy thread |
-//! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris); HTTP/2's connection loop, with the same deadline and a stall bound on request bodies |
+//! | L5 edge | [`edge`] | everything that meets a client connection and the only layer naming pingora's `Session`: the hooks ([`edge::proxy`]), client connections ([`edge::downstream`]), the access log ([`edge::accesslog`]), accept loops per thread ([`edge::workers`]), scrape-time gauges, `/-/metrics` |
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: a [`registry::Call`] in, a [`respond::Reply`] out, I/O around [`access::policy`] |
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
@@ -56,20 +52,18 @@
 //! Tokens, GitLab's download JWTs and `X-Terraform-Get` query strings are never logged: log
 //! lines carry route templates (see [`routes::Route::template`]), never paths or queries.
 
-// Denied, with one audited exception: `workers::Group::listener` takes over a listening
+// Denied, with one audited exception: `edge::workers::Group::listener` takes over a listening
 // socket from pingora's table, which holds raw descriptors (see its SAFETY note).
 #![deny(unsafe_code)]
 #![warn(clippy::too_many_lines)]
 
 pub(crate) mod access;
-pub mod accesslog;
 pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub(crate) mod constraint;
-pub mod downstream;
-pub(crate) mod edge;
+pub mod edge;
 pub(crate) mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -80,7 +74,6 @@ pub mod logbuf;
 pub mod metrics;
 pub(crate) mod pem;
 pub mod providers;
-pub mod proxy;
 pub mod registry;
 pub mod respond;
 pub mod rewrite;
@@ -93,4 +86,3 @@ pub mod token;
 pub(crate) mod upstream;
 pub(crate) mod upstream_tls;
 pub(crate) mod windows;
-pub(crate) mod workers;

@@ -9,7 +9,7 @@ use crate::cache::Cache;
 use crate::config::Config;
 use crate::health::Health;
 use crate::identity::Secret;
-use crate::proxy::Proxy;
+use crate::edge::proxy::Proxy;
 use crate::registry::Registry;
 use crate::upstream::Upstream;
 
@@ -102,7 +102,7 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         )),
         _ => None,
     };
-    let group = crate::workers::Group::new(config.listen, config.threads);
+    let group = crate::edge::workers::Group::new(config.listen, config.threads);
     for i in 0..config.threads {
         let proxy = Proxy::new(
             upstream.clone(),
@@ -112,13 +112,13 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
             config,
         )
         .with_providers(providers.clone());
-        let app = crate::downstream::Guarded::new(
+        let app = crate::edge::downstream::Guarded::new(
             pingora::proxy::http_proxy(&server.configuration, proxy),
             config.timeouts.client_idle,
             config.timeouts.client_stall,
         );
         let tls = resolver.as_ref().map(tls_settings).transpose()?;
-        server.add_service(crate::workers::Worker::new(
+        server.add_service(crate::edge::workers::Worker::new(
             group.clone(),
             i,
             app,

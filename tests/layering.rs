@@ -48,11 +48,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     // module registry logic, on the store and upstream layers.
     ("providers", 4, "registry"),
     // L5: pingora-facing.
-    ("accesslog", 5, "edge"),
-    ("downstream", 5, "edge"),
     ("edge", 5, "edge"),
-    ("proxy", 5, "edge"),
-    ("workers", 5, "edge"),
     // L6: wiring and commands.
     ("cli", 6, "top"),
     ("main", 6, "top"),

@@ -223,7 +223,7 @@ pub(super) fn init_logging(level: LogLevel, buffered: bool) {
         .with_current_span(false);
     let installed = if buffered {
         let buffer = crate::logbuf::stderr();
-        crate::accesslog::set_output(buffer.clone());
+        crate::edge::accesslog::set_output(buffer.clone());
         tracing::subscriber::set_global_default(builder.with_writer(buffer).finish())
     } else {
         tracing::subscriber::set_global_default(builder.with_writer(std::io::stderr).finish())

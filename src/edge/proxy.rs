@@ -356,7 +356,7 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         // The head is in: lift its deadline (see `downstream`), and from here on bound
         // each body read and write instead, so a stalled client is dropped.
-        crate::downstream::head_received();
+        crate::edge::downstream::head_received();
         let downstream = session.as_downstream_mut();
         downstream.set_pipelining_enabled(true);
         downstream.set_read_timeout(Some(self.client_stall));
@@ -424,7 +424,7 @@ impl ProxyHttp for Proxy {
         end_of_stream: bool,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
-        crate::downstream::request_body_read(end_of_stream);
+        crate::edge::downstream::request_body_read(end_of_stream);
         Ok(())
     }
 
@@ -436,7 +436,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         // pingora reads the request body from here on: an HTTP/2 body's stall timer starts.
-        crate::downstream::request_body_awaited();
+        crate::edge::downstream::request_body_awaited();
         // Registry routes go out rebuilt from their validated parts; the rest unchanged.
         let target = match &ctx.route {
             Some(Route::Module(m)) => with_query(&m.upstream_path(), up),
@@ -574,7 +574,7 @@ impl ProxyHttp for Proxy {
     /// Runs last, for every request: the access log and request metrics.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let at = Instant::now();
-        crate::accesslog::record(&crate::accesslog::Entry {
+        crate::edge::accesslog::record(&crate::edge::accesslog::Entry {
             method: &session.req_header().method,
             route: ctx.route.as_ref(),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),
