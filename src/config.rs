@@ -47,6 +47,8 @@ pub struct Config {
     /// Bearer token for `/-/admin/...`; the admin endpoints are off when unset.
     pub admin_token: Option<String>,
     pub log_level: LogLevel,
+    /// `auto`: text when stderr is a terminal (a person watching), JSON otherwise.
+    pub log_format: LogFormat,
     /// Worker threads of the proxy service (pingora defaults to one).
     pub threads: usize,
     pub timeouts: Timeouts,
@@ -72,6 +74,7 @@ impl Default for Config {
             metrics_listen: None,
             admin_token: None,
             log_level: LogLevel::Info,
+            log_format: LogFormat::Auto,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             timeouts: Timeouts::default(),
             cache: CacheConfig::default(),
@@ -103,6 +106,18 @@ impl LogLevel {
             LogLevel::Trace => "trace",
         }
     }
+}
+
+/// `log_format`: how log lines are written on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text on a terminal, JSON otherwise.
+    Auto,
+    /// One JSON object per line, for log shippers.
+    Json,
+    /// One short line per event (time, level, message, key=value fields), for people.
+    Text,
 }
 
 /// Upstream timeouts. Terraform gives up on a registry call after 10 s, so the connect
@@ -362,6 +377,8 @@ pub struct Overrides {
     pub secret_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_level: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -680,6 +697,10 @@ mod tests {
             let c = Config::load(Some(Path::new("c.yaml")), &Overrides::default()).unwrap();
             assert_eq!(c.listen.port(), 7001);
             assert_eq!(c.log_level, LogLevel::Warn);
+            assert_eq!(c.log_format, LogFormat::Auto);
+            jail.set_env("TFMIRROR_LOG_FORMAT", "text");
+            let c = Config::load(Some(Path::new("c.yaml")), &Overrides::default()).unwrap();
+            assert_eq!(c.log_format, LogFormat::Text);
             assert_eq!(c.timeouts.connect, Duration::from_millis(500));
             let o = Overrides {
                 listen: Some("127.0.0.1:7002".into()),
@@ -707,6 +728,7 @@ mod tests {
         const SECRET: &str = "glpat-Sup3rS3cretTok3n";
         for (var, key) in [
             ("TFMIRROR_LOG_LEVEL", "log_level"), // unknown variant
+            ("TFMIRROR_LOG_FORMAT", "log_format"), // unknown variant
             ("TFMIRROR_THREADS", "threads"),     // invalid type
             ("TFMIRROR_LISTEN", "listen"),       // custom message (address)
             ("TFMIRROR_UPSTREAM", "upstream"),   // custom message (URL)
