@@ -153,6 +153,17 @@ mod tests {
     #[test]
     fn bridged_records_carry_no_build_paths() {
         use std::sync::{Arc, Mutex};
+        #[derive(Clone)]
+        struct Out(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Out {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         let file = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/pingora-core-0.9.1/src/server/mod.rs";
         let record = |bridge: &Bridge| {
             bridge.log(
@@ -166,21 +177,23 @@ mod tests {
                     .build(),
             );
         };
-        let json = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let json = Out(Arc::default());
+        let writer = json.clone();
         let subscriber = tracing_subscriber::fmt()
             .json()
-            .with_writer(json.clone())
+            .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || record(&Bridge(LogTracer::new())));
-        let text = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let text = Out(Arc::default());
+        let writer = text.clone();
         let subscriber = tracing_subscriber::fmt()
             .compact()
             .with_ansi(false)
-            .with_writer(text.clone())
+            .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || record(&Bridge(LogTracer::new())));
-        let json = String::from_utf8(json.lock().unwrap().clone()).unwrap();
-        let text = String::from_utf8(text.lock().unwrap().clone()).unwrap();
+        let json = String::from_utf8(json.0.lock().unwrap().clone()).unwrap();
+        let text = String::from_utf8(text.0.lock().unwrap().clone()).unwrap();
         let line: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
         assert_eq!(line["target"], "pingora_core", "{json}");
         assert_eq!(line["level"], "WARN");

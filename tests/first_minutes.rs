@@ -106,7 +106,7 @@ async fn on_a_terminal_the_log_is_text_and_starts_with_tfmirrors_line() {
             cmd.env_remove(k);
         }
     }
-    let _script = KillOnDrop(cmd.spawn().expect("script (util-linux)"));
+    let script = KillOnDrop(cmd.spawn().expect("script (util-linux)"));
     wait_for(&typescript, "modules.v1").await;
     let r = client()
         .get(format!("http://127.0.0.1:{port}{V1}/infra/vpc/aws/versions"))
@@ -115,10 +115,14 @@ async fn on_a_terminal_the_log_is_text_and_starts_with_tfmirrors_line() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let shown = wait_for(&typescript, "route=module_versions").await;
-    // SIGINT through the pid file: the server, not `script`, stops (fast shutdown).
-    let pid = std::fs::read_to_string(cache.join("tfmirror.pid")).unwrap();
-    Command::new("kill").args(["-INT", pid.trim()]).status().unwrap();
+    let shown = wait_for(&typescript, "module_versions").await;
+    // SIGINT to the server (`script`'s child: the shell `exec`ed it), a fast shutdown; then
+    // `script` ends with it.
+    let pid = script.0.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    for child in children.split_whitespace() {
+        Command::new("kill").args(["-INT", child]).status().unwrap();
+    }
 
     let lines: Vec<&str> = shown.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(
@@ -138,7 +142,7 @@ async fn on_a_terminal_the_log_is_text_and_starts_with_tfmirrors_line() {
     assert!(!shown.contains("Bootstrap") && !shown.contains("Starting service"), "{shown}");
     let access = shown
         .lines()
-        .find(|l| l.contains("route=module_versions"))
+        .find(|l| l.contains("module_versions"))
         .unwrap_or_else(|| panic!("an access line: {shown}"));
     assert!(access.contains(" INFO ") && access.contains("status=200"), "{access}");
     assert!(!shown.contains(ALICE), "{shown}");
@@ -177,6 +181,13 @@ async fn into_a_file_the_log_is_json_without_source_paths() {
 }
 
 /// The lines of a `check` run, its exit code, and that no secret is in them.
+/// A configuration without provider registries (this machine reaches no internet).
+fn no_providers(dir: &std::path::Path) -> String {
+    let path = dir.join("no-providers.yaml");
+    std::fs::write(&path, "providers:\n  upstreams: {}\n").unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 fn check(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut all = vec!["check"];
     all.extend_from_slice(args);
@@ -258,10 +269,12 @@ async fn check_passes_the_shipped_example_against_gitlab() {
     assert_eq!(code, Some(1), "{shown}");
     assert!(shown.contains("FAILED   token:") && shown.contains("fix: give tfmirror a valid token"), "{shown}");
     // Offline: nothing contacted, still a pass.
+    let (asked, gl_asked) = (reg.total_hits(), gl.hits().len());
     let (code, shown) = check(&with(&["--offline"]), &[]);
     assert_eq!(code, Some(0), "{shown}");
     assert!(shown.contains("skipped  upstream: offline"), "{shown}");
-    assert_eq!(reg.total_hits(), 1, "offline asked no registry");
+    assert_eq!(reg.total_hits(), asked, "offline asked no registry");
+    assert_eq!(gl.hits().len(), gl_asked, "offline asked no GitLab");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,9 +282,19 @@ async fn check_fails_on_a_gitlab_that_is_down_naming_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let down = format!("http://127.0.0.1:{}", free_port());
     let cache = dir.path().join("cache");
+    let config = no_providers(dir.path());
     let (code, shown) = check(
-        &["--upstream", &down, "--cache-dir", cache.to_str().unwrap(), "--token", ALICE],
-        &[("TFMIRROR_PROVIDERS__UPSTREAMS", "{}")],
+        &[
+            "--config",
+            &config,
+            "--upstream",
+            &down,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--token",
+            ALICE,
+        ],
+        &[],
     );
     assert_eq!(code, Some(1), "{shown}");
     assert!(shown.contains("FAILED   upstream connect: 127.0.0.1:"), "{shown}");
@@ -287,8 +310,11 @@ async fn check_fails_when_upstream_ca_does_not_vouch_for_gitlab() {
     let gl = gitlab_with(FakeGitlab::start_tls(&real.cert_pem(), &real.key_pem()).await).await;
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
+    let config = no_providers(dir.path());
     let (code, shown) = check(
         &[
+            "--config",
+            &config,
             "--upstream",
             &gl.url(),
             "--upstream-ca",
@@ -298,7 +324,7 @@ async fn check_fails_when_upstream_ca_does_not_vouch_for_gitlab() {
             "--token",
             ALICE,
         ],
-        &[("TFMIRROR_PROVIDERS__UPSTREAMS", "{}")],
+        &[],
     );
     assert_eq!(code, Some(1), "{shown}");
     assert!(shown.contains("FAILED   upstream TLS: handshake with 127.0.0.1"), "{shown}");

@@ -69,9 +69,10 @@ pub(super) fn serve(args: ServeArgs) -> ExitCode {
     let shape = logging::init(config.log_level, config.log_format, true);
     // First, before anything pingora logs while the server is built.
     starting(&config);
+    // Out now: a warning of another thread is written at once, and must not come first.
+    crate::logbuf::flush();
     if shape == Shape::Text && std::io::stderr().is_terminal() {
         // Written around the log, not through it: a block to copy, not a field to escape.
-        crate::logbuf::flush();
         eprintln!("{}", next_step(&config, &hostname()));
     }
     let server = match crate::server::build(&config, args.flags.upgrade) {
