@@ -727,11 +727,11 @@ mod tests {
     fn errors_name_the_key_never_the_value() {
         const SECRET: &str = "glpat-Sup3rS3cretTok3n";
         for (var, key) in [
-            ("TFMIRROR_LOG_LEVEL", "log_level"), // unknown variant
+            ("TFMIRROR_LOG_LEVEL", "log_level"),   // unknown variant
             ("TFMIRROR_LOG_FORMAT", "log_format"), // unknown variant
-            ("TFMIRROR_THREADS", "threads"),     // invalid type
-            ("TFMIRROR_LISTEN", "listen"),       // custom message (address)
-            ("TFMIRROR_UPSTREAM", "upstream"),   // custom message (URL)
+            ("TFMIRROR_THREADS", "threads"),       // invalid type
+            ("TFMIRROR_LISTEN", "listen"),         // custom message (address)
+            ("TFMIRROR_UPSTREAM", "upstream"),     // custom message (URL)
             ("TFMIRROR_TIMEOUTS__CONNECT", "timeouts.connect"), // humantime
             ("TFMIRROR_CACHE__DISK_SIZE", "cache.disk_size"), // bytesize
             ("TFMIRROR_OFFLINE__ENABLED", "offline.enabled"), // invalid type (bool)

@@ -119,54 +119,107 @@ mod tests {
         )
     }
 
-    /// pingora-core 0.9.1's start-up and shutdown records, as logged (module and text): all
-    /// demoted but the signals'. Anything else of pingora's keeps its level.
+    /// pingora-core 0.9.1's start-up and shutdown records, as logged (module, text), and
+    /// whether they are demoted: all but the signals'. Anything else of pingora's keeps its
+    /// level.
+    const CHATTER: [(&str, &str, bool); 14] = [
+        (
+            "pingora_core::server::bootstrap_services",
+            "Bootstrap starting",
+            true,
+        ),
+        (
+            "pingora_core::server::bootstrap_services",
+            "Bootstrap done",
+            true,
+        ),
+        ("pingora_core::server", "Server starting", true),
+        (
+            "pingora_core::server",
+            "Starting services in dependency order: [..]",
+            true,
+        ),
+        ("pingora_core::server", "Starting service: tfmirror 0", true),
+        (
+            "pingora_core::server",
+            "Broadcasting graceful shutdown",
+            true,
+        ),
+        ("pingora_core::server", "service 'tfmirror 0' exited.", true),
+        (
+            "pingora_core::services",
+            "Service x spent 3ms waiting on dependencies",
+            true,
+        ),
+        (
+            "pingora_core::server",
+            "SIGTERM received, gracefully exiting",
+            false,
+        ),
+        (
+            "pingora_core::server",
+            "SIGQUIT received, sending socks and gracefully exiting",
+            false,
+        ),
+        (
+            "pingora_core::server",
+            "Ctrl+C received, gracefully exiting",
+            false,
+        ),
+        ("pingora_core::serverless", "Server starting", false),
+        ("pingora_core::listeners::l4", "Server starting", false),
+        ("pingora_proxy", "Server starting", false),
+    ];
+
     #[test]
     fn pingoras_start_and_stop_chatter_is_demoted_but_signals_are_not() {
-        let info = Level::Info;
-        for (target, line, demoted) in [
-            ("pingora_core::server::bootstrap_services", "Bootstrap starting", true),
-            ("pingora_core::server::bootstrap_services", "Bootstrap done", true),
-            ("pingora_core::server", "Server starting", true),
-            ("pingora_core::server", "Starting services in dependency order: [..]", true),
-            ("pingora_core::server", "Starting service: tfmirror 0", true),
-            ("pingora_core::server", "Broadcasting graceful shutdown", true),
-            ("pingora_core::server", "service 'tfmirror 0' exited.", true),
-            ("pingora_core::services", "Service x spent 3ms waiting on dependencies", true),
-            ("pingora_core::server", "SIGTERM received, gracefully exiting", false),
-            ("pingora_core::server", "SIGQUIT received, sending socks and gracefully exiting", false),
-            ("pingora_core::server", "Ctrl+C received, gracefully exiting", false),
-            ("pingora_core::serverless", "Server starting", false),
-            ("pingora_core::listeners::l4", "Server starting", false),
-            ("pingora_proxy", "Server starting", false),
-        ] {
-            assert_eq!(chatter(info, target, line), demoted, "{target}: {line}");
+        for (target, line, demoted) in CHATTER {
+            assert_eq!(
+                chatter(Level::Info, target, line),
+                demoted,
+                "{target}: {line}"
+            );
         }
         // Warnings and errors of those modules stay what they are.
-        assert!(!chatter(Level::Warn, "pingora_core::server", "Server starting"));
-        assert!(!chatter(Level::Error, "pingora_core::server::bootstrap_services", "x"));
+        assert!(!chatter(
+            Level::Warn,
+            "pingora_core::server",
+            "Server starting"
+        ));
+        assert!(!chatter(
+            Level::Error,
+            "pingora_core::server::bootstrap_services",
+            "x"
+        ));
     }
 
-    /// A pingora record as the `log` macros make it (module, absolute file, line), through the
-    /// bridge into tracing-subscriber's JSON and text formatters: neither line names the file,
-    /// module or line; the target is the crate's, once in text.
-    #[test]
-    fn bridged_records_carry_no_build_paths() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone)]
-        struct Out(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Out {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
+    /// Collects what a subscriber writes.
+    #[derive(Clone, Default)]
+    struct Out(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Out {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
         }
-        let file = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/pingora-core-0.9.1/src/server/mod.rs";
-        let record = |bridge: &Bridge| {
-            bridge.log(
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Out {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// A pingora warning as the `log` macros make it (module, absolute file, line), through
+    /// a bridge, under `subscriber`.
+    fn bridged(subscriber: impl tracing::Subscriber + Send + Sync) {
+        let file = "/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/\
+                    pingora-core-0.9.1/src/server/mod.rs";
+        tracing::subscriber::with_default(subscriber, || {
+            Bridge(LogTracer::new()).log(
                 &Record::builder()
                     .args(format_args!("listener failed: address in use"))
                     .level(Level::Warn)
@@ -176,34 +229,45 @@ mod tests {
                     .line(Some(643))
                     .build(),
             );
-        };
-        let json = Out(Arc::default());
-        let writer = json.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || record(&Bridge(LogTracer::new())));
-        let text = Out(Arc::default());
-        let writer = text.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .compact()
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, || record(&Bridge(LogTracer::new())));
-        let json = String::from_utf8(json.0.lock().unwrap().clone()).unwrap();
-        let text = String::from_utf8(text.0.lock().unwrap().clone()).unwrap();
+        });
+    }
+
+    /// Through tracing-subscriber's JSON and text formatters, a bridged record names neither
+    /// the file, the module nor the line; the target is the crate's, once in text.
+    #[test]
+    fn bridged_records_carry_no_build_paths() {
+        let (json, text) = (Out::default(), Out::default());
+        let w = json.clone();
+        bridged(
+            tracing_subscriber::fmt()
+                .json()
+                .with_writer(move || w.clone())
+                .finish(),
+        );
+        let w = text.clone();
+        let compact = tracing_subscriber::fmt().compact().with_ansi(false);
+        bridged(compact.with_writer(move || w.clone()).finish());
+        let (json, text) = (json.text(), text.text());
         let line: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
         assert_eq!(line["target"], "pingora_core", "{json}");
         assert_eq!(line["level"], "WARN");
         assert_eq!(line["fields"]["message"], "listener failed: address in use");
         for line in [&json, &text] {
-            for gone in ["log.file", "log.module_path", "log.line", ".cargo", "mod.rs", "643"] {
+            for gone in [
+                "log.file",
+                "log.module_path",
+                "log.line",
+                ".cargo",
+                "mod.rs",
+                "643",
+            ] {
                 assert!(!line.contains(gone), "{gone} in {line}");
             }
         }
-        assert!(text.contains(" WARN pingora_core: listener failed"), "{text}");
+        assert!(
+            text.contains(" WARN pingora_core: listener failed"),
+            "{text}"
+        );
         assert_eq!(text.matches("pingora_core").count(), 1, "{text}");
     }
 

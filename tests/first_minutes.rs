@@ -108,8 +108,15 @@ async fn on_a_terminal_the_log_is_text_and_starts_with_tfmirrors_line() {
     }
     let script = KillOnDrop(cmd.spawn().expect("script (util-linux)"));
     wait_for(&typescript, "modules.v1").await;
+    let health = format!("http://127.0.0.1:{port}/-/health");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while client().get(&health).send().await.is_err() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let r = client()
-        .get(format!("http://127.0.0.1:{port}{V1}/infra/vpc/aws/versions"))
+        .get(format!(
+            "http://127.0.0.1:{port}{V1}/infra/vpc/aws/versions"
+        ))
         .header("authorization", format!("Bearer {ALICE}"))
         .send()
         .await
@@ -129,7 +136,10 @@ async fn on_a_terminal_the_log_is_text_and_starts_with_tfmirrors_line() {
         lines[0].contains(" INFO ") && lines[0].contains("tfmirror starting"),
         "the first line is tfmirror's: {shown}"
     );
-    assert!(lines[0].contains(&format!("listen=http://127.0.0.1:{port}")), "{shown}");
+    assert!(
+        lines[0].contains(&format!("listen=http://127.0.0.1:{port}")),
+        "{shown}"
+    );
     assert!(lines[0].contains("upstream=http://127.0.0.1"), "{shown}");
     assert!(
         shown.contains(&format!(
@@ -138,13 +148,22 @@ async fn on_a_terminal_the_log_is_text_and_starts_with_tfmirrors_line() {
         "the host block: {shown}"
     );
     assert!(shown.contains("host \"127.0.0.1:"), "{shown}");
-    assert!(!shown.lines().any(|l| l.starts_with('{')), "no JSON: {shown}");
-    assert!(!shown.contains("Bootstrap") && !shown.contains("Starting service"), "{shown}");
+    assert!(
+        !shown.lines().any(|l| l.starts_with('{')),
+        "no JSON: {shown}"
+    );
+    assert!(
+        !shown.contains("Bootstrap") && !shown.contains("Starting service"),
+        "{shown}"
+    );
     let access = shown
         .lines()
         .find(|l| l.contains("module_versions"))
         .unwrap_or_else(|| panic!("an access line: {shown}"));
-    assert!(access.contains(" INFO ") && access.contains("status=200"), "{access}");
+    assert!(
+        access.contains(" INFO ") && access.contains("status=200"),
+        "{access}"
+    );
     assert!(!shown.contains(ALICE), "{shown}");
 }
 
@@ -167,14 +186,29 @@ async fn into_a_file_the_log_is_json_without_source_paths() {
         .collect();
     assert_eq!(lines[0]["fields"]["message"], "tfmirror starting", "{logs}");
     let first = &lines[0]["fields"];
-    for key in ["version", "listen", "upstream", "cache_dir", "disk_size", "offline", "providers"] {
+    for key in [
+        "version",
+        "listen",
+        "upstream",
+        "cache_dir",
+        "disk_size",
+        "offline",
+        "providers",
+    ] {
         assert!(!first[key].is_null(), "{key} in {first}");
     }
     assert!(
         lines.iter().any(|l| l["target"] == "pingora_proxy"),
         "pingora's record came through: {logs}"
     );
-    for gone in ["log.file", "log.module_path", "log.line", ".rs\"", "/src/", ".cargo"] {
+    for gone in [
+        "log.file",
+        "log.module_path",
+        "log.line",
+        ".rs\"",
+        "/src/",
+        ".cargo",
+    ] {
         assert!(!logs.contains(gone), "{gone} in the log:\n{logs}");
     }
     assert!(!logs.contains("Bootstrap"), "{logs}");
@@ -209,7 +243,10 @@ fn shipped_example(dir: &std::path::Path, registry: &str, ca: &str) -> String {
             "    registry.terraform.io: https://registry.terraform.io\n",
             &format!("    registry.terraform.io: {registry}\n"),
         )
-        .replace("    registry.opentofu.org: https://registry.opentofu.org\n", "")
+        .replace(
+            "    registry.opentofu.org: https://registry.opentofu.org\n",
+            "",
+        )
         .replace(
             "  # upstream_ca: /etc/tfmirror/registry-ca.pem",
             &format!("  upstream_ca: {ca}"),
@@ -260,14 +297,20 @@ async fn check_passes_the_shipped_example_against_gitlab() {
     // Without --module: /api/v4/user, or /api/v4/job for a job token.
     let (code, shown) = check(&common, &env);
     assert_eq!(code, Some(0), "{shown}");
-    assert!(shown.contains("ok       token: GitLab accepts it (user alice)"), "{shown}");
+    assert!(
+        shown.contains("ok       token: GitLab accepts it (user alice)"),
+        "{shown}"
+    );
     let (code, shown) = check(&with(&["--token", JOB]), &[]);
     assert_eq!(code, Some(0), "{shown}");
     assert!(shown.contains("(user ci-bot)"), "{shown}");
     // An unknown token: failed, with what to do.
     let (code, shown) = check(&with(&["--token", "glpat-unknown-S3cret"]), &[]);
     assert_eq!(code, Some(1), "{shown}");
-    assert!(shown.contains("FAILED   token:") && shown.contains("fix: give tfmirror a valid token"), "{shown}");
+    assert!(
+        shown.contains("FAILED   token:") && shown.contains("fix: give tfmirror a valid token"),
+        "{shown}"
+    );
     // Offline: nothing contacted, still a pass.
     let (asked, gl_asked) = (reg.total_hits(), gl.hits().len());
     let (code, shown) = check(&with(&["--offline"]), &[]);
@@ -297,9 +340,15 @@ async fn check_fails_on_a_gitlab_that_is_down_naming_the_fix() {
         &[],
     );
     assert_eq!(code, Some(1), "{shown}");
-    assert!(shown.contains("FAILED   upstream connect: 127.0.0.1:"), "{shown}");
+    assert!(
+        shown.contains("FAILED   upstream connect: 127.0.0.1:"),
+        "{shown}"
+    );
     assert!(shown.contains("fix: is GitLab up"), "{shown}");
-    assert!(!shown.contains("service discovery"), "stops at the step that failed: {shown}");
+    assert!(
+        !shown.contains("service discovery"),
+        "stops at the step that failed: {shown}"
+    );
 }
 
 /// GitLab's certificate is from one CA, `upstream_ca` holds another's: the TLS step fails
@@ -327,9 +376,18 @@ async fn check_fails_when_upstream_ca_does_not_vouch_for_gitlab() {
         &[],
     );
     assert_eq!(code, Some(1), "{shown}");
-    assert!(shown.contains("FAILED   upstream TLS: handshake with 127.0.0.1"), "{shown}");
-    assert!(shown.contains("fix: `upstream_ca` does not vouch"), "{shown}");
-    assert!(gl.hits().is_empty(), "no request went to an untrusted GitLab");
+    assert!(
+        shown.contains("FAILED   upstream TLS: handshake with 127.0.0.1"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("fix: `upstream_ca` does not vouch"),
+        "{shown}"
+    );
+    assert!(
+        gl.hits().is_empty(),
+        "no request went to an untrusted GitLab"
+    );
 }
 
 /// A cache directory under a regular file cannot be made, whoever runs the check (tests run
@@ -343,12 +401,21 @@ fn check_fails_on_a_cache_dir_that_cannot_be_made() {
     let under = file.join("cache");
     let (code, shown) = check(&["--offline", "--cache-dir", under.to_str().unwrap()], &[]);
     assert_eq!(code, Some(1), "{shown}");
-    assert!(shown.contains("FAILED   cache_dir:") && shown.contains("a-file is not a directory"), "{shown}");
-    assert!(shown.contains("fix: point `cache_dir` at a path under a directory"), "{shown}");
+    assert!(
+        shown.contains("FAILED   cache_dir:") && shown.contains("a-file is not a directory"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("fix: point `cache_dir` at a path under a directory"),
+        "{shown}"
+    );
 
     let (code, shown) = check(&["--offline", "--log-format", "fancy"], &[]);
     assert_eq!(code, Some(1), "{shown}");
-    assert!(shown.contains("FAILED   configuration:") && shown.contains("log_format"), "{shown}");
+    assert!(
+        shown.contains("FAILED   configuration:") && shown.contains("log_format"),
+        "{shown}"
+    );
     let (code, shown) = check(&["--no-such-flag"], &[]);
     assert_eq!(code, Some(2), "{shown}");
 
@@ -357,5 +424,8 @@ fn check_fails_on_a_cache_dir_that_cannot_be_made() {
     std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let (code, shown) = check(&["--offline", "--cache-dir", open.to_str().unwrap()], &[]);
     assert_eq!(code, Some(3), "{shown}");
-    assert!(shown.contains("warning  cache_dir:") && shown.contains("chmod 700"), "{shown}");
+    assert!(
+        shown.contains("warning  cache_dir:") && shown.contains("chmod 700"),
+        "{shown}"
+    );
 }

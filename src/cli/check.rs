@@ -195,7 +195,11 @@ async fn resolve(
             None
         }
         Err(_) => {
-            report.add(Line::failed(WHAT, format!("{host}: no answer in {wait:?}"), fix));
+            report.add(Line::failed(
+                WHAT,
+                format!("{host}: no answer in {wait:?}"),
+                fix,
+            ));
             None
         }
     }
@@ -233,8 +237,8 @@ async fn tls(
 ) -> bool {
     const WHAT: &str = "upstream TLS";
     let fix = verdict::tls_fix(config.upstream_ca.is_some());
-    let tls = Trust::gitlab(config)
-        .and_then(|trust| upstream_tls::client_config(&trust, &[b"http/1.1"]));
+    let tls =
+        Trust::gitlab(config).and_then(|trust| upstream_tls::client_config(&trust, &[b"http/1.1"]));
     let tls = match tls {
         Ok(t) => t,
         Err(e) => {
@@ -243,7 +247,11 @@ async fn tls(
         }
     };
     let Ok(name) = rustls::pki_types::ServerName::try_from(host.to_string()) else {
-        report.add(Line::failed(WHAT, format!("{host} is no TLS server name"), fix));
+        report.add(Line::failed(
+            WHAT,
+            format!("{host} is no TLS server name"),
+            fix,
+        ));
         return false;
     };
     let handshake = async {
@@ -253,11 +261,18 @@ async fn tls(
     };
     match tokio::time::timeout(config.timeouts.connect, handshake).await {
         Ok(Ok(_)) => {
-            report.add(Line::ok(WHAT, format!("{host} presents a certificate tfmirror trusts")));
+            report.add(Line::ok(
+                WHAT,
+                format!("{host} presents a certificate tfmirror trusts"),
+            ));
             true
         }
         Ok(Err(e)) => {
-            report.add(Line::failed(WHAT, format!("handshake with {host}: {}", chain(&e)), fix));
+            report.add(Line::failed(
+                WHAT,
+                format!("handshake with {host}: {}", chain(&e)),
+                fix,
+            ));
             false
         }
         Err(_) => {
@@ -284,7 +299,10 @@ async fn get(
     }
     let response = request.send().await.map_err(|e| chain(&e.without_url()))?;
     let status = response.status().as_u16();
-    let body = response.bytes().await.map_err(|e| chain(&e.without_url()))?;
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| chain(&e.without_url()))?;
     Ok((status, body.to_vec()))
 }
 
@@ -302,7 +320,11 @@ async fn discovery(upstream: &Upstream, report: &mut Report<'_>) -> bool {
             }
         }
         Ok((status, _)) => Line::failed(WHAT, format!("GitLab answered {status}"), fix),
-        Err(e) => Line::failed(WHAT, e, "GitLab answers TCP and TLS but not HTTP: check `upstream`"),
+        Err(e) => Line::failed(
+            WHAT,
+            e,
+            "GitLab answers TCP and TLS but not HTTP: check `upstream`",
+        ),
     };
     let ok = line.status == verdict::Status::Ok;
     report.add(line);
@@ -329,7 +351,14 @@ async fn token_read(upstream: &Upstream, token: &str, module: Option<&str>) -> L
         Probe::User => "/api/v4/user".into(),
     };
     let url = upstream.url_for(&path);
-    match get(&upstream.http, &url, Some(token), upstream.registry_timeout()).await {
+    match get(
+        &upstream.http,
+        &url,
+        Some(token),
+        upstream.registry_timeout(),
+    )
+    .await
+    {
         Ok((status, body)) => {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let found = match probe {
@@ -379,9 +408,13 @@ fn cache(config: &Config) -> Vec<Line> {
     };
     let on = measured.map_or_else(|| nearest(dir), Path::to_path_buf);
     if let Ok(fs) = nix::sys::statvfs::statvfs(&on) {
-        let available = u64::from(fs.blocks_available()) * u64::from(fs.fragment_size());
+        let available = fs.blocks_available() * fs.fragment_size();
         let cached = measured.map_or(0, du);
-        lines.push(verdict::space(available, cached, config.cache.disk_size.as_u64()));
+        lines.push(verdict::space(
+            available,
+            cached,
+            config.cache.disk_size.as_u64(),
+        ));
     }
     lines
 }
@@ -420,16 +453,24 @@ fn key_files(config: &Config) -> Vec<Line> {
     let Some(file) = &config.secret_file else {
         let instance = config.cache_dir.join("secret.key");
         if !instance.exists() {
-            return vec![Line::ok(WHAT, "cache_dir/secret.key is made at first start (0600)")];
+            return vec![Line::ok(
+                WHAT,
+                "cache_dir/secret.key is made at first start (0600)",
+            )];
         }
         // It exists: this only reads it, with `serve`'s checks.
-        return vec![match crate::secret::Secret::load_or_create(&config.cache_dir) {
-            Ok(_) => Line::ok(WHAT, format!("{} is private", instance.display())),
-            Err(e) => Line::failed(WHAT, e, fix),
-        }];
+        return vec![
+            match crate::secret::Secret::load_or_create(&config.cache_dir) {
+                Ok(_) => Line::ok(WHAT, format!("{} is private", instance.display())),
+                Err(e) => Line::failed(WHAT, e, fix),
+            },
+        ];
     };
     let mut lines = Vec::new();
-    for (key, path) in [("secret_file", Some(file)), ("secret_previous_file", config.secret_previous_file.as_ref())] {
+    for (key, path) in [
+        ("secret_file", Some(file)),
+        ("secret_previous_file", config.secret_previous_file.as_ref()),
+    ] {
         let Some(path) = path else { continue };
         lines.push(match crate::secret::Secret::read_file(path) {
             Ok(_) => Line::ok(WHAT, format!("`{key}` {} is private", path.display())),
@@ -443,9 +484,8 @@ fn key_files(config: &Config) -> Vec<Line> {
 /// warning: modules are served without them.
 async fn providers(config: &Config, report: &mut Report<'_>) {
     const WHAT: &str = "provider registry";
-    let client = Trust::providers(config).and_then(|trust| {
-        upstream_tls::http_client(&trust, &config.timeouts, Schemes::HttpsOnly)
-    });
+    let client = Trust::providers(config)
+        .and_then(|trust| upstream_tls::http_client(&trust, &config.timeouts, Schemes::HttpsOnly));
     let client = match client {
         Ok(c) => c,
         Err(e) => return report.add(Line::failed(WHAT, e, "correct `providers.upstream_ca`")),

@@ -89,7 +89,11 @@ mod tests {
             (LogFormat::Text, true, Shape::Text),
             (LogFormat::Text, false, Shape::Text),
         ] {
-            assert_eq!(shape(format, terminal), want, "{format:?} terminal={terminal}");
+            assert_eq!(
+                shape(format, terminal),
+                want,
+                "{format:?} terminal={terminal}"
+            );
         }
     }
 }

@@ -212,6 +212,10 @@ pub(super) fn client_setup(
 ) -> Result<(Config, Option<http::HeaderValue>), ExitCode> {
     let config = load(common, Overrides::default())?;
     // Progress goes to the terminal; only warnings and errors are logged.
-    logging::init(LogLevel::Warn.min(config.log_level), config.log_format, false);
+    logging::init(
+        LogLevel::Warn.min(config.log_level),
+        config.log_format,
+        false,
+    );
     Ok((config, bearer(credential)?))
 }

@@ -99,10 +99,10 @@ fn starting(config: &Config) {
         metrics = config.metrics_listen.map(|a| format!("http://{a}")),
         upstream = %config.upstream,
         cache_dir = %config.cache_dir.display(),
-        memory_size = %config.cache.memory_size.display().iec(),
-        disk_size = %config.cache.disk_size.display().iec(),
+        memory_size = config.cache.memory_size.display().iec().to_string(),
+        disk_size = config.cache.disk_size.display().iec().to_string(),
         offline = config.offline.enabled,
-        unknown_identity = ?config.offline.unknown_identity,
+        unknown_identity = format!("{:?}", config.offline.unknown_identity).to_lowercase(),
         providers = %providers.join(","),
         "tfmirror starting"
     );
@@ -110,7 +110,11 @@ fn starting(config: &Config) {
 
 /// `scheme://listen`.
 fn listen_url(config: &Config) -> String {
-    let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
+    let scheme = if config.tls_cert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     format!("{scheme}://{}", config.listen)
 }
 
@@ -130,7 +134,11 @@ fn next_step(config: &Config, hostname: &str) -> String {
     let base = match &config.public_url {
         Some(url) => url.as_str().trim_end_matches('/').to_string(),
         None if config.listen.ip().is_unspecified() => {
-            let scheme = if config.tls_cert.is_some() { "https" } else { "http" };
+            let scheme = if config.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             format!("{scheme}://{hostname}:{}", config.listen.port())
         }
         None => listen_url(config),
@@ -175,7 +183,10 @@ mod tests {
         assert!(b.contains("host \"gitlab.example.com:8443\""), "{b}");
         assert!(b.contains("\"http://mirror-1:80/api/v4/"), "{b}");
         let b = block("public_url: https://tfmirror.example.com/\nlisten: 0.0.0.0:80\n");
-        assert!(b.contains("\"https://tfmirror.example.com/api/v4/packages/terraform/modules/v1/\""), "{b}");
+        assert!(
+            b.contains("\"https://tfmirror.example.com/api/v4/packages/terraform/modules/v1/\""),
+            "{b}"
+        );
         assert!(b.contains("host \"gitlab.com\""), "{b}");
     }
 }

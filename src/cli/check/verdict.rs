@@ -121,15 +121,7 @@ pub(super) fn token(probe: Probe<'_>, status: u16, found: Option<&str>) -> Line 
         Probe::User => "/api/v4/user".into(),
     };
     match (status, probe) {
-        (200, Probe::Module(m)) => match found.unwrap_or("0") {
-            "0" => Line::warning(
-                WHAT,
-                format!("GitLab lists no version of {m} for this token"),
-                "check the module's path (NAMESPACE/NAME/SYSTEM), and that the token's user \
-                 may read its project: GitLab answers an unknown module with an empty list",
-            ),
-            n => Line::ok(WHAT, format!("reads {m}: {n} versions")),
-        },
+        (200, Probe::Module(m)) => listed(m, found.unwrap_or("0")),
         (200, _) => Line::ok(
             WHAT,
             match found {
@@ -177,6 +169,19 @@ pub(super) fn token(probe: Probe<'_>, status: u16, found: Option<&str>) -> Line 
     }
 }
 
+/// A module's version list read with the token: `n` versions.
+fn listed(module: &str, n: &str) -> Line {
+    match n {
+        "0" => Line::warning(
+            "token",
+            format!("GitLab lists no version of {module} for this token"),
+            "check the module's path (NAMESPACE/NAME/SYSTEM), and that the token's user may \
+             read its project: GitLab answers an unknown module with an empty list",
+        ),
+        n => Line::ok("token", format!("reads {module}: {n} versions")),
+    }
+}
+
 /// What was found at the cache directory's path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum DirState {
@@ -195,14 +200,19 @@ pub(super) enum DirState {
 pub(super) fn cache_dir(shown: &str, state: &DirState) -> Line {
     const WHAT: &str = "cache_dir";
     match state {
-        DirState::Dir { writable: false, .. } => Line::failed(
+        DirState::Dir {
+            writable: false, ..
+        } => Line::failed(
             WHAT,
             format!("{shown} is not writable by this user"),
             "give tfmirror's user the directory (`chown`), or point `cache_dir` elsewhere",
         ),
         DirState::Dir { mode, .. } if mode & 0o077 != 0 => Line::warning(
             WHAT,
-            format!("{shown} has mode {:04o}: other users may read cached private modules", mode & 0o777),
+            format!(
+                "{shown} has mode {:04o}: other users may read cached private modules",
+                mode & 0o777
+            ),
             format!("chmod 700 {shown} (tfmirror makes it 0700 itself)"),
         ),
         DirState::Dir { .. } => Line::ok(WHAT, format!("{shown}, mode 0700")),
@@ -211,12 +221,20 @@ pub(super) fn cache_dir(shown: &str, state: &DirState) -> Line {
             format!("{shown} exists and is not a directory"),
             "point `cache_dir` at a directory, or at a path that does not exist yet",
         ),
-        DirState::Missing { ancestor, is_dir: false, .. } => Line::failed(
+        DirState::Missing {
+            ancestor,
+            is_dir: false,
+            ..
+        } => Line::failed(
             WHAT,
             format!("{shown} cannot be made: {ancestor} is not a directory"),
             "point `cache_dir` at a path under a directory",
         ),
-        DirState::Missing { ancestor, writable: false, .. } => Line::failed(
+        DirState::Missing {
+            ancestor,
+            writable: false,
+            ..
+        } => Line::failed(
             WHAT,
             format!("{shown} cannot be made: {ancestor} is not writable by this user"),
             format!("create {shown} for tfmirror's user, or point `cache_dir` elsewhere"),
@@ -235,7 +253,12 @@ pub(super) fn space(available: u64, cached: u64, disk_size: u64) -> Line {
     if room >= disk_size {
         Line::ok(
             WHAT,
-            format!("{} free, {} cached, cache.disk_size {}", iec(available), iec(cached), iec(disk_size)),
+            format!(
+                "{} free, {} cached, cache.disk_size {}",
+                iec(available),
+                iec(cached),
+                iec(disk_size)
+            ),
         )
     } else {
         Line::warning(
@@ -247,7 +270,10 @@ pub(super) fn space(available: u64, cached: u64, disk_size: u64) -> Line {
                 iec(cached),
                 iec(disk_size)
             ),
-            format!("lower `cache.disk_size` to at most {}, or give the cache more room", iec(room)),
+            format!(
+                "lower `cache.disk_size` to at most {}, or give the cache more room",
+                iec(room)
+            ),
         )
     }
 }
@@ -320,7 +346,10 @@ mod tests {
     fn job_tokens_are_checked_on_the_job_endpoint() {
         assert_eq!(Probe::of("glcbt-abc", None), Probe::Job);
         assert_eq!(Probe::of("glpat-abc", None), Probe::User);
-        assert_eq!(Probe::of("glcbt-abc", Some("a/b/c")), Probe::Module("a/b/c"));
+        assert_eq!(
+            Probe::of("glcbt-abc", Some("a/b/c")),
+            Probe::Module("a/b/c")
+        );
     }
 
     #[test]
@@ -332,9 +361,30 @@ mod tests {
             writable,
         };
         for (state, want, says) in [
-            (DirState::Dir { mode: 0o700, writable: true }, Ok, "mode 0700"),
-            (DirState::Dir { mode: 0o40755, writable: true }, Warning, "chmod 700 /c"),
-            (DirState::Dir { mode: 0o700, writable: false }, Failed, "not writable"),
+            (
+                DirState::Dir {
+                    mode: 0o700,
+                    writable: true,
+                },
+                Ok,
+                "mode 0700",
+            ),
+            (
+                DirState::Dir {
+                    mode: 0o40755,
+                    writable: true,
+                },
+                Warning,
+                "chmod 700 /c",
+            ),
+            (
+                DirState::Dir {
+                    mode: 0o700,
+                    writable: false,
+                },
+                Failed,
+                "not writable",
+            ),
             (DirState::NotDir, Failed, "not a directory"),
             (missing(true, true), Ok, "will be made"),
             (missing(false, true), Failed, "/srv is not a directory"),
@@ -353,7 +403,11 @@ mod tests {
         assert_eq!(space(2 * G, 8 * G, 10 * G).status, Status::Ok);
         let l = space(G, G, 10 * G);
         assert_eq!(l.status, Status::Warning);
-        assert!(l.render(&[]).contains("at most 2.0 GiB"), "{}", l.render(&[]));
+        assert!(
+            l.render(&[]).contains("at most 2.0 GiB"),
+            "{}",
+            l.render(&[])
+        );
     }
 
     #[test]
