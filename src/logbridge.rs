@@ -5,8 +5,11 @@
 //!
 //! - **Where it was logged is dropped.** `log.file` (an absolute path into the cargo registry
 //!   of the machine that built the binary), `log.module_path` and `log.line` tell an operator
-//!   nothing and show the build machine's paths; the target is kept, cut to its crate
-//!   (`pingora_core`, `pingora_proxy`, `reqwest`).
+//!   nothing and show the build machine's paths. The target is kept as one short field: the
+//!   record becomes a tracing event of target `pingora` (every pingora crate), `reqwest`,
+//!   `rustls`, or `log` with the crate in a `library` field. (`tracing-log`'s own events carry
+//!   those fields, and a `log.target` besides, which tracing-subscriber's JSON formatter
+//!   writes out; events of fixed targets carry nothing but the message.)
 //! - **Pingora's start-up and shutdown chatter goes to debug** ("Bootstrap starting",
 //!   "Starting service: ...", "Broadcasting graceful shutdown", ...): tfmirror's own start-up
 //!   line says what matters. The records of a signal received ("SIGTERM received, gracefully
@@ -52,6 +55,9 @@ impl Log for Bridge {
     }
 
     fn log(&self, record: &Record<'_>) {
+        if !self.0.enabled(record.metadata()) {
+            return;
+        }
         let level = if is_client_abort(record) {
             metrics::CLIENT_ABORTS.inc();
             Level::Debug
@@ -60,18 +66,39 @@ impl Log for Bridge {
         } else {
             record.level()
         };
-        // No module path, file or line: tracing-log then records none of them.
-        self.0.log(
-            &Record::builder()
-                .args(*record.args())
-                .level(level)
-                .target(crate_of(record.target()))
-                .build(),
-        );
+        emit(crate_of(record.target()), level, record.args());
     }
 
     fn flush(&self) {
         self.0.flush();
+    }
+}
+
+/// A tracing event of a fixed `target` at a `log` level (tracing's levels are part of each
+/// event's static metadata: one call site per level).
+macro_rules! event_at {
+    ($target:literal, $level:expr, $($rest:tt)+) => {
+        match $level {
+            Level::Error => tracing::event!(target: $target, tracing::Level::ERROR, $($rest)+),
+            Level::Warn => tracing::event!(target: $target, tracing::Level::WARN, $($rest)+),
+            Level::Info => tracing::event!(target: $target, tracing::Level::INFO, $($rest)+),
+            Level::Debug => tracing::event!(target: $target, tracing::Level::DEBUG, $($rest)+),
+            Level::Trace => tracing::event!(target: $target, tracing::Level::TRACE, $($rest)+),
+        }
+    };
+}
+
+/// The record's message as an event of its library's short target. The subscriber's filter
+/// decides on that target and level, and the message is formatted only if it passes.
+fn emit(library: &str, level: Level, args: &std::fmt::Arguments<'_>) {
+    if library.starts_with("pingora") {
+        event_at!("pingora", level, "{args}");
+    } else if library == "reqwest" {
+        event_at!("reqwest", level, "{args}");
+    } else if library == "rustls" {
+        event_at!("rustls", level, "{args}");
+    } else {
+        event_at!("log", level, library, "{args}");
     }
 }
 
@@ -233,7 +260,7 @@ mod tests {
     }
 
     /// Through tracing-subscriber's JSON and text formatters, a bridged record names neither
-    /// the file, the module nor the line; the target is the crate's, once in text.
+    /// the file, the module nor the line; its short target is said once.
     #[test]
     fn bridged_records_carry_no_build_paths() {
         let (json, text) = (Out::default(), Out::default());
@@ -249,7 +276,12 @@ mod tests {
         bridged(compact.with_writer(move || w.clone()).finish());
         let (json, text) = (json.text(), text.text());
         let line: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
-        assert_eq!(line["target"], "pingora_core", "{json}");
+        assert_eq!(line["target"], "pingora", "{json}");
+        assert_eq!(
+            line["fields"].as_object().unwrap().len(),
+            1,
+            "the message only: {json}"
+        );
         assert_eq!(line["level"], "WARN");
         assert_eq!(line["fields"]["message"], "listener failed: address in use");
         for line in [&json, &text] {
@@ -264,11 +296,34 @@ mod tests {
                 assert!(!line.contains(gone), "{gone} in {line}");
             }
         }
-        assert!(
-            text.contains(" WARN pingora_core: listener failed"),
-            "{text}"
+        assert!(text.contains(" WARN pingora: listener failed"), "{text}");
+        assert_eq!(text.matches("pingora").count(), 1, "{text}");
+    }
+
+    /// A library outside the fixed targets: target `log`, its crate in `library`.
+    #[test]
+    fn other_libraries_are_named_in_a_field() {
+        let json = Out::default();
+        let w = json.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || w.clone());
+        tracing::subscriber::with_default(subscriber.finish(), || {
+            Bridge(LogTracer::new()).log(
+                &Record::builder()
+                    .args(format_args!("evicted"))
+                    .level(Level::Info)
+                    .target("moka::sync::cache")
+                    .file(Some("/build/moka/src/sync/cache.rs"))
+                    .build(),
+            );
+        });
+        let line: serde_json::Value = serde_json::from_str(json.text().trim()).unwrap();
+        assert_eq!(line["target"], "log");
+        assert_eq!(
+            line["fields"],
+            serde_json::json!({"message": "evicted", "library": "moka"})
         );
-        assert_eq!(text.matches("pingora_core").count(), 1, "{text}");
     }
 
     #[test]

@@ -179,7 +179,7 @@ async fn into_a_file_the_log_is_json_without_source_paths() {
         .await
         .unwrap();
     assert!(r.status().is_server_error(), "{}", r.status());
-    let logs = m.logs_with("pingora_proxy").await;
+    let logs = m.logs_with("Fail to proxy").await;
     let lines: Vec<serde_json::Value> = logs
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -198,7 +198,9 @@ async fn into_a_file_the_log_is_json_without_source_paths() {
         assert!(!first[key].is_null(), "{key} in {first}");
     }
     assert!(
-        lines.iter().any(|l| l["target"] == "pingora_proxy"),
+        lines
+            .iter()
+            .any(|l| l["target"] == "pingora" && l["level"] == "ERROR"),
         "pingora's record came through: {logs}"
     );
     for gone in [
