@@ -394,7 +394,8 @@ async fn check_fails_when_upstream_ca_does_not_vouch_for_gitlab() {
 
 /// A cache directory under a regular file cannot be made, whoever runs the check (tests run
 /// as root: permissions alone would not deny it). Also: an invalid setting is a failed
-/// check (1), a wrong flag a usage error (2), a warning alone exits 3.
+/// check (1), a wrong flag a usage error (2), a key file others may read fails, a warning
+/// alone exits 3.
 #[test]
 fn check_fails_on_a_cache_dir_that_cannot_be_made() {
     let dir = tempfile::tempdir().unwrap();
@@ -420,6 +421,34 @@ fn check_fails_on_a_cache_dir_that_cannot_be_made() {
     );
     let (code, shown) = check(&["--no-such-flag"], &[]);
     assert_eq!(code, Some(2), "{shown}");
+
+    // A key file others may read: failed, as `serve` would refuse it.
+    let key = dir.path().join("key");
+    let made = tfmirror(&["secret", "generate"], &[]);
+    assert!(made.status.success(), "{}", text(&made));
+    std::fs::write(&key, &made.stdout).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let private = dir.path().join("private");
+    let args = ["--offline", "--cache-dir", private.to_str().unwrap()];
+    let (code, shown) = check(
+        &[&args[..], &["--secret-file", key.to_str().unwrap()]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("FAILED   key file: `secret_file`") && shown.contains("0644"),
+        "{shown}"
+    );
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o400)).unwrap();
+    let (code, shown) = check(
+        &[&args[..], &["--secret-file", key.to_str().unwrap()]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("ok       key file: `secret_file`"),
+        "{shown}"
+    );
 
     let open = dir.path().join("open");
     std::fs::create_dir(&open).unwrap();
