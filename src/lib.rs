@@ -37,7 +37,7 @@
 //! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |
 //! | | [`pem`] | certificate and key files |
 //! | | [`logbuf`] | per-thread log buffers, flushed by size or timer |
-//! | | [`logbridge`] | pingora's `log` records into tracing; a client's abort mid-head demoted to debug and counted |
+//! | | [`logbridge`] | pingora's `log` records into tracing under one short target, without source paths; start-up chatter and a client's abort mid-head demoted to debug (the abort counted) |
 //! | | [`tls`] | TLS termination: the server certificate, reloaded when its files change; the client pinned to it for `tfmirror health` |
 //! | | `fuzzing` | the properties the fuzz targets check (shared with `tests/fuzz_corpus.rs`) |
 //!

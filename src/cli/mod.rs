@@ -7,12 +7,15 @@
 //! | `cache ls / verify / purge / gc` | [`cache`] |
 //! | `secret generate / rotate` | [`secret`] |
 //! | `health` | [`health`] |
+//! | `check` | [`check`] |
 //!
 //! Here: the commands' shared flags (where the settings come from), the loading of the
-//! configuration, logging and progress output.
+//! configuration and progress output; logging in [`logging`].
 
 mod cache;
+mod check;
 mod health;
+mod logging;
 mod secret;
 mod serve;
 mod warm;
@@ -25,6 +28,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, LogLevel, Overrides};
 use cache::CacheArgs;
+use check::CheckArgs;
 use health::HealthArgs;
 use secret::SecretArgs;
 use serve::ServeArgs;
@@ -46,6 +50,12 @@ struct Cli {
 enum Command {
     /// Run the proxy.
     Serve(ServeArgs),
+    /// Check a configuration before it goes live, as `nginx -t` does: the settings as `serve`
+    /// reads them, then the upstream (DNS, connect, TLS with the configured trust, service
+    /// discovery, a token's read), the cache directory, the key file and each provider
+    /// registry. One line per check; exit 0 when all pass, 1 when one failed (an invalid
+    /// configuration included), 3 when there are warnings only.
+    Check(CheckArgs),
     /// Fill the cache for MODULE[@CONSTRAINT]... (or the module blocks of `.tf` files) with
     /// the listings and tarballs TOKEN may read, and record TOKEN's grants: a cache warmed
     /// before an outage serves TOKEN's holder with GitLab gone.
@@ -91,6 +101,10 @@ pub(super) struct Common {
     /// error, warn, info, debug or trace. [default: info] [env: TFMIRROR_LOG_LEVEL] [config: log_level]
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
+    /// auto (text on a terminal, JSON otherwise), json or text. [default: auto]
+    /// [env: TFMIRROR_LOG_FORMAT] [config: log_format]
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -110,6 +124,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::serve(args),
+        Command::Check(args) => check::check(args),
         Command::Warm(args) => warm::warm(args),
         Command::Sync(args) => warm::sync(args),
         Command::Cache(args) => cache::cache(args),
@@ -125,6 +140,7 @@ pub(super) fn load(common: &Common, extra: Overrides) -> Result<Config, ExitCode
         cache_dir: common.cache_dir.clone(),
         secret_file: common.secret_file.clone(),
         log_level: common.log_level.clone(),
+        log_format: common.log_format.clone(),
         ..extra
     };
     Config::load(common.config.as_deref(), &overrides).map_err(|e| {
@@ -196,39 +212,10 @@ pub(super) fn client_setup(
 ) -> Result<(Config, Option<http::HeaderValue>), ExitCode> {
     let config = load(common, Overrides::default())?;
     // Progress goes to the terminal; only warnings and errors are logged.
-    init_logging(LogLevel::Warn.min(config.log_level), false);
+    logging::init(
+        LogLevel::Warn.min(config.log_level),
+        config.log_format,
+        false,
+    );
     Ok((config, bearer(credential)?))
-}
-
-/// JSON lines on stderr. Pingora's own `log` records are bridged into the same stream
-/// (`logbridge`: a client's abort mid-head is demoted to debug and counted).
-///
-/// Only tfmirror's own targets go below `info`: pingora, hyper and reqwest dump request
-/// headers (`Authorization`) and URLs (JWTs, presigned links) in their debug records.
-///
-/// `buffered` (the server): lines go through per-thread buffers (`logbuf`), so the access
-/// log costs no syscall per request, and the access line is formatted by `accesslog` itself
-/// into the same buffer (the filter still decides whether it is written). The one-shot
-/// commands write each line at once.
-pub(super) fn init_logging(level: LogLevel, buffered: bool) {
-    let others = match level {
-        LogLevel::Debug | LogLevel::Trace => LogLevel::Info,
-        l => l,
-    };
-    let directives = format!("{},tfmirror={}", others.as_str(), level.as_str());
-    let filter = tracing_subscriber::EnvFilter::new(directives);
-    let builder = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(false);
-    let installed = if buffered {
-        let buffer = crate::logbuf::stderr();
-        crate::edge::accesslog::set_output(buffer.clone());
-        tracing::subscriber::set_global_default(builder.with_writer(buffer).finish())
-    } else {
-        tracing::subscriber::set_global_default(builder.with_writer(std::io::stderr).finish())
-    };
-    installed.expect("the only tracing subscriber");
-    // pingora's `log` records, through tfmirror's bridge (not tracing-subscriber's own).
-    crate::logbridge::init().expect("the only `log` logger");
 }

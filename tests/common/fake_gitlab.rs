@@ -604,6 +604,8 @@ fn gitlab_router(inner: Arc<Inner>) -> Router {
         .route(&format!("{pp}/{{ver}}"), get(project_get))
         .route(&format!("{pp}/{{ver}}/file"), put(project_upload))
         .route("/api/v4/version", get(api_version))
+        .route("/api/v4/user", get(api_user))
+        .route("/api/v4/job", get(api_job))
         .route("/api/v4/groups/{id}", get(group_info))
         .route("/api/v4/groups/{id}/packages", get(group_packages))
         .fallback(not_found)
@@ -1421,6 +1423,35 @@ async fn api_version(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Res
         return unauthorized();
     }
     Json(json!({ "version": "17.5.0", "revision": "fake" })).into_response()
+}
+
+/// The user a request's token belongs to (Bearer, `PRIVATE-TOKEN` or `JOB-TOKEN`), if known.
+fn token_user(inner: &Inner, headers: &HeaderMap) -> Option<String> {
+    let token = caller_token(headers);
+    inner.registry.lock().unwrap().tokens.get(&token).cloned()
+}
+
+/// `GET /api/v4/user`: the token's user, 401 for an unknown token (and, as GitLab, for a job
+/// token: that one reads `/api/v4/job`).
+async fn api_user(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    match token_user(&inner, &headers) {
+        Some(_) if caller_token(&headers).starts_with("glcbt-") => unauthorized(),
+        Some(user) => Json(json!({ "id": 1, "username": user, "state": "active" })).into_response(),
+        None => unauthorized(),
+    }
+}
+
+/// `GET /api/v4/job`: a running job's details for its job token (`glcbt-`), 401 otherwise.
+async fn api_job(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
+    match token_user(&inner, &headers) {
+        Some(user) if caller_token(&headers).starts_with("glcbt-") => Json(json!({
+            "id": 7, "status": "running",
+            "user": { "id": 1, "username": user, "bot": false, "state": "active" },
+            "pipeline": { "id": 3, "project_id": 1 }
+        }))
+        .into_response(),
+        _ => unauthorized(),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
