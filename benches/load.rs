@@ -193,7 +193,7 @@ http {{
     Proc(child)
 }
 
-/// The bench's client (not tfmirror's: those are built in `upstream_tls`).
+/// The bench's client (not tfmirror's: those are built in `upstream::tls`).
 #[allow(clippy::disallowed_methods)]
 fn client() -> reqwest::Client {
     reqwest::Client::new()

@@ -19,10 +19,7 @@
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: a [`registry::Call`] in, a [`respond::Reply`] out, I/O around [`access::policy`] |
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
-//! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, timeouts |
-//! | | [`upstream_tls`] | TLS trust per upstream (CA certificates as roots, others pinned) and the one builder of upstream clients |
-//! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects); [`fetch::Fetcher`], the seam a test stub fills |
-//! | | [`health`] | circuit breaker and probe: is the upstream reachable? |
+//! | L2 upstream | [`upstream`] | every request tfmirror sends upstream: one TLS trust decision and client builder ([`upstream::tls`]), the GitLab adapter ([`upstream::gitlab`]), the outage rule and breaker ([`upstream::breaker`]), GitLab's probe ([`upstream::health`]), address and DNS |
 //! | L1 store | [`cache`] | memory tier, blake3-addressed disk blobs streamed verified ([`cache::verified`]), coalesced fills, `tfmirror cache` admin; [`cache::records`] holds every on-disk record, its kind and its key |
 //! | L0 leaves | [`config`] | settings: defaults, YAML file, `TFMIRROR_*` environment, flags; validation |
 //! | | [`routes`] | parse a request once into a typed [`routes::Route`] (module, project and provider routes: [`routes::provider`]); refuse what can never be valid |
@@ -64,10 +61,8 @@ pub mod clock;
 pub mod config;
 pub(crate) mod constraint;
 pub mod edge;
-pub(crate) mod fetch;
 #[doc(hidden)]
 pub mod fuzzing;
-pub(crate) mod health;
 pub mod identity;
 pub mod logbridge;
 pub mod logbuf;
@@ -84,5 +79,4 @@ pub mod sync;
 pub mod tls;
 pub mod token;
 pub(crate) mod upstream;
-pub(crate) mod upstream_tls;
 pub(crate) mod windows;

@@ -7,10 +7,10 @@ use pingora::server::Server;
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::health::Health;
-use crate::identity::Secret;
 use crate::edge::proxy::Proxy;
+use crate::identity::Secret;
 use crate::registry::Registry;
+use crate::upstream::health::Health;
 use crate::upstream::Upstream;
 
 /// The parts every command that talks to GitLab or the cache needs.

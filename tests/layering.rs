@@ -36,10 +36,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     // L1: the store.
     ("cache", 1, "store"),
     // L2: the upstream.
-    ("fetch", 2, "upstream"),
-    ("health", 2, "upstream"),
     ("upstream", 2, "upstream"),
-    ("upstream_tls", 2, "upstream"),
     // L3: who may have what.
     ("access", 3, "access"),
     // L4: cache decisions for registry routes.
@@ -156,7 +153,7 @@ use crate::{cache::Cache, metrics::{self, X}};
 // use crate::commented::Out;
 /* use crate::blocked::Out; /* nested */ */
 /// [`crate::doc::Link`]
-fn f() -> crate::health::Health {
+fn f() -> crate::upstream::health::Health {
     let s = "crate::string::Out";
     let r = r#"crate::raw::Out"#;
     let c = '"'; let q = '\''; let _l: &'static str = "";

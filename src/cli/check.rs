@@ -3,7 +3,7 @@
 //! The settings are read as `serve` reads them; then, unless offline, GitLab is reached step
 //! by step (DNS, TCP, TLS with the configured trust, service discovery, a token's read), so
 //! that a failure names the step and the fix; then the cache directory, the key file and each
-//! provider registry. Every client here is `upstream_tls`'s, with the trust `serve` uses: a
+//! provider registry. Every client here is `upstream::tls`'s, with the trust `serve` uses: a
 //! check that trusted something else would pass a configuration that fails in production.
 //! What each finding means is decided in [`verdict`]; this file only looks.
 
@@ -18,8 +18,8 @@ use clap::Args;
 use super::serve::ServeFlags;
 use super::{Common, Credential};
 use crate::config::{Config, LogLevel};
+use crate::upstream::tls::{self, Schemes, Trust};
 use crate::upstream::Upstream;
-use crate::upstream_tls::{self, Schemes, Trust};
 use verdict::{DirState, Line, Probe};
 
 #[derive(Args, Debug)]
@@ -237,8 +237,7 @@ async fn tls(
 ) -> bool {
     const WHAT: &str = "upstream TLS";
     let fix = verdict::tls_fix(config.upstream_ca.is_some());
-    let tls =
-        Trust::gitlab(config).and_then(|trust| upstream_tls::client_config(&trust, &[b"http/1.1"]));
+    let tls = Trust::gitlab(config).and_then(|trust| tls::client_config(&trust, &[b"http/1.1"]));
     let tls = match tls {
         Ok(t) => t,
         Err(e) => {
@@ -485,7 +484,7 @@ fn key_files(config: &Config) -> Vec<Line> {
 async fn providers(config: &Config, report: &mut Report<'_>) {
     const WHAT: &str = "provider registry";
     let client = Trust::providers(config)
-        .and_then(|trust| upstream_tls::http_client(&trust, &config.timeouts, Schemes::HttpsOnly));
+        .and_then(|trust| tls::http_client(&trust, &config.timeouts, Schemes::HttpsOnly));
     let client = match client {
         Ok(c) => c,
         Err(e) => return report.add(Line::failed(WHAT, e, "correct `providers.upstream_ca`")),

@@ -86,7 +86,7 @@ fn health_check(args: &HealthArgs) -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     // The client needs the runtime's reactor from the start.
     let status = rt.block_on(async {
-        // Not an upstream client (those go through `upstream_tls::http_client`): this one asks
+        // Not an upstream client (those go through `upstream::tls::http_client`): this one asks
         // tfmirror's own listener, trusting exactly its certificate.
         #[allow(clippy::disallowed_methods)]
         let client = client.build().map_err(|e| e.to_string())?;

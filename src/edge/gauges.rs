@@ -2,8 +2,8 @@
 //! each scrape, so `metrics` itself stays a leaf that knows no other module.
 
 use crate::cache::Cache;
-use crate::health::Health;
 use crate::metrics;
+use crate::upstream::health::Health;
 
 /// Refresh the gauges that are read rather than counted (on each scrape).
 pub fn update(cache: &Cache, health: &Health) {

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use crate::cache::Cache;
-use crate::health::Health;
 use crate::metrics::render;
+use crate::upstream::health::Health;
 
 /// `/-/metrics` on its own listener (`metrics_listen`), for scrapers kept off the proxy port.
 pub struct MetricsApp {

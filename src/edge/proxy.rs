@@ -25,13 +25,13 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
 use crate::cache::{Cache, Writable};
-use crate::health::Health;
 use crate::identity::Identity;
 use crate::metrics;
 use crate::registry::{Outcome, Registry};
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::{PublicBase, Rewriter};
 use crate::routes::{self, Internal, ProjectOp, Route, MODULES_V1};
+use crate::upstream::health::Health;
 use crate::upstream::{Profile, Upstream};
 
 /// Headers that describe one connection, not the request: never forwarded (RFC 9110 §7.6.1).

@@ -9,10 +9,10 @@
 //! to the configured base URL's discovered `providers.v1` root, https only.
 //!
 //! URLs can carry signatures (presigned CDN links): none is ever logged, and reqwest's errors
-//! are stripped of theirs ([`crate::fetch::upstream_error`]).
+//! are stripped of theirs ([`crate::upstream::gitlab::upstream_error`]).
 //!
 //! Every GET goes through a [`Transport`], the one seam between the mirror and the network
-//! (as [`crate::fetch::Fetcher`] is for GitLab): the real one is an https client, unit tests
+//! (as [`crate::upstream::gitlab::Fetcher`] is for GitLab): the real one is an https client, unit tests
 //! put a stub there; discovery, fetch rules, redirects and breakers run above it either way.
 
 use std::collections::BTreeMap;
@@ -91,7 +91,7 @@ impl UpError {
         match status {
             StatusCode::NOT_FOUND => UpError::NotFound,
             StatusCode::TOO_MANY_REQUESTS => UpError::RateLimited {
-                retry_after: crate::health::retry_after(headers).map(|d| d.as_secs()),
+                retry_after: crate::upstream::health::retry_after(headers).map(|d| d.as_secs()),
             },
             s => UpError::Status(s),
         }
@@ -243,13 +243,13 @@ struct Http {
 
 impl Http {
     fn new(config: &crate::config::Config) -> Result<Http, String> {
-        // `providers.upstream_ca`, never GitLab's `upstream_ca` (see `upstream_tls`).
-        let trust = crate::upstream_tls::Trust::providers(config)?;
+        // `providers.upstream_ca`, never GitLab's `upstream_ca` (see `upstream::tls`).
+        let trust = crate::upstream::tls::Trust::providers(config)?;
         Ok(Http {
-            client: crate::upstream_tls::http_client(
+            client: crate::upstream::tls::http_client(
                 &trust,
                 &config.timeouts,
-                crate::upstream_tls::Schemes::HttpsOnly,
+                crate::upstream::tls::Schemes::HttpsOnly,
             )?,
             read_timeout: config.timeouts.read,
         })
@@ -264,7 +264,7 @@ impl Transport for Http {
             .map_err(|_| UpError::Transport { timeout: true })?
             .map_err(|e| {
                 let timeout = e.is_timeout();
-                tracing::warn!(error = %crate::fetch::upstream_error(e), "provider registry unreachable");
+                tracing::warn!(error = %crate::upstream::gitlab::upstream_error(e), "provider registry unreachable");
                 UpError::Transport { timeout }
             })
     }

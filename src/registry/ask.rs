@@ -16,10 +16,10 @@ use pingora::ErrorType;
 
 use super::{status_class, Lesson, Registry, SharedFetch};
 use crate::access::policy::Gitlab;
-use crate::fetch::{self, Small};
 use crate::identity::Identity;
 use crate::metrics;
 use crate::respond::CacheStatus;
+use crate::upstream::gitlab::{self, Small};
 
 /// How long a request probing an open breaker waits for GitLab.
 const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -162,7 +162,7 @@ impl Registry {
     fn failed_call(&self, e: &pingora::Error) -> Asked {
         tracing::warn!(error = %e, "upstream registry call failed");
         if !is_unreachable(e.etype()) {
-            return failed(Failure::Invalid(fetch::failure_status(e)));
+            return failed(Failure::Invalid(gitlab::failure_status(e)));
         }
         self.health.record_failure(&self.upstream);
         let timed_out = matches!(

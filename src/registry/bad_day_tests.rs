@@ -118,8 +118,9 @@ async fn a_refused_identity_gets_gitlabs_refusal_while_gitlab_is_down() {
 
     // Enough failures open the breaker: she is answered without asking.
     for _ in 0..100 {
-        f.health
-            .record_failure(&(f.stub.clone() as std::sync::Arc<dyn crate::fetch::Fetcher>));
+        f.health.record_failure(
+            &(f.stub.clone() as std::sync::Arc<dyn crate::upstream::gitlab::Fetcher>),
+        );
     }
     assert!(f.health.unavailable());
     let (reply, _) = f.ask(&call(ALICE), "1.0.0/download").await;
@@ -286,8 +287,9 @@ async fn others_answers_only_while_gitlab_is_down() {
     );
 
     for _ in 0..100 {
-        f.health
-            .record_failure(&(f.stub.clone() as std::sync::Arc<dyn crate::fetch::Fetcher>));
+        f.health.record_failure(
+            &(f.stub.clone() as std::sync::Arc<dyn crate::upstream::gitlab::Fetcher>),
+        );
     }
     let (reply, out) = f.ask(&call(BOB), "versions").await;
     assert_eq!(

@@ -21,12 +21,12 @@ use crate::cache::records::{
 };
 use crate::cache::{records, republish};
 use crate::clock::now as unix_now;
-use crate::fetch::Small;
-use crate::health::retry_after;
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
 use crate::respond::CacheStatus;
 use crate::routes::ModuleId;
+use crate::upstream::gitlab::Small;
+use crate::upstream::health::retry_after;
 
 /// `Retry-After` when a 429 carries none: GitLab's RackAttack windows are a minute.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);

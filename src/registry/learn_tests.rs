@@ -10,10 +10,10 @@ use crate::access::policy::{self, Action, Kind, StaleSource};
 use crate::cache::records::{ListingKey, KIND_SHARED_PUBLIC};
 use crate::clock::now as unix_now;
 use crate::clock::Moment;
-use crate::fetch::Small;
 use crate::identity::Identity;
 use crate::registry::testkit::fixture;
 use crate::routes::ModuleId;
+use crate::upstream::gitlab::Small;
 
 const ALICE: Identity = Identity([1; 16]);
 const BOB: Identity = Identity([2; 16]);

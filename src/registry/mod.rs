@@ -46,13 +46,13 @@ use crate::cache::records::{BodyRef, ListingKey};
 use crate::cache::Cache;
 use crate::clock::now as unix_now;
 use crate::config::{CacheConfig, UnknownIdentity};
-use crate::fetch::{Fetcher, Small};
-use crate::health::Health;
 use crate::identity::{Identity, Secret};
 use crate::respond::{self, CacheStatus, Reply};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute, ProjectRoute};
 use crate::token::Tokens;
+use crate::upstream::gitlab::{Fetcher, Small};
+use crate::upstream::health::Health;
 
 const JSON: &str = "application/json";
 /// RFC 7234's warning for stale answers, as the issue asks, next to `X-Cache-Status: STALE`.

@@ -9,9 +9,9 @@ use super::{JSON, OCTETS, STALE_WARNING, TERRAFORM_GET};
 use crate::access::policy::Why;
 use crate::access::Negative;
 use crate::cache::records::Refusal;
-use crate::fetch::Small;
 use crate::respond::{self, BodyStream, CacheStatus, Reply};
 use crate::routes::ModuleId;
+use crate::upstream::gitlab::Small;
 
 /// Relay an upstream answer read whole (refusals, errors, listings). A tfmirror tier's stale
 /// answer (`cache` STALE) stays one: its `Warning` and `Age` go with it.

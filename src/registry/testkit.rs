@@ -14,12 +14,12 @@ use pingora::{Error, ErrorType, Result};
 use super::{Call, Outcome, Registry};
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::fetch::{Fetcher, Small};
-use crate::health::Health;
 use crate::identity::Secret;
 use crate::respond::Reply;
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleRoute, Route};
+use crate::upstream::gitlab::{Fetcher, Small};
+use crate::upstream::health::Health;
 
 /// One scripted upstream behaviour.
 #[derive(Clone, Debug)]

@@ -1,5 +1,5 @@
 //! What an upstream's answer says about the upstream as a whole, and the circuit breaker
-//! that counts it. GitLab ([`crate::health`]) and every provider registry
+//! that counts it. GitLab ([`crate::upstream::health`]) and every provider registry
 //! (`providers::upstream`) read the same rule here, so one situation means one thing on both
 //! sides.
 //!
@@ -61,7 +61,7 @@ impl RateLimits {
 }
 
 /// First wait of an open breaker; it doubles on each failure while open, up to
-/// [`OPEN_MAX`]. The same backoff as GitLab's probe (`crate::health`): a failing upstream is
+/// [`OPEN_MAX`]. The same backoff as GitLab's probe (`crate::upstream::health`): a failing upstream is
 /// tried again soon, a long-dead one every few seconds.
 pub const OPEN_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait of an open breaker before the upstream is tried again.

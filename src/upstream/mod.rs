@@ -1,18 +1,34 @@
-//! Everything about reaching the upstream GitLab: its address, TLS trust, timeouts and the two
-//! clients that talk to it.
+//! Everything tfmirror sends upstream, in one place: GitLab and provider registries alike.
 //!
-//! - TLS trust is one decision for both clients ([`crate::upstream_tls`]): the system roots,
-//!   `upstream_ca`'s CA certificates as roots, and every certificate of `upstream_ca` pinned.
-//! - Pingora's [`HttpPeer`] carries proxied requests (pass-through, uploads, registry calls).
-//!   `HttpPeer::new` resolves names with a *blocking* `to_socket_addrs()`, so tfmirror resolves
-//!   the upstream host itself with tokio's resolver (off the async workers), caches the answer
-//!   and hands pingora a ready `SocketAddr`. The SNI is always the upstream host name: with
-//!   rustls an empty SNI would disable certificate verification.
-//! - A `reqwest` client fetches what tfmirror itself must read and follow: `/file`, which
-//!   GitLab may answer with a 302 to object storage on another host. Following that redirect
-//!   here keeps presigned URLs away from clients.
+//! - [`tls`]: the one TLS trust decision per upstream (system roots, `upstream_ca`'s CA
+//!   certificates as roots, every certificate of `upstream_ca` pinned) and the one builder of
+//!   upstream `reqwest` clients (clippy forbids any other `ClientBuilder::build`).
+//! - [`gitlab`]: the GitLab adapter ([`gitlab::Fetcher`], the seam a test stub fills):
+//!   registry calls with a bounded read, and downloads followed through redirects with the
+//!   credential sent to GitLab's origin only.
+//! - [`breaker`]: what an answer says about an upstream as a whole (the 429 rule is its one
+//!   parameter), and the breaker type provider registries count with.
+//! - [`health`]: GitLab's breaker and its background probe.
+//! - This module: the upstream's address, DNS off the request path, timeouts, and pingora's
+//!   [`HttpPeer`] for what is proxied.
+//!
+//! Provider registries are reached through `providers::upstream` on top of these (the same
+//! client builder and trust, the same outage rule); where their files may come from is its
+//! `may_fetch` rule.
+//!
+//! Pingora's [`HttpPeer`] carries proxied requests (pass-through, uploads).
+//! `HttpPeer::new` resolves names with a *blocking* `to_socket_addrs()`, so tfmirror resolves
+//! the upstream host itself with tokio's resolver (off the async workers), caches the answer
+//! and hands pingora a ready `SocketAddr`. The SNI is always the upstream host name: with
+//! rustls an empty SNI would disable certificate verification. A `reqwest` client fetches
+//! what tfmirror itself must read and follow: `/file`, which GitLab may answer with a 302 to
+//! object storage on another host. Following that redirect here keeps presigned URLs away
+//! from clients.
 
 pub mod breaker;
+pub mod gitlab;
+pub mod health;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,7 +40,7 @@ use pingora::{Error, ErrorType, OrErr, Result};
 use url::Url;
 
 use crate::config::{Config, Timeouts};
-use crate::upstream_tls::{self, Schemes, TlsL4, Trust};
+use tls::{Schemes, TlsL4, Trust};
 
 /// How long a DNS answer is used before it is refreshed in the background.
 const DNS_TTL: Duration = Duration::from_secs(30);
@@ -45,7 +61,7 @@ pub struct Upstream {
     authority: String,
     /// Relative URL root, without a trailing slash (empty for most GitLabs).
     prefix: String,
-    /// For a TLS upstream: the handshake pingora's peers run through (see `upstream_tls`).
+    /// For a TLS upstream: the handshake pingora's peers run through (see `upstream::tls`).
     tls_l4: Option<Arc<TlsL4>>,
     timeouts: Timeouts,
     /// `limits.max_listing_size`: the largest registry answer tfmirror reads into memory.
@@ -89,7 +105,7 @@ impl Upstream {
             None
         };
         // The same trust as pingora's peers, also for redirects to object storage.
-        let http = upstream_tls::http_client(&trust, &config.timeouts, Schemes::Any)?;
+        let http = tls::http_client(&trust, &config.timeouts, Schemes::Any)?;
 
         Ok(Upstream {
             prefix: url.path().trim_end_matches('/').to_string(),
@@ -143,7 +159,7 @@ impl Upstream {
     pub async fn peer(&self, profile: Profile) -> Result<Box<HttpPeer>> {
         let addr = self.dns.pick().await?;
         // A TLS upstream's handshake runs in tfmirror's own L4 connector, with tfmirror's
-        // verifier: pingora sees a plain connection (see `upstream_tls`).
+        // verifier: pingora sees a plain connection (see `upstream::tls`).
         let mut peer = HttpPeer::new(addr, false, self.host.clone());
         let t = &self.timeouts;
         let o = &mut peer.options;

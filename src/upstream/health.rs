@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap};
 
-use crate::fetch::Fetcher;
 use crate::upstream::breaker::{RateLimits, Seen, Verdict};
+use crate::upstream::gitlab::Fetcher;
 
 const PROBE_FIRST: Duration = Duration::from_millis(200);
 /// At most this long between probes of a down GitLab: recovery is seen within it (plus
@@ -225,7 +225,7 @@ mod tests {
             &self,
             _: &str,
             _: Option<&HeaderValue>,
-        ) -> pingora::Result<crate::fetch::Small> {
+        ) -> pingora::Result<crate::upstream::gitlab::Small> {
             pingora::Error::e_explain(pingora::ErrorType::ConnectRefused, "not scripted")
         }
 
