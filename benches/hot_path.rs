@@ -129,7 +129,7 @@ fn allocations<R>(mut f: impl FnMut() -> R) -> f64 {
     (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / 1000.0
 }
 
-/// The answer to a cached listing hit (`registry::reply::json`) and the head `respond::write`
+/// The answer to a cached listing hit (`registry::reply::json`) and the head `edge::write::reply`
 /// makes of it.
 fn listing_head(age: u64, body: &Bytes) -> Box<ResponseHeader> {
     let reply = tfmirror::registry::cached_listing(CacheStatus::Hit, age, false, body.clone());

@@ -28,7 +28,7 @@
 //! | | [`token`] | tfmirror's download tokens: sealed (AEAD) claims any replica of a set can open |
 //! | | [`rewrite`] | `X-Terraform-Get` / `Location` rewriting onto tfmirror's public URL |
 //! | | [`constraint`] | Terraform version constraints, for `warm` |
-//! | | [`respond`] | answers as values ([`respond::Reply`]) and the one writer that puts them on the wire ([`respond::write`]); GitLab's JSON shapes; `X-Cache-Status` |
+//! | | [`respond`] | answers as values ([`respond::Reply`]) and their heads and framing; the edge alone writes them (`edge::write`); GitLab's JSON shapes; `X-Cache-Status` |
 //! | | [`metrics`] | Prometheus families and their labels; imports nothing from the crate |
 //! | | [`windows`] | freshness windows (fresh, revalidate, stale-if-error): one boundary convention for module listings and provider lists |
 //! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |

@@ -3,7 +3,6 @@
 use bytes::Bytes;
 use http::StatusCode;
 use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
 use pingora::Result;
 
 /// A response as a value: what to answer, decided before anything is written. Handlers
@@ -173,34 +172,6 @@ impl std::fmt::Debug for Reply {
 
 const JSON: &str = "application/json";
 
-/// The one writer: a [`Reply`] as bytes on the session. HEAD gets the head only (a stream's
-/// unknown length is then not announced). A streamed body's error returns an error after
-/// the bytes so far, which cuts the connection or stream: with chunked or HTTP/2 framing the
-/// client sees a broken body, never a short one that looks whole.
-pub async fn write(session: &mut Session, reply: Reply) -> Result<()> {
-    let head_request = session.req_header().method == http::Method::HEAD;
-    let (mut h, body) = head(reply)?;
-    match body {
-        Body::Full(bytes) => {
-            let head_only = head_request || bytes.is_empty();
-            session.write_response_header(h, head_only).await?;
-            if !head_only {
-                // With its head in one write: see `workers::conn`.
-                session.write_response_body(Some(bytes), true).await?;
-            }
-            Ok(())
-        }
-        Body::Stream { len, chunks } => {
-            frame(session, &mut h, len, head_request)?;
-            session.write_response_header(h, head_request).await?;
-            if head_request {
-                return Ok(());
-            }
-            write_stream(session, chunks).await
-        }
-    }
-}
-
 /// A head for tfmirror's own answers, without pingora's case map (`build_no_case`).
 ///
 /// The case map keeps each header name as it was given, to write it back so; it costs two
@@ -312,84 +283,6 @@ pub fn decimal(n: u64) -> http::HeaderValue {
         .unwrap_or_else(|_| http::HeaderValue::from(n))
 }
 
-/// Write a head made by [`head`] and its body (omitted for HEAD, and when empty).
-pub async fn send(session: &mut Session, head: Box<ResponseHeader>, body: Bytes) -> Result<()> {
-    let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
-    session.write_response_header(head, head_only).await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
-}
-
-/// Set the framing headers of a streamed body (see [`framing`]).
-fn frame(
-    session: &mut Session,
-    h: &mut ResponseHeader,
-    len: Option<u64>,
-    head: bool,
-) -> Result<()> {
-    match framing(session.req_header().version, len) {
-        Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, decimal(n))?,
-        Framing::Frames => {}
-        Framing::Chunked if !head => h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?,
-        Framing::Chunked => {}
-        Framing::Close => {
-            // Say `Connection: close` instead of keep-alive, and close after the body.
-            session.set_keepalive(None);
-            if !head {
-                crate::metrics::UNFRAMED_RESPONSES.inc();
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Copy a stream to the session; its error becomes ours, which makes pingora cut.
-async fn write_stream(session: &mut Session, mut chunks: BodyStream) -> Result<()> {
-    use futures::StreamExt;
-    while let Some(chunk) = chunks.next().await {
-        match chunk {
-            Ok(c) => session.write_response_body(Some(c), false).await?,
-            Err(why) => {
-                if framing(session.req_header().version, None) == Framing::Close {
-                    // The end of this body is the connection's close: only an abortive one
-                    // tells the client it was cut.
-                    reset_on_close(session);
-                }
-                let e = pingora::Error::because(pingora::ErrorType::ReadError, "body cut", why);
-                return Err(e.into_up());
-            }
-        }
-    }
-    session.write_response_body(Some(Bytes::new()), true).await
-}
-
-/// Make the client connection's close abortive (a TCP RST, `SO_LINGER` 0): where a body is
-/// delimited by the close (HTTP/1.0 and an unknown length), a cut must not end in the FIN
-/// that ends a whole body. Curl and Go report the reset as an error; a FIN they would take
-/// for the end.
-#[allow(unsafe_code)]
-fn reset_on_close(session: &Session) {
-    let Some(stream) = session.stream() else {
-        return;
-    };
-    // The stream's unique id is its socket's descriptor (pingora's l4 stream, and
-    // `workers::conn::Conn` which passes it through).
-    let fd = pingora::protocols::UniqueID::id(stream.as_ref());
-    // SAFETY: `fd` belongs to the stream `session` owns; the borrow of `session` keeps the
-    // stream, and so the descriptor, open for as long as the borrowed fd is used here.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    if let Err(e) = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO)) {
-        tracing::debug!(error = %e, "could not make the close abortive");
-    }
-}
-
-/// Write a complete JSON response. `HEAD` gets the headers only.
-pub async fn json(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
-    write(session, Reply::json(status, body)).await
-}
-
 /// GitLab's error shape for statuses it reports with `message`: `{"message":"502 Bad Gateway"}`.
 pub fn message_body(status: StatusCode) -> String {
     let text = format!(
@@ -398,20 +291,6 @@ pub fn message_body(status: StatusCode) -> String {
         status.canonical_reason().unwrap_or("Error")
     );
     serde_json::json!({ "message": text }).to_string()
-}
-
-/// A GitLab-shaped error response for `status`.
-pub async fn error(session: &mut Session, status: StatusCode) -> Result<()> {
-    write(session, Reply::error(status)).await
-}
-
-/// A GitLab-shaped error for a registry route (see [`Reply::registry_error`]).
-pub async fn registry_error(
-    session: &mut Session,
-    status: StatusCode,
-    cache: CacheStatus,
-) -> Result<()> {
-    write(session, Reply::registry_error(status, cache)).await
 }
 
 /// How a response body is delimited on the wire.

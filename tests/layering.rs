@@ -144,6 +144,48 @@ fn every_module_has_a_layer() {
     }
 }
 
+/// Below the edge, decisions take a typed route and return a `Reply` value: only `src/edge/`
+/// names pingora's `Session` (the one writer, `edge::write`, puts replies on it).
+#[test]
+fn only_the_edge_names_pingoras_session() {
+    let root = source_root();
+    let edge = root.join("edge");
+    for file in rust_files(&root) {
+        if file.starts_with(&edge) {
+            continue;
+        }
+        let code = strip_comments_only(&fs::read_to_string(&file).expect("read"));
+        assert!(
+            !code.contains("proxy::Session") && !code.contains("proxy::{Session"),
+            "{} names pingora's Session: move the I/O to src/edge/",
+            file.display()
+        );
+    }
+}
+
+/// No production file over 600 lines: one concern per file (tests beside the code they test,
+/// in files of their own, are not counted).
+#[test]
+fn production_files_stay_under_600_lines() {
+    let mut long = Vec::new();
+    for file in rust_files(&source_root()) {
+        let text = fs::read_to_string(&file).expect("read");
+        let production = text.split("\n#[cfg(test)]").next().unwrap_or(&text);
+        let n = production.lines().count();
+        let is_tests = file
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().contains("tests"));
+        if n > 600 && !is_tests {
+            long.push(format!("{}: {n} lines", file.display()));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "split these by concern:\n{}",
+        long.join("\n")
+    );
+}
+
 /// The parser itself: inline paths, groups, `super::` from nested files and inline modules,
 /// and nothing from comments or strings.
 #[test]
@@ -153,7 +195,7 @@ use crate::{cache::Cache, metrics::{self, X}};
 // use crate::commented::Out;
 /* use crate::blocked::Out; /* nested */ */
 /// [`crate::doc::Link`]
-fn f() -> crate::upstream::health::Health {
+fn f() -> crate::health::Health {
     let s = "crate::string::Out";
     let r = r#"crate::raw::Out"#;
     let c = '"'; let q = '\''; let _l: &'static str = "";

@@ -501,7 +501,7 @@ fn header_names(raw: &str) -> Vec<&str> {
 }
 
 /// Header names keep their case on the wire for every kind of head tfmirror writes itself
-/// (`respond::write`: a body known whole, a stream, a JSON answer): some clients and tools
+/// (`edge::write::reply`: a body known whole, a stream, a JSON answer): some clients and tools
 /// compare names case-sensitively. Pins the bytes the case-preserving heads wrote, now that
 /// they are built without pingora's case map.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,19 +18,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use http::{header, HeaderName, Method, StatusCode};
+use http::{header, HeaderName, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorType, Result};
 
-use crate::cache::{Cache, Writable};
+use super::write;
+use crate::cache::Cache;
 use crate::identity::Identity;
-use crate::metrics;
-use crate::registry::{Outcome, Registry};
+use crate::providers;
+use crate::registry::{self, Outcome, Registry};
 use crate::respond::{self, CacheStatus};
 use crate::rewrite::{PublicBase, Rewriter};
-use crate::routes::{self, Internal, ProjectOp, Route, MODULES_V1};
+use crate::routes::{self, ProjectOp, Route, MODULES_V1};
 use crate::upstream::health::Health;
 use crate::upstream::{Profile, Upstream};
 
@@ -51,18 +52,18 @@ const MAX_HEADER_BYTES: usize = 32 * 1024;
 const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
 
 pub struct Proxy {
-    upstream: Arc<Upstream>,
-    cache: Arc<Cache>,
-    registry: Arc<Registry>,
-    health: Arc<Health>,
+    pub(super) upstream: Arc<Upstream>,
+    pub(super) cache: Arc<Cache>,
+    pub(super) registry: Arc<Registry>,
+    pub(super) health: Arc<Health>,
     rewriter: Rewriter,
     /// Configured public URL; when unset, each request's own `Host` is used.
     public_url: Option<PublicBase>,
     /// The scheme clients use to reach this listener.
     scheme: &'static str,
     /// blake3 of the admin token; admin endpoints are off without one.
-    admin_token: Option<blake3::Hash>,
-    cache_dir: std::path::PathBuf,
+    pub(super) admin_token: Option<blake3::Hash>,
+    pub(super) cache_dir: std::path::PathBuf,
     /// `listen`, for requests without a `Host`.
     listen: String,
     /// `timeouts.client_stall`.
@@ -160,154 +161,47 @@ impl Proxy {
             Route::Discovery => {
                 let body =
                     serde_json::json!({ "modules.v1": format!("{}{MODULES_V1}", public.prefix()) });
-                respond::json(session, StatusCode::OK, body.to_string()).await?;
+                write::json(session, StatusCode::OK, body.to_string()).await?;
                 Ok(true)
             }
             Route::Internal(which) => {
                 self.serve_internal(session, *which).await?;
                 Ok(true)
             }
-            Route::Module(m) => match self.registry.handle(session, m, public).await? {
-                Some(out) => {
-                    ctx.record(out);
-                    Ok(true)
+            Route::Module(m) => {
+                let call = registry::Call::of(session.req_header());
+                match self.registry.answer(&call, m, public).await? {
+                    Some((reply, out)) => {
+                        write::reply(session, reply).await?;
+                        ctx.record(out);
+                        Ok(true)
+                    }
+                    None => self.offline_refusal(session).await,
                 }
-                None => self.offline_refusal(session).await,
-            },
+            }
             Route::Provider(p) => {
                 let Some(providers) = &self.providers else {
-                    respond::error(session, StatusCode::NOT_FOUND).await?;
+                    write::error(session, StatusCode::NOT_FOUND).await?;
                     return Ok(true);
                 };
-                let (cache, upstream_status) = providers.handle(session, p, public).await?;
+                let call = providers::mirror::Call::of(session.req_header());
+                let (answer, upstream_status) =
+                    providers::upstream::observed(providers.answer(&call, p, public)).await;
+                let (reply, cache) = answer?;
+                write::reply(session, reply).await?;
                 ctx.cache = Some(cache);
                 ctx.upstream_status = upstream_status;
                 Ok(true)
             }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
-                let out = self.registry.handle_project(session, p, public).await?;
+                let call = registry::Call::of(session.req_header());
+                let (reply, out) = self.registry.project_answer(&call, p, public).await?;
+                write::reply(session, reply).await?;
                 ctx.record(out);
                 Ok(true)
             }
             _ => self.offline_refusal(session).await,
         }
-    }
-
-    /// Ready while tfmirror can serve: also while GitLab is down (`upstream_up`) and on a full
-    /// cache disk (`cache_writable: false`: hits are served, the rest passed through), which
-    /// taking the instance out of its balancer would only move onto GitLab. A cache directory
-    /// that fails otherwise (permissions, read-only, gone) is not ready.
-    async fn readiness(&self) -> (StatusCode, serde_json::Value) {
-        let up = self.health.is_up();
-        match self.cache.check_writable().await {
-            Writable::Yes => {
-                metrics::CACHE_WRITABLE.set(1);
-                let body = serde_json::json!({ "status": "ready", "upstream_up": up, "cache_writable": true });
-                (StatusCode::OK, body)
-            }
-            Writable::Full => {
-                metrics::CACHE_WRITABLE.set(0);
-                tracing::warn!(
-                    "cache directory is full: serving hits and passing the rest through, keeping nothing new"
-                );
-                let body = serde_json::json!({
-                    "status": "ready", "upstream_up": up, "cache_writable": false,
-                    "reason": "cache directory full"
-                });
-                (StatusCode::OK, body)
-            }
-            Writable::Broken(e) => {
-                metrics::CACHE_WRITABLE.set(0);
-                tracing::error!(error = %e, "cache directory is not writable");
-                let body = serde_json::json!({ "status": "cache directory not writable", "cache_writable": false });
-                (StatusCode::SERVICE_UNAVAILABLE, body)
-            }
-        }
-    }
-
-    /// tfmirror's own endpoints under `/-/`.
-    async fn serve_internal(&self, session: &mut Session, which: Internal) -> Result<()> {
-        match which {
-            Internal::Health => {
-                respond::json(session, StatusCode::OK, r#"{"status":"ok"}"#.into()).await
-            }
-            Internal::Readiness => {
-                let (status, body) = self.readiness().await;
-                respond::json(session, status, body.to_string()).await
-            }
-            Internal::Metrics => {
-                crate::edge::gauges::update(&self.cache, &self.health);
-                let body = metrics::render();
-                let reply = respond::Reply::full(StatusCode::OK, body)
-                    .with(header::CONTENT_TYPE, "text/plain; version=0.0.4");
-                respond::write(session, reply).await
-            }
-            Internal::AdminPurge => self.admin_purge(session).await,
-        }
-    }
-
-    /// `POST /-/admin/purge?module=...`: the same purge as `tfmirror cache purge`, plus the
-    /// in-memory grants of this process.
-    async fn admin_purge(&self, session: &mut Session) -> Result<()> {
-        let Some(expected) = self.admin_token else {
-            return respond::error(session, StatusCode::NOT_FOUND).await;
-        };
-        let req = session.req_header();
-        // Compare hashes: blake3::Hash equality is constant-time.
-        let presented = req
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| blake3::hash(t.as_bytes()));
-        if presented != Some(expected) {
-            return respond::error(session, StatusCode::UNAUTHORIZED).await;
-        }
-        if req.method != Method::POST {
-            return respond::error(session, StatusCode::METHOD_NOT_ALLOWED).await;
-        }
-        let spec = req.uri.query().and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "module")
-                .map(|(_, v)| v.into_owned())
-        });
-        let Some(spec) = spec else {
-            let body = serde_json::json!({ "error": "module is missing" }).to_string();
-            return respond::json(session, StatusCode::BAD_REQUEST, body).await;
-        };
-        // Through this server's own stores, so its byte accounting follows the removal.
-        let admin = self.cache.admin(&self.cache_dir);
-        let s = spec.clone();
-        let purged = tokio::task::spawn_blocking(move || admin.purge(&s))
-            .await
-            .map_err(|e| pingora::Error::because(ErrorType::InternalError, "purge", e))?;
-        match purged {
-            Ok(n) => {
-                let module = spec.split('@').next().unwrap_or_default();
-                self.registry.auth.forget_module(module);
-                self.cache.forget_index();
-                tracing::info!(records = n, "purged through the admin endpoint");
-                let body = serde_json::json!({ "purged": n }).to_string();
-                respond::json(session, StatusCode::OK, body).await
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                let body = serde_json::json!({ "error": "module is invalid" }).to_string();
-                respond::json(session, StatusCode::BAD_REQUEST, body).await
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "purge failed");
-                respond::error(session, StatusCode::INTERNAL_SERVER_ERROR).await
-            }
-        }
-    }
-
-    /// In offline mode nothing is proxied: what the cache cannot answer is unavailable.
-    async fn offline_refusal(&self, session: &mut Session) -> Result<bool> {
-        if !self.health.is_offline_mode() {
-            return Ok(false);
-        }
-        respond::error(session, StatusCode::SERVICE_UNAVAILABLE).await?;
-        Ok(true)
     }
 }
 
@@ -375,19 +269,19 @@ impl ProxyHttp for Proxy {
         if header_bytes > MAX_HEADER_BYTES {
             session.set_keepalive(None);
             let body = serde_json::json!({ "error": "request headers are too large" }).to_string();
-            respond::json(session, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, body).await?;
+            write::json(session, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, body).await?;
             return Ok(true);
         }
         let route = match routes::parse(&req.method, req.uri.path()) {
             Ok(r) => r,
             Err(reject) => {
-                respond::json(session, reject.status, reject.body()).await?;
+                write::json(session, reject.status, reject.body()).await?;
                 return Ok(true);
             }
         };
         let Some(public) = self.public_base(req) else {
             let body = serde_json::json!({ "error": "Host header is invalid" }).to_string();
-            respond::json(session, StatusCode::BAD_REQUEST, body).await?;
+            write::json(session, StatusCode::BAD_REQUEST, body).await?;
             return Ok(true);
         };
         // Into the context only afterwards: lent meanwhile, not cloned (a route owns its
@@ -553,7 +447,7 @@ impl ProxyHttp for Proxy {
             // The upstream was asked (or was to be asked) and failed: a miss, unless the
             // route already said what the cache did.
             let cache = ctx.cache.unwrap_or(CacheStatus::Miss);
-            let _ = respond::registry_error(session, status, cache).await;
+            let _ = write::registry_error(session, status, cache).await;
             status.as_u16()
         } else {
             0

@@ -13,7 +13,6 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use http::StatusCode;
-use pingora::proxy::Session;
 use pingora::{Error, ErrorType, Result};
 
 use super::reply;
@@ -25,7 +24,7 @@ use crate::cache::blobs::Hash;
 use crate::cache::body::{hold_last, BodyError};
 use crate::cache::fill::FillError;
 use crate::metrics;
-use crate::respond::{self, CacheStatus, Reply};
+use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
 
 /// The `{"versions":{...}}` body of `index.json`.
@@ -85,22 +84,6 @@ impl Call {
 }
 
 impl Providers {
-    /// Answer a provider route. Returns what the cache did and the last status a registry
-    /// answered for it, for the access log.
-    pub async fn handle(
-        self: &Arc<Self>,
-        session: &mut Session,
-        route: &ProviderRoute,
-        public: &PublicBase,
-    ) -> Result<(CacheStatus, Option<u16>)> {
-        let call = Call::of(session.req_header());
-        let (answer, upstream_status) =
-            super::upstream::observed(self.answer(&call, route, public)).await;
-        let (reply, cache) = answer?;
-        respond::write(session, reply).await?;
-        Ok((cache, upstream_status))
-    }
-
     /// The answer to a provider route, as a value, with what the cache did. Errors only when
     /// a committed package cannot be opened.
     pub async fn answer(

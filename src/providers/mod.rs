@@ -8,7 +8,7 @@
 //! | [`verify`] | OpenPGP signature of `SHA256SUMS`, package checksums, `zh:` hashes |
 //! | [`freshness`] | what to do with a cached version list (pure) |
 //! | [`mirror`] | the answers to provider routes (network mirror and registry protocols), decided as values |
-//! | `reply` | those answers' shapes ([`crate::respond::Reply`]); `respond::write` alone writes them |
+//! | `reply` | those answers' shapes ([`crate::respond::Reply`]); `edge::write::reply` alone writes them |
 //!
 //! This module holds the cache logic between them:
 //! - **version lists** (`provider-versions` records) follow `cache.listing_ttl`,

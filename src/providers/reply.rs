@@ -1,5 +1,5 @@
 //! The provider mirror's answers as values ([`Reply`]), in the shapes the network mirror and
-//! registry protocols take. Nothing here writes: `crate::respond::write` does, once, for
+//! registry protocols take. Nothing here writes: `crate::edge::write::reply` does, once, for
 //! every provider route.
 
 use bytes::Bytes;

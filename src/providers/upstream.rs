@@ -1,146 +1,27 @@
 //! Talking to provider registries: service discovery, the provider registry protocol's
-//! `versions` and `download` calls, and fetching the files a download answer names.
-//!
-//! Where bytes may come from: a registry's download answer names the package, its
-//! `SHA256SUMS` and the signature, usually on another host than the registry (a release CDN,
-//! or GitHub, which redirects to its asset hosts). tfmirror fetches those URLs, and follows
-//! redirects, only over https and only to hosts the answer names or `providers.allowed_hosts`
-//! lists ([`may_fetch`]). No credential is ever sent with them. Registry calls themselves go
-//! to the configured base URL's discovered `providers.v1` root, https only.
-//!
-//! URLs can carry signatures (presigned CDN links): none is ever logged, and reqwest's errors
-//! are stripped of theirs ([`crate::upstream::gitlab::upstream_error`]).
-//!
-//! Every GET goes through a [`Transport`], the one seam between the mirror and the network
-//! (as [`crate::upstream::gitlab::Fetcher`] is for GitLab): the real one is an https client, unit tests
-//! put a stub there; discovery, fetch rules, redirects and breakers run above it either way.
+//! `versions` and `download` calls, and fetching the files a download answer names, with a
+//! breaker per registry ([`crate::upstream::breaker`]). How each request is made, and where
+//! it may be redirected, is [`crate::upstream::http`]'s.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, StatusCode};
 use serde::Deserialize;
 use url::Url;
 
 use super::route::{Platform, ProviderId};
 use crate::metrics;
-use crate::upstream::breaker::{Breaker, RateLimits, Seen, Verdict};
+use crate::upstream::breaker::{Breaker, RateLimits, Verdict};
+pub use crate::upstream::http::{
+    authority, carried, get_following, may_fetch, observed, read_limited, Http, Transport, UpError,
+};
 
-const MAX_REDIRECTS: usize = 5;
 /// How long a registry's discovered `providers.v1` root is reused.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 
-/// Why an upstream call gave nothing usable.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpError {
-    /// The registry does not know this provider or version (404): relayed as 404.
-    NotFound,
-    /// The upstream answered with a failure status (5xx, other 4xx).
-    Status(StatusCode),
-    /// The upstream rate-limits this caller (429): relayed with its `Retry-After` (seconds).
-    RateLimited { retry_after: Option<u64> },
-    /// Unreachable, reset, timed out.
-    Transport { timeout: bool },
-    /// An answer that breaks the protocol or tfmirror's fetch rules.
-    Protocol(&'static str),
-}
-
-impl UpError {
-    /// What the upstream did, for its breaker ([`crate::upstream::breaker`]).
-    pub fn seen(&self) -> Option<Seen> {
-        match self {
-            UpError::Transport { .. } => Some(Seen::Nothing),
-            UpError::Status(s) => Some(Seen::Answer(*s)),
-            UpError::RateLimited { .. } => Some(Seen::Answer(StatusCode::TOO_MANY_REQUESTS)),
-            UpError::NotFound => Some(Seen::Answer(StatusCode::NOT_FOUND)),
-            // An answer that breaks the protocol: the upstream runs, and is wrong.
-            UpError::Protocol(_) => None,
-        }
-    }
-
-    /// Does this count against the upstream's breaker, and allow stale answers, under `rule`?
-    pub fn is_outage(&self, rule: RateLimits) -> bool {
-        self.seen()
-            .is_some_and(|seen| rule.verdict(seen) == Verdict::Outage)
-    }
-
-    /// The status a client gets for it: a 404 and a 429 are relayed, the rest is tfmirror's
-    /// own 502 (or 504 when the registry timed out).
-    pub fn status(&self) -> StatusCode {
-        match self {
-            UpError::NotFound => StatusCode::NOT_FOUND,
-            UpError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            UpError::Transport { timeout: true } => StatusCode::GATEWAY_TIMEOUT,
-            _ => StatusCode::BAD_GATEWAY,
-        }
-    }
-
-    /// A 429's `Retry-After`, in seconds, to relay.
-    pub fn retry_after(&self) -> Option<u64> {
-        match self {
-            UpError::RateLimited { retry_after } => *retry_after,
-            _ => None,
-        }
-    }
-
-    /// A failure status from the registry, with its headers.
-    fn from_status(status: StatusCode, headers: &http::HeaderMap) -> UpError {
-        match status {
-            StatusCode::NOT_FOUND => UpError::NotFound,
-            StatusCode::TOO_MANY_REQUESTS => UpError::RateLimited {
-                retry_after: crate::upstream::health::retry_after(headers).map(|d| d.as_secs()),
-            },
-            s => UpError::Status(s),
-        }
-    }
-
-    fn outcome(&self) -> &'static str {
-        match self {
-            UpError::NotFound | UpError::RateLimited { .. } => "4xx",
-            UpError::Status(s) if s.is_client_error() => "4xx",
-            UpError::Status(_) => "5xx",
-            UpError::Transport { timeout: true } => "timeout",
-            UpError::Transport { .. } => "error",
-            UpError::Protocol(_) => "protocol",
-        }
-    }
-}
-
 pub use crate::cache::records::{PlatformInfo, VersionInfo};
-
-tokio::task_local! {
-    /// The last status an upstream answered on behalf of the request being served, for its
-    /// access line ([`observed`]).
-    static ANSWERED: Arc<AtomicU16>;
-}
-
-/// Run `f`, a request's answer, and say the last status an upstream gave for it (`None`:
-/// no upstream was asked), as nginx's `$upstream_status` does.
-pub async fn observed<T>(f: impl std::future::Future<Output = T>) -> (T, Option<u16>) {
-    let seen = Arc::new(AtomicU16::new(0));
-    let out = ANSWERED.scope(seen.clone(), f).await;
-    let status = seen.load(Ordering::Relaxed);
-    (out, (status != 0).then_some(status))
-}
-
-/// `f`, to be spawned, still reporting to the request that made it (a task does not inherit
-/// its spawner's task-locals).
-pub fn carried<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
-    let seen = ANSWERED.try_with(Arc::clone).ok();
-    async move {
-        match seen {
-            Some(seen) => ANSWERED.scope(seen, f).await,
-            None => f.await,
-        }
-    }
-}
-
-fn answered(status: StatusCode) {
-    let _ = ANSWERED.try_with(|s| s.store(status.as_u16(), Ordering::Relaxed));
-}
 
 #[derive(Deserialize)]
 struct VersionsAnswer {
@@ -196,78 +77,6 @@ struct RawKeys {
 #[derive(Deserialize)]
 struct RawKey {
     ascii_armor: String,
-}
-
-/// `host` or `host:port` of a URL, as hosts are named in the fetch rules.
-pub fn authority(u: &Url) -> Option<String> {
-    let host = u.host_str()?.to_ascii_lowercase();
-    Some(match u.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host,
-    })
-}
-
-/// May tfmirror fetch `url`? Only https, and only from a host the registry's answer named or
-/// the operator allowed (`host`, `host:port`, or `*.domain` for any subdomain).
-pub fn may_fetch(url: &Url, named: &[String], allowed: &[String]) -> bool {
-    if url.scheme() != "https" || !url.username().is_empty() || url.password().is_some() {
-        return false;
-    }
-    let Some(auth) = authority(url) else {
-        return false;
-    };
-    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-    named.contains(&auth)
-        || allowed.iter().any(|a| match a.strip_prefix("*.") {
-            Some(domain) => host.ends_with(&format!(".{domain}")) && url.port().is_none(),
-            None => *a == auth,
-        })
-}
-
-/// How tfmirror reaches provider registries and the files their answers name: one GET, no
-/// redirect followed (each hop is checked against the fetch rules by the caller). The real
-/// one is an https client ([`Registries::new`]); provider unit tests put a stub there, so
-/// the mirror's decisions (stale lists, refusals, fills) are tested without a process.
-#[async_trait::async_trait]
-pub trait Transport: Send + Sync + 'static {
-    /// GET `url` once; the response as soon as its head is in.
-    async fn get(&self, url: &Url) -> Result<reqwest::Response, UpError>;
-}
-
-/// The https client: no proxy, no credential, redirects left to the caller, the head within
-/// `timeouts.read`.
-struct Http {
-    client: reqwest::Client,
-    read_timeout: Duration,
-}
-
-impl Http {
-    fn new(config: &crate::config::Config) -> Result<Http, String> {
-        // `providers.upstream_ca`, never GitLab's `upstream_ca` (see `upstream::tls`).
-        let trust = crate::upstream::tls::Trust::providers(config)?;
-        Ok(Http {
-            client: crate::upstream::tls::http_client(
-                &trust,
-                &config.timeouts,
-                crate::upstream::tls::Schemes::HttpsOnly,
-            )?,
-            read_timeout: config.timeouts.read,
-        })
-    }
-}
-
-#[async_trait::async_trait]
-impl Transport for Http {
-    async fn get(&self, url: &Url) -> Result<reqwest::Response, UpError> {
-        tokio::time::timeout(self.read_timeout, self.client.get(url.clone()).send())
-            .await
-            .map_err(|_| UpError::Transport { timeout: true })?
-            .map_err(|e| {
-                let timeout = e.is_timeout();
-                tracing::warn!(error = %crate::upstream::gitlab::upstream_error(e), "provider registry unreachable");
-                UpError::Transport { timeout }
-            })
-    }
 }
 
 pub struct Registries {
@@ -536,7 +345,7 @@ impl Registries {
     ) -> Result<(http::HeaderMap, Bytes), UpError> {
         let started = Instant::now();
         let result = async {
-            let resp = self.get_following(url, named).await?;
+            let resp = get_following(&*self.http, url, named, &self.allowed).await?;
             let status = resp.status();
             if !status.is_success() {
                 return Err(UpError::from_status(status, resp.headers()));
@@ -566,9 +375,13 @@ impl Registries {
         answer: &DownloadAnswer,
     ) -> Result<reqwest::Response, UpError> {
         let result = async {
-            let resp = self
-                .get_following(&answer.download_url, &answer.named_hosts())
-                .await?;
+            let resp = get_following(
+                &*self.http,
+                &answer.download_url,
+                &answer.named_hosts(),
+                &self.allowed,
+            )
+            .await?;
             match resp.status() {
                 s if s.is_success() => Ok(resp),
                 s => Err(UpError::from_status(s, resp.headers())),
@@ -584,120 +397,5 @@ impl Registries {
             .inc();
         self.record(&p.host, &result.as_ref().map(|_| ()).map_err(Clone::clone));
         result
-    }
-
-    /// GET `url`, following redirects by hand. With `named` empty the URL is a registry call
-    /// (https enforced by the client); otherwise every hop must pass [`may_fetch`]. Each hop
-    /// is one [`Transport::get`] (the https client's head must come within `timeouts.read`).
-    async fn get_following(
-        &self,
-        url: &Url,
-        named: &[String],
-    ) -> Result<reqwest::Response, UpError> {
-        let mut url = url.clone();
-        for _ in 0..=MAX_REDIRECTS {
-            if !named.is_empty() && !may_fetch(&url, named, &self.allowed) {
-                tracing::warn!(
-                    host = authority(&url).as_deref(),
-                    "refused to fetch a provider file from a host the registry did not name"
-                );
-                return Err(UpError::Protocol("host not allowed for provider downloads"));
-            }
-            let resp = match self.http.get(&url).await {
-                Ok(r) => r,
-                Err(e) => {
-                    // As nginx's `$upstream_status`: asked, and no answer came.
-                    let none = match e {
-                        UpError::Transport { timeout: true } => StatusCode::GATEWAY_TIMEOUT,
-                        _ => StatusCode::BAD_GATEWAY,
-                    };
-                    answered(none);
-                    return Err(e);
-                }
-            };
-            if resp.status().is_redirection() {
-                let next = resp
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .and_then(|l| url.join(l).ok())
-                    .ok_or(UpError::Protocol("redirect without a usable Location"))?;
-                // Registry calls may not be redirected to plain http either.
-                if next.scheme() != "https" {
-                    return Err(UpError::Protocol("redirect to plain http refused"));
-                }
-                url = next;
-                continue;
-            }
-            answered(resp.status());
-            return Ok(resp);
-        }
-        Err(UpError::Protocol("too many redirects"))
-    }
-}
-
-async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, UpError> {
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(UpError::Protocol(
-            "answer larger than limits.max_listing_size",
-        ));
-    }
-    let mut body = Vec::new();
-    loop {
-        let chunk = resp.chunk().await.map_err(|e| UpError::Transport {
-            timeout: e.is_timeout(),
-        })?;
-        let Some(chunk) = chunk else { break };
-        if body.len() + chunk.len() > limit {
-            return Err(UpError::Protocol(
-                "answer larger than limits.max_listing_size",
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(body))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fetch_rules() {
-        let named = vec![
-            "releases.example.com".to_string(),
-            "127.0.0.1:8443".to_string(),
-        ];
-        let allowed = vec![
-            "*.githubusercontent.com".to_string(),
-            "cdn.example.net".to_string(),
-        ];
-        let ok = |u: &str| may_fetch(&Url::parse(u).unwrap(), &named, &allowed);
-        assert!(ok("https://releases.example.com/p.zip"));
-        assert!(ok("https://RELEASES.example.com/p.zip"));
-        assert!(ok("https://127.0.0.1:8443/p.zip"));
-        assert!(ok("https://objects.githubusercontent.com/x?sig=1"));
-        assert!(ok("https://cdn.example.net/p.zip"));
-        assert!(!ok("http://releases.example.com/p.zip"), "plain http");
-        assert!(!ok("https://127.0.0.1:8444/p.zip"), "another port");
-        assert!(!ok("https://githubusercontent.com/x"), "the bare domain");
-        assert!(!ok("https://evil.example.com/p.zip"));
-        assert!(!ok("https://user:pw@releases.example.com/p.zip"));
-        assert!(!ok("https://169.254.169.254/latest/meta-data"));
-    }
-
-    #[test]
-    fn a_registrys_answers_under_the_default_rule() {
-        let rule = RateLimits::default();
-        assert!(!UpError::NotFound.is_outage(rule), "a refusal is an answer");
-        assert!(UpError::Status(StatusCode::BAD_GATEWAY).is_outage(rule));
-        assert!(UpError::Transport { timeout: false }.is_outage(rule));
-        let limited = UpError::RateLimited {
-            retry_after: Some(30),
-        };
-        assert!(!limited.is_outage(rule), "a 429 is the caller's own");
-        assert!(limited.is_outage(RateLimits::Outage));
-        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(limited.retry_after(), Some(30));
     }
 }

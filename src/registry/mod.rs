@@ -37,7 +37,6 @@ use std::time::Duration;
 use futures::future::{BoxFuture, Shared};
 use futures::{StreamExt, TryStreamExt};
 use http::{HeaderValue, StatusCode};
-use pingora::proxy::Session;
 use pingora::{Error, Result};
 
 use crate::access::Auth;
@@ -47,7 +46,7 @@ use crate::cache::Cache;
 use crate::clock::now as unix_now;
 use crate::config::{CacheConfig, UnknownIdentity};
 use crate::identity::{Identity, Secret};
-use crate::respond::{self, CacheStatus, Reply};
+use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute, ProjectRoute};
 use crate::token::Tokens;
@@ -237,22 +236,6 @@ impl Registry {
         }
     }
 
-    /// Answer a namespace route. Always writes a response, except for the latest-download
-    /// redirect, which is left to the proxy (`Ok(None)`).
-    pub async fn handle(
-        self: &Arc<Self>,
-        session: &mut Session,
-        route: &ModuleRoute,
-        public: &PublicBase,
-    ) -> Result<Option<Outcome>> {
-        let call = Call::of(session.req_header());
-        let Some((reply, out)) = self.answer(&call, route, public).await? else {
-            return Ok(None);
-        };
-        respond::write(session, reply).await?;
-        Ok(Some(out))
-    }
-
     /// The answer to a namespace route, as a value (`None`: the latest-download redirect,
     /// left to the proxy). Errors only when the cache cannot be read.
     pub async fn answer(
@@ -275,20 +258,15 @@ impl Registry {
         Ok(Some(answered))
     }
 
-    /// Answer a project route's download (`?terraform-get=1` or the tarball GET).
-    pub async fn handle_project(
+    /// The answer to a project route's download (`?terraform-get=1` or the tarball GET).
+    pub async fn project_answer(
         self: &Arc<Self>,
-        session: &mut Session,
+        call: &Call,
         route: &ProjectRoute,
         public: &PublicBase,
-    ) -> Result<Outcome> {
-        let call = Call::of(session.req_header());
-        let terraform_get = call.terraform_get;
-        let (reply, out) = self
-            .project_download(&call, route, terraform_get, public)
-            .await?;
-        respond::write(session, reply).await?;
-        Ok(out)
+    ) -> Result<(Reply, Outcome)> {
+        self.project_download(call, route, call.terraform_get, public)
+            .await
     }
 
     /// An upload through tfmirror changes that module's listings: stop serving cached ones.

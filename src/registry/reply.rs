@@ -1,5 +1,5 @@
 //! The registry's answers as values ([`Reply`]), in GitLab's shapes. Nothing here writes:
-//! `crate::respond::write` does, once, for every handler.
+//! `crate::edge::write::reply` does, once, for every handler.
 
 use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};

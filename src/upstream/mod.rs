@@ -28,6 +28,7 @@
 pub mod breaker;
 pub mod gitlab;
 pub mod health;
+pub mod http;
 pub mod tls;
 
 use std::net::SocketAddr;

@@ -1,0 +1,122 @@
+//! The one writer: a [`Reply`] value as bytes on pingora's session. Everything below the edge
+//! returns values ([`crate::respond`]); only the edge writes them, here, so framing (a cut
+//! must show: `Content-Length`, chunked, HTTP/2 frames, or an abortive close) is decided in
+//! one place.
+
+use bytes::Bytes;
+use http::StatusCode;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+
+use crate::respond::{decimal, framing, head, Body, BodyStream, CacheStatus, Framing, Reply};
+
+/// The one writer: a [`Reply`] as bytes on the session. HEAD gets the head only (a stream's
+/// unknown length is then not announced). A streamed body's error returns an error after
+/// the bytes so far, which cuts the connection or stream: with chunked or HTTP/2 framing the
+/// client sees a broken body, never a short one that looks whole.
+pub async fn reply(session: &mut Session, reply: Reply) -> Result<()> {
+    let head_request = session.req_header().method == http::Method::HEAD;
+    let (mut h, body) = head(reply)?;
+    match body {
+        Body::Full(bytes) => {
+            let head_only = head_request || bytes.is_empty();
+            session.write_response_header(h, head_only).await?;
+            if !head_only {
+                // With its head in one write: see `workers::conn`.
+                session.write_response_body(Some(bytes), true).await?;
+            }
+            Ok(())
+        }
+        Body::Stream { len, chunks } => {
+            frame(session, &mut h, len, head_request)?;
+            session.write_response_header(h, head_request).await?;
+            if head_request {
+                return Ok(());
+            }
+            write_stream(session, chunks).await
+        }
+    }
+}
+
+/// Set the framing headers of a streamed body (see [`framing`]).
+fn frame(
+    session: &mut Session,
+    h: &mut ResponseHeader,
+    len: Option<u64>,
+    head: bool,
+) -> Result<()> {
+    match framing(session.req_header().version, len) {
+        Framing::Length(n) => h.insert_header(http::header::CONTENT_LENGTH, decimal(n))?,
+        Framing::Frames => {}
+        Framing::Chunked if !head => h.insert_header(http::header::TRANSFER_ENCODING, "chunked")?,
+        Framing::Chunked => {}
+        Framing::Close => {
+            // Say `Connection: close` instead of keep-alive, and close after the body.
+            session.set_keepalive(None);
+            if !head {
+                crate::metrics::UNFRAMED_RESPONSES.inc();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copy a stream to the session; its error becomes ours, which makes pingora cut.
+async fn write_stream(session: &mut Session, mut chunks: BodyStream) -> Result<()> {
+    use futures::StreamExt;
+    while let Some(chunk) = chunks.next().await {
+        match chunk {
+            Ok(c) => session.write_response_body(Some(c), false).await?,
+            Err(why) => {
+                if framing(session.req_header().version, None) == Framing::Close {
+                    // The end of this body is the connection's close: only an abortive one
+                    // tells the client it was cut.
+                    reset_on_close(session);
+                }
+                let e = pingora::Error::because(pingora::ErrorType::ReadError, "body cut", why);
+                return Err(e.into_up());
+            }
+        }
+    }
+    session.write_response_body(Some(Bytes::new()), true).await
+}
+
+/// Make the client connection's close abortive (a TCP RST, `SO_LINGER` 0): where a body is
+/// delimited by the close (HTTP/1.0 and an unknown length), a cut must not end in the FIN
+/// that ends a whole body. Curl and Go report the reset as an error; a FIN they would take
+/// for the end.
+#[allow(unsafe_code)]
+fn reset_on_close(session: &Session) {
+    let Some(stream) = session.stream() else {
+        return;
+    };
+    // The stream's unique id is its socket's descriptor (pingora's l4 stream, and
+    // `workers::conn::Conn` which passes it through).
+    let fd = pingora::protocols::UniqueID::id(stream.as_ref());
+    // SAFETY: `fd` belongs to the stream `session` owns; the borrow of `session` keeps the
+    // stream, and so the descriptor, open for as long as the borrowed fd is used here.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    if let Err(e) = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO)) {
+        tracing::debug!(error = %e, "could not make the close abortive");
+    }
+}
+
+/// Write a complete JSON response. `HEAD` gets the headers only.
+pub async fn json(session: &mut Session, status: StatusCode, body: String) -> Result<()> {
+    self::reply(session, Reply::json(status, body)).await
+}
+
+/// A GitLab-shaped error response for `status`.
+pub async fn error(session: &mut Session, status: StatusCode) -> Result<()> {
+    self::reply(session, Reply::error(status)).await
+}
+
+/// A GitLab-shaped error for a registry route (see [`Reply::registry_error`]).
+pub async fn registry_error(
+    session: &mut Session,
+    status: StatusCode,
+    cache: CacheStatus,
+) -> Result<()> {
+    self::reply(session, Reply::registry_error(status, cache)).await
+}
