@@ -110,7 +110,7 @@ impl Proxy {
         match purged {
             Ok(n) => {
                 let module = spec.split('@').next().unwrap_or_default();
-                self.registry.auth.forget_module(module);
+                self.registry.forget_module(module);
                 self.cache.forget_index();
                 tracing::info!(records = n, "purged through the admin endpoint");
                 let body = serde_json::json!({ "purged": n }).to_string();

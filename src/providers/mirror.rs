@@ -46,7 +46,7 @@ pub fn version_body(version: &str, sums: &super::SumsRecord) -> String {
                 platform.clone(),
                 serde_json::json!({
                     "url": format!("{version}/{platform}.zip"),
-                    "hashes": [format!("zh:{}", pkg.sha256)],
+                    "hashes": [super::verify::zh(&pkg.sha256)],
                 }),
             )
         })

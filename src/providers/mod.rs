@@ -141,8 +141,8 @@ fn verification(p: &ProviderId, version: &str, result: Result<&'static str, Refu
 }
 
 pub struct Providers {
-    pub registries: Arc<Registries>,
-    pub cache: Arc<Cache>,
+    registries: Arc<Registries>,
+    cache: Arc<Cache>,
     windows: Windows,
     /// `offline.deadline`: how long a registry may take before it counts as failed (slow
     /// is not down: below this, tfmirror waits whatever it has cached).

@@ -173,9 +173,10 @@ pub fn to_hex(sha: &Sha) -> String {
     sha.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Terraform's hash of a whole provider zip, as lock files and mirrors write it.
-pub fn zh(sha: &Sha) -> String {
-    format!("zh:{}", to_hex(sha))
+/// Terraform's hash of a whole provider zip, as lock files and mirrors write it, from the
+/// zip's sha256 in hex (as a verified `SHA256SUMS` lists it).
+pub fn zh(sha256_hex: &str) -> String {
+    format!("zh:{sha256_hex}")
 }
 
 /// Check `signature` (binary or ASCII-armored, detached) over `document` against the armored

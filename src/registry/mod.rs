@@ -179,8 +179,8 @@ impl Outcome {
 
 pub struct Registry {
     upstream: Arc<dyn Fetcher>,
-    pub cache: Arc<Cache>,
-    pub auth: Auth,
+    cache: Arc<Cache>,
+    auth: Auth,
     secret: Secret,
     tokens: Tokens,
     cfg: CacheConfig,
@@ -234,6 +234,11 @@ impl Registry {
                 .build(),
             latest_upload: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Forget every grant and refusal for `module` (an admin purge of its cached records).
+    pub fn forget_module(&self, module: &str) {
+        self.auth.forget_module(module);
     }
 
     /// The answer to a namespace route, as a value (`None`: the latest-download redirect,
