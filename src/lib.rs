@@ -30,6 +30,7 @@
 //! | | [`constraint`] | Terraform version constraints, for `warm` |
 //! | | [`respond`] | answers as values ([`respond::Reply`]) and their heads and framing; the edge alone writes them (`edge::write`); GitLab's JSON shapes; `X-Cache-Status` |
 //! | | [`metrics`] | Prometheus families and their labels; imports nothing from the crate |
+//! | | [`flight`] | single flight: one upstream exchange per key ([`flight::Flights`]) and one background task per key ([`flight::Running`]), for modules and providers |
 //! | | [`windows`] | freshness windows (fresh, revalidate, stale-if-error): one boundary convention for module listings and provider lists |
 //! | | [`clock`] | the wall clock, read in one place (clippy forbids `SystemTime::now` elsewhere) |
 //! | | [`pem`] | certificate and key files |
@@ -61,6 +62,7 @@ pub mod clock;
 pub mod config;
 pub(crate) mod constraint;
 pub mod edge;
+pub(crate) mod flight;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod identity;

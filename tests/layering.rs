@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     // L0: leaves; they import only other leaves.
     ("clock", 0, "leaf"),
     ("config", 0, "leaf"),
+    ("flight", 0, "leaf"),
     ("constraint", 0, "leaf"),
     ("fuzzing", 0, "leaf"),
     ("identity", 0, "leaf"),

@@ -35,8 +35,8 @@ mod answer_tests;
 #[cfg(test)]
 mod testkit;
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt, TryStreamExt};
@@ -156,9 +156,11 @@ pub struct Providers {
     /// fetched with the checksums serves that package's fill too (one answer per cold
     /// package, not two or three). Short-lived: its URLs may be presigned.
     answers: moka::sync::Cache<String, Arc<upstream::DownloadAnswer>>,
-    /// One upstream exchange per key at a time; later callers find its result.
-    locks: moka::sync::Cache<String, Arc<tokio::sync::Mutex<()>>>,
-    refreshing: Mutex<HashSet<String>>,
+    /// Version lists being fetched: one exchange per list (`crate::flight`).
+    listing_flights: crate::flight::Flights<String, Result<Arc<VersionsRecord>, UpError>>,
+    /// Checksums being fetched and verified: one per version.
+    sums_flights: crate::flight::Flights<String, Result<Arc<SumsRecord>, Failed>>,
+    refreshing: crate::flight::Running<String>,
 }
 
 impl Providers {
@@ -211,16 +213,10 @@ impl Providers {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(30))
                 .build(),
-            locks: moka::sync::Cache::builder()
-                .max_capacity(10_000)
-                .time_to_idle(Duration::from_secs(60))
-                .build(),
-            refreshing: Mutex::new(HashSet::new()),
+            listing_flights: Default::default(),
+            sums_flights: Default::default(),
+            refreshing: Default::default(),
         }
-    }
-
-    fn lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.get_with(key.to_string(), Default::default)
     }
 
     /// A record of `kind` from disk, read off the runtime.
@@ -315,14 +311,9 @@ impl Providers {
             }
             Plan::Unavailable => Err(self.unavailable()),
             Plan::Ask { fallback } => {
-                let this = self.clone();
-                let lc = l.clone();
-                // A task of its own: when the deadline passes, the fetch still completes and
-                // refreshes the cache for the next caller.
-                let fetch = async move { this.fetch_listing(&lc).await };
-                let mut task = tokio::spawn(upstream::carried(fetch));
-                let result = match tokio::time::timeout(self.deadline, &mut task).await {
-                    Ok(joined) => joined.unwrap_or(Err(UpError::Protocol("task failed"))),
+                let result = match tokio::time::timeout(self.deadline, self.fetch_listing(l)).await
+                {
+                    Ok(fetched) => fetched,
                     Err(_) => Err(UpError::Transport { timeout: true }),
                 };
                 match result {
@@ -341,18 +332,20 @@ impl Providers {
         }
     }
 
-    /// Ask the registry (one exchange per provider at a time) and record the answer.
-    async fn fetch_listing(&self, l: &Listing) -> Result<Arc<VersionsRecord>, UpError> {
+    /// Ask the registry (one exchange per list at a time, `crate::flight`) and record the
+    /// answer. The exchange runs as a task of its own: when a caller's deadline passes, it
+    /// still completes and refreshes the cache for the next caller.
+    async fn fetch_listing(self: &Arc<Self>, l: &Listing) -> Result<Arc<VersionsRecord>, UpError> {
+        let (this, listing) = (self.clone(), l.clone());
+        let start = move || {
+            upstream::carried(async move { this.fetch_listing_now(&listing).await }).boxed()
+        };
+        let (_, flight, _) = self.listing_flights.join_or_start(l.key(), start);
+        flight.await
+    }
+
+    async fn fetch_listing_now(&self, l: &Listing) -> Result<Arc<VersionsRecord>, UpError> {
         let key = l.key();
-        let lock = self.lock(&format!("versions:{key}"));
-        let started = unix_now();
-        let _g = lock.lock().await;
-        // Someone else fetched it while this call waited.
-        if let Some(r) = self.load_versions(&key).await {
-            if r.fetched_at >= started {
-                return Ok(r);
-            }
-        }
         let rec = Arc::new(match l {
             Listing::Provider(p) => VersionsRecord {
                 versions: self.registries.versions(p).await?,
@@ -372,24 +365,16 @@ impl Providers {
 
     fn refresh_in_background(self: &Arc<Self>, l: &Listing) {
         let key = l.key();
-        if !self
-            .refreshing
-            .lock()
-            .expect("refreshing lock")
-            .insert(key.clone())
-        {
-            return;
-        }
+        let Some(running) = self.refreshing.try_start(key.clone()) else {
+            return; // one is already running
+        };
         let this = self.clone();
         let l = l.clone();
         tokio::spawn(async move {
             if let Err(e) = this.fetch_listing(&l).await {
                 tracing::warn!(listing = %key, error = ?e, "background refresh of a version list failed");
             }
-            this.refreshing
-                .lock()
-                .expect("refreshing lock")
-                .remove(&key);
+            drop(running);
         });
     }
 
@@ -429,19 +414,25 @@ impl Providers {
         if !self.registries.available(&p.host) {
             return Err(self.unavailable());
         }
-        let lock = self.lock(&format!("sums:{key}"));
-        let _g = lock.lock().await;
-        if let Some(r) = self.load_sums(&key).await {
-            return Ok(hit(r));
-        }
-        let platform = self.some_platform(p, version, platform).await?;
-        let rec = self
-            .fetch_sums(p, version, &platform)
-            .await
-            .map_err(|e| e.failed(CacheStatus::Miss))?;
-        let rec = Arc::new(rec);
-        self.write_record(KIND_SUMS, &key, rec.clone()).await;
-        self.sums_front.insert(key, rec.clone());
+        let this = self.clone();
+        let (p, version, platform) = (p.clone(), version.to_string(), platform.cloned());
+        let flight_key = key.clone();
+        let start = move || {
+            let fetch = async move {
+                let platform = this.some_platform(&p, &version, platform.as_ref()).await?;
+                let rec = this
+                    .fetch_sums(&p, &version, &platform)
+                    .await
+                    .map_err(|e| e.failed(CacheStatus::Miss))?;
+                let rec = Arc::new(rec);
+                this.write_record(KIND_SUMS, &flight_key, rec.clone()).await;
+                this.sums_front.insert(flight_key, rec.clone());
+                Ok(rec)
+            };
+            upstream::carried(fetch).boxed()
+        };
+        let (_, flight, _) = self.sums_flights.join_or_start(key, start);
+        let rec = flight.await?;
         Ok(Found {
             value: rec,
             cache: CacheStatus::Miss,

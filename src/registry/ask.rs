@@ -16,6 +16,7 @@ use pingora::ErrorType;
 
 use super::{status_class, Lesson, Registry, SharedFetch};
 use crate::access::policy::Gitlab;
+use crate::flight::Generation;
 use crate::identity::Identity;
 use crate::metrics;
 use crate::respond::CacheStatus;
@@ -199,67 +200,55 @@ impl Registry {
         });
     }
 
-    /// GET a registry path upstream; concurrent identical requests of one identity share it.
-    /// The request runs as a task of its own, so a caller that stops waiting (deadline,
-    /// client gone) does not cancel it for the others, and its answer can still be learned.
+    /// GET a registry path upstream; concurrent identical requests of one identity share it
+    /// (one flight, `crate::flight`), which runs as a task of its own: a caller that stops
+    /// waiting (deadline, client gone) does not cancel it for the others, and its answer can
+    /// still be learned.
     fn fetch_shared(
         &self,
         identity: Identity,
         path: &str,
         cred: Option<HeaderValue>,
         label: &'static str,
-    ) -> (u64, SharedFetch) {
+    ) -> (Generation, SharedFetch) {
         let key = format!("{}{path}", identity.to_hex());
-        let mut inflight = self.inflight.lock().expect("inflight lock");
-        if let Some((generation, f)) = inflight.get(&key) {
-            metrics::COALESCED_WAITS.inc();
-            return (*generation, f.clone());
-        }
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let upstream = self.upstream.clone();
-        let map = self.inflight.clone();
-        let (path, k) = (path.to_string(), key.clone());
-        let fut = async move {
-            let started = Instant::now();
-            // What the answer says held at some point after this, never before.
-            let sent_ms = crate::clock::now_ms();
-            let result = upstream
-                .registry(&path, cred.as_ref())
-                .await
-                .map(|small| Small { sent_ms, ..small });
-            metrics::UPSTREAM_DURATION
-                .with_label_values(&[label])
-                .observe(started.elapsed().as_secs_f64());
-            let outcome = match &result {
-                Ok(s) => status_class(s.status),
-                Err(e) if e.etype() == &ErrorType::ReadTimedout => "timeout",
-                Err(_) => "error",
-            };
-            metrics::UPSTREAM_REQUESTS
-                .with_label_values(&[label, outcome])
-                .inc();
-            let mut map = map.lock().expect("inflight lock");
-            if map.get(&k).is_some_and(|(g, _)| *g == generation) {
-                map.remove(&k);
+        let path = path.to_string();
+        let start = move || {
+            async move {
+                let started = Instant::now();
+                // What the answer says held at some point after this, never before.
+                let sent_ms = crate::clock::now_ms();
+                let result = upstream
+                    .registry(&path, cred.as_ref())
+                    .await
+                    .map(|small| Small { sent_ms, ..small });
+                metrics::UPSTREAM_DURATION
+                    .with_label_values(&[label])
+                    .observe(started.elapsed().as_secs_f64());
+                let outcome = match &result {
+                    Ok(s) => status_class(s.status),
+                    Err(e) if e.etype() == &ErrorType::ReadTimedout => "timeout",
+                    Err(_) => "error",
+                };
+                metrics::UPSTREAM_REQUESTS
+                    .with_label_values(&[label, outcome])
+                    .inc();
+                result.map_err(Arc::from)
             }
-            result.map_err(Arc::from)
+            .boxed()
+        };
+        let (generation, flight, joined) = self.inflight.join_or_start(key, start);
+        if joined {
+            metrics::COALESCED_WAITS.inc();
         }
-        .boxed()
-        .shared();
-        inflight.insert(key, (generation, fut.clone()));
-        tokio::spawn(fut.clone());
-        (generation, fut)
+        (generation, flight)
     }
 
     /// Stop offering an in-flight fetch to new requests (it goes on for those that hold it).
-    fn leave_inflight(&self, identity: Identity, path: &str, generation: u64) {
+    fn leave_inflight(&self, identity: Identity, path: &str, generation: Generation) {
         let key = format!("{}{path}", identity.to_hex());
-        let mut map = self.inflight.lock().expect("inflight lock");
-        if map.get(&key).is_some_and(|(g, _)| *g == generation) {
-            map.remove(&key);
-        }
+        self.inflight.leave(&key, generation);
     }
 }
 

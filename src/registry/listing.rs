@@ -233,14 +233,9 @@ impl Registry {
         }
         let path = route.upstream_path();
         let key = format!("{}{path}", identity.to_hex());
-        if !self
-            .refreshing
-            .lock()
-            .expect("refresh lock")
-            .insert(key.clone())
-        {
+        let Some(running) = self.refreshing.try_start(key) else {
             return; // one is already running
-        }
+        };
         let this = self.clone();
         let module = route.module.clone();
         let label = route_label(route);
@@ -258,7 +253,7 @@ impl Registry {
             };
             // `ask` learns whatever comes back: a new body, or a refusal that revokes.
             let _ = this.ask(identity, &path, cred, lesson, label).await;
-            this.refreshing.lock().expect("refresh lock").remove(&key);
+            drop(running);
         });
     }
 }

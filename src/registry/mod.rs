@@ -30,11 +30,9 @@ mod bad_day_tests;
 mod testkit;
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::{BoxFuture, Shared};
 use futures::{StreamExt, TryStreamExt};
 use http::{HeaderValue, StatusCode};
 use pingora::{Error, Result};
@@ -59,7 +57,7 @@ const STALE_WARNING: &str = "110 - \"Response is Stale\"";
 const OCTETS: &str = "application/octet-stream";
 const TERRAFORM_GET: http::HeaderName = http::HeaderName::from_static("x-terraform-get");
 
-type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
+type SharedFetch = crate::flight::Flight<std::result::Result<Small, Arc<Error>>>;
 
 /// What an upstream answer can teach, per route.
 #[derive(Debug, Clone)]
@@ -188,13 +186,10 @@ pub struct Registry {
     /// `offline.deadline`: how long a registry call waits for GitLab before it has failed.
     deadline: Duration,
     unknown_identity: UnknownIdentity,
-    /// In-flight registry fetches, per (identity, path): concurrent misses share one.
-    /// Each with a generation number, so that only its own task removes it.
-    inflight: Arc<Mutex<HashMap<String, (u64, SharedFetch)>>>,
-    /// The next generation number of `inflight`.
-    generation: std::sync::atomic::AtomicU64,
-    /// Background refreshes under way (stale-while-revalidate), per (identity, path).
-    refreshing: Mutex<HashSet<String>>,
+    /// Registry calls in flight, by identity and path: one upstream exchange each.
+    inflight: crate::flight::Flights<String, std::result::Result<Small, Arc<Error>>>,
+    /// Background listing refreshes running, by identity and path: one each.
+    refreshing: crate::flight::Running<String>,
     /// (name, system) -> unix seconds of the last upload through tfmirror.
     uploads: moka::sync::Cache<(String, String), u64>,
     /// The latest time in `uploads` (unix seconds): a listing fetched after it cannot have
@@ -225,9 +220,8 @@ impl Registry {
             health,
             deadline: cfg.offline.deadline,
             unknown_identity: cfg.offline.unknown_identity,
-            inflight: Arc::new(Mutex::new(HashMap::new())),
-            generation: std::sync::atomic::AtomicU64::new(0),
-            refreshing: Mutex::new(HashSet::new()),
+            inflight: Default::default(),
+            refreshing: Default::default(),
             uploads: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(24 * 3600))

@@ -1,0 +1,230 @@
+//! Single flight: one upstream exchange per key at a time, whoever asks.
+//!
+//! - [`Flights`]: concurrent callers of one key share one future, run as a task of its own
+//!   so that a caller that stops waiting (its deadline, its client gone) does not cancel it
+//!   for the others. A caller may [`Flights::leave`] a flight it no longer trusts (a black
+//!   hole past the deadline): later callers then start afresh, while those already holding
+//!   it keep it. Generations make sure a finished or abandoned flight only ever removes
+//!   itself, never a newer one of the same key.
+//! - [`Running`]: at most one background task per key (a refresh), released when its guard
+//!   drops, so a task that panics or is cancelled does not block the key forever.
+//!
+//! The module side (`registry::ask`, listing refreshes) and the provider side (version list
+//! refreshes) share these; the store's fills have their own file-backed mechanism
+//! (`cache::fill`), as pingora's cache lock is separate from its connection pool.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::{BoxFuture, Shared};
+use futures::FutureExt;
+
+/// Which flight of a key a caller joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation(u64);
+
+/// A flight's shared future.
+pub type Flight<V> = Shared<BoxFuture<'static, V>>;
+
+/// Flights in the air, by key, each with its generation.
+type Table<K, V> = Arc<Mutex<HashMap<K, (Generation, Flight<V>)>>>;
+
+/// The table of flights in the air, by key.
+pub struct Flights<K, V: Clone> {
+    table: Table<K, V>,
+    next: AtomicU64,
+}
+
+impl<K, V> Default for Flights<K, V>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn default() -> Self {
+        Flights {
+            table: Arc::new(Mutex::new(HashMap::new())),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<K, V> Flights<K, V>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Join the flight of `key`, or start one with `start` (spawned at once). Says whether
+    /// this call joined an existing flight.
+    pub fn join_or_start(
+        &self,
+        key: K,
+        start: impl FnOnce() -> BoxFuture<'static, V>,
+    ) -> (Generation, Flight<V>, bool) {
+        let mut table = self.table.lock().expect("flight table");
+        if let Some((generation, flight)) = table.get(&key) {
+            return (*generation, flight.clone(), true);
+        }
+        let generation = Generation(self.next.fetch_add(1, Ordering::Relaxed));
+        let landing = (self.table.clone(), key.clone());
+        let work = start();
+        let flight = async move {
+            let value = work.await;
+            let (table, key) = landing;
+            remove_if(&table, &key, generation);
+            value
+        }
+        .boxed()
+        .shared();
+        table.insert(key, (generation, flight.clone()));
+        tokio::spawn(flight.clone());
+        (generation, flight, false)
+    }
+
+    /// Stop offering this flight to new callers (it goes on for those that hold it).
+    pub fn leave(&self, key: &K, generation: Generation) {
+        remove_if(&self.table, key, generation);
+    }
+
+    /// No flight in the air.
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.table.lock().expect("flight table").is_empty()
+    }
+}
+
+fn remove_if<K: Eq + Hash, V>(
+    table: &Mutex<HashMap<K, (Generation, V)>>,
+    key: &K,
+    generation: Generation,
+) {
+    let mut table = table.lock().expect("flight table");
+    if table.get(key).is_some_and(|(g, _)| *g == generation) {
+        table.remove(key);
+    }
+}
+
+/// Keys with a background task running.
+pub struct Running<K> {
+    keys: Arc<Mutex<HashSet<K>>>,
+}
+
+impl<K: Eq + Hash + Clone> Default for Running<K> {
+    fn default() -> Self {
+        Running {
+            keys: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+}
+
+/// The right to run the task of a key; released when dropped.
+pub struct RunningGuard<K: Eq + Hash> {
+    keys: Arc<Mutex<HashSet<K>>>,
+    key: K,
+}
+
+impl<K: Eq + Hash + Clone> Running<K> {
+    /// Start the task of `key`, unless one is running.
+    pub fn try_start(&self, key: K) -> Option<RunningGuard<K>> {
+        let mut keys = self.keys.lock().expect("running keys");
+        if !keys.insert(key.clone()) {
+            return None;
+        }
+        Some(RunningGuard {
+            keys: self.keys.clone(),
+            key,
+        })
+    }
+}
+
+impl<K: Eq + Hash> Drop for RunningGuard<K> {
+    fn drop(&mut self) {
+        self.keys.lock().expect("running keys").remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn callers_of_one_key_share_one_flight() {
+        let flights: Flights<&str, u32> = Flights::default();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let start = |runs: Arc<AtomicUsize>| {
+            move || {
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    7
+                }
+                .boxed()
+            }
+        };
+        let (g1, f1, joined1) = flights.join_or_start("k", start(runs.clone()));
+        let (g2, f2, joined2) = flights.join_or_start("k", start(runs.clone()));
+        assert_eq!((g1, joined1, joined2), (g2, false, true));
+        assert_eq!((f1.await, f2.await), (7, 7));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        // Landed: the key is free, a new caller starts a new flight.
+        tokio::task::yield_now().await;
+        assert!(flights.is_empty());
+        let (g3, f3, joined3) = flights.join_or_start("k", start(runs.clone()));
+        assert!(!joined3 && g3 != g1);
+        f3.await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_left_flight_goes_on_for_its_holders_and_never_removes_a_newer_one() {
+        let flights: Flights<&str, u32> = Flights::default();
+        let slow = || {
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                1
+            }
+            .boxed()
+        };
+        let (old, held, _) = flights.join_or_start("k", slow);
+        flights.leave(&"k", old);
+        let (new, newer, joined) = flights.join_or_start("k", || async { 2 }.boxed());
+        assert!(!joined && new != old);
+        // The old flight lands after the new one started: the new one stays offered.
+        let (_, again, joined_again) = flights.join_or_start("k", || async { 3 }.boxed());
+        assert!(joined_again);
+        assert_eq!(held.await, 1);
+        assert_eq!((newer.await, again.await), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_flight_whose_callers_all_gave_up_still_lands() {
+        let flights: Flights<&str, u32> = Flights::default();
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        let (_, flight, _) = flights.join_or_start("k", move || {
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                d.fetch_add(1, Ordering::SeqCst);
+                1
+            }
+            .boxed()
+        });
+        drop(flight);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(done.load(Ordering::SeqCst), 1, "spawned: not cancelled");
+        assert!(flights.is_empty());
+    }
+
+    #[test]
+    fn one_task_per_key_released_when_its_guard_drops() {
+        let running: Running<String> = Running::default();
+        let guard = running.try_start("k".into()).expect("first");
+        assert!(running.try_start("k".into()).is_none());
+        assert!(running.try_start("other".into()).is_some());
+        drop(guard);
+        assert!(running.try_start("k".into()).is_some());
+    }
+}
