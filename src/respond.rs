@@ -105,6 +105,33 @@ impl Reply {
         self.with(CACHE_STATUS, cache.as_str())
     }
 
+    /// A JSON body `age` seconds old (from the cache, or fetched now); a `stale` one carries
+    /// `Warning: 110`. The shape of every cached listing and provider list answer.
+    pub fn cached_json(cache: CacheStatus, age: u64, stale: bool, body: impl Into<Bytes>) -> Reply {
+        let reply = Reply::full(StatusCode::OK, body)
+            .with(http::header::CONTENT_TYPE, JSON)
+            .cache(cache)
+            .with_value(http::header::AGE, decimal(age));
+        reply.marked_stale(stale)
+    }
+
+    /// A download answer: 204 whose `X-Terraform-Get` is `location`; a stale one says so.
+    pub fn terraform_get(cache: CacheStatus, location: &str) -> Reply {
+        Reply::full(StatusCode::NO_CONTENT, Bytes::new())
+            .with_text(TERRAFORM_GET, location)
+            .cache(cache)
+            .marked_stale(cache == CacheStatus::Stale)
+    }
+
+    /// `Warning: 110` when `stale`.
+    pub fn marked_stale(self, stale: bool) -> Reply {
+        if stale {
+            self.with(http::header::WARNING, STALE_WARNING)
+        } else {
+            self
+        }
+    }
+
     /// Replace `X-Cache-Status` (a hit that the caller's standing makes stale).
     pub fn restamp(mut self, cache: CacheStatus) -> Reply {
         self.headers.retain(|(n, _)| n != CACHE_STATUS);
@@ -170,7 +197,12 @@ impl std::fmt::Debug for Reply {
     }
 }
 
-const JSON: &str = "application/json";
+/// The content type of every JSON answer.
+pub const JSON: &str = "application/json";
+/// RFC 7234's warning on a stale answer, beside `X-Cache-Status: STALE`.
+pub const STALE_WARNING: &str = "110 - \"Response is Stale\"";
+/// Where Terraform is to fetch a module's source from (a download answer's header).
+pub const TERRAFORM_GET: http::HeaderName = http::HeaderName::from_static("x-terraform-get");
 
 /// A head for tfmirror's own answers, without pingora's case map (`build_no_case`).
 ///

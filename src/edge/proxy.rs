@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use http::{header, HeaderName, StatusCode};
+use http::{header, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -29,7 +29,7 @@ use crate::cache::Cache;
 use crate::identity::Identity;
 use crate::providers;
 use crate::registry::{self, Outcome, Registry};
-use crate::respond::{self, CacheStatus};
+use crate::respond::{self, CacheStatus, TERRAFORM_GET};
 use crate::rewrite::{PublicBase, Rewriter};
 use crate::routes::{self, ProjectOp, Route, MODULES_V1};
 use crate::upstream::health::Health;
@@ -48,8 +48,6 @@ const HOP_BY_HOP: [&str; 5] = [
 /// Total request header bytes accepted. Pingora reads up to ~1 MiB of headers; registry
 /// requests need a few hundred bytes, and nginx's default large-header buffers hold 32 KiB.
 const MAX_HEADER_BYTES: usize = 32 * 1024;
-
-const TERRAFORM_GET: HeaderName = HeaderName::from_static("x-terraform-get");
 
 pub struct Proxy {
     pub(super) upstream: Arc<Upstream>,

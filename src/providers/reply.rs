@@ -8,12 +8,9 @@ use http::{header, StatusCode};
 
 use super::{Failed, Found};
 use crate::cache::body::Body;
-use crate::respond::{self, CacheStatus, Reply};
+use crate::respond::{self, CacheStatus, Reply, JSON};
 
-const JSON: &str = "application/json";
 const ZIP: &str = "application/zip";
-/// RFC 7234's warning for stale answers, next to `X-Cache-Status: STALE`.
-const STALE_WARNING: &str = "110 - \"Response is Stale\"";
 
 /// A found value as JSON (its body made by `body`), or the failure's error; with what the
 /// cache did.
@@ -41,15 +38,7 @@ pub(super) fn failed(f: Failed) -> (Reply, CacheStatus) {
 
 /// A JSON body from the cache or the registry, `age` seconds old; a stale one says so.
 pub(super) fn json(cache: CacheStatus, age: u64, body: String) -> Reply {
-    let reply = Reply::full(StatusCode::OK, body)
-        .with(header::CONTENT_TYPE, JSON)
-        .cache(cache)
-        .with_value(header::AGE, respond::decimal(age));
-    if cache == CacheStatus::Stale {
-        reply.with(header::WARNING, STALE_WARNING)
-    } else {
-        reply
-    }
+    Reply::cached_json(cache, age, cache == CacheStatus::Stale, body)
 }
 
 /// The registry's error shape for `status` (`{"message":"502 Bad Gateway"}`). Without the
@@ -74,9 +63,7 @@ pub(super) fn sums_file(cache: CacheStatus, bytes: Bytes, signature: bool) -> Re
 
 /// A public module's download answer: 204 whose `X-Terraform-Get` is `location`.
 pub(super) fn module_download(cache: CacheStatus, location: &str) -> Reply {
-    Reply::full(StatusCode::NO_CONTENT, Bytes::new())
-        .with_text(http::HeaderName::from_static("x-terraform-get"), location)
-        .cache(cache)
+    Reply::terraform_get(cache, location)
 }
 
 /// A small package known whole (from the memory tier or a small blob).

@@ -235,7 +235,7 @@ impl Registries {
             .small_with_headers(&p.host, "public_module_download", &url)
             .await?;
         let get = headers
-            .get("x-terraform-get")
+            .get(crate::respond::TERRAFORM_GET)
             .and_then(|v| v.to_str().ok())
             .ok_or(UpError::Protocol("download answer has no X-Terraform-Get"))?;
         // go-getter forced sources (`git::https://...`) are not URLs to resolve.

@@ -44,18 +44,15 @@ use crate::cache::Cache;
 use crate::clock::now as unix_now;
 use crate::config::{CacheConfig, UnknownIdentity};
 use crate::identity::{Identity, Secret};
-use crate::respond::{CacheStatus, Reply};
+use crate::respond::{CacheStatus, Reply, JSON, STALE_WARNING, TERRAFORM_GET};
 use crate::rewrite::PublicBase;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute, ProjectRoute};
 use crate::token::Tokens;
 use crate::upstream::gitlab::{Fetcher, Small};
 use crate::upstream::health::Health;
 
-const JSON: &str = "application/json";
-/// RFC 7234's warning for stale answers, as the issue asks, next to `X-Cache-Status: STALE`.
-const STALE_WARNING: &str = "110 - \"Response is Stale\"";
+/// The content type of a tarball.
 const OCTETS: &str = "application/octet-stream";
-const TERRAFORM_GET: http::HeaderName = http::HeaderName::from_static("x-terraform-get");
 
 type SharedFetch = crate::flight::Flight<std::result::Result<Small, Arc<Error>>>;
 

@@ -5,11 +5,11 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 
 use super::ask::Failure;
-use super::{JSON, OCTETS, STALE_WARNING, TERRAFORM_GET};
+use super::{JSON, OCTETS, STALE_WARNING};
 use crate::access::policy::Why;
 use crate::access::Negative;
 use crate::cache::records::Refusal;
-use crate::respond::{self, BodyStream, CacheStatus, Reply};
+use crate::respond::{BodyStream, CacheStatus, Reply};
 use crate::routes::ModuleId;
 use crate::upstream::gitlab::Small;
 
@@ -79,15 +79,7 @@ pub(super) fn refused(r: &Refusal) -> Reply {
 /// A listing body from the cache, `age` seconds old; `stale` when GitLab failed: the answer
 /// of every cached listing hit.
 pub fn json(cache: CacheStatus, age: u64, stale: bool, body: Bytes) -> Reply {
-    let reply = Reply::full(StatusCode::OK, body)
-        .with(header::CONTENT_TYPE, JSON)
-        .cache(cache)
-        .with_value(header::AGE, respond::decimal(age));
-    if stale {
-        reply.with(header::WARNING, STALE_WARNING)
-    } else {
-        reply
-    }
+    Reply::cached_json(cache, age, stale, body)
 }
 
 /// The head of a tarball answer and its body; `len` when it is known (see
@@ -118,14 +110,7 @@ pub(super) fn negative(neg: &Negative) -> Reply {
 
 /// A 204 whose `X-Terraform-Get` points at tfmirror (with `Warning: 110` when STALE).
 pub(super) fn download(cache: CacheStatus, get: &str) -> Reply {
-    let reply = Reply::full(StatusCode::NO_CONTENT, Bytes::new())
-        .with_text(TERRAFORM_GET, get)
-        .cache(cache);
-    if cache == CacheStatus::Stale {
-        reply.with(header::WARNING, STALE_WARNING)
-    } else {
-        reply
-    }
+    Reply::terraform_get(cache, get)
 }
 
 /// Marks an answer tfmirror gave without GitLab's word on it. `upstream-unavailable`: GitLab

@@ -289,7 +289,7 @@ impl Registry {
                 }
                 small
                     .headers
-                    .get("x-terraform-get")
+                    .get(crate::respond::TERRAFORM_GET)
                     .and_then(|v| v.to_str().ok())
                     .and_then(gitlab_token)
                     .ok_or(FillError::Upstream("no download URL"))?
