@@ -191,6 +191,9 @@ pub struct AuthConfig {
     /// Lifetime of tfmirror's download tokens in `X-Terraform-Get`.
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
+    /// CI job tokens share grants per principal (job project, user, scoped user), learned
+    /// with one `GET /api/v4/job` per job; `false`: grants per token, as for any credential.
+    pub principal_grants: bool,
 }
 
 impl Default for AuthConfig {
@@ -199,6 +202,7 @@ impl Default for AuthConfig {
             grant_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
             token_ttl: Duration::from_secs(600),
+            principal_grants: true,
         }
     }
 }

@@ -3,6 +3,8 @@
 
 pub mod grants;
 pub mod horizon;
+pub mod idtoken;
 pub mod policy;
+pub mod principal;
 
 pub use grants::{Auth, Negative};

@@ -64,9 +64,11 @@ impl Cache {
         let opened = VerifiedBlob::open(self, key, hash, what).await?;
         // The index says how long the blob is: a file of another length (truncated by a full
         // disk or by hand) is found out, and deleted, before a head announcing it goes out.
-        Ok(opened.and_then(|b| b.with_len(size)).map(|blob| Artifact::Stream {
-            len: size,
-            body: blob.into_body(),
-        }))
+        Ok(opened
+            .and_then(|b| b.with_len(size))
+            .map(|blob| Artifact::Stream {
+                len: size,
+                body: blob.into_body(),
+            }))
     }
 }

@@ -19,6 +19,7 @@ mod project;
 mod reply;
 mod tarball;
 mod warm;
+mod who;
 
 pub use reply::json as cached_listing;
 
@@ -191,7 +192,8 @@ pub struct Registry {
     unknown_identity: UnknownIdentity,
     /// In-flight registry fetches, per (identity, path): concurrent misses share one.
     /// Each with a generation number, so that only its own task removes it.
-    inflight: Arc<Mutex<HashMap<String, (u64, SharedFetch)>>>,
+    /// Each with the identity of the credential it is made with.
+    inflight: Arc<Mutex<HashMap<String, (u64, Identity, SharedFetch)>>>,
     /// The next generation number of `inflight`.
     generation: std::sync::atomic::AtomicU64,
     /// Background refreshes under way (stale-while-revalidate), per (identity, path).
@@ -201,6 +203,11 @@ pub struct Registry {
     /// The latest time in `uploads` (unix seconds): a listing fetched after it cannot have
     /// been invalidated, and the hit path skips the lookup.
     latest_upload: std::sync::atomic::AtomicU64,
+    /// `auth.principal_grants`: job tokens share their principal's grants (see `who`).
+    principal_grants: bool,
+    /// Job token -> its principal (or per-token, or finished), for at most `auth.grant_ttl`.
+    jobs: crate::access::principal::JobMap,
+    job_inflight: who::JobInflight,
 }
 
 impl Registry {
@@ -234,6 +241,9 @@ impl Registry {
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
             latest_upload: std::sync::atomic::AtomicU64::new(0),
+            principal_grants: cfg.auth.principal_grants,
+            jobs: crate::access::principal::JobMap::new(cfg.auth.grant_ttl),
+            job_inflight: Mutex::new(HashMap::new()),
         }
     }
 

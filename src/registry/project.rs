@@ -131,8 +131,12 @@ impl Registry {
                 return answered;
             }
         }
+        let (identity, cred) = match self.who(cred.as_ref()).await.caller() {
+            Ok(caller) => caller,
+            Err(finished) => return Ok(finished),
+        };
         let c = Asker {
-            identity: self.secret.identify(cred.as_ref()),
+            identity,
             cred,
             terraform_get,
             public,

@@ -9,11 +9,11 @@ use pingora::{Error, ErrorType, Result};
 
 use super::reply;
 use super::{gitlab_token, source, Call, Outcome, Registry};
+use crate::cache::artifact::Artifact;
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{End, FillError, Source};
 use crate::cache::records::tarball_key;
 use crate::cache::republish;
-use crate::cache::artifact::Artifact;
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::metrics;

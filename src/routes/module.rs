@@ -178,4 +178,3 @@ pub(super) fn parse_module(method: &Method, segs: &[Cow<'_, str>]) -> Result<Mod
         op,
     })
 }
-

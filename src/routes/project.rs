@@ -27,7 +27,10 @@ pub struct ProjectRoute {
     pub op: ProjectOp,
 }
 
-pub(super) fn parse_project(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProjectRoute, Reject> {
+pub(super) fn parse_project(
+    method: &Method,
+    segs: &[Cow<'_, str>],
+) -> Result<ProjectRoute, Reject> {
     // segs: [id, "packages", "terraform", "modules", name, system, rest...]
     let (id, name, system, rest) = match segs {
         [id, _, _, _, name, system, rest @ ..] => (id, name, system, rest),
@@ -74,4 +77,3 @@ pub(super) fn parse_project(method: &Method, segs: &[Cow<'_, str>]) -> Result<Pr
         op,
     })
 }
-

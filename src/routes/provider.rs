@@ -157,10 +157,7 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
         return Err(Reject::new(StatusCode::BAD_REQUEST, "hostname is invalid"));
     }
     if !valid_part(ns) {
-        return Err(Reject::new(
-            StatusCode::BAD_REQUEST,
-            "namespace is invalid",
-        ));
+        return Err(Reject::new(StatusCode::BAD_REQUEST, "namespace is invalid"));
     }
     if !valid_part(name) {
         return Err(Reject::new(StatusCode::BAD_REQUEST, "type is invalid"));

@@ -101,6 +101,34 @@ struct Registry {
     modules: Modules,
     /// presigned key -> bytes, for the object storage listener
     objects: HashMap<String, Bytes>,
+    /// CI job token -> its job (GitLab's `Ci::Build`)
+    jobs: HashMap<String, FakeJob>,
+    /// user name -> (user id, bot)
+    users: HashMap<String, (u64, bool)>,
+    next_job: u64,
+}
+
+/// A CI job: its token acts as its user (`acts_as`, a member token of that user) while it runs.
+#[derive(Debug, Clone)]
+struct FakeJob {
+    id: u64,
+    project_id: u64,
+    user: String,
+    acts_as: String,
+    running: bool,
+}
+
+/// How the fake mints a job token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobForm {
+    /// `glcbt-` and an opaque string (GitLab 16.9 to 17.6).
+    Legacy,
+    /// `glcbt-` and an RS256 JWT (`sub` = `gid://gitlab/Ci::Build/<id>`), GitLab 17.7+.
+    Jwt,
+    /// The JWT form of a composite identity: `scoped_user_id` in the payload.
+    Composite(u64),
+    /// The JWT form with a claim tfmirror does not know (finer permissions to come).
+    ExtraClaim,
 }
 
 pub struct Inner {
@@ -224,6 +252,52 @@ impl FakeGitlab {
     pub fn add_token(&self, token: &str, user: &str) {
         let mut r = self.inner.registry.lock().unwrap();
         r.tokens.insert(token.into(), user.into());
+        let next = 100 + r.users.len() as u64;
+        r.users.entry(user.into()).or_insert((next, false));
+    }
+
+    /// GitLab's user id of `user` (a name given to [`add_token`](Self::add_token)).
+    pub fn user_id(&self, user: &str) -> u64 {
+        self.inner.registry.lock().unwrap().users[user].0
+    }
+
+    /// Mark `user` as a bot (a project or group access token's user).
+    pub fn set_bot(&self, user: &str, bot: bool) {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.users.get_mut(user).unwrap().1 = bot;
+    }
+
+    /// Start a CI job of `project_id` run by the holder of `user_token` (a token given to
+    /// [`add_token`](Self::add_token)); returns its job token. The job token acts as that
+    /// user (same group memberships) until [`finish_job`](Self::finish_job).
+    pub fn start_job(&self, project_id: u64, user_token: &str, form: JobForm) -> String {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.next_job += 1;
+        let id = 1000 + r.next_job;
+        let user = r.tokens[user_token].clone();
+        let token = match form {
+            JobForm::Legacy => format!("glcbt-64_{id:020}legacyjobtoken"),
+            JobForm::Jwt => job_jwt(id, None, false),
+            JobForm::Composite(scoped) => job_jwt(id, Some(scoped), false),
+            JobForm::ExtraClaim => job_jwt(id, None, true),
+        };
+        r.jobs.insert(
+            token.clone(),
+            FakeJob {
+                id,
+                project_id,
+                user,
+                acts_as: user_token.to_string(),
+                running: true,
+            },
+        );
+        token
+    }
+
+    /// The job ends: its token is refused (401) everywhere from now on.
+    pub fn finish_job(&self, token: &str) {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.jobs.get_mut(token).unwrap().running = false;
     }
 
     pub fn add_group(&self, group: &str, public: bool, members: &[&str]) {
@@ -591,6 +665,7 @@ fn gitlab_router(inner: Arc<Inner>) -> Router {
         .route(&format!("{pp}/{{ver}}"), get(project_get))
         .route(&format!("{pp}/{{ver}}/file"), put(project_upload))
         .route("/api/v4/version", get(api_version))
+        .route("/api/v4/job", get(current_job))
         .route("/api/v4/groups/{id}", get(group_info))
         .route("/api/v4/groups/{id}/packages", get(group_packages))
         .fallback(not_found)
@@ -857,6 +932,19 @@ impl Inner {
     /// GitLab's checks in order: authenticate, find the module, authorize.
     fn authorize(&self, caller: &Caller, group: &str) -> Result<(), Response> {
         let r = self.registry.lock().unwrap();
+        // A running job's token acts as its user; a finished one's is refused.
+        let acting;
+        let caller = match caller {
+            Caller::Token(t) if r.jobs.contains_key(t) => {
+                let job = &r.jobs[t];
+                if !job.running {
+                    return Err(unauthorized());
+                }
+                acting = Caller::Token(job.acts_as.clone());
+                &acting
+            }
+            other => other,
+        };
         if let Caller::Token(t) = caller {
             if !r.tokens.contains_key(t) {
                 return Err(unauthorized());
@@ -1393,6 +1481,68 @@ async fn api_version(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Res
         return unauthorized();
     }
     Json(json!({ "version": "17.5.0", "revision": "fake" })).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// CI jobs
+
+/// A JWT-form job token: `glcbt-` and an RS256-shaped JWT whose key GitLab does not publish
+/// (the fake signs nothing: only its own job table says whether the token is valid).
+fn job_jwt(id: u64, scoped_user_id: Option<u64>, extra_claim: bool) -> String {
+    let header = B64.encode(br#"{"alg":"RS256","kid":"ci-job-token","typ":"JWT"}"#);
+    let mut claims = json!({
+        "sub": format!("gid://gitlab/Ci::Build/{id}"),
+        "aud": "gitlab-authz-token",
+        "iss": "gitlab.example.com",
+        "iat": now(),
+        "nbf": now() - 5,
+        "exp": now() + 3600,
+        "jti": format!("jti-{id}"),
+        "cell_id": 1,
+        "organization_id": 1,
+    });
+    if let Some(s) = scoped_user_id {
+        claims["scoped_user_id"] = json!(s);
+    }
+    if extra_claim {
+        claims["permissions"] = json!(["read_package"]);
+    }
+    let body = B64.encode(claims.to_string());
+    let sig = B64.encode(format!("not-a-signature-{id}"));
+    format!("glcbt-{header}.{body}.{sig}")
+}
+
+/// `GET /api/v4/job`: the job of the job token (`JOB-TOKEN`, `job_token`, or Bearer), 200
+/// while it runs, 401 once it has finished or for any other token.
+async fn current_job(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers
+        .get("job-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| q.get("job_token").cloned())
+        .or_else(|| match bearer(&headers) {
+            Ok(Caller::Token(t)) => Some(t),
+            _ => None,
+        });
+    let r = inner.registry.lock().unwrap();
+    let Some(job) = token.and_then(|t| r.jobs.get(&t)).filter(|j| j.running) else {
+        return unauthorized();
+    };
+    let (user_id, bot) = r.users[&job.user];
+    Json(json!({
+        "id": job.id,
+        "status": "running",
+        "name": "init",
+        "ref": "main",
+        "user": { "id": user_id, "username": job.user, "bot": bot, "state": "active" },
+        "pipeline": { "id": job.id * 10, "project_id": job.project_id, "ref": "main", "status": "running" },
+        "web_url": format!("{}/group/project-{}/-/jobs/{}", inner.base_url, job.project_id, job.id),
+    }))
+    .into_response()
 }
 
 // ---------------------------------------------------------------------------------------------

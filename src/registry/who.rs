@@ -1,0 +1,253 @@
+//! Who asks: a request's credential resolved to the identity its grants are kept under.
+//!
+//! Any credential is its own identity (a keyed hash), except a CI job token under
+//! `auth.principal_grants`: one `GET /api/v4/job` per job (through the same adapter, breaker
+//! and deadline as every registry call; concurrent requests of one token share it) maps the
+//! token to its principal P, and P's identity is used for grants, refusals and download
+//! tokens. The decisions are pure code in [`crate::access::principal`]; this is the I/O.
+//!
+//! Facts tied to one token stay with the token: GitLab's `/file` JWT (it wraps the raw token,
+//! see `remember_gitlab_jwt` callers: keyed by the token's own identity), the credential a
+//! refresh or a fill uses (the request's own), and a 401 (the job is over: its mapping is
+//! replaced by GitLab's 401, P's grants stand).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, Shared};
+use futures::FutureExt;
+use http::{header, HeaderValue, StatusCode};
+
+use super::{reply, Registry};
+use crate::access::principal::{self, JobAnswer, Known, Mapping};
+use crate::access::Negative;
+use crate::fetch::Fetcher;
+use crate::health::Health;
+use crate::identity::Identity;
+use crate::metrics;
+use crate::respond::Reply;
+
+/// GitLab's job endpoint: 200 while the job runs, 401 once it is over.
+pub(super) const JOB_PATH: &str = "/api/v4/job";
+
+pub(super) type SharedJob = Shared<BoxFuture<'static, (JobAnswer, Option<Negative>)>>;
+
+/// In-flight `/api/v4/job` requests, per token identity.
+pub(super) type JobInflight = std::sync::Mutex<HashMap<Identity, SharedJob>>;
+
+/// A request's caller.
+pub(super) enum Who {
+    /// `identity` keeps the grants; `cred` is what GitLab is asked with.
+    Caller {
+        identity: Identity,
+        cred: Option<HeaderValue>,
+    },
+    /// A job token whose job is over: GitLab's 401, as it answered it.
+    Finished { token: Identity, reply: Reply },
+}
+
+impl Registry {
+    /// Resolve the caller of a request presenting `authorization`.
+    pub(super) async fn who(&self, authorization: Option<&HeaderValue>) -> Who {
+        let Some(cred) = authorization else {
+            return Who::Caller {
+                identity: Identity::ANONYMOUS,
+                cred: None,
+            };
+        };
+        let cred_id = self.secret.identify(Some(cred));
+        let caller = |identity| Who::Caller {
+            identity,
+            cred: Some(cred.clone()),
+        };
+        if !self.principal_grants {
+            return caller(cred_id);
+        }
+        let Some(token) = principal::job_token(cred) else {
+            return caller(cred_id);
+        };
+        // The job's token, however it came (Bearer, or Basic on project routes): one mapping.
+        let token_id = self.token_identity(&token);
+        match self.jobs.get(token_id) {
+            Some(Known::Principal(p)) => return caller(p),
+            Some(Known::PerToken) => return caller(cred_id),
+            Some(Known::Finished(n)) => {
+                return Who::Finished {
+                    token: token_id,
+                    reply: reply::negative(&n),
+                }
+            }
+            None => {}
+        }
+        let form = principal::form(&token);
+        if !principal::ask_gitlab(form) {
+            self.jobs.insert(token_id, Known::PerToken);
+            return caller(cred_id);
+        }
+        let (answer, refusal) = self.ask_job(token_id, token).await;
+        let who = self
+            .map_job(token_id, principal::mapping(form, answer), refusal)
+            .map(|id| id.unwrap_or(cred_id));
+        // Only now: a request arriving between the answer and its mapping would ask again.
+        self.job_inflight
+            .lock()
+            .expect("job inflight lock")
+            .remove(&token_id);
+        match who {
+            Ok(identity) => caller(identity),
+            Err(reply) => Who::Finished {
+                token: token_id,
+                reply,
+            },
+        }
+    }
+
+    /// Remember what GitLab's answer made of a job token: the identity to use, or the 401
+    /// to answer (`None`: the credential's own identity).
+    fn map_job(
+        &self,
+        token_id: Identity,
+        mapping: Mapping,
+        refusal: Option<Negative>,
+    ) -> Result<Option<Identity>, Reply> {
+        match mapping {
+            Mapping::Principal(p) => {
+                let id = p.identity(&self.secret);
+                self.jobs.insert(token_id, Known::Principal(id));
+                Ok(Some(id))
+            }
+            Mapping::PerToken => {
+                self.jobs.insert(token_id, Known::PerToken);
+                Ok(None)
+            }
+            Mapping::Finished => {
+                let n = refusal.unwrap_or_else(|| Negative {
+                    status: StatusCode::UNAUTHORIZED,
+                    www_authenticate: None,
+                    body: bytes::Bytes::from_static(br#"{"message":"401 Unauthorized"}"#),
+                });
+                let reply = reply::negative(&n);
+                self.jobs.insert(token_id, Known::Finished(n));
+                Err(reply)
+            }
+            Mapping::Unknown => Ok(None),
+        }
+    }
+
+    /// A job token GitLab answered 401 for on a registry route: its job is over. Its mapping
+    /// becomes that 401 (P's grants stand: the refusal is the token's, not P's).
+    pub(super) fn job_finished(&self, cred: &HeaderValue, refusal: Negative) {
+        if let Some(token) = principal::job_token(cred) {
+            let token_id = self.token_identity(&token);
+            self.jobs.insert(token_id, Known::Finished(refusal));
+        }
+    }
+
+    /// The identity a job token is mapped under: that of `Bearer <token>`, whichever way the
+    /// request carried it.
+    fn token_identity(&self, token: &str) -> Identity {
+        match HeaderValue::from_str(&format!("Bearer {token}")) {
+            Ok(v) => self.secret.identify(Some(&v)),
+            Err(_) => Identity::ANONYMOUS,
+        }
+    }
+
+    /// Is `identity` a principal's, shared by the job token `cred`, rather than `cred`'s own?
+    pub(super) fn is_principal_of(&self, identity: Identity, cred: Option<&HeaderValue>) -> bool {
+        self.principal_grants
+            && cred.is_some_and(|c| {
+                principal::job_token(c).is_some() && self.secret.identify(Some(c)) != identity
+            })
+    }
+
+    /// `GET /api/v4/job` with the job token, shared by concurrent requests of that token.
+    async fn ask_job(&self, token_id: Identity, token: String) -> (JobAnswer, Option<Negative>) {
+        let fut = {
+            let mut inflight = self.job_inflight.lock().expect("job inflight lock");
+            match inflight.get(&token_id) {
+                Some(f) => f.clone(),
+                None => {
+                    let fut = job_answer(
+                        self.upstream.clone(),
+                        self.health.clone(),
+                        self.deadline,
+                        token,
+                    )
+                    .boxed()
+                    .shared();
+                    inflight.insert(token_id, fut.clone());
+                    fut
+                }
+            }
+        };
+        fut.await
+    }
+}
+
+/// Ask GitLab about a job, unless the breaker says it cannot be asked.
+async fn job_answer(
+    upstream: Arc<dyn Fetcher>,
+    health: Arc<Health>,
+    deadline: Duration,
+    token: String,
+) -> (JobAnswer, Option<Negative>) {
+    if health.is_offline_mode() || health.held() || health.unavailable() {
+        return (JobAnswer::Other, None);
+    }
+    let Ok(auth) = HeaderValue::from_str(&format!("Bearer {token}")) else {
+        return (JobAnswer::Other, None);
+    };
+    let started = Instant::now();
+    let result = tokio::time::timeout(deadline, upstream.registry(JOB_PATH, Some(&auth))).await;
+    metrics::UPSTREAM_DURATION
+        .with_label_values(&["job"])
+        .observe(started.elapsed().as_secs_f64());
+    let (outcome, answer) = match result {
+        Ok(Ok(small)) => {
+            health.record_answer(small.status, &small.headers);
+            let answer = match small.status {
+                StatusCode::OK => (JobAnswer::Running(principal::parse_job(&small.body)), None),
+                StatusCode::UNAUTHORIZED => {
+                    let n = Negative {
+                        status: small.status,
+                        www_authenticate: small.headers.get(header::WWW_AUTHENTICATE).cloned(),
+                        body: small.body.clone(),
+                    };
+                    (JobAnswer::Unauthorized, Some(n))
+                }
+                _ => (JobAnswer::Other, None),
+            };
+            (super::status_class(small.status), answer)
+        }
+        Ok(Err(e)) => {
+            if super::ask::is_unreachable(e.etype()) {
+                health.record_failure(&upstream);
+            }
+            ("error", (JobAnswer::Other, None))
+        }
+        Err(_) => {
+            health.record_failure(&upstream);
+            ("timeout", (JobAnswer::Other, None))
+        }
+    };
+    metrics::UPSTREAM_REQUESTS
+        .with_label_values(&["job", outcome])
+        .inc();
+    answer
+}
+
+impl Who {
+    /// The caller's identity and credential, or the answer for a finished job.
+    pub(super) fn caller(
+        self,
+    ) -> std::result::Result<(Identity, Option<HeaderValue>), (Reply, super::Outcome)> {
+        match self {
+            Who::Caller { identity, cred } => Ok((identity, cred)),
+            Who::Finished { token, reply } => {
+                let out = super::Outcome::new(token, crate::respond::CacheStatus::Miss, None);
+                Err((reply, out))
+            }
+        }
+    }
+}
