@@ -194,6 +194,31 @@ pub struct AuthConfig {
     /// CI job tokens share grants per principal (job project, user, scoped user), learned
     /// with one `GET /api/v4/job` per job; `false`: grants per token, as for any credential.
     pub principal_grants: bool,
+    /// CI ID tokens (`<job token>~<ID token>`): offline identity for fresh jobs.
+    pub id_token: IdTokenConfig,
+}
+
+/// `auth.id_token`: verify CI ID tokens against GitLab's published keys; off without an
+/// audience.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdTokenConfig {
+    /// The `aud` jobs request for tfmirror (`id_tokens: {X: {aud: ...}}`); unique to tfmirror.
+    pub audience: Option<String>,
+    /// The `iss` expected, compared exactly; default: `upstream` without a trailing slash.
+    pub issuer: Option<String>,
+    /// Take only ID tokens of protected refs (`ref_protected: "true"`).
+    pub require_ref_protected: bool,
+}
+
+impl IdTokenConfig {
+    /// The issuer to expect for tokens of `upstream`.
+    pub fn issuer_for(&self, upstream: &Url) -> String {
+        match &self.issuer {
+            Some(i) => i.clone(),
+            None => upstream.as_str().trim_end_matches('/').to_string(),
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -203,6 +228,7 @@ impl Default for AuthConfig {
             negative_ttl: Duration::from_secs(5),
             token_ttl: Duration::from_secs(600),
             principal_grants: true,
+            id_token: IdTokenConfig::default(),
         }
     }
 }
@@ -458,6 +484,15 @@ impl Config {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than zero"));
             }
+        }
+        if self
+            .auth
+            .id_token
+            .audience
+            .as_deref()
+            .is_some_and(|a| a.trim().is_empty())
+        {
+            return Err(invalid("auth.id_token.audience", "must not be empty"));
         }
         // A download token is a bearer capability: bounded, like GitLab's own 5-minute JWT.
         if self.auth.token_ttl > crate::token::MAX_TTL {

@@ -357,11 +357,13 @@ pub enum Decision {
     OfflineRefused,
     /// A tfmirror download token was refused.
     TokenRefused,
+    /// GitLab could not be asked about a CI job; its verified ID token named the principal.
+    IdTokenOffline,
 }
 
 impl Decision {
     /// In declaration order: `ALL[d as usize] == d`.
-    const ALL: [Decision; 10] = [
+    const ALL: [Decision; 11] = [
         Decision::Granted,
         Decision::UpstreamAllowed,
         Decision::UpstreamRefused,
@@ -372,6 +374,7 @@ impl Decision {
         Decision::UnknownDenied,
         Decision::OfflineRefused,
         Decision::TokenRefused,
+        Decision::IdTokenOffline,
     ];
 
     fn label(self) -> &'static str {
@@ -386,6 +389,7 @@ impl Decision {
             Decision::UnknownDenied => "unknown_denied",
             Decision::OfflineRefused => "offline_refused",
             Decision::TokenRefused => "token_refused",
+            Decision::IdTokenOffline => "id_token_offline",
         }
     }
 }

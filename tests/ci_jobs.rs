@@ -115,7 +115,7 @@ fn grant_records(cache: &std::path::Path) -> usize {
                 .sum()
         })
     }
-    walk(&cache.join("meta").join("grant"))
+    walk(&cache.join("cache").join("meta").join("grant"))
 }
 
 /// GitLab's calls for a fleet of 50 jobs of 2 principals on a warm cache: (job calls,
@@ -273,6 +273,10 @@ async fn a_thousand_jobs_of_ten_principals_leave_ten_grant_records_per_module() 
     let records = grant_records(m.cache_dir());
     println!("FIGURES 1000 job tokens of 10 principals x 2 modules: {records} grant records");
     assert!(records <= 10 * modules.len(), "{records} grant records");
+    assert!(
+        records >= 10,
+        "the principals' grants are on disk: {records}"
+    );
     assert_eq!(gl.count("/api/v4/job"), 1000);
 }
 

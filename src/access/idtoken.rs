@@ -79,16 +79,9 @@ pub struct KeySet {
 }
 
 impl KeySet {
+    #[cfg(test)]
     pub fn knows(&self, kid: &str) -> bool {
         self.keys.contains_key(kid)
-    }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 }
 

@@ -163,7 +163,9 @@ pub enum JobAnswer {
     Running(Option<Job>),
     /// 401: the job is over, or the token revoked.
     Unauthorized,
-    /// Anything else: another status, or no answer at all.
+    /// GitLab cannot be asked: down, breaker open, deadline passed, 5xx, `--offline`.
+    Failed,
+    /// Any other answer (403, 429, ...).
     Other,
 }
 
@@ -191,7 +193,7 @@ pub fn mapping(form: Form, answer: JobAnswer) -> Mapping {
     match (form, answer) {
         (_, JobAnswer::Unauthorized) => Mapping::Finished,
         (Form::UnknownClaims, _) => Mapping::PerToken,
-        (_, JobAnswer::Other) => Mapping::Unknown,
+        (_, JobAnswer::Other | JobAnswer::Failed) => Mapping::Unknown,
         (_, JobAnswer::Running(None)) => Mapping::PerToken,
         // A legacy token of a bot user says nothing of a composite identity: per token.
         (Form::Legacy, JobAnswer::Running(Some(j))) if j.bot => Mapping::PerToken,
@@ -207,6 +209,57 @@ pub fn mapping(form: Form, answer: JobAnswer) -> Mapping {
                 scoped_user_id,
             })
         }
+    }
+}
+
+/// What the CI ID token a job token came with says, if ID tokens are on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdToken {
+    /// None came, or ID tokens are off (`auth.id_token.audience` unset).
+    Absent,
+    /// Verified (signature, `aud`, `iss`, `exp`, `nbf`): its job project and user.
+    Verified { job_project_id: u64, user_id: u64 },
+    /// Present, but not verified: gives nothing.
+    Rejected,
+}
+
+/// Who a job token's request is, all told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// As GitLab's answer maps it.
+    Mapped(Mapping),
+    /// The ID token names another job project or user than GitLab's `/api/v4/job`: a 401.
+    Mismatch,
+    /// GitLab cannot be asked; a verified ID token stands in for `/api/v4/job`: this
+    /// principal (never remembered: GitLab decides again once it can be asked).
+    Offline(Principal),
+}
+
+/// Combine GitLab's answer about the job and the ID token that came with it.
+pub fn resolve(form: Form, answer: JobAnswer, id: IdToken) -> Resolved {
+    let mapped = mapping(form, answer);
+    match (answer, id) {
+        (
+            JobAnswer::Running(Some(job)),
+            IdToken::Verified {
+                job_project_id,
+                user_id,
+            },
+        ) if (job.project_id, job.user_id) != (job_project_id, user_id) => Resolved::Mismatch,
+        // Only when GitLab cannot be asked; and never for a token tfmirror would not map
+        // to a principal (unknown claims: not asked at all, so never `Failed`).
+        (
+            JobAnswer::Failed,
+            IdToken::Verified {
+                job_project_id,
+                user_id,
+            },
+        ) if form != Form::UnknownClaims => Resolved::Offline(Principal {
+            job_project_id,
+            user_id,
+            scoped_user_id: None,
+        }),
+        _ => Resolved::Mapped(mapped),
     }
 }
 

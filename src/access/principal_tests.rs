@@ -165,6 +165,7 @@ fn mappings_from_gitlabs_answer() {
         // GitLab did not say (down, 5xx, 403, 429): per token now, asked again later.
         (Form::Legacy, JobAnswer::Other, Mapping::Unknown),
         (jwt, JobAnswer::Other, Mapping::Unknown),
+        (jwt, JobAnswer::Failed, Mapping::Unknown),
     ];
     for (form, answer, want) in table {
         assert_eq!(mapping(form, answer), want, "{form:?} {answer:?}");
@@ -209,4 +210,99 @@ fn the_job_map_is_bounded_in_bytes() {
         map.insert(Identity(raw), known);
     }
     assert!(map.weighted_size() <= JOB_MAP_BYTES);
+}
+
+#[test]
+fn an_id_token_checks_gitlabs_answer_and_stands_in_when_gitlab_fails() {
+    let job = Job {
+        project_id: 12,
+        user_id: 5,
+        bot: false,
+    };
+    let same = IdToken::Verified {
+        job_project_id: 12,
+        user_id: 5,
+    };
+    let other_user = IdToken::Verified {
+        job_project_id: 12,
+        user_id: 6,
+    };
+    let other_project = IdToken::Verified {
+        job_project_id: 13,
+        user_id: 5,
+    };
+    let p = Principal {
+        job_project_id: 12,
+        user_id: 5,
+        scoped_user_id: None,
+    };
+    let running = JobAnswer::Running(Some(job));
+    let composite = Form::Jwt {
+        scoped_user_id: Some(77),
+    };
+    let table = [
+        // Online: GitLab decides; the ID token must agree with it.
+        (
+            Form::Legacy,
+            running,
+            same,
+            Resolved::Mapped(Mapping::Principal(p)),
+        ),
+        (
+            Form::Legacy,
+            running,
+            IdToken::Absent,
+            Resolved::Mapped(Mapping::Principal(p)),
+        ),
+        (
+            Form::Legacy,
+            running,
+            IdToken::Rejected,
+            Resolved::Mapped(Mapping::Principal(p)),
+        ),
+        (Form::Legacy, running, other_user, Resolved::Mismatch),
+        (Form::Legacy, running, other_project, Resolved::Mismatch),
+        // A finished job stays finished, whatever its ID token says.
+        (
+            Form::Legacy,
+            JobAnswer::Unauthorized,
+            same,
+            Resolved::Mapped(Mapping::Finished),
+        ),
+        // GitLab cannot be asked: a verified ID token stands in, with no scoped user.
+        (Form::Legacy, JobAnswer::Failed, same, Resolved::Offline(p)),
+        (composite, JobAnswer::Failed, same, Resolved::Offline(p)),
+        (
+            Form::Legacy,
+            JobAnswer::Failed,
+            IdToken::Rejected,
+            Resolved::Mapped(Mapping::Unknown),
+        ),
+        (
+            Form::Legacy,
+            JobAnswer::Failed,
+            IdToken::Absent,
+            Resolved::Mapped(Mapping::Unknown),
+        ),
+        // GitLab answered something else (403, 429): it is not down, the ID token gives nothing.
+        (
+            Form::Legacy,
+            JobAnswer::Other,
+            same,
+            Resolved::Mapped(Mapping::Unknown),
+        ),
+        (
+            Form::UnknownClaims,
+            JobAnswer::Failed,
+            same,
+            Resolved::Mapped(Mapping::PerToken),
+        ),
+    ];
+    for (form, answer, id, want) in table {
+        assert_eq!(
+            resolve(form, answer, id),
+            want,
+            "{form:?} {answer:?} {id:?}"
+        );
+    }
 }

@@ -94,7 +94,11 @@ impl Registry {
         version: &str,
         public: &PublicBase,
     ) -> (Reply, Outcome) {
-        let (identity, cred) = match self.who(call.authorization.as_ref()).await.caller() {
+        let (identity, cred) = match self
+            .who(call.authorization.as_ref(), call.id_token.as_deref())
+            .await
+            .caller()
+        {
             Ok(caller) => caller,
             Err(finished) => return finished,
         };

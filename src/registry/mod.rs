@@ -13,6 +13,7 @@
 mod ask;
 mod decide;
 mod download;
+mod idkeys;
 mod learn;
 mod listing;
 mod project;
@@ -113,8 +114,11 @@ pub struct Call {
     /// `HEAD`: answered like GET without a body, and never starts a fill (Terraform sends
     /// HEAD before GET, and the GET does the work).
     pub head: bool,
-    /// The caller's credential (`Authorization`), as GitLab's registry routes take it.
+    /// The caller's credential (`Authorization`), as GitLab's registry routes take it: a
+    /// CI ID token (`<job token>~<ID token>`) split off, always, so it never goes to GitLab.
     pub authorization: Option<HeaderValue>,
+    /// The CI ID token the credential carried, if any (see `access::idtoken`).
+    pub id_token: Option<String>,
     /// The `token` query parameter: a tfmirror download token, on tarball routes.
     pub token: Option<String>,
     /// `?terraform-get=1` (go-getter's question on project routes).
@@ -129,6 +133,14 @@ impl Call {
             authorization: req.headers.get(http::header::AUTHORIZATION).cloned(),
             ..Call::default()
         };
+        if let Some((stripped, id)) = call
+            .authorization
+            .as_ref()
+            .and_then(crate::access::idtoken::split)
+        {
+            call.authorization = Some(stripped);
+            call.id_token = Some(id);
+        }
         each_query_pair(query, |k, v| match k {
             "token" if call.token.is_none() => call.token = Some(v.into_owned()),
             "terraform-get" => call.terraform_get |= v == "1",
@@ -208,6 +220,8 @@ pub struct Registry {
     /// Job token -> its principal (or per-token, or finished), for at most `auth.grant_ttl`.
     jobs: crate::access::principal::JobMap,
     job_inflight: who::JobInflight,
+    /// GitLab's ID-token keys, when `auth.id_token.audience` is set.
+    id_keys: Option<Arc<idkeys::IdKeys>>,
 }
 
 impl Registry {
@@ -244,6 +258,7 @@ impl Registry {
             principal_grants: cfg.auth.principal_grants,
             jobs: crate::access::principal::JobMap::new(cfg.auth.grant_ttl),
             job_inflight: Mutex::new(HashMap::new()),
+            id_keys: idkeys::IdKeys::new(cfg).map(Arc::new),
         }
     }
 

@@ -131,7 +131,11 @@ impl Registry {
                 return answered;
             }
         }
-        let (identity, cred) = match self.who(cred.as_ref()).await.caller() {
+        let (identity, cred) = match self
+            .who(cred.as_ref(), call.id_token.as_deref())
+            .await
+            .caller()
+        {
             Ok(caller) => caller,
             Err(finished) => return Ok(finished),
         };

@@ -20,7 +20,7 @@ use futures::FutureExt;
 use http::{header, HeaderValue, StatusCode};
 
 use super::{reply, Registry};
-use crate::access::principal::{self, JobAnswer, Known, Mapping};
+use crate::access::principal::{self, IdToken, JobAnswer, Known, Mapping, Resolved};
 use crate::access::Negative;
 use crate::fetch::Fetcher;
 use crate::health::Health;
@@ -49,7 +49,11 @@ pub(super) enum Who {
 
 impl Registry {
     /// Resolve the caller of a request presenting `authorization`.
-    pub(super) async fn who(&self, authorization: Option<&HeaderValue>) -> Who {
+    pub(super) async fn who(
+        &self,
+        authorization: Option<&HeaderValue>,
+        id_token: Option<&str>,
+    ) -> Who {
         let Some(cred) = authorization else {
             return Who::Caller {
                 identity: Identity::ANONYMOUS,
@@ -85,10 +89,26 @@ impl Registry {
             self.jobs.insert(token_id, Known::PerToken);
             return caller(cred_id);
         }
+        if let Some(keys) = &self.id_keys {
+            keys.refresh_if_due(&self.upstream, &self.health);
+        }
         let (answer, refusal) = self.ask_job(token_id, token).await;
-        let who = self
-            .map_job(token_id, principal::mapping(form, answer), refusal)
-            .map(|id| id.unwrap_or(cred_id));
+        let id = self.check_id_token(id_token, answer).await;
+        let who = match principal::resolve(form, answer, id) {
+            Resolved::Mapped(mapping) => self
+                .map_job(token_id, mapping, refusal)
+                .map(|id| id.unwrap_or(cred_id)),
+            Resolved::Offline(p) => {
+                metrics::decision(metrics::Decision::IdTokenOffline);
+                Ok(p.identity(&self.secret))
+            }
+            Resolved::Mismatch => {
+                tracing::info!(
+                    "a CI ID token names another job project or user than GitLab: refused"
+                );
+                Err(reply::negative(&unauthorized()))
+            }
+        };
         // Only now: a request arriving between the answer and its mapping would ask again.
         self.job_inflight
             .lock()
@@ -122,16 +142,34 @@ impl Registry {
                 Ok(None)
             }
             Mapping::Finished => {
-                let n = refusal.unwrap_or_else(|| Negative {
-                    status: StatusCode::UNAUTHORIZED,
-                    www_authenticate: None,
-                    body: bytes::Bytes::from_static(br#"{"message":"401 Unauthorized"}"#),
-                });
+                let n = refusal.unwrap_or_else(unauthorized);
                 let reply = reply::negative(&n);
                 self.jobs.insert(token_id, Known::Finished(n));
                 Err(reply)
             }
             Mapping::Unknown => Ok(None),
+        }
+    }
+
+    /// Verify the ID token that came with a job token, when it can matter: GitLab answered
+    /// about the job (the ID token must agree), or could not be asked (it stands in).
+    async fn check_id_token(&self, id_token: Option<&str>, answer: JobAnswer) -> IdToken {
+        let (Some(keys), Some(token)) = (&self.id_keys, id_token) else {
+            return IdToken::Absent;
+        };
+        if !matches!(answer, JobAnswer::Running(Some(_)) | JobAnswer::Failed) {
+            return IdToken::Absent;
+        }
+        match keys.verify(token, &self.upstream, &self.health).await {
+            Ok(c) => IdToken::Verified {
+                job_project_id: c.job_project_id,
+                user_id: c.user_id,
+            },
+            Err(why) => {
+                // Why, never the token.
+                tracing::info!(why = ?why, "a CI ID token was not taken");
+                IdToken::Rejected
+            }
         }
     }
 
@@ -193,7 +231,7 @@ async fn job_answer(
     token: String,
 ) -> (JobAnswer, Option<Negative>) {
     if health.is_offline_mode() || health.held() || health.unavailable() {
-        return (JobAnswer::Other, None);
+        return (JobAnswer::Failed, None);
     }
     let Ok(auth) = HeaderValue::from_str(&format!("Bearer {token}")) else {
         return (JobAnswer::Other, None);
@@ -216,6 +254,7 @@ async fn job_answer(
                     };
                     (JobAnswer::Unauthorized, Some(n))
                 }
+                s if s.is_server_error() => (JobAnswer::Failed, None),
                 _ => (JobAnswer::Other, None),
             };
             (super::status_class(small.status), answer)
@@ -224,17 +263,26 @@ async fn job_answer(
             if super::ask::is_unreachable(e.etype()) {
                 health.record_failure(&upstream);
             }
-            ("error", (JobAnswer::Other, None))
+            ("error", (JobAnswer::Failed, None))
         }
         Err(_) => {
             health.record_failure(&upstream);
-            ("timeout", (JobAnswer::Other, None))
+            ("timeout", (JobAnswer::Failed, None))
         }
     };
     metrics::UPSTREAM_REQUESTS
         .with_label_values(&["job", outcome])
         .inc();
     answer
+}
+
+/// GitLab's plain 401, when tfmirror refuses a job token itself.
+fn unauthorized() -> Negative {
+    Negative {
+        status: StatusCode::UNAUTHORIZED,
+        www_authenticate: None,
+        body: bytes::Bytes::from_static(br#"{"message":"401 Unauthorized"}"#),
+    }
 }
 
 impl Who {

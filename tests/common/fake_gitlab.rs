@@ -43,6 +43,11 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// ID tokens and GitLab's key; here so that the benches, which include this file alone, have
+/// them too.
+#[path = "id_tokens.rs"]
+pub mod id_tokens;
+
 const V1: &str = "/api/v4/packages/terraform/modules/v1";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -254,6 +259,20 @@ impl FakeGitlab {
         r.tokens.insert(token.into(), user.into());
         let next = 100 + r.users.len() as u64;
         r.users.entry(user.into()).or_insert((next, false));
+        // A job token given as a plain token is a running job of its own user, as GitLab's
+        // `/api/v4/job` would say (project 1).
+        if token.starts_with("glcbt-") {
+            r.next_job += 1;
+            let id = 1000 + r.next_job;
+            let job = FakeJob {
+                id,
+                project_id: 1,
+                user: user.into(),
+                acts_as: token.into(),
+                running: true,
+            };
+            r.jobs.insert(token.into(), job);
+        }
     }
 
     /// GitLab's user id of `user` (a name given to [`add_token`](Self::add_token)).
@@ -292,6 +311,46 @@ impl FakeGitlab {
             },
         );
         token
+    }
+
+    /// GitLab's claims for an ID token of the job of `job_token` with audience `aud`, as
+    /// GitLab writes them (ids as strings), valid for an hour; sign them with
+    /// `id_tokens::sign` (tests change them first to forge).
+    pub fn id_claims(&self, job_token: &str, aud: &str) -> Value {
+        let r = self.inner.registry.lock().unwrap();
+        let job = &r.jobs[job_token];
+        let user_id = r.users[&job.user].0;
+        json!({
+            "iss": self.inner.base_url.trim_end_matches('/'),
+            "aud": aud,
+            "iat": now(),
+            "nbf": now() - 5,
+            "exp": now() + 3600,
+            "sub": format!("project_path:group/project-{}:ref_type:branch:ref:main", job.project_id),
+            "namespace_id": "1",
+            "namespace_path": "group",
+            "project_id": job.project_id.to_string(),
+            "project_path": format!("group/project-{}", job.project_id),
+            "job_project_id": job.project_id.to_string(),
+            "job_project_path": format!("group/project-{}", job.project_id),
+            "user_id": user_id.to_string(),
+            "user_login": job.user,
+            "user_access_level": "developer",
+            "pipeline_id": (job.id * 10).to_string(),
+            "pipeline_source": "push",
+            "job_id": job.id.to_string(),
+            "ref": "main",
+            "ref_type": "branch",
+            "ref_protected": "true",
+            "runner_id": 1,
+            "sha": "0000000000000000000000000000000000000000",
+        })
+    }
+
+    /// A valid ID token (GitLab's key) for the job of `job_token`.
+    pub fn id_token(&self, job_token: &str, aud: &str) -> String {
+        let claims = self.id_claims(job_token, aud);
+        id_tokens::sign(id_tokens::Key::Gitlab, &id_tokens::header(), &claims)
     }
 
     /// The job ends: its token is refused (401) everywhere from now on.
@@ -666,6 +725,7 @@ fn gitlab_router(inner: Arc<Inner>) -> Router {
         .route(&format!("{pp}/{{ver}}/file"), put(project_upload))
         .route("/api/v4/version", get(api_version))
         .route("/api/v4/job", get(current_job))
+        .route("/oauth/discovery/keys", get(discovery_keys))
         .route("/api/v4/groups/{id}", get(group_info))
         .route("/api/v4/groups/{id}/packages", get(group_packages))
         .fallback(not_found)
@@ -1510,6 +1570,11 @@ fn job_jwt(id: u64, scoped_user_id: Option<u64>, extra_claim: bool) -> String {
     let body = B64.encode(claims.to_string());
     let sig = B64.encode(format!("not-a-signature-{id}"));
     format!("glcbt-{header}.{body}.{sig}")
+}
+
+/// GitLab's JWKS: the public key of its CI ID tokens.
+async fn discovery_keys() -> Json<Value> {
+    Json(id_tokens::jwks())
 }
 
 /// `GET /api/v4/job`: the job of the job token (`JOB-TOKEN`, `job_token`, or Bearer), 200
