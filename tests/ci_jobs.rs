@@ -261,7 +261,7 @@ async fn a_thousand_jobs_of_ten_principals_leave_ten_grant_records_per_module() 
         .map(|t| async move {
             let mut ok = true;
             for module in modules {
-                ok &= versions(&m, module, &bearer(t)).await.status() == 200;
+                ok &= versions(m, module, &bearer(t)).await.status() == 200;
             }
             ok
         })

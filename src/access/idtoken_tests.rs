@@ -64,131 +64,102 @@ fn with(f: impl FnOnce(&mut serde_json::Value)) -> serde_json::Value {
     c
 }
 
+const OK: IdClaims = IdClaims {
+    job_project_id: 12,
+    user_id: 5,
+    exp: NOW + 3600,
+};
+
+fn check(table: Vec<(String, Result<IdClaims, Rejected>)>) {
+    for (token, want) in table {
+        assert_eq!(verify(&token, &keys(), &expect()), want, "{token}");
+    }
+}
+
+fn good(f: impl FnOnce(&mut serde_json::Value)) -> String {
+    sign(GITLAB_KEY, &header(), &with(f))
+}
+
 #[test]
-fn id_tokens_are_verified_as_the_issue_says() {
-    let ok = IdClaims {
-        job_project_id: 12,
-        user_id: 5,
-        exp: NOW + 3600,
-    };
-    let none_alg = format!(
-        "{}.{}.c2ln",
-        B64URL.encode(r#"{"alg":"none","kid":"k1"}"#),
-        B64URL.encode(claims().to_string())
-    );
-    let hs256 = format!(
-        "{}.{}.c2ln",
-        B64URL.encode(r#"{"alg":"HS256","kid":"k1"}"#),
-        B64URL.encode(claims().to_string())
-    );
-    let good = sign(GITLAB_KEY, &header(), &claims());
-    // A valid token with its payload swapped keeps the signature of another payload.
-    let tampered = {
-        let parts: Vec<&str> = good.split('.').collect();
-        let other = with(|c| c["user_id"] = "6".into());
+fn only_gitlabs_rs256_signature_counts() {
+    let unsigned = |alg: &str| {
         format!(
-            "{}.{}.{}",
-            parts[0],
-            B64URL.encode(other.to_string()),
-            parts[2]
+            "{}.{}.c2ln",
+            B64URL.encode(format!(r#"{{"alg":"{alg}","kid":"k1"}}"#)),
+            B64URL.encode(claims().to_string())
         )
     };
-    let table: Vec<(String, Result<IdClaims, Rejected>)> = vec![
-        (good.clone(), Ok(ok)),
-        // A fork's merge request: `project_id` is the fork, `job_project_id` decides.
-        (
-            sign(
-                GITLAB_KEY,
-                &header(),
-                &with(|c| c["project_id"] = "999".into()),
-            ),
-            Ok(ok),
-        ),
-        (
-            sign(
-                GITLAB_KEY,
-                &header(),
-                &with(|c| {
-                    c.as_object_mut().unwrap().remove("job_project_id");
-                }),
-            ),
-            Err(Rejected::NoIdentity),
-        ),
-        (
-            sign(GITLAB_KEY, &header(), &with(|c| c["aud"] = "vault".into())),
-            Err(Rejected::Audience),
-        ),
-        (
-            sign(
-                GITLAB_KEY,
-                &header(),
-                &with(|c| c["aud"] = serde_json::json!(["vault", AUDIENCE])),
-            ),
-            Ok(ok),
-        ),
-        (
-            sign(
-                GITLAB_KEY,
-                &header(),
-                &with(|c| c["iss"] = "https://gitlab.example.com/".into()),
-            ),
-            Err(Rejected::Issuer),
-        ),
-        (
-            sign(
-                GITLAB_KEY,
-                &header(),
-                &with(|c| c["exp"] = (NOW - 61).into()),
-            ),
-            Err(Rejected::Expired),
-        ),
-        (
-            sign(
-                GITLAB_KEY,
-                &header(),
-                &with(|c| c["exp"] = (NOW - 59).into()),
-            ),
-            Ok(IdClaims {
-                exp: NOW - 59,
-                ..ok
-            }),
-        ),
-        (
-            sign(
-                GITLAB_KEY,
-                &header(),
-                &with(|c| c["nbf"] = (NOW + 61).into()),
-            ),
-            Err(Rejected::NotYetValid),
-        ),
+    let valid = good(|_| {});
+    // A valid token with its payload swapped keeps the signature of another payload.
+    let tampered = {
+        let parts: Vec<&str> = valid.split('.').collect();
+        let other = with(|c| c["user_id"] = "6".into());
+        let payload = B64URL.encode(other.to_string());
+        format!("{}.{payload}.{}", parts[0], parts[2])
+    };
+    let other_kid = serde_json::json!({"alg": "RS256", "kid": "k9"});
+    check(vec![
+        (valid, Ok(OK)),
         (
             sign(FORGER_KEY, &header(), &claims()),
             Err(Rejected::Signature),
         ),
         (
-            sign(
-                GITLAB_KEY,
-                &serde_json::json!({"alg": "RS256", "kid": "k9"}),
-                &claims(),
-            ),
+            sign(GITLAB_KEY, &other_kid, &claims()),
             Err(Rejected::UnknownKid),
         ),
-        (none_alg, Err(Rejected::Alg)),
-        (hs256, Err(Rejected::Alg)),
+        (unsigned("none"), Err(Rejected::Alg)),
+        (unsigned("HS256"), Err(Rejected::Alg)),
         (tampered, Err(Rejected::Signature)),
         ("a.b".to_string(), Err(Rejected::Malformed)),
-    ];
-    for (token, want) in table {
-        assert_eq!(verify(&token, &keys(), &expect()), want, "{token}");
-    }
-    // `ref_protected`, when required, must be the string "true".
+    ]);
+}
+
+#[test]
+fn the_claims_are_checked_as_gitlab_writes_them() {
+    let aud_list = serde_json::json!(["vault", AUDIENCE]);
+    check(vec![
+        // A fork's merge request: `project_id` is the fork, `job_project_id` decides.
+        (good(|c| c["project_id"] = "999".into()), Ok(OK)),
+        (
+            good(|c| {
+                c.as_object_mut().unwrap().remove("job_project_id");
+            }),
+            Err(Rejected::NoIdentity),
+        ),
+        (good(|c| c["aud"] = "vault".into()), Err(Rejected::Audience)),
+        (good(|c| c["aud"] = aud_list), Ok(OK)),
+        (
+            good(|c| c["iss"] = "https://gitlab.example.com/".into()),
+            Err(Rejected::Issuer),
+        ),
+        (
+            good(|c| c["exp"] = (NOW - 61).into()),
+            Err(Rejected::Expired),
+        ),
+        (
+            good(|c| c["exp"] = (NOW - 59).into()),
+            Ok(IdClaims {
+                exp: NOW - 59,
+                ..OK
+            }),
+        ),
+        (
+            good(|c| c["nbf"] = (NOW + 61).into()),
+            Err(Rejected::NotYetValid),
+        ),
+    ]);
+}
+
+#[test]
+fn ref_protected_when_required_must_be_the_string_true() {
     let strict = Expect {
         require_ref_protected: true,
         ..expect()
     };
-    assert_eq!(verify(&good, &keys(), &strict), Ok(ok));
+    assert_eq!(verify(&good(|_| {}), &keys(), &strict), Ok(OK));
     for v in [serde_json::json!("false"), serde_json::json!(true)] {
-        let t = sign(GITLAB_KEY, &header(), &with(|c| c["ref_protected"] = v));
+        let t = good(|c| c["ref_protected"] = v);
         assert_eq!(verify(&t, &keys(), &strict), Err(Rejected::RefNotProtected));
     }
 }

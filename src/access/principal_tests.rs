@@ -212,17 +212,33 @@ fn the_job_map_is_bounded_in_bytes() {
     assert!(map.weighted_size() <= JOB_MAP_BYTES);
 }
 
+const JOB: Job = Job {
+    project_id: 12,
+    user_id: 5,
+    bot: false,
+};
+const SAME: IdToken = IdToken::Verified {
+    job_project_id: 12,
+    user_id: 5,
+};
+const P: Principal = Principal {
+    job_project_id: 12,
+    user_id: 5,
+    scoped_user_id: None,
+};
+
+fn check(table: &[(Form, JobAnswer, IdToken, Resolved)]) {
+    for (form, answer, id, want) in table {
+        assert_eq!(
+            resolve(*form, *answer, *id),
+            *want,
+            "{form:?} {answer:?} {id:?}"
+        );
+    }
+}
+
 #[test]
-fn an_id_token_checks_gitlabs_answer_and_stands_in_when_gitlab_fails() {
-    let job = Job {
-        project_id: 12,
-        user_id: 5,
-        bot: false,
-    };
-    let same = IdToken::Verified {
-        job_project_id: 12,
-        user_id: 5,
-    };
+fn online_the_id_token_must_agree_with_gitlab() {
     let other_user = IdToken::Verified {
         job_project_id: 12,
         user_id: 6,
@@ -231,78 +247,43 @@ fn an_id_token_checks_gitlabs_answer_and_stands_in_when_gitlab_fails() {
         job_project_id: 13,
         user_id: 5,
     };
-    let p = Principal {
-        job_project_id: 12,
-        user_id: 5,
-        scoped_user_id: None,
-    };
-    let running = JobAnswer::Running(Some(job));
-    let composite = Form::Jwt {
-        scoped_user_id: Some(77),
-    };
-    let table = [
-        // Online: GitLab decides; the ID token must agree with it.
-        (
-            Form::Legacy,
-            running,
-            same,
-            Resolved::Mapped(Mapping::Principal(p)),
-        ),
-        (
-            Form::Legacy,
-            running,
-            IdToken::Absent,
-            Resolved::Mapped(Mapping::Principal(p)),
-        ),
-        (
-            Form::Legacy,
-            running,
-            IdToken::Rejected,
-            Resolved::Mapped(Mapping::Principal(p)),
-        ),
+    let running = JobAnswer::Running(Some(JOB));
+    let mapped = Resolved::Mapped(Mapping::Principal(P));
+    check(&[
+        (Form::Legacy, running, SAME, mapped),
+        (Form::Legacy, running, IdToken::Absent, mapped),
+        (Form::Legacy, running, IdToken::Rejected, mapped),
         (Form::Legacy, running, other_user, Resolved::Mismatch),
         (Form::Legacy, running, other_project, Resolved::Mismatch),
         // A finished job stays finished, whatever its ID token says.
         (
             Form::Legacy,
             JobAnswer::Unauthorized,
-            same,
+            SAME,
             Resolved::Mapped(Mapping::Finished),
         ),
-        // GitLab cannot be asked: a verified ID token stands in, with no scoped user.
-        (Form::Legacy, JobAnswer::Failed, same, Resolved::Offline(p)),
-        (composite, JobAnswer::Failed, same, Resolved::Offline(p)),
-        (
-            Form::Legacy,
-            JobAnswer::Failed,
-            IdToken::Rejected,
-            Resolved::Mapped(Mapping::Unknown),
-        ),
-        (
-            Form::Legacy,
-            JobAnswer::Failed,
-            IdToken::Absent,
-            Resolved::Mapped(Mapping::Unknown),
-        ),
-        // GitLab answered something else (403, 429): it is not down, the ID token gives nothing.
-        (
-            Form::Legacy,
-            JobAnswer::Other,
-            same,
-            Resolved::Mapped(Mapping::Unknown),
-        ),
+    ]);
+}
+
+#[test]
+fn an_id_token_stands_in_only_when_gitlab_cannot_be_asked() {
+    let composite = Form::Jwt {
+        scoped_user_id: Some(77),
+    };
+    let unknown = Resolved::Mapped(Mapping::Unknown);
+    check(&[
+        // A verified ID token stands in, with no scoped user.
+        (Form::Legacy, JobAnswer::Failed, SAME, Resolved::Offline(P)),
+        (composite, JobAnswer::Failed, SAME, Resolved::Offline(P)),
+        (Form::Legacy, JobAnswer::Failed, IdToken::Rejected, unknown),
+        (Form::Legacy, JobAnswer::Failed, IdToken::Absent, unknown),
+        // GitLab answered something else (403, 429): not down; the ID token gives nothing.
+        (Form::Legacy, JobAnswer::Other, SAME, unknown),
         (
             Form::UnknownClaims,
             JobAnswer::Failed,
-            same,
+            SAME,
             Resolved::Mapped(Mapping::PerToken),
         ),
-    ];
-    for (form, answer, id, want) in table {
-        assert_eq!(
-            resolve(form, answer, id),
-            want,
-            "{form:?} {answer:?} {id:?}"
-        );
-    }
+    ]);
 }

@@ -94,11 +94,7 @@ impl Registry {
         version: &str,
         public: &PublicBase,
     ) -> (Reply, Outcome) {
-        let (identity, cred) = match self
-            .who(call.authorization.as_ref(), call.id_token.as_deref())
-            .await
-            .caller()
-        {
+        let (identity, cred) = match self.caller(call).await {
             Ok(caller) => caller,
             Err(finished) => return finished,
         };

@@ -52,11 +52,7 @@ impl Registry {
         op: ListingKey,
     ) -> (Reply, Outcome) {
         let moment = Moment::now();
-        let (identity, cred) = match self
-            .who(call.authorization.as_ref(), call.id_token.as_deref())
-            .await
-            .caller()
-        {
+        let (identity, cred) = match self.caller(call).await {
             Ok(caller) => caller,
             Err(finished) => return finished,
         };

@@ -63,6 +63,9 @@ const OCTETS: &str = "application/octet-stream";
 const TERRAFORM_GET: http::HeaderName = http::HeaderName::from_static("x-terraform-get");
 
 type SharedFetch = Shared<BoxFuture<'static, std::result::Result<Small, Arc<Error>>>>;
+/// An in-flight registry fetch: its generation, the identity of the credential it is made
+/// with, and the fetch.
+type Inflight = (u64, Identity, SharedFetch);
 
 /// What an upstream answer can teach, per route.
 #[derive(Debug, Clone)]
@@ -205,7 +208,7 @@ pub struct Registry {
     /// In-flight registry fetches, per (identity, path): concurrent misses share one.
     /// Each with a generation number, so that only its own task removes it.
     /// Each with the identity of the credential it is made with.
-    inflight: Arc<Mutex<HashMap<String, (u64, Identity, SharedFetch)>>>,
+    inflight: Arc<Mutex<HashMap<String, Inflight>>>,
     /// The next generation number of `inflight`.
     generation: std::sync::atomic::AtomicU64,
     /// Background refreshes under way (stale-while-revalidate), per (identity, path).

@@ -73,21 +73,33 @@ impl Registry {
         };
         // The job's token, however it came (Bearer, or Basic on project routes): one mapping.
         let token_id = self.token_identity(&token);
-        match self.jobs.get(token_id) {
-            Some(Known::Principal(p)) => return caller(p),
-            Some(Known::PerToken) => return caller(cred_id),
-            Some(Known::Finished(n)) => {
-                return Who::Finished {
-                    token: token_id,
-                    reply: reply::negative(&n),
-                }
-            }
-            None => {}
+        let who = match self.jobs.get(token_id) {
+            Some(Known::Principal(p)) => Ok(Some(p)),
+            Some(Known::PerToken) => Ok(None),
+            Some(Known::Finished(n)) => Err(reply::negative(&n)),
+            None => self.map_new_job(token_id, token, id_token).await,
+        };
+        match who {
+            Ok(identity) => caller(identity.unwrap_or(cred_id)),
+            Err(reply) => Who::Finished {
+                token: token_id,
+                reply,
+            },
         }
+    }
+
+    /// A job token not seen (lately): ask GitLab about its job, check its ID token, and
+    /// remember what that makes of it. `Ok(None)`: the credential's own identity.
+    async fn map_new_job(
+        &self,
+        token_id: Identity,
+        token: String,
+        id_token: Option<&str>,
+    ) -> Result<Option<Identity>, Reply> {
         let form = principal::form(&token);
         if !principal::ask_gitlab(form) {
             self.jobs.insert(token_id, Known::PerToken);
-            return caller(cred_id);
+            return Ok(None);
         }
         if let Some(keys) = &self.id_keys {
             keys.refresh_if_due(&self.upstream, &self.health);
@@ -95,12 +107,10 @@ impl Registry {
         let (answer, refusal) = self.ask_job(token_id, token).await;
         let id = self.check_id_token(id_token, answer).await;
         let who = match principal::resolve(form, answer, id) {
-            Resolved::Mapped(mapping) => self
-                .map_job(token_id, mapping, refusal)
-                .map(|id| id.unwrap_or(cred_id)),
+            Resolved::Mapped(mapping) => self.map_job(token_id, mapping, refusal),
             Resolved::Offline(p) => {
                 metrics::decision(metrics::Decision::IdTokenOffline);
-                Ok(p.identity(&self.secret))
+                Ok(Some(p.identity(&self.secret)))
             }
             Resolved::Mismatch => {
                 tracing::info!(
@@ -114,13 +124,18 @@ impl Registry {
             .lock()
             .expect("job inflight lock")
             .remove(&token_id);
-        match who {
-            Ok(identity) => caller(identity),
-            Err(reply) => Who::Finished {
-                token: token_id,
-                reply,
-            },
-        }
+        who
+    }
+
+    /// The caller of a registry request: its identity and credential, or the answer for a
+    /// finished job.
+    pub(super) async fn caller(
+        &self,
+        call: &super::Call,
+    ) -> std::result::Result<(Identity, Option<HeaderValue>), (Reply, super::Outcome)> {
+        self.who(call.authorization.as_ref(), call.id_token.as_deref())
+            .await
+            .caller()
     }
 
     /// Remember what GitLab's answer made of a job token: the identity to use, or the 401
