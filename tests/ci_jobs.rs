@@ -375,3 +375,35 @@ async fn basic_and_bearer_job_tokens_share_the_principal() {
     assert_eq!(versions(&m, MODULES[0], &bearer(&j2)).await.status(), 200);
     assert_eq!(gl.count("/api/v4/job"), 0);
 }
+
+/// Issue 28 item 4: GitLab's stated budget, as an operator sees it before GitLab throttles.
+#[tokio::test]
+async fn gitlabs_rate_limit_budget_is_exported_without_identities() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    assert_eq!(
+        m.metric("tfmirror_upstream_ratelimit_remaining", "").await,
+        -1.0
+    );
+    gl.set_budget(Some(100));
+    for _ in 0..3 {
+        let job = gl.start_job(PROJECT, ALICE, JobForm::Legacy);
+        job_init(&m, &job).await.unwrap();
+    }
+    let calls = gl.hits().len() as f64;
+    let remaining = m.metric("tfmirror_upstream_ratelimit_remaining", "").await;
+    println!("FIGURES {calls} GitLab calls, lowest RateLimit-Remaining seen: {remaining}");
+    // The lowest GitLab stated (fills through object storage redirects are not counted).
+    assert!(
+        remaining < 100.0 && remaining >= 100.0 - calls,
+        "{remaining}"
+    );
+    let reset = m
+        .metric("tfmirror_upstream_ratelimit_reset_timestamp_seconds", "")
+        .await;
+    assert!(reset > 1.0e9, "{reset}");
+    let text = m.metrics_text().await;
+    for line in text.lines().filter(|l| l.contains("ratelimit")) {
+        assert!(!line.contains('{'), "no labels: {line}");
+    }
+}

@@ -150,6 +150,8 @@ pub struct Inner {
     rate_limited: Mutex<HashMap<String, u64>>,
     /// Per caller (token, or "" for anonymous): answer this much later.
     latency: Mutex<HashMap<String, Duration>>,
+    /// GitLab.com's budget headers: `RateLimit-Remaining` counts down from this, one a request.
+    budget: Mutex<Option<u64>>,
     secret: Vec<u8>,
     /// Relative URL root ("" or "/gitlab"); part of every URL the fake hands out.
     prefix: String,
@@ -211,6 +213,7 @@ impl FakeGitlab {
             keepalive: Mutex::new(None),
             rate_limited: Mutex::new(HashMap::new()),
             latency: Mutex::new(HashMap::new()),
+            budget: Mutex::new(None),
             secret: b"fake-gitlab-jwt-secret".to_vec(),
             prefix: prefix.to_string(),
             base_url: format!(
@@ -411,6 +414,12 @@ impl FakeGitlab {
     }
 
     /// Answer this caller (a token, or `None` for anonymous) `delay` later, or stop.
+    /// Send GitLab.com's `RateLimit-*` headers on every answer, `RateLimit-Remaining`
+    /// counting down from `remaining` (None: send none).
+    pub fn set_budget(&self, remaining: Option<u64>) {
+        *self.inner.budget.lock().unwrap() = remaining;
+    }
+
     pub fn set_latency_for(&self, token: Option<&str>, delay: Option<Duration>) {
         let mut m = self.inner.latency.lock().unwrap();
         let k = token.unwrap_or_default().to_string();
@@ -781,7 +790,21 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
         }
         _ => {}
     }
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    let left = {
+        let mut budget = inner.budget.lock().unwrap();
+        let left = *budget;
+        if let Some(n) = budget.as_mut() {
+            *n = n.saturating_sub(1);
+        }
+        left
+    };
+    if let Some(n) = left {
+        let h = resp.headers_mut();
+        h.insert("ratelimit-limit", HeaderValue::from(2000u64));
+        h.insert("ratelimit-remaining", HeaderValue::from(n));
+        h.insert("ratelimit-reset", HeaderValue::from(now() + 60));
+    }
     match fault {
         Fault::Truncate | Fault::ResetMidBody if resp.status() == StatusCode::OK => {
             truncate(resp).await
