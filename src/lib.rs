@@ -22,7 +22,7 @@
 //! | | [`downstream`] | client connections: a deadline on request heads (idle, slowloris); HTTP/2's connection loop, with the same deadline and a stall bound on request bodies |
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: a [`registry::Call`] in, a [`respond::Reply`] out, I/O around [`access::policy`] |
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
-//! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code |
+//! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code; [`access::principal`] maps CI job tokens to their principal, [`access::idtoken`] verifies CI ID tokens |
 //! | L2 upstream | [`upstream`] | upstream address, DNS off the request path, timeouts |
 //! | | [`upstream_tls`] | TLS trust per upstream (CA certificates as roots, others pinned) and the one builder of upstream clients |
 //! | | [`fetch`] | requests tfmirror sends itself (registry calls, downloads through redirects); [`fetch::Fetcher`], the seam a test stub fills |
