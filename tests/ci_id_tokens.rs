@@ -288,3 +288,41 @@ async fn ids_are_stripped_even_when_id_tokens_are_off_and_a_bad_key_file_is_not_
     .await;
     assert_eq!(status, 503);
 }
+
+/// Under every policy, a principal GitLab refused for a module stays refused offline, whatever
+/// ID token its fresh jobs bring.
+#[tokio::test]
+async fn a_refused_principal_stays_refused_offline_under_any_policy() {
+    let gl = gitlab().await;
+    let yaml = format!("{CONFIG}  unknown_identity: authenticated\n");
+    let m = Mirror::start_with_config(&gl.url(), &yaml).await;
+    let job = gl.start_job(PROJECT, ALICE, JobForm::Legacy);
+    let id = gl.id_token(&job, AUD);
+    let (status, _) = get(
+        &m,
+        "infra/vpc/aws/versions",
+        &bearer(&format!("{job}~{id}")),
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_for_jwks(&m).await;
+    // Alice leaves the group; her grant expires; GitLab refuses her next job.
+    gl.revoke("infra", ALICE);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let next = gl.start_job(PROJECT, ALICE, JobForm::Legacy);
+    let (status, _) = get(&m, "infra/vpc/aws/versions", &bearer(&next)).await;
+    assert_eq!(status, 403);
+    // GitLab down: a fresh job of Alice's with a valid ID token is still refused, even under
+    // `authenticated`; nothing of the module reaches it.
+    gl.set_fault(Fault::Down);
+    let fresh = gl.start_job(PROJECT, ALICE, JobForm::Jwt);
+    let id = gl.id_token(&fresh, AUD);
+    let (status, body) = get(
+        &m,
+        "infra/vpc/aws/versions",
+        &bearer(&format!("{fresh}~{id}")),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(!body.contains("1.1.0"));
+}
