@@ -206,6 +206,34 @@ pub struct AuthConfig {
     /// Lifetime of tfmirror's download tokens in `X-Terraform-Get`.
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
+    /// CI job tokens share grants per principal (job project, user, scoped user), learned
+    /// with one `GET /api/v4/job` per job; `false`: grants per token, as for any credential.
+    pub principal_grants: bool,
+    /// CI ID tokens (`<job token>~<ID token>`): offline identity for fresh jobs.
+    pub id_token: IdTokenConfig,
+}
+
+/// `auth.id_token`: verify CI ID tokens against GitLab's published keys; off without an
+/// audience.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdTokenConfig {
+    /// The `aud` jobs request for tfmirror (`id_tokens: {X: {aud: ...}}`); unique to tfmirror.
+    pub audience: Option<String>,
+    /// The `iss` expected, compared exactly; default: `upstream` without a trailing slash.
+    pub issuer: Option<String>,
+    /// Take only ID tokens of protected refs (`ref_protected: "true"`).
+    pub require_ref_protected: bool,
+}
+
+impl IdTokenConfig {
+    /// The issuer to expect for tokens of `upstream`.
+    pub fn issuer_for(&self, upstream: &Url) -> String {
+        match &self.issuer {
+            Some(i) => i.clone(),
+            None => upstream.as_str().trim_end_matches('/').to_string(),
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -214,6 +242,8 @@ impl Default for AuthConfig {
             grant_ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(5),
             token_ttl: Duration::from_secs(600),
+            principal_grants: true,
+            id_token: IdTokenConfig::default(),
         }
     }
 }
@@ -286,78 +316,7 @@ impl Default for Limits {
     }
 }
 
-/// The provider mirror (`/providers/mirror/`): which registries, and which packages to keep.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ProvidersConfig {
-    /// Registry hostname (as in provider source addresses) -> base URL, https only; the
-    /// registry's service discovery runs against the base URL. Unset: registry.terraform.io
-    /// and registry.opentofu.org. A hostname not listed gets 404.
-    pub upstreams: Option<std::collections::BTreeMap<String, Url>>,
-    /// Hosts (`host`, `host:port` or `*.domain`) package downloads may also be fetched from,
-    /// besides the hosts named in the registry's download answer: redirect targets such as
-    /// GitHub's release asset hosts. Only https is ever fetched. Unset: GitHub's two asset hosts.
-    pub allowed_hosts: Option<Vec<String>>,
-    /// Keep and serve packages of registries that publish no signing key, checked against
-    /// their `SHA256SUMS` only. Off: such packages are refused.
-    pub allow_unsigned: bool,
-    /// A PEM file of certificates trusted for provider registries and their download hosts,
-    /// besides the system roots, with `upstream_ca`'s rules. `upstream_ca` never applies here.
-    pub upstream_ca: Option<PathBuf>,
-}
-
-impl ProvidersConfig {
-    pub fn upstreams(&self) -> std::collections::BTreeMap<String, Url> {
-        self.upstreams.clone().unwrap_or_else(|| {
-            ["registry.terraform.io", "registry.opentofu.org"]
-                .into_iter()
-                .map(|h| {
-                    let url = Url::parse(&format!("https://{h}/")).expect("static URL");
-                    (h.to_string(), url)
-                })
-                .collect()
-        })
-    }
-
-    pub fn allowed_hosts(&self) -> Vec<String> {
-        self.allowed_hosts.clone().unwrap_or_else(|| {
-            vec![
-                "objects.githubusercontent.com".into(),
-                "release-assets.githubusercontent.com".into(),
-            ]
-        })
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(ca) = &self.upstream_ca {
-            crate::pem::certs(ca).map_err(|e| invalid("providers.upstream_ca", e))?;
-        }
-        for (host, url) in self.upstreams() {
-            // The hostname is a key the operator wrote; the URL is not echoed.
-            let key = format!("providers.upstreams.{host}");
-            if !crate::routes::provider::valid_host(&host) {
-                return Err(invalid(
-                    "providers.upstreams",
-                    "hostnames must be lowercase host[:port]",
-                ));
-            }
-            check_base_url(&key, &url)?;
-            if url.scheme() != "https" {
-                return Err(invalid(&key, "must be an https URL"));
-            }
-        }
-        for pattern in self.allowed_hosts() {
-            let bare = pattern.strip_prefix("*.").unwrap_or(&pattern);
-            if !crate::routes::provider::valid_host(bare) {
-                return Err(invalid(
-                    "providers.allowed_hosts",
-                    "entries must be lowercase host, host:port or *.domain",
-                ));
-            }
-        }
-        Ok(())
-    }
-}
+pub use providers::ProvidersConfig;
 
 /// Settings given as flags. Kept as strings so that the same validation, with the same key
 /// names in its messages, applies to flags, environment and file alike.
@@ -472,6 +431,15 @@ impl Config {
                 return Err(invalid(key, "must be greater than zero"));
             }
         }
+        if self
+            .auth
+            .id_token
+            .audience
+            .as_deref()
+            .is_some_and(|a| a.trim().is_empty())
+        {
+            return Err(invalid("auth.id_token.audience", "must not be empty"));
+        }
         // A download token is a bearer capability: bounded, like GitLab's own 5-minute JWT.
         if self.auth.token_ttl > crate::token::MAX_TTL {
             return Err(invalid("auth.token_ttl", "must be at most 1 day"));
@@ -567,6 +535,8 @@ fn check_base_url(key: &str, url: &Url) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+mod providers;
 
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
@@ -28,58 +29,79 @@ pub struct Generation(u64);
 /// A flight's shared future.
 pub type Flight<V> = Shared<BoxFuture<'static, V>>;
 
-/// Flights in the air, by key, each with its generation.
-type Table<K, V> = Arc<Mutex<HashMap<K, (Generation, Flight<V>)>>>;
+/// Flights in the air, by key, each with its generation and who started it.
+type Table<K, V, O> = Arc<Mutex<HashMap<K, (Generation, O, Flight<V>)>>>;
 
-/// The table of flights in the air, by key.
-pub struct Flights<K, V: Clone> {
-    table: Table<K, V>,
+/// The table of flights in the air, by key. `O` says who started a flight (for a caller
+/// that must know whether a joined exchange was made on its behalf); `()` when it does not
+/// matter.
+pub struct Flights<K, V: Clone, O = ()> {
+    table: Table<K, V, O>,
     next: AtomicU64,
+    /// How long a landed flight stays offered (its answer still being learned by those who
+    /// waited for it), unless left sooner.
+    linger: Duration,
 }
 
-impl<K, V> Default for Flights<K, V>
+impl<K, V, O> Default for Flights<K, V, O>
 where
     K: Eq + Hash + Clone + Send + 'static,
     V: Clone + Send + Sync + 'static,
+    O: Clone + Send + 'static,
 {
     fn default() -> Self {
-        Flights {
-            table: Arc::new(Mutex::new(HashMap::new())),
-            next: AtomicU64::new(0),
-        }
+        Flights::lingering(Duration::ZERO)
     }
 }
 
-impl<K, V> Flights<K, V>
+impl<K, V, O> Flights<K, V, O>
 where
     K: Eq + Hash + Clone + Send + 'static,
     V: Clone + Send + Sync + 'static,
+    O: Clone + Send + 'static,
 {
-    /// Join the flight of `key`, or start one with `start` (spawned at once). Says whether
-    /// this call joined an existing flight.
+    /// A table whose landed flights stay offered for `linger` (0: taken out on landing).
+    pub fn lingering(linger: Duration) -> Self {
+        Flights {
+            table: Arc::new(Mutex::new(HashMap::new())),
+            next: AtomicU64::new(0),
+            linger,
+        }
+    }
+
+    /// Join the flight of `key`, or start one for `owner` with `start` (spawned at once).
+    /// When joined, says who started the flight joined.
     pub fn join_or_start(
         &self,
         key: K,
+        owner: O,
         start: impl FnOnce() -> BoxFuture<'static, V>,
-    ) -> (Generation, Flight<V>, bool) {
+    ) -> (Generation, Flight<V>, Option<O>) {
         let mut table = self.table.lock().expect("flight table");
-        if let Some((generation, flight)) = table.get(&key) {
-            return (*generation, flight.clone(), true);
+        if let Some((generation, started_by, flight)) = table.get(&key) {
+            return (*generation, flight.clone(), Some(started_by.clone()));
         }
         let generation = Generation(self.next.fetch_add(1, Ordering::Relaxed));
-        let landing = (self.table.clone(), key.clone());
+        let (landing, linger) = ((self.table.clone(), key.clone()), self.linger);
         let work = start();
         let flight = async move {
             let value = work.await;
             let (table, key) = landing;
-            remove_if(&table, &key, generation);
+            if linger.is_zero() {
+                remove_if(&table, &key, generation);
+            } else {
+                tokio::spawn(async move {
+                    tokio::time::sleep(linger).await;
+                    remove_if(&table, &key, generation);
+                });
+            }
             value
         }
         .boxed()
         .shared();
-        table.insert(key, (generation, flight.clone()));
+        table.insert(key, (generation, owner, flight.clone()));
         tokio::spawn(flight.clone());
-        (generation, flight, false)
+        (generation, flight, None)
     }
 
     /// Stop offering this flight to new callers (it goes on for those that hold it).
@@ -94,13 +116,13 @@ where
     }
 }
 
-fn remove_if<K: Eq + Hash, V>(
-    table: &Mutex<HashMap<K, (Generation, V)>>,
+fn remove_if<K: Eq + Hash, O, V>(
+    table: &Mutex<HashMap<K, (Generation, O, V)>>,
     key: &K,
     generation: Generation,
 ) {
     let mut table = table.lock().expect("flight table");
-    if table.get(key).is_some_and(|(g, _)| *g == generation) {
+    if table.get(key).is_some_and(|(g, _, _)| *g == generation) {
         table.remove(key);
     }
 }
@@ -164,16 +186,16 @@ mod tests {
                 .boxed()
             }
         };
-        let (g1, f1, joined1) = flights.join_or_start("k", start(runs.clone()));
-        let (g2, f2, joined2) = flights.join_or_start("k", start(runs.clone()));
-        assert_eq!((g1, joined1, joined2), (g2, false, true));
+        let (g1, f1, joined1) = flights.join_or_start("k", (), start(runs.clone()));
+        let (g2, f2, joined2) = flights.join_or_start("k", (), start(runs.clone()));
+        assert_eq!((g1, joined1, joined2), (g2, None, Some(())));
         assert_eq!((f1.await, f2.await), (7, 7));
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Landed: the key is free, a new caller starts a new flight.
         tokio::task::yield_now().await;
         assert!(flights.is_empty());
-        let (g3, f3, joined3) = flights.join_or_start("k", start(runs.clone()));
-        assert!(!joined3 && g3 != g1);
+        let (g3, f3, joined3) = flights.join_or_start("k", (), start(runs.clone()));
+        assert!(joined3.is_none() && g3 != g1);
         f3.await;
         assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
@@ -188,13 +210,13 @@ mod tests {
             }
             .boxed()
         };
-        let (old, held, _) = flights.join_or_start("k", slow);
+        let (old, held, _) = flights.join_or_start("k", (), slow);
         flights.leave(&"k", old);
-        let (new, newer, joined) = flights.join_or_start("k", || async { 2 }.boxed());
-        assert!(!joined && new != old);
+        let (new, newer, joined) = flights.join_or_start("k", (), || async { 2 }.boxed());
+        assert!(joined.is_none() && new != old);
         // The old flight lands after the new one started: the new one stays offered.
-        let (_, again, joined_again) = flights.join_or_start("k", || async { 3 }.boxed());
-        assert!(joined_again);
+        let (_, again, joined_again) = flights.join_or_start("k", (), || async { 3 }.boxed());
+        assert!(joined_again.is_some());
         assert_eq!(held.await, 1);
         assert_eq!((newer.await, again.await), (2, 2));
     }
@@ -204,7 +226,7 @@ mod tests {
         let flights: Flights<&str, u32> = Flights::default();
         let done = Arc::new(AtomicUsize::new(0));
         let d = done.clone();
-        let (_, flight, _) = flights.join_or_start("k", move || {
+        let (_, flight, _) = flights.join_or_start("k", (), move || {
             async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 d.fetch_add(1, Ordering::SeqCst);
@@ -216,6 +238,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         assert_eq!(done.load(Ordering::SeqCst), 1, "spawned: not cancelled");
         assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_lingering_flight_is_offered_after_landing_and_says_who_started_it() {
+        let flights: Flights<&str, u32, char> = Flights::lingering(Duration::from_millis(50));
+        let (_, first, _) = flights.join_or_start("k", 'a', || async { 1 }.boxed());
+        assert_eq!(first.await, 1);
+        tokio::task::yield_now().await;
+        let (_, again, joined) = flights.join_or_start("k", 'b', || async { 2 }.boxed());
+        assert_eq!(
+            (again.await, joined),
+            (1, Some('a')),
+            "landed, still offered"
+        );
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(flights.is_empty(), "then taken out");
     }
 
     #[test]

@@ -28,6 +28,26 @@ impl Secret {
             }
         }
     }
+
+    /// The identity of a CI principal (job project, user, scoped user): what every job token
+    /// of that principal shares grants under. The input starts with a NUL byte, which no
+    /// header value holds, so it never equals a credential's identity.
+    pub fn identify_principal(
+        &self,
+        job_project: u64,
+        user: u64,
+        scoped_user: Option<u64>,
+    ) -> Identity {
+        let scoped = scoped_user.map_or_else(|| "-".to_string(), |s| s.to_string());
+        let text = format!("\0ci-principal\0{job_project}\0{user}\0{scoped}");
+        let h = blake3::keyed_hash(self.identity_key(), text.as_bytes());
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h.as_bytes()[..16]);
+        if id == [0u8; 16] {
+            id[0] = 1;
+        }
+        Identity(id)
+    }
 }
 
 /// A 128-bit keyed hash of a credential. Printable as hex; its short prefix goes into logs.

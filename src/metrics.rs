@@ -114,6 +114,22 @@ pub static UPSTREAM_UP: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static RATELIMIT_REMAINING: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tfmirror_upstream_ratelimit_remaining",
+        "Lowest RateLimit-Remaining GitLab sent over the last minute (-1: none sent)."
+    )
+    .expect("metric")
+});
+
+pub static RATELIMIT_RESET: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "tfmirror_upstream_ratelimit_reset_timestamp_seconds",
+        "When the budget of tfmirror_upstream_ratelimit_remaining resets (unix time; -1: unknown)."
+    )
+    .expect("metric")
+});
+
 pub static BYTES_SERVED: LazyLock<IntCounterVec> = LazyLock::new(|| {
     register_int_counter_vec!(
         "tfmirror_bytes_served_total",
@@ -261,7 +277,7 @@ pub const PROVIDER_VERIFICATION_RESULTS: [&str; 9] = [
 ];
 
 /// Every family tfmirror exports (the dashboard in deploy/grafana has a panel for each).
-pub const FAMILIES: [&str; 28] = [
+pub const FAMILIES: [&str; 30] = [
     "tfmirror_requests_total",
     "tfmirror_request_duration_seconds",
     "tfmirror_upstream_requests_total",
@@ -273,6 +289,8 @@ pub const FAMILIES: [&str; 28] = [
     "tfmirror_stale_served_total",
     "tfmirror_auth_decisions_total",
     "tfmirror_upstream_up",
+    "tfmirror_upstream_ratelimit_remaining",
+    "tfmirror_upstream_ratelimit_reset_timestamp_seconds",
     "tfmirror_bytes_served_total",
     "tfmirror_cache_write_errors_total",
     "tfmirror_client_timeouts_total",
@@ -307,6 +325,9 @@ pub fn init() {
     LazyLock::force(&STALE_SERVED);
     LazyLock::force(&AUTH_DECISIONS);
     LazyLock::force(&UPSTREAM_UP);
+    // Unknown until GitLab sends its RateLimit headers.
+    RATELIMIT_REMAINING.set(-1);
+    RATELIMIT_RESET.set(-1);
     LazyLock::force(&CACHE_WRITE_ERRORS);
     LazyLock::force(&BYTES_SERVED);
     LazyLock::force(&CLIENT_TIMEOUTS);
@@ -357,11 +378,13 @@ pub enum Decision {
     OfflineRefused,
     /// A tfmirror download token was refused.
     TokenRefused,
+    /// GitLab could not be asked about a CI job; its verified ID token named the principal.
+    IdTokenOffline,
 }
 
 impl Decision {
     /// In declaration order: `ALL[d as usize] == d`.
-    const ALL: [Decision; 10] = [
+    const ALL: [Decision; 11] = [
         Decision::Granted,
         Decision::UpstreamAllowed,
         Decision::UpstreamRefused,
@@ -372,6 +395,7 @@ impl Decision {
         Decision::UnknownDenied,
         Decision::OfflineRefused,
         Decision::TokenRefused,
+        Decision::IdTokenOffline,
     ];
 
     fn label(self) -> &'static str {
@@ -386,6 +410,7 @@ impl Decision {
             Decision::UnknownDenied => "unknown_denied",
             Decision::OfflineRefused => "offline_refused",
             Decision::TokenRefused => "token_refused",
+            Decision::IdTokenOffline => "id_token_offline",
         }
     }
 }

@@ -468,6 +468,20 @@ impl Auth {
         }
     }
 
+    /// `credential` no longer works (a finished job's token): never use it for `identity`
+    /// again, if it is the one remembered.
+    pub fn forget_credential(&self, identity: Identity, credential: &HeaderValue) {
+        // A race with a newer credential of the same identity only costs that one a refill
+        // from the request it comes with.
+        if self
+            .creds
+            .get(&identity)
+            .is_some_and(|(c, _)| c == credential)
+        {
+            self.creds.invalidate(&identity);
+        }
+    }
+
     fn remember_credential(&self, identity: Identity, credential: &HeaderValue, for_: Duration) {
         let until = Instant::now() + for_;
         self.creds.insert(identity, (credential.clone(), until));

@@ -186,3 +186,54 @@ fn errors_name_the_key_never_the_value() {
         Ok(())
     });
 }
+
+/// Issue 28: the CI settings, in YAML and in the environment; unknown keys named.
+#[test]
+#[allow(clippy::result_large_err)] // figment::Jail's closure signature, not ours
+fn ci_settings_load_from_yaml_and_env() {
+    let c = Config::load_with_env(None, &Overrides::default(), no_env()).unwrap();
+    assert!(c.auth.principal_grants);
+    assert_eq!(c.auth.id_token.audience, None);
+    assert_eq!(
+        c.auth.id_token.issuer_for(&c.upstream),
+        "https://gitlab.com"
+    );
+    let yaml = "upstream: https://gitlab.example.com/\nauth:\n  principal_grants: false\n  \
+                id_token:\n    audience: tfmirror\n    require_ref_protected: true\n";
+    let c = load(yaml, &Overrides::default()).unwrap();
+    assert!(!c.auth.principal_grants);
+    assert_eq!(c.auth.id_token.audience.as_deref(), Some("tfmirror"));
+    assert!(c.auth.id_token.require_ref_protected);
+    assert_eq!(
+        c.auth.id_token.issuer_for(&c.upstream),
+        "https://gitlab.example.com"
+    );
+    let e = load(
+        "auth:\n  id_token:\n    audiance: x\n",
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("audiance"), "{e}");
+    let e = load(
+        "auth:\n  id_token:\n    audience: ' '\n",
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("auth.id_token.audience"), "{e}");
+    figment::Jail::expect_with(|jail| {
+        jail.set_env("TFMIRROR_AUTH__PRINCIPAL_GRANTS", "false");
+        jail.set_env("TFMIRROR_AUTH__ID_TOKEN__AUDIENCE", "https://tfmirror.test");
+        jail.set_env("TFMIRROR_AUTH__ID_TOKEN__ISSUER", "https://gitlab.test");
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert!(!c.auth.principal_grants);
+        assert_eq!(
+            c.auth.id_token.audience.as_deref(),
+            Some("https://tfmirror.test")
+        );
+        assert_eq!(
+            c.auth.id_token.issuer_for(&c.upstream),
+            "https://gitlab.test"
+        );
+        Ok(())
+    });
+}

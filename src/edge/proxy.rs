@@ -341,6 +341,14 @@ impl ProxyHttp for Proxy {
             .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad upstream path"))?;
         up.set_uri(uri);
         up.insert_header(header::HOST, self.upstream.authority())?;
+        // A CI ID token (`<job token>~<ID token>`) is tfmirror's alone: never forwarded.
+        if let Some((stripped, _)) = up
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(crate::access::idtoken::split)
+        {
+            up.insert_header(header::AUTHORIZATION, stripped)?;
+        }
 
         let connection_tokens: Vec<String> = up
             .headers

@@ -340,7 +340,7 @@ impl Providers {
         let start = move || {
             upstream::carried(async move { this.fetch_listing_now(&listing).await }).boxed()
         };
-        let (_, flight, _) = self.listing_flights.join_or_start(l.key(), start);
+        let (_, flight, _) = self.listing_flights.join_or_start(l.key(), (), start);
         flight.await
     }
 
@@ -431,7 +431,7 @@ impl Providers {
             };
             upstream::carried(fetch).boxed()
         };
-        let (_, flight, _) = self.sums_flights.join_or_start(key, start);
+        let (_, flight, _) = self.sums_flights.join_or_start(key, (), start);
         let rec = flight.await?;
         Ok(Found {
             value: rec,

@@ -22,6 +22,10 @@ use crate::metrics;
 use crate::respond::CacheStatus;
 use crate::upstream::gitlab::{self, Small};
 
+/// How long an answered fetch is offered to new requests at most, when no caller that waited
+/// for it took it out after learning it (see `fetch_shared`).
+pub(super) const ANSWERED_STAYS: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How long a request probing an open breaker waits for GitLab.
 const PROBE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -112,6 +116,27 @@ impl Registry {
         lesson: Lesson,
         label: &'static str,
     ) -> Asked {
+        // A download answer carries GitLab's JWT wrapping the raw token: never shared.
+        let share = match lesson {
+            Lesson::Download { .. } => Share::Credential,
+            _ => Share::Identity,
+        };
+        self.ask_as(identity, path, cred, lesson, label, share)
+            .await
+    }
+
+    /// [`ask`](Self::ask), sharing the request per identity (a principal's jobs share one)
+    /// or per credential. A 401 is a job token's own (its job is over): when a shared
+    /// request of another job of the principal got one, this caller asks for itself.
+    async fn ask_as(
+        self: &Arc<Self>,
+        identity: Identity,
+        path: &str,
+        cred: Option<HeaderValue>,
+        lesson: Lesson,
+        label: &'static str,
+        share: Share,
+    ) -> Asked {
         if self.health.is_offline_mode() {
             return failed(Failure::Offline);
         }
@@ -126,7 +151,8 @@ impl Registry {
         } else {
             None
         };
-        let (generation, fut) = self.fetch_shared(identity, path, cred.clone(), label);
+        let key = self.inflight_key(identity, cred.as_ref(), path, share);
+        let (generation, mine, fut) = self.fetch_shared(&key, identity, path, cred.clone(), label);
         // A probe of an open breaker waits no longer than the background probe does: against
         // a black hole, every request that probes would otherwise cost the whole deadline.
         let deadline = match probe {
@@ -134,9 +160,16 @@ impl Registry {
             None => self.deadline,
         };
         match tokio::time::timeout(deadline, fut.clone()).await {
+            Ok(Ok(small)) if !mine && small.status == StatusCode::UNAUTHORIZED => {
+                self.health.record_answer(small.status, &small.headers);
+                drop(probe);
+                let ask = self.ask_as(identity, path, cred, lesson, label, Share::Credential);
+                Box::pin(ask).await
+            }
             Ok(Ok(small)) => {
                 self.health.record_answer(small.status, &small.headers);
                 let learned = self.learn(identity, cred.as_ref(), &lesson, &small).await;
+                self.leave_inflight(&key, generation);
                 match small.status {
                     s if s.is_server_error() => Asked::Failed {
                         failure: Failure::Status(s),
@@ -145,14 +178,17 @@ impl Registry {
                     _ => Asked::Answer { small, learned },
                 }
             }
-            Ok(Err(e)) => self.failed_call(&e),
+            Ok(Err(e)) => {
+                self.leave_inflight(&key, generation);
+                self.failed_call(&e)
+            }
             Err(_) => {
                 // Slow past the deadline: failed for this caller, and for the breaker. The
                 // answer is still learned when it arrives. Later requests must not join this
                 // one (a black hole would hold them until `timeouts.read`): they start afresh.
                 self.health.record_failure(&self.upstream);
-                self.leave_inflight(identity, path, generation);
-                self.learn_late(identity, cred, lesson, fut);
+                self.leave_inflight(&key, generation);
+                self.learn_late(identity, cred, lesson, fut, mine);
                 failed(Failure::Deadline)
             }
         }
@@ -184,11 +220,15 @@ impl Registry {
         cred: Option<HeaderValue>,
         lesson: Lesson,
         fut: SharedFetch,
+        mine: bool,
     ) {
         let this = self.clone();
         tokio::spawn(async move {
             if let Ok(small) = fut.await {
                 this.health.record_answer(small.status, &small.headers);
+                if !mine && small.status == StatusCode::UNAUTHORIZED {
+                    return; // another job's 401: says nothing of this caller's token
+                }
                 this.learn(identity, cred.as_ref(), &lesson, &small).await;
                 metrics::LATE_ANSWERS.inc();
                 tracing::info!(
@@ -204,14 +244,18 @@ impl Registry {
     /// (one flight, `crate::flight`), which runs as a task of its own: a caller that stops
     /// waiting (deadline, client gone) does not cancel it for the others, and its answer can
     /// still be learned.
+    ///
+    /// Returns whether the request is made with this caller's own credential.
     fn fetch_shared(
         &self,
+        key: &str,
         identity: Identity,
         path: &str,
         cred: Option<HeaderValue>,
         label: &'static str,
-    ) -> (Generation, SharedFetch) {
-        let key = format!("{}{path}", identity.to_hex());
+    ) -> (Generation, bool, SharedFetch) {
+        let me = self.secret.identify(cred.as_ref());
+        let principal = self.is_principal_of(identity, cred.as_ref());
         let upstream = self.upstream.clone();
         let path = path.to_string();
         let start = move || {
@@ -238,18 +282,48 @@ impl Registry {
             }
             .boxed()
         };
-        let (generation, flight, joined) = self.inflight.join_or_start(key, start);
-        if joined {
-            metrics::COALESCED_WAITS.inc();
-        }
-        (generation, flight)
+        // The callers that wait for an answer learn it, then take it out (`leave_inflight`);
+        // until then a request that joins gets this answer rather than asking again a
+        // request whose answer is about to be learned. Should every caller have stopped
+        // waiting, it leaves by itself after `ANSWERED_STAYS` (the table's linger).
+        let (generation, flight, joined) = self.inflight.join_or_start(key.to_string(), me, start);
+        let mine = match joined {
+            None => true,
+            Some(owner) => {
+                metrics::COALESCED_WAITS.inc();
+                owner == me || !principal
+            }
+        };
+        (generation, mine, flight)
     }
 
     /// Stop offering an in-flight fetch to new requests (it goes on for those that hold it).
-    fn leave_inflight(&self, identity: Identity, path: &str, generation: Generation) {
-        let key = format!("{}{path}", identity.to_hex());
-        self.inflight.leave(&key, generation);
+    fn leave_inflight(&self, key: &str, generation: Generation) {
+        self.inflight.leave(&key.to_string(), generation);
     }
+
+    /// Concurrent identical requests share one fetch per identity (the jobs of a principal
+    /// share one), or per credential (`Share::Credential`).
+    fn inflight_key(
+        &self,
+        identity: Identity,
+        cred: Option<&HeaderValue>,
+        path: &str,
+        share: Share,
+    ) -> String {
+        let who = match share {
+            Share::Credential if self.is_principal_of(identity, cred) => self.secret.identify(cred),
+            _ => identity,
+        };
+        format!("{}{path}", who.to_hex())
+    }
+}
+
+/// What concurrent identical requests share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Share {
+    Identity,
+    Credential,
 }
 
 fn failed(failure: Failure) -> Asked {
@@ -260,7 +334,7 @@ fn failed(failure: Failure) -> Asked {
 }
 
 /// Errors that say GitLab could not be reached or did not answer (breaker material).
-fn is_unreachable(e: &ErrorType) -> bool {
+pub(super) fn is_unreachable(e: &ErrorType) -> bool {
     matches!(
         e,
         ErrorType::ConnectError

@@ -65,8 +65,10 @@ impl Registry {
         credential: Option<&HeaderValue>,
     ) -> String {
         let authority = match (
-            self.auth
-                .gitlab_jwt(identity, &tarball_key(module, version)),
+            self.auth.gitlab_jwt(
+                self.jwt_owner(identity, credential),
+                &tarball_key(module, version),
+            ),
             credential,
         ) {
             (Some(jwt), _) => Authority::GitLabJwt(jwt),
@@ -92,8 +94,10 @@ impl Registry {
         version: &str,
         public: &PublicBase,
     ) -> (Reply, Outcome) {
-        let cred = call.authorization.clone();
-        let identity = self.secret.identify(cred.as_ref());
+        let (identity, cred) = match self.caller(call).await {
+            Ok(caller) => caller,
+            Err(finished) => return finished,
+        };
         let req = Request {
             route,
             version,

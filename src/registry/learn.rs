@@ -49,6 +49,17 @@ impl Registry {
                 tracing::info!(identity = %identity.short(), module = %module, wait_s = wait.as_secs(), "GitLab rate-limited this caller; holding it back alone");
                 CacheStatus::Miss
             }
+            Gitlab::Refused
+                if small.status == StatusCode::UNAUTHORIZED
+                    && self.is_principal_of(identity, cred) =>
+            {
+                // A job token's 401: its job is over. The token's, not its principal's.
+                if let Some(c) = cred {
+                    self.auth.forget_credential(identity, c);
+                    self.job_finished(c, negative(small));
+                }
+                CacheStatus::Miss
+            }
             Gitlab::Refused => {
                 self.learn_refusal(identity, module, lesson.path(), small, true)
                     .await;
@@ -56,7 +67,7 @@ impl Registry {
             }
             Gitlab::Failed | Gitlab::NotAsked => CacheStatus::Miss,
             Gitlab::Answered if small.is_stale() => {
-                self.learn_stale(identity, lesson, small);
+                self.learn_stale(identity, cred, lesson, small);
                 CacheStatus::Stale
             }
             Gitlab::Answered => self.learn_answer(identity, cred, lesson, small).await,
@@ -66,14 +77,21 @@ impl Registry {
     /// A tfmirror tier's stale answer (GitLab failed behind it): relayed as stale, and it
     /// refreshes no grant, no listing and no module-wide record. A download URL's token is
     /// still kept: it is what the tarball behind the relayed URL is filled with.
-    fn learn_stale(&self, identity: Identity, lesson: &Lesson, small: &Small) {
+    fn learn_stale(
+        &self,
+        identity: Identity,
+        cred: Option<&HeaderValue>,
+        lesson: &Lesson,
+        small: &Small,
+    ) {
         if let Lesson::Download {
             module, version, ..
         } = lesson
         {
             if let Some(jwt) = download_jwt(small) {
                 let key = tarball_key(module, version);
-                self.auth.remember_gitlab_jwt(identity, &key, jwt);
+                let owner = self.jwt_owner(identity, cred);
+                self.auth.remember_gitlab_jwt(owner, &key, jwt);
             }
         }
     }
@@ -169,8 +187,9 @@ impl Registry {
         match (small.status.is_success(), download_jwt(small)) {
             (true, Some(jwt)) => {
                 metrics::decision(Decision::UpstreamAllowed);
+                let owner = self.jwt_owner(identity, cred);
                 self.auth
-                    .remember_gitlab_jwt(identity, &tarball_key(module, version), jwt);
+                    .remember_gitlab_jwt(owner, &tarball_key(module, version), jwt);
                 let public_like = self.public_lists(identity, module, version).await;
                 let v = version.to_string();
                 let update = move |g: &mut Grant| g.add_version(&v);
@@ -329,8 +348,8 @@ impl Registry {
         small: &Small,
         revoke: bool,
     ) {
-        let www_authenticate = small.headers.get(header::WWW_AUTHENTICATE);
         if revoke {
+            let www_authenticate = small.headers.get(header::WWW_AUTHENTICATE);
             metrics::decision(Decision::UpstreamRefused);
             let refusal = Refusal::of(small.status, www_authenticate, &small.body);
             self.auth.revoke(identity, module, refusal).await;
@@ -338,15 +357,17 @@ impl Registry {
                 self.drop_public(module).await;
             }
         }
-        self.auth.remember_negative(
-            identity,
-            path,
-            Negative {
-                status: small.status,
-                www_authenticate: www_authenticate.cloned(),
-                body: small.body.clone(),
-            },
-        );
+        self.auth.remember_negative(identity, path, negative(small));
+    }
+
+    /// Whose GitLab `/file` JWT a download answer gives: it wraps the raw token, so it stays
+    /// with that token, never with the principal the token shares grants with.
+    pub(super) fn jwt_owner(&self, identity: Identity, cred: Option<&HeaderValue>) -> Identity {
+        if self.is_principal_of(identity, cred) {
+            self.secret.identify(cred)
+        } else {
+            identity
+        }
     }
 
     /// The module turned private: nothing of it is served as public any more.
@@ -381,6 +402,15 @@ impl Registry {
     pub(super) async fn body(&self, r: &BodyRef) -> Option<Bytes> {
         let hash = Hash::from_hex(&r.digest).ok()?;
         self.cache.get_small(hash).await.ok().flatten()
+    }
+}
+
+/// GitLab's refusal, to replay.
+fn negative(small: &Small) -> Negative {
+    Negative {
+        status: small.status,
+        www_authenticate: small.headers.get(header::WWW_AUTHENTICATE).cloned(),
+        body: small.body.clone(),
     }
 }
 

@@ -52,8 +52,10 @@ impl Registry {
         op: ListingKey,
     ) -> (Reply, Outcome) {
         let moment = Moment::now();
-        let cred = call.authorization.clone();
-        let identity = self.secret.identify(cred.as_ref());
+        let (identity, cred) = match self.caller(call).await {
+            Ok(caller) => caller,
+            Err(finished) => return finished,
+        };
         let grant = self.auth.grant(identity, &route.module).await;
         let own = grant
             .as_ref()

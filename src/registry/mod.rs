@@ -13,12 +13,14 @@
 mod ask;
 mod decide;
 mod download;
+mod idkeys;
 mod learn;
 mod listing;
 mod project;
 mod reply;
 mod tarball;
 mod warm;
+mod who;
 
 pub use reply::json as cached_listing;
 
@@ -106,8 +108,11 @@ pub struct Call {
     /// `HEAD`: answered like GET without a body, and never starts a fill (Terraform sends
     /// HEAD before GET, and the GET does the work).
     pub head: bool,
-    /// The caller's credential (`Authorization`), as GitLab's registry routes take it.
+    /// The caller's credential (`Authorization`), as GitLab's registry routes take it: a
+    /// CI ID token (`<job token>~<ID token>`) split off, always, so it never goes to GitLab.
     pub authorization: Option<HeaderValue>,
+    /// The CI ID token the credential carried, if any (see `access::idtoken`).
+    pub id_token: Option<String>,
     /// The `token` query parameter: a tfmirror download token, on tarball routes.
     pub token: Option<String>,
     /// `?terraform-get=1` (go-getter's question on project routes).
@@ -122,6 +127,14 @@ impl Call {
             authorization: req.headers.get(http::header::AUTHORIZATION).cloned(),
             ..Call::default()
         };
+        if let Some((stripped, id)) = call
+            .authorization
+            .as_ref()
+            .and_then(crate::access::idtoken::split)
+        {
+            call.authorization = Some(stripped);
+            call.id_token = Some(id);
+        }
         each_query_pair(query, |k, v| match k {
             "token" if call.token.is_none() => call.token = Some(v.into_owned()),
             "terraform-get" => call.terraform_get |= v == "1",
@@ -183,8 +196,9 @@ pub struct Registry {
     /// `offline.deadline`: how long a registry call waits for GitLab before it has failed.
     deadline: Duration,
     unknown_identity: UnknownIdentity,
-    /// Registry calls in flight, by identity and path: one upstream exchange each.
-    inflight: crate::flight::Flights<String, std::result::Result<Small, Arc<Error>>>,
+    /// Registry calls in flight, by identity (or credential) and path: one upstream exchange
+    /// each, with the identity of the credential it is made with.
+    inflight: crate::flight::Flights<String, std::result::Result<Small, Arc<Error>>, Identity>,
     /// Background listing refreshes running, by identity and path: one each.
     refreshing: crate::flight::Running<String>,
     /// (name, system) -> unix seconds of the last upload through tfmirror.
@@ -192,6 +206,13 @@ pub struct Registry {
     /// The latest time in `uploads` (unix seconds): a listing fetched after it cannot have
     /// been invalidated, and the hit path skips the lookup.
     latest_upload: std::sync::atomic::AtomicU64,
+    /// `auth.principal_grants`: job tokens share their principal's grants (see `who`).
+    principal_grants: bool,
+    /// Job token -> its principal (or per-token, or finished), for at most `auth.grant_ttl`.
+    jobs: crate::access::principal::JobMap,
+    job_inflight: who::JobInflight,
+    /// GitLab's ID-token keys, when `auth.id_token.audience` is set.
+    id_keys: Option<Arc<idkeys::IdKeys>>,
 }
 
 impl Registry {
@@ -217,13 +238,17 @@ impl Registry {
             health,
             deadline: cfg.offline.deadline,
             unknown_identity: cfg.offline.unknown_identity,
-            inflight: Default::default(),
+            inflight: crate::flight::Flights::lingering(ask::ANSWERED_STAYS),
             refreshing: Default::default(),
             uploads: moka::sync::Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(24 * 3600))
                 .build(),
             latest_upload: std::sync::atomic::AtomicU64::new(0),
+            principal_grants: cfg.auth.principal_grants,
+            jobs: crate::access::principal::JobMap::new(cfg.auth.grant_ttl),
+            job_inflight: crate::flight::Flights::lingering(ask::ANSWERED_STAYS),
+            id_keys: idkeys::IdKeys::new(cfg).map(Arc::new),
         }
     }
 

@@ -125,19 +125,33 @@ impl Registry {
         public: &PublicBase,
     ) -> Result<(Reply, Outcome)> {
         let p = Project::new(route);
-        let cred = call.authorization.clone();
         if !terraform_get {
-            if let Some(answered) = self.project_by_token(call, &p, cred.clone()).await {
+            let cred = call.authorization.clone();
+            if let Some(answered) = self.project_by_token(call, &p, cred).await {
                 return answered;
             }
         }
+        let (identity, cred) = match self.caller(call).await {
+            Ok(caller) => caller,
+            Err(finished) => return Ok(finished),
+        };
         let c = Asker {
-            identity: self.secret.identify(cred.as_ref()),
+            identity,
             cred,
             terraform_get,
             public,
             check: format!("{}?terraform-get=1", p.path()),
         };
+        self.project_as(call, &p, c).await
+    }
+
+    /// A project route's download for a resolved caller: from its grant, or GitLab's check.
+    async fn project_as(
+        self: &Arc<Self>,
+        call: &Call,
+        p: &Project<'_>,
+        c: Asker<'_>,
+    ) -> Result<(Reply, Outcome)> {
         let grant = self.auth.grant(c.identity, &p.module).await;
         let own = grant
             .as_ref()
@@ -163,12 +177,12 @@ impl Registry {
                         .remember_for_grant(id, cred, remembered.as_ref(), g);
                 }
                 return self
-                    .project_allowed(call, &p, &c, CacheStatus::Hit, None)
+                    .project_allowed(call, p, &c, CacheStatus::Hit, None)
                     .await;
             }
             Action::Stale(_) => {
                 return self
-                    .project_allowed(call, &p, &c, CacheStatus::Stale, None)
+                    .project_allowed(call, p, &c, CacheStatus::Stale, None)
                     .await;
             }
             other => {
@@ -180,7 +194,7 @@ impl Registry {
                 }
             }
         }
-        self.project_from_gitlab(call, &p, &c, facts).await
+        self.project_from_gitlab(call, p, &c, facts).await
     }
 
     /// The tarball GET behind a 204 tfmirror handed out: its token decides (unless GitLab

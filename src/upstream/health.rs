@@ -43,6 +43,8 @@ pub struct Health {
     /// A request is probing the open breaker (see `claim_probe`).
     request_probe: Arc<AtomicBool>,
     hold_until: Mutex<Option<Instant>>,
+    /// GitLab's stated budget (`RateLimit-Remaining`) over the last minute.
+    budget: Mutex<Option<Budget>>,
 }
 
 /// The right to probe an open breaker with a real request; released when dropped.
@@ -65,6 +67,7 @@ impl Health {
             probing: AtomicBool::new(false),
             request_probe: Arc::new(AtomicBool::new(false)),
             hold_until: Mutex::new(None),
+            budget: Mutex::new(None),
         }
     }
 
@@ -109,6 +112,7 @@ impl Health {
 
     /// The upstream answered. Any status but a per-caller one (429) shows it is up.
     pub fn record_answer(&self, status: http::StatusCode, headers: &HeaderMap) {
+        self.note_budget(headers);
         if per_caller(status) {
             return;
         }
@@ -120,6 +124,32 @@ impl Health {
             if let Some(wait) = retry_after(headers) {
                 *self.hold_until.lock().expect("health lock") = Some(Instant::now() + wait);
             }
+        }
+    }
+
+    /// GitLab's `RateLimit-*` headers on an answer (any status: a 429 says 0): the lowest
+    /// remaining count of the last minute goes to the metrics, with its reset time.
+    fn note_budget(&self, headers: &HeaderMap) {
+        let remaining = header_u64(headers, "ratelimit-remaining");
+        if remaining.is_none() {
+            return;
+        }
+        let reset_at = header_u64(headers, "ratelimit-reset").or_else(|| {
+            let text = headers.get("ratelimit-resettime")?.to_str().ok()?;
+            let at = httpdate::parse_http_date(text).ok()?;
+            Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs())
+        });
+        let now = crate::clock::now();
+        let mut budget = self.budget.lock().expect("budget lock");
+        let next = fold_budget(*budget, now, remaining, reset_at);
+        if next != *budget {
+            if let Some(b) = next {
+                crate::metrics::RATELIMIT_REMAINING
+                    .set(i64::try_from(b.remaining).unwrap_or(i64::MAX));
+                crate::metrics::RATELIMIT_RESET
+                    .set(b.reset_at.and_then(|r| i64::try_from(r).ok()).unwrap_or(-1));
+            }
+            *budget = next;
         }
     }
 
@@ -159,6 +189,55 @@ impl Health {
 
 /// An answer GitLab gives one caller, not all: a rate limit. It proves GitLab's Rails runs,
 /// but what it says about access or health concerns that caller alone.
+/// How long the lowest `RateLimit-Remaining` stands before a higher one replaces it.
+const BUDGET_WINDOW: u64 = 60;
+
+/// The lowest `RateLimit-Remaining` GitLab sent within a window, and when that budget resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// When the window started (unix seconds).
+    pub since: u64,
+    pub remaining: u64,
+    /// `RateLimit-Reset` (unix seconds) of the answer that said `remaining`.
+    pub reset_at: Option<u64>,
+}
+
+/// Fold one answer's budget into the window's: the minimum over the last [`BUDGET_WINDOW`]
+/// seconds, so that a dashboard sees the caller closest to GitLab's throttle, not the last
+/// one to ask. An answer without the header changes nothing.
+pub fn fold_budget(
+    prev: Option<Budget>,
+    now: u64,
+    remaining: Option<u64>,
+    reset_at: Option<u64>,
+) -> Option<Budget> {
+    let Some(remaining) = remaining else {
+        return prev;
+    };
+    let fresh = Budget {
+        since: now,
+        remaining,
+        reset_at,
+    };
+    match prev {
+        Some(p) if now.saturating_sub(p.since) < BUDGET_WINDOW => {
+            if remaining < p.remaining {
+                Some(Budget {
+                    since: p.since,
+                    ..fresh
+                })
+            } else {
+                Some(p)
+            }
+        }
+        _ => Some(fresh),
+    }
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
 fn per_caller(status: http::StatusCode) -> bool {
     RateLimits::PerCaller.verdict(Seen::Answer(status)) == Verdict::Neutral
 }
@@ -180,6 +259,60 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use http::{HeaderValue, StatusCode};
+
+    #[test]
+    fn the_budget_is_the_lowest_remaining_of_the_last_minute() {
+        let b = |since, remaining, reset_at| {
+            Some(Budget {
+                since,
+                remaining,
+                reset_at,
+            })
+        };
+        let table = [
+            // (before, now, remaining, reset, after)
+            (None, 100, None, None, None),
+            (None, 100, Some(500), Some(160), b(100, 500, Some(160))),
+            (
+                b(100, 500, Some(160)),
+                110,
+                None,
+                None,
+                b(100, 500, Some(160)),
+            ),
+            (
+                b(100, 500, Some(160)),
+                110,
+                Some(20),
+                Some(160),
+                b(100, 20, Some(160)),
+            ),
+            // A caller with more left does not hide the one closest to the throttle...
+            (
+                b(100, 20, Some(160)),
+                130,
+                Some(900),
+                Some(160),
+                b(100, 20, Some(160)),
+            ),
+            // ... for a minute: then the window starts again.
+            (
+                b(100, 20, Some(160)),
+                160,
+                Some(900),
+                Some(220),
+                b(160, 900, Some(220)),
+            ),
+            (b(100, 20, None), 120, Some(0), None, b(100, 0, None)),
+        ];
+        for (before, now, remaining, reset, after) in table {
+            assert_eq!(
+                fold_budget(before, now, remaining, reset),
+                after,
+                "{before:?} {now}"
+            );
+        }
+    }
 
     #[test]
     fn an_upstream_wide_503_holds_requests_back_but_a_callers_429_does_not() {

@@ -43,6 +43,11 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+/// ID tokens and GitLab's key; here so that the benches, which include this file alone, have
+/// them too.
+#[path = "id_tokens.rs"]
+pub mod id_tokens;
+
 const V1: &str = "/api/v4/packages/terraform/modules/v1";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +106,34 @@ struct Registry {
     modules: Modules,
     /// presigned key -> bytes, for the object storage listener
     objects: HashMap<String, Bytes>,
+    /// CI job token -> its job (GitLab's `Ci::Build`)
+    jobs: HashMap<String, FakeJob>,
+    /// user name -> (user id, bot)
+    users: HashMap<String, (u64, bool)>,
+    next_job: u64,
+}
+
+/// A CI job: its token acts as its user (`acts_as`, a member token of that user) while it runs.
+#[derive(Debug, Clone)]
+struct FakeJob {
+    id: u64,
+    project_id: u64,
+    user: String,
+    acts_as: String,
+    running: bool,
+}
+
+/// How the fake mints a job token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobForm {
+    /// `glcbt-` and an opaque string (GitLab 16.9 to 17.6).
+    Legacy,
+    /// `glcbt-` and an RS256 JWT (`sub` = `gid://gitlab/Ci::Build/<id>`), GitLab 17.7+.
+    Jwt,
+    /// The JWT form of a composite identity: `scoped_user_id` in the payload.
+    Composite(u64),
+    /// The JWT form with a claim tfmirror does not know (finer permissions to come).
+    ExtraClaim,
 }
 
 pub struct Inner {
@@ -119,6 +152,8 @@ pub struct Inner {
     rate_limited: Mutex<HashMap<String, u64>>,
     /// Per caller (token, or "" for anonymous): answer this much later.
     latency: Mutex<HashMap<String, Duration>>,
+    /// GitLab.com's budget headers: `RateLimit-Remaining` counts down from this, one a request.
+    budget: Mutex<Option<u64>>,
     secret: Vec<u8>,
     /// Relative URL root ("" or "/gitlab"); part of every URL the fake hands out.
     prefix: String,
@@ -181,6 +216,7 @@ impl FakeGitlab {
             keepalive: Mutex::new(None),
             rate_limited: Mutex::new(HashMap::new()),
             latency: Mutex::new(HashMap::new()),
+            budget: Mutex::new(None),
             secret: b"fake-gitlab-jwt-secret".to_vec(),
             prefix: prefix.to_string(),
             base_url: format!(
@@ -228,6 +264,106 @@ impl FakeGitlab {
     pub fn add_token(&self, token: &str, user: &str) {
         let mut r = self.inner.registry.lock().unwrap();
         r.tokens.insert(token.into(), user.into());
+        let next = 100 + r.users.len() as u64;
+        r.users.entry(user.into()).or_insert((next, false));
+        // A job token given as a plain token is a running job of its own user, as GitLab's
+        // `/api/v4/job` would say (project 1).
+        if token.starts_with("glcbt-") {
+            r.next_job += 1;
+            let id = 1000 + r.next_job;
+            let job = FakeJob {
+                id,
+                project_id: 1,
+                user: user.into(),
+                acts_as: token.into(),
+                running: true,
+            };
+            r.jobs.insert(token.into(), job);
+        }
+    }
+
+    /// GitLab's user id of `user` (a name given to [`add_token`](Self::add_token)).
+    pub fn user_id(&self, user: &str) -> u64 {
+        self.inner.registry.lock().unwrap().users[user].0
+    }
+
+    /// Mark `user` as a bot (a project or group access token's user).
+    pub fn set_bot(&self, user: &str, bot: bool) {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.users.get_mut(user).unwrap().1 = bot;
+    }
+
+    /// Start a CI job of `project_id` run by the holder of `user_token` (a token given to
+    /// [`add_token`](Self::add_token)); returns its job token. The job token acts as that
+    /// user (same group memberships) until [`finish_job`](Self::finish_job).
+    pub fn start_job(&self, project_id: u64, user_token: &str, form: JobForm) -> String {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.next_job += 1;
+        let id = 1000 + r.next_job;
+        let user = r.tokens[user_token].clone();
+        let token = match form {
+            JobForm::Legacy => format!("glcbt-64_{id:020}legacyjobtoken"),
+            JobForm::Jwt => job_jwt(id, None, false),
+            JobForm::Composite(scoped) => job_jwt(id, Some(scoped), false),
+            JobForm::ExtraClaim => job_jwt(id, None, true),
+        };
+        r.jobs.insert(
+            token.clone(),
+            FakeJob {
+                id,
+                project_id,
+                user,
+                acts_as: user_token.to_string(),
+                running: true,
+            },
+        );
+        token
+    }
+
+    /// GitLab's claims for an ID token of the job of `job_token` with audience `aud`, as
+    /// GitLab writes them (ids as strings), valid for an hour; sign them with
+    /// `id_tokens::sign` (tests change them first to forge).
+    pub fn id_claims(&self, job_token: &str, aud: &str) -> Value {
+        let r = self.inner.registry.lock().unwrap();
+        let job = &r.jobs[job_token];
+        let user_id = r.users[&job.user].0;
+        json!({
+            "iss": self.inner.base_url.trim_end_matches('/'),
+            "aud": aud,
+            "iat": now(),
+            "nbf": now() - 5,
+            "exp": now() + 3600,
+            "sub": format!("project_path:group/project-{}:ref_type:branch:ref:main", job.project_id),
+            "namespace_id": "1",
+            "namespace_path": "group",
+            "project_id": job.project_id.to_string(),
+            "project_path": format!("group/project-{}", job.project_id),
+            "job_project_id": job.project_id.to_string(),
+            "job_project_path": format!("group/project-{}", job.project_id),
+            "user_id": user_id.to_string(),
+            "user_login": job.user,
+            "user_access_level": "developer",
+            "pipeline_id": (job.id * 10).to_string(),
+            "pipeline_source": "push",
+            "job_id": job.id.to_string(),
+            "ref": "main",
+            "ref_type": "branch",
+            "ref_protected": "true",
+            "runner_id": 1,
+            "sha": "0000000000000000000000000000000000000000",
+        })
+    }
+
+    /// A valid ID token (GitLab's key) for the job of `job_token`.
+    pub fn id_token(&self, job_token: &str, aud: &str) -> String {
+        let claims = self.id_claims(job_token, aud);
+        id_tokens::sign(id_tokens::Key::Gitlab, &id_tokens::header(), &claims)
+    }
+
+    /// The job ends: its token is refused (401) everywhere from now on.
+    pub fn finish_job(&self, token: &str) {
+        let mut r = self.inner.registry.lock().unwrap();
+        r.jobs.get_mut(token).unwrap().running = false;
     }
 
     pub fn add_group(&self, group: &str, public: bool, members: &[&str]) {
@@ -282,6 +418,12 @@ impl FakeGitlab {
     }
 
     /// Answer this caller (a token, or `None` for anonymous) `delay` later, or stop.
+    /// Send GitLab.com's `RateLimit-*` headers on every answer, `RateLimit-Remaining`
+    /// counting down from `remaining` (None: send none).
+    pub fn set_budget(&self, remaining: Option<u64>) {
+        *self.inner.budget.lock().unwrap() = remaining;
+    }
+
     pub fn set_latency_for(&self, token: Option<&str>, delay: Option<Duration>) {
         let mut m = self.inner.latency.lock().unwrap();
         let k = token.unwrap_or_default().to_string();
@@ -605,7 +747,8 @@ fn gitlab_router(inner: Arc<Inner>) -> Router {
         .route(&format!("{pp}/{{ver}}/file"), put(project_upload))
         .route("/api/v4/version", get(api_version))
         .route("/api/v4/user", get(api_user))
-        .route("/api/v4/job", get(api_job))
+        .route("/api/v4/job", get(current_job))
+        .route("/oauth/discovery/keys", get(discovery_keys))
         .route("/api/v4/groups/{id}", get(group_info))
         .route("/api/v4/groups/{id}/packages", get(group_packages))
         .fallback(not_found)
@@ -661,7 +804,21 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
         }
         _ => {}
     }
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    let left = {
+        let mut budget = inner.budget.lock().unwrap();
+        let left = *budget;
+        if let Some(n) = budget.as_mut() {
+            *n = n.saturating_sub(1);
+        }
+        left
+    };
+    if let Some(n) = left {
+        let h = resp.headers_mut();
+        h.insert("ratelimit-limit", HeaderValue::from(2000u64));
+        h.insert("ratelimit-remaining", HeaderValue::from(n));
+        h.insert("ratelimit-reset", HeaderValue::from(now() + 60));
+    }
     match fault {
         Fault::Truncate | Fault::ResetMidBody if resp.status() == StatusCode::OK => {
             truncate(resp).await
@@ -872,6 +1029,19 @@ impl Inner {
     /// GitLab's checks in order: authenticate, find the module, authorize.
     fn authorize(&self, caller: &Caller, group: &str) -> Result<(), Response> {
         let r = self.registry.lock().unwrap();
+        // A running job's token acts as its user; a finished one's is refused.
+        let acting;
+        let caller = match caller {
+            Caller::Token(t) if r.jobs.contains_key(t) => {
+                let job = &r.jobs[t];
+                if !job.running {
+                    return Err(unauthorized());
+                }
+                acting = Caller::Token(job.acts_as.clone());
+                &acting
+            }
+            other => other,
+        };
         if let Caller::Token(t) = caller {
             if !r.tokens.contains_key(t) {
                 return Err(unauthorized());
@@ -1441,17 +1611,71 @@ async fn api_user(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Respon
     }
 }
 
-/// `GET /api/v4/job`: a running job's details for its job token (`glcbt-`), 401 otherwise.
-async fn api_job(State(inner): State<Arc<Inner>>, headers: HeaderMap) -> Response {
-    match token_user(&inner, &headers) {
-        Some(user) if caller_token(&headers).starts_with("glcbt-") => Json(json!({
-            "id": 7, "status": "running",
-            "user": { "id": 1, "username": user, "bot": false, "state": "active" },
-            "pipeline": { "id": 3, "project_id": 1 }
-        }))
-        .into_response(),
-        _ => unauthorized(),
+// ---------------------------------------------------------------------------------------------
+// CI jobs
+
+/// A JWT-form job token: `glcbt-` and an RS256-shaped JWT whose key GitLab does not publish
+/// (the fake signs nothing: only its own job table says whether the token is valid).
+fn job_jwt(id: u64, scoped_user_id: Option<u64>, extra_claim: bool) -> String {
+    let header = B64.encode(br#"{"alg":"RS256","kid":"ci-job-token","typ":"JWT"}"#);
+    let mut claims = json!({
+        "sub": format!("gid://gitlab/Ci::Build/{id}"),
+        "aud": "gitlab-authz-token",
+        "iss": "gitlab.example.com",
+        "iat": now(),
+        "nbf": now() - 5,
+        "exp": now() + 3600,
+        "jti": format!("jti-{id}"),
+        "cell_id": 1,
+        "organization_id": 1,
+    });
+    if let Some(s) = scoped_user_id {
+        claims["scoped_user_id"] = json!(s);
     }
+    if extra_claim {
+        claims["permissions"] = json!(["read_package"]);
+    }
+    let body = B64.encode(claims.to_string());
+    let sig = B64.encode(format!("not-a-signature-{id}"));
+    format!("glcbt-{header}.{body}.{sig}")
+}
+
+/// GitLab's JWKS: the public key of its CI ID tokens.
+async fn discovery_keys() -> Json<Value> {
+    Json(id_tokens::jwks())
+}
+
+/// `GET /api/v4/job`: the job of the job token (`JOB-TOKEN`, `job_token`, or Bearer), 200
+/// while it runs, 401 once it has finished or for any other token.
+async fn current_job(
+    State(inner): State<Arc<Inner>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let token = headers
+        .get("job-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| q.get("job_token").cloned())
+        .or_else(|| match bearer(&headers) {
+            Ok(Caller::Token(t)) => Some(t),
+            _ => None,
+        });
+    let r = inner.registry.lock().unwrap();
+    let Some(job) = token.and_then(|t| r.jobs.get(&t)).filter(|j| j.running) else {
+        return unauthorized();
+    };
+    let (user_id, bot) = r.users[&job.user];
+    Json(json!({
+        "id": job.id,
+        "status": "running",
+        "name": "init",
+        "ref": "main",
+        "user": { "id": user_id, "username": job.user, "bot": bot, "state": "active" },
+        "pipeline": { "id": job.id * 10, "project_id": job.project_id, "ref": "main", "status": "running" },
+        "web_url": format!("{}/group/project-{}/-/jobs/{}", inner.base_url, job.project_id, job.id),
+    }))
+    .into_response()
 }
 
 // ---------------------------------------------------------------------------------------------

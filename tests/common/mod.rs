@@ -4,6 +4,8 @@
 
 pub mod fake_gitlab;
 pub mod fake_registry;
+#[allow(unused_imports)] // used by the ID token tests only
+pub use fake_gitlab::id_tokens;
 pub mod pki;
 pub mod terraform;
 
