@@ -21,14 +21,14 @@
 //!   cover them. A zip whose sha256 differs from the signed one fails its fill: it is neither
 //!   stored nor served whole.
 
-pub mod freshness;
-pub mod mirror;
+pub(crate) mod freshness;
+pub(crate) mod mirror;
 mod reply;
 /// Provider paths (a leaf module of its own, so `routes` can name them).
 pub use crate::routes::provider as route;
-pub mod upstream;
-pub mod verify;
-pub mod warm;
+pub(crate) mod upstream;
+pub(crate) mod verify;
+pub(crate) mod warm;
 
 #[cfg(test)]
 mod answer_tests;

@@ -15,13 +15,13 @@ use super::route::{Platform, ProviderId};
 use crate::metrics;
 use crate::upstream::breaker::{Breaker, RateLimits, Verdict};
 pub use crate::upstream::http::{
-    authority, carried, get_following, may_fetch, observed, read_limited, Http, Transport, UpError,
+    authority, carried, get_following, observed, read_limited, Http, Transport, UpError,
 };
 
 /// How long a registry's discovered `providers.v1` root is reused.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 
-pub use crate::cache::records::{PlatformInfo, VersionInfo};
+pub use crate::cache::records::VersionInfo;
 
 #[derive(Deserialize)]
 struct VersionsAnswer {
