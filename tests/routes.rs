@@ -273,17 +273,7 @@ async fn project_routes_use_basic_auth_and_absolute_urls_are_rewritten() {
         m.url()
     );
 
-    let tg = c
-        .get(format!("{base}/1.10.0?terraform-get=1"))
-        .header("authorization", basic("alice", ALICE))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(tg.status(), 204);
-    let get = tg.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let get = terraform_get(&c, &format!("{base}/1.10.0")).await;
     // GitLab's absolute URL now points at tfmirror, never at GitLab, with a tfmirror token.
     let prefix = format!(
         "{}/api/v4/projects/1/packages/terraform/modules/vpc/aws/1.10.0?token=",
@@ -608,9 +598,9 @@ async fn upstream_faults_become_gitlab_shaped_errors() {
     );
 }
 
-/// The project route's `terraform-get` answer for `base` (versioned or not), as Terraform
-/// follows it: the tarball URL, with Alice's Basic credential.
-async fn project_get(c: &reqwest::Client, base: &str) -> reqwest::Response {
+/// The project route's `terraform-get` answer for `base` (versioned or not), asked with
+/// Alice's Basic credential: the URL it points Terraform at, `archive=tgz` left on.
+async fn terraform_get(c: &reqwest::Client, base: &str) -> String {
     let tg = c
         .get(format!("{base}?terraform-get=1"))
         .header("authorization", basic("alice", ALICE))
@@ -618,10 +608,12 @@ async fn project_get(c: &reqwest::Client, base: &str) -> reqwest::Response {
         .await
         .unwrap();
     assert_eq!(tg.status(), 204);
-    let get = tg.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    tg.headers()["x-terraform-get"].to_str().unwrap().to_string()
+}
+
+/// The tarball behind `base`, fetched as Terraform follows the `terraform-get` answer.
+async fn project_get(c: &reqwest::Client, base: &str) -> reqwest::Response {
+    let get = terraform_get(c, base).await;
     c.get(get.replace("&archive=tgz", ""))
         .header("authorization", basic("alice", ALICE))
         .send()
