@@ -608,7 +608,10 @@ async fn terraform_get(c: &reqwest::Client, base: &str) -> String {
         .await
         .unwrap();
     assert_eq!(tg.status(), 204);
-    tg.headers()["x-terraform-get"].to_str().unwrap().to_string()
+    tg.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 /// The tarball behind `base`, fetched as Terraform follows the `terraform-get` answer.
