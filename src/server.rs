@@ -127,6 +127,14 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         ));
     }
 
+    // GitLab's ID-token keys, fetched at start and hourly (`registry::idkeys`).
+    if let Some(keeper) = registry.id_keys_keeper() {
+        server.add_service(pingora::services::background::background_service(
+            "tfmirror id-token keys",
+            keeper,
+        ));
+    }
+
     if let Some(addr) = config.metrics_listen {
         let app = crate::edge::metrics_app::MetricsApp { cache, health };
         let mut metrics = pingora::services::listening::Service::new(

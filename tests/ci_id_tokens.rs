@@ -326,3 +326,19 @@ async fn a_refused_principal_stays_refused_offline_under_any_policy() {
     assert_eq!(status, 403, "{body}");
     assert!(!body.contains("1.1.0"));
 }
+
+/// The keys are fetched at start, before any job arrives (and hourly after): a job whose first
+/// request comes only once GitLab has failed is still verified against current keys.
+#[tokio::test]
+async fn gitlabs_keys_are_fetched_at_start() {
+    let gl = gitlab().await;
+    let m = Mirror::start_with_config(&gl.url(), CONFIG).await;
+    // No request at all: the server fetched the keys on its own.
+    wait_for_jwks(&m).await;
+    assert_eq!(
+        gl.count("/oauth/discovery/keys"),
+        1,
+        "{:?}",
+        gl.hits().len()
+    );
+}

@@ -1,9 +1,9 @@
 //! GitLab's ID-token signing keys (JWKS at `<upstream>/oauth/discovery/keys`) and the
 //! verification of CI ID tokens with them: the I/O around [`crate::access::idtoken`].
 //!
-//! The keys are fetched when the first job token comes and then every hour (in the
-//! background, on the server's runtime: its upstream client's connections live there), and
-//! again on an unknown `kid`, at most once a minute; always through the breaker, with
+//! The keys are fetched at start and then every hour ([`KeepKeys`], a background service of
+//! the server, whose runtime lives as long as the process), and again on an unknown `kid`, at
+//! most once a minute; always through the breaker, with
 //! `offline.deadline`. The last good
 //! copy is kept on disk (`<cache_dir>/jwks.json`, written to a temporary file and renamed), so
 //! a restart while GitLab is down verifies with it. A copy that does not parse is never used,
@@ -154,5 +154,31 @@ impl IdKeys {
         }
         *last = Some(now);
         true
+    }
+}
+
+/// The server's background service that fetches the keys at start and every
+/// [`REFRESH_EVERY`] after, until shutdown: a job that starts right after a restart, or while
+/// GitLab is down later, is verified against keys no older than an hour.
+pub struct KeepKeys {
+    pub(super) keys: Arc<IdKeys>,
+    pub(super) upstream: Arc<dyn Fetcher>,
+    pub(super) health: Arc<Health>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for KeepKeys {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        loop {
+            // Counted as the periodic fetch, so a request does not start another one.
+            *self.keys.periodic.lock().expect("jwks periodic lock") = Some(Instant::now());
+            if !self.keys.refresh(&self.upstream, &self.health).await {
+                tracing::info!("CI ID token keys not fetched now (GitLab cannot be asked); the kept copy is used");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(REFRESH_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }

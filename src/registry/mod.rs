@@ -13,7 +13,7 @@
 mod ask;
 mod decide;
 mod download;
-mod idkeys;
+pub(crate) mod idkeys;
 mod learn;
 mod listing;
 mod project;
@@ -250,6 +250,16 @@ impl Registry {
             job_inflight: crate::flight::Flights::lingering(ask::ANSWERED_STAYS),
             id_keys: idkeys::IdKeys::new(cfg).map(Arc::new),
         }
+    }
+
+    /// The background service that keeps GitLab's ID-token keys fresh from the start, when
+    /// `auth.id_token.audience` is set.
+    pub fn id_keys_keeper(&self) -> Option<idkeys::KeepKeys> {
+        Some(idkeys::KeepKeys {
+            keys: self.id_keys.clone()?,
+            upstream: self.upstream.clone(),
+            health: self.health.clone(),
+        })
     }
 
     /// Forget every grant and refusal for `module` (an admin purge of its cached records).
