@@ -127,14 +127,25 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         ));
     }
 
-    // GitLab's ID-token keys, fetched at start and hourly (`registry::idkeys`).
+    add_side_services(&mut server, config, &registry, cache, health);
+    Ok(server)
+}
+
+/// The services beside the proxy: GitLab's ID-token keys, fetched at start and hourly
+/// (`registry::idkeys`), and `/-/metrics` on its own listener when `metrics_listen` is set.
+fn add_side_services(
+    server: &mut Server,
+    config: &Config,
+    registry: &Registry,
+    cache: Arc<Cache>,
+    health: Arc<Health>,
+) {
     if let Some(keeper) = registry.id_keys_keeper() {
         server.add_service(pingora::services::background::background_service(
             "tfmirror id-token keys",
             keeper,
         ));
     }
-
     if let Some(addr) = config.metrics_listen {
         let app = crate::edge::metrics_app::MetricsApp { cache, health };
         let mut metrics = pingora::services::listening::Service::new(
@@ -144,7 +155,6 @@ pub fn build(config: &Config, upgrade: bool) -> Result<Server, String> {
         metrics.add_tcp(&addr.to_string());
         server.add_service(metrics);
     }
-    Ok(server)
 }
 
 fn server_conf(config: &Config) -> ServerConf {
