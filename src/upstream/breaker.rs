@@ -1,7 +1,8 @@
 //! What an upstream's answer says about the upstream as a whole, and the circuit breaker
 //! that counts it. GitLab ([`crate::upstream::health`]) and every provider registry
-//! (`providers::upstream`) read the same rule here, so one situation means one thing on both
-//! sides.
+//! (`providers::upstream`) read the same rule here and count it with the same [`Breaker`],
+//! so one situation means one thing on both sides (the one difference, GitLab's 5xx, is
+//! written out in `health::breaker_verdict`).
 //!
 //! The rule that differs between kinds of upstream is one explicit parameter,
 //! [`RateLimits`]: whether a 429 is the upstream's trouble or the caller's own. By default
@@ -61,8 +62,8 @@ impl RateLimits {
 }
 
 /// First wait of an open breaker; it doubles on each failure while open, up to
-/// [`OPEN_MAX`]. The same backoff as GitLab's probe (`crate::upstream::health`): a failing upstream is
-/// tried again soon, a long-dead one every few seconds.
+/// [`OPEN_MAX`]. GitLab's probe (`crate::upstream::health`) is timed by it too: a failing
+/// upstream is tried again soon, a long-dead one every few seconds.
 pub const OPEN_FIRST: Duration = Duration::from_millis(200);
 /// Longest wait of an open breaker before the upstream is tried again.
 pub const OPEN_MAX: Duration = Duration::from_secs(5);
@@ -78,6 +79,21 @@ pub struct Breaker {
 }
 
 impl Breaker {
+    /// Has it opened (the threshold was reached), whether or not its wait is over?
+    pub fn is_open(&self) -> bool {
+        self.open_until.is_some()
+    }
+
+    /// When the open breaker's wait ends and the upstream may be tried again.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.open_until
+    }
+
+    /// Outages in a row so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
     /// May calls go to the upstream at `now`?
     pub fn available(&self, now: Instant) -> bool {
         self.open_until.is_none_or(|t| now >= t)

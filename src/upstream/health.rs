@@ -1,5 +1,10 @@
 //! Is the upstream reachable? A circuit breaker with a background probe.
 //!
+//! The breaker is [`crate::upstream::breaker::Breaker`], the type every provider registry's
+//! breaker is, with its threshold and its backoff (200 ms doubling to 5 s). What differs is
+//! written in [`breaker_verdict`]: for GitLab the breaker counts only what keeps callers
+//! waiting (no answer), and here a background probe, not the next request, tries again.
+//!
 //! Consecutive connect errors or timeouts (`offline.breaker_threshold`) mark the upstream
 //! down. While it is down, registry calls do not wait on it: stale answers are served at once.
 //! A single probe task retries with exponential backoff and closes the breaker on the first
@@ -16,19 +21,15 @@
 //! traffic, which leaves from tfmirror's one address). In offline mode the upstream is always
 //! unavailable and never probed.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::{header, HeaderMap};
 
-use crate::upstream::breaker::{RateLimits, Seen, Verdict};
+use crate::upstream::breaker::{Breaker, RateLimits, Seen, Verdict};
 use crate::upstream::gitlab::Fetcher;
 
-const PROBE_FIRST: Duration = Duration::from_millis(200);
-/// At most this long between probes of a down GitLab: recovery is seen within it (plus
-/// the probe's own timeout); one request per 5 s costs a down GitLab nothing.
-const PROBE_MAX: Duration = Duration::from_secs(5);
 /// Longest `Retry-After` honoured: a bogus value must not silence the upstream for a day.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
@@ -37,7 +38,9 @@ pub struct Health {
     threshold: u32,
     /// How long the background probe waits for an answer (`offline.deadline`).
     probe_wait: Duration,
-    failures: AtomicU32,
+    /// Counts consecutive failures and times the probes (its open wait is the backoff).
+    breaker: Mutex<Breaker>,
+    /// Whether the breaker is open, read without its lock by every request.
     down: AtomicBool,
     probing: AtomicBool,
     /// A request is probing the open breaker (see `claim_probe`).
@@ -62,7 +65,7 @@ impl Health {
             offline,
             threshold,
             probe_wait,
-            failures: AtomicU32::new(0),
+            breaker: Mutex::new(Breaker::default()),
             down: AtomicBool::new(offline),
             probing: AtomicBool::new(false),
             request_probe: Arc::new(AtomicBool::new(false)),
@@ -113,10 +116,14 @@ impl Health {
     /// The upstream answered. Any status but a per-caller one (429) shows it is up.
     pub fn record_answer(&self, status: http::StatusCode, headers: &HeaderMap) {
         self.note_budget(headers);
-        if per_caller(status) {
+        let verdict = breaker_verdict(Seen::Answer(status));
+        if verdict == Verdict::Neutral {
             return;
         }
-        self.failures.store(0, Ordering::Release);
+        self.breaker
+            .lock()
+            .expect("breaker lock")
+            .record(verdict, self.threshold, Instant::now());
         if self.down.swap(false, Ordering::AcqRel) {
             tracing::info!("upstream is back");
         }
@@ -156,11 +163,30 @@ impl Health {
     /// A connect error or a timeout. Enough of them in a row open the breaker and start the
     /// probe.
     pub fn record_failure(self: &Arc<Self>, upstream: &Arc<dyn Fetcher>) {
-        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        if n >= self.threshold && !self.down.swap(true, Ordering::AcqRel) {
-            tracing::warn!(failures = n, "upstream marked down; serving from the cache");
+        let (open, failures) = self.count_failure();
+        if open && !self.down.swap(true, Ordering::AcqRel) {
+            tracing::warn!(failures, "upstream marked down; serving from the cache");
             self.start_probe(upstream.clone());
         }
+    }
+
+    /// Count one failure (a call or a probe with no answer): is the breaker open now, and
+    /// after how many failures in a row?
+    fn count_failure(&self) -> (bool, u32) {
+        let mut b = self.breaker.lock().expect("breaker lock");
+        b.record(
+            breaker_verdict(Seen::Nothing),
+            self.threshold,
+            Instant::now(),
+        );
+        (b.is_open(), b.failures())
+    }
+
+    /// How long until the breaker's wait is over and the probe may go (zero if it is).
+    fn probe_in(&self) -> Duration {
+        let b = self.breaker.lock().expect("breaker lock");
+        b.retry_at()
+            .map_or(Duration::ZERO, |at| at.saturating_duration_since(Instant::now()))
     }
 
     fn start_probe(self: &Arc<Self>, upstream: Arc<dyn Fetcher>) {
@@ -168,10 +194,11 @@ impl Health {
             return;
         }
         let me = self.clone();
+        // The breaker's backoff times the probes: its first wait, doubled on each probe
+        // that gets no answer about GitLab (a 429 is none), up to its longest.
         tokio::spawn(async move {
-            let mut wait = PROBE_FIRST;
             loop {
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(me.probe_in()).await;
                 match upstream.probe(me.probe_wait).await {
                     Some((status, _)) if per_caller(status) => {}
                     Some((status, headers)) => {
@@ -180,7 +207,7 @@ impl Health {
                     }
                     None => {}
                 }
-                wait = (wait * 2).min(PROBE_MAX);
+                me.count_failure();
             }
             me.probing.store(false, Ordering::Release);
         });
@@ -238,8 +265,22 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
     headers.get(name)?.to_str().ok()?.trim().parse().ok()
 }
 
+/// What GitLab's answer (or its absence) counts for in its breaker. The rule of
+/// [`RateLimits::verdict`] (a 429 is its caller's), with one difference, and why: a 5xx is
+/// an answer here. GitLab's Rails answered at once, so nobody waits on it; the request that
+/// got it falls back to a stale answer by itself (`registry`'s `Failure::Status`), and the
+/// breaker stays closed so the next request sees GitLab's recovery without a probe. A
+/// provider registry's 5xx opens its breaker instead: nothing else stops tfmirror from
+/// asking a failing registry on every request.
+pub fn breaker_verdict(seen: Seen) -> Verdict {
+    match RateLimits::PerCaller.verdict(seen) {
+        Verdict::Outage if matches!(seen, Seen::Answer(_)) => Verdict::Up,
+        v => v,
+    }
+}
+
 fn per_caller(status: http::StatusCode) -> bool {
-    RateLimits::PerCaller.verdict(Seen::Answer(status)) == Verdict::Neutral
+    breaker_verdict(Seen::Answer(status)) == Verdict::Neutral
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare from GitLab and ignored), capped at
@@ -259,6 +300,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 mod tests {
     use super::*;
     use http::{HeaderValue, StatusCode};
+    use std::sync::atomic::AtomicU32;
 
     #[test]
     fn the_budget_is_the_lowest_remaining_of_the_last_minute() {
