@@ -263,6 +263,62 @@ async fn object_storage_redirects_are_followed_and_hidden() {
     );
 }
 
+/// Issue 28, item 4: GitLab counts a `/file?token=<JWT>` with no credential header per IP
+/// (its rate limiter does not read the JWT), so every fill of every caller shared tfmirror's
+/// one unauthenticated budget (60 an hour on GitLab.com's planned limits). A fill now carries
+/// its caller's own credential to GitLab's origin, and counts against that caller; never to
+/// object storage. A job token gains nothing there and is not sent twice.
+#[tokio::test]
+async fn a_fill_counts_against_its_caller_and_no_credential_reaches_object_storage() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let file = m.file_url("infra/vpc/aws", "1.9.0", ALICE).await;
+    assert_eq!(client().get(&file).send().await.unwrap().status(), 200);
+    let fills: Vec<_> = gl
+        .hits()
+        .into_iter()
+        .filter(|h| h.path.ends_with("/file"))
+        .collect();
+    assert_eq!(fills.len(), 1);
+    assert_eq!(
+        fills[0].counted_as.as_deref(),
+        Some(ALICE),
+        "counted against Alice"
+    );
+    assert_eq!(gl.counted_per_ip("/file"), 0);
+
+    // Through object storage: the credential goes to GitLab, never to the bucket.
+    gl.set_object_storage(true);
+    let file = m.file_url("infra/vpc/aws", "1.10.0", ALICE).await;
+    assert_eq!(client().get(&file).send().await.unwrap().status(), 200);
+    let bucket: Vec<_> = gl
+        .hits()
+        .into_iter()
+        .filter(|h| h.path.starts_with("/bucket/"))
+        .collect();
+    assert_eq!(bucket.len(), 1);
+    assert!(bucket[0].headers.get("authorization").is_none());
+    assert!(bucket[0].headers.get("private-token").is_none());
+    assert_eq!(gl.counted_per_ip("/file"), 0);
+
+    // A job token's fill stays unauthenticated: GitLab would not count it against the job.
+    gl.set_object_storage(false);
+    gl.add_module("infra", 1, "subnet", "aws", &["2.0.0"]);
+    let job = gl.start_job(1, ALICE, common::fake_gitlab::JobForm::Legacy);
+    let file = m.file_url("infra/subnet/aws", "2.0.0", &job).await;
+    assert_eq!(client().get(&file).send().await.unwrap().status(), 200);
+    let last = gl
+        .hits()
+        .into_iter()
+        .filter(|h| h.path.ends_with("/file"))
+        .last()
+        .unwrap();
+    assert!(
+        last.headers.get("authorization").is_none(),
+        "the job token was sent twice"
+    );
+}
+
 #[tokio::test]
 async fn project_routes_use_basic_auth_and_absolute_urls_are_rewritten() {
     let gl = gitlab().await;

@@ -66,6 +66,21 @@ pub fn job_token(authorization: &HeaderValue) -> Option<String> {
     (token.starts_with(JOB_TOKEN_PREFIX) && token.len() <= MAX_TOKEN).then_some(token)
 }
 
+/// Basic credentials with GitLab's job-token user name (`gitlab-ci-token:<token>`), whatever
+/// the token's form: a legacy job token has no `glcbt-` prefix to know it by.
+pub fn is_basic_job_user(authorization: &HeaderValue) -> bool {
+    let Some((scheme, rest)) = authorization.to_str().ok().and_then(|v| v.split_once(' ')) else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("basic")
+        && base64::engine::general_purpose::STANDARD
+            .decode(rest.trim())
+            .ok()
+            .is_some_and(|raw| {
+                raw.starts_with(BASIC_USER.as_bytes()) && raw.get(BASIC_USER.len()) == Some(&b':')
+            })
+}
+
 /// The form of a job token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Form {

@@ -287,3 +287,19 @@ fn an_id_token_stands_in_only_when_gitlab_cannot_be_asked() {
         ),
     ]);
 }
+
+#[test]
+fn basic_job_users_are_known_by_their_name_whatever_the_token() {
+    let table = [
+        (basic("gitlab-ci-token", "glcbt-abc"), true),
+        (basic("gitlab-ci-token", "64charslegacy"), true),
+        (basic("gitlab-ci-tokenx", "abc"), false),
+        (basic("deploy-user", "gldt-abc"), false),
+        (HeaderValue::from_static("Bearer glcbt-abc"), false),
+        (HeaderValue::from_static("Basic !!!"), false),
+        (HeaderValue::from_static("Basic"), false),
+    ];
+    for (cred, want) in table {
+        assert_eq!(is_basic_job_user(&cred), want, "{cred:?}");
+    }
+}

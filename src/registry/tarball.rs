@@ -259,6 +259,13 @@ impl Registry {
             module.name(),
             module.system()
         );
+        // The caller's credential: what the token carries first, else what is remembered.
+        let cred = match authority {
+            Authority::Credential(c) => Some(c.clone()),
+            _ => None,
+        }
+        .or_else(|| self.auth.credential(identity, Instant::now()))
+        .filter(|_| !identity.is_anonymous());
         let sealed_jwt = match authority {
             Authority::GitLabJwt(j) => Some(j.clone()),
             _ => None,
@@ -266,19 +273,10 @@ impl Registry {
         let jwt = match sealed_jwt.or_else(|| self.auth.gitlab_jwt(identity, &tarball)) {
             Some(j) => j,
             None => {
-                let sealed_cred = match authority {
-                    Authority::Credential(c) => Some(c.clone()),
-                    _ => None,
-                };
-                let cred = match (
-                    identity.is_anonymous(),
-                    sealed_cred.or_else(|| self.auth.credential(identity, Instant::now())),
-                ) {
-                    (true, _) => None,
-                    (false, Some(c)) => Some(c),
+                if cred.is_none() && !identity.is_anonymous() {
                     // The credential is no longer in memory (restart, or grant lifetime over).
-                    (false, None) => return Err(FillError::Refused(StatusCode::UNAUTHORIZED)),
-                };
+                    return Err(FillError::Refused(StatusCode::UNAUTHORIZED));
+                }
                 let small = self
                     .upstream
                     .registry(&format!("{base}/download"), cred.as_ref())
@@ -296,7 +294,8 @@ impl Registry {
             }
         };
         let path = format!("{base}/file?token={jwt}");
-        source(self.upstream.open(&path, None).await)
+        let counted_as = cred.filter(|c| counts_against_its_owner(c));
+        source(self.upstream.open(&path, counted_as.as_ref()).await)
     }
 
     /// A cached blob as an answer, verified; `None` when it is gone or damaged (its length
@@ -330,4 +329,19 @@ enum Cached {
     Reply(Reply),
     Refill(Option<(Hash, u64)>),
     Nothing,
+}
+
+/// Whether the caller's credential, sent beside GitLab's JWT on a `/file` fill, makes GitLab
+/// count the fill against the caller instead of tfmirror's address. GitLab authorizes
+/// `/file` by the JWT alone (the `token` parameter; headers are not read for access), but
+/// its rate limiter (Rack::Attack, through `Gitlab::Auth::RequestAuthenticator`) names the
+/// requester from the headers first: a personal or OAuth token with `api` or `read_api`
+/// scope, or a deploy token, is that user; without one, the fill is unauthenticated and
+/// counted per IP, where every fill of every caller shares tfmirror's one budget. A job
+/// token gains nothing there (the limiter reads the `token` parameter as a job token before
+/// the header, and fails), so it is not sent a second time. The header goes to GitLab's
+/// origin only: `upstream::gitlab::open` never sends it across a redirect.
+fn counts_against_its_owner(cred: &http::HeaderValue) -> bool {
+    crate::access::principal::job_token(cred).is_none()
+        && !crate::access::principal::is_basic_job_user(cred)
 }

@@ -185,8 +185,9 @@ impl Health {
     /// How long until the breaker's wait is over and the probe may go (zero if it is).
     fn probe_in(&self) -> Duration {
         let b = self.breaker.lock().expect("breaker lock");
-        b.retry_at()
-            .map_or(Duration::ZERO, |at| at.saturating_duration_since(Instant::now()))
+        b.retry_at().map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(Instant::now())
+        })
     }
 
     fn start_probe(self: &Arc<Self>, upstream: Arc<dyn Fetcher>) {

@@ -91,6 +91,9 @@ pub struct Hit {
     pub path: String,
     pub query: Option<String>,
     pub headers: HeaderMap,
+    /// Whom GitLab's rate limiter would count it against: `None` is the client's IP (an
+    /// unauthenticated request), else the token it names (see [`throttled_as`]).
+    pub counted_as: Option<String>,
 }
 
 /// (group, name, system) -> (project id, version -> tarball)
@@ -776,6 +779,7 @@ async fn record_and_fault(State(inner): State<Arc<Inner>>, req: Request, next: N
         } else {
             HeaderMap::new()
         },
+        counted_as: throttled_as(req.headers()),
     });
     let caller = caller_token(req.headers());
     let delay = inner.latency.lock().unwrap().get(&caller).copied();
@@ -844,6 +848,38 @@ fn caller_token(headers: &HeaderMap) -> String {
             Ok(Caller::Token(t)) => t,
             _ => String::new(),
         },
+    }
+}
+
+/// Whom GitLab's rate limiter (Rack::Attack) counts a request against, as
+/// `Gitlab::Auth::RequestAuthenticator` finds the requester from its headers: a personal or
+/// deploy token names its owner; a job token does not on `/file`, where the JWT in the
+/// `token` parameter is tried as a job token first and fails; no credential at all (a
+/// `/file?token=<JWT>` alone) is unauthenticated: counted per IP (`None`). The JWT itself
+/// is never a requester: only the endpoint reads it.
+fn throttled_as(headers: &HeaderMap) -> Option<String> {
+    let job_user = matches!(
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok()),
+        Some(raw) if raw.starts_with(b"gitlab-ci-token:")
+    );
+    let token = caller_token(headers);
+    (!token.is_empty()
+        && !job_user
+        && !token.starts_with("glcbt-")
+        && !headers.contains_key("job-token"))
+    .then_some(token)
+}
+
+impl FakeGitlab {
+    /// Requests ending with `suffix` that GitLab would count against tfmirror's address
+    /// (unauthenticated, per IP), not against a user.
+    pub fn counted_per_ip(&self, suffix: &str) -> usize {
+        self.hits()
+            .iter()
+            .filter(|h| h.path.ends_with(suffix) && h.counted_as.is_none())
+            .count()
     }
 }
 
@@ -1314,8 +1350,9 @@ async fn object_file_get(
     method: Method,
     Path((key, _file)): Path<(String, String)>,
     query: Query<SignedQuery>,
+    headers: HeaderMap,
 ) -> Response {
-    object_get(state, method, Path(key), query).await
+    object_get(state, method, Path(key), query, headers).await
 }
 
 /// Object storage: a presigned GET. HEAD is refused (the signature covers the method).
@@ -1324,12 +1361,18 @@ async fn object_get(
     method: Method,
     Path(key): Path<String>,
     Query(q): Query<SignedQuery>,
+    headers: HeaderMap,
 ) -> Response {
     inner.hits.lock().unwrap().push(Hit {
         method: method.clone(),
         path: format!("/bucket/{key}"),
         query: None,
-        headers: HeaderMap::new(),
+        headers: if *inner.record_headers.lock().unwrap() {
+            headers
+        } else {
+            HeaderMap::new()
+        },
+        counted_as: None,
     });
     if method == Method::HEAD || q.sig.as_deref() != Some(&hmac_hex(&inner.secret, key.as_bytes()))
     {
