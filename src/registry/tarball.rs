@@ -294,7 +294,7 @@ impl Registry {
             }
         };
         let path = format!("{base}/file?token={jwt}");
-        let counted_as = cred.filter(|c| counts_against_its_owner(c));
+        let counted_as = cred.filter(counts_against_its_owner);
         source(self.upstream.open(&path, counted_as.as_ref()).await)
     }
 
