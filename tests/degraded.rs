@@ -94,8 +94,10 @@ async fn slow_is_not_down_and_a_late_refusal_revokes() {
     let r = get(&m, "infra/vpc/aws/versions", Some(BOB)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(cache_status(&r), "STALE");
-    tokio::time::sleep(Duration::from_millis(800)).await; // the late answer arrives
-    assert!(m.metric("tfmirror_late_answers_absorbed_total", "").await >= 1.0);
+    common::until("the late answer is learned", || async {
+        m.metric("tfmirror_late_answers_absorbed_total", "").await >= 1.0
+    })
+    .await;
     let r = get(&m, "infra/vpc/aws/versions", Some(BOB)).await;
     assert_ne!(
         r.status(),
@@ -345,10 +347,7 @@ async fn project_routes_are_at_parity() {
     // First init: GitLab checks access once, then the tarball comes through tfmirror.
     let r = project_get(&check, "alice", ALICE).await;
     assert_eq!(r.status(), 204);
-    let url = r.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .replace("&archive=tgz", "");
+    let url = common::terraform_get(&m.url(), &r);
     let r = client().get(&url).send().await.unwrap();
     assert_eq!(
         r.status(),
@@ -365,10 +364,7 @@ async fn project_routes_are_at_parity() {
     let r = project_get(&check, "alice", ALICE).await;
     assert_eq!(r.status(), 204);
     assert_eq!(cache_status(&r), "HIT");
-    let url = r.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .replace("&archive=tgz", "");
+    let url = common::terraform_get(&m.url(), &r);
     let r = project_get(&url, "alice", ALICE).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
@@ -384,10 +380,7 @@ async fn project_routes_are_at_parity() {
     let r = project_get(&check, "alice", ALICE).await;
     assert_eq!(r.status(), 204);
     assert_eq!(cache_status(&r), "STALE");
-    let url = r.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .replace("&archive=tgz", "");
+    let url = common::terraform_get(&m.url(), &r);
     let r = project_get(&url, "alice", ALICE).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
@@ -401,10 +394,7 @@ async fn project_routes_are_at_parity() {
     let latest = format!("{}?terraform-get=1", project(&m, None));
     let r = project_get(&latest, "bob", BOB).await;
     assert_eq!(r.status(), 204);
-    let url = r.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .replace("&archive=tgz", "");
+    let url = common::terraform_get(&m.url(), &r);
     let r = project_get(&url, "bob", BOB).await;
     assert_eq!(r.status(), 200, "the unversioned project source must work");
     assert_eq!(

@@ -92,7 +92,7 @@ async fn kill_9_mid_fill_leaves_a_consistent_cache() {
             let _ = r.bytes().await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    common::until("the fill is under way", || async { temp_files(&m) > 0 }).await;
     m.kill(); // SIGKILL
     assert_eq!(gl.count("/file"), 1, "the fill had started");
     let _ = reader.await;
@@ -268,7 +268,7 @@ async fn objects_over_the_size_limit_are_served_not_kept() {
     );
     common::wait_cached(&small).await;
     // The big one was never kept: asked again, it is fetched again, and left no file.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    common::until("the big fill is dropped", || async { temp_files(&m) == 0 }).await;
     let r = client().get(&big).send().await.unwrap();
     assert_eq!(r.headers()["x-cache-status"], "MISS");
     assert_eq!(
@@ -276,8 +276,10 @@ async fn objects_over_the_size_limit_are_served_not_kept() {
         gl.tarball("infra", "vpc", "aws", "1.0.0").len()
     );
     assert_eq!(gl.count("/vpc/aws/1.0.0/file"), 2);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(temp_files(&m), 0);
+    common::until("the second big fill is dropped", || async {
+        temp_files(&m) == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -754,11 +756,7 @@ async fn a_stale_download_url_fills_once_gitlab_is_back() {
     let dl = as_alice(format!("{}{V1}/infra/vpc/aws/1.0.0/download", m.url())).await;
     assert_eq!(dl.status(), 204);
     assert_eq!(dl.headers()["x-cache-status"], "STALE");
-    let file = format!(
-        "{}{}",
-        m.url(),
-        dl.headers()["x-terraform-get"].to_str().unwrap()
-    );
+    let file = common::terraform_get(&m.url(), &dl);
     // While GitLab fails, the fill fails with GitLab's answer, not with a 401 of our own.
     let r = client().get(&file).send().await.unwrap();
     assert_eq!(r.status(), 500);

@@ -765,19 +765,12 @@ async fn a_replica_killed_mid_run_loses_nothing() {
         .await
         .unwrap();
     assert_eq!(dl.status(), 204);
-    let get = dl.headers()["x-terraform-get"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let file = common::terraform_get(&lb.url(), &dl);
     let log = lb.access_after(n).await;
     assert_eq!(log.last().unwrap().served_by(), victim_addr);
     set[victim].kill();
     let n = log.len();
-    let r = client()
-        .get(format!("{}{get}", lb.url()))
-        .send()
-        .await
-        .unwrap();
+    let r = client().get(&file).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.bytes().await.unwrap(),
@@ -954,11 +947,7 @@ async fn token_urls(lb: &Balancer) -> Vec<String> {
         .await
         .unwrap();
     assert_eq!(dl.status(), 204);
-    let file = format!(
-        "{}{}",
-        lb.url(),
-        dl.headers()["x-terraform-get"].to_str().unwrap()
-    );
+    let file = common::terraform_get(&lb.url(), &dl);
     let project = "/api/v4/projects/10/packages/terraform/modules/vpc/aws/1.2.0";
     let tg = client()
         .get(format!("{}{project}?terraform-get=1", lb.url()))

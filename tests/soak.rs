@@ -510,11 +510,7 @@ async fn soak_mixed_load_with_faults() {
                 .await
                 .unwrap();
             assert_eq!(dl.status(), 204);
-            format!(
-                "{}{}",
-                m.url(),
-                dl.headers()["x-terraform-get"].to_str().unwrap()
-            )
+            common::terraform_get(&m.url(), &dl)
         };
         let r = c.get(&file).send().await.unwrap();
         assert_eq!(r.status(), 200, "{group}/{name} {version}");
@@ -527,7 +523,10 @@ async fn soak_mixed_load_with_faults() {
     }
 
     // Let the last fills commit, then check the disk while tfmirror is still up.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    common::until("the last fills committed", || async {
+        common::temp_files(&m.cache_dir().join("cache/cache")) == 0
+    })
+    .await;
     let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
         .args(["cache", "verify", "--cache-dir"])
         .arg(m.cache_dir().join("cache"))

@@ -197,13 +197,8 @@ async fn every_upstream_path(m: &Mirror) -> (u16, u16, Option<bytes::Bytes>) {
         .await
         .unwrap();
     let tarball = match file.headers().get("x-terraform-get") {
-        Some(get) => {
-            let get = get.to_str().unwrap().to_string();
-            let url = if get.starts_with("http") {
-                get
-            } else {
-                format!("{}{get}", m.url())
-            };
+        Some(_) => {
+            let url = common::terraform_get(&m.url(), &file);
             let r = client().get(url).send().await.unwrap();
             match r.status().as_u16() {
                 200 => Some(r.bytes().await.unwrap()),
@@ -946,10 +941,12 @@ async fn an_http2_connection_drains_at_a_graceful_shutdown() {
     // In flight: the same connection still answers meanwhile.
     assert_eq!(h2_health(&m, &send).await, 200);
     assert!(m.signal("TERM"));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let late = h2_request(&m, "GET", "/-/health").body(()).unwrap();
-    let late = h2_ask(&send, late).await;
-    assert!(late.is_err(), "a new request after the GOAWAY: {late:?}");
+    // Once the GOAWAY is in, a new request on the connection is refused.
+    common::until("a new request after the GOAWAY is refused", || async {
+        let late = h2_request(&m, "GET", "/-/health").body(()).unwrap();
+        h2_ask(&send, late).await.is_err()
+    })
+    .await;
 
     let payload = common::fake_gitlab::module_tarball("infra/vpc/aws", "3.0.2", 0);
     body.send_data(payload.clone(), true).unwrap();

@@ -178,7 +178,10 @@ async fn an_edge_never_stores_a_prefix_when_gitlab_cuts_a_chunked_body() {
     gl.set_fault(Fault::None);
 
     // Neither tier kept the prefix: the next download is whole, from GitLab.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    common::until("both tiers dropped the cut fill", || async {
+        common::temp_files(edge.cache_dir()) + common::temp_files(regional.cache_dir()) == 0
+    })
+    .await;
     for _ in 0..2 {
         let r = curl(&file, &[]).await;
         assert_eq!(r.code, 0, "{}", r.head);

@@ -545,7 +545,12 @@ impl FakeGitlab {
 
     /// Mint a download JWT as GitLab would for `token` (tests use it to call `/file` directly).
     pub fn jwt_for(&self, token: &str) -> String {
-        jwt_sign(&self.inner, token)
+        jwt_sign(&self.inner, token, false)
+    }
+
+    /// A download JWT for `token` that expired a second ago.
+    pub fn expired_jwt_for(&self, token: &str) -> String {
+        jwt_sign(&self.inner, token, true)
     }
 }
 
@@ -1257,7 +1262,7 @@ async fn download(
         return gitlab_error(StatusCode::NOT_FOUND);
     }
     let token = match caller {
-        Caller::Token(t) => jwt_sign(&inner, &t),
+        Caller::Token(t) => jwt_sign(&inner, &t, false),
         Caller::Anonymous => String::new(),
     };
     let get = format!(
@@ -1743,11 +1748,11 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn jwt_sign(inner: &Inner, token: &str) -> String {
+fn jwt_sign(inner: &Inner, token: &str, expired: bool) -> String {
     let ttl = inner.jwt_ttl.lock().unwrap().as_secs();
+    let exp = if expired { now() - 1 } else { now() + ttl };
     let header = B64.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-    let claims =
-        B64.encode(json!({ "token": token, "iat": now(), "exp": now() + ttl }).to_string());
+    let claims = B64.encode(json!({ "token": token, "iat": now(), "exp": exp }).to_string());
     let signing_input = format!("{header}.{claims}");
     let mut mac = Hmac::<Sha256>::new_from_slice(&inner.secret).unwrap();
     mac.update(signing_input.as_bytes());

@@ -98,6 +98,15 @@ impl Mirror {
         self.wait_healthy().await;
     }
 
+    /// Stop this process and start another on the same cache dir and port, with another
+    /// upstream, flags and wrapper: a site that moved (or was sealed off).
+    pub async fn reopen(&mut self, upstream: &str, extra: &[&str], wrapper: &[&str]) {
+        self.upstream = upstream.to_string();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self.restart().await;
+    }
+
     /// Restart with more flags (e.g. `--offline`), on the same cache dir and port.
     pub async fn restart_with(&mut self, extra: &[&str]) {
         self.extra.extend(extra.iter().map(|s| s.to_string()));
@@ -342,6 +351,20 @@ pub fn basic(user: &str, token: &str) -> String {
     format!("Basic {b}")
 }
 
+/// Where an answer's `X-Terraform-Get` sends Terraform, as go-getter fetches it: resolved
+/// against `base` when relative, and without `archive=tgz` (a getter hint go-getter strips).
+pub fn terraform_get(base: &str, answer: &reqwest::Response) -> String {
+    let get = answer.headers()["x-terraform-get"]
+        .to_str()
+        .unwrap()
+        .replace("&archive=tgz", "");
+    if get.starts_with("http") {
+        get
+    } else {
+        format!("{base}{get}")
+    }
+}
+
 impl Mirror {
     /// The `/file` URL tfmirror hands `token` for a version, as Terraform gets it (without the
     /// `archive=tgz` that go-getter strips).
@@ -353,11 +376,22 @@ impl Mirror {
             .await
             .unwrap();
         assert_eq!(dl.status(), 204);
-        let get = dl.headers()["x-terraform-get"]
-            .to_str()
-            .unwrap()
-            .replace("&archive=tgz", "");
-        format!("{}{get}", self.url())
+        terraform_get(&self.url(), &dl)
+    }
+}
+
+/// Wait until `cond` holds, asking every 25 ms for at most 10 s, then fail naming `what`:
+/// a test waits for the event it needs (a fill committed, a late answer learned), never for
+/// a fixed time that is too short on a busy machine and too long on an idle one.
+pub async fn until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond().await {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
