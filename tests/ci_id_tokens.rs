@@ -176,6 +176,37 @@ async fn a_fresh_job_with_an_id_token_inits_from_the_cache_while_gitlab_is_down(
             );
         }
     }
+    // The same refusals through real Terraform: init fails, and no byte of the module lands.
+    let refused_init = |why: &'static str, cred: String| {
+        let m = &m;
+        async move {
+            let ws = Workspace::new(&m.url(), &modules());
+            let run = ws.init(Some(&cred)).await;
+            assert!(!run.ok(), "{why}: {}", run.output());
+            assert!(run.installed.is_empty(), "{why}: {:?}", run.installed);
+            let fetched = ws.dir.path().join("work/.terraform/modules/vpc");
+            assert!(!fetched.exists(), "{why}: the module was fetched");
+        }
+    };
+    for (why, id) in cases.iter().filter(|(why, _)| {
+        [
+            "no ID token",
+            "wrong key",
+            "alg none",
+            "fork MR without job_project_id",
+        ]
+        .contains(why)
+    }) {
+        let cred = if id.is_empty() {
+            other.clone()
+        } else {
+            format!("{other}~{id}")
+        };
+        refused_init(why, cred).await;
+    }
+    let carols = gl.id_token(&carol, AUD);
+    refused_init("a principal never granted", format!("{carol}~{carols}")).await;
+
     // A principal never granted the module (Carol, same project), with a valid ID token.
     let id = gl.id_token(&carol, AUD);
     let (status, body) = get(
