@@ -107,6 +107,9 @@ async fn terraform_installs_providers_through_the_network_mirror() {
         1
     );
     assert!(!zip.is_empty());
+    // tfmirror's `h1:` of the zip is the one Terraform wrote (Go's dirhash over its contents).
+    let h1 = tfmirror::providers::dirhash::h1_of_zip(&zip).unwrap();
+    assert!(lock.contains(&format!("\"{h1}\"")), "{h1} not in\n{lock}");
 
     // The registry goes down: a new runner still installs, from the cache alone.
     s.reg.set_faults(Faults {

@@ -6,6 +6,7 @@
 //! | [`route`] | `/providers/...` paths parsed into a typed route |
 //! | [`upstream`] | registry calls (discovery, `versions`, `download`), fetch rules, breakers |
 //! | [`verify`] | OpenPGP signature of `SHA256SUMS`, package checksums, `zh:` hashes |
+//! | [`dirhash`] | Terraform's `h1:` hash of a package's contents (lock files, mirror directories) |
 //! | [`freshness`] | what to do with a cached version list (pure) |
 //! | [`mirror`] | the answers to provider routes (network mirror and registry protocols), decided as values |
 //! | `reply` | those answers' shapes ([`crate::respond::Reply`]); `edge::write::reply` alone writes them |
@@ -21,6 +22,7 @@
 //!   cover them. A zip whose sha256 differs from the signed one fails its fill: it is neither
 //!   stored nor served whole.
 
+pub mod dirhash;
 pub(crate) mod freshness;
 pub(crate) mod mirror;
 mod reply;
