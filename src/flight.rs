@@ -5,7 +5,10 @@
 //!   for the others. A caller may [`Flights::leave`] a flight it no longer trusts (a black
 //!   hole past the deadline): later callers then start afresh, while those already holding
 //!   it keep it. Generations make sure a finished or abandoned flight only ever removes
-//!   itself, never a newer one of the same key.
+//!   itself, never a newer one of the same key. A flight whose answer its callers have
+//!   learned ([`Flights::learned`]) is offered no more, except to say so to a caller that
+//!   read what the answer changed before it was learned ([`Flights::join_or_start_since`]):
+//!   that caller decides again from what is known now instead of asking the same again.
 //! - [`Running`]: at most one background task per key (a refresh), released when its guard
 //!   drops, so a task that panics or is cancelled does not block the key forever.
 //!
@@ -17,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
@@ -29,8 +32,22 @@ pub struct Generation(u64);
 /// A flight's shared future.
 pub type Flight<V> = Shared<BoxFuture<'static, V>>;
 
-/// Flights in the air, by key, each with its generation and who started it.
-type Table<K, V, O> = Arc<Mutex<HashMap<K, (Generation, O, Flight<V>)>>>;
+/// A flight in the table: its generation, who started it, the future, and when its answer
+/// was learned (from then on it is offered to no one).
+struct Entry<O, V: Clone> {
+    generation: Generation,
+    owner: O,
+    flight: Flight<V>,
+    learned: Option<Instant>,
+}
+
+/// Flights in the air, by key.
+type Table<K, V, O> = Arc<Mutex<HashMap<K, Entry<O, V>>>>;
+
+/// The answer of this key's last flight was learned after the caller looked at what it
+/// changes (a grant): decide again, from what is known now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Learned;
 
 /// The table of flights in the air, by key. `O` says who started a flight (for a caller
 /// that must know whether a joined exchange was made on its behalf); `()` when it does not
@@ -78,9 +95,49 @@ where
         start: impl FnOnce() -> BoxFuture<'static, V>,
     ) -> (Generation, Flight<V>, Option<O>) {
         let mut table = self.table.lock().expect("flight table");
-        if let Some((generation, started_by, flight)) = table.get(&key) {
-            return (*generation, flight.clone(), Some(started_by.clone()));
+        if let Some(e) = table.get(&key).filter(|e| e.learned.is_none()) {
+            return (e.generation, e.flight.clone(), Some(e.owner.clone()));
         }
+        self.start(&mut table, key, owner, start)
+    }
+
+    /// [`join_or_start`](Self::join_or_start) for a caller that read, at `since`, what this
+    /// key's answers change: [`Learned`] when the last flight's answer was learned after
+    /// that, so the caller's reading is out of date and asking again would repeat it.
+    pub fn join_or_start_since(
+        &self,
+        key: K,
+        owner: O,
+        since: Instant,
+        start: impl FnOnce() -> BoxFuture<'static, V>,
+    ) -> Result<(Generation, Flight<V>, Option<O>), Learned> {
+        let mut table = self.table.lock().expect("flight table");
+        match table.get(&key) {
+            Some(e) if e.learned.is_some_and(|at| since <= at) => Err(Learned),
+            Some(e) if e.learned.is_none() => {
+                Ok((e.generation, e.flight.clone(), Some(e.owner.clone())))
+            }
+            _ => Ok(self.start(&mut table, key, owner, start)),
+        }
+    }
+
+    /// The caller learned this flight's answer: offer it to no one from now on, but keep
+    /// saying so to callers that looked before now ([`join_or_start_since`]) until the
+    /// flight's linger is over.
+    pub fn learned(&self, key: &K, generation: Generation) {
+        let mut table = self.table.lock().expect("flight table");
+        if let Some(e) = table.get_mut(key).filter(|e| e.generation == generation) {
+            e.learned.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn start(
+        &self,
+        table: &mut HashMap<K, Entry<O, V>>,
+        key: K,
+        owner: O,
+        start: impl FnOnce() -> BoxFuture<'static, V>,
+    ) -> (Generation, Flight<V>, Option<O>) {
         let generation = Generation(self.next.fetch_add(1, Ordering::Relaxed));
         let (landing, linger) = ((self.table.clone(), key.clone()), self.linger);
         let work = start();
@@ -99,7 +156,13 @@ where
         }
         .boxed()
         .shared();
-        table.insert(key, (generation, owner, flight.clone()));
+        let entry = Entry {
+            generation,
+            owner,
+            flight: flight.clone(),
+            learned: None,
+        };
+        table.insert(key, entry);
         tokio::spawn(flight.clone());
         (generation, flight, None)
     }
@@ -116,13 +179,13 @@ where
     }
 }
 
-fn remove_if<K: Eq + Hash, O, V>(
-    table: &Mutex<HashMap<K, (Generation, O, V)>>,
+fn remove_if<K: Eq + Hash, O, V: Clone>(
+    table: &Mutex<HashMap<K, Entry<O, V>>>,
     key: &K,
     generation: Generation,
 ) {
     let mut table = table.lock().expect("flight table");
-    if table.get(key).is_some_and(|(g, _, _)| *g == generation) {
+    if table.get(key).is_some_and(|e| e.generation == generation) {
         table.remove(key);
     }
 }
@@ -254,6 +317,49 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(flights.is_empty(), "then taken out");
+    }
+
+    /// Issue 28: a caller that read the grant store before a flight's answer was learned
+    /// into it, and asks after, is told so (it decides again and finds the grant) instead
+    /// of asking GitLab the same again; a caller that read after, or any caller once the
+    /// linger is over, starts afresh; a flight not yet learned is joined as always.
+    #[tokio::test]
+    async fn a_learned_flight_tells_earlier_readers_and_is_offered_to_no_one() {
+        let flights: Flights<&str, u32> = Flights::lingering(Duration::from_millis(200));
+        let before = Instant::now();
+        let (g, f, _) = flights
+            .join_or_start_since("k", (), before, || async { 1 }.boxed())
+            .unwrap();
+        let (_, joined, by) = flights
+            .join_or_start_since("k", (), before, || async { 9 }.boxed())
+            .unwrap();
+        assert_eq!(
+            (f.await, joined.await, by),
+            (1, 1, Some(())),
+            "in the air: joined"
+        );
+        flights.learned(&"k", g);
+        assert_eq!(
+            flights
+                .join_or_start_since("k", (), before, || async { 2 }.boxed())
+                .err(),
+            Some(Learned),
+            "read before the answer was learned"
+        );
+        let after = Instant::now();
+        let (g2, f2, by) = flights
+            .join_or_start_since("k", (), after, || async { 3 }.boxed())
+            .unwrap();
+        assert_eq!((f2.await, by), (3, None), "read after: a new flight");
+        assert_ne!(g2, g);
+        let (_, f3, by) = flights.join_or_start("k", (), || async { 4 }.boxed());
+        assert_eq!(
+            (f3.await, by),
+            (3, Some(())),
+            "the new flight, not yet learned"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(flights.is_empty(), "taken out after the linger");
     }
 
     #[test]

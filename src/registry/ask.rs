@@ -16,7 +16,7 @@ use pingora::ErrorType;
 
 use super::{status_class, Lesson, Registry, SharedFetch};
 use crate::access::policy::Gitlab;
-use crate::flight::Generation;
+use crate::flight::{Generation, Learned};
 use crate::identity::Identity;
 use crate::metrics;
 use crate::respond::CacheStatus;
@@ -121,13 +121,42 @@ impl Registry {
             Lesson::Download { .. } => Share::Credential,
             _ => Share::Identity,
         };
-        self.ask_as(identity, path, cred, lesson, label, share)
+        self.ask_as(identity, path, cred, lesson, label, share, None)
             .await
+            .expect("only a caller that says when it read the store is told it is out of date")
+    }
+
+    /// [`ask`](Self::ask) for a caller that read its grant at `since`: [`Learned`] when
+    /// GitLab's answer to the same question (a concurrent request of the same identity, or
+    /// of another job of its principal) was learned after that. The caller then decides
+    /// again from the grant store, which now holds what GitLab said, instead of asking GitLab
+    /// the same thing again: a cold wave of jobs of one principal costs one question per
+    /// module, however their requests interleave.
+    pub(super) async fn ask_since(
+        self: &Arc<Self>,
+        identity: Identity,
+        path: &str,
+        cred: Option<HeaderValue>,
+        lesson: Lesson,
+        label: &'static str,
+        since: Instant,
+    ) -> Result<Asked, Learned> {
+        self.ask_as(
+            identity,
+            path,
+            cred,
+            lesson,
+            label,
+            Share::Identity,
+            Some(since),
+        )
+        .await
     }
 
     /// [`ask`](Self::ask), sharing the request per identity (a principal's jobs share one)
     /// or per credential. A 401 is a job token's own (its job is over): when a shared
     /// request of another job of the principal got one, this caller asks for itself.
+    #[allow(clippy::too_many_arguments)]
     async fn ask_as(
         self: &Arc<Self>,
         identity: Identity,
@@ -136,23 +165,25 @@ impl Registry {
         lesson: Lesson,
         label: &'static str,
         share: Share,
-    ) -> Asked {
+        since: Option<Instant>,
+    ) -> Result<Asked, Learned> {
         if self.health.is_offline_mode() {
-            return failed(Failure::Offline);
+            return Ok(failed(Failure::Offline));
         }
         if self.health.held() {
-            return failed(Failure::BreakerOpen);
+            return Ok(failed(Failure::BreakerOpen));
         }
         let probe = if self.health.unavailable() {
             match self.health.claim_probe() {
                 Some(p) => Some(p),
-                None => return failed(Failure::BreakerOpen),
+                None => return Ok(failed(Failure::BreakerOpen)),
             }
         } else {
             None
         };
         let key = self.inflight_key(identity, cred.as_ref(), path, share);
-        let (generation, mine, fut) = self.fetch_shared(&key, identity, path, cred.clone(), label);
+        let (generation, mine, fut) =
+            self.fetch_shared(&key, identity, path, cred.clone(), label, since)?;
         // A probe of an open breaker waits no longer than the background probe does: against
         // a black hole, every request that probes would otherwise cost the whole deadline.
         let deadline = match probe {
@@ -163,24 +194,27 @@ impl Registry {
             Ok(Ok(small)) if !mine && small.status == StatusCode::UNAUTHORIZED => {
                 self.health.record_answer(small.status, &small.headers);
                 drop(probe);
-                let ask = self.ask_as(identity, path, cred, lesson, label, Share::Credential);
+                let share = Share::Credential;
+                let ask = self.ask_as(identity, path, cred, lesson, label, share, since);
                 Box::pin(ask).await
             }
             Ok(Ok(small)) => {
                 self.health.record_answer(small.status, &small.headers);
                 let learned = self.learn(identity, cred.as_ref(), &lesson, &small).await;
-                self.leave_inflight(&key, generation);
-                match small.status {
+                // Offered to no one now; a request that read its grant before this
+                // learning is told so, and reads it again (`ask_since`).
+                self.inflight.learned(&key.to_string(), generation);
+                Ok(match small.status {
                     s if s.is_server_error() => Asked::Failed {
                         failure: Failure::Status(s),
                         answer: Some(small),
                     },
                     _ => Asked::Answer { small, learned },
-                }
+                })
             }
             Ok(Err(e)) => {
                 self.leave_inflight(&key, generation);
-                self.failed_call(&e)
+                Ok(self.failed_call(&e))
             }
             Err(_) => {
                 // Slow past the deadline: failed for this caller, and for the breaker. The
@@ -189,7 +223,7 @@ impl Registry {
                 self.health.record_failure(&self.upstream);
                 self.leave_inflight(&key, generation);
                 self.learn_late(identity, cred, lesson, fut, mine);
-                failed(Failure::Deadline)
+                Ok(failed(Failure::Deadline))
             }
         }
     }
@@ -253,7 +287,8 @@ impl Registry {
         path: &str,
         cred: Option<HeaderValue>,
         label: &'static str,
-    ) -> (Generation, bool, SharedFetch) {
+        since: Option<Instant>,
+    ) -> Result<(Generation, bool, SharedFetch), Learned> {
         let me = self.secret.identify(cred.as_ref());
         let principal = self.is_principal_of(identity, cred.as_ref());
         let upstream = self.upstream.clone();
@@ -286,7 +321,12 @@ impl Registry {
         // until then a request that joins gets this answer rather than asking again a
         // request whose answer is about to be learned. Should every caller have stopped
         // waiting, it leaves by itself after `ANSWERED_STAYS` (the table's linger).
-        let (generation, flight, joined) = self.inflight.join_or_start(key.to_string(), me, start);
+        let (generation, flight, joined) = match since {
+            Some(since) => self
+                .inflight
+                .join_or_start_since(key.to_string(), me, since, start)?,
+            None => self.inflight.join_or_start(key.to_string(), me, start),
+        };
         let mine = match joined {
             None => true,
             Some(owner) => {
@@ -294,7 +334,7 @@ impl Registry {
                 owner == me || !principal
             }
         };
-        (generation, mine, flight)
+        Ok((generation, mine, flight))
     }
 
     /// Stop offering an in-flight fetch to new requests (it goes on for those that hold it).

@@ -2,6 +2,7 @@
 //! [`crate::access::policy`]; this file gathers the facts and carries the decision out.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -29,6 +30,8 @@ struct Request<'a> {
     own: Option<BodyRef>,
     path: String,
     now: u64,
+    /// When the grant was read, on a first look; `None` on a second (see `ask_since`).
+    read_at: Option<Instant>,
 }
 
 impl Request<'_> {
@@ -51,11 +54,25 @@ impl Registry {
         route: &ModuleRoute,
         op: ListingKey,
     ) -> (Reply, Outcome) {
+        self.look(call, route, op, true).await
+    }
+
+    /// One look at a listing request: the grant, the decision, GitLab if it must be asked.
+    /// A first look that finds GitLab's answer to the same question learned while it was
+    /// deciding takes a second look (at most), from the grant store as it is then.
+    async fn look(
+        self: &Arc<Self>,
+        call: &Call,
+        route: &ModuleRoute,
+        op: ListingKey,
+        first: bool,
+    ) -> (Reply, Outcome) {
         let moment = Moment::now();
         let (identity, cred) = match self.caller(call).await {
             Ok(caller) => caller,
             Err(finished) => return finished,
         };
+        let read_at = first.then(Instant::now);
         let grant = self.auth.grant(identity, &route.module).await;
         let own = grant
             .as_ref()
@@ -69,6 +86,7 @@ impl Registry {
             own,
             path: route.upstream_path(),
             now: moment.unix,
+            read_at,
         };
         let (mut facts, remembered) = self.facts(
             moment,
@@ -88,7 +106,10 @@ impl Registry {
         {
             return answered;
         }
-        self.listing_from_gitlab(&req, facts).await
+        match self.listing_from_gitlab(&req, facts).await {
+            Some(answered) => answered,
+            None => Box::pin(self.look(call, route, req.op.clone(), false)).await,
+        }
     }
 
     /// Carry out a decision made before asking GitLab; `None` when GitLab must be asked.
@@ -134,12 +155,13 @@ impl Registry {
         }
     }
 
-    /// Ask GitLab, then decide again with what it did.
+    /// Ask GitLab, then decide again with what it did; `None` when what GitLab said was
+    /// learned since the grant was read (look again instead).
     async fn listing_from_gitlab(
         self: &Arc<Self>,
         req: &Request<'_>,
         mut facts: crate::access::policy::Facts,
-    ) -> (Reply, Outcome) {
+    ) -> Option<(Reply, Outcome)> {
         let lesson = Lesson::Listing {
             module: req.route.module.clone(),
             op: req.op.clone(),
@@ -147,20 +169,19 @@ impl Registry {
             previous: req.own.clone(),
         };
         let label = route_label(req.route);
-        let asked = self
-            .ask(
-                req.identity,
-                &req.path,
-                req.cred.clone(),
-                lesson.clone(),
-                label,
-            )
-            .await;
+        let (id, path, cred) = (req.identity, &req.path, req.cred.clone());
+        let asked = match req.read_at {
+            Some(since) => {
+                let ask = self.ask_since(id, path, cred, lesson.clone(), label, since);
+                ask.await.ok()?
+            }
+            None => self.ask(id, path, cred, lesson.clone(), label).await,
+        };
         self.after_asking(&mut facts, &asked, &lesson);
         let (action, records) = self.decide(&mut facts, &req.fallback()).await;
         count(action, req.identity, &req.route.module, asked.failure());
         let upstream = asked.upstream_status();
-        match (action, asked) {
+        Some(match (action, asked) {
             (Action::Stale(source), _) => {
                 self.serve_stale_listing(req, source, &records, upstream)
                     .await
@@ -176,7 +197,7 @@ impl Registry {
                     .await;
                 (reply, req.outcome(CacheStatus::Miss, upstream))
             }
-        }
+        })
     }
 
     /// Serve a stale listing body from `source`. When the body is gone from the store, the

@@ -107,6 +107,8 @@ struct Asker<'a> {
     public: &'a PublicBase,
     /// GitLab's access check for this request: the path with `?terraform-get=1`.
     check: String,
+    /// When the grant was read, on a first look; `None` on a second (see `ask_since`).
+    read_at: Option<Instant>,
 }
 
 impl Asker<'_> {
@@ -141,6 +143,8 @@ impl Registry {
             terraform_get,
             public,
             check: format!("{}?terraform-get=1", p.path()),
+            // A first look: set to when its grant is read (`project_as`).
+            read_at: Some(Instant::now()),
         };
         self.project_as(call, &p, c).await
     }
@@ -150,8 +154,10 @@ impl Registry {
         self: &Arc<Self>,
         call: &Call,
         p: &Project<'_>,
-        c: Asker<'_>,
+        mut c: Asker<'_>,
     ) -> Result<(Reply, Outcome)> {
+        // A first look; a second one (after `Learned`) comes back with `None` in it.
+        c.read_at = c.read_at.map(|_| Instant::now());
         let grant = self.auth.grant(c.identity, &p.module).await;
         let own = grant
             .as_ref()
@@ -256,15 +262,26 @@ impl Registry {
             version: p.version.clone(),
             path: c.check.clone(),
         };
-        let asked = self
-            .ask(
-                c.identity,
-                &c.check,
-                c.cred.clone(),
-                lesson.clone(),
-                "project_download",
-            )
-            .await;
+        let (id, check, cred, label) = (c.identity, &c.check, c.cred.clone(), "project_download");
+        let asked = match c.read_at {
+            Some(since) => match self
+                .ask_since(id, check, cred, lesson.clone(), label, since)
+                .await
+            {
+                Ok(asked) => asked,
+                // What GitLab said was learned since the grant was read: look again.
+                Err(crate::flight::Learned) => {
+                    let again = Asker {
+                        cred: c.cred.clone(),
+                        check: c.check.clone(),
+                        read_at: None,
+                        ..*c
+                    };
+                    return Box::pin(self.project_as(call, p, again)).await;
+                }
+            },
+            None => self.ask(id, check, cred, lesson.clone(), label).await,
+        };
         self.after_asking(&mut facts, &asked, &lesson);
         let (action, _) = self.decide(&mut facts, &p.fallback()).await;
         count(action, c.identity, &p.module, asked.failure());
