@@ -141,31 +141,50 @@ fn warm_providers(
     wants: Vec<crate::providers::warm::ProviderWant>,
     platforms: &[crate::routes::provider::Platform],
 ) -> ExitCode {
-    let parts = match crate::server::open(config) {
+    let parts = match open_parts(config) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("tfmirror: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
+    warm_each("providers", &wants, |w| {
+        let parts = &parts;
+        async move {
+            let v = parts.providers.warm(w, platforms).await?;
+            Ok(format!("{}: cached {v}", w.provider))
+        }
+    })
+}
+
+/// The server's parts on `config`'s cache (exit 2 with the reason when they cannot open).
+fn open_parts(config: &Config) -> Result<crate::server::Parts, ExitCode> {
+    crate::server::open(config).map_err(|e| {
+        eprintln!("tfmirror: {e}");
+        ExitCode::from(2)
+    })
+}
+
+/// Warm each of `wants` in turn with `one`, a progress line each (what was cached, or why
+/// not); a failure if any could not be warmed.
+fn warm_each<'a, W, F, Fut>(what: &str, wants: &'a [W], one: F) -> ExitCode
+where
+    F: Fn(&'a W) -> Fut,
+    Fut: std::future::Future<Output = Result<String, String>>,
+{
     let progress = Progress::new(wants.len());
     let failures = runtime().block_on(async {
         let mut failures = 0;
-        for w in &wants {
-            match parts.providers.warm(w, platforms).await {
-                Ok(v) => progress.line(format!("{}: cached {v}", w.provider)),
-                Err(e) => {
-                    failures += 1;
-                    progress.line(e);
-                }
-            }
+        for w in wants {
+            let line = one(w).await.unwrap_or_else(|e| {
+                failures += 1;
+                e
+            });
+            progress.line(line);
         }
         failures
     });
     progress.finish();
     if failures > 0 {
         eprintln!(
-            "tfmirror: {failures} of {} providers could not be warmed",
+            "tfmirror: {failures} of {} {what} could not be warmed",
             wants.len()
         );
         ExitCode::FAILURE
@@ -179,12 +198,9 @@ pub(super) fn sync(args: SyncArgs) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let parts = match crate::server::open(&config) {
+    let parts = match open_parts(&config) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("tfmirror: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let wants = runtime().block_on(crate::sync::group_modules(
         &parts.upstream,
@@ -209,43 +225,21 @@ fn run_warm(
     cred: Option<http::HeaderValue>,
     wants: Vec<crate::sync::Want>,
 ) -> ExitCode {
-    let parts = match crate::server::open(config) {
+    let parts = match open_parts(config) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("tfmirror: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let progress = Progress::new(wants.len());
-    let failures = runtime().block_on(async {
-        let mut failures = 0;
-        for w in &wants {
-            match parts
+    warm_each("modules", &wants, |w| {
+        let (parts, cred) = (&parts, cred.clone());
+        async move {
+            let v = parts
                 .registry
-                .warm_module(cred.clone(), &w.module, &w.constraint)
-                .await
-            {
-                Ok(v) if v.is_empty() => {
-                    failures += 1;
-                    progress.line(format!("{} {}: no version matches", w.module, w.written));
-                }
-                Ok(v) => progress.line(format!("{}: cached {}", w.module, v.join(", "))),
-                Err(e) => {
-                    failures += 1;
-                    progress.line(e);
-                }
+                .warm_module(cred, &w.module, &w.constraint)
+                .await?;
+            if v.is_empty() {
+                return Err(format!("{} {}: no version matches", w.module, w.written));
             }
+            Ok(format!("{}: cached {}", w.module, v.join(", ")))
         }
-        failures
-    });
-    progress.finish();
-    if failures > 0 {
-        eprintln!(
-            "tfmirror: {failures} of {} modules could not be warmed",
-            wants.len()
-        );
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
+    })
 }
