@@ -167,6 +167,17 @@ pub fn parse(method: &Method, segs: &[Cow<'_, str>]) -> Result<ProviderRoute, Re
     } else {
         mirror_op(rest)?
     };
+    read_only(method, host, ns, name, op)
+}
+
+/// The route of a read: provider routes answer GET and HEAD only.
+fn read_only(
+    method: &Method,
+    host: &str,
+    ns: &str,
+    name: &str,
+    op: ProviderOp,
+) -> Result<ProviderRoute, Reject> {
     if !matches!(*method, Method::GET | Method::HEAD) {
         return Err(Reject::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -243,27 +254,10 @@ fn parse_module(
     }
     let op = match rest {
         [f] if f == "versions" => ProviderOp::ModuleVersions(system.to_string()),
-        [v, d] if d == "download" => ProviderOp::ModuleDownload(
-            system.to_string(),
-            Version::parse(v)
-                .map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "version is invalid"))?,
-        ),
-        _ => return Err(Reject::new(StatusCode::NOT_FOUND, "404 Not Found")),
+        [v, d] if d == "download" => ProviderOp::ModuleDownload(system.to_string(), version(v)?),
+        _ => return Err(not_found()),
     };
-    if !matches!(*method, Method::GET | Method::HEAD) {
-        return Err(Reject::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "405 Method Not Allowed",
-        ));
-    }
-    Ok(ProviderRoute {
-        provider: ProviderId {
-            host: host.to_string(),
-            namespace: ns.to_string(),
-            name: name.to_string(),
-        },
-        op,
-    })
+    read_only(method, host, ns, name, op)
 }
 
 /// A normalized registry hostname: lowercase letters, digits, dots and dashes, optionally
