@@ -133,7 +133,8 @@ fn access_line(output: Option<&LogBuffer>, e: &Entry<'_>) {
         cache: e.cache.map(CacheStatus::as_str),
         identity: e.identity.map(Identity::short_name),
         bytes: e.bytes,
-        duration_ms: e.elapsed.as_secs_f64() * 1000.0,
+        // Whole microseconds, in milliseconds: `1.234`, never `1.2345670000000001`.
+        duration_ms: e.elapsed.as_micros() as f64 / 1000.0,
         error: e.error,
     };
     match output {
@@ -358,7 +359,7 @@ mod tests {
                 "method": "GET", "route": "module_download", "module": "infra/vpc/aws",
                 "version": "1.2.0-rc.1+build.5", "status": 200, "upstream_status": 204,
                 "cache": "MISS", "identity": "0f0f0f0f", "bytes": 1_u64 << 40,
-                "duration_ms": 1.234567, "error": "ConnectTimedout"
+                "duration_ms": 1.234, "error": "ConnectTimedout"
             })
         );
         assert_eq!(fields(1)["identity"], "anonymous");
