@@ -594,7 +594,7 @@ pub fn module_tarball(module: &str, version: &str, pad: usize) -> Bytes {
 // Serving
 
 /// A TLS acceptor for a certificate chain and key (PEM).
-fn acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
+pub fn acceptor(cert_pem: &str, key_pem: &str) -> tokio_rustls::TlsAcceptor {
     use rustls_pki_types::pem::PemObject;
     let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<_, _>>()
@@ -1164,6 +1164,24 @@ async fn versions(
         .into_response()
 }
 
+/// A namespace route's caller (Bearer) and the module's versions, once GitLab's access
+/// check let it read `ns`; else GitLab's refusal.
+fn readable(
+    inner: &Inner,
+    headers: &HeaderMap,
+    ns: &str,
+    name: &str,
+    sys: &str,
+) -> Result<(Caller, Vec<String>), Response> {
+    let caller = bearer(headers)?;
+    inner.authorize(&caller, ns)?;
+    let versions = inner
+        .versions_of(ns, name, sys)
+        .map(|v| v.1)
+        .unwrap_or_default();
+    Ok((caller, versions))
+}
+
 /// GitLab orders versions as strings: "1.9.0" is later than "1.10.0".
 fn latest_by_string(versions: &[String]) -> Option<String> {
     versions.iter().max().cloned()
@@ -1174,17 +1192,10 @@ async fn latest(
     Path((ns, name, sys)): ModPath,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match bearer(&headers) {
-        Ok(c) => c,
+    let (_, versions) = match readable(&inner, &headers, &ns, &name, &sys) {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(r) = inner.authorize(&caller, &ns) {
-        return r;
-    }
-    let versions = inner
-        .versions_of(&ns, &name, &sys)
-        .map(|v| v.1)
-        .unwrap_or_default();
     match latest_by_string(&versions) {
         Some(v) => Json(metadata(&inner, &ns, &name, &sys, &v, &versions)).into_response(),
         None => (
@@ -1200,17 +1211,10 @@ async fn version(
     Path((ns, name, sys, ver)): VerPath,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match bearer(&headers) {
-        Ok(c) => c,
+    let (_, versions) = match readable(&inner, &headers, &ns, &name, &sys) {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(r) = inner.authorize(&caller, &ns) {
-        return r;
-    }
-    let versions = inner
-        .versions_of(&ns, &name, &sys)
-        .map(|v| v.1)
-        .unwrap_or_default();
     if !versions.contains(&ver) {
         return gitlab_error(StatusCode::NOT_FOUND);
     }
@@ -1222,17 +1226,10 @@ async fn latest_download(
     Path((ns, name, sys)): ModPath,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match bearer(&headers) {
-        Ok(c) => c,
+    let (_, versions) = match readable(&inner, &headers, &ns, &name, &sys) {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(r) = inner.authorize(&caller, &ns) {
-        return r;
-    }
-    let versions = inner
-        .versions_of(&ns, &name, &sys)
-        .map(|v| v.1)
-        .unwrap_or_default();
     match latest_by_string(&versions) {
         Some(v) => {
             let loc = format!("{}{V1}/{ns}/{name}/{sys}/{v}/download", inner.prefix);
@@ -1247,17 +1244,10 @@ async fn download(
     Path((ns, name, sys, ver)): VerPath,
     headers: HeaderMap,
 ) -> Response {
-    let caller = match bearer(&headers) {
-        Ok(c) => c,
+    let (caller, versions) = match readable(&inner, &headers, &ns, &name, &sys) {
+        Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(r) = inner.authorize(&caller, &ns) {
-        return r;
-    }
-    let versions = inner
-        .versions_of(&ns, &name, &sys)
-        .map(|v| v.1)
-        .unwrap_or_default();
     if !versions.contains(&ver) {
         return gitlab_error(StatusCode::NOT_FOUND);
     }

@@ -157,20 +157,7 @@ pub fn sha256_hex(b: &[u8]) -> String {
 impl FakeRegistry {
     /// Start over TLS with the given certificate chain and key (PEM).
     pub async fn start(cert_pem: &str, key_pem: &str) -> FakeRegistry {
-        use rustls_pki_types::pem::PemObject;
-        let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .unwrap();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = super::fake_gitlab::acceptor(cert_pem, key_pem);
 
         let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let releases = TcpListener::bind("127.0.0.1:0").await.unwrap();
