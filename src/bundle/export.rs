@@ -368,10 +368,7 @@ impl Plan {
                 continue;
             }
             let key = format!("{provider}@{v}/{platform}");
-            let (Some(download), Some(entry)) = (
-                scan.downloads.get(&key),
-                scan.tarballs.get(&format!("{PROVIDER_KEY_PREFIX}{key}")),
-            ) else {
+            let Some(entry) = scan.tarballs.get(&format!("{PROVIDER_KEY_PREFIX}{key}")) else {
                 continue;
             };
             if !self.has_blob(&entry.hash) {
@@ -379,7 +376,7 @@ impl Plan {
             }
             release.archives.insert(platform.clone(), package.clone());
             let p = Platform {
-                download: download.clone(),
+                download: scan.downloads.get(&key).cloned(),
                 package_fetched_at: entry.fetched_at,
             };
             release.platforms.insert(platform.clone(), p);

@@ -418,11 +418,12 @@ fn plan_provider(
                 fetched,
                 w,
             )?;
-            if dir
-                .get::<DownloadRecord>(KIND_PROVIDER_DOWNLOAD, &key)
-                .is_none()
-            {
-                let answer = release.platforms[platform].download.clone();
+            let answer = release.platforms[platform].download.clone();
+            let cached = || {
+                dir.get::<DownloadRecord>(KIND_PROVIDER_DOWNLOAD, &key)
+                    .is_some()
+            };
+            if let Some(answer) = answer.filter(|_| !cached()) {
                 w.records.push(Record::Download(key, answer));
             }
         }

@@ -103,14 +103,17 @@ pub struct Release {
     pub fetched_at: u64,
     /// Whether `SHA256SUMS.sig` is in the bundle.
     pub signature: bool,
-    /// `os_arch` -> the registry's download answer, and when the package was fetched.
+    /// `os_arch` -> when the package was fetched, and the registry's download answer when
+    /// the cache had one (the registry protocol pass-through records it; the network mirror
+    /// needs none).
     pub platforms: BTreeMap<String, Platform>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Platform {
-    pub download: DownloadRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadRecord>,
     pub package_fetched_at: u64,
 }
 
