@@ -174,8 +174,11 @@ async fn keygen_writes_a_private_secret_key_and_never_overwrites() {
     assert_eq!(std::fs::read_to_string(&key).unwrap(), secret);
 }
 
+/// A bundle's members: name and bytes.
+type Members = Vec<(String, Vec<u8>)>;
+
 /// The members of a bundle, in order.
-fn members(path: &Path) -> Vec<(String, Vec<u8>)> {
+fn members(path: &Path) -> Members {
     let mut a = tar::Archive::new(std::fs::File::open(path).unwrap());
     a.entries()
         .unwrap()
@@ -364,10 +367,7 @@ async fn importing_twice_is_a_no_op_and_listings_only_grow() {
     }
 }
 
-fn with(
-    mut m: Vec<(String, Vec<u8>)>,
-    f: impl FnOnce(&mut Vec<(String, Vec<u8>)>),
-) -> Vec<(String, Vec<u8>)> {
+fn with(mut m: Members, f: impl FnOnce(&mut Members)) -> Members {
     f(&mut m);
     m
 }
@@ -416,7 +416,9 @@ async fn every_refusal_leaves_the_cache_unchanged() {
     let zip = find(&good, "linux_amd64.zip");
     let raw = std::fs::read(site.path("good.bundle")).unwrap();
     let stray = ("modules/infra/vpc/aws/extra.txt".to_string(), b"x".to_vec());
-    let cases: Vec<(&str, Result<Vec<(String, Vec<u8>)>, Vec<u8>>, &str)> = vec![
+    // A bad bundle: members to write as a tar (Ok), or raw bytes (Err).
+    type Bad = Result<Members, Vec<u8>>;
+    let cases: Vec<(&str, Bad, &str)> = vec![
         (
             "tampered item",
             Ok(with(good.clone(), |m| *m[tgz].1.last_mut().unwrap() ^= 1)),

@@ -23,7 +23,6 @@ pub fn public_path(secret: &Path) -> PathBuf {
 /// A new Ed25519 signing key (no passphrase: it signs unattended, and is protected by its
 /// file's mode), armored: (secret, public).
 pub fn generate(user_id: &str) -> Result<(String, String), String> {
-    let mut rng = rand::rngs::OsRng;
     let key = SecretKeyParamsBuilder::default()
         // EdDSA over Ed25519 in the v4 form every gpg in use reads.
         .key_type(KeyType::Ed25519Legacy)
@@ -32,9 +31,9 @@ pub fn generate(user_id: &str) -> Result<(String, String), String> {
         .primary_user_id(user_id.into())
         .build()
         .map_err(|e| e.to_string())?
-        .generate(&mut rng)
+        .generate(rand::rngs::OsRng)
         .map_err(|e| e.to_string())?
-        .sign(&mut rng, &Password::empty())
+        .sign(rand::rngs::OsRng, &Password::empty())
         .map_err(|e| e.to_string())?;
     let secret = key
         .to_armored_string(ArmorOptions::default())
@@ -169,7 +168,10 @@ mod tests {
             Some(id)
         );
         assert_eq!(verify(b"manifest", &sig, &[other]), None);
-        assert_eq!(verify(b"Manifest", &sig, &[public.clone()]), None);
+        assert_eq!(
+            verify(b"Manifest", &sig, std::slice::from_ref(&public)),
+            None
+        );
         assert_eq!(verify(b"manifest", b"junk", &[public]), None);
     }
 }
