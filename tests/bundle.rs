@@ -331,11 +331,15 @@ async fn a_bundle_carries_modules_and_providers_to_a_sealed_mirror() {
 async fn importing_twice_is_a_no_op_and_listings_only_grow() {
     let site = Site::new().await;
     site.warm_all("connected");
+    let provider = format!("{HOST}/{NS}/{TYPE}");
     for (out, selection) in [
-        ("new.bundle", "infra/vpc/aws@1.1.0"),
-        ("old.bundle", "infra/vpc/aws@1.0.0"),
+        (
+            "new.bundle",
+            &["infra/vpc/aws@1.1.0", "--provider", &provider][..],
+        ),
+        ("old.bundle", &["infra/vpc/aws@1.0.0"]),
     ] {
-        let o = site.export("connected", out, "key", &[selection]);
+        let o = site.export("connected", out, "key", selection);
         assert!(o.status.success(), "{}", stderr(&o));
     }
     let target = site.path("sealed");
@@ -365,6 +369,14 @@ async fn importing_twice_is_a_no_op_and_listings_only_grow() {
         let tgz = &m.iter().find(|(p, _)| *p == path).unwrap().1;
         assert_eq!(&tgz[..], &site.gl.tarball("infra", "vpc", "aws", v)[..]);
     }
+    // The provider came through whole: both platforms, the checksums and their signature.
+    for platform in ["linux_amd64", "darwin_arm64"] {
+        let zip = &m
+            .iter()
+            .find(|(p, _)| p.ends_with(&format!("1.0.0/{platform}.zip")));
+        assert_eq!(zip.unwrap().1, site.reg.zip(NS, TYPE, "1.0.0", platform));
+    }
+    assert!(m.iter().any(|(p, _)| p.ends_with("1.0.0/SHA256SUMS.sig")));
 }
 
 fn with(mut m: Members, f: impl FnOnce(&mut Members)) -> Members {

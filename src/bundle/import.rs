@@ -29,9 +29,10 @@ use crate::cache::dir::CacheDir;
 /// The manifest and signature are read into memory: bounded.
 const MAX_MANIFEST: u64 = 64 << 20;
 const MAX_SIGNATURE: u64 = 64 << 10;
-/// Items up to this size (cards, listings, checksum files) are kept in memory; larger ones
-/// and every package are staged on disk.
-const MAX_SMALL: u64 = 4 << 20;
+/// Items up to this size (cards, listings, checksum files) are kept in memory, larger ones
+/// and every package staged on disk: above `limits.max_listing_size`'s default, so that every
+/// listing a default mirror keeps fits.
+const MAX_SMALL: u64 = 16 << 20;
 
 /// An item read and checked.
 pub(super) enum Staged {

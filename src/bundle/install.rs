@@ -544,3 +544,7 @@ fn commit(dir: &CacheDir, staged: &HashMap<String, Staged>, w: Writes) -> Result
     }
     Ok(n)
 }
+
+#[cfg(test)]
+#[path = "install_tests.rs"]
+mod tests;
