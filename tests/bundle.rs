@@ -515,6 +515,14 @@ async fn every_refusal_leaves_the_cache_unchanged() {
         assert!(err.contains("cache unchanged"), "{what}: {err}");
         assert_eq!(snapshot(&target), before, "{what}: the cache changed");
     }
+    // Refused into a directory that did not exist: it still does not.
+    let fresh = site.path("never");
+    write_members(
+        &site.path("bad.bundle"),
+        &with(good.clone(), |m| m.push(stray.clone())),
+    );
+    assert_eq!(site.import(&fresh, "bad.bundle").status.code(), Some(1));
+    assert!(!fresh.exists(), "a refused import left {}", fresh.display());
     assert!(!site.dir.path().join("escape").exists());
     assert!(!Path::new("/tmp/tfmirror-bundle-escape").exists());
 }

@@ -111,7 +111,45 @@ pub fn import(
     let signer = super::sign::verify(&manifest_bytes, &signature, keys)
         .ok_or("the bundle's signature does not verify with any trusted key (unknown signer, or the manifest was changed)")?;
     let manifest = parse_manifest(&manifest_bytes)?;
+    // Staging needs the cache's run directory: the directories that opening it creates are
+    // removed again on a refusal (empty ones only), so a refused import leaves none behind.
+    let created = absent_dirs(cache_dir);
     let dir = CacheDir::open(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
+    let result = stage_and_install(&dir, entries, &manifest);
+    drop(dir); // its run's temp files go with it
+    match result {
+        Ok(mut done) => {
+            done.signer = signer;
+            done.items = manifest.items.len();
+            Ok(done)
+        }
+        Err(refusal) => {
+            if !refusal.wrote {
+                for d in created.iter().rev() {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+            Err(refusal)
+        }
+    }
+}
+
+/// The cache directory and the store directories in it that do not exist yet, outermost
+/// first.
+fn absent_dirs(cache_dir: &Path) -> Vec<std::path::PathBuf> {
+    std::iter::once(cache_dir.to_path_buf())
+        .chain(["meta", "blobs", "tmp"].map(|d| cache_dir.join(d)))
+        .filter(|d| !d.exists())
+        .collect()
+}
+
+type Entries<'a> = tar::Entries<'a, BufReader<std::fs::File>>;
+
+fn stage_and_install(
+    dir: &CacheDir,
+    entries: Entries<'_>,
+    manifest: &Manifest,
+) -> Result<Imported, Refusal> {
     let mut staged = HashMap::new();
     let expected: HashMap<&str, &super::Item> = manifest
         .items
@@ -120,7 +158,7 @@ pub fn import(
         .collect();
     for entry in entries {
         let entry = entry.map_err(damaged)?;
-        let (path, item) = stage_one(&dir, entry, &expected, &staged)?;
+        let (path, item) = stage_one(dir, entry, &expected, &staged)?;
         staged.insert(path, item);
         debug_assert!(staged.len() <= expected.len());
     }
@@ -137,10 +175,7 @@ pub fn import(
         )
         .into());
     }
-    let mut done = super::install::install(&dir, &manifest, &staged)?;
-    done.signer = signer;
-    done.items = manifest.items.len();
-    Ok(done)
+    super::install::install(dir, manifest, &staged)
 }
 
 fn damaged(e: io::Error) -> String {
