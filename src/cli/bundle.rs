@@ -237,6 +237,9 @@ fn import(args: &ImportArgs) -> ExitCode {
         .chain(&config.bundle.trusted_keys)
         .cloned()
         .collect();
+    if files.is_empty() {
+        return fail(2, "no trusted key: give --trust KEY.pub or set bundle.trusted_keys");
+    }
     let keys = match bundle::sign::read_trusted(&files) {
         Ok(k) => k,
         Err(e) => return fail(2, &e),
