@@ -526,3 +526,65 @@ async fn every_refusal_leaves_the_cache_unchanged() {
     assert!(!site.dir.path().join("escape").exists());
     assert!(!Path::new("/tmp/tfmirror-bundle-escape").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_takes_warms_selections_and_names_what_it_cannot_find() {
+    let site = Site::new().await;
+    site.warm_all("connected");
+    let tf = site.path("tf");
+    std::fs::create_dir_all(&tf).unwrap();
+    std::fs::write(
+        tf.join("main.tf"),
+        "module \"vpc\" {\n  source  = \"gitlab.example.com/infra/vpc/aws\"\n  version = \"1.0.0\"\n}\n",
+    )
+    .unwrap();
+    let lock = site.path("lock.hcl");
+    std::fs::write(
+        &lock,
+        format!("provider \"{HOST}/{NS}/{TYPE}\" {{\n  version = \"1.0.0\"\n}}\n"),
+    )
+    .unwrap();
+    let o = site.export(
+        "connected",
+        "sel.bundle",
+        "key",
+        &[
+            "--from",
+            s(&tf),
+            "--host",
+            "gitlab.example.com",
+            "--lock-file",
+            s(&lock),
+            "--platform",
+            "darwin_arm64",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let paths: Vec<String> = members(&site.path("sel.bundle"))
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    assert!(paths.contains(&"modules/infra/vpc/aws/tarball/1.0.0.tgz".to_string()));
+    assert!(!paths.iter().any(|p| p.ends_with("1.1.0.tgz")), "{paths:?}");
+    assert!(!paths.iter().any(|p| p.contains("opensource")), "{paths:?}");
+    assert!(paths.iter().any(|p| p.ends_with("1.0.0/darwin_arm64.zip")));
+    assert!(!paths.iter().any(|p| p.ends_with("linux_amd64.zip")));
+    // Nothing cached matches: refused, naming the module, and no file is left.
+    let o = site.export("connected", "none.bundle", "key", &["infra/vpc/aws@~> 9.0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("infra/vpc/aws"), "{}", stderr(&o));
+    assert!(!site.path("none.bundle").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(site.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(leftovers.is_empty());
+    // No selection at all is a usage error.
+    assert_eq!(
+        site.export("connected", "x.bundle", "key", &[])
+            .status
+            .code(),
+        Some(2)
+    );
+}
