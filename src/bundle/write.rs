@@ -5,7 +5,7 @@
 //! (a server evicting it) fails the export instead of giving a bundle that does not verify.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read};
 use std::path::{Path, PathBuf};
 
 use pgp::composed::SignedSecretKey;
@@ -26,7 +26,7 @@ pub fn write(
     let mut items = Vec::with_capacity(plan.items.len());
     for p in &plan.items {
         progress(&p.path);
-        let (size, sha256) = hash_item(plan, p, &mut io::sink())?;
+        let (size, sha256) = hash_item(plan, p)?;
         items.push(Item {
             path: p.path.clone(),
             size,
@@ -52,14 +52,11 @@ pub fn write(
         .map_err(|e| e.to_string())
 }
 
-/// Copy an item's bytes into `to`, returning their size and sha256 (hex). A cached blob is
-/// checked against its blake3 as it goes.
-fn hash_item(plan: &Plan, p: &Planned, to: &mut dyn Write) -> Result<(u64, String), String> {
+/// An item's size and sha256 (hex). A cached blob is checked against its blake3 as it is
+/// read.
+fn hash_item(plan: &Plan, p: &Planned) -> Result<(u64, String), String> {
     match &p.source {
-        Source::Bytes(b) => {
-            to.write_all(b).map_err(|e| e.to_string())?;
-            Ok((b.len() as u64, super::sha256_hex(b)))
-        }
+        Source::Bytes(b) => Ok((b.len() as u64, super::sha256_hex(b))),
         Source::Blob(hex) => {
             let gone = || format!("{}: its blob left the cache during the export", p.path);
             let (mut file, _) = plan
@@ -76,7 +73,6 @@ fn hash_item(plan: &Plan, p: &Planned, to: &mut dyn Write) -> Result<(u64, Strin
                 }
                 sha.update(&buf[..n]);
                 b3.update(&buf[..n]);
-                to.write_all(&buf[..n]).map_err(|e| e.to_string())?;
                 size += n as u64;
             }
             if b3.finalize().to_hex().as_str() != hex {
@@ -135,8 +131,7 @@ fn write_tar(
         .map_err(e)?;
     for (p, item) in plan.items.iter().zip(&manifest.items) {
         progress(&p.path);
-        // Hashed again while copied into a buffer of at most one item's size would cost
-        // memory; instead the bytes stream through a hashing reader into the tar.
+        // Streamed, hashed again on the way: what goes into the tar is what the manifest says.
         let mut reader = Hashing::new(plan, p)?;
         tar.append_data(&mut header(item.size, t), &item.path, &mut reader)
             .map_err(e)?;

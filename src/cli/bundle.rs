@@ -238,7 +238,10 @@ fn import(args: &ImportArgs) -> ExitCode {
         .cloned()
         .collect();
     if files.is_empty() {
-        return fail(2, "no trusted key: give --trust KEY.pub or set bundle.trusted_keys");
+        return fail(
+            2,
+            "no trusted key: give --trust KEY.pub or set bundle.trusted_keys",
+        );
     }
     let keys = match bundle::sign::read_trusted(&files) {
         Ok(k) => k,
