@@ -297,12 +297,11 @@ fn plan_module(
         for kind in kinds {
             let key = format!("{m}/{op}");
             let existing: Option<SharedListing> = dir.get(kind, &key);
-            let old_body = existing
-                .as_ref()
-                .and_then(|e| dir.read_blob(&e.digest).ok().flatten());
-            if let Some((record, merged)) =
-                merge_listing(op, existing.zip(old_body), body, f.fetched_at)?
-            {
+            let existing = existing.map(|e| {
+                let body = dir.read_blob(&e.digest).ok().flatten();
+                (e, body)
+            });
+            if let Some((record, merged)) = merge_listing(op, existing, body, f.fetched_at)? {
                 match merged {
                     Some(b) => w.bodies.push(b),
                     None => {
@@ -317,10 +316,11 @@ fn plan_module(
 }
 
 /// The listing record to write, if any, and its body when it is not the bundle's own (a
-/// merged versions listing). `existing`: the cached record with its body.
+/// merged versions listing). `existing`: the cached record with its body (None when that
+/// blob is gone: evicted, or a project route's record, which has none).
 fn merge_listing(
     op: &str,
-    existing: Option<(SharedListing, Bytes)>,
+    existing: Option<(SharedListing, Option<Bytes>)>,
     body: &Bytes,
     fetched_at: u64,
 ) -> Result<Option<(SharedListing, Option<Bytes>)>, String> {
@@ -333,8 +333,22 @@ fn merge_listing(
             Vec::new()
         },
     };
-    let Some((old, old_body)) = existing else {
-        return Ok(Some((bundled(), None)));
+    let (old, old_body) = match existing {
+        None => return Ok(Some((bundled(), None))),
+        Some((old, Some(b))) => (old, b),
+        // No cached body to merge into: the bundle's stands, and the versions the record
+        // allowed stay allowed (a bundle never takes one away).
+        Some((old, None)) => {
+            let mut record = bundled();
+            if op == "versions" {
+                let extra = old
+                    .versions
+                    .into_iter()
+                    .filter(|v| !record.versions.contains(v));
+                record.versions.extend(extra.collect::<Vec<_>>());
+            }
+            return Ok(Some((record, None)));
+        }
     };
     match op {
         "versions" => Ok(union(old, &old_body, body, fetched_at)),

@@ -26,7 +26,7 @@ fn a_versions_listing_becomes_the_union_and_never_shrinks() {
     let bundled = listing(&["1.0.0", "1.3.0"]);
     let (record, body) = merge_listing(
         "versions",
-        Some((shared(&cached, 100), cached.clone())),
+        Some((shared(&cached, 100), Some(cached.clone()))),
         &bundled,
         50,
     )
@@ -41,11 +41,17 @@ fn a_versions_listing_becomes_the_union_and_never_shrinks() {
     let older = listing(&["1.0.0"]);
     let same = merge_listing(
         "versions",
-        Some((shared(&cached, 100), cached.clone())),
+        Some((shared(&cached, 100), Some(cached.clone()))),
         &older,
         9,
     );
     assert!(same.unwrap().is_none());
+    // A cached record whose body is gone: the bundle's body, no version taken away.
+    let (record, body) = merge_listing("versions", Some((shared(&cached, 100), None)), &older, 9)
+        .unwrap()
+        .unwrap();
+    assert!(body.is_none());
+    assert_eq!(record.versions, ["1.0.0", "1.2.0"]);
     // Nothing cached: the bundle's own body, as it is.
     let (record, body) = merge_listing("versions", None, &bundled, 50)
         .unwrap()
@@ -63,7 +69,7 @@ fn a_versions_listing_becomes_the_union_and_never_shrinks() {
 fn the_newer_latest_answer_stands_and_version_metadata_is_kept() {
     let latest = |v: &str| Bytes::from(format!(r#"{{"version":"{v}"}}"#));
     let cached = latest("1.2.0");
-    let existing = || Some((shared(&cached, 1), cached.clone()));
+    let existing = || Some((shared(&cached, 1), Some(cached.clone())));
     assert!(merge_listing("latest", existing(), &latest("1.1.0"), 2)
         .unwrap()
         .is_none());
