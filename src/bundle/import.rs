@@ -115,7 +115,17 @@ pub fn import(
     // removed again on a refusal (empty ones only), so a refused import leaves none behind.
     let created = absent_dirs(cache_dir);
     let dir = CacheDir::open(cache_dir).map_err(|e| format!("{}: {e}", cache_dir.display()))?;
+    // One import at a time per cache directory: each merges with what it reads, and two at
+    // once could each miss the other's versions. A lock on the directory itself, so that no
+    // file is left behind.
+    let lock = std::fs::File::open(cache_dir)
+        .map_err(|e| format!("{}: {e}", cache_dir.display()))
+        .and_then(|d| {
+            nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| format!("{}: {e}", cache_dir.display()))
+        })?;
     let result = stage_and_install(&dir, entries, &manifest);
+    drop(lock);
     drop(dir); // its run's temp files go with it
     match result {
         Ok(mut done) => {
