@@ -1,5 +1,5 @@
 //! `tfmirror bundle export`: what a selection names in a cache directory, read from disk (no
-//! network), as the items of one bundle. Writing them is [`super::write`].
+//! network), as the items of one bundle. Writing them is [`mod@super::write`].
 //!
 //! A module's items are its cached tarballs whose versions match the constraint and its
 //! versions listing, which must show them (offline, a version the listing does not show is

@@ -9,7 +9,7 @@
 //!    says, whose sha256 matches; each is staged (large ones as temp files of this process's
 //!    run in the cache directory, invisible to a server, removed when the import ends), and
 //!    every manifest item must have come (else: truncated).
-//! 4. Then [`super::install`] checks what the items say (cards, listings, re-publishes,
+//! 4. Then `install` checks what the items say (cards, listings, re-publishes,
 //!    provider packages against the bundle's `SHA256SUMS`) and only then writes.
 //!
 //! Any refusal leaves the cache as it was: nothing but run-private temp files is written

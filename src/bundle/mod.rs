@@ -19,8 +19,8 @@
 //!
 //! - [`sign`]: keys (`keygen`), the signature over a manifest and its check.
 //! - [`export`]: a selection of a cache directory as a bundle's items (no network);
-//!   [`write`]: those items hashed, signed and written as one file, atomically.
-//! - [`import`]: a bundle read, every check made, then installed ([`install`]).
+//!   [`mod@write`]: those items hashed, signed and written as one file, atomically.
+//! - [`import`]: a bundle read, every check made, then installed (`install`).
 //!
 //! Trust: the bundle's signature stands for the origin. Provider packages are checked again
 //! against the bundle's own `SHA256SUMS`, whose registry signature is not re-checked (the
