@@ -5,8 +5,8 @@
 //! versions listing, which must show them (offline, a version the listing does not show is
 //! never served); the listing is cut down to those versions, so the sealed side never lists
 //! a version it cannot serve. A provider's are, per cached version matching the constraint,
-//! the verified checksums and the packages (of `--platform`s, or every cached one) that have
-//! a download answer.
+//! the verified checksums and signature and the cached packages (of `--platform`s, or every
+//! cached one), with the registry's download answers where the cache recorded them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -158,7 +158,7 @@ pub fn plan(dir: CacheDir, selection: &Selection) -> Result<Plan, String> {
     };
     for (module, constraint, written) in modules {
         if let Err(e) = plan.module(&scan, &module, constraint) {
-            let line = format!("{module} {written}: {e}");
+            let line = format!("{}: {e}", named(&module, &written));
             match selection.all {
                 true => plan.skipped.push(line),
                 false => return Err(line),
@@ -179,7 +179,7 @@ pub fn plan(dir: CacheDir, selection: &Selection) -> Result<Plan, String> {
     };
     for (provider, constraint, written) in providers {
         if let Err(e) = plan.provider(&scan, &provider, constraint, &selection.platforms) {
-            let line = format!("{provider} {written}: {e}");
+            let line = format!("{}: {e}", named(&provider, &written));
             match selection.all {
                 true => plan.skipped.push(line),
                 false => return Err(line),
@@ -190,6 +190,14 @@ pub fn plan(dir: CacheDir, selection: &Selection) -> Result<Plan, String> {
         return Err("nothing to export".into());
     }
     Ok(plan)
+}
+
+/// `what@constraint` as written, or `what` alone.
+fn named(what: &str, written: &str) -> String {
+    match written {
+        "" => what.to_string(),
+        c => format!("{what}@{c}"),
+    }
 }
 
 /// The versions a GitLab versions listing shows.

@@ -6,8 +6,9 @@
 //! A bundle only adds. Listings become the union of the versions cached and bundled (an older
 //! bundle never removes one); what the cache already holds is left as it is, so importing a
 //! bundle twice writes nothing the second time. A version whose tarball (or provider package)
-//! differs from the one the cache holds is a re-publish: the whole bundle is refused, as
-//! `tfmirror cache ls` would show it, before anything is written.
+//! differs from the one the cache holds is a re-publish: the whole bundle is refused before
+//! anything is written, the message naming the version and both blake3 digests (the form
+//! `tfmirror cache ls` shows).
 
 use std::collections::{BTreeSet, HashMap};
 
