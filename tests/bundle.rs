@@ -345,7 +345,19 @@ async fn importing_twice_is_a_no_op_and_listings_only_grow() {
     let target = site.path("sealed");
     assert!(site.import(&target, "new.bundle").status.success());
     let before = snapshot(&target);
-    let again = site.import(&target, "new.bundle");
+    // Again, the key trusted through the configuration (`bundle.trusted_keys`) this time.
+    let config = site.path("sealed.yaml");
+    let trusted = format!("bundle:\n  trusted_keys: [{}]\n", s(&site.path("key.pub")));
+    std::fs::write(&config, trusted).unwrap();
+    let again = tfmirror(&[
+        "bundle",
+        "import",
+        "--config",
+        s(&config),
+        "--cache-dir",
+        s(&target),
+        s(&site.path("new.bundle")),
+    ]);
     assert!(again.status.success(), "{}", stderr(&again));
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing new"));
     assert_eq!(snapshot(&target), before, "a second import changes nothing");
