@@ -12,8 +12,8 @@ use std::process::{Command, Output};
 use common::fake_gitlab::FakeGitlab;
 use common::fake_registry::{FakeRegistry, Faults};
 use common::pki::Pki;
-use common::terraform::{Module, Workspace};
-use common::{bearer, client, Mirror};
+use common::terraform::Workspace;
+use common::{bearer, insecure_client as client, Mirror};
 
 const ALICE: &str = "glpat-alice-0000000000";
 const HOST: &str = "registry.terraform.io";
@@ -224,17 +224,44 @@ fn resign(members: &mut [(String, Vec<u8>)], key: &Path) {
 }
 
 /// The offline tfmirror of the sealed side: no GitLab, the provider registry down, any
-/// caller may read what the cache holds.
-async fn sealed(reg: &FakeRegistry, pki_ca: &str) -> Mirror {
-    reg.set_faults(Faults {
+/// caller may read what the cache holds; HTTPS, the only scheme Terraform takes for a network
+/// mirror.
+async fn sealed(site: &Site) -> Mirror {
+    site.reg.set_faults(Faults {
         down: true,
         ..Faults::default()
     });
     let yaml = format!(
-        "offline:\n  enabled: true\n  unknown_identity: anyone\nproviders:\n  upstream_ca: {pki_ca}\n  upstreams:\n    {HOST}: {}\n",
-        reg.url()
+        "offline:\n  enabled: true\n  unknown_identity: anyone\nproviders:\n  upstream_ca: {}\n  upstreams:\n    {HOST}: {}\n",
+        site._pki.path("ca.pem"),
+        site.reg.url()
     );
-    Mirror::start_with_config("http://127.0.0.1:9", &yaml).await
+    let config = site.path("sealed.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let (cert, key) = (site._pki.path("cert.pem"), site._pki.path("key.pem"));
+    let flags = [
+        "--config",
+        s(&config),
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ];
+    Mirror::start_with("http://127.0.0.1:9", &flags).await
+}
+
+/// A workspace with the private module and the provider, both from `mirror` alone.
+fn sealed_workspace(mirror: &Mirror) -> Workspace {
+    let main = format!(
+        "terraform {{\n  required_providers {{\n    {TYPE} = {{\n      source  = \"{HOST}/{NS}/{TYPE}\"\n      version = \"1.0.0\"\n    }}\n  }}\n}}\n\nmodule \"vpc\" {{\n  source  = \"{}/infra/vpc/aws\"\n  version = \"~> 1.0\"\n}}\n",
+        common::terraform::HOST
+    );
+    let url = mirror.url();
+    let cli = format!(
+        "host \"{}\" {{\n  services = {{\n    \"modules.v1\" = \"{url}/api/v4/packages/terraform/modules/v1/\"\n  }}\n}}\n\nprovider_installation {{\n  network_mirror {{\n    url = \"{url}/providers/mirror/\"\n  }}\n}}\n",
+        common::terraform::HOST
+    );
+    Workspace::with_files(&main, &cli)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +304,7 @@ async fn a_bundle_carries_modules_and_providers_to_a_sealed_mirror() {
     );
 
     // The sealed side: a running offline tfmirror, its cache filled under it.
-    let mirror = sealed(&site.reg, &site._pki.path("ca.pem")).await;
+    let mirror = sealed(&site).await;
     let cache = mirror.cache_dir().join("cache");
     let out = site.import(&cache, "site.bundle");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -311,13 +338,10 @@ async fn a_bundle_carries_modules_and_providers_to_a_sealed_mirror() {
     let body = r.bytes().await.unwrap();
     assert_eq!(body, site.reg.zip(NS, TYPE, "1.0.0", "linux_amd64"));
 
-    // Real Terraform, against the sealed mirror only.
-    let run = Workspace::new(
-        &mirror.url(),
-        &[Module::new("vpc", "infra/vpc/aws", "~> 1.0")],
-    )
-    .init(Some(ALICE))
-    .await;
+    // Real Terraform, against the sealed mirror only: the module and the provider.
+    let ws = sealed_workspace(&mirror);
+    let ca = site._pki.path("ca.pem");
+    let run = ws.init_env(Some(ALICE), &[("SSL_CERT_FILE", &ca)]).await;
     assert!(
         run.ok(),
         "init failed:\n{}\n{}",
@@ -325,6 +349,10 @@ async fn a_bundle_carries_modules_and_providers_to_a_sealed_mirror() {
         mirror.logs()
     );
     assert_eq!(run.version_of("vpc"), Some("1.1.0"));
+    let installed = ws.dir.path().join(format!(
+        "work/.terraform/providers/{HOST}/{NS}/{TYPE}/1.0.0/linux_amd64/terraform-provider-{TYPE}_v1.0.0"
+    ));
+    assert!(installed.is_file(), "{}", run.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
