@@ -628,3 +628,44 @@ async fn export_takes_warms_selections_and_names_what_it_cannot_find() {
         Some(2)
     );
 }
+
+/// The scale: 100 modules (one version each, 64 KiB tarballs) exported with `--all`
+/// and imported into an empty cache; the figures are printed (`FIGURES` lines), for the build
+/// the tests run (a debug build unless `--release`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_modules_round_trip_figures() {
+    let site = Site::new().await;
+    let names: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        site.gl
+            .add_module("opensource", 100 + i as u64, n, "null", &["1.0.0"]);
+        site.gl
+            .set_tarball_size("opensource", n, "null", "1.0.0", 64 << 10);
+    }
+    let wants: Vec<String> = names
+        .iter()
+        .map(|n| format!("opensource/{n}/null"))
+        .collect();
+    let wants: Vec<&str> = wants.iter().map(String::as_str).collect();
+    site.warm("connected", None, &wants);
+    let t = std::time::Instant::now();
+    let o = site.export("connected", "hundred.bundle", "key", &["--all"]);
+    let export = t.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("100 module versions"));
+    let size = std::fs::metadata(site.path("hundred.bundle"))
+        .unwrap()
+        .len();
+    let target = site.path("sealed");
+    let t = std::time::Instant::now();
+    let o = site.import(&target, "hundred.bundle");
+    let import = t.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(100 modules, 0 providers)"));
+    let t = std::time::Instant::now();
+    assert!(site.import(&target, "hundred.bundle").status.success());
+    let again = t.elapsed();
+    println!(
+        "FIGURES bundle of 100 modules (64 KiB tarballs): {size} bytes; export --all {export:?}, import into an empty cache {import:?}, the same import again {again:?}"
+    );
+}

@@ -298,7 +298,7 @@ fn stage_one(
     Ok((path, staged))
 }
 
-/// Copy a member into a temp file of the cache's run, fsynced, hashing it both ways.
+/// Copy a member into a temp file of the cache's run, hashing it both ways.
 fn stage_file(dir: &CacheDir, entry: &mut impl Read) -> Result<(String, u64, Staged), String> {
     let (path, mut file) = dir.create_temp().map_err(|e| e.to_string())?;
     let (mut sha, mut b3, mut size) = (sha2::Sha256::new(), blake3::Hasher::new(), 0u64);
@@ -313,7 +313,9 @@ fn stage_file(dir: &CacheDir, entry: &mut impl Read) -> Result<(String, u64, Sta
         file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
         size += n as u64;
     }
-    file.sync_all().map_err(|e| e.to_string())?;
+    // Flushed only if it is kept (see `install`): a bundle the cache already holds costs no
+    // fsync per package.
+    file.flush().map_err(|e| e.to_string())?;
     let staged = Staged::File {
         path,
         blake3: b3.finalize(),

@@ -544,6 +544,10 @@ fn commit(dir: &CacheDir, staged: &HashMap<String, Staged>, w: Writes) -> Result
                 dir.put_blob(b).map_err(fail)?;
             }
             Staged::File { path, blake3, size } => {
+                // Durable before it is renamed into place, as a fill's temp file is.
+                std::fs::File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(fail)?;
                 dir.commit_blob(path, blake3, *size).map_err(fail)?
             }
         }
