@@ -57,6 +57,7 @@ pub struct Config {
     pub offline: OfflineConfig,
     pub limits: Limits,
     pub providers: ProvidersConfig,
+    pub bundle: BundleConfig,
 }
 
 impl Default for Config {
@@ -82,6 +83,7 @@ impl Default for Config {
             offline: OfflineConfig::default(),
             limits: Limits::default(),
             providers: ProvidersConfig::default(),
+            bundle: BundleConfig::default(),
         }
     }
 }
@@ -411,6 +413,7 @@ impl Config {
             return Err(invalid("admin_token", "must be at least 16 characters"));
         }
         self.providers.validate()?;
+        self.bundle.validate()?;
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
         }
@@ -536,7 +539,9 @@ fn check_base_url(key: &str, url: &Url) -> Result<(), ConfigError> {
     Ok(())
 }
 
+mod bundle;
 mod providers;
+pub use bundle::BundleConfig;
 
 #[cfg(test)]
 mod tests;

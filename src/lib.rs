@@ -17,6 +17,7 @@
 //! | | [`cli`] | the command line, one file per command (`main.rs` only picks the allocator) |
 //! | L5 edge | [`edge`] | everything that meets a client connection and the only layer naming pingora's `Session`: the hooks ([`edge::proxy`]), client connections ([`edge::downstream`]), the access log ([`edge::accesslog`]), accept loops per thread ([`edge::workers`]), scrape-time gauges, `/-/metrics` |
 //! | L4 registry | [`registry`] | cache decisions for registry routes, one file per decision: a [`registry::Call`] in, a [`respond::Reply`] out, I/O around [`access::policy`] |
+//! | | [`bundle`] | signed bundles for air-gapped sites: a cache directory's selection exported as one signed tar, and imported, checked, into another |
 //! | | [`providers`] | the provider mirror: registries, OpenPGP and checksum verification, network mirror and registry protocols |
 //! | L3 access | [`access`] | who may have what: grants per (identity, module), credentials in memory, refusals; [`access::policy`] is *the* access and stale policy, pure code; [`access::principal`] maps CI job tokens to their principal, [`access::idtoken`] verifies CI ID tokens |
 //! | L2 upstream | [`upstream`] | every request tfmirror sends upstream: one TLS trust decision and client builder ([`upstream::tls`]), the GitLab adapter ([`upstream::gitlab`]), the outage rule and breaker ([`upstream::breaker`]), GitLab's probe ([`upstream::health`]), address and DNS |
@@ -56,6 +57,7 @@
 #![warn(clippy::too_many_lines)]
 
 pub(crate) mod access;
+pub mod bundle;
 pub mod cache;
 pub mod cli;
 pub mod clock;

@@ -45,6 +45,9 @@ const LAYERS: &[(&str, u8, &str)] = &[
     // The provider mirror: its registries, verification and protocol answers; a peer of the
     // module registry logic, on the store and upstream layers.
     ("providers", 4, "registry"),
+    // Signed bundles: a cache directory's records and blobs exported and imported; on the
+    // store (and the leaves), beside the registry logic that wrote those records.
+    ("bundle", 4, "registry"),
     // L5: pingora-facing.
     ("edge", 5, "edge"),
     // L6: wiring and commands.

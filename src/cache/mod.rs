@@ -9,6 +9,7 @@
 //! - [`records`]: every record kind on disk, its schema and its key.
 //! - [`admin`]: `tfmirror cache ls|verify|purge|gc` and the purge endpoint, on a directory.
 //! - [`republish`]: versions GitLab re-published with other bytes, noticed and refilled.
+//! - [`dir`]: a cache directory opened by a command (`tfmirror bundle`), written as fills write.
 //!
 //! Tarballs are immutable per (namespace, name, system, version), unless re-published (see
 //! [`republish`]): the index maps each to the hash of its bytes, so identical archives are
@@ -20,6 +21,7 @@ pub(crate) mod archive;
 pub(crate) mod artifact;
 pub(crate) mod blobs;
 pub(crate) mod body;
+pub(crate) mod dir;
 pub(crate) mod fill;
 pub(crate) mod meta;
 pub(crate) mod private;

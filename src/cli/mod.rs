@@ -7,11 +7,13 @@
 //! | `cache ls / verify / purge / gc` | [`cache`] |
 //! | `secret generate / rotate` | [`secret`] |
 //! | `health` | [`health`] |
+//! | `bundle keygen / export / import` | [`bundle`] |
 //! | `check` | [`check`] |
 //!
 //! Here: the commands' shared flags (where the settings come from), the loading of the
 //! configuration and progress output; logging in [`logging`].
 
+mod bundle;
 mod cache;
 mod check;
 mod health;
@@ -27,6 +29,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, LogLevel, Overrides};
+use bundle::BundleArgs;
 use cache::CacheArgs;
 use check::CheckArgs;
 use health::HealthArgs;
@@ -69,6 +72,9 @@ enum Command {
     /// Ask a running tfmirror whether it is alive (`/-/health`): exit 0 if it answers 200, 1 if
     /// not. The container image's health check; needs no curl.
     Health(HealthArgs),
+    /// Signed bundles for air-gapped sites: `keygen` a signing key, `export` a cache
+    /// directory's modules and providers as one signed file, `import` it on the sealed side.
+    Bundle(BundleArgs),
 }
 
 /// Where the settings come from: shared by every command.
@@ -130,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Cache(args) => cache::cache(args),
         Command::Secret(args) => secret::secret(args),
         Command::Health(args) => health::health(&args),
+        Command::Bundle(args) => bundle::bundle(args),
     }
 }
 

@@ -237,3 +237,21 @@ fn ci_settings_load_from_yaml_and_env() {
         Ok(())
     });
 }
+
+#[test]
+fn bundle_section_names_its_keys() {
+    let c = load("", &Overrides::default()).unwrap();
+    assert!(c.bundle.trusted_keys.is_empty());
+    let key = tempfile::NamedTempFile::new().unwrap();
+    let yaml = format!("bundle:\n  trusted_keys: [{}]\n", key.path().display());
+    let c = load(&yaml, &Overrides::default()).unwrap();
+    assert_eq!(c.bundle.trusted_keys, vec![key.path().to_path_buf()]);
+    let e = load("bundle:\n  trusted_key: [a]\n", &Overrides::default()).unwrap_err();
+    assert!(e.to_string().contains("trusted_key"), "{e}");
+    let e = load(
+        "bundle:\n  trusted_keys: [/nonexistent.pub]\n",
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("bundle.trusted_keys"), "{e}");
+}

@@ -1,0 +1,269 @@
+//! `tfmirror bundle keygen | export | import`: the arguments; the work is in [`crate::bundle`].
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+
+use super::{load, logging, Common};
+use crate::bundle;
+use crate::config::{Config, LogLevel, Overrides};
+
+#[derive(Args, Debug)]
+pub(super) struct BundleArgs {
+    #[command(subcommand)]
+    action: BundleAction,
+}
+
+#[derive(Subcommand, Debug)]
+enum BundleAction {
+    /// Make a signing key: KEY (armored OpenPGP secret key, Ed25519, no passphrase, mode
+    /// 0600) and KEY.pub (its public key, for `import --trust`). Never overwrites.
+    Keygen {
+        #[arg(long, value_name = "KEY")]
+        out: PathBuf,
+    },
+    /// Write what a selection names in the cache directory (no network) as one signed bundle.
+    Export(ExportArgs),
+    /// Check a bundle (signature against the trusted keys, then every digest) and only then
+    /// add it to the cache directory; safe while a server uses it. Exit 1 with one line on
+    /// any refusal, the cache unchanged.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ExportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The signing key (`tfmirror bundle keygen`).
+    #[arg(long, value_name = "KEY")]
+    key: PathBuf,
+    /// The bundle to write (replaced atomically).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Every module and provider cached, every version and platform.
+    #[arg(long, conflicts_with_all = ["modules", "from", "providers", "lock_files"])]
+    all: bool,
+    /// namespace/name/system, optionally @ a Terraform version constraint ("@~> 1.2"): the
+    /// cached versions that match.
+    #[arg(value_name = "MODULE[@CONSTRAINT]")]
+    modules: Vec<String>,
+    /// The registry module blocks for the upstream's host in the `.tf` files in DIR.
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// The registry host named in module sources, for --from. [default: the upstream's host]
+    #[arg(long, value_name = "HOST", requires = "from")]
+    host: Option<String>,
+    /// HOST/NAMESPACE/TYPE, optionally @ a constraint: the cached versions that match.
+    /// Repeatable.
+    #[arg(long = "provider", value_name = "PROVIDER[@CONSTRAINT]")]
+    providers: Vec<String>,
+    /// Every provider version a dependency lock file pins. Repeatable.
+    #[arg(long = "lock-file", value_name = "FILE")]
+    lock_files: Vec<PathBuf>,
+    /// Only these platforms' provider packages (os_arch). Repeatable. [default: every cached one]
+    #[arg(long = "platform", value_name = "OS_ARCH")]
+    platforms: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    #[command(flatten)]
+    common: Common,
+    /// A public key (armored) whose signature to accept, besides `bundle.trusted_keys`.
+    /// Repeatable.
+    #[arg(long, value_name = "KEY.pub")]
+    trust: Vec<PathBuf>,
+    /// The bundle.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+pub(super) fn bundle(args: BundleArgs) -> ExitCode {
+    match args.action {
+        BundleAction::Keygen { out } => match bundle::sign::keygen(&out) {
+            Ok(id) => {
+                let public = bundle::sign::public_path(&out);
+                println!(
+                    "wrote {} (secret, mode 0600) and {} (public); key id {id}",
+                    out.display(),
+                    public.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(2, &e),
+        },
+        BundleAction::Export(a) => export(&a),
+        BundleAction::Import(a) => import(&a),
+    }
+}
+
+fn fail(code: u8, msg: &str) -> ExitCode {
+    eprintln!("tfmirror: {msg}");
+    ExitCode::from(code)
+}
+
+fn setup(common: &Common) -> Result<Config, ExitCode> {
+    let config = load(common, Overrides::default())?;
+    // Progress and the outcome go to the terminal; only warnings and errors are logged.
+    logging::init(
+        LogLevel::Warn.min(config.log_level),
+        config.log_format,
+        false,
+    );
+    Ok(config)
+}
+
+fn export(args: &ExportArgs) -> ExitCode {
+    let config = match setup(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let selection = match selection(args, &config) {
+        Ok(s) => s,
+        Err(e) => return fail(2, &e),
+    };
+    let key = match bundle::sign::read_secret(&args.key) {
+        Ok(k) => k,
+        Err(e) => return fail(2, &e),
+    };
+    let dir = match crate::cache::dir::CacheDir::open_existing(&config.cache_dir) {
+        Ok(d) => d,
+        Err(e) => return fail(2, &e.to_string()),
+    };
+    let plan = match bundle::export::plan(dir, &selection) {
+        Ok(p) => p,
+        Err(e) => return fail(1, &e),
+    };
+    for line in &plan.skipped {
+        eprintln!("skipped {line}");
+    }
+    let bar = progress(2 * plan.len());
+    let written = bundle::write::write(&plan, &key, &args.out, &mut |path: &str| {
+        if let Some(b) = &bar {
+            b.set_message(path.to_string());
+            b.inc(1);
+        }
+    });
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    match written {
+        Ok(size) => {
+            let what: Vec<String> = bundle::export::summary(&plan)
+                .iter()
+                .map(|(k, n)| format!("{n} {k}"))
+                .collect();
+            let size = bytesize::ByteSize(size);
+            println!(
+                "wrote {} ({size}): {} items, {}",
+                args.out.display(),
+                plan.len(),
+                what.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e),
+    }
+}
+
+/// A bar on a terminal only: in a pipe or a log, the closing line says it all.
+fn progress(len: usize) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(len as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {wide_msg}")
+                .expect("static template"),
+        );
+        bar
+    })
+}
+
+/// The selection as `warm` reads it.
+fn selection(args: &ExportArgs, config: &Config) -> Result<bundle::export::Selection, String> {
+    let mut s = bundle::export::Selection {
+        all: args.all,
+        ..Default::default()
+    };
+    let mut wants = Vec::new();
+    for m in &args.modules {
+        wants.push(crate::sync::parse_want(m)?);
+    }
+    if let Some(dir) = &args.from {
+        let host = args
+            .host
+            .clone()
+            .unwrap_or_else(|| config.upstream.host_str().unwrap_or_default().to_string());
+        wants.extend(crate::sync::wants_from_dir(dir, &host)?);
+    }
+    s.modules = wants
+        .into_iter()
+        .map(|w| (w.module.to_string(), w.constraint, w.written))
+        .collect();
+    let mut providers = Vec::new();
+    for p in &args.providers {
+        providers.push(crate::providers::warm::parse_want(p)?);
+    }
+    for file in &args.lock_files {
+        let parsed = std::fs::read_to_string(file)
+            .map_err(|e| e.to_string())
+            .and_then(|t| crate::providers::warm::wants_from_lock_file(&t));
+        providers.extend(parsed.map_err(|e| format!("{}: {e}", file.display()))?);
+    }
+    s.providers = providers
+        .into_iter()
+        .map(|w| (w.provider.to_string(), w.constraint, w.written))
+        .collect();
+    for p in &args.platforms {
+        let platform = crate::routes::provider::Platform::parse(p)
+            .ok_or_else(|| format!("--platform {p}: expected OS_ARCH (linux_amd64)"))?;
+        s.platforms.push(platform.to_string());
+    }
+    if !s.all && s.modules.is_empty() && s.providers.is_empty() {
+        return Err("nothing to export: name modules or --provider, --from a directory with module blocks, --lock-file, or --all".into());
+    }
+    Ok(s)
+}
+
+fn import(args: &ImportArgs) -> ExitCode {
+    let config = match setup(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let files: Vec<PathBuf> = args
+        .trust
+        .iter()
+        .chain(&config.bundle.trusted_keys)
+        .cloned()
+        .collect();
+    if files.is_empty() {
+        return fail(
+            2,
+            "no trusted key: give --trust KEY.pub or set bundle.trusted_keys",
+        );
+    }
+    let keys = match bundle::sign::read_trusted(&files) {
+        Ok(k) => k,
+        Err(e) => return fail(2, &e),
+    };
+    match bundle::import::import(&config.cache_dir, &args.file, &keys) {
+        Ok(done) => {
+            let what = match done.written {
+                0 => "nothing new: the cache already held all of it".to_string(),
+                n => format!("{n} blobs and records written"),
+            };
+            println!(
+                "imported {}: signed by {}; {} items ({} modules, {} providers); {what}",
+                args.file.display(),
+                done.signer,
+                done.items,
+                done.modules,
+                done.providers
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.wrote => fail(1, &e.reason),
+        Err(e) => fail(1, &format!("bundle refused, cache unchanged: {}", e.reason)),
+    }
+}
