@@ -316,6 +316,19 @@ pub fn decimal(n: u64) -> http::HeaderValue {
 }
 
 /// GitLab's error shape for statuses it reports with `message`: `{"message":"502 Bad Gateway"}`.
+/// The versions a listing body shows: `modules[0].versions[].version`, as Terraform reads it.
+pub fn listed_versions(body: &[u8]) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["modules"][0]["versions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e["version"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn message_body(status: StatusCode) -> String {
     let text = format!(
         "{} {}",

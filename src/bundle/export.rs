@@ -200,18 +200,7 @@ fn named(what: &str, written: &str) -> String {
     }
 }
 
-/// The versions a GitLab versions listing shows.
-pub(super) fn listed_versions(body: &[u8]) -> Vec<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    v["modules"][0]["versions"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e["version"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+pub(super) use crate::respond::listed_versions;
 
 /// A versions listing cut down to `keep`.
 fn only_versions(body: &[u8], keep: &BTreeSet<String>) -> Result<Bytes, String> {

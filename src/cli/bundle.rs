@@ -201,16 +201,7 @@ fn selection(args: &ExportArgs, config: &Config) -> Result<bundle::export::Selec
         .into_iter()
         .map(|w| (w.module.to_string(), w.constraint, w.written))
         .collect();
-    let mut providers = Vec::new();
-    for p in &args.providers {
-        providers.push(crate::providers::warm::parse_want(p)?);
-    }
-    for file in &args.lock_files {
-        let parsed = std::fs::read_to_string(file)
-            .map_err(|e| e.to_string())
-            .and_then(|t| crate::providers::warm::wants_from_lock_file(&t));
-        providers.extend(parsed.map_err(|e| format!("{}: {e}", file.display()))?);
-    }
+    let providers = crate::providers::warm::wants_from_args(&args.providers, &args.lock_files)?;
     s.providers = providers
         .into_iter()
         .map(|w| (w.provider.to_string(), w.constraint, w.written))

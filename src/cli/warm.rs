@@ -115,16 +115,7 @@ type ProviderArgs = (
 );
 
 fn provider_args(args: &WarmArgs) -> Result<ProviderArgs, String> {
-    let mut wants = Vec::new();
-    for p in &args.providers {
-        wants.push(crate::providers::warm::parse_want(p)?);
-    }
-    for file in &args.lock_files {
-        let parsed = std::fs::read_to_string(file)
-            .map_err(|e| e.to_string())
-            .and_then(|t| crate::providers::warm::wants_from_lock_file(&t));
-        wants.extend(parsed.map_err(|e| format!("{}: {e}", file.display()))?);
-    }
+    let wants = crate::providers::warm::wants_from_args(&args.providers, &args.lock_files)?;
     let platforms = args
         .platforms
         .iter()

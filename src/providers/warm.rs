@@ -44,6 +44,25 @@ pub fn parse_want(arg: &str) -> Result<ProviderWant, String> {
     })
 }
 
+/// The providers named on a command line (`--provider`) and pinned by lock files
+/// (`--lock-file`), read and checked: what `warm` and `bundle export` select.
+pub fn wants_from_args(
+    providers: &[String],
+    lock_files: &[std::path::PathBuf],
+) -> Result<Vec<ProviderWant>, String> {
+    let mut wants = Vec::new();
+    for p in providers {
+        wants.push(parse_want(p)?);
+    }
+    for file in lock_files {
+        let parsed = std::fs::read_to_string(file)
+            .map_err(|e| e.to_string())
+            .and_then(|t| wants_from_lock_file(&t));
+        wants.extend(parsed.map_err(|e| format!("{}: {e}", file.display()))?);
+    }
+    Ok(wants)
+}
+
 /// The providers a `.terraform.lock.hcl` pins, each at its exact locked version.
 pub fn wants_from_lock_file(text: &str) -> Result<Vec<ProviderWant>, String> {
     let body: hcl::Body = hcl::from_str(text).map_err(|e| e.to_string())?;

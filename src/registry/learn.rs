@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, StatusCode};
 
 use super::ask::gitlab_did;
-use super::{download_jwt, listed_versions, Lesson, Registry};
+use super::{download_jwt, Lesson, Registry};
 use crate::access::policy::Gitlab;
 use crate::access::Negative;
 use crate::cache::blobs::Hash;
@@ -23,6 +23,7 @@ use crate::cache::{records, republish};
 use crate::clock::now as unix_now;
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
+use crate::respond::listed_versions;
 use crate::respond::CacheStatus;
 use crate::routes::ModuleId;
 use crate::upstream::gitlab::Small;

@@ -339,19 +339,6 @@ fn source(opened: Result<reqwest::Response>) -> std::result::Result<Source, Fill
     }
 }
 
-/// The versions a listing body shows: `modules[0].versions[].version`, as Terraform reads it.
-fn listed_versions(body: &[u8]) -> Vec<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    v["modules"][0]["versions"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e["version"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// GitLab's download JWT in a download answer's `X-Terraform-Get` (raw, as sent).
 fn download_jwt(small: &Small) -> Option<String> {
     small
@@ -387,6 +374,7 @@ fn status_class(s: StatusCode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::respond::listed_versions;
 
     #[test]
     fn gitlab_token_is_extracted_raw() {

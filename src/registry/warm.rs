@@ -5,9 +5,10 @@ use std::sync::Arc;
 use futures::FutureExt;
 use http::{HeaderValue, StatusCode};
 
-use super::{download_jwt, listed_versions, Registry};
+use super::{download_jwt, Registry};
 use crate::cache::records::{tarball_key, ListingKey};
 use crate::identity::Identity;
+use crate::respond::listed_versions;
 use crate::routes::{ModuleId, ModuleOp, ModuleRoute};
 use crate::token::Authority;
 
