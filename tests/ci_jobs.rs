@@ -407,3 +407,34 @@ async fn gitlabs_rate_limit_budget_is_exported_without_identities() {
         assert!(!line.contains('{'), "no labels: {line}");
     }
 }
+
+/// An edge tier in front of a regional tfmirror: the edge's `GET /api/v4/job` passes through
+/// the regional tier to GitLab (a pass-through route), so jobs of one principal share grants
+/// at the edge too, and a finished job is still its token's alone. The first job of a
+/// principal is mapped by both tiers (the regional one for the edge's registry calls); the
+/// next ones are served from the edge's grants: one question per job, none per module.
+#[tokio::test]
+async fn an_edge_maps_job_tokens_through_its_regional_tier() {
+    let gl = gitlab().await;
+    let regional = Mirror::start(&gl.url()).await;
+    let edge = Mirror::start(&regional.url()).await;
+    let j1 = gl.start_job(PROJECT, ALICE, JobForm::Legacy);
+    job_init(&edge, &j1).await.unwrap();
+    assert_eq!(gl.count("/api/v4/job"), 2, "one per tier");
+    gl.clear_hits();
+    // Another job of the same principal: its one /api/v4/job, through the regional tier,
+    // and nothing else reaches GitLab.
+    let j2 = gl.start_job(PROJECT, ALICE, JobForm::Jwt);
+    job_init(&edge, &j2).await.unwrap();
+    let paths: Vec<String> = gl.hits().into_iter().map(|h| h.path).collect();
+    assert_eq!(paths, ["/api/v4/job"], "{paths:?}");
+    // A finished job is refused at the edge with GitLab's 401.
+    gl.finish_job(&j2);
+    let fresh_edge = Mirror::start(&regional.url()).await;
+    assert_eq!(
+        versions(&fresh_edge, MODULES[0], &bearer(&j2))
+            .await
+            .status(),
+        401
+    );
+}
