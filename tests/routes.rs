@@ -728,3 +728,32 @@ async fn project_latest_in_object_storage_is_served_and_cached_by_version() {
         "the pass-through kept nothing"
     );
 }
+
+/// A fill counted against its caller meets that caller's own rate limit: the caller gets
+/// GitLab's 429 (nothing kept, nothing cut), GitLab is not marked down, and once the limit
+/// is lifted the same download fills and is kept.
+#[tokio::test]
+async fn a_callers_own_429_on_a_fill_is_relayed_and_opens_nothing() {
+    let gl = gitlab().await;
+    let m = Mirror::start(&gl.url()).await;
+    let file = m.file_url("infra/vpc/aws", "1.9.0", ALICE).await;
+    gl.rate_limit(Some(ALICE), Some(30));
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let r = client()
+        .get(format!("{}/-/readiness", m.url()))
+        .send()
+        .await
+        .unwrap();
+    let ready: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(ready["upstream_up"], true, "a caller's 429 is no outage");
+    gl.rate_limit(Some(ALICE), None);
+    let r = client().get(&file).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-cache-status"], "MISS");
+    assert_eq!(
+        r.bytes().await.unwrap(),
+        gl.tarball("infra", "vpc", "aws", "1.9.0")
+    );
+    common::wait_cached(&file).await;
+}
