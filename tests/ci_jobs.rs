@@ -96,22 +96,7 @@ async fn versions(m: &Mirror, module: &str, authorization: &str) -> reqwest::Res
 
 /// Grant records on disk.
 fn grant_records(cache: &std::path::Path) -> usize {
-    fn walk(p: &std::path::Path) -> usize {
-        std::fs::read_dir(p).map_or(0, |entries| {
-            entries
-                .flatten()
-                .map(|e| {
-                    let path = e.path();
-                    if path.is_dir() {
-                        walk(&path)
-                    } else {
-                        usize::from(path.extension().is_some_and(|x| x == "json"))
-                    }
-                })
-                .sum()
-        })
-    }
-    walk(&cache.join("cache").join("meta").join("grant"))
+    common::files_with_extension(&cache.join("cache").join("meta").join("grant"), "json")
 }
 
 /// 50 new jobs of 2 principals, all at once: (their `/api/v4/job` calls, other calls).

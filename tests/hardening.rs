@@ -49,6 +49,22 @@ fn temp_files(m: &Mirror) -> usize {
     common::temp_files(&m.cache_dir().join("cache"))
 }
 
+/// Bytes in the temp files (`*.part`) below `dir`.
+fn temp_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.path() {
+                p if p.is_dir() => temp_bytes(&p),
+                p if p.extension().is_some_and(|x| x == "part") => {
+                    e.metadata().map_or(0, |m| m.len())
+                }
+                _ => 0,
+            })
+            .sum()
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_gone_mid_download_the_fill_completes_for_the_others() {
     let gl = gitlab().await;
@@ -92,7 +108,11 @@ async fn kill_9_mid_fill_leaves_a_consistent_cache() {
             let _ = r.bytes().await;
         }
     });
-    common::until("the fill is under way", || async { temp_files(&m) > 0 }).await;
+    // Under way: GitLab was asked, and some of the body is in a temp file.
+    common::until("the fill is under way", || async {
+        gl.count("/file") == 1 && temp_bytes(&m.cache_dir().join("cache/tmp")) > 0
+    })
+    .await;
     m.kill(); // SIGKILL
     assert_eq!(gl.count("/file"), 1, "the fill had started");
     let _ = reader.await;

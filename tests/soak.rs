@@ -524,7 +524,7 @@ async fn soak_mixed_load_with_faults() {
 
     // Let the last fills commit, then check the disk while tfmirror is still up.
     common::until("the last fills committed", || async {
-        common::temp_files(&m.cache_dir().join("cache/cache")) == 0
+        common::temp_files(&m.cache_dir().join("cache")) == 0
     })
     .await;
     let verify = std::process::Command::new(env!("CARGO_BIN_EXE_tfmirror"))
@@ -532,7 +532,7 @@ async fn soak_mixed_load_with_faults() {
         .arg(m.cache_dir().join("cache"))
         .output()
         .unwrap();
-    let temp_left = common::temp_files(&m.cache_dir().join("cache/cache"));
+    let temp_left = common::temp_files(&m.cache_dir().join("cache"));
 
     let t = &world.tally;
     let third = rss.len() / 3;

@@ -179,7 +179,8 @@ async fn an_edge_never_stores_a_prefix_when_gitlab_cuts_a_chunked_body() {
 
     // Neither tier kept the prefix: the next download is whole, from GitLab.
     common::until("both tiers dropped the cut fill", || async {
-        common::temp_files(edge.cache_dir()) + common::temp_files(regional.cache_dir()) == 0
+        let temp = |m: &Mirror| common::temp_files(&m.cache_dir().join("cache"));
+        temp(&edge) + temp(&regional) == 0
     })
     .await;
     for _ in 0..2 {

@@ -420,24 +420,33 @@ pub async fn warm(file: &str) {
 }
 
 /// Temp files (`*.part`) under a cache directory's `tmp/`, in any process's run directory.
+/// `cache` must be a cache directory a tfmirror has opened (it made `tmp/`): a wrong path
+/// fails here rather than counting nothing.
 pub fn temp_files(cache: &std::path::Path) -> usize {
-    fn walk(p: &std::path::Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(p) else {
-            return 0;
-        };
+    let tmp = cache.join("tmp");
+    assert!(
+        tmp.is_dir(),
+        "not an opened cache directory: {}",
+        cache.display()
+    );
+    files_with_extension(&tmp, "part")
+}
+
+/// Files named `*.<ext>` below `dir`, at any depth (0 when `dir` does not exist).
+pub fn files_with_extension(dir: &std::path::Path, ext: &str) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
         entries
             .flatten()
             .map(|e| {
                 let path = e.path();
                 if path.is_dir() {
-                    walk(&path)
+                    files_with_extension(&path, ext)
                 } else {
-                    usize::from(path.extension().is_some_and(|x| x == "part"))
+                    usize::from(path.extension().is_some_and(|x| x == ext))
                 }
             })
             .sum()
-    }
-    walk(&cache.join("tmp"))
+    })
 }
 
 pub const V1: &str = "/api/v4/packages/terraform/modules/v1";
