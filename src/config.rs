@@ -266,6 +266,12 @@ pub struct OfflineConfig {
     pub deadline: Duration,
     /// Consecutive connect errors or timeouts that mark the upstream down.
     pub breaker_threshold: u32,
+    /// Who may read private modules a signed bundle brought (`tfmirror bundle import`), on a
+    /// mirror with no GitLab to ask (`enabled`). Public modules stay public whatever it says.
+    pub imported_readers: ImportedReaders,
+    /// With `imported_readers: listed`: one keyed hash of a credential per line, written by
+    /// `tfmirror bundle reader add` (never the credential itself). Re-read when it changes.
+    pub readers_file: Option<PathBuf>,
 }
 
 impl Default for OfflineConfig {
@@ -275,6 +281,27 @@ impl Default for OfflineConfig {
             unknown_identity: UnknownIdentity::Deny,
             deadline: Duration::from_secs(7),
             breaker_threshold: 2,
+            imported_readers: ImportedReaders::None,
+            readers_file: None,
+        }
+    }
+}
+
+impl OfflineConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.imported_readers, &self.readers_file) {
+            (ImportedReaders::Listed, None) => Err(invalid(
+                "offline.readers_file",
+                "is required with `offline.imported_readers: listed`",
+            )),
+            (ImportedReaders::Listed, Some(f)) => crate::secret::readers::read(f)
+                .map(drop)
+                .map_err(|e| invalid("offline.readers_file", e)),
+            (_, Some(_)) => Err(invalid(
+                "offline.readers_file",
+                "is read only with `offline.imported_readers: listed`",
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -290,6 +317,20 @@ pub enum UnknownIdentity {
     Authenticated,
     /// Anyone may read what authorized callers fetched.
     Anyone,
+}
+
+/// `offline.imported_readers`: a sealed mirror has no GitLab to ask who may read a private
+/// module, and grants of the exporting site are not carried over; the operator says it here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportedReaders {
+    /// No one (imported public modules stay public).
+    None,
+    /// Any caller, with or without a credential: the network path to tfmirror is the access
+    /// control.
+    Anyone,
+    /// Callers whose credential's keyed hash is in `offline.readers_file`.
+    Listed,
 }
 
 /// Bounds that keep a storm or a huge object from hurting GitLab or the disk.
@@ -414,6 +455,7 @@ impl Config {
         }
         self.providers.validate()?;
         self.bundle.validate()?;
+        self.offline.validate()?;
         if self.threads == 0 {
             return Err(invalid("threads", "must be at least 1"));
         }

@@ -380,11 +380,17 @@ pub enum Decision {
     TokenRefused,
     /// GitLab could not be asked about a CI job; its verified ID token named the principal.
     IdTokenOffline,
+    /// Sealed mirror: what a signed bundle brought, to a caller `offline.imported_readers`
+    /// admits (or of a public module).
+    Imported,
+    /// Sealed mirror: an imported private module, and `offline.imported_readers` does not
+    /// admit this caller: refused.
+    NotReader,
 }
 
 impl Decision {
     /// In declaration order: `ALL[d as usize] == d`.
-    const ALL: [Decision; 11] = [
+    const ALL: [Decision; 13] = [
         Decision::Granted,
         Decision::UpstreamAllowed,
         Decision::UpstreamRefused,
@@ -396,6 +402,8 @@ impl Decision {
         Decision::OfflineRefused,
         Decision::TokenRefused,
         Decision::IdTokenOffline,
+        Decision::Imported,
+        Decision::NotReader,
     ];
 
     fn label(self) -> &'static str {
@@ -411,6 +419,8 @@ impl Decision {
             Decision::OfflineRefused => "offline_refused",
             Decision::TokenRefused => "token_refused",
             Decision::IdTokenOffline => "id_token_offline",
+            Decision::Imported => "imported",
+            Decision::NotReader => "not_reader",
         }
     }
 }

@@ -28,6 +28,7 @@
 //! `secret.key` is neither used nor "repaired": it may have leaked.
 
 mod keyfile;
+pub mod readers;
 
 use std::fmt;
 use std::fs;

@@ -224,15 +224,20 @@ fn resign(members: &mut [(String, Vec<u8>)], key: &Path) {
 }
 
 /// The offline tfmirror of the sealed side: no GitLab, the provider registry down, any
-/// caller may read what the cache holds; HTTPS, the only scheme Terraform takes for a network
+/// caller may read what was imported; HTTPS, the only scheme Terraform takes for a network
 /// mirror.
 async fn sealed(site: &Site) -> Mirror {
+    sealed_with(site, "  imported_readers: anyone\n").await
+}
+
+/// [`sealed`], with `offline` (YAML lines under `offline:`) saying who reads what.
+async fn sealed_with(site: &Site, offline: &str) -> Mirror {
     site.reg.set_faults(Faults {
         down: true,
         ..Faults::default()
     });
     let yaml = format!(
-        "offline:\n  enabled: true\n  unknown_identity: anyone\nproviders:\n  upstream_ca: {}\n  upstreams:\n    {HOST}: {}\n",
+        "offline:\n  enabled: true\n{offline}providers:\n  upstream_ca: {}\n  upstreams:\n    {HOST}: {}\n",
         site._pki.path("ca.pem"),
         site.reg.url()
     );
@@ -353,6 +358,131 @@ async fn a_bundle_carries_modules_and_providers_to_a_sealed_mirror() {
         "work/.terraform/providers/{HOST}/{NS}/{TYPE}/1.0.0/linux_amd64/terraform-provider-{TYPE}_v1.0.0"
     ));
     assert!(installed.is_file(), "{}", run.output());
+}
+
+/// `tfmirror bundle reader add`, the credential on standard input.
+fn reader_add(cache: &Path, file: &Path, credential: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tfmirror"))
+        .args(["bundle", "reader", "add", "--cache-dir", s(cache)])
+        .args(["--readers-file", s(file), "--label", "alice"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{credential}\n").as_bytes())
+        .unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+/// What `who` gets for the private module's versions listing and a version's download, and
+/// the public module's listing, from `mirror`: three statuses.
+async fn reads(mirror: &Mirror, who: Option<&str>) -> (u16, u16, u16) {
+    let base = format!("{}/api/v4/packages/terraform/modules/v1", mirror.url());
+    let get = |path: String| {
+        let r = client().get(format!("{base}/{path}"));
+        match who {
+            Some(t) => r.header("authorization", bearer(t)),
+            None => r,
+        }
+    };
+    let listing = get("infra/vpc/aws/versions".into()).send().await.unwrap();
+    let download = get("infra/vpc/aws/1.1.0/download".into())
+        .send()
+        .await
+        .unwrap();
+    let public = get("opensource/labels/null/versions".into())
+        .send()
+        .await
+        .unwrap();
+    (
+        listing.status().as_u16(),
+        download.status().as_u16(),
+        public.status().as_u16(),
+    )
+}
+
+/// Issue 31, item 5: on a sealed mirror, `offline.imported_readers` alone says who reads an
+/// imported private module. Before it, imports were written where `offline.unknown_identity`
+/// reads, so `unknown_identity: anyone` opened every imported private module to anyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn imported_private_modules_are_read_as_imported_readers_says() {
+    const BOB: &str = "glpat-bob-00000000000000";
+    let site = Site::new().await;
+    site.warm_all("connected");
+    let out = site.export(
+        "connected",
+        "site.bundle",
+        "key",
+        &["infra/vpc/aws", "opensource/labels/null"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The default (`none`), beside the widest `unknown_identity`: no one reads the private
+    // module, with or without a credential; the public one stays public.
+    let mirror = sealed_with(&site, "  unknown_identity: anyone\n").await;
+    let cache = mirror.cache_dir().join("cache");
+    assert!(site.import(&cache, "site.bundle").status.success());
+    for who in [Some(ALICE), None] {
+        assert_eq!(reads(&mirror, who).await, (503, 503, 200), "{who:?}");
+    }
+    let base = format!("{}/api/v4/packages/terraform/modules/v1", mirror.url());
+    let r = client()
+        .get(format!("{base}/infra/vpc/aws/versions"))
+        .header("authorization", bearer(ALICE))
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(text.contains("offline.imported_readers"), "{text}");
+    assert!(text.contains("tfmirror bundle reader add"), "{text}");
+    drop(mirror);
+
+    // `listed`: only the credentials `reader add` listed, once added (no restart).
+    let readers = site.path("readers");
+    std::fs::write(&readers, "# sealed site readers\n").unwrap();
+    let offline = format!(
+        "  unknown_identity: anyone\n  imported_readers: listed\n  readers_file: {}\n",
+        s(&readers)
+    );
+    let mirror = sealed_with(&site, &offline).await;
+    let cache = mirror.cache_dir().join("cache");
+    assert!(site.import(&cache, "site.bundle").status.success());
+    assert_eq!(reads(&mirror, Some(ALICE)).await, (503, 503, 200));
+    let out = reader_add(&cache, &readers, ALICE);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&readers).unwrap();
+    assert!(
+        !text.contains(ALICE),
+        "the file holds no credential: {text}"
+    );
+    assert_eq!(text.lines().filter(|l| l.len() > 64).count(), 1, "{text}");
+    common::until("the new reader is admitted", || async {
+        reads(&mirror, Some(ALICE)).await == (200, 204, 200)
+    })
+    .await;
+    assert_eq!(reads(&mirror, Some(BOB)).await, (503, 503, 200));
+    assert_eq!(reads(&mirror, None).await, (503, 503, 200));
+    // Adding the same credential again writes nothing.
+    let again = reader_add(&cache, &readers, ALICE);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already"));
+    assert_eq!(std::fs::read_to_string(&readers).unwrap(), text);
+    let decided = |d: &'static str| {
+        let m = &mirror;
+        async move {
+            m.metric(
+                "tfmirror_auth_decisions_total",
+                &format!("decision=\"{d}\""),
+            )
+            .await
+        }
+    };
+    assert!(decided("imported").await >= 2.0);
+    assert!(decided("not_reader").await >= 4.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

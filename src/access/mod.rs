@@ -7,5 +7,6 @@ pub mod horizon;
 pub mod idtoken;
 pub mod policy;
 pub mod principal;
+pub mod readers;
 
 pub use grants::{Auth, Negative};

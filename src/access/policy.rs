@@ -29,10 +29,15 @@
 //!    GitLab says yes again: GitLab's refusal is replayed to it (`Refuse(RefusedBefore)`),
 //!    whatever GitLab's state, so that a tfmirror tier in front reads it as the refusal it
 //!    is, never as an outage.
+//!    On a sealed mirror (`--offline`), what a signed bundle brought (`tfmirror bundle
+//!    import`) comes next, whatever its age (nothing newer can come): a module the exporting
+//!    GitLab served anonymously to anyone, a private one as `offline.imported_readers` says
+//!    (no one, anyone, or the callers listed in `offline.readers_file`). Imported answers are
+//!    never read while a GitLab can be asked, and `offline.unknown_identity` never opens them.
 //! 5. Nothing to serve: a clear refusal that says GitLab is unavailable (never mistaken for
 //!    GitLab's own refusal by a tfmirror tier in front).
 
-use crate::config::UnknownIdentity;
+use crate::config::{ImportedReaders, UnknownIdentity};
 use crate::windows::Age;
 
 /// The time windows of the policy, in seconds.
@@ -145,6 +150,21 @@ pub struct Facts {
     pub breaker: Breaker,
     pub gitlab: Gitlab,
     pub unknown_identity: UnknownIdentity,
+    /// A signed bundle brought this answer; read only on a sealed mirror.
+    pub imported: Option<Bundled>,
+    /// `offline.imported_readers`.
+    pub imported_readers: ImportedReaders,
+    /// The caller's credential is listed in `offline.readers_file`.
+    pub listed_reader: bool,
+}
+
+/// An answer a signed bundle brought (`tfmirror bundle import`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bundled {
+    /// The exporting GitLab served the module to anonymous callers: public stays public.
+    Public,
+    /// A private module: `offline.imported_readers` says who reads it.
+    Private,
 }
 
 /// Where a stale answer comes from.
@@ -159,6 +179,8 @@ pub enum StaleSource {
     SharedAnyone,
     /// The same, to a caller with a credential; `offline.unknown_identity: authenticated`.
     SharedAuthenticated,
+    /// What a signed bundle brought, on a sealed mirror (`offline.imported_readers`).
+    Imported,
 }
 
 /// Why nothing can be served while GitLab fails.
@@ -171,6 +193,9 @@ pub enum Why {
     UnknownDenied,
     /// Allowed in principle, but nothing (recent enough) is cached for this route.
     NothingCached,
+    /// A bundle brought this private module, and `offline.imported_readers` does not admit
+    /// this caller.
+    NotReader,
 }
 
 /// What to do with the request.
@@ -241,6 +266,10 @@ fn stale(f: &Facts, w: &Windows) -> Result<StaleSource, Why> {
     if within(f.public) {
         return Ok(StaleSource::Public);
     }
+    let imported = imported(f);
+    if imported == Some(true) {
+        return Ok(StaleSource::Imported);
+    }
     let shared = match (f.unknown_identity, f.has_credential) {
         (UnknownIdentity::Anyone, _) => Some(StaleSource::SharedAnyone),
         (UnknownIdentity::Authenticated, true) => Some(StaleSource::SharedAuthenticated),
@@ -249,16 +278,33 @@ fn stale(f: &Facts, w: &Windows) -> Result<StaleSource, Why> {
     // What others fetched, only while GitLab is down for everyone (rule 4).
     let Some(source) = shared.filter(|_| f.breaker != Breaker::Up) else {
         // An identity GitLab authorized before is not "unknown": it just lacks this answer.
-        return Err(match f.standing {
-            Standing::Fresh | Standing::Expired => Why::NothingCached,
+        return Err(match (imported, f.standing) {
+            (Some(false), _) => Why::NotReader,
+            (_, Standing::Fresh | Standing::Expired) => Why::NothingCached,
             _ => Why::UnknownDenied,
         });
     };
-    if within(f.shared) {
-        Ok(source)
-    } else {
-        Err(Why::NothingCached)
+    match (within(f.shared), imported) {
+        (true, _) => Ok(source),
+        (false, Some(false)) => Err(Why::NotReader),
+        (false, _) => Err(Why::NothingCached),
     }
+}
+
+/// On a sealed mirror, whether this caller may read the imported answer (None: there is
+/// none, or a GitLab can be asked). Age plays no part: the bundle is all there is.
+fn imported(f: &Facts) -> Option<bool> {
+    if f.breaker != Breaker::Offline {
+        return None;
+    }
+    Some(match f.imported? {
+        Bundled::Public => true,
+        Bundled::Private => match f.imported_readers {
+            ImportedReaders::None => false,
+            ImportedReaders::Anyone => true,
+            ImportedReaders::Listed => f.listed_reader,
+        },
+    })
 }
 
 #[cfg(test)]

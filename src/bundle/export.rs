@@ -19,8 +19,8 @@ use super::{
 };
 use crate::cache::dir::CacheDir;
 use crate::cache::records::{
-    DownloadRecord, SharedListing, SumsRecord, TarballEntry, VersionsRecord,
-    KIND_PROVIDER_DOWNLOAD, KIND_PROVIDER_SUMS, KIND_PROVIDER_VERSIONS, KIND_SHARED,
+    DownloadRecord, ImportedListing, SharedListing, SumsRecord, TarballEntry, VersionsRecord,
+    KIND_IMPORTED, KIND_PROVIDER_DOWNLOAD, KIND_PROVIDER_SUMS, KIND_PROVIDER_VERSIONS, KIND_SHARED,
     KIND_SHARED_PUBLIC, KIND_TARBALL, PROVIDER_KEY_PREFIX,
 };
 use crate::constraint::Constraint;
@@ -80,15 +80,25 @@ struct Scan {
 impl Scan {
     fn of(dir: &CacheDir) -> Result<Scan, String> {
         let e = |e: std::io::Error| format!("reading the cache: {e}");
+        let mut shared: HashMap<String, SharedListing> =
+            dir.scan(KIND_SHARED).map_err(e)?.into_iter().collect();
+        let mut public: BTreeSet<String> = dir
+            .scan::<serde::de::IgnoredAny>(KIND_SHARED_PUBLIC)
+            .map_err(e)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        // A sealed mirror passes on what it imported (what GitLab served here comes first).
+        for (key, i) in dir.scan::<ImportedListing>(KIND_IMPORTED).map_err(e)? {
+            if i.public {
+                public.insert(key.clone());
+            }
+            shared.entry(key).or_insert(i.listing);
+        }
         Ok(Scan {
             tarballs: dir.scan(KIND_TARBALL).map_err(e)?.into_iter().collect(),
-            shared: dir.scan(KIND_SHARED).map_err(e)?.into_iter().collect(),
-            public: dir
-                .scan::<serde::de::IgnoredAny>(KIND_SHARED_PUBLIC)
-                .map_err(e)?
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect(),
+            shared,
+            public,
             versions: dir
                 .scan(KIND_PROVIDER_VERSIONS)
                 .map_err(e)?

@@ -3,6 +3,10 @@
 //! index, provider checksums and download answers, and listings last, so that a server reading
 //! alongside never sees a listed version whose bytes are not in place.
 //!
+//! Module listings go to their own kind ([`KIND_IMPORTED`]), never to the shared views a
+//! connected mirror learns from GitLab: on a sealed mirror `offline.imported_readers` alone says
+//! who reads an imported private module, and `offline.unknown_identity` never opens one.
+//!
 //! A bundle only adds. Listings become the union of the versions cached and bundled (an older
 //! bundle never removes one); what the cache already holds is left as it is, so importing a
 //! bundle twice writes nothing the second time. A version whose tarball (or provider package)
@@ -19,15 +23,15 @@ use super::import::{Imported, Refusal, Staged};
 use super::{listing_path, sums_path, tarball_path, zip_path, Manifest, ModuleCard, ProviderCard};
 use crate::cache::dir::CacheDir;
 use crate::cache::records::{
-    DownloadRecord, SharedListing, SumsRecord, TarballEntry, VersionsRecord,
-    KIND_PROVIDER_DOWNLOAD, KIND_PROVIDER_SUMS, KIND_PROVIDER_VERSIONS, KIND_SHARED,
-    KIND_SHARED_PUBLIC, KIND_TARBALL, PROVIDER_KEY_PREFIX,
+    DownloadRecord, ImportedListing, SharedListing, SumsRecord, TarballEntry, VersionsRecord,
+    KIND_IMPORTED, KIND_PROVIDER_DOWNLOAD, KIND_PROVIDER_SUMS, KIND_PROVIDER_VERSIONS,
+    KIND_TARBALL, PROVIDER_KEY_PREFIX,
 };
 
 /// A record to write.
 enum Record {
     Tarball(String, TarballEntry),
-    Shared(&'static str, String, SharedListing),
+    Imported(String, ImportedListing),
     Versions(String, VersionsRecord),
     Sums(String, SumsRecord),
     Download(String, DownloadRecord),
@@ -37,7 +41,7 @@ impl Record {
     fn put(&self, dir: &CacheDir) -> std::io::Result<()> {
         match self {
             Record::Tarball(k, v) => dir.put(KIND_TARBALL, k, v),
-            Record::Shared(kind, k, v) => dir.put(kind, k, v),
+            Record::Imported(k, v) => dir.put(KIND_IMPORTED, k, v),
             Record::Versions(k, v) => dir.put(KIND_PROVIDER_VERSIONS, k, v),
             Record::Sums(k, v) => dir.put(KIND_PROVIDER_SUMS, k, v),
             Record::Download(k, v) => dir.put(KIND_PROVIDER_DOWNLOAD, k, v),
@@ -287,30 +291,40 @@ fn plan_module(
             w,
         )?;
     }
-    let kinds: &[&'static str] = if card.public {
-        &[KIND_SHARED, KIND_SHARED_PUBLIC]
-    } else {
-        &[KIND_SHARED]
-    };
     for (op, f) in &card.listings {
         let path = listing_path(m, op);
         let body = small(staged, &path)?;
-        for kind in kinds {
-            let key = format!("{m}/{op}");
-            let existing: Option<SharedListing> = dir.get(kind, &key);
-            let existing = existing.map(|e| {
-                let body = dir.read_blob(&e.digest).ok().flatten();
-                (e, body)
-            });
-            if let Some((record, merged)) = merge_listing(op, existing, body, f.fetched_at)? {
+        let key = format!("{m}/{op}");
+        let existing: Option<ImportedListing> = dir.get(KIND_IMPORTED, &key);
+        // Whether the module is public is the newer bundle's word (a module made private at
+        // the origin is private after the bundle that says so).
+        let public = match &existing {
+            Some(e) if e.listing.fetched_at > f.fetched_at => e.public,
+            _ => card.public,
+        };
+        let flag_changed = existing.as_ref().is_some_and(|e| e.public != public);
+        let existing = existing.map(|e| {
+            let body = dir.read_blob(&e.listing.digest).ok().flatten();
+            (e.listing, body)
+        });
+        let kept = existing.as_ref().map(|(l, _)| l.clone());
+        match merge_listing(op, existing, body, f.fetched_at)? {
+            Some((listing, merged)) => {
                 match merged {
                     Some(b) => w.bodies.push(b),
                     None => {
                         w.staged.insert(path.clone());
                     }
                 }
-                w.late.push(Record::Shared(kind, key, record));
+                w.late
+                    .push(Record::Imported(key, ImportedListing { listing, public }));
             }
+            None if flag_changed => {
+                let listing = kept.expect("a changed flag is an existing record's");
+                w.late
+                    .push(Record::Imported(key, ImportedListing { listing, public }));
+            }
+            None => {}
         }
     }
     Ok(())

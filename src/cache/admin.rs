@@ -18,8 +18,8 @@ use serde::Serialize;
 use crate::cache::blobs::{BlobStore, Hash};
 use crate::cache::meta::MetaStore;
 use crate::cache::records::{
-    grant_key_is_of, shared_key_is_of, tarball_key_is_of, Grant, SharedListing, TarballEntry,
-    KIND_GRANT, KIND_SHARED, KIND_SHARED_PUBLIC, KIND_TARBALL,
+    grant_key_is_of, shared_key_is_of, tarball_key_is_of, Grant, ImportedListing, SharedListing,
+    TarballEntry, KIND_GRANT, KIND_IMPORTED, KIND_SHARED, KIND_SHARED_PUBLIC, KIND_TARBALL,
 };
 use crate::clock;
 
@@ -140,6 +140,9 @@ impl Admin {
                 named.push((format!("listing {key}"), l.digest));
             }
         }
+        for (key, i) in self.meta.scan::<ImportedListing>(KIND_IMPORTED)? {
+            named.push((format!("imported listing {key}"), i.listing.digest));
+        }
         for (key, g) in self.meta.scan::<Grant>(KIND_GRANT)? {
             // Grant keys start with the identity hash: shown as the module and listing only.
             let module = key.split_once('/').map_or("", |(_, m)| m).to_string();
@@ -216,7 +219,7 @@ impl Admin {
         }
         // Listings and grants are per module: drop them whether or not a version was named,
         // so that the next listing comes from GitLab.
-        for kind in [KIND_SHARED, KIND_SHARED_PUBLIC] {
+        for kind in [KIND_SHARED, KIND_SHARED_PUBLIC, KIND_IMPORTED] {
             // Keys only: a record of any shape under this module goes.
             for (key, _) in self.meta.scan::<serde::de::IgnoredAny>(kind)? {
                 if shared_key_is_of(&key, module) {
@@ -332,6 +335,9 @@ impl Admin {
             for (_, s) in self.meta.scan::<SharedListing>(kind)? {
                 referenced.insert(s.digest);
             }
+        }
+        for (_, i) in self.meta.scan::<ImportedListing>(KIND_IMPORTED)? {
+            referenced.insert(i.listing.digest);
         }
         // Providers' signed checksum files, kept byte for byte.
         for (_, sums) in self

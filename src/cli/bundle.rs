@@ -30,6 +30,31 @@ enum BundleAction {
     /// add it to the cache directory; safe while a server uses it. Exit 1 with one line on
     /// any refusal, the cache unchanged.
     Import(ImportArgs),
+    /// Who may read imported private modules on a sealed mirror
+    /// (`offline.imported_readers: listed`).
+    Reader {
+        #[command(subcommand)]
+        action: ReaderAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReaderAction {
+    /// Read one credential (a token) from standard input and add its keyed hash to the
+    /// readers file, never the credential itself. A running server sees it within a second.
+    Add(ReaderAddArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReaderAddArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The readers file. [default: `offline.readers_file`]
+    #[arg(long, value_name = "FILE")]
+    readers_file: Option<PathBuf>,
+    /// A note written after the hash, for the operator (who this credential is).
+    #[arg(long, value_name = "TEXT")]
+    label: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +121,9 @@ pub(super) fn bundle(args: BundleArgs) -> ExitCode {
         },
         BundleAction::Export(a) => export(&a),
         BundleAction::Import(a) => import(&a),
+        BundleAction::Reader {
+            action: ReaderAction::Add(a),
+        } => reader_add(&a),
     }
 }
 
@@ -257,4 +285,81 @@ fn import(args: &ImportArgs) -> ExitCode {
         Err(e) if e.wrote => fail(1, &e.reason),
         Err(e) => fail(1, &format!("bundle refused, cache unchanged: {}", e.reason)),
     }
+}
+
+fn reader_add(args: &ReaderAddArgs) -> ExitCode {
+    use crate::secret::{readers, Secret};
+    let config = match setup(&args.common) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(file) = args
+        .readers_file
+        .clone()
+        .or(config.offline.readers_file.clone())
+    else {
+        return fail(
+            2,
+            "no readers file: give --readers-file or set offline.readers_file",
+        );
+    };
+    if args.label.as_deref().is_some_and(|l| !readers::label_ok(l)) {
+        return fail(
+            2,
+            "--label must be one printable line of at most 100 characters",
+        );
+    }
+    // The identity key of the mirror that reads the file: the set's `secret_file`, or the
+    // instance's own key in its cache directory.
+    let secret = match Secret::load(
+        &config.cache_dir,
+        config.secret_file.as_deref(),
+        config.secret_previous_file.as_deref(),
+    ) {
+        Ok(s) => s,
+        Err(e) => return fail(2, &e),
+    };
+    let credential = match read_credential() {
+        Ok(c) => c,
+        Err(e) => return fail(2, &e),
+    };
+    let hash = secret.reader_hash(credential.as_bytes());
+    match readers::add(&file, &hash, args.label.as_deref()) {
+        Ok(true) => {
+            println!("added a reader to {}", file.display());
+            ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            println!("already a reader in {}; nothing written", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, &e),
+    }
+}
+
+/// One line from standard input, without echo on a terminal: a credential never goes on the
+/// command line (process lists, shell history).
+fn read_credential() -> Result<String, String> {
+    use nix::sys::termios::{tcgetattr, tcsetattr, LocalFlags, SetArg};
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let saved = terminal.then(|| tcgetattr(&stdin).ok()).flatten();
+    if let Some(t) = &saved {
+        eprint!("credential (not shown): ");
+        let mut quiet = t.clone();
+        quiet.local_flags.remove(LocalFlags::ECHO);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &quiet);
+    }
+    let mut line = String::new();
+    let read = stdin.read_line(&mut line);
+    if let Some(t) = &saved {
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, t);
+        eprintln!();
+    }
+    read.map_err(|e| format!("reading the credential from standard input: {e}"))?;
+    let credential = line.trim();
+    if credential.is_empty() {
+        return Err("no credential on standard input (give the token, one line)".into());
+    }
+    Ok(credential.to_string())
 }

@@ -255,3 +255,39 @@ fn bundle_section_names_its_keys() {
     .unwrap_err();
     assert!(e.to_string().contains("bundle.trusted_keys"), "{e}");
 }
+
+#[test]
+fn imported_readers_name_their_keys_and_never_echo_a_value() {
+    let c = load("", &Overrides::default()).unwrap();
+    assert_eq!(c.offline.imported_readers, ImportedReaders::None);
+    let e = load(
+        "offline:\n  imported_readers: listed\n",
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("offline.readers_file"), "{e}");
+    let e = load(
+        "offline:\n  imported_readers: glpat-secret\n",
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("offline.imported_readers"), "{e}");
+    assert!(!e.to_string().contains("glpat"), "{e}");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let yaml = |setting: &str| {
+        format!(
+            "offline:\n  imported_readers: {setting}\n  readers_file: {}\n",
+            file.path().display()
+        )
+    };
+    std::fs::write(file.path(), format!("{}\n", "ab".repeat(32))).unwrap();
+    let c = load(&yaml("listed"), &Overrides::default()).unwrap();
+    assert_eq!(c.offline.imported_readers, ImportedReaders::Listed);
+    // A file that is read by no one is a mistake worth naming.
+    let e = load(&yaml("anyone"), &Overrides::default()).unwrap_err();
+    assert!(e.to_string().contains("offline.readers_file"), "{e}");
+    std::fs::write(file.path(), "glpat-secret-token\n").unwrap();
+    let e = load(&yaml("listed"), &Overrides::default()).unwrap_err();
+    assert!(e.to_string().contains("offline.readers_file"), "{e}");
+    assert!(!e.to_string().contains("glpat"), "{e}");
+}

@@ -22,8 +22,23 @@ pub enum Plan {
 use crate::windows::Age;
 pub use crate::windows::Windows;
 
+/// Whether the registry may be asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    Available,
+    /// Its breaker is open: it failed just now.
+    Failing,
+    /// A sealed mirror (`offline.enabled`): no registry will ever be asked, so a cached list
+    /// (imported, or fetched before sealing) is served whatever its age.
+    Sealed,
+}
+
 /// `age`: seconds since the cached list was fetched, None when there is none.
-pub fn plan(age: Option<u64>, w: Windows, upstream_available: bool) -> Plan {
+pub fn plan(age: Option<u64>, w: Windows, upstream: Upstream) -> Plan {
+    let upstream_available = upstream == Upstream::Available;
+    if upstream == Upstream::Sealed && age.is_some_and(|a| w.age(a) != Age::Fresh) {
+        return Plan::Stale;
+    }
     let Some(age) = age else {
         return if upstream_available {
             Plan::Ask { fallback: false }
@@ -54,21 +69,28 @@ mod tests {
             revalidate: 300,
             stale_if_error: 3600,
         };
+        use Upstream::*;
         for (age, up, want) in [
-            (None, true, Plan::Ask { fallback: false }),
-            (None, false, Plan::Unavailable),
-            (Some(0), true, Plan::Hit),
-            (Some(29), false, Plan::Hit),
+            (None, Available, Plan::Ask { fallback: false }),
+            (None, Failing, Plan::Unavailable),
+            (Some(0), Available, Plan::Hit),
+            (Some(29), Failing, Plan::Hit),
             // Exactly `ttl` old is past fresh, as a module listing is (`crate::windows`).
-            (Some(30), true, Plan::Updating),
-            (Some(30), false, Plan::Stale),
-            (Some(329), true, Plan::Updating),
-            (Some(330), true, Plan::Ask { fallback: true }),
-            (Some(3629), false, Plan::Stale),
-            (Some(3630), false, Plan::Unavailable),
-            (Some(3630), true, Plan::Ask { fallback: false }),
+            (Some(30), Available, Plan::Updating),
+            (Some(30), Failing, Plan::Stale),
+            (Some(329), Available, Plan::Updating),
+            (Some(330), Available, Plan::Ask { fallback: true }),
+            (Some(3629), Failing, Plan::Stale),
+            (Some(3630), Failing, Plan::Unavailable),
+            (Some(3630), Available, Plan::Ask { fallback: false }),
+            (None, Sealed, Plan::Unavailable),
+            (Some(29), Sealed, Plan::Hit),
+            (Some(30), Sealed, Plan::Stale),
+            // Sealed, a list never ages out: nothing newer can come.
+            (Some(3630), Sealed, Plan::Stale),
+            (Some(10 * 365 * 86400), Sealed, Plan::Stale),
         ] {
-            assert_eq!(plan(age, w, up), want, "age {age:?}, up {up}");
+            assert_eq!(plan(age, w, up), want, "age {age:?}, {up:?}");
         }
     }
 }

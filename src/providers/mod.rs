@@ -301,7 +301,14 @@ impl Providers {
             cache,
             age: age.unwrap_or(0),
         };
-        match plan(age, self.windows, self.registries.available(l.host())) {
+        let upstream = if self.registries.is_offline() {
+            freshness::Upstream::Sealed
+        } else if self.registries.available(l.host()) {
+            freshness::Upstream::Available
+        } else {
+            freshness::Upstream::Failing
+        };
+        match plan(age, self.windows, upstream) {
             Plan::Hit => Ok(found(&cached, CacheStatus::Hit)),
             Plan::Updating => {
                 self.refresh_in_background(l);

@@ -8,11 +8,15 @@ use http::HeaderValue;
 
 use super::ask::{Asked, Failure};
 use super::{reply, Lesson, Registry};
-use crate::access::policy::{self, Action, Breaker, Facts, Gitlab, Kind, StaleSource, Why};
+use crate::access::policy::{
+    self, Action, Breaker, Bundled, Facts, Gitlab, Kind, StaleSource, Why,
+};
 use crate::cache::records::{
-    Grant, ListingKey, Refusal, SharedListing, KIND_SHARED, KIND_SHARED_PUBLIC,
+    shared_key, Grant, ImportedListing, ListingKey, Refusal, SharedListing, KIND_IMPORTED,
+    KIND_SHARED, KIND_SHARED_PUBLIC,
 };
 use crate::clock::Moment;
+use crate::config::ImportedReaders;
 use crate::identity::Identity;
 use crate::metrics::{self, Decision};
 use crate::respond::{CacheStatus, Reply};
@@ -37,6 +41,8 @@ pub(super) enum Fallback<'a> {
 pub(super) struct Records {
     pub public: Option<SharedListing>,
     pub shared: Option<SharedListing>,
+    /// What a signed bundle brought (read on a sealed mirror only).
+    pub imported: Option<ImportedListing>,
 }
 
 impl Records {
@@ -46,6 +52,7 @@ impl Records {
             StaleSource::Own => None,
             StaleSource::Public => self.public.as_ref(),
             StaleSource::SharedAnyone | StaleSource::SharedAuthenticated => self.shared.as_ref(),
+            StaleSource::Imported => self.imported.as_ref().map(|i| &i.listing),
         }
     }
 }
@@ -111,16 +118,22 @@ impl Registry {
             breaker: self.breaker(),
             gitlab: Gitlab::NotAsked,
             unknown_identity: self.unknown_identity,
+            imported: None,
+            imported_readers: self.readers.setting(),
+            listed_reader: false,
         };
         (facts, remembered)
     }
 
     /// Decide, reading the module-wide records only when the answer can depend on them
-    /// (GitLab failed or cannot be asked): the hit path reads nothing more from disk.
+    /// (GitLab failed or cannot be asked): the hit path reads nothing more from disk. `cred`
+    /// is looked up in `offline.readers_file` only when an imported private answer is at
+    /// stake.
     pub(super) async fn decide(
         &self,
         facts: &mut Facts,
         fallback: &Fallback<'_>,
+        cred: Option<&HeaderValue>,
     ) -> (Action, Records) {
         let w = self.windows();
         let action = policy::decide(facts, &w);
@@ -130,13 +143,22 @@ impl Registry {
         if !may_fall_back {
             return (action, Records::default());
         }
-        let records = self.records(fallback).await;
+        let records = self.records(fallback, facts.breaker).await;
         facts.public = records.public.as_ref().map(|r| r.fetched_at);
         facts.shared = records.shared.as_ref().map(|r| r.fetched_at);
+        facts.imported = records.imported.as_ref().map(|i| match i.public {
+            true => Bundled::Public,
+            false => Bundled::Private,
+        });
+        if facts.imported == Some(Bundled::Private)
+            && facts.imported_readers == ImportedReaders::Listed
+        {
+            facts.listed_reader = self.readers.lists(cred).await;
+        }
         (policy::decide(facts, &w), records)
     }
 
-    async fn records(&self, fallback: &Fallback<'_>) -> Records {
+    async fn records(&self, fallback: &Fallback<'_>, breaker: Breaker) -> Records {
         let (module, op, version) = match fallback {
             Fallback::Listing { module, op } => (*module, *op, None),
             Fallback::Version { module, version } => (*module, &ListingKey::Versions, *version),
@@ -148,6 +170,16 @@ impl Registry {
                 .await
                 .filter(shows),
             shared: self.shared(KIND_SHARED, module, op).await.filter(shows),
+            // Imported answers count only where no GitLab can be asked.
+            imported: match breaker {
+                Breaker::Offline => self
+                    .cache
+                    .records()
+                    .get::<ImportedListing>(KIND_IMPORTED, shared_key(module, op))
+                    .await
+                    .filter(|i| shows(&i.listing)),
+                _ => None,
+            },
         }
     }
 }
@@ -168,11 +200,13 @@ pub(super) fn count(
                 StaleSource::Public => Decision::StalePublic,
                 StaleSource::SharedAnyone => Decision::UnknownAnyone,
                 StaleSource::SharedAuthenticated => Decision::UnknownAuthenticated,
+                StaleSource::Imported => Decision::Imported,
             });
         }
         Action::Refuse(why) => {
             let d = match why {
                 Why::UnknownDenied => Decision::UnknownDenied,
+                Why::NotReader => Decision::NotReader,
                 Why::RefusedBefore | Why::NothingCached => Decision::OfflineRefused,
             };
             metrics::decision(d);

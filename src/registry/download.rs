@@ -124,7 +124,9 @@ impl Registry {
             own,
             &req.path,
         );
-        let (action, _) = self.decide(&mut facts, &req.fallback()).await;
+        let (action, _) = self
+            .decide(&mut facts, &req.fallback(), req.cred.as_ref())
+            .await;
         count(action, identity, module, None);
         match action {
             Action::Fresh | Action::Revalidate => {
@@ -176,7 +178,9 @@ impl Registry {
             )
             .await;
         self.after_asking(&mut facts, &asked, &lesson);
-        let (action, _) = self.decide(&mut facts, &req.fallback()).await;
+        let (action, _) = self
+            .decide(&mut facts, &req.fallback(), req.cred.as_ref())
+            .await;
         count(action, req.identity, module, asked.failure());
         let upstream_status = asked.upstream_status();
         match (action, asked) {

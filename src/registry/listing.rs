@@ -98,7 +98,9 @@ impl Registry {
             req.own.as_ref().map(|b| b.fetched_at),
             &req.path,
         );
-        let (action, records) = self.decide(&mut facts, &req.fallback()).await;
+        let (action, records) = self
+            .decide(&mut facts, &req.fallback(), req.cred.as_ref())
+            .await;
         count(action, identity, &route.module, None);
         if let Some(answered) = self
             .listing_without_asking(&req, action, &records, remembered.as_ref())
@@ -178,7 +180,9 @@ impl Registry {
             None => self.ask(id, path, cred, lesson.clone(), label).await,
         };
         self.after_asking(&mut facts, &asked, &lesson);
-        let (action, records) = self.decide(&mut facts, &req.fallback()).await;
+        let (action, records) = self
+            .decide(&mut facts, &req.fallback(), req.cred.as_ref())
+            .await;
         count(action, req.identity, &req.route.module, asked.failure());
         let upstream = asked.upstream_status();
         Some(match (action, asked) {

@@ -196,6 +196,8 @@ pub struct Registry {
     /// `offline.deadline`: how long a registry call waits for GitLab before it has failed.
     deadline: Duration,
     unknown_identity: UnknownIdentity,
+    /// `offline.imported_readers`, and the listed readers.
+    readers: crate::access::readers::Readers,
     /// Registry calls in flight, by identity (or credential) and path: one upstream exchange
     /// each, with the identity of the credential it is made with.
     inflight: crate::flight::Flights<String, std::result::Result<Small, Arc<Error>>, Identity>,
@@ -223,6 +225,7 @@ impl Registry {
         health: Arc<Health>,
         cfg: &crate::config::Config,
     ) -> Registry {
+        let readers = crate::access::readers::Readers::new(&cfg.offline, secret.clone());
         Registry {
             auth: Auth::new(
                 cache.records(),
@@ -238,6 +241,7 @@ impl Registry {
             health,
             deadline: cfg.offline.deadline,
             unknown_identity: cfg.offline.unknown_identity,
+            readers,
             inflight: crate::flight::Flights::lingering(ask::ANSWERED_STAYS),
             refreshing: Default::default(),
             uploads: moka::sync::Cache::builder()

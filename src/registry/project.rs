@@ -28,8 +28,7 @@ use crate::cache::fill::{FillError, Opener};
 use crate::cache::records::{
     project_tarball_key, shared_key, ListingKey, SharedListing, KIND_SHARED,
 };
-use crate::clock::now as unix_now;
-use crate::clock::Moment;
+use crate::clock::{now as unix_now, Moment};
 use crate::identity::Identity;
 use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
@@ -173,7 +172,9 @@ impl Registry {
             own,
             &c.check,
         );
-        let (action, _) = self.decide(&mut facts, &p.fallback()).await;
+        let (action, _) = self
+            .decide(&mut facts, &p.fallback(), c.cred.as_ref())
+            .await;
         count(action, c.identity, &p.module, None);
         match action {
             Action::Fresh | Action::Revalidate => {
@@ -283,7 +284,9 @@ impl Registry {
             None => self.ask(id, check, cred, lesson.clone(), label).await,
         };
         self.after_asking(&mut facts, &asked, &lesson);
-        let (action, _) = self.decide(&mut facts, &p.fallback()).await;
+        let (action, _) = self
+            .decide(&mut facts, &p.fallback(), c.cred.as_ref())
+            .await;
         count(action, c.identity, &p.module, asked.failure());
         let upstream = asked.upstream_status();
         match (action, asked) {

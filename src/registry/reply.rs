@@ -129,6 +129,7 @@ pub(super) fn unavailable(module: &ModuleId, why: Why, failure: Failure) -> Repl
         Why::UnknownDenied => "tfmirror has no earlier answer of GitLab for this credential and this module, and offline.unknown_identity does not let new identities read the cache; retry once GitLab is back",
         Why::RefusedBefore => "GitLab refused this credential for this module; that stands until GitLab says otherwise",
         Why::NothingCached => "nothing recent enough is cached for this request; retry once GitLab is back",
+        Why::NotReader => "this module came in a signed bundle, and offline.imported_readers does not admit this credential (an operator adds readers with `tfmirror bundle reader add`)",
     };
     let body = serde_json::json!({ "message": format!("503 {reason}"), "error": hint }).to_string();
     Reply::full(StatusCode::SERVICE_UNAVAILABLE, body)
@@ -157,6 +158,9 @@ pub(super) fn unavailable_reason(module: &ModuleId, why: Why, failure: Failure) 
         Why::UnknownDenied => format!("{what}; no cached access to {module} for this credential"),
         Why::RefusedBefore => format!("{what}; GitLab refused this credential for {module}"),
         Why::NothingCached => format!("{what}; {module} is not cached for this credential"),
+        Why::NotReader => {
+            format!("{what}; {module} is imported and this credential is not one of its readers")
+        }
     }
 }
 

@@ -31,7 +31,18 @@ fn base() -> Facts {
         breaker: Breaker::Up,
         gitlab: Gitlab::NotAsked,
         unknown_identity: UnknownIdentity::Deny,
+        imported: None,
+        imported_readers: ImportedReaders::None,
+        listed_reader: false,
     }
+}
+
+/// A caller GitLab never saw, on a sealed mirror, asking for what a bundle brought.
+fn sealed(f: &mut Facts) {
+    f.standing = Standing::Unknown;
+    f.own = None;
+    f.breaker = Breaker::Offline;
+    f.imported = Some(Bundled::Private);
 }
 
 type Row = (&'static str, fn(&mut Facts), Action);
@@ -95,6 +106,17 @@ const ROWS: &[Row] = &[
     ("unknown identity, breaker open, deny: it probes", |f| { f.standing = Standing::Unknown; f.own = None; f.breaker = Breaker::Open }, Ask),
     ("unknown identity, offline mode, deny", |f| { f.standing = Standing::Unknown; f.own = None; f.breaker = Breaker::Offline }, Refuse(UnknownDenied)),
     ("unknown identity, offline mode, authenticated", |f| { f.standing = Standing::Unknown; f.own = None; f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Authenticated; f.breaker = Breaker::Offline }, Stale(SharedAuthenticated)),
+    // Sealed mirrors: what a bundle brought, as offline.imported_readers says; age plays no part.
+    ("imported private module, readers none", |f| sealed(f), Refuse(NotReader)),
+    ("imported private module, readers none, unknown_identity anyone", |f| { sealed(f); f.shared = Some(NOW); f.unknown_identity = UnknownIdentity::Anyone }, Stale(SharedAnyone)),
+    ("imported private module only, readers none, unknown_identity anyone", |f| { sealed(f); f.unknown_identity = UnknownIdentity::Anyone }, Refuse(NotReader)),
+    ("imported private module, readers anyone, anonymous", |f| { sealed(f); f.has_credential = false; f.imported_readers = ImportedReaders::Anyone }, Stale(Imported)),
+    ("imported private module, readers listed, listed caller", |f| { sealed(f); f.imported_readers = ImportedReaders::Listed; f.listed_reader = true }, Stale(Imported)),
+    ("imported private module, readers listed, other caller", |f| { sealed(f); f.imported_readers = ImportedReaders::Listed }, Refuse(NotReader)),
+    ("imported public module, readers none, anonymous", |f| { sealed(f); f.has_credential = false; f.imported = Some(Bundled::Public) }, Stale(Imported)),
+    ("imported answers do not age on a sealed mirror", |f| { sealed(f); f.imported_readers = ImportedReaders::Anyone; f.own = Some(TOO_OLD) }, Stale(Imported)),
+    ("imported answers are not read while GitLab can be asked", |f| { sealed(f); f.imported_readers = ImportedReaders::Anyone; f.breaker = Breaker::Open; f.gitlab = Gitlab::Failed }, Refuse(UnknownDenied)),
+    ("refused identity, imported module, readers anyone", |f| { sealed(f); f.standing = Standing::Refused; f.imported_readers = ImportedReaders::Anyone }, Refuse(RefusedBefore)),
     ("unknown identity, rate-limited by GitLab", |f| { f.standing = Standing::Unknown; f.own = None; f.public = Some(NOW); f.gitlab = Gitlab::RateLimited }, Relay),
 ];
 
@@ -127,9 +149,11 @@ fn the_table_covers_every_action_and_every_gitlab_outcome() {
         Stale(Public),
         Stale(SharedAnyone),
         Stale(SharedAuthenticated),
+        Stale(Imported),
         Refuse(RefusedBefore),
         Refuse(UnknownDenied),
         Refuse(NothingCached),
+        Refuse(NotReader),
     ] {
         assert!(actions.contains(&format!("{a:?}")), "no row ends in {a:?}");
     }
@@ -237,6 +261,43 @@ fn what_others_fetched_is_served_only_while_gitlab_is_down() {
                     let shared = matches!(a, Stale(SharedAnyone | SharedAuthenticated));
                     if breaker == Breaker::Up {
                         assert!(!shared, "{f:?} -> {a:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn imported_answers_are_never_wider_than_chosen() {
+    // Exhaustive: an imported answer is served only on a sealed mirror, and a private one
+    // only to the callers `offline.imported_readers` admits.
+    let readers = [
+        ImportedReaders::None,
+        ImportedReaders::Anyone,
+        ImportedReaders::Listed,
+    ];
+    for imported in [Bundled::Public, Bundled::Private] {
+        for setting in readers {
+            for listed_reader in [false, true] {
+                for breaker in [Breaker::Up, Breaker::Open, Breaker::Offline] {
+                    for gitlab in [Gitlab::NotAsked, Gitlab::Failed] {
+                        let f = Facts {
+                            standing: Standing::Unknown,
+                            own: None,
+                            imported: Some(imported),
+                            imported_readers: setting,
+                            listed_reader,
+                            breaker,
+                            gitlab,
+                            ..base()
+                        };
+                        let served = decide(&f, &W) == Stale(Imported);
+                        let admitted = imported == Bundled::Public
+                            || setting == ImportedReaders::Anyone
+                            || (setting == ImportedReaders::Listed && listed_reader);
+                        let want = breaker == Breaker::Offline && admitted;
+                        assert_eq!(served, want, "{f:?}");
                     }
                 }
             }

@@ -7,6 +7,7 @@
 //! | [`KIND_TARBALL`] | [`tarball_key`], [`project_tarball_key`] | [`TarballEntry`] | a committed fill |
 //! | [`KIND_GRANT`] | [`grant_key`] | [`Grant`] | `access`, on each upstream answer |
 //! | [`KIND_SHARED`], [`KIND_SHARED_PUBLIC`] | `<module>/<listing op>` | [`SharedListing`] | `registry`, on each listing |
+//! | [`KIND_IMPORTED`] | `<module>/<listing op>` | [`ImportedListing`] | `bundle`, on import |
 //! | [`KIND_REAPPEARED`] | [`version_id`] | [`Reappeared`] | `registry`, when a listing shows a version again |
 //! | [`KIND_PROVIDER_VERSIONS`] | [`provider_versions_key`], [`registry_module_versions_key`] | [`VersionsRecord`] | `providers`, on each version list |
 //! | [`KIND_PROVIDER_SUMS`] | [`provider_sums_key`] | [`SumsRecord`] | `providers`, once checksums verify |
@@ -267,6 +268,18 @@ pub fn shared_key(module: &ModuleId, listing: impl fmt::Display) -> String {
 /// Is `key` a shared-listing key of `module`?
 pub fn shared_key_is_of(key: &str, module: &str) -> bool {
     key.strip_prefix(module).is_some_and(|r| r.starts_with('/'))
+}
+
+/// Listings a signed bundle brought (`tfmirror bundle import`), by [`shared_key`]: read only
+/// on a sealed mirror, as `offline.imported_readers` says. Kept apart from [`KIND_SHARED`], so
+/// that `offline.unknown_identity` never opens them.
+pub const KIND_IMPORTED: &str = "imported";
+
+/// An imported listing, and whether the exporting GitLab served its module anonymously.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportedListing {
+    pub listing: SharedListing,
+    pub public: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
