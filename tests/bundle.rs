@@ -485,6 +485,68 @@ async fn imported_private_modules_are_read_as_imported_readers_says() {
     assert!(decided("not_reader").await >= 4.0);
 }
 
+/// Every `fetched_at` in a JSON card set to `at`.
+fn age_card(v: &mut serde_json::Value, at: u64) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                match k.as_str() {
+                    "fetched_at" | "package_fetched_at" => *x = at.into(),
+                    _ => age_card(x, at),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| age_card(x, at)),
+        _ => {}
+    }
+}
+
+/// A sealed site imports rarely: a bundle whose answers are a year old (far past
+/// `cache.stale_if_error`) still serves its modules and providers, since nothing newer can
+/// come. Before, the sealed mirror answered 503 for both once `stale_if_error` had passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_year_old_bundle_still_serves_a_sealed_mirror() {
+    let site = Site::new().await;
+    site.warm_all("connected");
+    let provider = format!("{HOST}/{NS}/{TYPE}");
+    let out = site.export(
+        "connected",
+        "fresh.bundle",
+        "key",
+        &["infra/vpc/aws", "--provider", &provider],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let year_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 365 * 86400;
+    let mut m = members(&site.path("fresh.bundle"));
+    for (path, body) in m.iter_mut() {
+        if path.ends_with("/module.json") || path.ends_with("/provider.json") {
+            let mut card: serde_json::Value = serde_json::from_slice(body).unwrap();
+            age_card(&mut card, year_ago);
+            *body = serde_json::to_vec(&card).unwrap();
+        }
+    }
+    resign(&mut m, &site.path("key"));
+    write_members(&site.path("old.bundle"), &m);
+
+    let mirror = sealed(&site).await;
+    let cache = mirror.cache_dir().join("cache");
+    let out = site.import(&cache, "old.bundle");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (listing, download, _) = reads(&mirror, Some(ALICE)).await;
+    assert_eq!((listing, download), (200, 204), "{}", mirror.logs());
+    let base = format!("{}/providers/mirror/{provider}", mirror.url());
+    for path in ["index.json", "1.0.0.json", "1.0.0/linux_amd64.zip"] {
+        let r = client().get(format!("{base}/{path}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}: {}", mirror.logs());
+        let cache = r.headers()["x-cache-status"].to_str().unwrap().to_string();
+        assert!(matches!(cache.as_str(), "STALE" | "HIT"), "{path}: {cache}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn importing_twice_is_a_no_op_and_listings_only_grow() {
     let site = Site::new().await;
