@@ -127,6 +127,13 @@ impl Site {
         self.warm(name, None, &args);
     }
 
+    /// [`Site::warm_all`] into "connected", then `out` exported from it; it must succeed.
+    fn warmed_bundle(&self, out: &str, selection: &[&str]) {
+        self.warm_all("connected");
+        let o = self.export("connected", out, "key", selection);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+
     fn export(&self, cache: &str, out: &str, key: &str, selection: &[&str]) -> Output {
         let (cache, out, key) = (self.path(cache), self.path(out), self.path(key));
         let mut args = vec!["bundle", "export", "--cache-dir", s(&cache)];
@@ -313,13 +320,7 @@ async fn a_bundle_carries_modules_and_providers_to_a_sealed_mirror() {
     let cache = mirror.cache_dir().join("cache");
     let out = site.import(&cache, "site.bundle");
     assert!(out.status.success(), "{}", stderr(&out));
-    let base = format!("{}/api/v4/packages/terraform/modules/v1", mirror.url());
-    let r = client()
-        .get(format!("{base}/infra/vpc/aws/versions"))
-        .header("authorization", bearer(ALICE))
-        .send()
-        .await
-        .unwrap();
+    let r = module_get(&mirror, Some(ALICE), "infra/vpc/aws/versions").await;
     assert_eq!(r.status(), 200, "{}", mirror.logs());
     let listing = r.text().await.unwrap();
     assert!(
@@ -327,11 +328,7 @@ async fn a_bundle_carries_modules_and_providers_to_a_sealed_mirror() {
         "{listing}"
     );
     // The public module, anonymously.
-    let r = client()
-        .get(format!("{base}/opensource/labels/null/versions"))
-        .send()
-        .await
-        .unwrap();
+    let r = module_get(&mirror, None, "opensource/labels/null/versions").await;
     assert_eq!(r.status(), 200);
     // The provider's package, byte for byte the registry's.
     let zip = format!(
@@ -379,31 +376,30 @@ fn reader_add(cache: &Path, file: &Path, credential: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// A GET of `path` under `mirror`'s module registry, as `who` (None: anonymous).
+async fn module_get(mirror: &Mirror, who: Option<&str>, path: &str) -> reqwest::Response {
+    let base = format!("{}/api/v4/packages/terraform/modules/v1", mirror.url());
+    let r = client().get(format!("{base}/{path}"));
+    let r = match who {
+        Some(t) => r.header("authorization", bearer(t)),
+        None => r,
+    };
+    r.send().await.unwrap()
+}
+
 /// What `who` gets for the private module's versions listing and a version's download, and
 /// the public module's listing, from `mirror`: three statuses.
 async fn reads(mirror: &Mirror, who: Option<&str>) -> (u16, u16, u16) {
-    let base = format!("{}/api/v4/packages/terraform/modules/v1", mirror.url());
-    let get = |path: String| {
-        let r = client().get(format!("{base}/{path}"));
-        match who {
-            Some(t) => r.header("authorization", bearer(t)),
-            None => r,
-        }
-    };
-    let listing = get("infra/vpc/aws/versions".into()).send().await.unwrap();
-    let download = get("infra/vpc/aws/1.1.0/download".into())
-        .send()
-        .await
-        .unwrap();
-    let public = get("opensource/labels/null/versions".into())
-        .send()
-        .await
-        .unwrap();
-    (
-        listing.status().as_u16(),
-        download.status().as_u16(),
-        public.status().as_u16(),
-    )
+    let mut out = [0u16; 3];
+    let paths = [
+        "infra/vpc/aws/versions",
+        "infra/vpc/aws/1.1.0/download",
+        "opensource/labels/null/versions",
+    ];
+    for (o, path) in out.iter_mut().zip(paths) {
+        *o = module_get(mirror, who, path).await.status().as_u16();
+    }
+    (out[0], out[1], out[2])
 }
 
 /// Issue 31, item 5: on a sealed mirror, `offline.imported_readers` alone says who reads an
@@ -413,14 +409,7 @@ async fn reads(mirror: &Mirror, who: Option<&str>) -> (u16, u16, u16) {
 async fn imported_private_modules_are_read_as_imported_readers_says() {
     const BOB: &str = "glpat-bob-00000000000000";
     let site = Site::new().await;
-    site.warm_all("connected");
-    let out = site.export(
-        "connected",
-        "site.bundle",
-        "key",
-        &["infra/vpc/aws", "opensource/labels/null"],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    site.warmed_bundle("site.bundle", &["infra/vpc/aws", "opensource/labels/null"]);
 
     // The default (`none`), beside the widest `unknown_identity`: no one reads the private
     // module, with or without a credential; the public one stays public.
@@ -430,13 +419,7 @@ async fn imported_private_modules_are_read_as_imported_readers_says() {
     for who in [Some(ALICE), None] {
         assert_eq!(reads(&mirror, who).await, (503, 503, 200), "{who:?}");
     }
-    let base = format!("{}/api/v4/packages/terraform/modules/v1", mirror.url());
-    let r = client()
-        .get(format!("{base}/infra/vpc/aws/versions"))
-        .header("authorization", bearer(ALICE))
-        .send()
-        .await
-        .unwrap();
+    let r = module_get(&mirror, Some(ALICE), "infra/vpc/aws/versions").await;
     let text = r.text().await.unwrap();
     assert!(text.contains("offline.imported_readers"), "{text}");
     assert!(text.contains("tfmirror bundle reader add"), "{text}");
@@ -507,20 +490,9 @@ fn age_card(v: &mut serde_json::Value, at: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_year_old_bundle_still_serves_a_sealed_mirror() {
     let site = Site::new().await;
-    site.warm_all("connected");
     let provider = format!("{HOST}/{NS}/{TYPE}");
-    let out = site.export(
-        "connected",
-        "fresh.bundle",
-        "key",
-        &["infra/vpc/aws", "--provider", &provider],
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let year_ago = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 365 * 86400;
+    site.warmed_bundle("fresh.bundle", &["infra/vpc/aws", "--provider", &provider]);
+    let year_ago = tfmirror::clock::now() - 365 * 86400;
     let mut m = members(&site.path("fresh.bundle"));
     for (path, body) in m.iter_mut() {
         if path.ends_with("/module.json") || path.ends_with("/provider.json") {
@@ -623,15 +595,8 @@ fn find(m: &[(String, Vec<u8>)], suffix: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_refusal_leaves_the_cache_unchanged() {
     let site = Site::new().await;
-    site.warm_all("connected");
     let provider = format!("{HOST}/{NS}/{TYPE}");
-    let o = site.export(
-        "connected",
-        "good.bundle",
-        "key",
-        &["infra/vpc/aws", "--provider", &provider],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    site.warmed_bundle("good.bundle", &["infra/vpc/aws", "--provider", &provider]);
     // Another key's bundle, and one of a version GitLab re-published since.
     let other = site.path("other");
     assert!(tfmirror(&["bundle", "keygen", "--out", s(&other)])
