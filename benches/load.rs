@@ -16,7 +16,10 @@
 //! uncached tarball with 300 ms of upstream latency: upstream fetches and completion spread;
 //! (e) `terraform init` of 20 modules through a warm tfmirror versus directly against the
 //! fake with 50 ms of latency; (f) peak resident memory while 50 clients download a 1 GiB
-//! tarball. Results print as a table and go to `target/bench-load.md`.
+//! tarball; (g) a warm 256 MiB object read from the disk tier by 16 and 64 clients at once:
+//! aggregate MB/s, the median and slowest client, tfmirror's memory growth. (a) and (c) also
+//! run at `-c256`; every wrk row shows p50, p90, p99 and the slowest request. Results print
+//! as a table and go to `target/bench-load.md`.
 //!
 //! `TFM_BENCH_ONLY=abcs` runs only the named scenarios (`s`: syscalls and thread spread).
 
@@ -154,6 +157,10 @@ error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
   {access_log}
+  # As Debian's nginx.conf ships: cached bodies go out with sendfile (nginx caps each call at
+  # `sendfile_max_chunk`, 2m, so one connection cannot hold a worker).
+  sendfile on;
+  tcp_nopush on;
   proxy_cache_path {d}/cache levels=1:2 keys_zone=tf:64m max_size=10g inactive=7d use_temp_path=off;
   client_body_temp_path {d}/body;
   proxy_temp_path {d}/proxy;
@@ -229,7 +236,10 @@ async fn file_path(base: &str, module: &str, version: &str) -> String {
 struct Wrk {
     rps: f64,
     p50_ms: f64,
+    p90_ms: f64,
     p99_ms: f64,
+    /// The slowest request of the run.
+    max_ms: f64,
     requests: u64,
     /// The proxy's CPU time (all its threads or workers, user + system) per request.
     cpu_us: f64,
@@ -249,8 +259,8 @@ fn parse_latency(s: &str) -> f64 {
     num.parse::<f64>().unwrap_or(f64::NAN) * mult
 }
 
-fn wrk(url: &str, auth: bool) -> Wrk {
-    wrk_with(url, auth, 2, 64, WRK_SECONDS)
+fn wrk(url: &str, auth: bool, conns: u32) -> Wrk {
+    wrk_with(url, auth, 2, conns, WRK_SECONDS)
 }
 
 fn wrk_with(url: &str, auth: bool, threads: u32, conns: u32, seconds: u32) -> Wrk {
@@ -273,8 +283,15 @@ fn wrk_with(url: &str, auth: bool, threads: u32, conns: u32, seconds: u32) -> Wr
             w.rps = v.trim().parse().unwrap_or(0.0);
         } else if let Some(v) = t.strip_prefix("50%") {
             w.p50_ms = parse_latency(v);
+        } else if let Some(v) = t.strip_prefix("90%") {
+            w.p90_ms = parse_latency(v);
         } else if let Some(v) = t.strip_prefix("99%") {
             w.p99_ms = parse_latency(v);
+        } else if let Some(v) = t.strip_prefix("Latency") {
+            // Thread stats: avg, stdev, max, +/- stdev.
+            if let Some(max) = v.split_whitespace().nth(2) {
+                w.max_ms = parse_latency(max);
+            }
         } else if let Some((n, _)) = t.split_once(" requests in ") {
             w.requests = n.trim().parse().unwrap_or(0);
         }
@@ -294,10 +311,10 @@ struct Target<'a> {
     pids: Vec<u32>,
 }
 
-/// wrk against `target`, with the proxy's CPU time per request.
-fn measure(target: &Target<'_>, auth: bool) -> Wrk {
+/// wrk against `target` with `conns` connections, with the proxy's CPU time per request.
+fn measure(target: &Target<'_>, auth: bool, conns: u32) -> Wrk {
     let before = cpu_ticks(&target.pids);
-    let mut w = wrk(target.url, auth);
+    let mut w = wrk(target.url, auth, conns);
     let ticks = cpu_ticks(&target.pids) - before;
     w.cpu_us = ticks as f64 * 1e6 / clock_ticks() / w.requests.max(1) as f64;
     w
@@ -305,17 +322,15 @@ fn measure(target: &Target<'_>, auth: bool) -> Wrk {
 
 /// The median (by req/s) of `ROUNDS` runs per proxy, alternating between the two so both
 /// see the same background load. Prints each run with the load average.
-fn compare(label: &str, t: &Target<'_>, n: &Target<'_>, auth: bool) -> (Wrk, Wrk) {
+fn compare(label: &str, t: &Target<'_>, n: &Target<'_>, auth: bool, conns: u32) -> (Wrk, Wrk) {
     let (mut tr, mut nr) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
-        tr.push(measure(t, auth));
-        nr.push(measure(n, auth));
+        tr.push(measure(t, auth, conns));
+        nr.push(measure(n, auth, conns));
+        let (x, y) = (&tr[round], &nr[round]);
         eprintln!(
-            "{label} round {round}: tfmirror {:.0} req/s ({:.1} us CPU/req), nginx {:.0} req/s ({:.1} us CPU/req) (load {})",
-            tr[round].rps,
-            tr[round].cpu_us,
-            nr[round].rps,
-            nr[round].cpu_us,
+            "{label} round {round}: tfmirror {:.0} req/s p99 {:.1} ms max {:.1} ms ({:.1} us CPU/req), nginx {:.0} req/s p99 {:.1} ms max {:.1} ms ({:.1} us CPU/req) (load {})",
+            x.rps, x.p99_ms, x.max_ms, x.cpu_us, y.rps, y.p99_ms, y.max_ms, y.cpu_us,
             loadavg()
         );
     }
@@ -456,12 +471,35 @@ async fn burst(url: String, clients: usize) -> (Duration, Duration) {
     (done[0], *done.last().unwrap())
 }
 
-/// 50 clients download `url` at once while the proxy's resident memory is sampled.
-async fn big_download(url: String, clients: usize, rss: impl Fn() -> u64) -> (u64, Duration) {
+/// One run of many clients downloading one object at once.
+struct Readers {
+    /// Until the last client had its last byte.
+    elapsed: Duration,
+    /// Each client's time to last byte, fastest first.
+    times: Vec<Duration>,
+    /// The proxy's peak resident memory meanwhile (KiB).
+    peak_kib: u64,
+    /// All clients' bytes per second, in MB/s.
+    mbps: f64,
+}
+
+impl Readers {
+    fn median(&self) -> Duration {
+        self.times[self.times.len() / 2]
+    }
+
+    fn slowest(&self) -> Duration {
+        *self.times.last().unwrap()
+    }
+}
+
+/// `clients` download `url` (`size` bytes) at once while the proxy's resident memory is
+/// sampled; every body must arrive whole.
+async fn readers(url: &str, clients: usize, size: usize, rss: impl Fn() -> u64) -> Readers {
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
-            let url = url.clone();
+            let url = url.to_string();
             tokio::spawn(async move {
                 use futures::StreamExt;
                 let r = client().get(&url).send().await.unwrap();
@@ -471,19 +509,30 @@ async fn big_download(url: String, clients: usize, rss: impl Fn() -> u64) -> (u6
                 while let Some(c) = s.next().await {
                     n += c.unwrap().len();
                 }
-                n
+                (n, start.elapsed())
             })
         })
         .collect();
-    let mut peak = 0;
+    let mut peak_kib = 0;
     while !tasks.iter().all(|t| t.is_finished()) {
-        peak = peak.max(rss());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        peak_kib = peak_kib.max(rss());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut times = Vec::new();
     for t in tasks {
-        assert_eq!(t.await.unwrap(), 1 << 30);
+        let (n, at) = t.await.unwrap();
+        assert_eq!(n, size);
+        times.push(at);
     }
-    (peak, start.elapsed())
+    times.sort();
+    let elapsed = *times.last().unwrap();
+    let mbps = (size * clients) as f64 / 1e6 / elapsed.as_secs_f64();
+    Readers {
+        elapsed,
+        times,
+        peak_kib,
+        mbps,
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -507,11 +556,13 @@ async fn main() {
     gl.set_tarball_raw("bench", "burst", "aws", "1.0.0", noise(1 << 20, 3));
     gl.add_module("bench", 5, "huge", "aws", &["1.0.0"]);
     gl.set_tarball_raw("bench", "huge", "aws", "1.0.0", noise(1 << 30, 4));
+    gl.add_module("bench", 6, "disk", "aws", &["1.0.0"]);
+    gl.set_tarball_raw("bench", "disk", "aws", "1.0.0", noise(256 << 20, 5));
     for i in 0..20 {
         gl.add_module("bench", 100 + i, &format!("m{i:02}"), "aws", &["1.0.0"]);
     }
 
-    let only = std::env::var("TFM_BENCH_ONLY").unwrap_or_else(|_| "abcdefs".into());
+    let only = std::env::var("TFM_BENCH_ONLY").unwrap_or_else(|_| "abcdefgs".into());
     let runs = |c: char| only.contains(c);
     // Each proxy twice: access logs on and off. (d) to (f) use the ones with logs off.
     let (tp, np, tlp, nlp) = (free_port(), free_port(), free_port(), free_port());
@@ -600,14 +651,20 @@ async fn main() {
         (tu.to_string(), nu.to_string(), tp, np)
     };
     if runs('a') {
-        for (i, logs, tb, nb) in [(0, "on", &tl, &nl), (1, "off", &t, &n)] {
-            let label = format!("(a) cached versions listing, Bearer, access logs {logs}");
+        for (i, logs, tb, nb, conns) in [
+            (0, "on", &tl, &nl, 64),
+            (1, "off", &t, &n, 64),
+            (1, "off", &t, &n, 256),
+        ] {
+            let label =
+                format!("(a) cached versions listing, Bearer, access logs {logs}, -c{conns}");
             let (tu, nu, tp, np) = pair(i, &format!("{tb}{listing}"), &format!("{nb}{listing}"));
             let (x, y) = compare(
                 &label,
                 &Target { url: &tu, pids: tp },
                 &Target { url: &nu, pids: np },
                 true,
+                conns,
             );
             row(&mut report, &label, x, y);
         }
@@ -637,17 +694,22 @@ async fn main() {
         if !runs(c) {
             continue;
         }
-        for (i, logs, tu, nu) in [
-            (0, "on", &urls[2], &urls[3]),
-            (1, "off", &urls[0], &urls[1]),
-        ] {
-            let label = format!("{label}, access logs {logs}");
+        let mut runs = vec![
+            (0, "on", &urls[2], &urls[3], 64),
+            (1, "off", &urls[0], &urls[1], 64),
+        ];
+        if c == 'c' {
+            runs.push((1, "off", &urls[0], &urls[1], 256));
+        }
+        for (i, logs, tu, nu, conns) in runs {
+            let label = format!("{label}, access logs {logs}, -c{conns}");
             let (tu, nu, tp, np) = pair(i, tu, nu);
             let (x, y) = compare(
                 &label,
                 &Target { url: &tu, pids: tp },
                 &Target { url: &nu, pids: np },
                 false,
+                conns,
             );
             row(&mut report, &label, x, y);
         }
@@ -732,6 +794,9 @@ async fn main() {
         )
         .unwrap();
     }
+    if runs('g') {
+        disk_readers(&mut report, &t, &n, tfm.0.id(), ngx.0.id()).await;
+    }
     if !(runs('d') || runs('e') || runs('f')) {
         finish(&report);
         return;
@@ -793,16 +858,77 @@ async fn main() {
     let nf = format!("{n}{}", file_path(&n, "bench/huge/aws", "1.0.0").await);
     let (tpid, npid) = (tfm.0.id(), ngx.0.id());
     let idle_t = rss_kib(tpid);
-    let (t_peak, t_time) = big_download(tf, 50, || rss_kib(tpid)).await;
-    let (n_peak, n_time) = big_download(nf, 50, || nginx_rss_kib(npid)).await;
+    let tr = readers(&tf, 50, 1 << 30, || rss_kib(tpid)).await;
+    let nr = readers(&nf, 50, 1 << 30, || nginx_rss_kib(npid)).await;
     writeln!(
         report,
         "| (f) peak RSS, 50 clients x 1 GiB (cold) | {} MiB (idle {} MiB), {:.1} s | {} MiB, {:.1} s | |",
-        t_peak / 1024, idle_t / 1024, t_time.as_secs_f64(), n_peak / 1024, n_time.as_secs_f64()
+        tr.peak_kib / 1024, idle_t / 1024, tr.elapsed.as_secs_f64(), nr.peak_kib / 1024, nr.elapsed.as_secs_f64()
     )
     .unwrap();
 
     finish(&report);
+}
+
+/// (g) a 256 MiB object from the disk tier (past the memory tier's largest object), 16 and
+/// 64 clients at once, warm: aggregate MB/s, median and slowest client's time to last byte,
+/// and tfmirror's resident memory growth over its idle, warmed self.
+async fn disk_readers(report: &mut String, t: &str, n: &str, tpid: u32, npid: u32) {
+    const SIZE: usize = 256 << 20;
+    let tf = format!("{t}{}", file_path(t, "bench/disk/aws", "1.0.0").await);
+    let nf = format!("{n}{}", file_path(n, "bench/disk/aws", "1.0.0").await);
+    for u in [&tf, &nf] {
+        readers(u, 1, SIZE, || 0).await; // the fill
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // let the fills commit
+    let idle = rss_kib(tpid);
+    for clients in [16, 64] {
+        let (mut tr, mut nr) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            tr.push(readers(&tf, clients, SIZE, || rss_kib(tpid)).await);
+            nr.push(readers(&nf, clients, SIZE, || nginx_rss_kib(npid)).await);
+            let (x, y) = (&tr[round], &nr[round]);
+            eprintln!(
+                "(g) 256 MiB from disk, {clients} clients, round {round}: tfmirror {:.0} MB/s slowest {:.2} s median {:.2} s, nginx {:.0} MB/s slowest {:.2} s median {:.2} s (load {})",
+                x.mbps, x.slowest().as_secs_f64(), x.median().as_secs_f64(),
+                y.mbps, y.slowest().as_secs_f64(), y.median().as_secs_f64(), loadavg()
+            );
+        }
+        let mid = |mut v: Vec<Readers>| {
+            v.sort_by(|a, b| a.mbps.total_cmp(&b.mbps));
+            v.swap_remove(v.len() / 2)
+        };
+        let spread = |v: &[Readers]| {
+            let m: Vec<f64> = v.iter().map(|r| r.mbps).collect();
+            let (lo, hi) = m
+                .iter()
+                .fold((f64::MAX, 0f64), |(l, h), x| (l.min(*x), h.max(*x)));
+            format!("{lo:.0} to {hi:.0}")
+        };
+        let (ts, ns) = (spread(&tr), spread(&nr));
+        let growth = tr
+            .iter()
+            .map(|r| r.peak_kib)
+            .max()
+            .unwrap()
+            .saturating_sub(idle);
+        let (x, y) = (mid(tr), mid(nr));
+        let cell = |r: &Readers, spread: &str| {
+            format!(
+                "{:.0} MB/s ({spread}), median / slowest client {:.2} / {:.2} s ({:.2}x)",
+                r.mbps,
+                r.median().as_secs_f64(),
+                r.slowest().as_secs_f64(),
+                r.slowest().as_secs_f64() / r.median().as_secs_f64()
+            )
+        };
+        writeln!(
+            report,
+            "| (g) 256 MiB from the disk tier, {clients} clients: MB/s, time to last byte | {}; RSS growth {} MiB | {} | {:.2}x MB/s |",
+            cell(&x, &ts), growth / 1024, cell(&y, &ns), x.mbps / y.mbps
+        )
+        .unwrap();
+    }
 }
 
 fn finish(report: &str) {
@@ -859,10 +985,16 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn row(report: &mut String, label: &str, t: Wrk, n: Wrk) {
+    let cell = |w: &Wrk| {
+        format!(
+            "{:.0}, {:.2} / {:.2} / {:.2} / {:.1} ms, {:.1} us",
+            w.rps, w.p50_ms, w.p90_ms, w.p99_ms, w.max_ms, w.cpu_us
+        )
+    };
     writeln!(
         report,
-        "| {label}: req/s, p50, p99, proxy CPU/req | {:.0}, {:.2} ms, {:.2} ms, {:.1} us | {:.0}, {:.2} ms, {:.2} ms, {:.1} us | {:.2}x req/s, p99 {:.2}x, CPU/req {:.2}x |",
-        t.rps, t.p50_ms, t.p99_ms, t.cpu_us, n.rps, n.p50_ms, n.p99_ms, n.cpu_us, t.rps / n.rps, t.p99_ms / n.p99_ms, t.cpu_us / n.cpu_us
+        "| {label}: req/s, p50 / p90 / p99 / max, proxy CPU/req | {} | {} | {:.2}x req/s, p99 {:.2}x, CPU/req {:.2}x |",
+        cell(&t), cell(&n), t.rps / n.rps, t.p99_ms / n.p99_ms, t.cpu_us / n.cpu_us
     )
     .unwrap();
 }
