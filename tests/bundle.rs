@@ -826,3 +826,226 @@ async fn a_hundred_modules_round_trip_figures() {
         "FIGURES bundle of 100 modules (64 KiB tarballs): {size} bytes; export --all {export:?}, import into an empty cache {import:?}, the same import again {again:?}"
     );
 }
+
+/// `terraform providers mirror` (real Terraform) of the fake registry's provider, linux_amd64
+/// only, into `site.path(name)`: the directory an operator carries across.
+async fn terraform_mirror_dir(site: &Site, name: &str) -> PathBuf {
+    let main = format!(
+        "terraform {{\n  required_providers {{\n    {TYPE} = {{\n      source  = \"{HOST}/{NS}/{TYPE}\"\n      version = \"1.0.0\"\n    }}\n  }}\n}}\n"
+    );
+    let cli = format!(
+        "host \"{HOST}\" {{\n  services = {{\n    \"providers.v1\" = \"{}/v1/providers/\"\n  }}\n}}\n",
+        site.reg.url()
+    );
+    let ws = Workspace::with_files(&main, &cli);
+    let out = site.path(name);
+    let ca = site._pki.path("ca.pem");
+    let args = ["providers", "mirror", "-platform=linux_amd64", s(&out)];
+    let run = ws.terraform(&args, &[("SSL_CERT_FILE", &ca)]).await;
+    assert!(run.ok(), "terraform providers mirror: {}", run.output());
+    out
+}
+
+fn import_dir(cache: &Path, dir: &Path) -> Output {
+    tfmirror(&[
+        "bundle",
+        "import",
+        "--cache-dir",
+        s(cache),
+        "--providers-dir",
+        s(dir),
+    ])
+}
+
+/// Issue 31, item 3: the directory `terraform providers mirror` writes, imported without a
+/// key, served on the network mirror route to a real `terraform init`, whose lock file
+/// records the h1 the directory gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terraform_providers_mirror_directory_is_served_to_terraform() {
+    let site = Site::new().await;
+    let dir = terraform_mirror_dir(&site, "mirrordir").await;
+    let provider_dir = dir.join(format!("{HOST}/{NS}/{TYPE}"));
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(provider_dir.join("1.0.0.json")).unwrap()).unwrap();
+    let h1 = doc["archives"]["linux_amd64"]["hashes"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(h1.starts_with("h1:"), "{doc}");
+
+    let mirror = sealed(&site).await;
+    let cache = mirror.cache_dir().join("cache");
+    let out = import_dir(&cache, &dir);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("1 provider packages (1 providers)"),
+        "{stdout}"
+    );
+    // The network mirror's version document lists the directory's h1 first.
+    let base = format!("{}/providers/mirror/{HOST}/{NS}/{TYPE}", mirror.url());
+    let r = client()
+        .get(format!("{base}/1.0.0.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", mirror.logs());
+    let served: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(served["archives"]["linux_amd64"]["hashes"][0], h1.as_str());
+    let r = client()
+        .get(format!("{base}/index.json"))
+        .send()
+        .await
+        .unwrap();
+    let index: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(index, serde_json::json!({"versions": {"1.0.0": {}}}));
+
+    // Real Terraform, the sealed tfmirror as its network mirror.
+    let main = format!(
+        "terraform {{\n  required_providers {{\n    {TYPE} = {{\n      source  = \"{HOST}/{NS}/{TYPE}\"\n      version = \"1.0.0\"\n    }}\n  }}\n}}\n"
+    );
+    let cli = format!(
+        "provider_installation {{\n  network_mirror {{\n    url = \"{}/providers/mirror/\"\n  }}\n}}\n",
+        mirror.url()
+    );
+    let ws = Workspace::with_files(&main, &cli);
+    let ca = site._pki.path("ca.pem");
+    let run = ws.init_env(None, &[("SSL_CERT_FILE", &ca)]).await;
+    assert!(
+        run.ok(),
+        "init failed:\n{}\n{}",
+        run.output(),
+        mirror.logs()
+    );
+    let lock = ws.lock_file().unwrap();
+    assert!(lock.contains(&format!("\"{h1}\"")), "{h1} not in:\n{lock}");
+
+    // The same directory again: nothing new, the cache as it was.
+    let before = snapshot(&cache);
+    let again = import_dir(&cache, &dir);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing new"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    assert_eq!(snapshot(&cache), before, "a second import changes nothing");
+}
+
+/// A copy of the directory at `from`, then `f` applied to its provider's directory.
+fn altered(site: &Site, from: &Path, name: &str, f: impl FnOnce(&Path)) -> PathBuf {
+    let to = site.path(name);
+    let st = Command::new("cp").arg("-a").arg(from).arg(&to).status();
+    assert!(st.unwrap().success());
+    f(&to.join(format!("{HOST}/{NS}/{TYPE}")));
+    to
+}
+
+/// The package of `zip` with one byte of the provider's executable changed, re-zipped: a
+/// valid zip whose contents (so its h1) differ.
+fn one_byte_changed(zip: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip)).unwrap();
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for i in 0..archive.len() {
+        let mut f = archive.by_index(i).unwrap();
+        let mut body = Vec::new();
+        f.read_to_end(&mut body).unwrap();
+        body[0] ^= 1;
+        w.start_file(f.name(), zip::write::SimpleFileOptions::default())
+            .unwrap();
+        w.write_all(&body).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_mirror_directory_is_refused_and_the_cache_unchanged() {
+    let site = Site::new().await;
+    let good = terraform_mirror_dir(&site, "mirrordir").await;
+    let target = site.path("sealed");
+    assert!(import_dir(&target, &good).status.success());
+    let zip_name = format!("terraform-provider-{TYPE}_1.0.0_linux_amd64.zip");
+    let version_json = |d: &Path, url: &str| {
+        let path = d.join("1.0.0.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace(&zip_name, url)).unwrap();
+    };
+    let cases = [
+        (
+            "contents changed (one byte)",
+            altered(&site, &good, "tampered", |d| {
+                let zip = std::fs::read(d.join(&zip_name)).unwrap();
+                std::fs::write(d.join(&zip_name), one_byte_changed(&zip)).unwrap();
+            }),
+            "does not match its h1: hash",
+        ),
+        (
+            "zip bytes damaged",
+            altered(&site, &good, "damaged", |d| {
+                let mut zip = std::fs::read(d.join(&zip_name)).unwrap();
+                let mid = zip.len() / 2;
+                zip[mid] ^= 0xff;
+                std::fs::write(d.join(&zip_name), zip).unwrap();
+            }),
+            "linux_amd64",
+        ),
+        (
+            "url with ../",
+            altered(&site, &good, "escape", |d| {
+                version_json(d, &format!("../{TYPE}/{zip_name}"))
+            }),
+            "not a file name in the same directory",
+        ),
+        (
+            "missing zip",
+            altered(&site, &good, "missing", |d| {
+                std::fs::remove_file(d.join(&zip_name)).unwrap()
+            }),
+            "No such file",
+        ),
+        (
+            "version document not JSON",
+            altered(&site, &good, "badjson", |d| {
+                std::fs::write(d.join("1.0.0.json"), b"{\"archives\":").unwrap()
+            }),
+            "1.0.0.json",
+        ),
+    ];
+    for (what, dir, why) in cases {
+        let before = snapshot(&target);
+        let out = import_dir(&target, &dir);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: one line: {err}");
+        assert!(
+            err.contains("bundle refused, cache unchanged:"),
+            "{what}: {err}"
+        );
+        assert!(
+            err.contains(&format!("{HOST}/{NS}/{TYPE} 1.0.0")),
+            "{what}: {err}"
+        );
+        assert!(err.contains(why), "{what}: {err}");
+        assert_eq!(snapshot(&target), before, "{what}: the cache changed");
+        // Into a cache directory that does not exist yet: it still does not.
+        let fresh = site.path("never");
+        assert_eq!(import_dir(&fresh, &dir).status.code(), Some(1), "{what}");
+        assert!(
+            !fresh.exists(),
+            "{what}: a refused import left {}",
+            fresh.display()
+        );
+    }
+    // A bundle FILE and --providers-dir together, or --trust with it: a usage error.
+    let both = tfmirror(&[
+        "bundle",
+        "import",
+        "--cache-dir",
+        s(&target),
+        "--providers-dir",
+        s(&good),
+        "x.bundle",
+    ]);
+    assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
+}

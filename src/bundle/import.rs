@@ -111,6 +111,18 @@ pub fn import(
     let signer = super::sign::verify(&manifest_bytes, &signature, keys)
         .ok_or("the bundle's signature does not verify with any trusted key (unknown signer, or the manifest was changed)")?;
     let manifest = parse_manifest(&manifest_bytes)?;
+    let mut done = into_cache(cache_dir, |dir| stage_and_install(dir, entries, &manifest))?;
+    done.signer = signer;
+    done.items = manifest.items.len();
+    Ok(done)
+}
+
+/// Run an import's `work` on the cache directory, opened and locked. Shared by bundles and
+/// mirror directories ([`super::mirrordir`]), so both leave a cache the same way on a refusal.
+pub(super) fn into_cache(
+    cache_dir: &Path,
+    work: impl FnOnce(&CacheDir) -> Result<Imported, Refusal>,
+) -> Result<Imported, Refusal> {
     // Staging needs the cache's run directory: the directories that opening it creates are
     // removed again on a refusal (empty ones only), so a refused import leaves none behind.
     let created = absent_dirs(cache_dir);
@@ -124,24 +136,17 @@ pub fn import(
             nix::fcntl::Flock::lock(d, nix::fcntl::FlockArg::LockExclusive)
                 .map_err(|(_, e)| format!("{}: {e}", cache_dir.display()))
         })?;
-    let result = stage_and_install(&dir, entries, &manifest);
+    let result = work(&dir);
     drop(lock);
     drop(dir); // its run's temp files go with it
-    match result {
-        Ok(mut done) => {
-            done.signer = signer;
-            done.items = manifest.items.len();
-            Ok(done)
-        }
-        Err(refusal) => {
-            if !refusal.wrote {
-                for d in created.iter().rev() {
-                    let _ = std::fs::remove_dir(d);
-                }
+    if let Err(refusal) = &result {
+        if !refusal.wrote {
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d);
             }
-            Err(refusal)
         }
     }
+    result
 }
 
 /// The cache directory and the store directories in it that do not exist yet, outermost

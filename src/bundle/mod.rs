@@ -21,14 +21,19 @@
 //! - [`export`]: a selection of a cache directory as a bundle's items (no network);
 //!   [`mod@write`]: those items hashed, signed and written as one file, atomically.
 //! - [`import`]: a bundle read, every check made, then installed (`install`).
+//! - [`mirrordir`]: a `terraform providers mirror` directory (`import --providers-dir`), each
+//!   package checked against its `h1:`/`zh:` hashes, then installed as a bundle's providers
+//!   are (`install`), with a `SHA256SUMS` of tfmirror's own and no signature.
 //!
 //! Trust: the bundle's signature stands for the origin. Provider packages are checked again
 //! against the bundle's own `SHA256SUMS`, whose registry signature is not re-checked (the
-//! sealed side has no registry to fetch keys from).
+//! sealed side has no registry to fetch keys from). A mirror directory carries no signature:
+//! the operator who ran `terraform providers mirror` stands for it.
 
 pub mod export;
 pub mod import;
 mod install;
+pub mod mirrordir;
 pub mod sign;
 pub mod write;
 

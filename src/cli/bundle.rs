@@ -26,9 +26,10 @@ enum BundleAction {
     },
     /// Write what a selection names in the cache directory (no network) as one signed bundle.
     Export(ExportArgs),
-    /// Check a bundle (signature against the trusted keys, then every digest) and only then
-    /// add it to the cache directory; safe while a server uses it. Exit 1 with one line on
-    /// any refusal, the cache unchanged.
+    /// Check a bundle (signature against the trusted keys, then every digest), or a
+    /// `terraform providers mirror` directory (--providers-dir: every package against its
+    /// hashes), and only then add it to the cache directory; safe while a server uses it.
+    /// Exit 1 with one line on any refusal, the cache unchanged.
     Import(ImportArgs),
     /// Who may read imported private modules on a sealed mirror
     /// (`offline.imported_readers: listed`).
@@ -98,11 +99,20 @@ struct ImportArgs {
     common: Common,
     /// A public key (armored) whose signature to accept, besides `bundle.trusted_keys`.
     /// Repeatable.
-    #[arg(long, value_name = "KEY.pub")]
+    #[arg(long, value_name = "KEY.pub", conflicts_with = "providers_dir")]
     trust: Vec<PathBuf>,
     /// The bundle.
-    #[arg(value_name = "FILE")]
-    file: PathBuf,
+    #[arg(
+        value_name = "FILE",
+        required_unless_present = "providers_dir",
+        conflicts_with = "providers_dir"
+    )]
+    file: Option<PathBuf>,
+    /// Instead of a bundle: a directory written by `terraform providers mirror DIR`. Its
+    /// packages are checked against the hashes it gives; no key is involved (whoever ran the
+    /// command stands for them).
+    #[arg(long, value_name = "DIR")]
+    providers_dir: Option<PathBuf>,
 }
 
 pub(super) fn bundle(args: BundleArgs) -> ExitCode {
@@ -250,6 +260,52 @@ fn import(args: &ImportArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    let (what, result) = match (&args.providers_dir, &args.file) {
+        (Some(dir), _) => (dir, bundle::mirrordir::import(&config.cache_dir, dir)),
+        (None, Some(file)) => {
+            let keys = match trusted_keys(args, &config) {
+                Ok(k) => k,
+                Err(code) => return code,
+            };
+            (file, bundle::import::import(&config.cache_dir, file, &keys))
+        }
+        (None, None) => return fail(2, "give a bundle FILE or --providers-dir DIR"),
+    };
+    match result {
+        Ok(done) => {
+            let written = match done.written {
+                0 => "nothing new: the cache already held all of it".to_string(),
+                n => format!("{n} blobs and records written"),
+            };
+            if args.providers_dir.is_some() {
+                println!(
+                    "imported {}: {} provider packages ({} providers), checked against the directory's hashes; {written}",
+                    what.display(),
+                    done.items,
+                    done.providers
+                );
+            } else {
+                println!(
+                    "imported {}: signed by {}; {} items ({} modules, {} providers); {written}",
+                    what.display(),
+                    done.signer,
+                    done.items,
+                    done.modules,
+                    done.providers
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.wrote => fail(1, &e.reason),
+        Err(e) => fail(1, &format!("bundle refused, cache unchanged: {}", e.reason)),
+    }
+}
+
+/// The keys a bundle's signature may verify with: `--trust` and `bundle.trusted_keys`.
+fn trusted_keys(
+    args: &ImportArgs,
+    config: &Config,
+) -> Result<Vec<pgp::composed::SignedPublicKey>, ExitCode> {
     let files: Vec<PathBuf> = args
         .trust
         .iter()
@@ -257,34 +313,12 @@ fn import(args: &ImportArgs) -> ExitCode {
         .cloned()
         .collect();
     if files.is_empty() {
-        return fail(
+        return Err(fail(
             2,
             "no trusted key: give --trust KEY.pub or set bundle.trusted_keys",
-        );
+        ));
     }
-    let keys = match bundle::sign::read_trusted(&files) {
-        Ok(k) => k,
-        Err(e) => return fail(2, &e),
-    };
-    match bundle::import::import(&config.cache_dir, &args.file, &keys) {
-        Ok(done) => {
-            let what = match done.written {
-                0 => "nothing new: the cache already held all of it".to_string(),
-                n => format!("{n} blobs and records written"),
-            };
-            println!(
-                "imported {}: signed by {}; {} items ({} modules, {} providers); {what}",
-                args.file.display(),
-                done.signer,
-                done.items,
-                done.modules,
-                done.providers
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) if e.wrote => fail(1, &e.reason),
-        Err(e) => fail(1, &format!("bundle refused, cache unchanged: {}", e.reason)),
-    }
+    bundle::sign::read_trusted(&files).map_err(|e| fail(2, &e))
 }
 
 fn reader_add(args: &ReaderAddArgs) -> ExitCode {

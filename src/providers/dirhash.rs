@@ -9,7 +9,7 @@
 //! the same whatever their compression; an extra file, a renamed one or changed content does
 //! not. It is checked against Terraform's own lock file in `tests/e2e_providers.rs`.
 
-use std::io::Read;
+use std::io::{Read, Seek};
 
 use base64::Engine;
 use sha2::{Digest, Sha256};
@@ -30,8 +30,13 @@ pub enum DirhashError {
 
 /// The `h1:` hash of a provider zip, as Terraform computes it.
 pub fn h1_of_zip(zip: &[u8]) -> Result<String, DirhashError> {
-    let mut archive =
-        zip::ZipArchive::new(std::io::Cursor::new(zip)).map_err(|_| DirhashError::NotAZip)?;
+    h1_of_zip_reader(std::io::Cursor::new(zip))
+}
+
+/// [`h1_of_zip`] of a zip read in place (a file: packages of hundreds of megabytes need not
+/// be held in memory).
+pub fn h1_of_zip_reader(zip: impl Read + Seek) -> Result<String, DirhashError> {
+    let mut archive = zip::ZipArchive::new(zip).map_err(|_| DirhashError::NotAZip)?;
     let mut entries: Vec<(String, String)> = Vec::with_capacity(archive.len());
     for i in 0..archive.len() {
         let mut file = archive.by_index(i).map_err(|_| DirhashError::BadEntry)?;

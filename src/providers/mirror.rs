@@ -36,17 +36,24 @@ pub fn index_body(versions: &[super::upstream::VersionInfo]) -> String {
     serde_json::json!({ "versions": map }).to_string()
 }
 
-/// The `{"archives":{...}}` body of `<version>.json`.
+/// The `{"archives":{...}}` body of `<version>.json`. A package imported from a
+/// `terraform providers mirror` directory lists its `h1:` first, as that directory did.
 pub fn version_body(version: &str, sums: &super::SumsRecord) -> String {
     let map: serde_json::Map<String, serde_json::Value> = sums
         .archives
         .iter()
         .map(|(platform, pkg)| {
+            let hashes: Vec<String> = pkg
+                .h1
+                .iter()
+                .cloned()
+                .chain([super::verify::zh(&pkg.sha256)])
+                .collect();
             (
                 platform.clone(),
                 serde_json::json!({
                     "url": format!("{version}/{platform}.zip"),
-                    "hashes": [super::verify::zh(&pkg.sha256)],
+                    "hashes": hashes,
                 }),
             )
         })
@@ -347,6 +354,7 @@ mod tests {
                 super::super::Package {
                     filename: "terraform-provider-x_1.2.3_linux_amd64.zip".into(),
                     sha256: "ab".repeat(32),
+                    h1: None,
                 },
             )]),
             signed_by: Some("k".into()),
@@ -361,6 +369,14 @@ mod tests {
                 "url": "1.2.3/linux_amd64.zip",
                 "hashes": [format!("zh:{}", "ab".repeat(32))],
             }}})
+        );
+        // A package with an h1 (imported from a mirror directory): h1 first, then zh.
+        let mut with_h1 = sums;
+        with_h1.archives.get_mut("linux_amd64").unwrap().h1 = Some("h1:abc=".into());
+        let v: serde_json::Value = serde_json::from_str(&version_body("1.2.3", &with_h1)).unwrap();
+        assert_eq!(
+            v["archives"]["linux_amd64"]["hashes"],
+            serde_json::json!(["h1:abc=", format!("zh:{}", "ab".repeat(32))])
         );
     }
 }

@@ -751,6 +751,7 @@ fn packages(sums: &verify::Sums, name: &str, version: &str) -> BTreeMap<String, 
             let pkg = Package {
                 filename: file.to_string(),
                 sha256: verify::to_hex(&sha),
+                h1: None,
             };
             Some((platform, pkg))
         })

