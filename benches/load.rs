@@ -300,7 +300,9 @@ fn wrk_with(url: &str, auth: bool, threads: u32, conns: u32, seconds: u32) -> Wr
         .lines()
         .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
     if let Some(e) = errors {
-        eprintln!("wrk {url}: {e}");
+        // Never the query: a download URL's is a token.
+        let path = url.split('?').next().unwrap_or_default();
+        eprintln!("wrk {path}: {e}");
     }
     w
 }

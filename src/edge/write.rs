@@ -23,8 +23,7 @@ pub async fn reply(session: &mut Session, reply: Reply) -> Result<()> {
             let head_only = head_request || bytes.is_empty();
             session.write_response_header(h, head_only).await?;
             if !head_only {
-                // With its head in one write: see `workers::conn`.
-                session.write_response_body(Some(bytes), true).await?;
+                write_full(session, bytes).await?;
             }
             Ok(())
         }
@@ -37,6 +36,23 @@ pub async fn reply(session: &mut Session, reply: Reply) -> Result<()> {
             write_stream(session, chunks).await
         }
     }
+}
+
+/// A whole body larger than this goes out a slice at a time, the connection's task yielding
+/// between slices, as nginx caps each turn of a connection at `sendfile_max_chunk`: a
+/// connection runs on one thread among many (`workers`), and one whose socket keeps taking a
+/// large hit must not keep the others on that thread waiting until it is all written.
+pub const SLICE: usize = 1024 * 1024;
+
+/// A whole body, in slices of [`SLICE`] (zero-copy: `Bytes` slices of one buffer). The first
+/// goes out with the head in one write (see `workers::conn`).
+async fn write_full(session: &mut Session, mut bytes: Bytes) -> Result<()> {
+    while bytes.len() > SLICE {
+        let slice = bytes.split_to(SLICE);
+        session.write_response_body(Some(slice), false).await?;
+        tokio::task::yield_now().await;
+    }
+    session.write_response_body(Some(bytes), true).await
 }
 
 /// Set the framing headers of a streamed body (see [`framing`]).
