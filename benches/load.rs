@@ -628,6 +628,14 @@ async fn main() {
             "PROFILE tfmirror pid {} listing {t}{listing} file {tf} nginx {n}{listing}",
             tfm.0.id()
         );
+        // The 4 MiB (memory tier) and 256 MiB (disk tier) files, warm, on both proxies.
+        for (module, size) in [("bench/medium/aws", 4 << 20), ("bench/disk/aws", 256 << 20)] {
+            for b in [&t, &n] {
+                let u = format!("{b}{}", file_path(b, module, "1.0.0").await);
+                readers(&u, 1, size, || 0).await;
+                println!("PROFILE {module} {u}");
+            }
+        }
         println!(
             "PROFILE with access logs: tfmirror pid {} {tl}{listing}, nginx {nl}{listing}",
             tfm_logs.0.id()

@@ -344,7 +344,13 @@ fn reader_add(args: &ReaderAddArgs) -> ExitCode {
         );
     }
     // The identity key of the mirror that reads the file: the set's `secret_file`, or the
-    // instance's own key in its cache directory.
+    // instance's own key in its cache directory (made here if the server has not yet run, as
+    // its first start would).
+    if config.secret_file.is_none() {
+        if let Err(e) = std::fs::create_dir_all(&config.cache_dir) {
+            return fail(2, &format!("{}: {e}", config.cache_dir.display()));
+        }
+    }
     let secret = match Secret::load(
         &config.cache_dir,
         config.secret_file.as_deref(),
