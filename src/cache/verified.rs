@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -179,17 +178,22 @@ fn read_chunk(
     mut hasher: blake3::Hasher,
 ) -> io::Result<Chunk> {
     let want = (len - offset).min(DISK_CHUNK as u64) as usize;
-    let mut bytes = vec![0u8; want];
-    let mut got = 0;
-    while got < want {
-        match file.read_at(&mut bytes[got..], offset + got as u64) {
+    // Read into the spare capacity: zero-filling each chunk first cost an eighth of the
+    // reader's CPU (a profile of 16 readers of a 256 MiB blob).
+    let mut bytes = Vec::with_capacity(want);
+    while bytes.len() < want {
+        let at = offset + bytes.len() as u64;
+        let room = rustix::buffer::spare_capacity(&mut bytes);
+        match rustix::io::pread(file, room, at) {
             Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    bytes.truncate(got);
+    // `with_capacity` may give more room than asked: never more than this chunk.
+    bytes.truncate(want);
+    let got = bytes.len();
     hasher.update(&bytes);
     let offset = offset + got as u64;
     let end = if got < want {
