@@ -305,11 +305,28 @@ fn stage_one(
 
 /// Copy a member into a temp file of the cache's run, hashing it both ways.
 fn stage_file(dir: &CacheDir, entry: &mut impl Read) -> Result<(String, u64, Staged), String> {
+    let (sha256, _, staged) = stage_copy(dir, entry, damaged)?;
+    let size = match &staged {
+        Staged::File { size, .. } => *size,
+        Staged::Small(b) => b.len() as u64,
+    };
+    Ok((sha256, size, staged))
+}
+
+/// Copy `input` into a temp file of the cache's run, hashing it both ways: sha256 (hex, what a
+/// manifest or a mirror directory's `zh:` names) and blake3 (its address in the store).
+/// Also the temp file's path. `read_err` says what a failed read means. The file is flushed only: the install syncs the
+/// ones it keeps, so a bundle the cache already holds costs no fsync per package.
+pub(super) fn stage_copy(
+    dir: &CacheDir,
+    input: &mut impl Read,
+    read_err: impl Fn(io::Error) -> String,
+) -> Result<(String, std::path::PathBuf, Staged), String> {
     let (path, mut file) = dir.create_temp().map_err(|e| e.to_string())?;
     let (mut sha, mut b3, mut size) = (sha2::Sha256::new(), blake3::Hasher::new(), 0u64);
     let mut buf = vec![0u8; 256 * 1024];
     loop {
-        let n = entry.read(&mut buf).map_err(damaged)?;
+        let n = input.read(&mut buf).map_err(&read_err)?;
         if n == 0 {
             break;
         }
@@ -318,13 +335,11 @@ fn stage_file(dir: &CacheDir, entry: &mut impl Read) -> Result<(String, u64, Sta
         file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
         size += n as u64;
     }
-    // Flushed only if it is kept (see `install`): a bundle the cache already holds costs no
-    // fsync per package.
     file.flush().map_err(|e| e.to_string())?;
     let staged = Staged::File {
-        path,
+        path: path.clone(),
         blake3: b3.finalize(),
         size,
     };
-    Ok((super::hex(&sha.finalize()), size, staged))
+    Ok((super::hex(&sha.finalize()), path, staged))
 }

