@@ -32,6 +32,7 @@ use std::fmt::Write as _;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -483,7 +484,16 @@ struct Readers {
     peak_kib: u64,
     /// All clients' bytes per second, in MB/s.
     mbps: f64,
+    /// Per-connection progress, sampled every [`PROGRESS_EVERY`]: when the first client had
+    /// all its bytes, the share of them the least advanced client had.
+    laggard_share: f64,
+    /// The longest a client went without a byte, between its first byte and its last.
+    longest_stall: Duration,
 }
+
+/// How often every client's bytes so far are read, for [`Readers::laggard_share`] and
+/// [`Readers::longest_stall`].
+const PROGRESS_EVERY: Duration = Duration::from_millis(50);
 
 impl Readers {
     fn median(&self) -> Duration {
@@ -498,26 +508,30 @@ impl Readers {
 /// `clients` download `url` (`size` bytes) at once while the proxy's resident memory is
 /// sampled; every body must arrive whole.
 async fn readers(url: &str, clients: usize, size: usize, rss: impl Fn() -> u64) -> Readers {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let start = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let url = url.to_string();
+    let got: Vec<Arc<AtomicUsize>> = (0..clients).map(|_| Arc::default()).collect();
+    let tasks: Vec<_> = got
+        .iter()
+        .map(|got| {
+            let (url, got) = (url.to_string(), got.clone());
             tokio::spawn(async move {
                 use futures::StreamExt;
                 let r = client().get(&url).send().await.unwrap();
                 assert_eq!(r.status(), 200);
-                let mut n = 0usize;
                 let mut s = r.bytes_stream();
                 while let Some(c) = s.next().await {
-                    n += c.unwrap().len();
+                    got.fetch_add(c.unwrap().len(), Ordering::Relaxed);
                 }
-                (n, start.elapsed())
+                (got.load(Ordering::Relaxed), start.elapsed())
             })
         })
         .collect();
     let mut peak_kib = 0;
+    let mut progress = Progress::new(clients);
     while !tasks.iter().all(|t| t.is_finished()) {
         peak_kib = peak_kib.max(rss());
+        progress.sample(&got, size);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut times = Vec::new();
@@ -534,6 +548,55 @@ async fn readers(url: &str, clients: usize, size: usize, rss: impl Fn() -> u64) 
         times,
         peak_kib,
         mbps,
+        laggard_share: progress.laggard_share.unwrap_or(1.0),
+        longest_stall: progress.longest_stall,
+    }
+}
+
+/// Every client's bytes over time, read every [`PROGRESS_EVERY`]: is each connection
+/// progressing, or are some starved while others stream?
+struct Progress {
+    last: Instant,
+    /// Per client: bytes at the last sample, and since when that count has not moved.
+    seen: Vec<(usize, Instant)>,
+    laggard_share: Option<f64>,
+    longest_stall: Duration,
+}
+
+impl Progress {
+    fn new(clients: usize) -> Progress {
+        let now = Instant::now();
+        Progress {
+            last: now - PROGRESS_EVERY,
+            seen: vec![(0, now); clients],
+            laggard_share: None,
+            longest_stall: Duration::ZERO,
+        }
+    }
+
+    fn sample(&mut self, got: &[Arc<std::sync::atomic::AtomicUsize>], size: usize) {
+        let now = Instant::now();
+        if now - self.last < PROGRESS_EVERY {
+            return;
+        }
+        self.last = now;
+        let counts: Vec<usize> = got
+            .iter()
+            .map(|g| g.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        for (n, (before, since)) in counts.iter().zip(self.seen.iter_mut()) {
+            if *n != *before {
+                (*before, *since) = (*n, now);
+            } else if *n > 0 && *n < size {
+                // No byte since the sample that last saw it move (between its first byte
+                // and its last only: waiting for the head is not a stall of the body).
+                self.longest_stall = self.longest_stall.max(now - *since);
+            }
+        }
+        if self.laggard_share.is_none() && counts.contains(&size) {
+            let least = counts.iter().min().copied().unwrap_or(0);
+            self.laggard_share = Some(least as f64 / size as f64);
+        }
     }
 }
 
@@ -899,9 +962,11 @@ async fn disk_readers(report: &mut String, t: &str, n: &str, tpid: u32, npid: u3
             nr.push(readers(&nf, clients, SIZE, || nginx_rss_kib(npid)).await);
             let (x, y) = (&tr[round], &nr[round]);
             eprintln!(
-                "(g) 256 MiB from disk, {clients} clients, round {round}: tfmirror {:.0} MB/s slowest {:.2} s median {:.2} s, nginx {:.0} MB/s slowest {:.2} s median {:.2} s (load {})",
+                "(g) 256 MiB from disk, {clients} clients, round {round}: tfmirror {:.0} MB/s slowest {:.2} s median {:.2} s laggard {:.0}% stall {} ms, nginx {:.0} MB/s slowest {:.2} s median {:.2} s laggard {:.0}% stall {} ms (load {})",
                 x.mbps, x.slowest().as_secs_f64(), x.median().as_secs_f64(),
-                y.mbps, y.slowest().as_secs_f64(), y.median().as_secs_f64(), loadavg()
+                x.laggard_share * 100.0, x.longest_stall.as_millis(),
+                y.mbps, y.slowest().as_secs_f64(), y.median().as_secs_f64(),
+                y.laggard_share * 100.0, y.longest_stall.as_millis(), loadavg()
             );
         }
         let mid = |mut v: Vec<Readers>| {
@@ -925,11 +990,13 @@ async fn disk_readers(report: &mut String, t: &str, n: &str, tpid: u32, npid: u3
         let (x, y) = (mid(tr), mid(nr));
         let cell = |r: &Readers, spread: &str| {
             format!(
-                "{:.0} MB/s ({spread}), median / slowest client {:.2} / {:.2} s ({:.2}x)",
+                "{:.0} MB/s ({spread}), median / slowest client {:.2} / {:.2} s ({:.2}x); laggard at first finish {:.0}%, longest stall {} ms",
                 r.mbps,
                 r.median().as_secs_f64(),
                 r.slowest().as_secs_f64(),
-                r.slowest().as_secs_f64() / r.median().as_secs_f64()
+                r.slowest().as_secs_f64() / r.median().as_secs_f64(),
+                r.laggard_share * 100.0,
+                r.longest_stall.as_millis()
             )
         };
         writeln!(

@@ -205,6 +205,14 @@ pub static UNFRAMED_RESPONSES: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric")
 });
 
+pub static FILE_SENDS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "tfmirror_file_sends_total",
+        "Large cached artifacts checked whole and sent by the kernel (sendfile) to plain HTTP/1 clients, instead of streamed through tfmirror."
+    )
+    .expect("metric")
+});
+
 pub static CACHE_RECORDS: LazyLock<IntGauge> = LazyLock::new(|| {
     register_int_gauge!(
         "tfmirror_cache_records",
@@ -340,6 +348,7 @@ pub fn init() {
         FILLS_NOT_KEPT.with_label_values(&[reason]);
     }
     LazyLock::force(&UNFRAMED_RESPONSES);
+    LazyLock::force(&FILE_SENDS);
     LazyLock::force(&CACHE_RECORDS);
     LazyLock::force(&CACHE_RECORDS_REFUSED);
     LazyLock::force(&CACHE_RECORDS_EVICTED);

@@ -27,6 +27,12 @@ pub enum Body {
         len: Option<u64>,
         chunks: BodyStream,
     },
+    /// A file already checked whole (`cache::whole`), `len` bytes long: sent with
+    /// `Content-Length`, by the kernel where the connection allows (`edge::write`).
+    File {
+        len: u64,
+        file: std::sync::Arc<std::fs::File>,
+    },
 }
 
 /// The chunks of a streamed body; an `Err` is its last item, and ends the response as
@@ -35,6 +41,32 @@ pub type BodyStream = futures::stream::BoxStream<'static, std::result::Result<By
 
 /// Why a streamed body stopped before its end.
 pub type BodyCut = Box<dyn std::error::Error + Send + Sync>;
+
+#[cfg(test)]
+impl Body {
+    /// The body as a client reads it: the bytes, and whether it was cut.
+    pub async fn read_all(self) -> (Vec<u8>, bool) {
+        use futures::StreamExt;
+        match self {
+            Body::Full(b) => (b.to_vec(), false),
+            Body::Stream { mut chunks, .. } => {
+                let mut out = Vec::new();
+                while let Some(chunk) = chunks.next().await {
+                    match chunk {
+                        Ok(c) => out.extend_from_slice(&c),
+                        Err(_) => return (out, true),
+                    }
+                }
+                (out, false)
+            }
+            Body::File { len, file } => {
+                let mut out = vec![0; usize::try_from(len).expect("a test-sized file")];
+                let read = std::os::unix::fs::FileExt::read_exact_at(&*file, &mut out, 0);
+                (out, read.is_err())
+            }
+        }
+    }
+}
 
 impl Reply {
     /// A complete answer with a body known whole.
@@ -49,11 +81,16 @@ impl Reply {
 
     /// A streamed answer (status 200).
     pub fn stream(len: Option<u64>, chunks: BodyStream) -> Reply {
+        Reply::ok(Body::Stream { len, chunks })
+    }
+
+    /// A 200 with `body`, whatever its kind.
+    pub fn ok(body: Body) -> Reply {
         Reply {
             status: StatusCode::OK,
             reason: None,
             headers: Vec::new(),
-            body: Body::Stream { len, chunks },
+            body,
         }
     }
 
@@ -159,7 +196,7 @@ impl Reply {
     pub fn full_body(&self) -> Option<&Bytes> {
         match &self.body {
             Body::Full(b) => Some(b),
-            Body::Stream { .. } => None,
+            Body::Stream { .. } | Body::File { .. } => None,
         }
     }
 
@@ -177,6 +214,7 @@ impl std::fmt::Debug for Reply {
         let body = match &self.body {
             Body::Full(b) => format!("{} bytes", b.len()),
             Body::Stream { len, .. } => format!("stream of {len:?} bytes"),
+            Body::File { len, .. } => format!("file of {len} bytes"),
         };
         // Header values can carry secrets (`X-Terraform-Get` holds a download token): only
         // the names, and the cache status, go into a debug line or an assertion message.
@@ -242,9 +280,14 @@ pub fn head(reply: Reply) -> Result<(Box<ResponseHeader>, Body)> {
     if !said_cache_status {
         h.append_header(CACHE_STATUS, CacheStatus::Bypass.as_str())?;
     }
-    if let Body::Full(bytes) = &body {
+    let known = match &body {
+        Body::Full(bytes) => Some(bytes.len() as u64),
+        Body::File { len, .. } => Some(*len),
+        Body::Stream { .. } => None,
+    };
+    if let Some(len) = known {
         if status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED {
-            h.insert_header(http::header::CONTENT_LENGTH, decimal(bytes.len() as u64))?;
+            h.insert_header(http::header::CONTENT_LENGTH, decimal(len))?;
         }
     }
     Ok((Box::new(h), body))

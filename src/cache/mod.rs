@@ -5,6 +5,7 @@
 //! - [`meta`]: small JSON records (tarball index, grants), atomic, lazily read.
 //! - [`fill`]: coalesced upstream fills streamed to every waiter.
 //! - [`verified`]: large blobs streamed from disk, checked against their hash as they go.
+//! - [`whole`]: large blobs checked whole before the kernel sends them (`sendfile`).
 //! - [`body`]: what those two stream to a client: chunks whose end means verified bytes.
 //! - [`records`]: every record kind on disk, its schema and its key.
 //! - [`admin`]: `tfmirror cache ls|verify|purge|gc` and the purge endpoint, on a directory.
@@ -29,6 +30,7 @@ pub(crate) mod records;
 pub(crate) mod republish;
 pub(crate) mod temp;
 pub(crate) mod verified;
+pub(crate) mod whole;
 
 use std::io;
 use std::sync::Arc;
@@ -57,6 +59,8 @@ pub struct Cache {
     memory_max_object: u64,
     /// Versions seen reappearing in a listing (their cached bytes are refilled once).
     reappeared: Arc<republish::Reappeared>,
+    /// Whole-blob checks running, shared by the readers of one file (see [`whole`]).
+    checks: whole::Checks,
 }
 
 impl Cache {
@@ -97,6 +101,7 @@ impl Cache {
             // A single object may take at most 1/16 of the memory tier (and never more than
             // 64 MiB), so one large tarball cannot flush every hot listing.
             memory_max_object: (memory_size / 16).min(64 << 20),
+            checks: whole::Checks::default(),
         })
     }
 

@@ -29,12 +29,12 @@ const DISK_CHUNK: usize = 256 * 1024;
 
 /// An open blob, to be streamed verified ([`VerifiedBlob::into_body`]).
 pub struct VerifiedBlob {
-    cache: Arc<Cache>,
+    pub(super) cache: Arc<Cache>,
     /// The record (tarball index key) that names the blob, dropped with it when corrupt.
     key: String,
-    hash: Hash,
-    file: Arc<File>,
-    len: u64,
+    pub(super) hash: Hash,
+    pub(super) file: Arc<File>,
+    pub(super) len: u64,
     /// What the blob is, for the log: "tarball", "provider package".
     what: &'static str,
 }
@@ -99,6 +99,17 @@ impl VerifiedBlob {
         .boxed()
     }
 
+    /// The blob did not hash to its address, or was cut short: delete it and its record.
+    pub(super) async fn discard_corrupt(&self) {
+        tracing::error!(
+            blob = %self.hash.to_hex(),
+            "corrupt {} on disk: deleted, will refetch",
+            self.what
+        );
+        self.discard();
+        self.cache.drop_tarball(&self.key).await;
+    }
+
     /// Delete the blob from disk and from the memory tier.
     fn discard(&self) {
         self.cache.blobs.remove(&self.hash);
@@ -146,14 +157,7 @@ impl Reading {
 
     /// The blob did not hash to its address, or was cut short: delete it and its record.
     async fn corrupt(&self) -> BodyError {
-        let blob = &self.blob;
-        tracing::error!(
-            blob = %blob.hash.to_hex(),
-            "corrupt {} on disk: deleted, will refetch",
-            blob.what
-        );
-        blob.discard();
-        blob.cache.drop_tarball(&blob.key).await;
+        self.blob.discard_corrupt().await;
         BodyError::Corrupt
     }
 }

@@ -167,7 +167,8 @@ impl Proxy {
                 Ok(true)
             }
             Route::Module(m) => {
-                let call = registry::Call::of(session.req_header());
+                let mut call = registry::Call::of(session.req_header());
+                call.sink = write::sink(session);
                 match self.registry.answer(&call, m, public).await? {
                     Some((reply, out)) => {
                         write::reply(session, reply).await?;
@@ -182,7 +183,8 @@ impl Proxy {
                     write::error(session, StatusCode::NOT_FOUND).await?;
                     return Ok(true);
                 };
-                let call = providers::mirror::Call::of(session.req_header());
+                let mut call = providers::mirror::Call::of(session.req_header());
+                call.sink = write::sink(session);
                 let (answer, upstream_status) =
                     providers::upstream::observed(providers.answer(&call, p, public)).await;
                 let (reply, cache) = answer?;
@@ -192,7 +194,8 @@ impl Proxy {
                 Ok(true)
             }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
-                let call = registry::Call::of(session.req_header());
+                let mut call = registry::Call::of(session.req_header());
+                call.sink = write::sink(session);
                 let (reply, out) = self.registry.project_answer(&call, p, public).await?;
                 write::reply(session, reply).await?;
                 ctx.record(out);

@@ -3,13 +3,21 @@
 //! must show: `Content-Length`, chunked, HTTP/2 frames, or an abortive close) is decided in
 //! one place.
 
+use std::fs::File;
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::StatusCode;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::Result;
 
-use crate::respond::{decimal, framing, head, Body, BodyStream, CacheStatus, Framing, Reply};
+use super::workers::conn::Conn;
+use super::workers::sendfile::placeholder;
+use crate::cache::artifact::Sink;
+use crate::respond::{
+    decimal, framing, head, Body, BodyCut, BodyStream, CacheStatus, Framing, Reply,
+};
 
 /// The one writer: a [`Reply`] as bytes on the session. HEAD gets the head only (a stream's
 /// unknown length is then not announced). A streamed body's error returns an error after
@@ -26,6 +34,13 @@ pub async fn reply(session: &mut Session, reply: Reply) -> Result<()> {
                 write_full(session, bytes).await?;
             }
             Ok(())
+        }
+        Body::File { len, file } => {
+            session.write_response_header(h, head_request).await?;
+            if head_request {
+                return Ok(());
+            }
+            write_file(session, file, len).await
         }
         Body::Stream { len, chunks } => {
             frame(session, &mut h, len, head_request)?;
@@ -53,6 +68,70 @@ async fn write_full(session: &mut Session, mut bytes: Bytes) -> Result<()> {
         tokio::task::yield_now().await;
     }
     session.write_response_body(Some(bytes), true).await
+}
+
+/// How this session's connection can take a large cached artifact: sent by the kernel
+/// ([`Sink::File`]) on plain HTTP/1 over tfmirror's own connection type, a GET; streamed
+/// otherwise (TLS, HTTP/2: the bytes must pass through user space anyway).
+pub fn sink(session: &Session) -> Sink {
+    let plain_h1 = session.req_header().version <= http::Version::HTTP_11
+        && session.req_header().method == http::Method::GET;
+    if plain_h1 && conn(session).is_some() {
+        Sink::File
+    } else {
+        Sink::Stream
+    }
+}
+
+/// The session's connection, when it is tfmirror's own plain TCP one (not TLS, not HTTP/2).
+fn conn(session: &Session) -> Option<&Conn> {
+    let stream = session.stream()?;
+    let io: &dyn pingora::protocols::IO = stream.as_ref();
+    io.as_any().downcast_ref::<Conn>()
+}
+
+/// A file checked whole, `len` bytes: sent by the kernel through pingora's writer (see
+/// `workers::sendfile`), in slices of [`SLICE`] with a yield between them as whole bodies
+/// are. Where the connection cannot (TLS, HTTP/2), its bytes are read and written.
+async fn write_file(session: &mut Session, file: Arc<File>, len: u64) -> Result<()> {
+    let Some(conn) = conn(session) else {
+        return write_stream(session, file_chunks(file, len)).await;
+    };
+    conn.send_file(file, len)
+        .map_err(|e| pingora::Error::because(pingora::ErrorType::WriteError, "sendfile", e))?;
+    crate::metrics::FILE_SENDS.inc();
+    let mut left = len;
+    while left > SLICE as u64 {
+        session
+            .write_response_body(Some(placeholder(SLICE)), false)
+            .await?;
+        left -= SLICE as u64;
+        tokio::task::yield_now().await;
+    }
+    session
+        .write_response_body(Some(placeholder(left as usize)), true)
+        .await
+}
+
+/// A checked file's bytes, read a slice at a time on the blocking pool.
+fn file_chunks(file: Arc<File>, len: u64) -> BodyStream {
+    use futures::StreamExt;
+    futures::stream::try_unfold(0u64, move |at| {
+        let file = file.clone();
+        async move {
+            if at >= len {
+                return Ok(None);
+            }
+            let want = (len - at).min(SLICE as u64) as usize;
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want];
+                std::os::unix::fs::FileExt::read_exact_at(&*file, &mut buf, at).map(|()| buf)
+            });
+            let buf = read.await.map_err(|e| Box::new(e) as BodyCut)??;
+            Ok(Some((Bytes::from(buf), at + want as u64)))
+        }
+    })
+    .boxed()
 }
 
 /// Set the framing headers of a streamed body (see [`framing`]).

@@ -19,7 +19,7 @@ use super::reply;
 use super::route::ProviderId;
 use super::route::{Platform, ProviderOp, ProviderRoute, MIRROR_PREFIX};
 use super::{archive_key, Failed, Providers};
-use crate::cache::artifact::Artifact;
+use crate::cache::artifact::Sink;
 use crate::cache::blobs::Hash;
 use crate::cache::body::{hold_last, BodyError};
 use crate::cache::fill::FillError;
@@ -80,12 +80,15 @@ pub struct Call {
     /// `HEAD`: answered like GET without a body, and never starts a package fill (Terraform's
     /// HEAD is answered from what is cached; the GET does the work).
     pub head: bool,
+    /// How the connection takes a large cached package (the edge says; streamed by default).
+    pub sink: crate::cache::artifact::Sink,
 }
 
 impl Call {
     pub fn of(req: &pingora::http::RequestHeader) -> Call {
         Call {
             head: req.method == http::Method::HEAD,
+            sink: crate::cache::artifact::Sink::Stream,
         }
     }
 }
@@ -193,7 +196,7 @@ impl Providers {
         let key = archive_key(p, &version, platform);
         if let Some(entry) = self.cached_archive(&key).await {
             if let Some(hash) = entry.hash() {
-                if let Some(hit) = self.serve_blob(&key, hash, entry.size).await? {
+                if let Some(hit) = self.serve_blob(&key, hash, entry.size, call.sink).await? {
                     return Ok((hit, CacheStatus::Hit));
                 }
             }
@@ -271,16 +274,19 @@ impl Providers {
     /// A committed package, verified as it is read. None when it is gone or corrupt before
     /// the first byte. Large blobs are streamed with the last chunk held back until the hash
     /// checks out: a corrupt blob never reaches a client whole.
-    async fn serve_blob(&self, key: &str, hash: Hash, size: u64) -> Result<Option<Reply>> {
+    async fn serve_blob(
+        &self,
+        key: &str,
+        hash: Hash,
+        size: u64,
+        sink: Sink,
+    ) -> Result<Option<Reply>> {
         let found = self
             .cache
-            .artifact(key, hash, size, "provider package")
+            .artifact(key, hash, size, "provider package", sink)
             .await
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        Ok(found.map(|artifact| match artifact {
-            Artifact::Bytes(b) => reply::zip_bytes(CacheStatus::Hit, b),
-            Artifact::Stream { len, body } => reply::zip(CacheStatus::Hit, Some(len), body),
-        }))
+        Ok(found.map(|artifact| reply::zip_cached(CacheStatus::Hit, artifact)))
     }
 }
 

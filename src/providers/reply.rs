@@ -7,6 +7,7 @@ use futures::StreamExt;
 use http::{header, StatusCode};
 
 use super::{Failed, Found};
+use crate::cache::artifact::Artifact;
 use crate::cache::body::Body;
 use crate::respond::{self, CacheStatus, Reply, JSON};
 
@@ -66,9 +67,9 @@ pub(super) fn module_download(cache: CacheStatus, location: &str) -> Reply {
     Reply::terraform_get(cache, location)
 }
 
-/// A small package known whole (from the memory tier or a small blob).
-pub(super) fn zip_bytes(cache: CacheStatus, bytes: Bytes) -> Reply {
-    Reply::full(StatusCode::OK, bytes)
+/// A committed package from the store (see `cache::artifact`).
+pub(super) fn zip_cached(cache: CacheStatus, artifact: Artifact) -> Reply {
+    Reply::ok(artifact.into_body())
         .with(header::CONTENT_TYPE, ZIP)
         .cache(cache)
 }

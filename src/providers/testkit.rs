@@ -14,9 +14,10 @@ use super::mirror::Call;
 use super::route::ProviderRoute;
 use super::upstream::{Transport, UpError};
 use super::Providers;
+use crate::cache::artifact::Sink;
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::respond::{Body, CacheStatus, Reply};
+use crate::respond::{CacheStatus, Reply};
 use crate::rewrite::PublicBase;
 use crate::routes::Route;
 
@@ -197,22 +198,16 @@ impl Fixture {
     }
 }
 
-pub(crate) const GET: Call = Call { head: false };
-pub(crate) const HEAD: Call = Call { head: true };
+pub(crate) const GET: Call = Call {
+    head: false,
+    sink: Sink::Stream,
+};
+pub(crate) const HEAD: Call = Call {
+    head: true,
+    sink: Sink::Stream,
+};
 
 /// A reply's body as a client reads it: the bytes, and whether it was cut.
 pub(crate) async fn read(reply: Reply) -> (Vec<u8>, bool) {
-    match reply.body {
-        Body::Full(b) => (b.to_vec(), false),
-        Body::Stream { mut chunks, .. } => {
-            let mut out = Vec::new();
-            while let Some(chunk) = chunks.next().await {
-                match chunk {
-                    Ok(c) => out.extend_from_slice(&c),
-                    Err(_) => return (out, true),
-                }
-            }
-            (out, false)
-        }
-    }
+    reply.body.read_all().await
 }

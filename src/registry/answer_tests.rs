@@ -300,12 +300,7 @@ async fn a_project_tarball_served_on_a_stale_grant_says_stale() {
 
 /// A reply's body, read to its end (a fill's reader ends once the fill is committed).
 async fn body_of(reply: crate::respond::Reply) -> String {
-    use futures::StreamExt;
-    match reply.body {
-        Body::Full(b) => String::from_utf8_lossy(&b).into_owned(),
-        Body::Stream { chunks, .. } => {
-            let parts: Vec<_> = chunks.map(|c| c.expect("a whole body")).collect().await;
-            String::from_utf8_lossy(&parts.concat()).into_owned()
-        }
-    }
+    let (bytes, cut) = reply.body.read_all().await;
+    assert!(!cut, "a whole body");
+    String::from_utf8_lossy(&bytes).into_owned()
 }

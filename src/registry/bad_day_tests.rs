@@ -10,7 +10,7 @@ use http::{header, HeaderName, StatusCode};
 use super::testkit::{call, fixture_with, route, Fixture, Step};
 use crate::cache::records::ListingKey;
 use crate::config::{Config, UnknownIdentity};
-use crate::respond::{Body, CacheStatus, Reply};
+use crate::respond::{CacheStatus, Reply};
 
 const ALICE: Option<&str> = Some("Bearer alice-token");
 const BOB: Option<&str> = Some("Bearer bob-token");
@@ -413,12 +413,7 @@ fn token_of(reply: &Reply) -> String {
 
 /// A reply's body, read to its end.
 async fn body_of(reply: Reply) -> String {
-    use futures::StreamExt;
-    match reply.body {
-        Body::Full(b) => String::from_utf8_lossy(&b).into_owned(),
-        Body::Stream { chunks, .. } => {
-            let parts: Vec<_> = chunks.map(|c| c.expect("a whole body")).collect().await;
-            String::from_utf8_lossy(&parts.concat()).into_owned()
-        }
-    }
+    let (bytes, cut) = reply.body.read_all().await;
+    assert!(!cut, "a whole body");
+    String::from_utf8_lossy(&bytes).into_owned()
 }

@@ -117,6 +117,8 @@ pub struct Call {
     pub token: Option<String>,
     /// `?terraform-get=1` (go-getter's question on project routes).
     pub terraform_get: bool,
+    /// How the connection takes a large cached tarball (the edge says; streamed by default).
+    pub sink: crate::cache::artifact::Sink,
 }
 
 impl Call {

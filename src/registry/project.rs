@@ -396,11 +396,11 @@ impl Registry {
         let key = p.key(&version);
         if !stale {
             let open = self.project_opener(p, &version, cred, opened);
-            return self.serve_tarball(call.head, &key, identity, open).await;
+            return self.serve_tarball(call, &key, identity, open).await;
         }
         // GitLab fails: nothing can be filled, cached bytes or a clear 503.
         let open = || async { Err(FillError::Upstream("upstream down")) }.boxed();
-        let (reply, mut out) = self.serve_tarball(call.head, &key, identity, open).await?;
+        let (reply, mut out) = self.serve_tarball(call, &key, identity, open).await?;
         if out.cache != CacheStatus::Hit {
             return Ok(self.project_unavailable(p, identity));
         }

@@ -8,6 +8,7 @@ use super::ask::Failure;
 use super::{JSON, OCTETS, STALE_WARNING};
 use crate::access::policy::Why;
 use crate::access::Negative;
+use crate::cache::artifact::Artifact;
 use crate::cache::records::Refusal;
 use crate::respond::{BodyStream, CacheStatus, Reply};
 use crate::routes::ModuleId;
@@ -90,9 +91,9 @@ pub(super) fn tarball(cache: CacheStatus, len: Option<u64>, chunks: BodyStream) 
         .cache(cache)
 }
 
-/// A small tarball known whole (from the memory tier).
-pub(super) fn tarball_bytes(cache: CacheStatus, bytes: Bytes) -> Reply {
-    Reply::full(StatusCode::OK, bytes)
+/// A committed tarball from the store (see `cache::artifact`).
+pub(super) fn tarball_cached(cache: CacheStatus, artifact: Artifact) -> Reply {
+    Reply::ok(artifact.into_body())
         .with(header::CONTENT_TYPE, OCTETS)
         .cache(cache)
 }

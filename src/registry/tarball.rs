@@ -9,7 +9,7 @@ use pingora::{Error, ErrorType, Result};
 
 use super::reply;
 use super::{gitlab_token, source, Call, Outcome, Registry};
-use crate::cache::artifact::Artifact;
+use crate::cache::artifact::Sink;
 use crate::cache::blobs::Hash;
 use crate::cache::fill::{End, FillError, Source};
 use crate::cache::records::tarball_key;
@@ -57,7 +57,7 @@ impl Registry {
             let authority = authority.clone();
             async move { this.open_tarball(identity, &authority, &module, &v).await }.boxed()
         };
-        self.serve_tarball(call.head, &key, identity, open).await
+        self.serve_tarball(call, &key, identity, open).await
     }
 
     /// GitLab's refusal, when GitLab refused `identity` for `module` after the token expiring
@@ -81,18 +81,18 @@ impl Registry {
     /// starts a fill: Terraform sends HEAD before GET, and the GET does the work.
     pub(super) async fn serve_tarball(
         &self,
-        head: bool,
+        call: &Call,
         key: &str,
         identity: Identity,
         open: impl Fn() -> crate::cache::fill::Opener,
     ) -> Result<(Reply, Outcome)> {
         let outcome = |cache, upstream_status| Outcome::new(identity, cache, upstream_status);
-        let earlier = match self.cached_tarball(key).await? {
+        let earlier = match self.cached_tarball(key, call.sink).await? {
             Cached::Reply(reply) => return Ok((reply, outcome(CacheStatus::Hit, None))),
             Cached::Refill(earlier) => earlier,
             Cached::Nothing => None,
         };
-        if head {
+        if call.head {
             // The length is unknown until a GET fills it: say nothing rather than 0.
             let reply = reply::tarball(CacheStatus::Miss, None, futures::stream::empty().boxed());
             return Ok((reply, outcome(CacheStatus::Miss, None)));
@@ -123,7 +123,7 @@ impl Registry {
                 Ok(self.pass_through(identity, open()).await)
             }
             Err(e) => {
-                let (reply, cache, status) = self.fill_failed(key, e, earlier).await?;
+                let (reply, cache, status) = self.fill_failed(key, e, earlier, call.sink).await?;
                 Ok((reply, outcome(cache, Some(status.as_u16()))))
             }
         }
@@ -132,7 +132,7 @@ impl Registry {
     /// What the cache holds for `key`: an answer, bytes to check against a refill (a version
     /// seen coming back in a listing since they were fetched may have been re-published),
     /// or nothing usable (an evicted or corrupt blob's entry is forgotten).
-    async fn cached_tarball(&self, key: &str) -> Result<Cached> {
+    async fn cached_tarball(&self, key: &str, sink: Sink) -> Result<Cached> {
         let Some(entry) = self.cache.tarball(key).await else {
             return Ok(Cached::Nothing);
         };
@@ -142,7 +142,7 @@ impl Registry {
         }
         if let Some(hash) = entry.hash() {
             if let Some(reply) = self
-                .blob_reply(key, hash, entry.size, CacheStatus::Hit)
+                .blob_reply(key, hash, entry.size, CacheStatus::Hit, sink)
                 .await?
             {
                 return Ok(Cached::Reply(reply));
@@ -160,6 +160,7 @@ impl Registry {
         key: &str,
         e: FillError,
         earlier: Option<(Hash, u64)>,
+        sink: Sink,
     ) -> Result<(Reply, CacheStatus, StatusCode)> {
         let status = match e {
             FillError::Refused(s) => s,
@@ -169,7 +170,10 @@ impl Registry {
             || status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS;
         if let (true, Some((hash, size))) = (unreachable, earlier) {
-            if let Some(reply) = self.blob_reply(key, hash, size, CacheStatus::Stale).await? {
+            if let Some(reply) = self
+                .blob_reply(key, hash, size, CacheStatus::Stale, sink)
+                .await?
+            {
                 metrics::STALE_SERVED.inc();
                 return Ok((reply, CacheStatus::Stale, status));
             }
@@ -308,19 +312,14 @@ impl Registry {
         hash: Hash,
         size: u64,
         status: CacheStatus,
+        sink: Sink,
     ) -> Result<Option<Reply>> {
         let found = self
             .cache
-            .artifact(key, hash, size, "tarball")
+            .artifact(key, hash, size, "tarball", sink)
             .await
             .map_err(|e| Error::because(ErrorType::InternalError, "blob open", e))?;
-        Ok(found.map(|artifact| match artifact {
-            Artifact::Bytes(b) => reply::tarball_bytes(status, b),
-            Artifact::Stream { len, body } => {
-                let chunks = body.map(|c| c.map_err(Into::into)).boxed();
-                reply::tarball(status, Some(len), chunks)
-            }
-        }))
+        Ok(found.map(|artifact| reply::tarball_cached(status, artifact)))
     }
 }
 

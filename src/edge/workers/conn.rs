@@ -11,9 +11,10 @@
 //! answer whose body is larger than a segment, the head being in the buffer. [`Coalescing`]
 //! sends both in one `writev`.
 
+use std::fs::File;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -30,10 +31,16 @@ use pingora::protocols::{
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::sendfile::{stands_for_file, FileSend};
+
 /// An accepted TCP connection, buffered as pingora's listeners buffer theirs.
 #[derive(Debug)]
 pub struct Conn {
     inner: BufReader<Coalescing<L4Stream>>,
+    /// A file the kernel sends in place of placeholder writes ([`Conn::send_file`]). Behind
+    /// a lock only because pingora lends the connection out as `&dyn Any`; the writes take
+    /// it through `&mut self`, without locking.
+    file: Mutex<Option<FileSend>>,
 }
 
 impl Conn {
@@ -47,7 +54,50 @@ impl Conn {
         l4.set_socket_digest(digest);
         Ok(Conn {
             inner: BufReader::with_capacity(DEFAULT_L4_READ_BUFFER_SIZE, Coalescing::new(l4)),
+            file: Mutex::new(None),
         })
+    }
+
+    /// Arm the connection with `file`: the next `len` body bytes written as
+    /// [`placeholder`](super::sendfile::placeholder) bytes go out as the file's bytes, sent
+    /// by the kernel from the page cache (see [`super::sendfile`]). What is buffered (the
+    /// response head) goes first. Any other write before all `len` went fails.
+    pub fn send_file(&self, file: Arc<File>, len: u64) -> io::Result<()> {
+        let send = FileSend::new(self.l4().id(), file, len)?;
+        *self.file.lock().unwrap_or_else(PoisonError::into_inner) = Some(send);
+        Ok(())
+    }
+
+    /// A write while a file is armed: placeholder bytes become the file's next bytes.
+    fn poll_write_file(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let slot = self.file.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if !stands_for_file(buf) {
+            *slot = None;
+            return Poll::Ready(Err(io::Error::other(
+                "a write of other bytes while a file was being sent",
+            )));
+        }
+        // The head (and anything else buffered) goes before the file.
+        ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        let slot = self.file.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let Some(send) = slot.as_mut() else {
+            return Poll::Ready(Err(io::Error::other("no file armed")));
+        };
+        let sent = send.poll_send(cx, buf.len());
+        if matches!(sent, Poll::Ready(Err(_))) || send.done() {
+            *slot = None;
+        }
+        sent
+    }
+
+    fn file_armed(&mut self) -> bool {
+        self.file
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     fn l4(&self) -> &L4Stream {
@@ -83,6 +133,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if self.file_armed() {
+            return self.poll_write_file(cx, buf);
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -99,6 +152,13 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if self.file_armed() {
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return self.poll_write_file(cx, first);
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 

@@ -52,7 +52,8 @@ use tokio::net::TcpListener;
 
 mod accept;
 mod balance;
-mod conn;
+pub(crate) mod conn;
+pub(crate) mod sendfile;
 
 use balance::Balance;
 
