@@ -369,29 +369,54 @@ async fn corrupt_blobs_are_never_served() {
     );
 }
 
-/// A large hit (past the memory tier) to a plain HTTP/1 client is sent by the kernel
-/// (`sendfile`) inside pingora's framing: the exact bytes, as many as `Content-Length`
-/// says, and the connection kept: the next requests on the same socket (a large hit, then a
-/// small answer) are answered whole (the connection is disarmed once the file went).
+/// Large hits to a plain HTTP/1 client are sent by the kernel (`sendfile`) inside pingora's
+/// framing, from the disk tier (past the memory tier) and from the memory tier (an object of
+/// 1 MiB or more, held in a sealed memory file): the exact bytes, as many as
+/// `Content-Length` says, and the connection kept: every next request on the same socket
+/// (a small answer last) is answered whole (the connection is disarmed once a file went).
 #[tokio::test]
 async fn a_large_hit_is_sent_by_the_kernel_and_the_connection_kept() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gl = gitlab().await;
     gl.set_tarball_size("infra", "dns", "aws", "2.0.0", 8 << 20);
-    let m = Mirror::start_with_config(&gl.url(), "cache:\n  memory_size: 4MiB\n").await;
+    gl.set_tarball_size("infra", "vpc", "aws", "1.0.0", 2 << 20);
+    // 64 MiB of memory: objects up to 4 MiB are held there, the 8 MiB one is not.
+    let m = Mirror::start_with_config(&gl.url(), "cache:\n  memory_size: 64MiB\n").await;
     let large = m.file_url("infra/dns/aws", "2.0.0", ALICE).await;
+    let held = m.file_url("infra/vpc/aws", "1.0.0", ALICE).await;
     warm(&large).await;
-    let want = gl.tarball("infra", "dns", "aws", "2.0.0");
+    warm(&held).await;
     let sends = m.metric("tfmirror_file_sends_total", "").await;
 
-    let url = url::Url::parse(&large).unwrap();
-    let target = &large[large.find(url.path()).unwrap()..];
+    let path_of = |u: &str| u[u.find(url::Url::parse(u).unwrap().path()).unwrap()..].to_string();
     let mut sock = tokio::net::TcpStream::connect(m.addr).await.unwrap();
     let mut pending = Vec::new();
-    for (path, auth) in [
-        (target.to_string(), ""),
-        (target.to_string(), ""),
-        (format!("{V1}/infra/dns/aws/versions"), ALICE),
+    for (path, auth, want) in [
+        (
+            path_of(&large),
+            "",
+            gl.tarball("infra", "dns", "aws", "2.0.0"),
+        ),
+        (
+            path_of(&held),
+            "",
+            gl.tarball("infra", "vpc", "aws", "1.0.0"),
+        ),
+        (
+            path_of(&large),
+            "",
+            gl.tarball("infra", "dns", "aws", "2.0.0"),
+        ),
+        (
+            path_of(&held),
+            "",
+            gl.tarball("infra", "vpc", "aws", "1.0.0"),
+        ),
+        (
+            format!("{V1}/infra/dns/aws/versions"),
+            ALICE,
+            Default::default(),
+        ),
     ] {
         let auth = if auth.is_empty() {
             String::new()
@@ -437,7 +462,7 @@ async fn a_large_hit_is_sent_by_the_kernel_and_the_connection_kept() {
     assert!(pending.is_empty(), "nothing past the last body");
     assert_eq!(
         m.metric("tfmirror_file_sends_total", "").await - sends,
-        2.0,
+        4.0,
         "each large hit went by sendfile"
     );
 }

@@ -73,11 +73,16 @@ impl Cache {
         sink: Sink,
     ) -> io::Result<Option<Artifact>> {
         if size <= self.memory_max_object() {
-            // Read whole and verified (`get_small`), so a wrong length is a miss here too.
-            let bytes = self.get_small(hash).await.ok().flatten();
-            return Ok(bytes
-                .filter(|b| b.len() as u64 == size)
-                .map(Artifact::Bytes));
+            // Read whole and verified (`get_held`), so a wrong length is a miss here too. A
+            // large one is held in a sealed file: its bytes cannot have changed since they
+            // were verified, so the kernel may send the file as it is.
+            let held = self.get_held(hash).await.ok().flatten();
+            return Ok(held.filter(|h| h.bytes.len() as u64 == size).map(|h| {
+                match (sink, h.sealed) {
+                    (Sink::File, Some(file)) => Artifact::File { len: size, file },
+                    _ => Artifact::Bytes(h.bytes),
+                }
+            }));
         }
         let opened = VerifiedBlob::open(self, key, hash, what).await?;
         // The index says how long the blob is: a file of another length (truncated by a full

@@ -6,6 +6,7 @@
 //! - [`fill`]: coalesced upstream fills streamed to every waiter.
 //! - [`verified`]: large blobs streamed from disk, checked against their hash as they go.
 //! - [`whole`]: large blobs checked whole before the kernel sends them (`sendfile`).
+//! - [`sealed`]: large memory-tier objects in sealed memory files, for the same.
 //! - [`body`]: what those two stream to a client: chunks whose end means verified bytes.
 //! - [`records`]: every record kind on disk, its schema and its key.
 //! - [`admin`]: `tfmirror cache ls|verify|purge|gc` and the purge endpoint, on a directory.
@@ -28,6 +29,7 @@ pub(crate) mod meta;
 pub(crate) mod private;
 pub(crate) mod records;
 pub(crate) mod republish;
+pub(crate) mod sealed;
 pub(crate) mod temp;
 pub(crate) mod verified;
 pub(crate) mod whole;
@@ -41,6 +43,7 @@ use blobs::{BlobStore, Hash};
 use fill::Fills;
 use meta::{MetaStore, Records};
 use records::{TarballEntry, KIND_TARBALL};
+use sealed::Held;
 
 /// The store. Its parts are private: the layers above read and write it through the methods
 /// below (and [`Records`] for typed records), so every key and schema stays in
@@ -50,7 +53,7 @@ pub struct Cache {
     meta: Arc<MetaStore>,
     fills: Arc<Fills>,
     /// Read on every hit: foldhash, not SipHash (the keys are content hashes).
-    memory: moka::sync::Cache<Hash, Bytes, foldhash::fast::RandomState>,
+    memory: moka::sync::Cache<Hash, Held, foldhash::fast::RandomState>,
     memory_evictions: Arc<std::sync::atomic::AtomicU64>,
     /// Front for the tarball index on disk: the `/file` hit path must not read a file per
     /// request. Short-lived, so that `tfmirror cache purge` run beside a server takes effect.
@@ -73,7 +76,7 @@ impl Cache {
         let evictions = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = evictions.clone();
         let memory = moka::sync::Cache::builder()
-            .weigher(|_k: &Hash, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+            .weigher(|_k: &Hash, v: &Held| u32::try_from(v.bytes.len()).unwrap_or(u32::MAX))
             .max_capacity(memory_size)
             .eviction_listener(move |_k, _v, cause| {
                 if cause == moka::notification::RemovalCause::Size {
@@ -145,21 +148,46 @@ impl Cache {
 
     pub fn remember(&self, hash: Hash, bytes: Bytes) {
         if bytes.len() as u64 <= self.memory_max_object {
-            self.memory.insert(hash, bytes);
+            self.memory.insert(
+                hash,
+                Held {
+                    bytes,
+                    sealed: None,
+                },
+            );
         }
     }
 
     /// A small blob (listing body, small tarball): memory, else disk (verified), else None.
     pub async fn get_small(&self, hash: Hash) -> io::Result<Option<Bytes>> {
-        if let Some(b) = self.memory.get(&hash) {
-            return Ok(Some(b));
+        Ok(self.get_held(hash).await?.map(|h| h.bytes))
+    }
+
+    /// [`Cache::get_small`], with the sealed file of a large one (see [`sealed`]), sealed
+    /// when it is read into the memory tier.
+    pub(crate) async fn get_held(&self, hash: Hash) -> io::Result<Option<Held>> {
+        if let Some(held) = self.memory.get(&hash) {
+            return Ok(Some(held));
         }
         let blobs = self.blobs.clone();
-        let read = tokio::task::spawn_blocking(move || blobs.read_verified(&hash))
-            .await
-            .map_err(io::Error::other)??;
-        if let Some(b) = &read {
-            self.remember(hash, b.clone());
+        let max = self.memory_max_object;
+        let read = tokio::task::spawn_blocking(move || {
+            let read = blobs.read_verified(&hash)?;
+            // Sealed only if it will be held (the copy into the file costs a pass).
+            Ok::<_, io::Error>(read.map(|b| match b.len() as u64 <= max {
+                true => Held::of(b),
+                false => Held {
+                    bytes: b,
+                    sealed: None,
+                },
+            }))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        if let Some(held) = &read {
+            if held.bytes.len() as u64 <= self.memory_max_object {
+                self.memory.insert(hash, held.clone());
+            }
         }
         Ok(read)
     }

@@ -24,9 +24,9 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 /// The placeholder: the largest write that stands for file bytes.
-static PLACEHOLDER: [u8; 1 << 20] = [0; 1 << 20];
+static PLACEHOLDER: [u8; 2 << 20] = [0; 2 << 20];
 
-/// `n` placeholder bytes (`n` at most 1 MiB): written to an armed connection, they stand
+/// `n` placeholder bytes (`n` at most 2 MiB): written to an armed connection, they stand
 /// for the armed file's next `n` bytes.
 pub fn placeholder(n: usize) -> Bytes {
     Bytes::from_static(&PLACEHOLDER[..n])
