@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -21,6 +22,15 @@ use bytes::Bytes;
 /// Objects this large or larger are sealed (smaller ones stay on the heap: listings, small
 /// tarballs, where the copy is cheap and a file descriptor each would not be).
 pub const SEALED_MIN: usize = 1 << 20;
+
+/// At most this many objects are sealed at once: each holds a file descriptor for as long
+/// as it is in the memory tier, and a large tier of 1 MiB objects must not take the
+/// descriptors that client connections need (a soft limit of 1024 is common). Past it, an
+/// object stays on the heap, and its hits are written.
+pub const MAX_SEALED: usize = 256;
+
+/// Sealed objects alive now (see [`MAX_SEALED`]).
+static SEALED: AtomicUsize = AtomicUsize::new(0);
 
 /// A memory-tier object: its bytes, and for a large one the sealed file they are mapped from.
 #[derive(Clone)]
@@ -33,7 +43,7 @@ impl Held {
     /// `bytes`, sealed when large enough; on the heap as they are if sealing fails (no memfd
     /// support, out of memory maps): the hit is then written, as before.
     pub fn of(bytes: Bytes) -> Held {
-        if bytes.len() < SEALED_MIN {
+        if bytes.len() < SEALED_MIN || SEALED.load(Ordering::Relaxed) >= MAX_SEALED {
             return Held {
                 bytes,
                 sealed: None,
@@ -105,6 +115,7 @@ impl Mapped {
                 0,
             )
         }?;
+        SEALED.fetch_add(1, Ordering::Relaxed);
         Ok(Mapped {
             at,
             len,
@@ -129,6 +140,7 @@ impl Drop for Mapped {
         if let Err(e) = unsafe { rustix::mm::munmap(self.at, self.len) } {
             tracing::warn!(error = %e, "cannot unmap a memory-tier object");
         }
+        SEALED.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
