@@ -17,10 +17,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// Unix seconds now (0 if the system clock is set before 1970).
 #[allow(clippy::disallowed_methods)] // the one wall-clock read (see the module docs)
 pub fn now() -> u64 {
-    let real = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    real + shift_ms() / 1000
+    let real = SystemTime::now().duration_since(UNIX_EPOCH);
+    match shift_ms() {
+        0 => real.map_or(0, |d| d.as_secs()),
+        // Whole seconds of the shifted time, not the sum of the whole seconds of each.
+        shift => real.map_or(0, |d| {
+            u64::try_from(d.as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(shift)
+                / 1000
+        }),
+    }
 }
 
 /// Unix milliseconds now, where the order of two events in one second matters (a version's
@@ -33,20 +40,37 @@ pub fn now_ms() -> u64 {
     real.saturating_add(shift_ms())
 }
 
+/// The monotonic clock for in-memory records that expire (a remembered credential, a
+/// refusal replayed, a caller held back by its 429): `Instant::now()`, moved forward by the
+/// process-wide shift of the `test-clock` feature, so those records age with the wall clock
+/// when an integration test moves the clock of a running tfmirror. A unit test's thread
+/// shift ([`advance`]) moves the wall clock only. Timeouts and durations of I/O read
+/// `Instant::now()` themselves.
+pub fn instant() -> Instant {
+    let at = Instant::now();
+    match process_shift_ms() {
+        0 => at,
+        shift => at + Duration::from_millis(shift),
+    }
+}
+
 #[cfg(test)]
 thread_local! {
     /// How far a test moved this thread's clock (see [`advance`]).
     static SHIFT_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// The shift of the wall clock: a unit test's thread shift plus the process-wide one.
 #[cfg(test)]
 fn shift_ms() -> u64 {
-    SHIFT_MS.with(std::cell::Cell::get)
+    SHIFT_MS
+        .with(std::cell::Cell::get)
+        .saturating_add(process_shift_ms())
 }
 
 #[cfg(not(test))]
-const fn shift_ms() -> u64 {
-    0
+fn shift_ms() -> u64 {
+    process_shift_ms()
 }
 
 /// Move this thread's wall clock forward by `by` (whole seconds for [`now`]).
@@ -54,6 +78,47 @@ const fn shift_ms() -> u64 {
 pub fn advance(by: std::time::Duration) {
     let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
     SHIFT_MS.with(|s| s.set(s.get().saturating_add(ms)));
+}
+
+/// The `test-clock` feature: how far the whole process's clock was moved, for the integration
+/// tests, which run the real binary and cannot reach a thread of it. It starts at
+/// [`SHIFT_ENV`] (a restarted process keeps the clock its test had moved) and grows through
+/// `POST /-/test/clock?advance_ms=N` ([`advance_process`]). Cargo enables the feature for test
+/// builds only (a dev-dependency of the package on itself): a release build has neither the
+/// endpoint nor the atomic read, and [`process_shift_ms`] is the constant 0.
+#[cfg(feature = "test-clock")]
+static PROCESS_SHIFT_MS: std::sync::LazyLock<std::sync::atomic::AtomicU64> =
+    std::sync::LazyLock::new(|| {
+        let start = std::env::var(SHIFT_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        std::sync::atomic::AtomicU64::new(start)
+    });
+
+/// The environment variable a `test-clock` build starts its process-wide shift from
+/// (milliseconds).
+#[cfg(feature = "test-clock")]
+pub const SHIFT_ENV: &str = "TFM_TEST_CLOCK_SHIFT_MS";
+
+#[cfg(feature = "test-clock")]
+fn process_shift_ms() -> u64 {
+    PROCESS_SHIFT_MS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(not(feature = "test-clock"))]
+#[inline(always)]
+const fn process_shift_ms() -> u64 {
+    0
+}
+
+/// Move the whole process's clock forward by `ms` (the `test-clock` feature's endpoint);
+/// returns the shift now in force.
+#[cfg(feature = "test-clock")]
+pub fn advance_process(ms: u64) -> u64 {
+    PROCESS_SHIFT_MS
+        .fetch_add(ms, std::sync::atomic::Ordering::Relaxed)
+        .saturating_add(ms)
 }
 
 /// Unix microseconds now: the timestamp of log lines formatted by tfmirror itself (the access
@@ -78,10 +143,15 @@ pub struct Moment {
 impl Moment {
     pub fn now() -> Moment {
         let at = Instant::now();
-        Moment {
-            unix: unix_micros_at(at) / 1_000_000 + shift_ms() / 1000,
-            at,
-        }
+        let unix = match shift_ms() {
+            0 => unix_micros_at(at) / 1_000_000,
+            shift => unix_micros_at(at).saturating_add(shift.saturating_mul(1000)) / 1_000_000,
+        };
+        let at = match process_shift_ms() {
+            0 => at,
+            shift => at + Duration::from_millis(shift),
+        };
+        Moment { unix, at }
     }
 
     /// A moment at unix second `unix` (a test's chosen time), with the instant now.

@@ -131,7 +131,7 @@ async fn leak_matrix_on_a_warm_cache() {
     assert_eq!(get(&other_module, None).await.status(), 401);
     let other_version = file.replace("/1.0.0/file", "/1.1.0/file");
     assert_eq!(get(&other_version, None).await.status(), 401);
-    tokio::time::sleep(Duration::from_millis(3100)).await;
+    m.advance(Duration::from_millis(3100)).await;
     let expired = get(&file, None).await;
     assert_eq!(expired.status(), 401);
     assert_eq!(
@@ -233,7 +233,8 @@ async fn cache_status_tells_what_happened() {
     let gl = gitlab().await;
     let m = Mirror::start_with_config(
         &gl.url(),
-        "cache:\n  listing_ttl: 1s\nauth:\n  grant_ttl: 5s\n",
+        // Ages count in whole seconds: a 1 s TTL could pass between the first two requests.
+        "cache:\n  listing_ttl: 2s\nauth:\n  grant_ttl: 5s\n",
     )
     .await;
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
@@ -241,7 +242,7 @@ async fn cache_status_tells_what_happened() {
         |r: &reqwest::Response| r.headers()["x-cache-status"].to_str().unwrap().to_string();
     assert_eq!(status(&get(&versions, Some(ALICE)).await), "MISS");
     assert_eq!(status(&get(&versions, Some(ALICE)).await), "HIT");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    m.advance(Duration::from_millis(3100)).await;
     // Past listing_ttl: served at once, refreshed in the background, once however many
     // requests arrive meanwhile.
     let before = gl.count("/versions");
@@ -278,7 +279,7 @@ async fn cache_status_tells_what_happened() {
     assert_eq!(last, "HIT");
 
     // Past the grant lifetime: GitLab is asked again, and the body had not changed.
-    tokio::time::sleep(Duration::from_millis(5100)).await;
+    m.advance(Duration::from_millis(5100)).await;
     assert_eq!(status(&get(&versions, Some(ALICE)).await), "REVALIDATED");
 
     // Refusals pass through with a cache status too.

@@ -83,7 +83,7 @@ async fn a_fresh_job_with_an_id_token_inits_from_the_cache_while_gitlab_is_down(
     assert!(run.ok(), "{}\n{}", run.output(), m.logs());
     wait_for_jwks(&m).await;
     no_id_token_reached_gitlab(&gl);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
 
     // GitLab black-holed, tfmirror restarted: a job that started after the outage.
     gl.set_fault(Fault::Blackhole);
@@ -339,7 +339,7 @@ async fn a_refused_principal_stays_refused_offline_under_any_policy() {
     wait_for_jwks(&m).await;
     // Alice leaves the group; her grant expires; GitLab refuses her next job.
     gl.revoke("infra", ALICE);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     let next = gl.start_job(PROJECT, ALICE, JobForm::Legacy);
     let (status, _) = get(&m, "infra/vpc/aws/versions", &bearer(&next)).await;
     assert_eq!(status, 403);

@@ -168,7 +168,7 @@ async fn removing_the_user_refuses_every_job_of_the_principal_within_grant_ttl()
         job_init(&m, t).await.unwrap();
     }
     gl.revoke("infra", ALICE);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     // The first job asks GitLab (its grant expired) and is refused; the other job of the
     // same principal, and a new one, are refused too, whoever asks first.
     assert_eq!(versions(&m, MODULES[0], &bearer(&j1)).await.status(), 403);
@@ -283,7 +283,7 @@ async fn a_finished_jobs_token_is_answered_401_and_its_principal_keeps_its_grant
     assert_eq!(r.text().await.unwrap(), r#"{"message":"401 Unauthorized"}"#);
     assert_eq!(gl.hits().len(), 1, "only /api/v4/job was asked");
     // Once the grant expired, GitLab refuses the finished job's token: 401, for that token.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     assert_eq!(versions(&m, MODULES[0], &bearer(&done)).await.status(), 401);
     gl.clear_hits();
     assert_eq!(versions(&m, MODULES[0], &bearer(&done)).await.status(), 401);

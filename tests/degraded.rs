@@ -60,8 +60,9 @@ async fn warm_alice(m: &Mirror) {
     common::warm(&file).await;
 }
 
-async fn expire_grants() {
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+/// Move the clocks of `mirrors` past their grants' lifetime (`SHORT`).
+async fn expire_grants(mirrors: &[&Mirror]) {
+    common::advance_all(mirrors, Duration::from_millis(1100)).await;
 }
 
 #[tokio::test]
@@ -71,7 +72,7 @@ async fn slow_is_not_down_and_a_late_refusal_revokes() {
         Mirror::start_with_config(&gl.url(), &format!("{SHORT}offline:\n  deadline: 1s\n")).await;
     warm_alice(&m).await;
     gl.revoke("infra", ALICE);
-    expire_grants().await;
+    expire_grants(&[&m]).await;
 
     // GitLab answers in 0.7 s (slower than the old 500 ms soft timeout, within the deadline):
     // tfmirror waits, and relays GitLab's refusal instead of a stale grant.
@@ -89,7 +90,7 @@ async fn slow_is_not_down_and_a_late_refusal_revokes() {
     // this request, so his stale grant is served, and GitLab's late 403 is still learned.
     warm_bob(&m).await;
     gl.revoke("infra", BOB);
-    expire_grants().await;
+    expire_grants(&[&m]).await;
     gl.set_fault(Fault::Latency(Duration::from_millis(1500)));
     let r = get(&m, "infra/vpc/aws/versions", Some(BOB)).await;
     assert_eq!(r.status(), 200);
@@ -134,7 +135,7 @@ async fn a_callers_429_holds_back_only_that_caller_and_never_opens_the_cache() {
     // Bob is removed, then gets himself rate-limited.
     gl.revoke("infra", BOB);
     gl.rate_limit(Some(BOB), Some(30));
-    expire_grants().await;
+    expire_grants(&[&m]).await;
 
     let r = get(&m, "infra/vpc/aws/versions", Some(BOB)).await;
     assert_eq!(
@@ -183,14 +184,14 @@ async fn a_slow_gitlab_and_one_stale_holder_do_not_fail_the_fleet() {
     let gl = gitlab().await;
     let m = Mirror::start_with_config(&gl.url(), SHORT).await;
     warm_alice(&m).await;
-    expire_grants().await;
+    expire_grants(&[&m]).await;
     gl.set_fault(Fault::Latency(Duration::from_millis(900)));
     // Alice polls a slow GitLab with an expired grant: each answer comes, late but in time.
     for _ in 0..4 {
         let r = get(&m, "infra/vpc/aws/versions", Some(ALICE)).await;
         assert_eq!(r.status(), 200);
         assert_ne!(cache_status(&r), "STALE", "slow is not down");
-        expire_grants().await;
+        expire_grants(&[&m]).await;
     }
     // Brand-new identities (every CI job) are still served by GitLab, public modules too.
     let r = get(&m, "infra/vpc/aws/versions", Some(JOB)).await;
@@ -241,7 +242,7 @@ async fn project_routes_learn_gitlabs_404_as_a_refusal() {
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     gl.revoke("infra", ALICE);
-    expire_grants().await;
+    expire_grants(&[&m]).await;
     // GitLab's answer for a project she no longer sees is a 404: relayed, and it revokes.
     assert_eq!(project_get(&tarball, "alice", ALICE).await.status(), 404);
     // While GitLab fails, the cached tarball is not hers any more.
@@ -268,7 +269,7 @@ async fn a_module_turned_private_is_no_longer_served_as_public() {
         200
     );
     gl.set_public("opensource", false);
-    expire_grants().await;
+    expire_grants(&[&m]).await;
     // GitLab now refuses anonymous callers: learned.
     assert_eq!(
         get(&m, "opensource/labels/null/versions", None)
@@ -316,7 +317,7 @@ async fn a_deleted_version_is_no_longer_downloadable() {
         204
     );
     gl.delete_version("infra", "vpc", "aws", "1.0.0");
-    expire_grants().await;
+    expire_grants(&[&m]).await;
     // Her next listing no longer shows 1.0.0, and her grant is fresh again.
     assert_eq!(
         get(&m, "infra/vpc/aws/versions", Some(ALICE))
@@ -375,7 +376,7 @@ async fn project_routes_are_at_parity() {
     );
 
     // GitLab down: the grant (now expired) serves the check and the tarball, STALE.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    m.advance(Duration::from_millis(2100)).await;
     gl.set_fault(Fault::Down);
     let r = project_get(&check, "alice", ALICE).await;
     assert_eq!(r.status(), 204);
@@ -482,7 +483,7 @@ async fn a_black_hole_is_answered_within_terraforms_patience() {
     let m =
         Mirror::start_with_config(&gl.url(), &format!("{SHORT}offline:\n  deadline: 1s\n")).await;
     warm_alice(&m).await;
-    expire_grants().await;
+    expire_grants(&[&m]).await;
     gl.set_fault(Fault::Blackhole);
     // The first wave: no breaker yet. Alice gets her stale listing, a new job token a clear
     // refusal, both after the deadline, not after timeouts.read (30 s).
@@ -569,7 +570,7 @@ async fn a_refusal_the_regional_tier_learned_stops_every_edge_during_an_outage()
     let file = e1.file_url("infra/vpc/aws", "1.1.0", ALICE).await;
 
     gl.revoke("infra", ALICE);
-    expire_grants().await;
+    expire_grants(&[&regional, &e1, &e2]).await;
     let e2_check = format!("{}?terraform-get=1", project(&e2, Some("1.1.0")));
     assert_eq!(
         get(&e2, "infra/vpc/aws/versions", Some(ALICE))
@@ -609,7 +610,7 @@ async fn a_refusal_the_regional_tier_learned_stops_every_edge_during_an_outage()
         get(&e1, "infra/vpc/aws/versions", Some(BOB)).await.status(),
         200
     );
-    expire_grants().await;
+    expire_grants(&[&regional, &e1, &e2]).await;
     gl.set_fault(Fault::Down);
     let r = get(&e1, "infra/vpc/aws/versions", Some(BOB)).await;
     assert_eq!(r.status(), 200);

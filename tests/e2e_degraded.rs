@@ -45,7 +45,7 @@ async fn terraform_init_on_a_slow_rate_limiting_and_black_holed_gitlab() {
     let mut figures = vec![format!("warm-up {:?}", warm.elapsed)];
 
     for latency in [700, 1500] {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        m.advance(Duration::from_millis(1100)).await;
         gl.set_fault(Fault::Latency(Duration::from_millis(latency)));
         let run = Workspace::new(&m.url(), &modules()).init(Some(ALICE)).await;
         assert!(run.ok(), "GitLab slow ({latency} ms):\n{}", run.output());
@@ -81,7 +81,7 @@ async fn terraform_init_on_a_slow_rate_limiting_and_black_holed_gitlab() {
 
     // Black hole: Alice's (expired) grants are served stale within Terraform's patience; a
     // fresh job token gets an answer that says why.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     gl.set_fault(Fault::Blackhole);
     let run = Workspace::new(&m.url(), &modules()).init(Some(ALICE)).await;
     assert!(run.ok(), "black hole:\n{}\n{}", run.output(), m.logs());
@@ -150,7 +150,7 @@ async fn project_route_sources_warm_and_offline() {
     assert!(latest.ok(), "latest:\n{}\n{}", latest.output(), m.logs());
 
     // GitLab down, grant expired: init still works from the cache.
-    tokio::time::sleep(Duration::from_millis(8100)).await;
+    m.advance(Duration::from_millis(8100)).await;
     gl.set_fault(Fault::Down);
     let offline = project_workspace(&m, Some("1.1.0"), "alice", ALICE)
         .init(None)

@@ -144,7 +144,7 @@ async fn rate_limits_and_dns_failures() {
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
     let get = || as_alice(&versions);
     assert_eq!(get().await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
 
     // 429 with Retry-After: relayed to this caller, never its stale grant (a caller can
     // provoke a 429), and GitLab is left alone by this caller for that long.
@@ -161,7 +161,7 @@ async fn rate_limits_and_dns_failures() {
         0,
         "GitLab was asked before its Retry-After"
     );
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     for _ in 0..3 {
         let r = get().await;
         assert_eq!(r.status(), 200);
@@ -416,7 +416,7 @@ async fn cut_bodies_and_bursts_of_500_lose_nothing() {
     let versions = format!("{}{V1}/infra/vpc/aws/versions", m.url());
     let get = || as_alice(&versions);
     assert_eq!(get().await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     gl.set_fault(Fault::Status(500));
     let burst = futures::future::join_all((0..20).map(|_| get())).await;
     for r in burst {
@@ -770,7 +770,7 @@ async fn a_stale_download_url_fills_once_gitlab_is_back() {
     // A grant from the listing; no download yet, so no GitLab JWT is remembered either.
     let r = as_alice(format!("{}{V1}/infra/vpc/aws/versions", m.url())).await;
     assert_eq!(r.status(), 200);
-    tokio::time::sleep(Duration::from_millis(2100)).await; // the grant (and credential) lapse
+    m.advance(Duration::from_millis(2100)).await; // the grant (and credential) lapse
 
     gl.set_fault(Fault::Status(500));
     let dl = as_alice(format!("{}{V1}/infra/vpc/aws/1.0.0/download", m.url())).await;

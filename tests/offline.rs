@@ -50,7 +50,7 @@ async fn warm(m: &Mirror) {
     let refused = init(m, &three_modules(), Some(MALLORY)).await;
     assert!(!refused.ok());
     // Let every grant expire: from here on, only stale answers can help.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
 }
 
 #[tokio::test]
@@ -104,7 +104,7 @@ async fn black_holed_gitlab_does_not_stall_init() {
     warm(&m).await;
     let healthy = init(&m, &three_modules(), Some(ALICE)).await;
     assert!(healthy.ok());
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
 
     gl.set_fault(Fault::Blackhole);
     let run = init(&m, &three_modules(), Some(ALICE)).await;
@@ -147,7 +147,7 @@ async fn upstream_500_serves_a_warm_listing_marked_stale() {
     let warm = get().await.unwrap();
     assert_eq!(warm.headers()["x-cache-status"], "MISS");
     let body = warm.bytes().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
 
     gl.set_fault(Fault::Status(500));
     let r = get().await.unwrap();
@@ -199,7 +199,7 @@ async fn public_modules_are_served_offline_to_anyone() {
     let public = [Module::new("labels", "opensource/labels/null", ">= 0.1.0")];
     let run = init(&m, &public, None).await;
     assert!(run.ok(), "{}", run.output());
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     gl.set_fault(Fault::Down);
     // Anonymous, and a token never seen before: GitLab served this module to anyone.
     let anon = init(&m, &public, None).await;

@@ -397,14 +397,18 @@ async fn cached_hits_make_no_write_syscalls() {
     let writes = write_syscalls(m.pid()) - before;
     // Timers (the log flusher, once a second) may write a few times meanwhile.
     assert!(writes < 20, "{writes} write syscalls for 200 cached hits");
-    // The access lines are all there, once flushed.
-    tokio::time::sleep(tfmirror::logbuf::FLUSH_EVERY * 2).await;
+    // The access lines are all there, once flushed (within `logbuf::FLUSH_EVERY`).
+    let hits = |logs: &str| {
+        logs.lines()
+            .filter(|l| l.contains("\"route\":\"module_versions\"") && l.contains("\"HIT\""))
+            .count()
+    };
+    common::until("the hits' access lines are flushed", || async {
+        hits(&m.logs()) >= 201
+    })
+    .await;
     let logs = m.logs();
-    let hits = logs
-        .lines()
-        .filter(|l| l.contains("\"route\":\"module_versions\"") && l.contains("\"HIT\""))
-        .count();
-    assert_eq!(hits, 201, "{logs}");
+    assert_eq!(hits(&logs), 201, "{logs}");
 }
 
 /// The names of the process's threads, from `/proc`.

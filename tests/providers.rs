@@ -475,7 +475,7 @@ async fn answers_while_the_registry_is_down() {
         ..Faults::default()
     });
     // Past listing_ttl (ages count in whole seconds).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    s.m.advance(Duration::from_millis(2100)).await;
     let (status, cache, v) = s.json("index.json").await;
     assert_eq!((status, cache.as_str()), (200, "STALE"));
     assert!(v["versions"]["1.1.0"].is_object());
@@ -718,7 +718,7 @@ async fn a_registrys_429_is_relayed_and_is_no_outage() {
     let s = Setup::new("cache:\n  listing_ttl: 1s\n  stale_while_revalidate: 0s\n").await;
     assert_eq!(s.get("index.json").await.0, 200);
     // Past listing_ttl (ages count in whole seconds).
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    s.m.advance(Duration::from_millis(2100)).await;
     s.reg.set_faults(Faults {
         rate_limited: Some(30),
         ..Faults::default()

@@ -500,7 +500,7 @@ async fn edge_to_regional_to_gitlab() {
     );
 
     // The edge keeps serving what it holds with the regional tier and GitLab gone.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    common::advance_all(&[&edge, &edge2, &regional], Duration::from_millis(1100)).await;
     regional.kill();
     gl.set_fault(Fault::Down);
     let run = Workspace::new(&edge.url(), &modules)

@@ -451,7 +451,7 @@ async fn ten_thousand_junk_tokens_leave_the_record_count_bounded() {
     // Bob's removal replaces his grant on disk: after a restart, with GitLab down, his old
     // grant does not come back.
     gl.revoke("infra", "glpat-bob-0000000000000");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    m.advance(Duration::from_millis(1100)).await;
     assert_eq!(as_bob().await.unwrap().status(), 403);
     let mut m = m;
     m.restart().await;
@@ -490,7 +490,7 @@ async fn expired_grant_records_are_removed() {
         n
     };
     assert_eq!(grant_files(), 1);
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    m.advance(Duration::from_millis(3200)).await;
     m.restart().await;
     for _ in 0..100 {
         if grant_files() == 0 {

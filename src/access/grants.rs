@@ -149,7 +149,7 @@ fn weigh_jwt((_, tarball): &(Identity, String), jwt: &String) -> u32 {
     u32::try_from(jwt.len() + tarball.len() + 64).unwrap_or(u32::MAX)
 }
 
-fn weigh_negative((_, path): &(Identity, String), n: &Negative) -> u32 {
+fn weigh_negative((_, path): &(Identity, String), (n, _): &(Negative, Instant)) -> u32 {
     u32::try_from(n.body.len() + path.len() + 128).unwrap_or(u32::MAX)
 }
 
@@ -165,7 +165,9 @@ pub struct Auth {
     memory: moka::sync::Cache<String, Arc<Grant>, foldhash::fast::RandomState>,
     /// Credential and the instant its grant expires: never kept past that.
     creds: moka::sync::Cache<Identity, (HeaderValue, Instant), foldhash::fast::RandomState>,
-    negative: moka::sync::Cache<(Identity, String), Negative>,
+    /// A refusal to replay, and the instant it stops answering (moka's own expiry follows the
+    /// real clock; this one [`crate::clock::instant`]).
+    negative: moka::sync::Cache<(Identity, String), (Negative, Instant)>,
     jwts: moka::sync::Cache<(Identity, String), String>,
     /// (identity, module) -> end of the `Retry-After` GitLab gave that caller with a 429.
     held: moka::sync::Cache<(Identity, String), Instant>,
@@ -391,7 +393,7 @@ impl Auth {
     /// GitLab answered this identity 429 for this module: hold it (and only it) back for
     /// `wait`, capped at [`MAX_HOLD`].
     pub fn hold(&self, identity: Identity, module: &ModuleId, wait: Duration) {
-        let until = Instant::now() + wait.min(MAX_HOLD);
+        let until = crate::clock::instant() + wait.min(MAX_HOLD);
         self.held_horizon.extend_to(until);
         self.held.insert((identity, module.path()), until);
     }
@@ -483,7 +485,7 @@ impl Auth {
     }
 
     fn remember_credential(&self, identity: Identity, credential: &HeaderValue, for_: Duration) {
-        let until = Instant::now() + for_;
+        let until = crate::clock::instant() + for_;
         self.creds.insert(identity, (credential.clone(), until));
     }
 
@@ -491,13 +493,17 @@ impl Auth {
         if self.negative_horizon.passed(now) {
             return None;
         }
-        self.negative.get(&(identity, path.to_string()))
+        self.negative
+            .get(&(identity, path.to_string()))
+            .filter(|(_, until)| now < *until)
+            .map(|(n, _)| n)
     }
 
     pub fn remember_negative(&self, identity: Identity, path: &str, n: Negative) {
-        self.negative_horizon
-            .extend_to(Instant::now() + self.negative_ttl);
-        self.negative.insert((identity, path.to_string()), n);
+        let until = crate::clock::instant() + self.negative_ttl;
+        self.negative_horizon.extend_to(until);
+        self.negative
+            .insert((identity, path.to_string()), (n, until));
     }
 
     /// GitLab's download JWT for (identity, module@version), kept in memory only.

@@ -13,7 +13,7 @@
 //!   fail closed);
 //! - what GitLab's answer to `/api/v4/job` makes of it ([`mapping`]).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use http::HeaderValue;
@@ -291,7 +291,7 @@ pub enum Known {
 /// Memory for the token-to-P map (bounded in bytes, whatever callers send).
 const JOB_MAP_BYTES: u64 = 16 << 20;
 
-fn weigh_known(_: &Identity, k: &Known) -> u32 {
+fn weigh_known(k: &Known) -> u32 {
     let body = match k {
         Known::Finished(n) => n.body.len() + 128,
         _ => 0,
@@ -303,7 +303,10 @@ fn weigh_known(_: &Identity, k: &Known) -> u32 {
 /// from GitLab's answer: a token already mapped keeps P's grants until then, as a per-token
 /// grant would.
 pub struct JobMap {
-    map: moka::sync::Cache<Identity, Known, foldhash::fast::RandomState>,
+    /// What the token maps to, and the instant that stops (moka's own expiry follows the
+    /// real clock; this one [`crate::clock::instant`], which a test build can move).
+    map: moka::sync::Cache<Identity, (Known, Instant), foldhash::fast::RandomState>,
+    ttl: Duration,
 }
 
 impl JobMap {
@@ -311,18 +314,23 @@ impl JobMap {
         JobMap {
             map: moka::sync::Cache::builder()
                 .max_capacity(JOB_MAP_BYTES)
-                .weigher(weigh_known)
+                .weigher(|_, (k, _)| weigh_known(k))
                 .time_to_live(grant_ttl.max(Duration::from_millis(1)))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
+            ttl: grant_ttl,
         }
     }
 
     pub fn get(&self, token: Identity) -> Option<Known> {
-        self.map.get(&token)
+        self.map
+            .get(&token)
+            .filter(|(_, until)| crate::clock::instant() < *until)
+            .map(|(k, _)| k)
     }
 
     pub fn insert(&self, token: Identity, known: Known) {
-        self.map.insert(token, known);
+        let until = crate::clock::instant() + self.ttl;
+        self.map.insert(token, (known, until));
     }
 
     /// Bytes held (tests).

@@ -69,6 +69,8 @@ impl Proxy {
                 write::reply(session, reply).await
             }
             Internal::AdminPurge => self.admin_purge(session).await,
+            #[cfg(feature = "test-clock")]
+            Internal::TestClock => test_clock(session).await,
         }
     }
 
@@ -135,4 +137,32 @@ impl Proxy {
         write::error(session, StatusCode::SERVICE_UNAVAILABLE).await?;
         Ok(true)
     }
+}
+
+/// `POST /-/test/clock?advance_ms=N` (test builds only): move this process's clock forward by
+/// N milliseconds, for an integration test that would otherwise sleep out a TTL; answers the
+/// shift now in force, `{"shift_ms":...}`.
+#[cfg(feature = "test-clock")]
+async fn test_clock(session: &mut Session) -> Result<()> {
+    let req = session.req_header();
+    if req.method != Method::POST {
+        return write::error(session, StatusCode::METHOD_NOT_ALLOWED).await;
+    }
+    let ms = req.uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "advance_ms")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    });
+    let Some(ms) = ms else {
+        let body = serde_json::json!({ "error": "advance_ms is missing" }).to_string();
+        return write::json(session, StatusCode::BAD_REQUEST, body).await;
+    };
+    let shift = crate::clock::advance_process(ms);
+    tracing::info!(
+        advance_ms = ms,
+        shift_ms = shift,
+        "test clock moved forward"
+    );
+    let body = serde_json::json!({ "shift_ms": shift }).to_string();
+    write::json(session, StatusCode::OK, body).await
 }

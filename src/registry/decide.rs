@@ -2,8 +2,6 @@
 //! The policy itself is pure; this is the I/O around it (grant records, module-wide records,
 //! the breaker, the clock).
 
-use std::time::Instant;
-
 use http::HeaderValue;
 
 use super::ask::{Asked, Failure};
@@ -243,12 +241,12 @@ impl Registry {
             // `None` when it expired between the decision and now: GitLab answers then.
             Action::Replay => self
                 .auth
-                .negative(identity, path, Instant::now())
+                .negative(identity, path, crate::clock::instant())
                 .map(|neg| (reply::negative(&neg), CacheStatus::Hit)),
             Action::HoldBack => {
                 let wait = self
                     .auth
-                    .held(identity, module, Instant::now())
+                    .held(identity, module, crate::clock::instant())
                     .unwrap_or_default();
                 Some((reply::held_back(module, wait), CacheStatus::Miss))
             }

@@ -245,7 +245,7 @@ impl Registry {
         Some((
             identity,
             cred.or(sealed)
-                .or_else(|| self.auth.credential(identity, Instant::now())),
+                .or_else(|| self.auth.credential(identity, crate::clock::instant())),
             claims.expiry,
         ))
     }

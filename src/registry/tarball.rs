@@ -1,7 +1,6 @@
 //! Tarballs: token check, cached blobs verified as they stream, coalesced fills, pass-through.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::{FutureExt, StreamExt};
 use http::StatusCode;
@@ -268,7 +267,7 @@ impl Registry {
             Authority::Credential(c) => Some(c.clone()),
             _ => None,
         }
-        .or_else(|| self.auth.credential(identity, Instant::now()))
+        .or_else(|| self.auth.credential(identity, crate::clock::instant()))
         .filter(|_| !identity.is_anonymous());
         let sealed_jwt = match authority {
             Authority::GitLabJwt(j) => Some(j.clone()),

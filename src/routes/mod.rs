@@ -61,6 +61,10 @@ pub enum Internal {
     Metrics,
     /// `POST /-/admin/purge?module=ns/name/system[@version]`, behind `admin_token`.
     AdminPurge,
+    /// `POST /-/test/clock?advance_ms=N`: moves this process's clock forward (the
+    /// `test-clock` feature of test builds only; see [`crate::clock`]).
+    #[cfg(feature = "test-clock")]
+    TestClock,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +100,8 @@ impl Route {
             Route::Internal(Internal::Readiness) => "readiness",
             Route::Internal(Internal::Metrics) => "metrics",
             Route::Internal(Internal::AdminPurge) => "admin_purge",
+            #[cfg(feature = "test-clock")]
+            Route::Internal(Internal::TestClock) => "test_clock",
             Route::Module(m) => match m.op {
                 ModuleOp::Versions => "module_versions",
                 ModuleOp::Latest => "module_latest",
@@ -173,6 +179,8 @@ pub fn parse(method: &Method, path: &str) -> Result<Route, Reject> {
             "readiness" => Ok(Route::Internal(Internal::Readiness)),
             "metrics" => Ok(Route::Internal(Internal::Metrics)),
             "admin/purge" => Ok(Route::Internal(Internal::AdminPurge)),
+            #[cfg(feature = "test-clock")]
+            "test/clock" => Ok(Route::Internal(Internal::TestClock)),
             _ => Err(Reject::not_found()),
         };
     }

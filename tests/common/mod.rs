@@ -42,6 +42,9 @@ pub struct Mirror {
     scheme: &'static str,
     /// A command the binary runs under (e.g. `unshare` to make it PID 1), empty for none.
     wrapper: Vec<String>,
+    /// How far [`Mirror::advance`] moved the process's clock, in milliseconds: a restarted
+    /// process starts from it (the time a test moved on does not come back with a restart).
+    shift_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Mirror {
@@ -64,7 +67,7 @@ impl Mirror {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
-        let child = spawn(upstream, addr, dir.path(), &extra, &wrapper);
+        let child = spawn(upstream, addr, dir.path(), &extra, &wrapper, 0);
         let mirror = Mirror {
             child,
             addr,
@@ -73,6 +76,7 @@ impl Mirror {
             extra,
             scheme,
             wrapper,
+            shift_ms: 0.into(),
         };
         mirror.wait_healthy().await;
         mirror
@@ -94,8 +98,33 @@ impl Mirror {
             self.dir.path(),
             &self.extra,
             &self.wrapper,
+            self.shift(),
         );
         self.wait_healthy().await;
+    }
+
+    /// Move the process's clock forward by `by` (`POST /-/test/clock`, an endpoint of test
+    /// builds only), instead of sleeping out a TTL: grants, listings, download tokens and the
+    /// in-memory records timed by instants all age by `by` at once. Restarts keep the shift.
+    pub async fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap();
+        let r = insecure_client()
+            .post(format!("{}/-/test/clock?advance_ms={ms}", self.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the test clock endpoint (a test build?)");
+        let v: serde_json::Value = r.json().await.unwrap();
+        let total = self
+            .shift_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::SeqCst)
+            + ms;
+        assert_eq!(v["shift_ms"], total, "the process's shift");
+    }
+
+    /// How far [`Mirror::advance`] has moved this mirror's clock, in milliseconds.
+    pub fn shift(&self) -> u64 {
+        self.shift_ms.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stop this process and start another on the same cache dir and port, with another
@@ -230,6 +259,7 @@ fn spawn(
     dir: &std::path::Path,
     extra: &[String],
     wrapper: &[String],
+    shift_ms: u64,
 ) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -258,6 +288,8 @@ fn spawn(
             cmd.env_remove(k);
         }
     }
+    // The clock its test had moved on to (see `Mirror::advance`).
+    cmd.env(tfmirror::clock::SHIFT_ENV, shift_ms.to_string());
     cmd.spawn().expect("spawn tfmirror")
 }
 
@@ -377,6 +409,13 @@ impl Mirror {
             .unwrap();
         assert_eq!(dl.status(), 204);
         terraform_get(&self.url(), &dl)
+    }
+}
+
+/// Move the clocks of several processes (the tiers of one deployment) forward by `by`.
+pub async fn advance_all(mirrors: &[&Mirror], by: Duration) {
+    for m in mirrors {
+        m.advance(by).await;
     }
 }
 
