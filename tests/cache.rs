@@ -392,32 +392,17 @@ async fn a_large_hit_is_sent_by_the_kernel_and_the_connection_kept() {
     let path_of = |u: &str| u[u.find(url::Url::parse(u).unwrap().path()).unwrap()..].to_string();
     let mut sock = tokio::net::TcpStream::connect(m.addr).await.unwrap();
     let mut pending = Vec::new();
+    let (large_bytes, held_bytes) = (
+        gl.tarball("infra", "dns", "aws", "2.0.0"),
+        gl.tarball("infra", "vpc", "aws", "1.0.0"),
+    );
+    let versions = format!("{V1}/infra/dns/aws/versions");
     for (path, auth, want) in [
-        (
-            path_of(&large),
-            "",
-            gl.tarball("infra", "dns", "aws", "2.0.0"),
-        ),
-        (
-            path_of(&held),
-            "",
-            gl.tarball("infra", "vpc", "aws", "1.0.0"),
-        ),
-        (
-            path_of(&large),
-            "",
-            gl.tarball("infra", "dns", "aws", "2.0.0"),
-        ),
-        (
-            path_of(&held),
-            "",
-            gl.tarball("infra", "vpc", "aws", "1.0.0"),
-        ),
-        (
-            format!("{V1}/infra/dns/aws/versions"),
-            ALICE,
-            Default::default(),
-        ),
+        (path_of(&large), "", &large_bytes),
+        (path_of(&held), "", &held_bytes),
+        (path_of(&large), "", &large_bytes),
+        (path_of(&held), "", &held_bytes),
+        (versions, ALICE, &Default::default()),
     ] {
         let auth = if auth.is_empty() {
             String::new()

@@ -216,18 +216,18 @@ fn read_chunk(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::cache::records::{TarballEntry, KIND_TARBALL};
 
-    const KEY: &str = "infra/vpc/aws@1.0.0";
+    pub(in crate::cache) const KEY: &str = "infra/vpc/aws@1.0.0";
 
-    struct Store {
+    pub(in crate::cache) struct Store {
         _dir: tempfile::TempDir,
-        cache: Arc<Cache>,
+        pub(in crate::cache) cache: Arc<Cache>,
     }
 
-    fn store() -> Store {
+    pub(in crate::cache) fn store() -> Store {
         let dir = tempfile::tempdir().unwrap();
         let limits = crate::config::Limits::default();
         let cache = Arc::new(Cache::open(dir.path(), 1 << 20, 1 << 30, &limits).unwrap());
@@ -235,12 +235,12 @@ mod tests {
     }
 
     /// `n` bytes that differ from chunk to chunk.
-    fn bytes(n: usize) -> Vec<u8> {
+    pub(in crate::cache) fn bytes(n: usize) -> Vec<u8> {
         (0..n).map(|i| (i * 7919 % 251) as u8).collect()
     }
 
     /// Store `data` as a blob, indexed under `KEY`.
-    fn put(s: &Store, data: &[u8]) -> Hash {
+    pub(in crate::cache) fn put(s: &Store, data: &[u8]) -> Hash {
         let hash = s.cache.blobs.put(data).unwrap();
         let entry = TarballEntry {
             hash: hash.to_hex().to_string(),

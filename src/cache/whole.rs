@@ -92,50 +92,23 @@ fn hashes_to(file: &File, len: u64, hash: Hash) -> io::Result<bool> {
 mod tests {
     use super::*;
     use crate::cache::records::{TarballEntry, KIND_TARBALL};
-    use crate::cache::Cache;
+    use crate::cache::verified::tests::{bytes as data, put, store, Store, KEY};
 
-    const KEY: &str = "infra/vpc/aws@1.0.0";
-
-    fn store() -> (tempfile::TempDir, Arc<Cache>) {
-        let dir = tempfile::tempdir().unwrap();
-        let limits = crate::config::Limits::default();
-        let cache = Arc::new(Cache::open(dir.path(), 1 << 20, 1 << 30, &limits).unwrap());
-        (dir, cache)
-    }
-
-    fn put(cache: &Cache, data: &[u8]) -> Hash {
-        let hash = cache.blobs.put(data).unwrap();
-        let entry = TarballEntry {
-            hash: hash.to_hex().to_string(),
-            size: data.len() as u64,
-            fetched_at: 0,
-            fetched_at_ms: 0,
-            replaced: Vec::new(),
-        };
-        cache.meta.put(KIND_TARBALL, KEY, &entry).unwrap();
-        hash
-    }
-
-    async fn open(cache: &Arc<Cache>, hash: Hash) -> VerifiedBlob {
-        VerifiedBlob::open(cache, KEY, hash, "tarball")
+    async fn open(s: &Store, hash: Hash) -> VerifiedBlob {
+        VerifiedBlob::open(&s.cache, KEY, hash, "tarball")
             .await
             .unwrap()
             .expect("on disk")
     }
 
-    fn data(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i * 7919 % 251) as u8).collect()
-    }
-
     #[tokio::test]
     async fn a_good_blob_is_handed_out_to_every_concurrent_reader() {
-        let (_dir, cache) = store();
+        let s = store();
         let bytes = data(3 * PASS_CHUNK + 17);
-        let hash = put(&cache, &bytes);
-        let (a, b) = tokio::join!(
-            async { open(&cache, hash).await.verify_whole().await },
-            async { open(&cache, hash).await.verify_whole().await },
-        );
+        let hash = put(&s, &bytes);
+        let (a, b) = tokio::join!(async { open(&s, hash).await.verify_whole().await }, async {
+            open(&s, hash).await.verify_whole().await
+        },);
         for got in [a, b] {
             let (file, len) = got.unwrap().expect("it checks out");
             assert_eq!(len, bytes.len() as u64);
@@ -143,17 +116,17 @@ mod tests {
             std::os::unix::fs::FileExt::read_exact_at(&*file, &mut back, 0).unwrap();
             assert!(back == bytes);
         }
-        assert!(cache.blobs.path(&hash).exists());
+        assert!(s.cache.blobs.path(&hash).exists());
     }
 
     #[tokio::test]
     async fn a_damaged_blob_is_refused_before_any_byte_and_deleted_with_its_record() {
         for damage in ["flip", "truncate"] {
-            let (_dir, cache) = store();
+            let s = store();
             let bytes = data(2 * PASS_CHUNK + 5);
-            let hash = put(&cache, &bytes);
-            let blob = open(&cache, hash).await;
-            let path = cache.blobs.path(&hash);
+            let hash = put(&s, &bytes);
+            let blob = open(&s, hash).await;
+            let path = s.cache.blobs.path(&hash);
             // After the open and its length check: found by the hash alone.
             let mut on_disk = bytes.clone();
             if damage == "flip" {
@@ -163,7 +136,7 @@ mod tests {
             }
             std::fs::write(&path, &on_disk).unwrap();
             assert!(blob.verify_whole().await.unwrap().is_none(), "{damage}");
-            let indexed: Option<TarballEntry> = cache.meta.get(KIND_TARBALL, KEY);
+            let indexed: Option<TarballEntry> = s.cache.meta.get(KIND_TARBALL, KEY);
             assert!(!path.exists() && indexed.is_none(), "{damage}");
         }
     }
