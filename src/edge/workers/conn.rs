@@ -136,6 +136,13 @@ impl AsyncWrite for Conn {
         if self.file_armed() {
             return self.poll_write_file(cx, buf);
         }
+        if !buf.is_empty() && stands_for_file(buf) {
+            // Placeholder bytes with no file armed (more than the file's length): never
+            // data, so never on the wire.
+            return Poll::Ready(Err(io::Error::other(
+                "placeholder bytes with no file armed",
+            )));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -158,6 +165,11 @@ impl AsyncWrite for Conn {
                 .find(|b| !b.is_empty())
                 .map_or(&[][..], |b| &b[..]);
             return self.poll_write_file(cx, first);
+        }
+        if bufs.iter().any(|b| !b.is_empty() && stands_for_file(b)) {
+            return Poll::Ready(Err(io::Error::other(
+                "placeholder bytes with no file armed",
+            )));
         }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }

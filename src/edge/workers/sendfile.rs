@@ -181,6 +181,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn placeholder_bytes_past_the_armed_length_fail_and_never_reach_the_wire() {
+        let (mut conn, mut client) = pair().await;
+        conn.send_file(file_of(b"0123456789"), 10).unwrap();
+        conn.write_all(&placeholder(10)).await.unwrap();
+        assert!(conn.write_all(&placeholder(5)).await.is_err());
+        drop(conn);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"0123456789", "the file, and no zeros after it");
+    }
+
+    #[tokio::test]
     async fn a_file_shorter_than_armed_fails_after_what_it_had() {
         let (mut conn, mut client) = pair().await;
         conn.send_file(file_of(b"0123456789"), 20).unwrap();
