@@ -35,6 +35,8 @@ pub struct VerifiedBlob {
     pub(super) hash: Hash,
     pub(super) file: Arc<File>,
     pub(super) len: u64,
+    /// The file's inode: which file of this address was opened (a refill makes another).
+    pub(super) inode: u64,
     /// What the blob is, for the log: "tarball", "provider package".
     what: &'static str,
 }
@@ -48,15 +50,22 @@ impl VerifiedBlob {
         what: &'static str,
     ) -> io::Result<Option<VerifiedBlob>> {
         let blobs = cache.blobs.clone();
-        let opened = tokio::task::spawn_blocking(move || blobs.open_blob(&hash))
-            .await
-            .map_err(io::Error::other)??;
-        Ok(opened.map(|(file, len)| VerifiedBlob {
+        let opened = tokio::task::spawn_blocking(move || {
+            let Some((file, len)) = blobs.open_blob(&hash)? else {
+                return Ok(None);
+            };
+            let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+            Ok::<_, io::Error>(Some((file, len, inode)))
+        })
+        .await
+        .map_err(io::Error::other)??;
+        Ok(opened.map(|(file, len, inode)| VerifiedBlob {
             cache: cache.clone(),
             key: key.to_string(),
             hash,
             file: Arc::new(file),
             len,
+            inode,
             what,
         }))
     }

@@ -19,7 +19,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -38,11 +37,7 @@ impl VerifiedBlob {
     /// already, see [`VerifiedBlob::with_len`]). `None` when it did not: the blob and its
     /// record are deleted, as a blob found damaged while streaming is.
     pub async fn verify_whole(self) -> io::Result<Option<(Arc<File>, u64)>> {
-        let file = self.file.clone();
-        let inode = tokio::task::spawn_blocking(move || file.metadata().map(|m| m.ino()))
-            .await
-            .map_err(io::Error::other)??;
-        let (file, len, hash) = (self.file.clone(), self.len, self.hash);
+        let (file, len, hash, inode) = (self.file.clone(), self.len, self.hash, self.inode);
         let (_, check, _) = self.cache.checks.join_or_start((hash, inode), (), || {
             async move {
                 let pass = tokio::task::spawn_blocking(move || hashes_to(&file, len, hash));

@@ -167,8 +167,7 @@ impl Proxy {
                 Ok(true)
             }
             Route::Module(m) => {
-                let mut call = registry::Call::of(session.req_header());
-                call.sink = write::sink(session);
+                let call = registry_call(session);
                 match self.registry.answer(&call, m, public).await? {
                     Some((reply, out)) => {
                         write::reply(session, reply).await?;
@@ -183,8 +182,10 @@ impl Proxy {
                     write::error(session, StatusCode::NOT_FOUND).await?;
                     return Ok(true);
                 };
-                let mut call = providers::mirror::Call::of(session.req_header());
-                call.sink = write::sink(session);
+                let call = providers::mirror::Call {
+                    sink: write::sink(session),
+                    ..providers::mirror::Call::of(session.req_header())
+                };
                 let (answer, upstream_status) =
                     providers::upstream::observed(providers.answer(&call, p, public)).await;
                 let (reply, cache) = answer?;
@@ -194,8 +195,7 @@ impl Proxy {
                 Ok(true)
             }
             Route::Project(p) if matches!(p.op, ProjectOp::Download { .. }) => {
-                let mut call = registry::Call::of(session.req_header());
-                call.sink = write::sink(session);
+                let call = registry_call(session);
                 let (reply, out) = self.registry.project_answer(&call, p, public).await?;
                 write::reply(session, reply).await?;
                 ctx.record(out);
@@ -203,6 +203,14 @@ impl Proxy {
             }
             _ => self.offline_refusal(session).await,
         }
+    }
+}
+
+/// What the registry reads of this request, with how its connection takes a large file.
+fn registry_call(session: &Session) -> registry::Call {
+    registry::Call {
+        sink: write::sink(session),
+        ..registry::Call::of(session.req_header())
     }
 }
 
